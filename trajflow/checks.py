@@ -1,0 +1,95 @@
+"""Argument checks shared by trajflow's public entry points.
+
+Every check raises a :class:`ValueError` that names the argument, what was expected and what was given,
+so that a wrong shape or a NaN is reported where it enters the library, not three modules later.
+
+Finiteness checks read a tensor's values, which costs a device synchronisation on a GPU. Classes that call
+them take ``validate_args`` (default on) so that a training loop can switch them off once its inputs are
+known to be good.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "check_tensor",
+    "check_event_shape",
+    "check_finite",
+    "check_grid",
+    "check_times",
+    "check_step_index",
+]
+
+
+def check_tensor(name: str, value: object) -> Tensor:
+    """Raise unless ``value`` is a tensor."""
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_event_shape(name: str, value: Tensor, event_shape: Sequence[int], what: str = "") -> Tensor:
+    """Raise unless the trailing dimensions of ``value`` equal ``event_shape``."""
+    check_tensor(name, value)
+    event_shape = tuple(event_shape)
+    n = len(event_shape)
+    trailing = tuple(value.shape[value.dim() - n :]) if n else ()
+    if value.dim() < n or trailing != event_shape:
+        hint = f" ({what})" if what else ""
+        raise ValueError(
+            f"{name}: expected trailing shape {event_shape}{hint}, got a tensor of shape {tuple(value.shape)}"
+        )
+    return value
+
+
+def check_finite(name: str, value: Tensor) -> Tensor:
+    """Raise if ``value`` holds NaN or infinite entries."""
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/inf entries in shape {tuple(value.shape)}")
+    return value
+
+
+def check_times(name: str, t: Tensor, *, low: float = 0.0, high: float = 1.0) -> Tensor:
+    """Raise unless every entry of ``t`` is finite and in ``[low, high]``."""
+    check_tensor(name, t)
+    check_finite(name, t)
+    if t.numel() and (bool((t < low).any()) or bool((t > high).any())):
+        raise ValueError(
+            f"{name}: expected times in [{low}, {high}], got values in "
+            f"[{float(t.min()):.6g}, {float(t.max()):.6g}]"
+        )
+    return t
+
+
+def check_grid(grid: Tensor, name: str = "grid") -> Tensor:
+    """Raise unless ``grid`` is a valid time grid ``t_0 < t_1 < ... < t_T = 1`` inside ``[0, 1]``.
+
+    ``grid`` has shape ``(T + 1,)`` or ``(*batch, T + 1)`` with ``T >= 1``.
+    """
+    check_tensor(name, grid)
+    if not grid.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {grid.dtype}")
+    if grid.dim() < 1 or grid.shape[-1] < 2:
+        raise ValueError(f"{name}: expected shape (*batch, T + 1) with T >= 1, got {tuple(grid.shape)}")
+    check_times(name, grid)
+    if not bool((grid[..., 1:] > grid[..., :-1]).all()):
+        raise ValueError(f"{name}: expected strictly ascending times along the last dim, got {grid.tolist()}")
+    if not bool((grid[..., -1] == 1.0).all()):
+        raise ValueError(
+            f"{name}: expected the last time to be exactly 1 (the noise level), got {grid[..., -1].tolist()}"
+        )
+    return grid
+
+
+def check_step_index(k: object, steps: int) -> int:
+    """Raise unless ``k`` is an integer in ``1..steps``."""
+    if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point():
+        k = int(k)
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= steps:
+        raise ValueError(f"k: expected an integer step index in 1..{steps}, got {k!r}")
+    return k

@@ -1,0 +1,72 @@
+"""Conditions: a tensor (class index, vector) or a tuple of tensors (text features and their mask).
+
+A predictor says how many trailing dims form one condition (``cond_event_dims``: an int for a tensor, a
+tuple of ints for a tuple), and the leading dims are the condition's batch shape. These helpers move
+conditions around without knowing what they mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Condition = Tensor | tuple[Tensor, ...]
+EventDims = int | tuple[int, ...]
+
+__all__ = ["Condition", "EventDims", "cond_batch_shape", "map_cond", "align_cond", "cat_cond"]
+
+
+def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
+    if isinstance(cond, Tensor):
+        if not isinstance(event_dims, int):
+            raise ValueError(f"cond: expected a tuple of {len(event_dims)} tensors, got a single tensor")
+        return [(cond, event_dims)]
+    if not isinstance(cond, tuple) or not all(isinstance(c, Tensor) for c in cond):
+        raise ValueError(f"cond: expected a tensor or a tuple of tensors, got {type(cond).__name__}")
+    if isinstance(event_dims, int) or len(event_dims) != len(cond):
+        raise ValueError(f"cond: expected {event_dims} event dims per part, got a tuple of {len(cond)} tensors")
+    return list(zip(cond, event_dims))
+
+
+def cond_batch_shape(cond: Condition, event_dims: EventDims) -> torch.Size:
+    """The batch shape of ``cond``: the dims left of its event dims (taken from the first tensor)."""
+    pairs = _pairs(cond, event_dims)
+    shapes = []
+    for c, ed in pairs:
+        if c.dim() < ed:
+            raise ValueError(f"cond: expected at least {ed} dims, got shape {tuple(c.shape)}")
+        shapes.append(c.shape[: c.dim() - ed])
+    for s in shapes[1:]:
+        if s != shapes[0]:
+            raise ValueError(f"cond: the parts disagree on the batch shape: {[tuple(s) for s in shapes]}")
+    return torch.Size(shapes[0])
+
+
+def map_cond(fn: Callable[[Tensor, int], Tensor], cond: Condition, event_dims: EventDims) -> Condition:
+    """Apply ``fn(tensor, event_dims)`` to every part of ``cond``."""
+    out = [fn(c, ed) for c, ed in _pairs(cond, event_dims)]
+    return out[0] if isinstance(cond, Tensor) else tuple(out)
+
+
+def align_cond(cond: Condition, event_dims: EventDims, lead: torch.Size, inner: int = 0) -> Condition:
+    """Broadcast ``cond`` of batch shape ``batch`` to ``(*lead, *event)`` and flatten ``lead``.
+
+    ``lead`` is ``(*sample, *batch, *inner_dims)`` where the last ``inner`` dims (e.g. the level axis of
+    a trajectory) come after the batch dims; singleton dims are inserted for them.
+    """
+
+    def fn(c: Tensor, ed: int) -> Tensor:
+        event = c.shape[c.dim() - ed :]
+        c = c.reshape(*c.shape[: c.dim() - ed], *([1] * inner), *event)
+        return c.expand(*lead, *event).reshape(-1, *event)
+
+    return map_cond(fn, cond, event_dims)
+
+
+def cat_cond(a: Condition, b: Condition) -> Condition:
+    """Concatenate two flattened conditions along the batch dim."""
+    if isinstance(a, Tensor):
+        return torch.cat([a, b])
+    return tuple(torch.cat([x, y]) for x, y in zip(a, b))

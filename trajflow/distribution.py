@@ -1,0 +1,426 @@
+r"""The trajectory distribution of a Normalizing Trajectory Model, as a torch ``Distribution``.
+
+.. math:: p(x_{t_0}, \dots, x_{t_T}) = \mathcal{N}(x_{t_T}; 0, I) \prod_{k=1}^{T} p(x_{t_{k-1}} | x_{t_k})
+
+Each factor is a conditional normalizing flow (NTM Eq. 3.1-3.3): the shared transporter
+:math:`u_s = f_T(x_s, s)` followed by the standardisation :math:`z = (u_s - \mu_P) / \sigma_P` by the
+predictor's Gaussian :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)`, with :math:`u_t = f_T(x_t, t)` and the
+transporter skipped at :math:`t = 1`. So
+
+.. math:: \log p(x_s | x_t) = \log \mathcal{N}(z; 0, I) - \sum \log \sigma_P
+          + \log |\det \partial f_T(x_s, s) / \partial x_s|.
+
+Shapes: ``event_shape = (T + 1, *data_shape)``; ``batch_shape`` is the broadcast of the condition's
+batch shape, the grid's batch shape and ``drop_cond``'s shape; ``sample(sample_shape)`` returns
+``(*sample_shape, *batch_shape, T + 1, *data_shape)``, ordered from the cleanest level (index 0) to
+noise (index T).
+
+References:
+    | Normalizing Trajectory Models (Gu et al., 2026). https://arxiv.org/abs/2605.08078
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.distributions import AffineTransform, Distribution, Independent, Normal, constraints
+from zuko.distributions import NormalizingFlow
+from zuko.transforms import ComposedTransform
+
+from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
+from .conditioning import Condition, align_cond, cat_cond, map_cond
+from .guidance import guided_gaussian
+from .predictors.base import Predictor
+from .process import MarkovInterpolant
+from .transporters.base import Transporter
+
+__all__ = ["TrajectoryDistribution", "check_compatible"]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _std_normal_log_prob(z: Tensor, event_dim: int) -> Tensor:
+    """``log N(z; 0, I)`` summed over the ``event_dim`` rightmost dims, in float32."""
+    z = z.float()
+    return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(z.dim() - event_dim).sum(-1)
+
+
+def _sum_event(x: Tensor, event_dim: int) -> Tensor:
+    return x.flatten(x.dim() - event_dim).sum(-1) if event_dim else x
+
+
+def check_compatible(transporter: Transporter, predictor: Predictor) -> None:
+    """Raise unless the transporter and the predictor are trajflow modules with the same event shape."""
+    if not isinstance(transporter, Transporter):
+        raise ValueError(f"transporter: expected a trajflow Transporter, got {type(transporter).__name__}")
+    if not isinstance(predictor, Predictor):
+        raise ValueError(f"predictor: expected a trajflow Predictor, got {type(predictor).__name__}")
+    if torch.Size(transporter.event_shape) != torch.Size(predictor.event_shape):
+        raise ValueError(
+            f"transporter/predictor: their event shapes disagree: the transporter maps "
+            f"{tuple(transporter.event_shape)} but the predictor expects {tuple(predictor.event_shape)}"
+        )
+
+
+def _module_device(*modules: torch.nn.Module) -> torch.device | None:
+    for m in modules:
+        for p in m.parameters():
+            return p.device
+    return None
+
+
+class TrajectoryDistribution(Distribution):
+    r"""The exact density of whole trajectories :math:`(x_{t_0}, \dots, x_{t_T})` under an NTM.
+
+    Arguments:
+        transporter: The shared invertible map :math:`f_T(x, t)`.
+        predictor: The network giving :math:`(\mu_P, \sigma_P)` of each step.
+        grid: Ascending times :math:`t_0 < \dots < t_T = 1`, shape ``(T + 1,)`` or ``(*batch, T + 1)``.
+        cond: The condition (class indices, vectors, or a tuple such as text features and mask) with
+            leading batch dims, or ``None`` for the null condition.
+        guidance: Classifier-free guidance weight :math:`w \geq 0` (clipped Gaussian rule,
+            :func:`trajflow.guidance.guided_gaussian`). Every guided step is still a Gaussian in
+            transporter space, so the guided trajectory keeps an exact density.
+        drop_cond: Optional bool mask (broadcast to the batch) of examples whose condition is replaced by
+            the predictor's learned null condition (guidance dropout during training).
+        validate_args: Check values given to :meth:`log_prob`, :meth:`step` and :meth:`elbo` for shape and
+            finiteness. Defaults to ``True`` whatever torch's global flag (which importing zuko turns
+            off); pass ``False`` in hot loops whose inputs are known to be good.
+
+    Example:
+        >>> import trajflow
+        >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2),
+        ...                      trajflow.predictors.MLPPredictor(features=2))
+        >>> dist = model.distribution(trajflow.time_grid(4))
+        >>> traj = dist.sample((3,))
+        >>> traj.shape, dist.log_prob(traj).shape
+        (torch.Size([3, 5, 2]), torch.Size([3]))
+    """
+
+    arg_constraints: dict[str, constraints.Constraint] = {}  # modules and a grid checked by check_grid
+    has_rsample = True
+
+    def __init__(
+        self,
+        transporter: Transporter,
+        predictor: Predictor,
+        grid: Tensor,
+        cond: Condition | None = None,
+        *,
+        guidance: float = 0.0,
+        drop_cond: Tensor | None = None,
+        validate_args: bool | None = None,
+    ) -> None:
+        check_compatible(transporter, predictor)
+        check_grid(grid)
+        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+            raise ValueError(f"guidance: expected a finite number >= 0, got {guidance!r}")
+        if guidance > 0 and predictor.cond_event_dims is None:
+            raise ValueError("guidance: classifier-free guidance needs a conditional predictor")
+        if guidance > 0 and cond is None:
+            raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
+        cond_batch = predictor.check_cond(cond)
+        if drop_cond is not None:
+            check_tensor("drop_cond", drop_cond)
+            if drop_cond.dtype != torch.bool:
+                raise ValueError(f"drop_cond: expected a bool tensor, got dtype {drop_cond.dtype}")
+        try:
+            batch_shape = torch.broadcast_shapes(
+                grid.shape[:-1], cond_batch, drop_cond.shape if drop_cond is not None else ()
+            )
+        except RuntimeError as e:
+            raise ValueError(
+                f"grid/cond/drop_cond: batch shapes do not broadcast: grid {tuple(grid.shape[:-1])}, "
+                f"cond {tuple(cond_batch)}, drop_cond {None if drop_cond is None else tuple(drop_cond.shape)}"
+            ) from e
+
+        device = _module_device(predictor, transporter) or grid.device
+        self.transporter = transporter
+        self.predictor = predictor
+        self.grid = grid.to(device)
+        self.cond = cond
+        self.drop_cond = drop_cond
+        self.guidance = float(guidance)
+        self.data_shape = torch.Size(transporter.event_shape)
+        self.process = MarkovInterpolant(event_dim=len(self.data_shape))
+        super().__init__(
+            batch_shape,
+            torch.Size((grid.shape[-1], *self.data_shape)),
+            validate_args=True if validate_args is None else validate_args,
+        )
+
+    # -- torch.distributions plumbing -----------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """The number of reverse steps :math:`T`."""
+        return self.grid.shape[-1] - 1
+
+    @property
+    def support(self) -> constraints.Constraint:  # type: ignore[override]
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def expand(self, batch_shape: torch.Size, _instance: TrajectoryDistribution | None = None):
+        new = self._get_checked_instance(TrajectoryDistribution, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.transporter, new.predictor = self.transporter, self.predictor
+        new.grid = self.grid.expand(*batch_shape, self.steps + 1)
+        new.cond = None
+        if self.cond is not None:
+            new.cond = map_cond(
+                lambda c, ed: c.expand(*batch_shape, *c.shape[c.dim() - ed :]),
+                self.cond,
+                self.predictor.cond_event_dims,
+            )
+        new.drop_cond = None if self.drop_cond is None else self.drop_cond.expand(batch_shape)
+        new.guidance, new.data_shape, new.process = self.guidance, self.data_shape, self.process
+        super(TrajectoryDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"TrajectoryDistribution(steps={self.steps}, data_shape={tuple(self.data_shape)}, "
+            f"batch_shape={tuple(self.batch_shape)}, guidance={self.guidance})"
+        )
+
+    # -- the two networks, on flattened batches -------------------------------------------------------------
+
+    @property
+    def _data_dim(self) -> int:
+        return len(self.data_shape)
+
+    def _times(self, lead: torch.Size) -> Tensor:
+        """The grid broadcast to ``(*lead, T + 1)``; ``lead`` ends with the batch shape."""
+        return self.grid.expand(*lead, self.steps + 1)
+
+    def _transport(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``f_T`` on ``x`` of shape ``(*L, *data)`` at times ``t`` of shape ``L``."""
+        u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1))
+        return u.reshape(x.shape), ladj.float().reshape(t.shape)
+
+    def _inverse(self, u: Tensor, t: Tensor) -> Tensor:
+        return self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1)).reshape(u.shape)
+
+    def _predict(self, u_t: Tensor, t: Tensor, s: Tensor, inner: int) -> tuple[Tensor, Tensor]:
+        """``(mu, sigma)`` for ``u_t`` of shape ``(*L, *data)``; ``L = (*sample, *batch, *inner dims)``."""
+        lead = t.shape
+        n = lead.numel()
+        flat_u, flat_t, flat_s = u_t.reshape(n, *self.data_shape), t.reshape(n), s.reshape(n)
+        cond = drop = None
+        if self.cond is not None:
+            cond = align_cond(self.cond, self.predictor.cond_event_dims, lead, inner)
+        if self.drop_cond is not None:
+            d = self.drop_cond.to(flat_u.device)
+            drop = d.reshape(*d.shape, *([1] * inner)).expand(lead).reshape(n)
+        if self.guidance > 0:
+            # One batched pass: the first half is conditional, the second uses the null condition.
+            keep = drop if drop is not None else torch.zeros(n, dtype=torch.bool, device=flat_u.device)
+            mu, sigma = self.predictor(
+                torch.cat([flat_u, flat_u]),
+                torch.cat([flat_t, flat_t]),
+                torch.cat([flat_s, flat_s]),
+                cat_cond(cond, cond),
+                torch.cat([keep, torch.ones_like(keep)]),
+            )
+            (mu_c, mu_u), (sigma_c, sigma_u) = mu.chunk(2), sigma.chunk(2)
+            mu, sigma = guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, self.guidance)
+        else:
+            mu, sigma = self.predictor(flat_u, flat_t, flat_s, cond, drop)
+        return mu.reshape(u_t.shape), sigma.reshape(u_t.shape)
+
+    # -- validation -------------------------------------------------------------------------------------------
+
+    def _check_value(self, name: str, value: Tensor, event_shape: torch.Size) -> torch.Size:
+        """Check ``value`` of shape ``(*lead, *event_shape)``; return ``lead`` broadcast with the batch."""
+        check_event_shape(name, value, event_shape)
+        if self._validate_args:
+            check_finite(name, value)
+        lead = value.shape[: value.dim() - len(event_shape)]
+        try:
+            return torch.broadcast_shapes(lead, self.batch_shape)
+        except RuntimeError as e:
+            raise ValueError(
+                f"{name}: leading shape {tuple(lead)} does not broadcast with batch_shape "
+                f"{tuple(self.batch_shape)}"
+            ) from e
+
+    # -- densities --------------------------------------------------------------------------------------------
+
+    def log_prob_factors(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        r"""The prior term and the T step terms of :meth:`log_prob`.
+
+        Returns:
+            ``log N(x_{t_T}; 0, I)`` of shape ``lead`` and :math:`\log p(x_{t_{k-1}} | x_{t_k})` for
+            ``k = 1..T`` stacked as shape ``(*lead, T)``, in float32.
+        """
+        lead = self._check_value("traj", value, self.event_shape)
+        T, dd = self.steps, self._data_dim
+        x = value.expand(*lead, *self.event_shape)
+        level = len(lead)
+        times = self._times(lead)  # (*lead, T+1)
+        x_lo, x_T = x.narrow(level, 0, T), x.narrow(level, T, 1)
+        # All levels below T go through the transporter in one batch; level T (t = 1) is skipped.
+        u_lo, ladj = self._transport(x_lo, times[..., :T])  # (*lead, T, *data), (*lead, T)
+        u_hi = torch.cat([u_lo.narrow(level, 1, T - 1), x_T], dim=level)  # u_{t_1..t_T}
+        mu, sigma = self._predict(u_hi, times[..., 1:], times[..., :T], inner=1)
+        z = (u_lo.float() - mu.float()) / sigma
+        factors = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj
+        prior = _std_normal_log_prob(x_T.squeeze(level), dd)
+        return prior, factors
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        r"""Exact :math:`\log p(x_{t_0}, \dots, x_{t_T})` of trajectories ``(*lead, T + 1, *data)``."""
+        prior, factors = self.log_prob_factors(value)
+        return prior + factors.sum(-1)
+
+    def pair_log_prob(self, value: Tensor, k: Tensor) -> Tensor:
+        r""":math:`\log p(x_{t_{k-1}} | x_{t_k})` for one step ``k`` per trajectory (pair-wise training).
+
+        Arguments:
+            value: Trajectories, shape ``(*lead, T + 1, *data)``.
+            k: Step indices in ``1..T``, an integer tensor broadcastable to ``lead``.
+
+        Returns:
+            The log-densities, shape ``lead``; only two levels per trajectory go through the networks.
+        """
+        lead = self._check_value("traj", value, self.event_shape)
+        T, dd = self.steps, self._data_dim
+        k = check_tensor("k", k).to(device=value.device)
+        if k.is_floating_point() or bool((k < 1).any()) or bool((k > T).any()):
+            raise ValueError(f"k: expected integer step indices in 1..{T}, got {k.tolist()}")
+        k = k.long().expand(lead)
+        x = value.expand(*lead, *self.event_shape)
+        times = self._times(lead)
+        idx = k.reshape(*lead, 1, *([1] * dd)).expand(*lead, 1, *self.data_shape)
+        x_t = x.gather(len(lead), idx).squeeze(len(lead))
+        x_s = x.gather(len(lead), idx - 1).squeeze(len(lead))
+        t = times.gather(-1, k[..., None]).squeeze(-1)
+        s = times.gather(-1, k[..., None] - 1).squeeze(-1)
+        both, ladj = self._transport(torch.stack([x_s, x_t]), torch.stack([s, t]))
+        u_s, ladj_s = both[0], ladj[0]
+        top = (t == 1.0).reshape(*lead, *([1] * dd))
+        u_t = torch.where(top, x_t, both[1])  # the transporter is skipped at t = 1
+        mu, sigma = self._predict(u_t, t, s, inner=0)
+        z = (u_s.float() - mu.float()) / sigma
+        return _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
+
+    def step(self, k: int, x_tk: Tensor) -> NormalizingFlow:
+        r"""The conditional flow :math:`p(x_{t_{k-1}} | x_{t_k})` for ``k = 1..T`` as a torch ``Distribution``.
+
+        Its transform (data to base, zuko's convention) is the transporter at :math:`t_{k-1}` followed by
+        the affine standardisation :math:`(u - \mu_P) / \sigma_P`, over a standard normal base.
+
+        Arguments:
+            k: The step index, ``1 <= k <= T``.
+            x_tk: The state at :math:`t_k`, shape ``(*lead, *data)`` broadcastable with the batch.
+        """
+        k = check_step_index(k, self.steps)
+        lead = self._check_value("x_tk", x_tk, self.data_shape)
+        x = x_tk.expand(*lead, *self.data_shape)
+        times = self._times(lead)
+        t, s = times[..., k], times[..., k - 1]
+        u_t = x if k == self.steps else self._transport(x, t)[0]
+        mu, sigma = self._predict(u_t, t, s, inner=0)
+        transform = ComposedTransform(
+            self.transporter.transform(s),
+            AffineTransform(mu.float(), sigma, event_dim=self._data_dim).inv,
+        )
+        zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device)
+        base = Independent(Normal(zeros, torch.ones_like(zeros)), self._data_dim)
+        return NormalizingFlow(transform, base)
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+
+    def _chain(self, sample_shape: torch.Size | tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+        """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
+        ``sum log sigma`` per factor ``(*lead, T)``."""
+        lead = torch.Size(sample_shape) + self.batch_shape
+        times = self._times(lead)
+        u = torch.randn(*lead, *self.data_shape, device=self.grid.device)
+        latents, noises, log_sigmas = [u], [], []
+        for k in range(self.steps, 0, -1):
+            mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)
+            z = torch.randn_like(sigma)
+            u = mu.float() + sigma * z
+            latents.append(u)
+            noises.append(z)
+            log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))
+        level = len(lead)
+        return (
+            torch.stack(latents[::-1], dim=level),
+            torch.stack(noises[::-1], dim=level),
+            torch.stack(log_sigmas[::-1], dim=-1),
+        )
+
+    def rsample_latents(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+        r"""Run the predictor chain in transporter space (NTM Algorithm 2, steps 1-2).
+
+        Returns:
+            ``(u, z)``: the latents :math:`(u_{t_0}, \dots, u_{t_T})` of shape
+            ``(*sample_shape, *batch_shape, T + 1, *data)`` (with :math:`u_{t_T} = x_{t_T}`) and the
+            standard normal draws ``(*sample_shape, *batch_shape, T, *data)`` that made them
+            (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter.
+        """
+        latents, z, _ = self._chain(sample_shape)
+        return latents, z
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Invert the transporter at every level below T, batched across levels (Algorithm 2, step 3).
+
+        ``latents`` of shape ``(*lead, T + 1, *data)`` -> the trajectory in data space, same shape.
+        """
+        check_event_shape("latents", latents, self.event_shape)
+        level = latents.dim() - self._data_dim - 1
+        lead = latents.shape[:level]
+        T = self.steps
+        x_lo = self._inverse(latents.narrow(level, 0, T), self._times(lead)[..., :T])
+        return torch.cat([x_lo, latents.narrow(level, T, 1)], dim=level)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+        """Trajectories generated from noise towards data, ``(*sample_shape, *batch_shape, T + 1, *data)``."""
+        latents, _ = self.rsample_latents(sample_shape)
+        return self.decode(latents)
+
+    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+        """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it).
+
+        The density reuses the chain's draws and scales; only one parallel transporter pass is added for
+        the log-determinants.
+        """
+        latents, z, log_sigma = self._chain(sample_shape)
+        traj = self.decode(latents)
+        level = traj.dim() - self._data_dim - 1
+        lead, T, dd = traj.shape[:level], self.steps, self._data_dim
+        _, ladj = self._transport(traj.narrow(level, 0, T), self._times(lead)[..., :T])
+        factors = _std_normal_log_prob(z, dd) - log_sigma + ladj
+        prior = _std_normal_log_prob(traj.narrow(level, T, 1).squeeze(level), dd)
+        return traj, prior + factors.sum(-1)
+
+    # -- a bound on the data likelihood ---------------------------------------------------------------------
+
+    def elbo(self, x0: Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None) -> Tensor:
+        r"""A lower bound on :math:`\log p(x_{t_0})` with the forward process as the proposal (nats).
+
+        .. math:: \log p(x_{t_0}) \geq \mathbb{E}_{q(x_{t_{1:T}} | x_{t_0})}
+                  [\log p(x_{t_0}, \dots, x_{t_T}) - \log q(x_{t_1}, \dots, x_{t_T} | x_{t_0})]
+
+        Arguments:
+            x0: The state at :math:`t_0` (the data itself when ``grid[0] = 0``), shape ``(*lead, *data)``.
+            num_samples: Forward trajectories averaged per data point (the bound holds for any number).
+
+        Returns:
+            The Monte-Carlo ELBO, shape ``lead`` broadcast with the batch, in nats (sum over dims).
+        """
+        lead = self._check_value("x0", x0, self.data_shape)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an integer >= 1, got {num_samples!r}")
+        x0 = x0.expand(*lead, *self.data_shape)
+        grid = self._times(lead)
+        total = 0.0
+        for _ in range(num_samples):
+            traj = self.process.sample_from(x0, grid, generator=generator)
+            total = total + self.log_prob(traj) - self.process.log_prob(traj, grid)
+        return total / num_samples

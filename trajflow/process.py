@@ -1,0 +1,271 @@
+r"""The Markov forward (noising) process of a Normalizing Trajectory Model.
+
+The marginals are those of rectified flow / flow matching, :math:`x_t = (1 - t) x_0 + t \epsilon`, so
+:math:`q(x_t | x_0) = \mathcal{N}((1 - t) x_0, t^2 I)`. On a grid :math:`t_0 < \dots < t_T = 1` the
+states are chained by independent Gaussian steps
+
+.. math:: x_t = \alpha_{s,t} x_s + \sigma_{s,t} \epsilon, \qquad
+          \alpha_{s,t} = \frac{1 - t}{1 - s}, \qquad \sigma_{s,t}^2 = t^2 - \alpha_{s,t}^2 s^2,
+
+which keep the marginals (Proposition 1 of the paper) and make consecutive states correlated.
+
+References:
+    | Normalizing Trajectory Models (Gu et al., 2026), Sections 2 and A.4-A.6.
+    | https://arxiv.org/abs/2605.08078
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .checks import check_event_shape, check_finite, check_grid, check_tensor, check_times
+
+__all__ = ["MarkovInterpolant", "time_grid", "sequence_shift", "sample_t_min"]
+
+
+def sequence_shift(num_tokens: int) -> float:
+    r"""The SD3-style shift factor :math:`e^{\mu}` for a sequence of ``num_tokens`` tokens.
+
+    :math:`\mu = 0.5 + 0.65 (L - 256) / (4096 - 256)` (NTM App. C.4), so 256 tokens give
+    :math:`e^{0.5} \approx 1.65` and 1024 tokens :math:`e^{0.63} \approx 1.88`.
+
+    Example:
+        >>> round(sequence_shift(256), 4)
+        1.6487
+    """
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens: expected a positive integer, got {num_tokens}")
+    mu = 0.5 + 0.65 * (num_tokens - 256) / (4096 - 256)
+    return math.exp(mu)
+
+
+def time_grid(
+    steps: int,
+    t_min: float | Tensor = 0.0,
+    shift: float = 1.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""The ascending time grid :math:`(t_{\min}, \sigma_1, \dots, \sigma_T)` with :math:`\sigma_T = 1`.
+
+    The base levels :math:`\tilde\sigma_k = k / T` are shifted as
+    :math:`\sigma_k = \text{shift} \cdot \tilde\sigma_k / (1 + (\text{shift} - 1) \tilde\sigma_k)`
+    (``shift = 1`` keeps them uniform; use :func:`sequence_shift` for images).
+
+    Arguments:
+        steps: The number of reverse steps :math:`T \geq 1`.
+        t_min: The cleanest time :math:`t_0`. A tensor of shape ``batch`` gives one grid per example,
+            of shape ``(*batch, steps + 1)`` (per-example :math:`t_{\min}` during training).
+        shift: The shift factor, positive.
+
+    Example:
+        >>> time_grid(4)
+        tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
+    base = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    levels = shift * base / (1 + (shift - 1) * base)
+    levels[-1] = 1.0  # exact, whatever the rounding
+    t_min = torch.as_tensor(t_min, dtype=torch.float64)
+    check_times("t_min", t_min)
+    if bool((t_min >= levels[0]).any()):
+        raise ValueError(
+            f"t_min: expected values below the first level {float(levels[0]):.6g} of the grid "
+            f"(steps={steps}, shift={shift}), got max {float(t_min.max()):.6g}"
+        )
+    grid = torch.cat([t_min[..., None], levels.expand(*t_min.shape, steps)], dim=-1)
+    return grid.to(dtype=dtype, device=device)
+
+
+def sample_t_min(
+    shape: torch.Size | tuple[int, ...],
+    low: float = 0.0,
+    high: float = 0.05,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""Per-example :math:`t_{\min} \sim U[\text{low}, \text{high}]` (NTM Table 5 uses U[0, 0.05])."""
+    if not 0.0 <= low <= high < 1.0:
+        raise ValueError(f"(low, high): expected 0 <= low <= high < 1, got ({low}, {high})")
+    u = torch.rand(shape, generator=generator, device=device)
+    return low + (high - low) * u
+
+
+class MarkovInterpolant:
+    r"""The Markov forward process :math:`q(x_{t_0}, \dots, x_{t_T} | x_0)` on a time grid.
+
+    Arguments:
+        event_dim: The number of trailing dimensions of one data point (1 for vectors, 3 for images).
+            The trajectory's level axis sits just before them: ``traj[..., k, *event]``.
+
+    Example:
+        >>> proc = MarkovInterpolant()
+        >>> x0 = torch.randn(8, 2)
+        >>> traj = proc.sample(x0, time_grid(4))
+        >>> traj.shape
+        torch.Size([8, 5, 2])
+        >>> A, B, C = proc.posterior(torch.tensor(1.0), torch.tensor(0.5))
+        >>> float(A), float(B), float(C)
+        (0.0, 0.5, 0.5)
+    """
+
+    def __init__(self, event_dim: int = 1) -> None:
+        if not isinstance(event_dim, int) or event_dim < 0:
+            raise ValueError(f"event_dim: expected a non-negative integer, got {event_dim!r}")
+        self.event_dim = event_dim
+
+    def __repr__(self) -> str:
+        return f"MarkovInterpolant(event_dim={self.event_dim})"
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def transition(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Coefficients :math:`(\alpha_{s,t}, \sigma_{s,t})` of :math:`x_t = \alpha x_s + \sigma \epsilon`.
+
+        :math:`\sigma^2 = (t - s)(t + s - 2ts) / (1 - s)^2`, a form without cancellation for ``s -> t``.
+        """
+        s, t = torch.as_tensor(s), torch.as_tensor(t)
+        alpha = (1 - t) / (1 - s)
+        sigma = torch.sqrt(((t - s) * (t + s - 2 * t * s)).clamp_min(0.0)) / (1 - s)
+        return alpha, sigma
+
+    @staticmethod
+    def posterior(t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Coefficients of the reverse posterior :math:`q(x_s | x_t, x_0) = \mathcal{N}(A x_t + B x_0, C^2)`.
+
+        .. math:: A = \frac{s^2 (1 - t)}{t^2 (1 - s)}, \quad
+                  B = \frac{(t - s)(t + s - 2ts)}{t^2 (1 - s)}, \quad
+                  C^2 = \frac{s^2 (t - s)(t + s - 2ts)}{t^2 (1 - s)^2}
+
+        for :math:`0 \leq s < t \leq 1` (NTM Prop. 2). At :math:`t = 1`, :math:`A = 0` and the posterior
+        is the marginal at :math:`s`.
+        """
+        t, s = torch.as_tensor(t), torch.as_tensor(s)
+        t, s = torch.broadcast_tensors(t, s)
+        check_times("t", t)
+        check_times("s", s)
+        if bool((s >= t).any()):
+            raise ValueError(f"(t, s): expected s < t elementwise, got t={t.tolist()} and s={s.tolist()}")
+        d = (t - s) * (t + s - 2 * t * s)
+        A = s**2 * (1 - t) / (t**2 * (1 - s))
+        B = d / (t**2 * (1 - s))
+        C = s * torch.sqrt(d.clamp_min(0.0)) / (t * (1 - s))
+        return A, B, C
+
+    @staticmethod
+    def covariance(grid: Tensor) -> Tensor:
+        r"""The covariance :math:`S` of the trajectory given :math:`x_0`, shape ``(*batch, T + 1, T + 1)``.
+
+        :math:`\mathrm{Cov}(x_{t_i}, x_{t_j} | x_0) = S_{ij} I` with
+        :math:`S_{ij} = \min(t_i, t_j)^2 (1 - \max(t_i, t_j)) / (1 - \min(t_i, t_j))` (NTM Prop. 3), and the
+        limits :math:`S_{TT} = 1`, :math:`S_{iT} = 0` for :math:`i < T` at :math:`t_T = 1`.
+        """
+        check_grid(grid)
+        lo = torch.minimum(grid[..., :, None], grid[..., None, :])
+        hi = torch.maximum(grid[..., :, None], grid[..., None, :])
+        both_one = lo == 1.0
+        S = lo**2 * (1 - hi) / torch.where(both_one, torch.ones_like(lo), 1 - lo)
+        return torch.where(both_one, torch.ones_like(S), S)
+
+    # -- trajectories ---------------------------------------------------------------------------------------
+
+    def _level_times(self, grid: Tensor, batch_shape: torch.Size) -> Tensor:
+        """Grid times shaped to broadcast against ``(*batch, T + 1, *event)``."""
+        grid = grid.expand(*torch.broadcast_shapes(grid.shape[:-1], batch_shape), grid.shape[-1])
+        return grid.reshape(*grid.shape, *([1] * self.event_dim))
+
+    def sample(
+        self,
+        x0: Tensor,
+        grid: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Draw a trajectory :math:`(x_{t_0}, \dots, x_{t_T})` from clean data ``x0``.
+
+        :math:`x_{t_0} = (1 - t_0) x_0 + t_0 \epsilon_0`, then :math:`x_{t_{k+1}} = \alpha x_{t_k} +
+        \sigma \epsilon_{k+1}` with fresh noise at every step.
+
+        Arguments:
+            x0: Clean data, shape ``(*batch, *event)``.
+            grid: The time grid, shape ``(T + 1,)`` or ``(*batch, T + 1)``.
+
+        Returns:
+            The trajectory, shape ``(*batch, T + 1, *event)``; ``traj[..., k, *event]`` is :math:`x_{t_k}`.
+        """
+        x0, times, level = self._prepare("x0", x0, grid)
+        t0 = times.select(level, 0)
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        return self._chain((1 - t0) * x0 + t0 * noise, times, level, generator)
+
+    def sample_from(
+        self,
+        x_start: Tensor,
+        grid: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        r"""Continue the chain from a given state :math:`x_{t_0}` (used by the ELBO).
+
+        Same shapes as :meth:`sample`; ``traj[..., 0, *event]`` is ``x_start``.
+        """
+        x_start, times, level = self._prepare("x_start", x_start, grid)
+        return self._chain(x_start, times, level, generator)
+
+    def _prepare(self, name: str, x: Tensor, grid: Tensor) -> tuple[Tensor, Tensor, int]:
+        check_tensor(name, x)
+        check_grid(grid)
+        if x.dim() < self.event_dim:
+            raise ValueError(f"{name}: expected at least {self.event_dim} dims (the event), got {tuple(x.shape)}")
+        check_finite(name, x)
+        event = x.shape[x.dim() - self.event_dim :]
+        times = self._level_times(grid.to(x), x.shape[: x.dim() - self.event_dim])  # (*batch, T+1, *1)
+        level = times.dim() - self.event_dim - 1
+        return x.expand(*times.shape[:level], *event), times, level
+
+    def _chain(self, x: Tensor, times: Tensor, level: int, generator: torch.Generator | None) -> Tensor:
+        states = [x]
+        for k in range(times.shape[level] - 1):
+            alpha, sigma = self.transition(times.select(level, k), times.select(level, k + 1))
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            states.append(alpha * states[-1] + sigma * noise)
+        return torch.stack(states, dim=level)
+
+    def log_prob(self, traj: Tensor, grid: Tensor) -> Tensor:
+        r""":math:`\log q(x_{t_1}, \dots, x_{t_T} | x_{t_0})`, summed over the event, shape ``batch``.
+
+        Arguments:
+            traj: A trajectory, shape ``(*batch, T + 1, *event)``.
+            grid: The time grid, shape ``(T + 1,)`` or ``(*batch, T + 1)``.
+        """
+        check_tensor("traj", traj)
+        check_grid(grid)
+        steps = grid.shape[-1] - 1
+        level = traj.dim() - self.event_dim - 1
+        if level < 0 or traj.shape[level] != steps + 1:
+            raise ValueError(
+                f"traj: expected shape (*batch, {steps + 1}, *event) with {self.event_dim} event dims "
+                f"for a grid of {steps + 1} times, got {tuple(traj.shape)}"
+            )
+        check_finite("traj", traj)
+        times = self._level_times(grid.to(traj), traj.shape[:level])
+        s, t = times.narrow(level, 0, steps), times.narrow(level, 1, steps)
+        alpha, sigma = self.transition(s, t)
+        x_s, x_t = traj.narrow(level, 0, steps), traj.narrow(level, 1, steps)
+        z = (x_t - alpha * x_s) / sigma
+        logp = -0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+        logp = logp.expand(*torch.broadcast_shapes(logp.shape, x_t.shape))
+        return logp.flatten(level).sum(-1)
+
+    def check_trajectory(self, traj: Tensor, steps: int, event_shape: torch.Size) -> Tensor:
+        """Raise unless ``traj`` has shape ``(*batch, steps + 1, *event_shape)``."""
+        return check_event_shape("traj", traj, (steps + 1, *event_shape), "(T + 1, *event)")

@@ -1,0 +1,110 @@
+r"""The transporter protocol: an invertible, time-conditioned map :math:`u = f_T(x, t)`.
+
+A transporter is shared across the levels of a trajectory and is told the level's time :math:`t`. It is
+an :class:`torch.nn.Module` (it owns parameters) that *builds* a :class:`torch.distributions.Transform`
+for a given time, as zuko's lazy transforms do. Transforms map data to the transporter's space (the
+direction of the density), and the inverse is the sampling direction.
+
+Implementations provide :meth:`Transporter.forward` and :meth:`Transporter.inverse`; :meth:`transform`
+has a generic default. ``x`` always has shape ``(*batch, *event_shape)`` and ``t`` has shape ``batch``
+(already broadcast; one time per data point).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Transform, constraints
+
+from ..checks import check_event_shape, check_tensor
+
+__all__ = ["Transporter", "TransporterTransform"]
+
+
+class Transporter(nn.Module, ABC):
+    """Base class of transporters :math:`f_T(x, t)`.
+
+    Attributes:
+        event_shape: The shape of one data point, e.g. ``(2,)`` or ``(C, H, W)``.
+    """
+
+    event_shape: torch.Size
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
+
+    @abstractmethod
+    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``(u, ladj)``: :math:`u = f_T(x, t)` of shape ``x.shape`` and
+        :math:`\log |\det \partial u / \partial x|` of shape ``batch``."""
+
+    @abstractmethod
+    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
+        r""":math:`x = f_T^{-1}(u, t)` of shape ``u.shape``."""
+
+    def transform(self, t: Tensor) -> Transform:
+        """The torch :class:`~torch.distributions.Transform` :math:`x \\mapsto f_T(x, t)` at time ``t``.
+
+        ``t`` has shape ``batch``; the transform accepts inputs of shape ``(*sample, *batch, *event)``.
+        """
+        return TransporterTransform(self, t)
+
+    def check_input(self, name: str, x: Tensor, t: Tensor) -> None:
+        """Raise a clear error unless ``x`` is ``(*batch, *event_shape)`` and ``t`` is ``batch``."""
+        check_event_shape(name, x, self.event_shape, "the transporter's event shape")
+        check_tensor("t", t)
+        batch = x.shape[: x.dim() - self.event_dim]
+        if t.shape != batch:
+            raise ValueError(f"t: expected shape {tuple(batch)} (one time per data point), got {tuple(t.shape)}")
+
+
+class TransporterTransform(Transform):
+    r"""A :class:`~torch.distributions.Transform` view of a transporter at fixed times ``t``.
+
+    ``t`` has shape ``batch``; inputs ``(*sample, *batch, *event)`` are flattened to one batch so the
+    transporter sees ``(N, *event)`` and ``(N,)``. ``call_and_ladj`` is fused (zuko's convention).
+    """
+
+    bijective = True
+
+    def __init__(self, transporter: Transporter, t: Tensor, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+        self.transporter = transporter
+        self.t = t
+
+    @property
+    def domain(self) -> constraints.Constraint:  # type: ignore[override]
+        return constraints.independent(constraints.real, self.transporter.event_dim)
+
+    @property
+    def codomain(self) -> constraints.Constraint:  # type: ignore[override]
+        return constraints.independent(constraints.real, self.transporter.event_dim)
+
+    def with_cache(self, cache_size: int = 1) -> TransporterTransform:
+        if self._cache_size == cache_size:
+            return self
+        return TransporterTransform(self.transporter, self.t, cache_size=cache_size)
+
+    def _flat(self, x: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+        event = self.transporter.event_shape
+        batch = x.shape[: x.dim() - len(event)]
+        t = self.t.to(x.device).expand(batch)
+        return x.reshape(-1, *event), t.reshape(-1), batch
+
+    def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        flat, t, batch = self._flat(x)
+        u, ladj = self.transporter(flat, t)
+        return u.reshape(x.shape), ladj.reshape(batch)
+
+    def _call(self, x: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[0]
+
+    def _inverse(self, u: Tensor) -> Tensor:
+        flat, t, _ = self._flat(u)
+        return self.transporter.inverse(flat, t).reshape(u.shape)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.call_and_ladj(x)[1]

@@ -1,0 +1,127 @@
+r"""Transporters built from nflows transforms, behind an adapter.
+
+nflows (0.14, the last release) transforms are :class:`torch.nn.Module`\ s with
+``forward(inputs, context) -> (outputs, logabsdet)`` in the data-to-noise direction, not torch
+``Transform``\ s; :meth:`NflowsTransporter.transform` wraps one as a torch
+:class:`~torch.distributions.Transform` (:class:`~trajflow.transporters.base.TransporterTransform`).
+
+Pitfalls of nflows 0.14 on current torch, checked at construction:
+
+* ``NaiveLinear.inverse`` calls the removed ``torch.solve`` and fails: rejected.
+* ``BatchNorm`` inverts only in eval mode, and its statistics make the map depend on the batch: rejected.
+* Contexts must have the same leading dim as the inputs: the adapter flattens both to ``(N, ...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..nn.embeddings import SinusoidalEmbedding
+from .base import Transporter
+
+__all__ = ["NflowsTransporter"]
+
+
+def _preset(name: str, features: int, context: int, transforms: int, hidden: int, bins: int) -> nn.Module:
+    from nflows.transforms import CompositeTransform, ReversePermutation
+    from nflows.transforms.autoregressive import (
+        MaskedAffineAutoregressiveTransform,
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+    )
+
+    layers: list[nn.Module] = []
+    for i in range(transforms):
+        if i:
+            layers.append(ReversePermutation(features))
+        if name == "maf":
+            layers.append(
+                MaskedAffineAutoregressiveTransform(features, hidden_features=hidden, context_features=context)
+            )
+        else:
+            layers.append(
+                MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
+                    features,
+                    hidden_features=hidden,
+                    context_features=context,
+                    num_bins=bins,
+                    tails="linear",
+                    tail_bound=5.0,
+                )
+            )
+    return CompositeTransform(layers)
+
+
+class NflowsTransporter(Transporter):
+    r"""A transporter :math:`f_T(x, t)` made of an nflows transform with a time embedding as context.
+
+    Arguments:
+        features: Dimension of the data vectors.
+        transform: An nflows ``Transform`` built with ``context_features=time_features``, or ``None``
+            for a preset.
+        preset: ``"maf"`` (masked affine autoregressive) or ``"rqs"`` (rational-quadratic splines, linear
+            tails on [-5, 5]).
+        transforms: Number of autoregressive transforms of the preset (reversed in between).
+        hidden_features: Hidden width of the preset's MADE networks.
+        time_features: Size of the sinusoidal time embedding.
+        bins: Spline bins of the ``"rqs"`` preset.
+
+    Example:
+        >>> f = NflowsTransporter(features=2, preset="maf")
+        >>> x, t = torch.randn(4, 2), torch.rand(4)
+        >>> u, ladj = f(x, t)
+        >>> torch.allclose(f.inverse(u, t), x, atol=1e-4)
+        True
+    """
+
+    def __init__(
+        self,
+        features: int,
+        transform: nn.Module | None = None,
+        *,
+        preset: str = "rqs",
+        transforms: int = 2,
+        hidden_features: int = 64,
+        time_features: int = 16,
+        bins: int = 8,
+    ) -> None:
+        super().__init__()
+        try:
+            from nflows.transforms import Transform as NflowsTransform
+            from nflows.transforms.linear import NaiveLinear
+            from nflows.transforms.normalization import BatchNorm
+        except ImportError as e:  # pragma: no cover - exercised only without the extra
+            raise ImportError("NflowsTransporter needs nflows: pip install 'trajflow[nflows]'") from e
+        if not isinstance(features, int) or features < 1:
+            raise ValueError(f"features: expected a positive integer, got {features!r}")
+        if transform is None:
+            if preset not in ("maf", "rqs"):
+                raise ValueError(f"preset: expected 'maf' or 'rqs', got {preset!r}")
+            transform = _preset(preset, features, time_features, transforms, hidden_features, bins)
+        if not isinstance(transform, NflowsTransform):
+            raise ValueError(f"transform: expected an nflows Transform, got {type(transform).__name__}")
+        for m in transform.modules():
+            if isinstance(m, NaiveLinear):
+                raise ValueError(
+                    "transform: nflows 0.14 NaiveLinear cannot be inverted on current torch (it calls the "
+                    "removed torch.solve); use LULinear instead"
+                )
+            if isinstance(m, BatchNorm):
+                raise ValueError(
+                    "transform: nflows BatchNorm depends on the batch and inverts only in eval mode; "
+                    "it cannot serve as a transporter"
+                )
+        self.event_shape = torch.Size((features,))
+        self.time = SinusoidalEmbedding(time_features)
+        self.nflows_transform = transform
+
+    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        batch = x.shape[:-1]
+        flat, ctx = x.reshape(-1, x.shape[-1]), self.time(t.reshape(-1)).to(x.dtype)
+        u, ladj = self.nflows_transform(flat, context=ctx)
+        return u.reshape(x.shape), ladj.float().reshape(batch)
+
+    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
+        flat, ctx = u.reshape(-1, u.shape[-1]), self.time(t.reshape(-1)).to(u.dtype)
+        x, _ = self.nflows_transform.inverse(flat, context=ctx)
+        return x.reshape(u.shape)
