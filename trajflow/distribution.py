@@ -32,6 +32,7 @@ from zuko.transforms import ComposedTransform
 from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
 from .conditioning import Condition, align_cond, cat_cond, map_cond
 from .guidance import guided_gaussian
+from .numerics import upcast
 from .predictors.base import Predictor
 from .process import MarkovInterpolant
 from .transporters.base import Transporter
@@ -43,7 +44,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 def _std_normal_log_prob(z: Tensor, event_dim: int) -> Tensor:
     """``log N(z; 0, I)`` summed over the ``event_dim`` rightmost dims, in float32."""
-    z = z.float()
+    z = upcast(z)
     return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(z.dim() - event_dim).sum(-1)
 
 
@@ -199,7 +200,7 @@ class TrajectoryDistribution(Distribution):
     def _transport(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``f_T`` on ``x`` of shape ``(*L, *data)`` at times ``t`` of shape ``L``."""
         u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1))
-        return u.reshape(x.shape), ladj.float().reshape(t.shape)
+        return u.reshape(x.shape), upcast(ladj).reshape(t.shape)
 
     def _inverse(self, u: Tensor, t: Tensor) -> Tensor:
         return self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1)).reshape(u.shape)
@@ -266,7 +267,7 @@ class TrajectoryDistribution(Distribution):
         u_lo, ladj = self._transport(x_lo, times[..., :T])  # (*lead, T, *data), (*lead, T)
         u_hi = torch.cat([u_lo.narrow(level, 1, T - 1), x_T], dim=level)  # u_{t_1..t_T}
         mu, sigma = self._predict(u_hi, times[..., 1:], times[..., :T], inner=1)
-        z = (u_lo.float() - mu.float()) / sigma
+        z = (upcast(u_lo) - upcast(mu)) / sigma
         factors = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj
         prior = _std_normal_log_prob(x_T.squeeze(level), dd)
         return prior, factors
@@ -304,7 +305,7 @@ class TrajectoryDistribution(Distribution):
         top = (t == 1.0).reshape(*lead, *([1] * dd))
         u_t = torch.where(top, x_t, both[1])  # the transporter is skipped at t = 1
         mu, sigma = self._predict(u_t, t, s, inner=0)
-        z = (u_s.float() - mu.float()) / sigma
+        z = (upcast(u_s) - upcast(mu)) / sigma
         return _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
 
     def step(self, k: int, x_tk: Tensor) -> NormalizingFlow:
@@ -326,9 +327,9 @@ class TrajectoryDistribution(Distribution):
         mu, sigma = self._predict(u_t, t, s, inner=0)
         transform = ComposedTransform(
             self.transporter.transform(s),
-            AffineTransform(mu.float(), sigma, event_dim=self._data_dim).inv,
+            AffineTransform(upcast(mu), sigma, event_dim=self._data_dim).inv,
         )
-        zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device)
+        zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device, dtype=sigma.dtype)
         base = Independent(Normal(zeros, torch.ones_like(zeros)), self._data_dim)
         return NormalizingFlow(transform, base)
 
@@ -339,12 +340,12 @@ class TrajectoryDistribution(Distribution):
         ``sum log sigma`` per factor ``(*lead, T)``."""
         lead = torch.Size(sample_shape) + self.batch_shape
         times = self._times(lead)
-        u = torch.randn(*lead, *self.data_shape, device=self.grid.device)
+        u = torch.randn(*lead, *self.data_shape, device=self.grid.device, dtype=self.grid.dtype)
         latents, noises, log_sigmas = [u], [], []
         for k in range(self.steps, 0, -1):
             mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)
             z = torch.randn_like(sigma)
-            u = mu.float() + sigma * z
+            u = upcast(mu) + sigma * z
             latents.append(u)
             noises.append(z)
             log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))

@@ -26,6 +26,7 @@ from .losses import guidance_dropout
 from .nn.condition import ConditionEmbedding
 from .nn.embeddings import SinusoidalEmbedding
 from .nn.mlp import ResidualMLP
+from .numerics import upcast
 from .process import time_grid
 
 __all__ = [
@@ -118,7 +119,7 @@ class FlowMatchingLoss:
         x_t = (1 - tb) * x0 + tb * eps
         drop = guidance_dropout(n, self.cond_drop if cond is not None else 0.0, x0.device, generator)
         v, _ = model(x_t, t, cond, drop)
-        return (v.float() - (eps - x0).float()).square().mean()
+        return (upcast(v) - upcast(eps - x0)).square().mean()
 
 
 def guided_velocity(

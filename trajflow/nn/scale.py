@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..numerics import upcast
+
 # softplus^{-1}(1) = log(e - 1): with it, a raw output of 0 maps to sigma = 1.
 _SOFTPLUS_INV_ONE = math.log(math.e - 1.0)
 
@@ -27,10 +29,11 @@ def soft_clip(x: Tensor, bound: float) -> Tensor:
 def positive_scale(raw: Tensor, bound: float = 8.0) -> Tensor:
     r""":math:`\sigma = \mathrm{softplus}(a \tanh(x / a) + \mathrm{softplus}^{-1}(1))`; 1 at ``raw = 0``.
 
-    Computed in float32 whatever the input dtype, since the scale feeds log-determinants.
+    Computed in float32 or wider (see :func:`trajflow.numerics.upcast`), since the scale feeds
+    log-determinants.
 
     Example:
         >>> positive_scale(torch.zeros(2))
         tensor([1., 1.])
     """
-    return F.softplus(soft_clip(raw.float(), bound) + _SOFTPLUS_INV_ONE)
+    return F.softplus(soft_clip(upcast(raw), bound) + _SOFTPLUS_INV_ONE)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..numerics import upcast
 from .base import Transporter
 
 
@@ -31,7 +32,7 @@ class IdentityTransporter(Transporter):
 
     def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         batch = x.shape[: x.dim() - self.event_dim]
-        return x, x.new_zeros(batch, dtype=torch.float32)
+        return x, upcast(x.new_zeros(batch))
 
     def inverse(self, u: Tensor, t: Tensor) -> Tensor:
         return u

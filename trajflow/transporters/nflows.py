@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.embeddings import SinusoidalEmbedding
+from ..numerics import upcast
 from .base import Transporter
 
 __all__ = ["NflowsTransporter"]
@@ -119,7 +120,7 @@ class NflowsTransporter(Transporter):
         batch = x.shape[:-1]
         flat, ctx = x.reshape(-1, x.shape[-1]), self.time(t.reshape(-1)).to(x.dtype)
         u, ladj = self.nflows_transform(flat, context=ctx)
-        return u.reshape(x.shape), ladj.float().reshape(batch)
+        return u.reshape(x.shape), upcast(ladj).reshape(batch)
 
     def inverse(self, u: Tensor, t: Tensor) -> Tensor:
         flat, ctx = u.reshape(-1, u.shape[-1]), self.time(t.reshape(-1)).to(u.dtype)

@@ -11,6 +11,7 @@ from torch.distributions import Transform
 from zuko.lazy import Flow, LazyTransform
 
 from ..nn.embeddings import SinusoidalEmbedding
+from ..numerics import upcast
 from .base import Transporter
 
 __all__ = ["ZukoTransporter"]
@@ -80,7 +81,7 @@ class ZukoTransporter(Transporter):
 
     def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         u, ladj = self.transform(t).call_and_ladj(x)
-        return u, ladj.float()
+        return u, upcast(ladj)
 
     def inverse(self, u: Tensor, t: Tensor) -> Tensor:
         return self.transform(t).inv(u)

@@ -1,0 +1,25 @@
+"""Shared test settings.
+
+Importing zuko switches torch's global argument validation off; trajflow's classes validate on their own,
+and tests that rely on torch's flag restore it here.
+"""
+
+import os
+
+import pytest
+import torch
+import zuko  # noqa: F401  (import first, so the fixture below sees its side effect undone)
+from hypothesis import settings
+from torch.distributions import Distribution
+
+settings.register_profile("ci", deadline=None, max_examples=20, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _validate_and_seed():
+    Distribution.set_default_validate_args(True)
+    torch.manual_seed(0)
+    yield

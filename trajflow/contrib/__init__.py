@@ -1,0 +1,1 @@
+"""Bridges to other probabilistic-programming libraries."""
