@@ -1,0 +1,26 @@
+# make demo   - set up a virtual environment (CPU torch) and run the toy job
+# make test   - set up the same environment and run the test suite
+# make lint   - ruff
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.trajflow-installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml requirements/data.txt scripts/setup.sh
+	VENV=$(VENV) scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check trajflow tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) outputs
