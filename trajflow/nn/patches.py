@@ -1,0 +1,84 @@
+r"""Images as token sequences: patchify, unpatchify, the patch grid, and image-shape checks.
+
+An image ``(C, H, W)`` cut into non-overlapping ``p x p`` patches becomes ``L = (H / p)(W / p)`` tokens
+of ``C p^2`` channels, in raster order (row by row, left to right). Inside a token the channels are
+ordered ``(c, dy, dx)``, the order of :func:`torch.nn.functional.unfold`. Any leading dims are kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from ..checks import check_tensor
+
+__all__ = ["patchify", "unpatchify", "patch_grid", "check_images"]
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """``(*, C, H, W) -> (*, L, C p^2)`` with ``L = (H / p)(W / p)`` tokens in raster order.
+
+    Example:
+        >>> patchify(torch.zeros(2, 3, 4, 6), 2).shape
+        torch.Size([2, 6, 12])
+    """
+    return rearrange(x, "... c (h p) (w q) -> ... (h w) (c p q)", p=patch_size, q=patch_size)
+
+
+def unpatchify(tokens: Tensor, patch_size: int, image_shape: Sequence[int]) -> Tensor:
+    """The inverse of :func:`patchify`: ``(*, L, C p^2) -> (*, C, H, W)``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 4, 6)
+        >>> torch.equal(unpatchify(patchify(x, 2), 2, (3, 4, 6)), x)
+        True
+    """
+    _, height, _ = image_shape
+    return rearrange(
+        tokens, "... (h w) (c p q) -> ... c (h p) (w q)", h=height // patch_size, p=patch_size, q=patch_size
+    )
+
+
+def patch_grid(height: int, width: int, patch_size: int) -> Tensor:
+    """The ``(row, col)`` of every token of a patchified ``height x width`` image: ``(L, 2)`` float32.
+
+    Example:
+        >>> patch_grid(4, 4, 2).tolist()
+        [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]
+    """
+    rows = torch.arange(height // patch_size, dtype=torch.float32)
+    cols = torch.arange(width // patch_size, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # (h, w, 2)
+    return grid.reshape(-1, 2)
+
+
+def check_images(name: str, x: Tensor, image_shape: Sequence[int], *, flat: bool = False) -> Tensor:
+    """Raise a :class:`ValueError` unless ``x`` is a floating ``(*batch, C, H, W)`` batch of images.
+
+    The message says whether the channel count or the spatial size is wrong. With ``flat=True`` exactly
+    one batch dim is required: ``(N, C, H, W)``.
+    """
+    check_tensor(name, x)
+    channels, height, width = image_shape
+    if x.dim() < 3 or (flat and x.dim() != 4):
+        want = "(N, C, H, W)" if flat else "(*batch, C, H, W)"
+        raise ValueError(
+            f"{name}: expected images of shape {want} with (C, H, W) = {tuple(image_shape)}, "
+            f"got a tensor of shape {tuple(x.shape)}"
+        )
+    if x.shape[-3] != channels:
+        raise ValueError(
+            f"{name}: expected {channels} channels (dim -3 of {tuple(image_shape)} images), "
+            f"got {x.shape[-3]} in shape {tuple(x.shape)}"
+        )
+    if tuple(x.shape[-2:]) != (height, width):
+        raise ValueError(
+            f"{name}: expected images of size {height}x{width}, got {x.shape[-2]}x{x.shape[-1]} "
+            f"in shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    return x
