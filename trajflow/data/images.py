@@ -154,9 +154,9 @@ def from_unit_range(x: Tensor, levels: int = 256) -> Tensor:
 
 
 def dequantize(images: Tensor, levels: int = 256, *, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform dequantisation to ``[-1, 1)``: ``k -> 2 (k + u) / levels - 1`` with ``u ~ U[0, 1)``.
+    """Uniform dequantisation to ``[-1, 1)``: ``k -> 2 (k + u) / levels - 1``.
 
-    The noise is drawn on ``images.device`` (pass a generator on that device for reproducibility).
+    The one implementation is :func:`trajflow.likelihood.dequantize`; this keeps the image-module signature.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
@@ -164,11 +164,12 @@ def dequantize(images: Tensor, levels: int = 256, *, generator: torch.Generator 
         >>> from_unit_range(x).tolist()
         [0, 255]
     """
+    from ..likelihood import dequantize as _dequantize  # the one implementation (float64-safe box edges)
+
     _check_levels(levels)
     if images.is_floating_point():
         raise ValueError(f"images: expected integer pixels, got dtype {images.dtype}")
-    u = torch.rand(images.shape, generator=generator, device=images.device, dtype=torch.float32)
-    return 2.0 * (images.to(torch.float32) + u) / levels - 1.0
+    return _dequantize(images, levels, generator)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,11 +301,12 @@ class ImageDataset(Dataset):
     def bits_per_dim(self, nll: Tensor | float) -> Tensor:
         """Bits/dim from a negative log-density in nats per image on the ``[-1, 1]`` scale.
 
-        ``(nll / D - log(bin_width)) / log 2``; with uniform dequantisation this upper-bounds the bits/dim of
-        the discrete data.
+        See :func:`trajflow.likelihood.bits_per_dim`; with uniform dequantisation this upper-bounds the
+        bits/dim of the discrete data.
         """
-        nll = torch.as_tensor(nll, dtype=torch.float64)
-        return (nll / self.dim - math.log(self.bin_width)) / math.log(2.0)
+        from ..likelihood import bits_per_dim
+
+        return bits_per_dim(-torch.as_tensor(nll, dtype=torch.float64), self.dim, self.levels)
 
     def unit_range(self) -> ImageDataset:
         """The same data (shared storage) whose items are float32 images in ``[-1, 1]`` (bin centres)."""

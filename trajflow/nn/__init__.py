@@ -2,6 +2,23 @@
 
 from .embeddings import SinusoidalEmbedding
 from .mlp import ResidualMLP
+from .patches import check_images, patch_grid, patchify, unpatchify
 from .scale import positive_scale, soft_clip
+from .transformer import Attention, KVCache, RotaryEmbedding2D, Transformer, TransformerLayer, apply_rotary
 
-__all__ = ["SinusoidalEmbedding", "ResidualMLP", "positive_scale", "soft_clip"]
+__all__ = [
+    "SinusoidalEmbedding",
+    "ResidualMLP",
+    "positive_scale",
+    "soft_clip",
+    "patchify",
+    "unpatchify",
+    "patch_grid",
+    "check_images",
+    "Transformer",
+    "TransformerLayer",
+    "Attention",
+    "KVCache",
+    "RotaryEmbedding2D",
+    "apply_rotary",
+]

@@ -3,6 +3,7 @@
 from .base import Transporter, TransporterTransform
 from .identity import IdentityTransporter
 from .nflows import NflowsTransporter
+from .transformer import TransformerTransporter, TransformerTransporterConfig
 from .zuko import ZukoTransporter
 
 __all__ = [
@@ -11,4 +12,6 @@ __all__ = [
     "IdentityTransporter",
     "ZukoTransporter",
     "NflowsTransporter",
+    "TransformerTransporter",
+    "TransformerTransporterConfig",
 ]

@@ -1,0 +1,479 @@
+r"""Test-set bits/dim of an NTM against a single TarFlow-style flow and the Gaussian-step model.
+
+Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) with the same
+iterations, batch size and optimiser:
+
+* ``ntm``: :class:`~trajflow.NTM` with T = 4, a :class:`TransformerTransporter` (shallow causal AR flow)
+  and a :class:`TransformerPredictor`, trained with :class:`~trajflow.TrajectoryNLL` with :math:`t_{\min}`
+  fixed at 0, so that :math:`x_{t_0}` *is* the dequantised image and the ELBO bounds the data likelihood.
+  Reported: the ELBO bits/dim (:func:`trajflow.likelihood.elbo_bits_per_dim`), an upper bound.
+* ``tarflow``: one :class:`TransformerTransporter` with more blocks, used alone as a flow over a
+  :math:`\mathcal{N}(0, I)` base at a fixed time (t = 0), with its parameter count matched to the NTM's
+  (within 10%). Reported: the exact dequantised bits/dim (:func:`trajflow.likelihood.flow_bits_per_dim`).
+* ``gaussian``: the Gaussian-step model (an :class:`IdentityTransporter` and the same predictor, T = 4),
+  the "Gaussian bottleneck" NTM removes. Reported: its ELBO bits/dim.
+
+It also trains a flow-matching velocity model (:class:`TransformerVelocity`, the predictor's backbone) and
+writes 4-step sample grids (NTM, Gaussian-step, flow matching with Euler) as PNGs.
+
+Usage::
+
+    python benchmarks/bpd.py --config cpu                 # sklearn digits 8x8, 17 levels, minutes on a CPU
+    python benchmarks/bpd.py --config gpu                 # MNIST and Fashion-MNIST 28x28, hours on one H100
+    python benchmarks/bpd.py --config gpu --max-iters 2 --max-eval 16 --out /tmp/bpd.json   # a smoke test
+
+Bits/dim follow TarFlow's ``evaluate_bpd.py`` convention: :math:`-\log p / (D \ln 2) + \log_2(K / 2)` on
+[-1, 1) (7 for 8-bit MNIST, :math:`\log_2 8.5` for the 17-level digits). See ``docs/bpd.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import trajflow
+from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
+from trajflow.flow_matching import FlowMatchingLoss, euler_sample
+from trajflow.likelihood import dequantize, elbo_bits_per_dim, flow_bits_per_dim
+from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
+from trajflow.transporters import IdentityTransporter
+from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+from _common import RESULTS, ROOT, command_line, read_results, write_results  # noqa: E402
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass
+class BpdConfig:
+    """One benchmark configuration: data, the shared model sizes and the (shared) training budget."""
+
+    tasks: tuple[str, ...]
+    patch_size: int
+    width: int
+    heads: int
+    predictor_depth: int  # layers of the NTM / Gaussian-step predictor and of the velocity model
+    transporter_blocks: int  # the NTM's transporter: a shallow AR flow (NTM uses 2 blocks)
+    transporter_layers: int  # layers per transporter block
+    batch_size: int
+    iters: int
+    lr: float
+    warmup: int
+    eval_samples: int  # dequantisation (and forward-trajectory) draws per test image
+    eval_batch: int
+    steps: int = 4
+    shift: float = 1.0
+    grid_size: int = 8  # the sample grids are grid_size x grid_size images
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    log_every: int = 50
+
+
+CONFIGS: dict[str, BpdConfig] = {
+    # 8x8 digits as 16 tokens of 2x2 patches; ~0.35M parameters per likelihood model.
+    "cpu": BpdConfig(
+        tasks=("digits",),
+        patch_size=2,
+        width=64,
+        heads=4,
+        predictor_depth=4,
+        transporter_blocks=2,
+        transporter_layers=1,
+        batch_size=128,
+        iters=600,
+        lr=2e-3,
+        warmup=50,
+        eval_samples=4,
+        eval_batch=355,
+    ),
+    # 28x28 as 196 tokens of 2x2 patches; ~45M parameters per likelihood model. Not run in this repository
+    # yet: the budget (iterations) is a plan for one H100, not a measured time.
+    "gpu": BpdConfig(
+        tasks=("mnist", "fashion-mnist"),
+        patch_size=2,
+        width=512,
+        heads=8,
+        predictor_depth=12,
+        transporter_blocks=2,
+        transporter_layers=2,
+        batch_size=256,
+        iters=60_000,
+        lr=3e-4,
+        warmup=2_000,
+        eval_samples=4,
+        eval_batch=500,
+        shift=trajflow.sequence_shift(196),
+    ),
+}
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+
+
+class FlowAtTime(nn.Module):
+    r"""A transporter used alone as a normalizing flow: :math:`\log p(y) = \log \mathcal{N}(f(y, t); 0, I)
+    + \log|\det \partial f / \partial y|` at a fixed time ``t`` (TarFlow with a constant time embedding)."""
+
+    def __init__(self, transporter: TransformerTransporter, t: float = 0.0) -> None:
+        super().__init__()
+        self.transporter = transporter
+        self.t = t
+
+    def _times(self, y: Tensor) -> Tensor:
+        return torch.full(y.shape[:1], self.t, device=y.device)
+
+    def log_prob(self, y: Tensor) -> Tensor:
+        u, ladj = self.transporter(y, self._times(y))
+        return (-0.5 * u.float().square() - 0.5 * LOG_2PI).flatten(1).sum(-1) + ladj
+
+    @torch.no_grad()
+    def sample(self, n: int, device: torch.device) -> Tensor:
+        u = torch.randn(n, *self.transporter.event_shape, device=device)
+        return self.transporter.inverse(u, self._times(u))
+
+
+def pixel_categorical_bits_per_dim(train: Tensor, test: Tensor, levels: int, alpha: float = 0.5) -> float:
+    r"""Exact test bits/dim of independent per-pixel categoricals fitted on ``train`` (add-``alpha`` smoothing).
+
+    A no-training sanity floor: :math:`-\frac{1}{D}\sum_d \log_2 \hat P_d(x_d)` with
+    :math:`\hat P_d(k) \propto n_{d,k} + \alpha`. It is a discrete model, so no dequantisation is involved;
+    any likelihood model above this number has not learned more than the per-pixel histograms.
+    """
+    x, y = train.flatten(1).long().cpu(), test.flatten(1).long().cpu()
+    counts = torch.full((x.shape[1], levels), alpha, dtype=torch.float64)
+    counts.scatter_add_(1, x.T, torch.ones(x.T.shape, dtype=torch.float64))
+    log_p = torch.log(counts / counts.sum(1, keepdim=True))
+    return float(-log_p.gather(1, y.T).sum() / (y.numel() * math.log(2.0)))
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def predictor_config(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> TransformerPredictorConfig:
+    return TransformerPredictorConfig(
+        image_shape, cfg.patch_size, width=cfg.width, depth=cfg.predictor_depth, heads=cfg.heads, validate_args=False
+    )
+
+
+def transporter_config(
+    cfg: BpdConfig, image_shape: tuple[int, int, int], blocks: int, layers: int
+) -> TransformerTransporterConfig:
+    return TransformerTransporterConfig(
+        image_shape,
+        cfg.patch_size,
+        width=cfg.width,
+        heads=cfg.heads,
+        blocks=blocks,
+        layers_per_block=layers,
+        validate_args=False,
+    )
+
+
+def matched_tarflow(cfg: BpdConfig, image_shape: tuple[int, int, int], target: int) -> TransformerTransporterConfig:
+    """The TarFlow stack (same width) whose parameter count is closest to ``target``; ties go to more blocks.
+
+    Candidates are built on the meta device, so counting costs no memory even for the GPU config.
+    """
+    best: tuple[float, int, TransformerTransporterConfig] | None = None
+    for blocks in range(2, 17):
+        for layers in range(1, 9):
+            tc = transporter_config(cfg, image_shape, blocks, layers)
+            with torch.device("meta"):
+                n = num_params(TransformerTransporter(tc))
+            key = (abs(n - target) / target, -blocks, tc)
+            if best is None or key[:2] < best[:2]:
+                best = key
+    assert best is not None
+    if best[0] > 0.1:
+        raise RuntimeError(f"no TarFlow stack within 10% of {target} parameters (best off by {best[0]:.1%})")
+    return best[2]
+
+
+def build_models(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
+    pc = predictor_config(cfg, image_shape)
+    tc = transporter_config(cfg, image_shape, cfg.transporter_blocks, cfg.transporter_layers)
+    ntm = trajflow.NTM(TransformerTransporter(tc), TransformerPredictor(pc))
+    return {
+        "ntm": ntm,
+        "tarflow": FlowAtTime(TransformerTransporter(matched_tarflow(cfg, image_shape, num_params(ntm)))),
+        "gaussian": trajflow.NTM(IdentityTransporter(image_shape), TransformerPredictor(pc)),
+        "fm": TransformerVelocity(pc),
+    }
+
+
+def training_loss(name: str, cfg: BpdConfig) -> Callable[[nn.Module, Tensor], Tensor]:
+    """The per-dimension objective of each method (all are NLLs except flow matching's regression)."""
+    if name in ("ntm", "gaussian"):
+        # t_min fixed at 0: the cleanest level is the dequantised image itself, so the model trained is the
+        # one whose ELBO bounds the data likelihood (a t_min > 0 model would describe noised images).
+        return trajflow.TrajectoryNLL(steps=cfg.steps, t_min=(0.0, 0.0), shift=cfg.shift, cond_drop=0.0)
+    if name == "tarflow":
+        return lambda model, y: -model.log_prob(y).mean() / y[0].numel()
+    if name == "fm":
+        return FlowMatchingLoss(cond_drop=0.0)
+    raise ValueError(f"unknown method {name!r}")
+
+
+# -- training and evaluation ----------------------------------------------------------------------------------
+
+
+def lr_at(it: int, cfg: BpdConfig, iters: int) -> float:
+    """Linear warmup, then cosine decay to 1% of the peak."""
+    warmup = min(cfg.warmup, max(1, iters // 10))
+    if it < warmup:
+        return cfg.lr * (it + 1) / warmup
+    progress = (it - warmup) / max(1, iters - warmup)
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, iters: int, seed: int
+) -> tuple[float, float]:
+    """Train on fresh dequantisations of random minibatches of ``data`` (uint8 on the device).
+
+    Returns ``(seconds, mean loss over the last 10% of iterations)``.
+    """
+    device = data.device
+    gen = torch.Generator(device).manual_seed(seed)
+    loss_fn = training_loss(name, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    model.train()
+    tail: list[float] = []
+    start = time.perf_counter()
+    for it in range(iters):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it, cfg, iters)
+        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device, generator=gen)
+        y = dequantize(data[idx], levels, gen)
+        if name in ("ntm", "gaussian"):
+            loss = loss_fn(model, y, generator=gen)
+        else:
+            loss = loss_fn(model, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        value = float(loss.detach())  # one sync per step; negligible next to a step
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{name}: the loss became {value} at iteration {it}")
+        if it >= iters - max(1, iters // 10):
+            tail.append(value)
+        if it % cfg.log_every == 0 or it == iters - 1:
+            elapsed = time.perf_counter() - start
+            print(f"  [{name}] iter {it:6d}/{iters}  loss {value:.4f}  ({elapsed:.0f} s)", flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, sum(tail) / len(tail)
+
+
+@torch.no_grad()
+def evaluate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> float:
+    """Mean test bits/dim: the ELBO bound for the trajectory models, the exact dequantised bpd for the flow."""
+    model.eval()
+    gen = torch.Generator(data.device).manual_seed(seed + 1)
+    total = 0.0
+    for start in range(0, data.shape[0], cfg.eval_batch):
+        x = data[start : start + cfg.eval_batch]
+        if name == "tarflow":
+            bpd = flow_bits_per_dim(model, x, levels, event_dim=3, num_samples=cfg.eval_samples, generator=gen)
+        else:
+            bpd = elbo_bits_per_dim(
+                model, x, levels, steps=cfg.steps, num_samples=cfg.eval_samples, shift=cfg.shift, generator=gen
+            )
+        total += float(bpd.sum())
+    return total / data.shape[0]
+
+
+@torch.no_grad()
+def sample_grid(name: str, model: nn.Module, cfg: BpdConfig, shape: tuple[int, int, int], device, seed: int) -> Tensor:
+    """``grid_size^2`` samples in [-1, 1]: 4 predictor steps (NTM, Gaussian), 4 Euler steps (FM), one flow."""
+    torch.manual_seed(seed + 2)
+    n = cfg.grid_size**2
+    model.eval()
+    if name in ("ntm", "gaussian"):
+        return model.sample((n,), steps=cfg.steps, shift=cfg.shift)
+    if name == "fm":
+        return euler_sample(model, torch.randn(n, *shape, device=device), cfg.steps, shift=cfg.shift)
+    return model.sample(n, device)
+
+
+def save_grid(images: Tensor, levels: int, path: Path, nrow: int, scale: int) -> None:
+    """Write ``(N, C, H, W)`` floats in [-1, 1] as one PNG, quantised to the data's levels, 1 px gutters."""
+    from PIL import Image
+
+    pixels = from_unit_range(images.float().cpu(), levels).float() * (255.0 / (levels - 1))
+    n, c, h, w = pixels.shape
+    rows = math.ceil(n / nrow)
+    canvas = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), 255.0)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        canvas[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = pixels[i]
+    array = canvas.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if c == 1 else array)
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+# -- results --------------------------------------------------------------------------------------------------
+
+
+def markdown_table(path: Path) -> str:
+    """The docs table (``docs/bpd.md``) from a results JSON written by this script."""
+    payload = read_results(path)
+    lines = [
+        "| task | method | steps | test bits/dim | bound | params | train s | draws/image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        steps = "-" if r["steps"] is None else str(r["steps"])
+        lines.append(
+            f"| {r['task']} | {r['method']} | {steps} | {r['value']:.3f} | {r.get('bound', '')} | "
+            f"{r['params']:,} | {r['train_seconds']:.0f} | {r['num_samples']} |"
+        )
+    commit = payload["commit"] + (" (+ uncommitted changes)" if payload.get("dirty") else "")
+    lines.append("")
+    lines.append(f"Measured on {payload['device']}, commit {commit}, {payload['created']}: `{payload['command']}`.")
+    return "\n".join(lines)
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+
+
+def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    train_set: ImageDataset = load_image_dataset(task, "train")
+    test_set: ImageDataset = load_image_dataset(task, "test")
+    levels, shape = train_set.levels, train_set.image_shape
+    if args.max_eval is not None:
+        test_set = test_set.subset(args.max_eval)
+    train_data, test_data = train_set.images.to(device), test_set.images.to(device)
+    iters = cfg.iters if args.max_iters is None else min(cfg.iters, args.max_iters)
+    print(f"{task}: {len(train_set)} train / {len(test_set)} test images {shape}, {levels} levels, {iters} iters")
+
+    torch.manual_seed(args.seed)
+    models = {k: m.to(device) for k, m in build_models(cfg, shape).items() if k in args.methods}
+    params = {k: num_params(m) for k, m in models.items()}
+    print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
+    if "tarflow" in models:
+        tf = models["tarflow"].transporter.config
+        print(f"  tarflow: {tf.blocks} blocks x {tf.layers_per_block} layers, width {tf.width}")
+
+    rows = []
+    if "pixel-categorical" in args.methods:
+        value = pixel_categorical_bits_per_dim(train_set.images, test_set.images, levels)
+        print(f"  [pixel-categorical] test bits/dim {value:.4f} (exact discrete, no training)")
+        rows.append(
+            {
+                "task": task,
+                "method": "pixel-categorical",
+                "steps": None,
+                "metric": "bits_per_dim",
+                "value": round(value, 5),
+                "seed": args.seed,
+                "split": "test",
+                "params": train_set.dim * (levels - 1),  # the histograms' free probabilities
+                "train_seconds": 0.0,
+                "dequantization": "none",
+                "num_samples": 0,
+                "bound": "exact",
+                "levels": levels,
+                "test_images": len(test_set),
+            }
+        )
+    for name, model in models.items():
+        seconds, final_loss = train(name, model, train_data, levels, cfg, iters, args.seed)
+        print(f"  [{name}] trained in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
+        if name in ("ntm", "gaussian", "fm"):
+            grid = sample_grid(name, model, cfg, shape, device, args.seed)
+            path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
+            save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
+            print(f"  [{name}] samples -> {path}")
+        if name == "fm":
+            continue  # flow matching has no likelihood here; it is the sample-quality baseline
+        start = time.perf_counter()
+        value = evaluate(name, model, test_data, levels, cfg, args.seed)
+        print(f"  [{name}] test bits/dim {value:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append(
+            {
+                "task": task,
+                "method": name,
+                "steps": None if name == "tarflow" else cfg.steps,
+                "metric": "bits_per_dim",
+                "value": round(value, 5),
+                "seed": args.seed,
+                "split": "test",
+                "params": params[name],
+                "train_seconds": round(seconds, 1),
+                "dequantization": "uniform",
+                "num_samples": cfg.eval_samples,
+                "bound": "dequantized" if name == "tarflow" else "elbo+dequantized",
+                "levels": levels,
+                "test_images": len(test_set),
+                "train_iters": iters,
+                "batch_size": cfg.batch_size,
+                "final_train_loss_nats_per_dim": round(final_loss, 5),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--tasks", nargs="+", help="override the config's datasets")
+    parser.add_argument("--methods", nargs="+", default=["pixel-categorical", "ntm", "tarflow", "gaussian", "fm"])
+    parser.add_argument("--max-iters", type=int, help="cap the training iterations (smoke tests)")
+    parser.add_argument("--max-eval", type=int, help="evaluate on the first N test images only (smoke tests)")
+    parser.add_argument("--batch-size", type=int, help="override the training batch size (smoke tests)")
+    parser.add_argument("--eval-samples", type=int, help="override the draws per test image (smoke tests)")
+    parser.add_argument("--grid-size", type=int, help="override the side of the sample grids (smoke tests)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=RESULTS / "bpd.json")
+    parser.add_argument("--samples-dir", type=Path, default=ROOT / "docs" / "bpd")
+    parser.add_argument("--png-scale", type=int, help="PNG upscaling (default: 4 for 8x8 data, 2 otherwise)")
+    parser.add_argument("--table", type=Path, help="print the markdown table of a results JSON and exit")
+    args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CONFIGS[args.config]
+    overrides = {
+        "tasks": tuple(args.tasks) if args.tasks else None,
+        "batch_size": args.batch_size,
+        "eval_samples": args.eval_samples,
+        "grid_size": args.grid_size,
+    }
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if args.png_scale is None:
+        args.png_scale = 4 if args.config == "cpu" else 2
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # training speed; the bpd sums are accumulated in float32+
+    command = command_line(None if argv is None else ["benchmarks/bpd.py", *argv])
+    rows: list[dict] = []
+    for task in cfg.tasks:
+        rows += run_task(task, cfg, args, device)
+        # after every task, so a long run keeps what it has
+        write_results(args.out, "bpd", rows, command=command, device=device)
+    print(f"results -> {args.out}")
+    for r in rows:
+        print(f"  {r['task']:14s} {r['method']:9s} {r['value']:.4f} bits/dim  ({r['params']:,} params)")
+
+
+if __name__ == "__main__":
+    main()
