@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -16,7 +17,10 @@ from .checks import check_finite, check_tensor
 from .conditioning import Condition, map_cond
 from .process import MarkovInterpolant, sample_t_min, time_grid
 
-__all__ = ["TrajectoryNLL", "index_cond", "guidance_dropout"]
+if TYPE_CHECKING:  # the distribution imports predictors, whose FM wrapper imports this module
+    from .distribution import TrajectoryDistribution
+
+__all__ = ["TrajectoryNLL", "TrajectoryGroup", "index_cond", "guidance_dropout"]
 
 
 def index_cond(cond: Condition | None, event_dims, index: Tensor) -> Condition | None:
@@ -31,6 +35,25 @@ def guidance_dropout(n: int, p: float, device: torch.device, generator: torch.Ge
     if p <= 0:
         return None
     return torch.rand(n, device=device, generator=generator) < p
+
+
+@dataclass
+class TrajectoryGroup:
+    """Training trajectories of the examples of a batch that share one number of steps ``T``.
+
+    Attributes:
+        index: Positions of the examples in the flat batch, ``(m,)``.
+        steps: Their number of steps ``T``.
+        dist: Their trajectory distribution (batch ``(m,)``: one grid, condition and dropout each).
+        traj: Their forward trajectories, ``(m, T + 1, *data)``.
+        k: In pair mode, the factor evaluated for each, ``(m,)`` in ``1..T``; else ``None``.
+    """
+
+    index: Tensor
+    steps: int
+    dist: TrajectoryDistribution
+    traj: Tensor
+    k: Tensor | None = None
 
 
 @dataclass
@@ -77,7 +100,7 @@ class TrajectoryNLL:
             raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
         self._steps = steps
 
-    def per_example(
+    def draw(
         self,
         model,
         x0: Tensor,
@@ -85,8 +108,13 @@ class TrajectoryNLL:
         *,
         generator: torch.Generator | None = None,
         validate: bool = True,
-    ) -> Tensor:
-        """The NLL in nats/dim of each example of a flat batch ``x0`` of shape ``(B, *data)``; ``(B,)``."""
+    ) -> list[TrajectoryGroup]:
+        r"""Draw the training trajectories of a flat batch ``x0`` ``(B, *data)``, grouped by their ``T``.
+
+        Each example gets its own :math:`t_{\min}` (and :math:`T` when ``steps`` is a set), guidance
+        dropout and forward trajectory. Other losses on the same draws (e.g.
+        :class:`trajflow.finetune.FinetuneLoss`) start from here.
+        """
         event = model.event_shape
         check_tensor("x0", x0)
         if x0.dim() != len(event) + 1 or x0.shape[1:] != event:
@@ -97,13 +125,13 @@ class TrajectoryNLL:
         if cond is not None:
             if model.predictor.check_cond(cond) != x0.shape[:1]:
                 raise ValueError(f"cond: expected batch shape {tuple(x0.shape[:1])} to match x0")
-        n, dims, device = x0.shape[0], event.numel(), x0.device
+        n, device = x0.shape[0], x0.device
         process = MarkovInterpolant(event_dim=len(event))
         if len(self._steps) == 1:
             choice = torch.zeros(n, dtype=torch.long, device=device)
         else:
             choice = torch.randint(len(self._steps), (n,), device=device, generator=generator)
-        out = torch.empty(n, device=device)
+        groups = []
         for i, T in enumerate(self._steps):
             index = (choice == i).nonzero().squeeze(-1)
             m = index.numel()
@@ -113,12 +141,33 @@ class TrajectoryNLL:
             grid = time_grid(T, t0, self.shift, device=device)  # (m, T+1)
             drop = guidance_dropout(m, self.cond_drop if cond is not None else 0.0, device, generator)
             dist = model.distribution(grid, index_cond(cond, ced, index), drop_cond=drop, validate_args=False)
-            traj = process.sample(x0[index], grid, generator=generator)
-            if self.mode == "trajectory":
-                out[index] = -dist.log_prob(traj) / ((T + 1) * dims)
-            else:
+            traj = process.sample(x0[index], grid, generator=generator)  # (m, T+1, *data)
+            k = None
+            if self.mode == "pair":
                 k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
-                out[index] = -dist.pair_log_prob(traj, k) / dims
+            groups.append(TrajectoryGroup(index, T, dist, traj, k))
+        return groups
+
+    def group_nll(self, group: TrajectoryGroup) -> Tensor:
+        """The NLL in nats/dim of each trajectory of a group, ``(m,)`` (see ``mode``)."""
+        dims = group.dist.data_shape.numel()
+        if self.mode == "trajectory":
+            return -group.dist.log_prob(group.traj) / ((group.steps + 1) * dims)
+        return -group.dist.pair_log_prob(group.traj, group.k) / dims
+
+    def per_example(
+        self,
+        model,
+        x0: Tensor,
+        cond: Condition | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        validate: bool = True,
+    ) -> Tensor:
+        """The NLL in nats/dim of each example of a flat batch ``x0`` of shape ``(B, *data)``; ``(B,)``."""
+        out = torch.empty(x0.shape[0], device=x0.device)
+        for group in self.draw(model, x0, cond, generator=generator, validate=validate):
+            out[group.index] = self.group_nll(group)
         return out
 
     def __call__(

@@ -1,6 +1,17 @@
 """Predictors: the deep networks giving the Gaussian :math:`(\\mu_P, \\sigma_P)` of each NTM step."""
 
 from .base import Predictor
+from .flow_matching import CallableVelocity, FlowMatchingPredictor
 from .mlp import MLPPredictor
+from .transformer import TransformerBackbone, TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
 
-__all__ = ["Predictor", "MLPPredictor"]
+__all__ = [
+    "Predictor",
+    "MLPPredictor",
+    "TransformerPredictor",
+    "TransformerPredictorConfig",
+    "TransformerBackbone",
+    "TransformerVelocity",
+    "FlowMatchingPredictor",
+    "CallableVelocity",
+]

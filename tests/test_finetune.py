@@ -1,0 +1,268 @@
+"""Initialisation from flow matching (NTM §3.3): exact equivalence at init, the mean-alignment loss, the
+FM-initialised predictor's edge cases and the external-model adapter."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal
+
+from trajflow import MarkovInterpolant, TrajectoryNLL, time_grid
+from trajflow.finetune import (
+    FinetuneLoss,
+    MeanAlignmentLoss,
+    check_identity,
+    frozen_copy,
+    identity_transporter,
+    init_from_flow_matching,
+    zero_init_zuko_,
+)
+from trajflow.flow_matching import MLPVelocity
+from trajflow.predictors.flow_matching import CallableVelocity, FlowMatchingPredictor
+from trajflow.predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from trajflow.transporters import ZukoTransporter
+
+
+def _randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:
+    """Give zero-initialised heads random weights so that the velocity is not trivially zero."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+class External(nn.Module):
+    """An 'external' velocity model with its own calling convention: v only."""
+
+    def __init__(self, features: int = 2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(features + 1, 32), nn.SiLU(), nn.Linear(32, features))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: object) -> torch.Tensor:
+        return self.net(torch.cat([x, t[:, None]], dim=-1))
+
+
+@torch.no_grad()
+def _fm_posterior(velocity: nn.Module, x: torch.Tensor, t: float, s: float, cond=None) -> tuple:
+    """The flow-matching model's Gaussian posterior sampler N(A x + B (x - t v(x)), C^2), by hand."""
+    n = x.shape[0]
+    tt = torch.full((n,), t, dtype=x.dtype)
+    v = velocity(x, tt, cond)[0]
+    A, B, C = MarkovInterpolant.posterior(torch.tensor(t, dtype=x.dtype), torch.tensor(s, dtype=x.dtype))
+    return A * x + B * (x - t * v), C * torch.ones_like(x)
+
+
+def _check_equivalence(model, velocity, grid: torch.Tensor, x_shape: tuple, cond=None, atol: float = 1e-10) -> None:
+    """dist.step(k, x) == the FM posterior sampler for every k: log-probs, means and scales."""
+    dist = model.distribution(grid, cond)
+    event_dim = len(x_shape) - 1
+    T = grid.shape[-1] - 1
+    for k in range(1, T + 1):
+        x = 1.5 * torch.randn(x_shape, dtype=grid.dtype)
+        t, s = float(grid[k]), float(grid[k - 1])
+        mu_ref, sigma_ref = _fm_posterior(velocity, x, t, s, cond)
+        # means and scales of the predictor, on u_t = f_T(x_t) = x_t
+        tt, ss = torch.full((x.shape[0],), t, dtype=x.dtype), torch.full((x.shape[0],), s, dtype=x.dtype)
+        u = x if k == T else model.transporter(x, tt)[0]
+        assert torch.equal(u, x)
+        mu, sigma = model.predictor(u, tt, ss, cond)
+        torch.testing.assert_close(mu, mu_ref, atol=atol, rtol=0)
+        torch.testing.assert_close(sigma, sigma_ref, atol=atol, rtol=0)
+        # log-probs of the step flow on random points, against the Gaussian
+        step = dist.step(k, x)
+        y = mu_ref + sigma_ref * torch.randn_like(x) * 2.0
+        ref = Independent(Normal(mu_ref, sigma_ref), event_dim).log_prob(y)
+        torch.testing.assert_close(step.log_prob(y), ref, atol=1e3 * atol, rtol=0)
+
+
+def test_init_equals_fm_posterior_sampler_vectors():
+    velocity = _randomise_(MLPVelocity(features=2, width=32, depth=2)).double()
+    model, reference = init_from_flow_matching(velocity)
+    model = model.double()
+    _check_equivalence(model, velocity, time_grid(4, 0.03, dtype=torch.float64), (64, 2))
+
+
+def test_init_equals_fm_posterior_sampler_conditional_float32():
+    velocity = _randomise_(MLPVelocity(features=3, num_classes=4, width=32, depth=1))
+    model, _ = init_from_flow_matching(velocity, transporter_kwargs={"transforms": 3})
+    cond = torch.randint(4, (32,))
+    _check_equivalence(model, velocity, time_grid(4, 0.02, shift=1.6), (32, 3), cond, atol=2e-6)
+
+
+def test_init_equals_fm_posterior_sampler_images():
+    cfg = TransformerPredictorConfig((2, 4, 4), patch_size=2, width=16, depth=1, heads=2, num_classes=3)
+    velocity = _randomise_(TransformerVelocity(cfg), 0.1).double()
+    model, _ = init_from_flow_matching(
+        velocity, transporter_kwargs={"patch_size": 2, "width": 16, "heads": 2, "layers_per_block": 1}
+    )
+    model = model.double()
+    assert model.predictor.hidden_layout == "tokens" and model.predictor.patch_size == 2
+    cond = torch.randint(3, (6,))
+    _check_equivalence(model, velocity, time_grid(3, 0.05, dtype=torch.float64), (6, 2, 4, 4), cond)
+
+
+def test_init_equals_fm_posterior_sampler_external_callable():
+    velocity = CallableVelocity(External(2), (2,)).double()
+    model, _ = init_from_flow_matching(velocity)
+    _check_equivalence(model.double(), velocity, time_grid(4, 0.02, dtype=torch.float64), (16, 2))
+
+
+def test_identity_transporters_are_exact():
+    for shape, kwargs in [(3, {}), ((1, 4, 4), {"patch_size": 2, "width": 16, "heads": 2, "layers_per_block": 1})]:
+        f = identity_transporter(shape, **kwargs)
+        check_identity(f, atol=0.0)
+        x = torch.randn(5, *f.event_shape)
+        u, ladj = f(x, torch.rand(5))
+        assert torch.equal(u, x) and torch.equal(ladj, torch.zeros(5))
+    # NSF with zeroed hyper-networks: the identity up to rounding only
+    nsf = zero_init_zuko_(ZukoTransporter(2, preset="nsf"))
+    check_identity(nsf, atol=1e-5)
+
+
+def test_non_identity_transporter_is_rejected():
+    with pytest.raises(ValueError, match="identity at initialisation"):
+        init_from_flow_matching(MLPVelocity(features=2, width=16), ZukoTransporter(2))
+    with pytest.raises(ValueError, match="only 'maf'"):
+        identity_transporter(2, preset="nsf")
+
+
+def test_aux_loss_zero_at_init_and_lambda_schedule():
+    torch.manual_seed(1)
+    velocity = _randomise_(MLPVelocity(features=2, width=32, depth=1))
+    model, reference = init_from_flow_matching(velocity)
+    assert all(not p.requires_grad for p in reference.parameters())
+    loss = FinetuneLoss(TrajectoryNLL(steps=4, t_min=(0.01, 0.05)), MeanAlignmentLoss(reference), decay_steps=100)
+    x0 = torch.randn(32, 2)
+    total, parts = loss(model, x0, step=0)
+    assert float(parts["aux"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(total.detach()) == pytest.approx(float(parts["nll"]))
+    assert loss.lambda_at(0) == 2.5 and loss.lambda_at(50) == pytest.approx(1.25)
+    assert loss.lambda_at(100) == pytest.approx(0.0, abs=1e-12) and loss.lambda_at(10**6) == pytest.approx(0.0)
+    assert FinetuneLoss(loss.nll, loss.align, decay_steps=None).lambda_at(10**6) == 2.5
+    # training moves the backbone away from the frozen reference: the aux term turns on
+    total.backward()
+    assert model.predictor.head.weight.grad.abs().sum() > 0  # the zero-initialised delta head learns
+    with torch.no_grad():
+        velocity.head.bias.add_(0.5)
+    _, parts = loss(model, x0, step=10)
+    assert float(parts["aux"]) > 1e-4
+    assert reference.head.bias.data_ptr() != velocity.head.bias.data_ptr()
+
+
+def test_finetune_loss_modes_and_conditions():
+    velocity = MLPVelocity(features=2, num_classes=3, width=16, depth=1)
+    model, reference = init_from_flow_matching(velocity)
+    align = MeanAlignmentLoss(reference)
+    x0, cond = torch.randn(24, 2), torch.randint(3, (24,))
+    for nll in (
+        TrajectoryNLL(steps=(2, 4), cond_drop=0.5),
+        TrajectoryNLL(steps=4, mode="pair", cond_drop=0.5),
+    ):
+        nll_i, aux_i = FinetuneLoss(nll, align).per_example(model, x0, cond)
+        assert nll_i.shape == aux_i.shape == (24,)
+        assert torch.isfinite(nll_i).all() and aux_i.abs().max() < 1e-10
+    # the NLL part equals TrajectoryNLL's on the same model (same distribution, different draws)
+    torch.manual_seed(3)
+    ours = FinetuneLoss(TrajectoryNLL(steps=4, t_min=(0.02, 0.02), cond_drop=0.0), align)(model, x0, cond)[1]["nll"]
+    theirs = TrajectoryNLL(steps=4, t_min=(0.02, 0.02), cond_drop=0.0)(model, x0.repeat(20, 1), cond.repeat(20))
+    assert float(ours) == pytest.approx(float(theirs.detach()), rel=0.2)
+
+
+def test_s_zero_floor_and_error():
+    velocity = MLPVelocity(features=2, width=16, depth=1)
+    t, s = torch.full((3,), 0.3), torch.zeros(3)
+    mu, sigma = FlowMatchingPredictor(velocity, c_min=1e-3)(torch.randn(3, 2), t, s)
+    assert torch.allclose(sigma, torch.full_like(sigma, 1e-3))
+    with pytest.raises(ValueError, match="c_min=0 needs s > 0"):
+        FlowMatchingPredictor(velocity, c_min=0.0)(torch.randn(3, 2), t, s)
+    # t_min = 0 trains with the floor: a finite NLL
+    model, ref = init_from_flow_matching(velocity)
+    total, _ = FinetuneLoss(TrajectoryNLL(steps=2, t_min=(0.0, 0.0)), MeanAlignmentLoss(ref))(model, torch.randn(8, 2))
+    assert torch.isfinite(total)
+    model0, ref0 = init_from_flow_matching(velocity, c_min=0.0)
+    with pytest.raises(ValueError, match="t_min > 0"):
+        TrajectoryNLL(steps=2, t_min=(0.0, 0.0))(model0, torch.randn(8, 2))
+
+
+def test_bad_velocity_outputs():
+    class WrongShape(nn.Module):
+        def forward(self, x, t, cond):
+            return torch.zeros(x.shape[0], 3)
+
+    P = FlowMatchingPredictor(CallableVelocity(WrongShape(), (2,)))
+    with pytest.raises(ValueError, match=r"expected v of shape \(4, 2\).*got \(4, 3\)"):
+        P(torch.randn(4, 2), torch.full((4,), 0.5), torch.full((4,), 0.2))
+
+    class Pair(nn.Module):
+        def forward(self, x, t, cond):
+            return x, torch.zeros(x.shape[0], 7)
+
+    with pytest.raises(ValueError, match="hidden_features=None"):
+        CallableVelocity(Pair(), (2,))(torch.randn(4, 2), torch.rand(4))
+    with pytest.raises(ValueError, match=r"hidden: expected shape \(4, 8\)"):
+        CallableVelocity(Pair(), (2,), hidden_features=8)(torch.randn(4, 2), torch.rand(4))
+    with pytest.raises(ValueError, match=r"expected \(v, hidden\)"):
+        CallableVelocity(External(), (2,), hidden_features=8)(torch.randn(4, 2), torch.rand(4))
+    v, h = CallableVelocity(Pair(), (2,), hidden_features=7)(torch.randn(4, 2), torch.rand(4))
+    assert h.shape == (4, 7)
+
+    class WrongVelocity(nn.Module):  # a trajflow-style velocity model with a bad head
+        event_shape = torch.Size((2,))
+        width = 4
+
+        def forward(self, x, t, cond=None, drop_cond=None):
+            return x[:, :1], torch.zeros(x.shape[0], 4)
+
+    with pytest.raises(ValueError, match="velocity model output"):
+        FlowMatchingPredictor(WrongVelocity())(torch.randn(4, 2), torch.full((4,), 0.5), torch.full((4,), 0.2))
+    with pytest.raises(ValueError, match="expected a velocity nn.Module"):
+        FlowMatchingPredictor(lambda x, t, c: x)  # type: ignore[arg-type]
+
+
+def test_callable_conditions_and_null_cond():
+    seen = []
+
+    class Cond(nn.Module):
+        def forward(self, x, t, cond):
+            seen.append(cond)
+            return x * (1.0 if cond is None else cond[:, None].float())
+
+    velocity = CallableVelocity(Cond(), (2,), cond_event_dims=0)
+    x, t = torch.randn(3, 2), torch.rand(3)
+    with pytest.raises(ValueError, match="null_cond"):
+        velocity(x, t, torch.tensor([1, 2, 3]), torch.tensor([True, False, False]))
+    velocity(x, t, torch.tensor([1, 2, 3]), torch.tensor([True, True, True]))
+    assert seen[-1] is None
+    velocity = CallableVelocity(Cond(), (2,), cond_event_dims=0, null_cond=torch.tensor(0))
+    v, _ = velocity(x, t, torch.tensor([1, 2, 3]), torch.tensor([True, False, False]))
+    assert seen[-1].tolist() == [0, 2, 3] and torch.equal(v[0], torch.zeros(2))
+    with pytest.raises(ValueError, match="unconditional"):
+        CallableVelocity(Cond(), (2,)).check_cond(torch.tensor([1]))
+
+
+def test_plain_function_warns_and_frozen_copy_is_independent():
+    net = nn.Linear(2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CallableVelocity(lambda x, t, c: net(x), (2,))
+    assert any("not an nn.Module" in str(w.message) for w in caught)
+    velocity = MLPVelocity(features=2, width=8, depth=1)
+    ref = frozen_copy(velocity)
+    assert not ref.training and all(not p.requires_grad for p in ref.parameters())
+    assert all(p.requires_grad for p in velocity.parameters())
+
+
+def test_mean_alignment_formula():
+    velocity = _randomise_(MLPVelocity(features=2, width=8, depth=1)).double()
+    align = MeanAlignmentLoss(frozen_copy(velocity))
+    x = torch.randn(5, 2, dtype=torch.float64)
+    t, s = torch.full((5,), 0.6, dtype=torch.float64), torch.full((5,), 0.3, dtype=torch.float64)
+    mu_ref, _ = _fm_posterior(velocity, x, 0.6, 0.3)
+    torch.testing.assert_close(align.mean(x, t, s), mu_ref)
+    mu = mu_ref + 0.1
+    torch.testing.assert_close(align(mu, x, t, s), torch.full((5,), 0.01, dtype=torch.float64))
+    assert math.isclose(float(align(mu_ref, x, t, s).max()), 0.0, abs_tol=1e-24)

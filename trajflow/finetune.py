@@ -1,0 +1,356 @@
+r"""Initialising an NTM from a pretrained flow-matching model, and the mean-alignment loss (NTM §3.3).
+
+Recipe (method.md 3.4):
+
+1. Wrap the velocity model in :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor`:
+   :math:`\mu_P = A u_t + B (u_t - t v)`, :math:`\sigma_P = C e^{\delta_\sigma}` with a zero-initialised
+   :math:`\delta_\sigma`.
+2. Use a transporter that is **exactly the identity at initialisation** (:func:`identity_transporter`):
+   for images the TarFlow-style :class:`~trajflow.transporters.transformer.TransformerTransporter` (its
+   heads are zero-initialised); for vectors a zuko MAF whose hyper-networks' last layers are zeroed
+   (:func:`zero_init_zuko_`; a zero MAF step is ``x * exp(0) + 0``). :func:`check_identity` verifies it.
+   Then the NTM's every step *is* the flow-matching model's Gaussian posterior sampler
+   :math:`\mathcal{N}(A x_t + B (x_t - t v(x_t)), C^2)` (tested exactly in ``tests/test_finetune.py``).
+3. Train with :class:`FinetuneLoss`: the trajectory NLL plus
+   :math:`\lambda(\text{step}) \sum_k \|\mu_P^{(k)} - \mu_{FM}^{(k)}\|^2`, where
+   :math:`\mu_{FM} = A x_t + B (x_t - t v_{frozen}(x_t, t, y))` comes from a frozen copy of the velocity
+   model reading data space, and :math:`\lambda` = 2.5 decays by a cosine to 0.
+
+References:
+    | Normalizing Trajectory Models (Gu et al., 2026), §3.3, Eqs. 3.6-3.8, App. A.3, A.5, Table 4-5.
+    | https://arxiv.org/abs/2605.08078
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .conditioning import Condition
+from .losses import TrajectoryNLL
+from .model import NTM
+from .predictors.flow_matching import FlowMatchingPredictor
+from .process import MarkovInterpolant
+from .transporters.base import Transporter
+from .transporters.zuko import ZukoTransporter
+
+__all__ = [
+    "identity_transporter",
+    "zero_init_zuko_",
+    "check_identity",
+    "frozen_copy",
+    "FlowMatchingInit",
+    "init_from_flow_matching",
+    "MeanAlignmentLoss",
+    "FinetuneLoss",
+]
+
+
+# -- transporters that start as the identity ------------------------------------------------------------------
+
+
+def zero_init_zuko_(transporter: ZukoTransporter) -> ZukoTransporter:
+    r"""Zero the last layer of every hyper-network of a zuko transporter, in place; returns it.
+
+    For ``preset="maf"`` (affine autoregressive steps) this makes the transporter *exactly* the identity:
+    each step computes ``x * exp(0) + 0``, with a zero log-determinant. For ``preset="nsf"`` it is the
+    identity only up to float rounding (about 1e-7: a spline with uniform bins and unit derivatives).
+    Gradients still reach every layer once the last one moves away from zero.
+    """
+    if not isinstance(transporter, ZukoTransporter):
+        raise ValueError(f"transporter: expected a ZukoTransporter, got {type(transporter).__name__}")
+    found = 0
+    for module in transporter.flow.modules():
+        hyper = getattr(module, "hyper", None)
+        if isinstance(hyper, nn.Module):
+            linears = [m for m in hyper.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                nn.init.zeros_(linears[-1].weight)
+                if linears[-1].bias is not None:
+                    nn.init.zeros_(linears[-1].bias)
+                found += 1
+    if not found:
+        raise ValueError(
+            "transporter: found no zuko hyper-network to zero (expected MaskedAutoregressiveTransform "
+            "steps, e.g. ZukoTransporter(preset='maf'))"
+        )
+    return transporter
+
+
+def identity_transporter(event_shape: int | Sequence[int], **kwargs: Any) -> Transporter:
+    r"""A learnable transporter that is exactly the identity at initialisation.
+
+    Arguments:
+        event_shape: ``features`` (or ``(features,)``) for vectors, ``(C, H, W)`` for images.
+        **kwargs: For vectors, keyword arguments of :class:`~trajflow.transporters.ZukoTransporter`
+            (``transforms``, ``hidden_features``, ...; the preset is MAF); for images, fields of
+            :class:`~trajflow.transporters.transformer.TransformerTransporterConfig` (``patch_size``,
+            ``width``, ``layers_per_block``, ...).
+
+    Example:
+        >>> f = identity_transporter(2)
+        >>> x, t = torch.randn(3, 2), torch.rand(3)
+        >>> u, ladj = f(x, t)
+        >>> torch.equal(u, x), bool((ladj == 0).all())
+        (True, True)
+    """
+    shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+    if len(shape) == 1:
+        kwargs.setdefault("preset", "maf")
+        if kwargs["preset"] != "maf":
+            raise ValueError(f"preset: only 'maf' starts as the exact identity, got {kwargs['preset']!r}")
+        return zero_init_zuko_(ZukoTransporter(shape[0], **kwargs))
+    if len(shape) == 3:
+        from .transporters.transformer import TransformerTransporter, TransformerTransporterConfig
+
+        return TransformerTransporter(TransformerTransporterConfig(shape, **kwargs))  # zero heads: identity
+    raise ValueError(f"event_shape: expected (features,) or (C, H, W), got {shape}")
+
+
+@torch.no_grad()
+def check_identity(
+    transporter: Transporter,
+    *,
+    atol: float = 0.0,
+    num_samples: int = 8,
+    generator: torch.Generator | None = None,
+) -> None:
+    r"""Raise a :class:`ValueError` unless ``transporter(x, t) == (x, 0)`` within ``atol`` on random inputs.
+
+    Checks ``num_samples`` points :math:`x \sim \mathcal{N}(0, 4 I)` at times spread over [0, 1].
+    """
+    if not isinstance(transporter, Transporter):
+        raise ValueError(f"transporter: expected a trajflow Transporter, got {type(transporter).__name__}")
+    device = next((p.device for p in transporter.parameters()), torch.device("cpu"))
+    x = 2.0 * torch.randn(num_samples, *transporter.event_shape, generator=generator).to(device)
+    t = torch.linspace(0.0, 0.99, num_samples, device=device)
+    u, ladj = transporter(x, t)
+    err, lerr = float((u - x).abs().max()), float(ladj.abs().max())
+    if err > atol or lerr > atol:
+        raise ValueError(
+            f"transporter: expected the identity at initialisation (within atol={atol:g}), got "
+            f"max |f(x, t) - x| = {err:.3g} and max |log det| = {lerr:.3g}; use identity_transporter(...) or "
+            "zero_init_zuko_(...) (a default ZukoTransporter is not the identity)"
+        )
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with gradients off, in eval mode (the mean-alignment reference)."""
+    ref = copy.deepcopy(module)
+    ref.requires_grad_(False)
+    return ref.eval()
+
+
+class FlowMatchingInit(NamedTuple):
+    """What :func:`init_from_flow_matching` returns."""
+
+    model: NTM
+    """The NTM: identity transporter + :class:`FlowMatchingPredictor` around the (trainable) velocity model."""
+    reference: nn.Module
+    """A frozen deep copy of the velocity model, for :class:`MeanAlignmentLoss`."""
+
+
+def init_from_flow_matching(
+    velocity: nn.Module,
+    transporter: Transporter | None = None,
+    *,
+    atol: float = 1e-6,
+    transporter_kwargs: dict[str, Any] | None = None,
+    **predictor_kwargs: Any,
+) -> FlowMatchingInit:
+    r"""Build an NTM initialised from a flow-matching velocity model (NTM §3.3).
+
+    Arguments:
+        velocity: The pretrained velocity model (see :class:`FlowMatchingPredictor`); it becomes the
+            trainable backbone of the predictor. A frozen deep copy is made first (the reference).
+        transporter: A transporter that is the identity at initialisation; ``None`` builds one with
+            :func:`identity_transporter` from ``transporter_kwargs``. It is checked with
+            :func:`check_identity` (tolerance ``atol``).
+        transporter_kwargs: Keyword arguments of :func:`identity_transporter`.
+        **predictor_kwargs: Keyword arguments of :class:`FlowMatchingPredictor` (``c_min``, ``delta_mean``,
+            ``time_features``, ...).
+
+    Example:
+        >>> from trajflow.flow_matching import MLPVelocity
+        >>> model, reference = init_from_flow_matching(MLPVelocity(features=2, width=32))
+        >>> model.sample((5,), steps=4, t_min=0.02).shape
+        torch.Size([5, 2])
+    """
+    reference = frozen_copy(velocity)
+    predictor = FlowMatchingPredictor(velocity, **predictor_kwargs)
+    if transporter is None:
+        transporter = identity_transporter(predictor.event_shape, **(transporter_kwargs or {}))
+    elif transporter_kwargs:
+        raise ValueError("transporter_kwargs: only used when transporter is None")
+    check_identity(transporter, atol=atol)
+    device = next((p.device for p in velocity.parameters()), None)
+    if device is not None:
+        transporter = transporter.to(device)
+    return FlowMatchingInit(NTM(transporter, predictor), reference)
+
+
+# -- the losses ---------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _record_calls(module: nn.Module) -> Iterator[list[tuple[tuple, dict, Any]]]:
+    """Record ``(args, kwargs, output)`` of every call of ``module`` inside the block (a forward hook)."""
+    calls: list[tuple[tuple, dict, Any]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        calls.append((args, kwargs, output))
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _predictor_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Condition | None, Tensor | None]:
+    """``(t, s, cond, drop_cond)`` of a recorded predictor call ``(u_t, t, s, cond, drop_cond)``."""
+    names = ("u_t", "t", "s", "cond", "drop_cond")
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    return values["t"], values["s"], values.get("cond"), values.get("drop_cond")
+
+
+@dataclass
+class MeanAlignmentLoss:
+    r"""Mean alignment :math:`\|\mu_P - \mu_{FM}\|^2` against a frozen flow-matching model (NTM §3.3).
+
+    :math:`\mu_{FM} = A(t, s) x_t + B(t, s) (x_t - t v_{ref}(x_t, t, y))` reads **data space**
+    :math:`x_t`, while the NTM's :math:`\mu_P` lives in transporter space; the loss keeps the latter close
+    to the pretrained model's space. Reported as a mean over dimensions (the "MSE variant"), so it is on
+    the per-dimension scale of :class:`~trajflow.TrajectoryNLL`.
+
+    Arguments:
+        reference: The frozen velocity model ``(x_t, t, cond, drop_cond) -> (v, hidden)`` (see
+            :func:`frozen_copy`); it is called without gradients.
+    """
+
+    reference: nn.Module
+
+    @torch.no_grad()
+    def mean(
+        self, x_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`\mu_{FM}` for flat ``x_t`` ``(N, *event)``, ``t``/``s`` ``(N,)``; float32 or wider."""
+        v = self.reference(x_t, t, cond, drop_cond)[0]
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        A, B, _ = MarkovInterpolant.posterior(t.to(dtype), s.to(dtype), validate=False)
+        shape = (x_t.shape[0], *([1] * (x_t.dim() - 1)))
+        x = x_t.to(dtype)
+        return A.reshape(shape) * x + B.reshape(shape) * (x - t.to(dtype).reshape(shape) * v.to(dtype))
+
+    def __call__(
+        self,
+        mu: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        s: Tensor,
+        cond: Condition | None = None,
+        drop_cond: Tensor | None = None,
+    ) -> Tensor:
+        """The squared error per example, averaged over dims: ``(N,)`` for flat ``mu``, ``x_t`` ``(N, *event)``."""
+        if mu.shape != x_t.shape:
+            raise ValueError(f"mu: expected the shape of x_t {tuple(x_t.shape)}, got {tuple(mu.shape)}")
+        target = self.mean(x_t, t, s, cond, drop_cond)
+        return (mu - target.to(mu.dtype)).square().flatten(1).mean(-1)
+
+
+@dataclass
+class FinetuneLoss:
+    r"""Fine-tuning objective: :math:`\mathcal{L}_{NTM} + \lambda(\text{step}) \mathcal{L}_{aux}` (NTM Algorithm 1).
+
+    The NLL is :class:`~trajflow.TrajectoryNLL`'s (its ``steps``, ``t_min``, ``shift``, ``mode`` and
+    ``cond_drop`` are used); :math:`\mathcal{L}_{aux}` is :class:`MeanAlignmentLoss` on the predictor's
+    means of the same forward pass (one predictor evaluation per step), averaged over the factors used.
+    :math:`\lambda(\text{step}) = \text{aux\_weight} \cdot \tfrac12 (1 + \cos(\pi \min(\text{step}, D) / D))`
+    with :math:`D` = ``decay_steps`` (constant if ``None``); NTM uses 2.5.
+
+    Called as ``loss(model, x0, cond, step)``; returns ``(total, parts)`` with ``parts`` holding the
+    detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"``.
+
+    Example:
+        >>> from trajflow.flow_matching import MLPVelocity
+        >>> model, ref = init_from_flow_matching(MLPVelocity(features=2, width=32))
+        >>> loss = FinetuneLoss(TrajectoryNLL(steps=4), MeanAlignmentLoss(ref), decay_steps=100)
+        >>> total, parts = loss(model, torch.randn(16, 2), step=0)
+        >>> float(parts["aux"]), float(parts["lambda"])
+        (0.0, 2.5)
+    """
+
+    nll: TrajectoryNLL
+    align: MeanAlignmentLoss
+    aux_weight: float = 2.5
+    decay_steps: int | None = 10_000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nll, TrajectoryNLL):
+            raise ValueError(f"nll: expected a TrajectoryNLL, got {type(self.nll).__name__}")
+        if not isinstance(self.align, MeanAlignmentLoss):
+            raise ValueError(f"align: expected a MeanAlignmentLoss, got {type(self.align).__name__}")
+        if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
+            raise ValueError(f"aux_weight: expected a finite number >= 0, got {self.aux_weight!r}")
+        if self.decay_steps is not None and (not isinstance(self.decay_steps, int) or self.decay_steps < 1):
+            raise ValueError(f"decay_steps: expected a positive integer or None, got {self.decay_steps!r}")
+
+    def lambda_at(self, step: int) -> float:
+        """The auxiliary weight at training step ``step`` (cosine decay from ``aux_weight`` to 0)."""
+        if self.decay_steps is None:
+            return float(self.aux_weight)
+        frac = min(max(int(step), 0), self.decay_steps) / self.decay_steps
+        return float(self.aux_weight * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+    def per_example(
+        self,
+        model: NTM,
+        x0: Tensor,
+        cond: Condition | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(nll, aux)``, each ``(B,)``, for a flat batch ``x0`` ``(B, *data)``."""
+        nll = self.nll
+        n, device = x0.shape[0], x0.device
+        out_nll, out_aux = torch.empty(n, device=device), torch.empty(n, device=device)
+        for group in nll.draw(model, x0, cond, generator=generator):
+            m, T, traj = group.index.numel(), group.steps, group.traj
+            with _record_calls(model.predictor) as calls:
+                out_nll[group.index] = nll.group_nll(group)
+            if nll.mode == "trajectory":
+                x_t = traj[:, 1:].reshape(m * T, *model.event_shape)  # levels 1..T, the predictor's flat order
+                per = T
+            else:
+                x_t = traj[torch.arange(m, device=device), group.k]  # (m, *data)
+                per = 1
+            if len(calls) != 1:
+                raise RuntimeError(f"FinetuneLoss: expected one predictor call per NLL evaluation, saw {len(calls)}")
+            args, kwargs, (mu, _) = calls[0]
+            t, s, flat_cond, flat_drop = _predictor_inputs(args, kwargs)
+            aux = self.align(mu, x_t, t, s, flat_cond, flat_drop)  # (m * per,)
+            out_aux[group.index] = aux.reshape(m, per).mean(-1)
+        return out_nll, out_aux
+
+    def __call__(
+        self,
+        model: NTM,
+        x0: Tensor,
+        cond: Condition | None = None,
+        step: int = 0,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        nll, aux = self.per_example(model, x0, cond, generator=generator)
+        lam = self.lambda_at(step)
+        nll, aux = nll.mean(), aux.mean()
+        total = nll + lam * aux
+        return total, {"nll": nll.detach(), "aux": aux.detach(), "lambda": torch.tensor(lam)}
