@@ -42,13 +42,10 @@ from torch import Tensor, nn
 from .checks import check_event_shape, check_finite
 from .conditioning import Condition, EventDims, align_cond, cond_batch_shape
 from .distribution import TrajectoryDistribution
+from .flow_matching import MLPVelocity
 from .losses import guidance_dropout
 from .model import NTM
-from .nn.condition import ConditionEmbedding
-from .nn.embeddings import SinusoidalEmbedding
-from .nn.mlp import ResidualMLP
-from .nn.patches import check_images, unpatchify
-from .predictors.transformer import TransformerBackbone, TransformerPredictorConfig
+from .predictors.transformer import TransformerPredictorConfig, TransformerVelocity
 from .process import MarkovInterpolant, sample_t_min, time_grid
 
 __all__ = [
@@ -225,28 +222,32 @@ class MLPDenoiser(LearnedDenoiser):
     def __init__(self, config: MLPDenoiserConfig) -> None:
         super().__init__()
         self.config = config
-        self.event_shape = torch.Size((config.features,))
-        self.time = SinusoidalEmbedding(config.time_features)
-        self.condition = ConditionEmbedding(
-            config.time_features, num_classes=config.num_classes, cond_features=config.cond_features
+        # The same network as the flow-matching baseline, read as a residual x0 - u; zero-initialised so
+        # that g starts as the identity.
+        self.net = MLPVelocity(
+            config.features,
+            num_classes=config.num_classes,
+            cond_features=config.cond_features,
+            width=config.width,
+            depth=config.depth,
+            time_features=config.time_features,
         )
-        self.cond_event_dims = self.condition.cond_event_dims
-        self.backbone = ResidualMLP(config.features, 2 * config.time_features, config.width, config.depth)
-        self.head = nn.Linear(config.width, config.features)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.net.head.weight)
+        nn.init.zeros_(self.net.head.bias)
+        self.event_shape = self.net.event_shape
+        self.cond_event_dims = self.net.cond_event_dims
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         batch = super().check_cond(cond)
         if cond is not None:
-            self.condition.check(cond)  # type: ignore[arg-type]
+            self.net.condition.check(cond)  # type: ignore[arg-type]
         return batch
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, features)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, features)``."""
         check_event_shape("u", u, self.event_shape)
-        c = torch.cat([self.time(t0), self.condition(cond, drop_cond, u.shape[0])], dim=-1)  # type: ignore[arg-type]
-        return u + self.head(self.backbone(u, c.to(u.dtype)))
+        delta, _ = self.net(u, t0, cond, drop_cond)  # type: ignore[arg-type]
+        return u + delta
 
 
 class TransformerDenoiser(LearnedDenoiser):
@@ -269,25 +270,16 @@ class TransformerDenoiser(LearnedDenoiser):
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
         self.config = config
-        self.event_shape = torch.Size(config.image_shape)
-        self.cond_event_dims = config.cond_event_dims
-        self.backbone = TransformerBackbone(config, num_times=1)
-        self.head = nn.Linear(config.width, config.token_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.net = TransformerVelocity(config)  # zero-initialised head: g starts as the identity
+        self.event_shape = self.net.event_shape
+        self.cond_event_dims = self.net.cond_event_dims
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
-        if cond is not None and self.cond_event_dims is not None:
-            self.backbone.check_condition(cond)  # kind-specific messages first
-        return super().check_cond(cond)
+        return self.net.check_cond(cond)
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, C, H, W)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, C, H, W)``."""
-        check_images("u", u, self.event_shape, flat=True)
-        if self.check_cond(cond) not in ((), (u.shape[0],)):
-            raise ValueError(f"cond: expected batch shape ({u.shape[0]},) (one condition per image)")
-        h = self.backbone(u, [t0], cond, drop_cond)  # (N, L, width)
-        delta = unpatchify(self.head(h), self.config.patch_size, self.event_shape)
+        delta, _ = self.net(u, t0, cond, drop_cond)  # checks shapes, times and the condition
         return u + delta.to(u.dtype)
 
 

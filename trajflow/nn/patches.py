@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..checks import check_tensor
 
-__all__ = ["patchify", "unpatchify", "patch_grid", "check_images"]
+__all__ = ["patchify", "unpatchify", "patch_grid", "check_images", "check_image_config"]
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
@@ -82,3 +82,14 @@ def check_images(name: str, x: Tensor, image_shape: Sequence[int], *, flat: bool
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
     return x
+
+
+def check_image_config(image_shape: Sequence[int], patch_size: int) -> tuple[int, int, int]:
+    """Validate an image model's ``(C, H, W)`` and patch size (a divisor of H and W); return the shape."""
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape: expected positive (C, H, W), got {shape}")
+    _, h, w = shape
+    if patch_size < 1 or h % patch_size or w % patch_size:
+        raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
+    return shape  # type: ignore[return-value]

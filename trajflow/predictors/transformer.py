@@ -38,7 +38,7 @@ from ..checks import check_tensor, check_times
 from ..conditioning import Condition, cond_batch_shape
 from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import check_images, patch_grid, patchify, unpatchify
+from ..nn.patches import check_image_config, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer
 from .base import Predictor
@@ -82,13 +82,7 @@ class TransformerPredictorConfig:
     validate_args: bool = True
 
     def __post_init__(self) -> None:
-        self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape: expected positive (C, H, W), got {self.image_shape}")
-        _, h, w = self.image_shape
-        p = self.patch_size
-        if p < 1 or h % p or w % p:
-            raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {p}")
+        self.image_shape = check_image_config(self.image_shape, self.patch_size)  # type: ignore[assignment]
         for name in ("width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
