@@ -1,0 +1,389 @@
+"""The generic training loop: exact resumption, atomic checkpoints, config checks, EMA, schedule, sampler."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import trajflow.train as train_module
+from trajflow.checkpoint import (
+    CheckpointDir,
+    atomic_write,
+    check_config,
+    config_differences,
+    load_model_weights,
+    load_safetensors,
+    load_torch,
+    save_model,
+)
+from trajflow.ema import EMA
+from trajflow.schedules import CosineWarmup, cosine_with_warmup
+from trajflow.train import (
+    ResumableSampler,
+    Trainer,
+    TrainerConfig,
+    capture_rng_state,
+    restore_rng_state,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Bitwise comparisons need the same reduction order in both runs; one thread also avoids oversubscribing
+    # small shared CI machines.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Tiny(nn.Module):
+    """A small MLP with dropout, so that the global torch RNG matters too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def noisy_objective(model, batch, generator):
+    """Denoising regression: uses the trainer's generator, numpy's and python's global RNGs."""
+    (x,) = batch
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    scale = 1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+    loss = (model(x + scale * noise) - x).square().mean()
+    return loss, {"noise_scale": torch.tensor(scale)}
+
+
+def _data(n: int = 20) -> TensorDataset:
+    return TensorDataset(torch.randn(n, 3, generator=torch.Generator().manual_seed(1)))
+
+
+def _config(**kw) -> TrainerConfig:
+    base = dict(
+        steps=7, batch_size=4, lr=1e-2, warmup_steps=2, log_every=2, checkpoint_every=100, ema_decay=0.9, progress=False
+    )
+    return TrainerConfig(**{**base, **kw})
+
+
+def _fit(out, cfg, **kw):
+    trainer = Trainer(cfg, out)
+    return trainer.fit(Tiny(), noisy_objective, _data(), run_config={"model": {"width": 16}}, **kw)
+
+
+def _state(ckpt):
+    model, _ = load_safetensors(ckpt / "model.safetensors")
+    ema, meta = load_safetensors(ckpt / "ema.safetensors")
+    return model, ema, meta, load_torch(ckpt / "optimizer.pt"), load_torch(ckpt / "scheduler.pt")
+
+
+def _assert_same(a, b):
+    (ma, ea, meta_a, oa, sa), (mb, eb, meta_b, ob, sb) = _state(a), _state(b)
+    for x, y in ((ma, mb), (ea, eb)):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k  # bitwise
+    assert meta_a == meta_b
+    for k, st in oa["state"].items():
+        for name, v in st.items():
+            assert torch.equal(v, ob["state"][k][name]), (k, name)
+    assert sa == sb
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Seven steps in one go == three steps, a fresh process-like restart, four more (across an epoch end)."""
+    whole = _fit(tmp_path / "a", _config())
+    part = _fit(tmp_path / "b", _config(), stop_at=3)
+    assert part.step == 3 and part.checkpoint.name == "step-0000003"
+    # Consume random numbers between the runs: a resumed run must not depend on the state it starts in.
+    torch.rand(5), np.random.rand(3), random.random()
+    resumed = _fit(tmp_path / "b", _config(), resume=True)
+    assert whole.step == resumed.step == 7
+    assert whole.epoch == resumed.epoch == 1  # 20 examples / batch 4 = 5 batches per epoch
+    _assert_same(whole.checkpoint, resumed.checkpoint)
+    assert whole.loss == resumed.loss
+
+
+def test_resume_with_grad_accum(tmp_path):
+    whole = _fit(tmp_path / "a", _config(steps=4, grad_accum=2))
+    _fit(tmp_path / "b", _config(steps=4, grad_accum=2), stop_at=1)
+    resumed = _fit(tmp_path / "b", _config(steps=4, grad_accum=2), resume=True)
+    _assert_same(whole.checkpoint, resumed.checkpoint)
+
+
+def test_resume_from_other_config_names_fields(tmp_path):
+    _fit(tmp_path, _config(), stop_at=2)
+    with pytest.raises(ValueError, match=r"train\.lr .*checkpoint: 0\.01.*now: 0\.02"):
+        _fit(tmp_path, _config(lr=2e-2), resume=True)
+    trainer = Trainer(_config(), tmp_path)
+    with pytest.raises(ValueError, match=r"model\.width"):
+        trainer.fit(Tiny(), noisy_objective, _data(), run_config={"model": {"width": 32}}, resume=True)
+    # Log and checkpoint cadence may change.
+    r = _fit(tmp_path, _config(log_every=1, checkpoint_every=3), resume=True)
+    assert r.step == 7
+
+
+def test_resume_without_checkpoint_starts_fresh(tmp_path):
+    assert _fit(tmp_path, _config(steps=2), resume=True).step == 2
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A writer that dies mid-file leaves the previous checkpoint complete, loadable and resumable."""
+    _fit(tmp_path, _config(checkpoint_every=2), stop_at=2)
+    ckpts = CheckpointDir(tmp_path / "checkpoints")
+    assert ckpts.latest().name == "step-0000002"
+    real_save = train_module.save_safetensors
+
+    def dying_save(path, tensors, metadata=None):
+        def half(fh):
+            fh.write(b"\x00" * 64)  # some bytes reach the temporary file ...
+            raise OSError("disk full")  # ... then the writer crashes
+
+        atomic_write(path, half)
+
+    monkeypatch.setattr(train_module, "save_safetensors", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        _fit(tmp_path, _config(checkpoint_every=2), resume=True, stop_at=4)
+    assert [s for s, _ in ckpts.steps()] == [2]
+    assert ckpts.latest().name == "step-0000002"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000002"
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [".step-0000004.tmp"]  # the half-built folder, never renamed
+    assert not list((tmp_path / "checkpoints" / ".step-0000004.tmp").glob("*.safetensors"))
+    model, _ = load_safetensors(ckpts.latest() / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in model.values())
+    # The next run resumes from step 2, clears the staging folder and finishes like an uninterrupted run.
+    monkeypatch.setattr(train_module, "save_safetensors", real_save)
+    resumed = _fit(tmp_path, _config(checkpoint_every=2), resume=True)
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".step")]
+    whole = _fit(tmp_path / "ref", _config(checkpoint_every=2))
+    _assert_same(whole.checkpoint, resumed.checkpoint)
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    p = tmp_path / "f.bin"
+    atomic_write(p, lambda fh: fh.write(b"old"))
+
+    def broken(fh):
+        fh.write(b"new but incomple")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(p, broken)
+    assert p.read_bytes() == b"old"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_keep_last_k(tmp_path):
+    r = _fit(tmp_path, _config(steps=6, checkpoint_every=1, keep_checkpoints=2))
+    assert [s for s, _ in CheckpointDir(tmp_path / "checkpoints").steps()] == [5, 6]
+    assert r.checkpoint.name == "step-0000006"
+    files = sorted(p.name for p in r.checkpoint.iterdir())
+    assert files == [
+        "config.json",
+        "ema.safetensors",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng-rank0.pt",
+        "scheduler.pt",
+        "trainer.json",
+    ]
+    cfg = json.loads((r.checkpoint / "config.json").read_text())
+    assert cfg["train"]["betas"] == [0.9, 0.95] and cfg["model"] == {"width": 16}
+
+
+def test_log_records_loss_and_extras(tmp_path):
+    r = _fit(tmp_path, _config(steps=4))
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "noise_scale"} <= set(lines[0])
+    assert r.images_per_s > 0 and math.isfinite(r.loss)
+
+
+def test_nan_loss_is_reported(tmp_path):
+    def bad(model, batch, generator):
+        return model(batch[0]).sum() * float("nan")
+
+    trainer = Trainer(_config(steps=2, log_every=1), tmp_path)
+    with pytest.raises(FloatingPointError, match="loss: became nan by step 1"):
+        trainer.fit(Tiny(), bad, _data())
+
+
+def test_model_weights_and_config_check(tmp_path):
+    model = Tiny()
+    save_model(tmp_path, model, {"model": {"width": 16, "depth": 1}})
+    other = Tiny()
+    load_model_weights(tmp_path, other, expected_config={"model": {"width": 16, "depth": 1}})
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), other.parameters()))
+    with pytest.raises(ValueError, match=r"model\.depth \(checkpoint: 1, now: 2\)"):
+        load_model_weights(tmp_path, other, expected_config={"model": {"width": 16, "depth": 2}})
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_model_weights(tmp_path, nn.Linear(3, 3))
+
+
+def test_config_differences_ignore_and_missing():
+    a = {"train": {"lr": 1, "log_every": 5}, "sample": {"steps": 4}, "x": 1}
+    b = {"train": {"lr": 1, "log_every": 9}, "sample": {"steps": 8}}
+    assert config_differences(a, b, ignore=("train.log_every", "sample.")) == [("x", "<missing>", 1)]
+    check_config({"t": (1, 2)}, {"t": [1, 2]})  # tuples and JSON lists compare equal
+
+
+def test_ema_update_is_the_exponential_average():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 2)
+    ema = EMA(net, decay=0.9, warmup=False)
+    expected = {k: v.detach().clone() for k, v in net.named_parameters()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        for k, p in net.named_parameters():
+            expected[k] = 0.9 * expected[k] + 0.1 * p.detach()
+    for k in expected:
+        torch.testing.assert_close(ema.shadow[k], expected[k], rtol=0, atol=1e-6)
+    assert ema.num_updates == 3
+    # Warmup: min(decay, (1 + n) / (10 + n)).
+    w = EMA(net, decay=0.999)
+    assert w.current_decay() == pytest.approx(0.1)
+    w.num_updates = 90
+    assert w.current_decay() == pytest.approx(91 / 100)
+    # Swapping the averages in and out restores the live weights exactly.
+    live = [p.detach().clone() for p in net.parameters()]
+    with ema.average_parameters(net):
+        assert torch.equal(net.weight, ema.shadow["weight"])
+    assert all(torch.equal(a, b) for a, b in zip(live, net.parameters()))
+    # state_dict / metadata round trip.
+    other = EMA(nn.Linear(4, 2), decay=0.9, warmup=False)
+    other.load_state_dict(ema.state_dict(), ema.metadata())
+    assert other.num_updates == 3 and torch.equal(other.shadow["bias"], ema.shadow["bias"])
+    with pytest.raises(ValueError, match="missing"):
+        other.load_state_dict({})
+
+
+def test_ema_keeps_float32_for_bf16_params():
+    net = nn.Linear(2, 2).to(torch.bfloat16)
+    ema = EMA(net, decay=0.999, warmup=False)
+    assert all(v.dtype == torch.float32 for v in ema.shadow.values())
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(net)
+    # A step of 0.001 would round away in bf16 (spacing ~0.0078 near 1), not in float32.
+    assert not torch.equal(before, ema.shadow["weight"])
+
+
+def test_cosine_with_warmup():
+    f = CosineWarmup(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = cosine_with_warmup(opt, 4, 14, 0.1)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.5, 2.0, 2.0])
+    with pytest.raises(ValueError, match="warmup_steps"):
+        CosineWarmup(20, 10)
+
+
+def test_resumable_sampler_shards_and_skips():
+    parts = []
+    for rank in range(3):
+        s = ResumableSampler(11, seed=5, rank=rank, world_size=3)
+        s.set_position(epoch=2, start=0)
+        parts.append(list(s))
+    assert all(len(p) == 3 for p in parts)  # 11 // 3, the tail is dropped so ranks step together
+    flat = sum(parts, [])
+    assert len(set(flat)) == 9
+    s = ResumableSampler(11, seed=5, rank=1, world_size=3)
+    s.set_position(epoch=2, start=2)
+    assert list(s) == parts[1][2:]
+    s.set_position(epoch=3, start=0)
+    assert list(s) != parts[1]  # a new order each epoch
+
+
+def test_rng_state_round_trip():
+    g = torch.Generator().manual_seed(3)
+    state = capture_rng_state(g)
+    a = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=g))
+    restore_rng_state(state, g)
+    b = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(2, generator=g))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2] and torch.equal(a[3], b[3])
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"mixed_precision": "fp16"}, "train.mixed_precision"),
+        ({"steps": 0}, "train.steps"),
+        ({"warmup_steps": 50, "steps": 10}, "train.warmup_steps"),
+        ({"ema_decay": 1.0}, "train.ema_decay"),
+        ({"betas": (0.9,)}, "train.betas"),
+    ],
+)
+def test_trainer_config_errors(kw, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        TrainerConfig(**kw)
+
+
+def test_dataset_smaller_than_a_batch(tmp_path):
+    trainer = Trainer(_config(batch_size=32), tmp_path)
+    with pytest.raises(ValueError, match="batch_size=32"):
+        trainer.fit(Tiny(), noisy_objective, _data(8))
+
+
+_DDP_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import Tiny, noisy_objective, _data, _config
+from trajflow.train import Trainer
+from trajflow.checkpoint import load_safetensors
+torch.set_num_threads(1)
+out = {out!r}
+def fit(path, **kw):
+    return Trainer(_config(), path).fit(Tiny(), noisy_objective, _data(), run_config={{"model": {{"width": 16}}}}, **kw)
+a = fit(out + "/a")
+fit(out + "/b", stop_at=3)
+b = fit(out + "/b", resume=True)
+if Trainer(_config(), out + "/c").is_main:
+    for f in ("model.safetensors", "ema.safetensors"):
+        x, _ = load_safetensors(a.checkpoint / f)
+        y, _ = load_safetensors(b.checkpoint / f)
+        assert all(torch.equal(x[k], y[k]) for k in x), f
+    assert sorted(p.name for p in a.checkpoint.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    print("DDP-OK", a.loss)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_resumes_exactly(tmp_path):
+    """Two CPU processes (gloo DDP through accelerate): sharded data, per-rank RNG files, exact resumption."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    done = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "DDP-OK" in done.stdout

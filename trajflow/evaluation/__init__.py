@@ -1,0 +1,55 @@
+"""Evaluation of generated images without downloaded weights.
+
+* :mod:`trajflow.evaluation.compositional`: a GenEval-style compositional score for the procedural shapes
+  data, read by a small classifier trained on the generator's ground truth (cached, with its held-out
+  accuracy reported so the score can be interpreted).
+* :mod:`trajflow.evaluation.features`: feature networks trained locally for Fréchet distances (a
+  contrastive image-text network for any text-image data; for shapes, the reader's features), and FID /
+  CLIP score through ``torchmetrics`` only when the user has the weights on disk.
+"""
+
+from .compositional import (
+    PROMPT_SEED,
+    ShapesReader,
+    ShapesReaderConfig,
+    compositional_scores,
+    evaluate_shapes_model,
+    load_or_train_shapes_reader,
+    render_shapes,
+    shapes_prompts,
+    train_shapes_reader,
+)
+from .features import (
+    FeatureNetConfig,
+    ImageEncoder,
+    TextImageFeatures,
+    dataset_pairs,
+    evaluate_text_image_model,
+    frechet_distance_of,
+    load_or_train_text_image_features,
+    torchmetrics_clip_score,
+    torchmetrics_fid,
+    train_text_image_features,
+)
+
+__all__ = [
+    "ShapesReader",
+    "ShapesReaderConfig",
+    "compositional_scores",
+    "evaluate_shapes_model",
+    "shapes_prompts",
+    "PROMPT_SEED",
+    "load_or_train_shapes_reader",
+    "render_shapes",
+    "train_shapes_reader",
+    "FeatureNetConfig",
+    "ImageEncoder",
+    "TextImageFeatures",
+    "frechet_distance_of",
+    "dataset_pairs",
+    "evaluate_text_image_model",
+    "load_or_train_text_image_features",
+    "train_text_image_features",
+    "torchmetrics_fid",
+    "torchmetrics_clip_score",
+]
