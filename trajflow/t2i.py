@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,10 @@ from .train import Trainer, TrainerConfig, TrainResult, mix_seed
 T2I_DATASETS: tuple[str, ...] = ("shapes", "emoji", "caption_folder", "metadata_folder", "tar_shards")
 _TEXT_ENCODERS = ("minilm", "hashing")
 _TEXT_CACHE = ("dataset", "lazy", "none")
-_MODEL_KINDS = ("ntm", "fm")
+_MODEL_KINDS = ("ntm", "fm", "ntm-fm")
+_SAMPLE_PATHS = ("raw", "full", "fast")
+#: The cleanest time of the denoising sampling paths (NTM: 0.02; at 0 denoising changes nothing).
+DEFAULT_DENOISE_T_MIN = 0.02
 
 __all__ = [
     "T2I_DATASETS",
@@ -53,6 +57,10 @@ __all__ = [
     "TextToImageObjective",
     "generate",
     "save_image_grid",
+    "init_ntm_from_fm",
+    "DistillConfig",
+    "DistillResult",
+    "distill_t2i",
     "train_t2i",
     "T2IModel",
     "load_t2i",
@@ -117,8 +125,17 @@ class ModelConfig:
     """The network: NTM (transporter + predictor) or the flow-matching baseline on the predictor's backbone.
 
     Attributes:
-        kind: ``"ntm"`` or ``"fm"`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with
-            the predictor's width and depth, trained with flow matching).
+        kind: ``"ntm"``, ``"fm"`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with
+            the predictor's width and depth, trained with flow matching) or ``"ntm-fm"`` (an NTM initialised
+            from the flow-matching run ``init_from``, NTM §3.3: identity transporter +
+            :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor` around its velocity model,
+            trained with :class:`~trajflow.finetune.FinetuneLoss`; see :func:`init_ntm_from_fm`).
+        init_from: ``"ntm-fm"`` only: a run or step folder of this recipe with ``model.kind == "fm"``; its
+            EMA weights (when saved) initialise the model and a frozen copy is the mean-alignment reference.
+        aux_weight: ``"ntm-fm"``: the mean-alignment weight lambda at step 0 (NTM: 2.5).
+        aux_decay_steps: ``"ntm-fm"``: lambda decays by a cosine to 0 over this many steps (``None``:
+            ``train.steps``).
+        c_min: ``"ntm-fm"``: floor of the predictor's scale (see ``FlowMatchingPredictor``).
         patch_size, width, depth, heads, kv_heads, time_features: the predictor (or velocity) transformer.
         transporter_width, transporter_heads, transporter_patch_size: ``None`` means the predictor's.
         transporter_blocks, transporter_layers: NTM's shallow causal flow (2 blocks; layers per block).
@@ -148,11 +165,28 @@ class ModelConfig:
     mode: str = "trajectory"
     cond_drop: float = 0.1
     validate_args: bool = True
+    init_from: str | None = None
+    aux_weight: float = 2.5
+    aux_decay_steps: int | None = None
+    c_min: float = 1e-3
 
     def __post_init__(self) -> None:
         self.t_min = tuple(float(v) for v in self.t_min)  # type: ignore[assignment]
         if self.kind not in _MODEL_KINDS:
             raise ValueError(f"model.kind: expected one of {list(_MODEL_KINDS)}, got {self.kind!r}")
+        if self.kind == "ntm-fm" and not self.init_from:
+            raise ValueError(
+                "model.init_from: model.kind 'ntm-fm' needs the flow-matching run to start from (a run or step "
+                f"folder trained with model.kind 'fm'), got {self.init_from!r}"
+            )
+        if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
+            raise ValueError(f"model.aux_weight: expected a finite number >= 0, got {self.aux_weight!r}")
+        if self.aux_decay_steps is not None and (not isinstance(self.aux_decay_steps, int) or self.aux_decay_steps < 1):
+            raise ValueError(
+                f"model.aux_decay_steps: expected a positive integer or null, got {self.aux_decay_steps!r}"
+            )
+        if not (math.isfinite(self.c_min) and self.c_min >= 0):
+            raise ValueError(f"model.c_min: expected a finite number >= 0, got {self.c_min!r}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"model.cond_drop: expected a probability in [0, 1), got {self.cond_drop!r}")
 
@@ -560,50 +594,180 @@ def dataset_captions(dataset: Dataset) -> list[str] | None:
 def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, int, int]) -> nn.Module:
     """An :class:`~trajflow.NTM` (transformer transporter + text-conditioned transformer predictor) or, for
     ``model.kind == "fm"``, a :class:`~trajflow.predictors.transformer.TransformerVelocity` of the same
-    width and depth as that predictor."""
+    width and depth as that predictor.
+
+    ``model.kind == "ntm-fm"`` gives the architecture of an NTM initialised from flow matching (transformer
+    transporter + :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor` around a
+    ``TransformerVelocity``) with fresh weights, for loading checkpoints; :func:`init_ntm_from_fm` builds it
+    from the flow-matching run for training."""
     from .model import NTM
+    from .predictors.flow_matching import FlowMatchingPredictor
     from .predictors.transformer import TransformerPredictor, TransformerVelocity
     from .transporters.transformer import TransformerTransporter
 
     pc = config.predictor_config(text_features, data_shape)
     if config.model.kind == "fm":
         return TransformerVelocity(pc)
-    return NTM(TransformerTransporter(config.transporter_config(data_shape)), TransformerPredictor(pc))
+    transporter = TransformerTransporter(config.transporter_config(data_shape))
+    if config.model.kind == "ntm-fm":
+        return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
+    return NTM(transporter, TransformerPredictor(pc))
+
+
+#: Fields of a flow-matching run that must equal those of an ``"ntm-fm"`` config initialised from it (they
+#: fix the velocity network's shape, its inputs and the space it models).
+_FM_INIT_FIELDS = (
+    "data.resolution",
+    "vae",
+    "model.patch_size",
+    "model.width",
+    "model.depth",
+    "model.heads",
+    "model.kv_heads",
+    "model.time_features",
+    "text.encoder",
+    "text.model_path",
+    "text.max_length",
+    "text.hashing_dim",
+)
+
+
+def _field(d: Mapping[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        d = d[key]
+    return d
+
+
+def init_ntm_from_fm(
+    config: T2IConfig,
+    encoder: Any,
+    data_shape: tuple[int, int, int],
+    *,
+    vae: VAE | None = None,
+    device: str | torch.device = "cpu",
+):
+    """An ``"ntm-fm"`` model initialised from the flow-matching run ``config.model.init_from`` (NTM §3.3).
+
+    Loads that run with :func:`load_t2i` (EMA weights when it saved them), wraps its
+    :class:`~trajflow.predictors.transformer.TransformerVelocity` with
+    :func:`~trajflow.finetune.init_from_flow_matching` and an identity-at-init transporter built from
+    ``config`` (zero-initialised heads). Every step of the returned NTM is then the flow-matching model's
+    Gaussian posterior sampler.
+
+    Returns:
+        :class:`~trajflow.finetune.FlowMatchingInit` ``(model, reference)``: the NTM (same architecture as
+        :func:`build_model` gives for this config) and a frozen copy of the velocity model, for
+        :class:`~trajflow.finetune.MeanAlignmentLoss`. Keep the reference out of the trained module.
+
+    Raises:
+        ValueError: ``config.model.kind`` is not ``"ntm-fm"``; the run at ``init_from`` is not a
+            flow-matching run; or it differs from ``config`` in a field that shapes the velocity network or
+            its inputs (every such field is named, with both values).
+    """
+    from .finetune import init_from_flow_matching
+    from .transporters.transformer import TransformerTransporter
+
+    m = config.model
+    if m.kind != "ntm-fm":
+        raise ValueError(f"model.kind: init_ntm_from_fm needs 'ntm-fm', got {m.kind!r}")
+    ckpt = resolve_checkpoint(m.init_from)  # type: ignore[arg-type]
+    fm_config = T2IConfig.from_dict(load_json(ckpt / CONFIG_FILE))
+    if fm_config.model.kind != "fm":
+        raise ValueError(
+            f"model.init_from: expected a flow-matching run (model.kind 'fm'), but {str(ckpt)!r} holds a "
+            f"{fm_config.model.kind!r} model"
+        )
+    ours, theirs = config.to_dict(), fm_config.to_dict()
+    diff = [
+        f"{f} (flow-matching run: {_field(theirs, f)!r}, this config: {_field(ours, f)!r})"
+        for f in _FM_INIT_FIELDS
+        if _field(ours, f) != _field(theirs, f)
+    ]
+    if diff:
+        raise ValueError(
+            f"model.init_from: the flow-matching run {str(ckpt)!r} does not match this config; differing "
+            "fields: " + "; ".join(diff)
+        )
+    fm = load_t2i(ckpt, device=device, encoder=encoder, vae=vae)
+    if tuple(fm.data_shape) != tuple(data_shape):
+        raise ValueError(f"model.init_from: the flow-matching run models {fm.data_shape}, this config {data_shape}")
+    velocity = fm.model.train()
+    transporter = TransformerTransporter(config.transporter_config(data_shape)).to(device)
+    return init_from_flow_matching(velocity, transporter, c_min=m.c_min)
 
 
 class TextToImageObjective:
     """The training objective of a text-to-image model: caption -> frozen text features -> loss on the image.
 
     NTM: :class:`~trajflow.TrajectoryNLL` (exact trajectory NLL, nats/dim). Flow matching:
-    :class:`~trajflow.flow_matching.FlowMatchingLoss`. Both drop 10% of captions (``model.cond_drop``) for
-    classifier-free guidance. The text encoder and the VAE run without autocast (frozen, float32).
+    :class:`~trajflow.flow_matching.FlowMatchingLoss`. NTM initialised from flow matching (``"ntm-fm"``):
+    :class:`~trajflow.finetune.FinetuneLoss`, the NLL plus lambda(step) times the mean alignment against
+    ``reference`` (logged as ``nll``, ``aux``, ``lambda``). All drop 10% of captions (``model.cond_drop``)
+    for classifier-free guidance. The text encoder and the VAE run without autocast (frozen, float32).
+
+    The :class:`~trajflow.train.Trainer` does not hand the step to objectives, so for lambda(step) this
+    objective counts its own calls: the optimizer step is ``start_step + calls // grad_accum`` (the trainer
+    calls it once per micro-batch). :func:`train_t2i` sets ``start_step`` from the checkpoint it resumes from,
+    so a resumed run uses the same lambda as an uninterrupted one.
 
     Arguments:
         config: The run's config.
         encoder: A text encoder (``encode(captions) -> (features, mask)``).
         data_shape: ``(C, H, W)`` the model sees.
         vae: Encode images to latents first.
+        reference: ``"ntm-fm"`` only: the frozen velocity model of :func:`init_ntm_from_fm` (it stays here,
+            outside the trained module: no optimizer, EMA or checkpoint sees it).
+        start_step: ``"ntm-fm"`` only: the optimizer step of the first call.
     """
 
-    def __init__(self, config: T2IConfig, encoder: Any, data_shape: tuple[int, int, int], vae: VAE | None = None):
+    def __init__(
+        self,
+        config: T2IConfig,
+        encoder: Any,
+        data_shape: tuple[int, int, int],
+        vae: VAE | None = None,
+        *,
+        reference: nn.Module | None = None,
+        start_step: int = 0,
+    ):
+        from .finetune import FinetuneLoss, MeanAlignmentLoss
         from .flow_matching import FlowMatchingLoss
         from .losses import TrajectoryNLL
 
         m = config.model
         self.encoder, self.vae, self.cache = encoder, vae, config.text.cache
         self._seen: set[str] = set()
-        if m.kind == "ntm":
-            self.loss: Any = TrajectoryNLL(
+        self.grad_accum, self.start_step, self.calls = config.train.grad_accum, int(start_step), 0
+        if m.kind in ("ntm", "ntm-fm"):
+            nll = TrajectoryNLL(
                 steps=m.steps if isinstance(m.steps, int) else tuple(m.steps),
                 t_min=m.t_min,
                 shift=config.shift_for(data_shape),
                 mode=m.mode,
                 cond_drop=m.cond_drop,
             )
+            self.loss: Any = nll
             self.loss_name = "nll_per_dim"
+            if m.kind == "ntm-fm":
+                if reference is None:
+                    raise ValueError(
+                        "reference: model.kind 'ntm-fm' needs the frozen velocity model (init_ntm_from_fm)"
+                    )
+                self.loss = FinetuneLoss(
+                    nll,
+                    MeanAlignmentLoss(reference),
+                    aux_weight=m.aux_weight,
+                    decay_steps=m.aux_decay_steps or config.train.steps,
+                )
+                self.loss_name = "finetune_loss"
         else:
             self.loss = FlowMatchingLoss(cond_drop=m.cond_drop)
             self.loss_name = "fm_mse"
+
+    @property
+    def step(self) -> int:
+        """The optimizer step the next call belongs to (``"ntm-fm"``'s lambda schedule)."""
+        return self.start_step + self.calls // max(self.grad_accum, 1)
 
     def prepare(self, dataset: Dataset, *, progress: bool = False, chunk: int = 256) -> int:
         """With ``text.cache == "dataset"``, encode every distinct caption of ``dataset`` now.
@@ -645,8 +809,11 @@ class TextToImageObjective:
     def __call__(self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator):
         x0 = self.images_to_data(batch["image"])  # (B, C, H, W)
         cond = self.condition(batch["caption"], x0.device)
-        loss = self.loss(model, x0, cond, generator=generator)
-        return loss
+        if self.loss_name == "finetune_loss":
+            step = self.step
+            self.calls += 1
+            return self.loss(model, x0, cond, step, generator=generator)
+        return self.loss(model, x0, cond, generator=generator)
 
 
 # -------------------------------------------------------------------------------------------- sampling
@@ -665,20 +832,48 @@ def generate(
     vae: VAE | None = None,
     sampler: str = "euler",
     progress: bool = False,
+    path: str = "raw",
+    denoiser: nn.Module | None = None,
 ) -> Tensor:
     """Images for ``captions``: ``(N, 3, H, W)`` float32 in ``[-1, 1]`` on the CPU.
 
-    NTM: ``steps`` predictor steps on the grid ``time_grid(steps, t_min, shift)``, then the transporter's
-    inverse (Algorithm 2), with the clipped Gaussian guidance. Flow matching: ``steps`` Euler (or Heun)
-    steps with ``(1 + w) v_c - w v_u``. Batch ``i`` draws its noise from seed ``(seed, i)``, so a result
-    depends on ``seed`` and ``batch_size`` only.
+    NTM: ``steps`` predictor steps on the grid ``time_grid(steps, t_min, shift)`` with the clipped Gaussian
+    guidance, then one of three ``path`` s to the image:
+
+    * ``"raw"``: the transporter's inverse at the cleanest level (:meth:`trajflow.NTM.sample`, Algorithm 2
+      without denoising);
+    * ``"full"``: :func:`~trajflow.denoise.sample_denoised`, the KV-cached inverse at every level and
+      trajectory score denoising (Algorithm 3; the score is the conditional model's);
+    * ``"fast"``: :func:`~trajflow.denoise.fast_sample`, no inverse: the learned ``denoiser`` maps the
+      cleanest latent to the image (train it with :func:`distill_t2i` at the same ``steps`` and ``t_min``).
+
+    Denoising needs ``t_min > 0`` (0.02 in NTM): at ``t_min = 0`` the full path returns the raw sample
+    unchanged. Flow matching (``"raw"`` only): ``steps`` Euler (or Heun) steps with ``(1 + w) v_c - w v_u``.
+    Batch ``i`` draws its noise from seed ``(seed, i)``, so a result depends on ``seed`` and ``batch_size``
+    only.
     """
+    from .denoise import fast_sample, sample_denoised
     from .flow_matching import euler_sample, heun_sample
     from .model import NTM
+    from .process import time_grid
 
     if sampler not in ("euler", "heun"):
         raise ValueError(f"sampler: expected 'euler' or 'heun', got {sampler!r}")
+    if path not in _SAMPLE_PATHS:
+        raise ValueError(f"path: expected one of {list(_SAMPLE_PATHS)}, got {path!r}")
+    if path != "raw" and not isinstance(model, NTM):
+        raise ValueError(f"path: {path!r} needs an NTM (the flow-matching baseline samples with path 'raw')")
+    if path == "fast" and denoiser is None:
+        raise ValueError("denoiser: path 'fast' needs a learned denoiser (examples/t2i/distill.py, load_denoiser)")
+    if path != "raw" and t_min <= 0:
+        warnings.warn(
+            f"t_min: {t_min} makes trajectory denoising a no-op (row 0 of the noise covariance vanishes at t_min = 0); "
+            "NTM samples at 0.02",
+            stacklevel=2,
+        )
     device = next(model.parameters()).device
+    if denoiser is not None:
+        denoiser = denoiser.to(device).eval()
     was_training = model.training
     model.eval()
     out = []
@@ -692,7 +887,15 @@ def generate(
             # NTM.sample draws from the global generator: fork it so that sampling never disturbs training.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed_i)
-                x = model.sample((), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance)
+                if path == "raw":
+                    x = model.sample((), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance)
+                elif path == "full":
+                    dist = model.distribution(time_grid(steps, t_min, shift, device=device), cond, guidance=guidance)
+                    x = sample_denoised(dist, ())
+                else:
+                    x = fast_sample(
+                        model, denoiser, (), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance
+                    )
         else:
             g = torch.Generator(device=device).manual_seed(seed_i)
             noise = torch.randn((len(chunk), *model.event_shape), generator=g, device=device)
@@ -761,8 +964,14 @@ def train_t2i(
     vae = VAE(config.vae, trainer.device, config.vae_scale) if config.vae else None
     data_shape = _data_shape(config, vae)
     dataset = build_dataset(config.data)
-    model = build_model(config, encoder.feature_dim, data_shape)
-    objective = TextToImageObjective(config, encoder, data_shape, vae)
+    if config.model.kind == "ntm-fm":
+        # The reference lives in the objective only: outside the trained module, its optimizer, EMA and checkpoints.
+        model, reference = init_ntm_from_fm(config, encoder, data_shape, vae=vae, device=trainer.device)
+        start = _resume_step(trainer, resume)
+        objective = TextToImageObjective(config, encoder, data_shape, vae, reference=reference, start_step=start)
+    else:
+        model = build_model(config, encoder.feature_dim, data_shape)
+        objective = TextToImageObjective(config, encoder, data_shape, vae)
     n_caps = objective.prepare(dataset, progress=trainer.is_main and config.train.progress)
     n_params = sum(p.numel() for p in model.parameters())
     trainer.print(
@@ -791,6 +1000,17 @@ def train_t2i(
     return result
 
 
+def _resume_step(trainer: Trainer, resume: bool | str | Path) -> int:
+    """The step :meth:`Trainer.fit` will continue from for ``resume`` (0 when it starts afresh)."""
+    if resume is True:
+        ckpt = trainer.checkpoints.latest()
+    elif resume:
+        ckpt = resolve_checkpoint(resume)
+    else:
+        ckpt = None
+    return 0 if ckpt is None else int(load_json(ckpt / "trainer.json")["step"])
+
+
 @dataclass
 class T2IModel:
     """A trained text-to-image model with everything needed to sample it (see :func:`load_t2i`)."""
@@ -801,6 +1021,12 @@ class T2IModel:
     vae: VAE | None
     checkpoint: Path
     data_shape: tuple[int, int, int]
+    path: str = "raw"
+    """Default sampling path of :meth:`generate` (see :func:`generate`)."""
+    denoiser: Any = None
+    """The learned denoiser of the ``"fast"`` path (:func:`~trajflow.denoise.load_denoiser`)."""
+    t_min: float | None = None
+    """Default cleanest time; ``None``: ``sample.t_min`` on the raw path, 0.02 on the others."""
 
     @property
     def kind(self) -> str:
@@ -816,9 +1042,17 @@ class T2IModel:
         batch_size: int | None = None,
         sampler: str = "euler",
         progress: bool = False,
+        path: str | None = None,
+        t_min: float | None = None,
+        denoiser: Any = None,
     ) -> Tensor:
-        """:func:`generate` with this model's defaults (``config.sample``) for what is not given."""
+        """:func:`generate` with this model's defaults (``path``, ``t_min``, ``denoiser`` fields, then
+        ``config.sample``) for what is not given."""
         s = self.config.sample
+        path = path or self.path
+        t_min = t_min if t_min is not None else self.t_min
+        if t_min is None:
+            t_min = s.t_min if path == "raw" else DEFAULT_DENOISE_T_MIN
         return generate(
             self.model,
             self.encoder,
@@ -826,12 +1060,14 @@ class T2IModel:
             steps=s.steps if steps is None else steps,
             guidance=s.guidance if guidance is None else guidance,
             seed=seed,
-            t_min=s.t_min,
+            t_min=t_min,
             shift=self.config.shift_for(self.data_shape),
             batch_size=s.batch_size if batch_size is None else batch_size,
             vae=self.vae,
             sampler=sampler,
             progress=progress,
+            path=path,
+            denoiser=denoiser if denoiser is not None else self.denoiser,
         )
 
 
@@ -861,3 +1097,188 @@ def load_t2i(
     load_model_weights(ckpt, model, ema=ema and (ckpt / EMA_FILE).is_file())
     model.to(device).eval()
     return T2IModel(model, config, encoder, vae, ckpt, data_shape)
+
+
+# -------------------------------------------------------------------------------------------- distillation
+@dataclass
+class DistillConfig:
+    """Settings of :func:`distill_t2i` (``examples/t2i/distill.py --set field=value``).
+
+    Attributes:
+        steps: Trajectory steps ``T`` of the teacher's grids (``None``: the run's ``sample.steps``); sample the
+            fast path with the same ``T``.
+        t_min: The cleanest time ``t_0`` (NTM: 0.02; the fast path samples at it). Must be > 0: at 0 the
+            target is the data itself and the teacher's score plays no part.
+        batch_size: Real images per iteration (``None``: the run's ``train.batch_size``).
+        lr, weight_decay, grad_clip: AdamW and gradient clipping (0: off).
+        width, depth, heads: The denoiser transformer (``None``: the run's predictor's).
+        cond_drop: Caption dropout (``None``: the run's ``model.cond_drop``), so the denoiser also serves
+            the unconditional branch.
+        clip_percentile: Gradient clipping of the teacher's score (see
+            :func:`~trajflow.denoise.trajectory_score_denoise`).
+        seed: Data order, trajectories and initialisation.
+        log_every: Iterations between entries of the loss history.
+    """
+
+    steps: int | None = None
+    t_min: float = DEFAULT_DENOISE_T_MIN
+    batch_size: int | None = None
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    width: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    cond_drop: float | None = None
+    clip_percentile: float | None = None
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.t_min < 1.0:
+            raise ValueError(f"t_min: expected 0 < t_min < 1 (denoising is a no-op at 0), got {self.t_min!r}")
+        for name in ("steps", "batch_size", "width", "depth", "heads"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}: expected a positive integer or null, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {self.lr!r}")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every: expected a positive integer, got {self.log_every!r}")
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str], **fields: Any) -> DistillConfig:
+        """``fields`` updated by ``"field=value"`` strings (values parsed as JSON); unknown fields raise."""
+        d = apply_overrides(fields, overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"distill: unknown field(s) {bad}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill_t2i` returns."""
+
+    denoiser: nn.Module
+    path: Path
+    history: list[dict[str, float]]
+    seconds: float
+
+
+def distill_t2i(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    iters: int,
+    config: DistillConfig | None = None,
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    encoder: Any = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distil a one-pass :class:`~trajflow.denoise.TransformerDenoiser` from a trained text-to-image NTM.
+
+    The NTM (``"ntm"`` or ``"ntm-fm"`` run; EMA weights by default) is frozen; real images and captions of the
+    run's own dataset give forward trajectories whose score-denoised estimates are the targets
+    (:class:`~trajflow.denoise.DistillationLoss`, NTM §3.4). Writes the denoiser with
+    :func:`~trajflow.denoise.save_denoiser` into ``out_dir`` (``config.json``, ``model.safetensors``) and a
+    ``distill.json`` (the run, the settings and the loss history); sample with ``generate(..., path="fast")``.
+    """
+    import time
+
+    from torch.utils.data import DataLoader
+
+    from .checkpoint import save_json
+    from .data.text_image import collate_text_image
+    from .denoise import DistillationLoss, TransformerDenoiser, save_denoiser
+    from .model import NTM
+
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters: expected a positive integer, got {iters!r}")
+    dc = config or DistillConfig()
+    device = torch.device(device)
+    bundle = load_t2i(checkpoint, ema=ema, device=device, encoder=encoder)
+    if not isinstance(bundle.model, NTM):
+        raise ValueError(f"checkpoint: distillation needs an NTM run, {str(bundle.checkpoint)!r} is {bundle.kind!r}")
+    cfg, m = bundle.config, bundle.config.model
+    teacher = bundle.model.requires_grad_(False).eval()
+    steps = dc.steps or cfg.sample.steps
+    loss_fn = DistillationLoss(
+        teacher,
+        steps=steps,
+        t_min=(dc.t_min, dc.t_min),
+        shift=cfg.shift_for(bundle.data_shape),
+        cond_drop=m.cond_drop if dc.cond_drop is None else dc.cond_drop,
+        clip_percentile=dc.clip_percentile,
+    )
+    pc = dataclasses.replace(
+        cfg.predictor_config(bundle.encoder.feature_dim, bundle.data_shape),
+        width=dc.width or m.width,
+        depth=dc.depth or m.depth,
+        heads=dc.heads or m.heads,
+    )
+    torch.manual_seed(dc.seed)
+    denoiser = TransformerDenoiser(pc).to(device).train()
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
+    # Captions -> features as in training (the objective's cache); its loss is not used here.
+    enc_config = dataclasses.replace(cfg, model=dataclasses.replace(m, kind="ntm"))
+    text = TextToImageObjective(enc_config, bundle.encoder, bundle.data_shape, bundle.vae)
+    dataset = build_dataset(cfg.data)
+    text.prepare(dataset, progress=progress)
+    batch_size = dc.batch_size or cfg.train.batch_size
+    stream = isinstance(dataset, IterableDataset)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=not stream,
+        drop_last=not stream and len(dataset) >= batch_size,  # type: ignore[arg-type]
+        collate_fn=collate_text_image,
+        generator=None if stream else torch.Generator().manual_seed(dc.seed),
+    )
+    generator = torch.Generator(device=device).manual_seed(mix_seed(dc.seed, 5))
+    history: list[dict[str, float]] = []
+    window, window_n = 0.0, 0
+    batches = iter(loader)
+    t0 = time.perf_counter()
+    bar = tqdm(range(1, iters + 1), desc="distill", disable=not progress, dynamic_ncols=True)
+    for it in bar:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            batch = next(batches)
+        x0 = text.images_to_data(batch["image"].to(device))
+        cond = text.condition(batch["caption"], device)
+        loss = loss_fn(denoiser, x0, cond, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), dc.grad_clip)
+        optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"distill: the loss became {value} at iteration {it}; lower lr")
+        window, window_n = window + value, window_n + 1
+        if it % dc.log_every == 0 or it == iters:
+            history.append({"iter": it, "mse": window / window_n})
+            bar.set_postfix({"mse": f"{window / window_n:.4g}"}, refresh=False)
+            window, window_n = 0.0, 0
+    bar.close()
+    seconds = time.perf_counter() - t0
+    denoiser.eval()
+    path = save_denoiser(denoiser, out_dir)
+    save_json(
+        path / "distill.json",
+        {
+            "checkpoint": str(bundle.checkpoint),
+            "ema": ema,
+            "iters": iters,
+            "steps": steps,
+            "config": dataclasses.asdict(dc),
+            "history": history,
+            "seconds": seconds,
+        },
+    )
+    return DistillResult(denoiser, path, history, seconds)

@@ -12,17 +12,23 @@ image-caption alignment score. Standard FID and CLIP score (torchmetrics) run on
 ``--fid-weights FILE`` (Inception for FID) and ``--clip-model FOLDER`` (a saved CLIP model).
 
 Results go to ``--out/eval.json`` (rows in the benchmark format) with a sample grid per model and step count.
+
+``--path raw|full|fast`` picks the NTM sampling path for every NTM checkpoint (``fast`` needs ``--denoiser DIR``,
+one per NTM checkpoint in the same order); ``--t-min`` the cleanest time (default 0.02 for ``full``/``fast``).
+Flow-matching checkpoints always sample with their Euler steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from trajflow.checkpoint import save_json
+from trajflow.denoise import load_denoiser
 from trajflow.evaluation import (
     dataset_pairs,
     evaluate_shapes_model,
@@ -47,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fid-weights", default=None, help="local Inception weights for torchmetrics FID")
     p.add_argument("--clip-model", default=None, help="local CLIP folder for torchmetrics CLIP score")
     p.add_argument("--no-ema", action="store_true")
+    p.add_argument("--path", choices=("raw", "full", "fast"), default="raw", help="NTM sampling path")
+    p.add_argument("--t-min", type=float, default=None, help="cleanest time (default: 0.02 for full/fast)")
+    p.add_argument("--denoiser", action="append", default=[], help="denoiser folder per NTM checkpoint (fast)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -54,6 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bundles = [load_t2i(c, ema=not args.no_ema, device=args.device) for c in args.checkpoint]
+    ntms = [i for i, b in enumerate(bundles) if b.kind != "fm"]
+    if args.path == "fast" and len(args.denoiser) != len(ntms):
+        print(f"error: --path fast needs one --denoiser per NTM checkpoint ({len(ntms)})", file=sys.stderr)
+        return 2
+    if args.path != "raw":
+        denoisers = iter(args.denoiser)
+        for i in ntms:
+            den = load_denoiser(next(denoisers)).to(args.device) if args.path == "fast" else None
+            bundles[i] = dataclasses.replace(bundles[i], path=args.path, t_min=args.t_min, denoiser=den)
+    elif args.t_min is not None:
+        bundles = [dataclasses.replace(b, t_min=args.t_min) for b in bundles]
     first = bundles[0]
     run = first.checkpoint.parent.parent if first.checkpoint.parent.name == "checkpoints" else first.checkpoint
     out = Path(args.out) if args.out else run / "eval"
@@ -86,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in bundles:
         for steps in args.steps or [bundle.config.sample.steps]:
             name = f"{bundle.config.name}-{bundle.kind}-{steps}steps"
+            if bundle.kind != "fm" and bundle.path != "raw":
+                name += f"-{bundle.path}"
             if data["name"] == "shapes":
                 metrics, images, captions = evaluate_shapes_model(
                     bundle,
@@ -125,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 headline.append("clip_score_torchmetrics")
             report[name] = metrics
-            method = "ntm" if bundle.kind == "ntm" else "fm-euler"
+            method = (
+                "fm-euler" if bundle.kind == "fm" else bundle.kind + ("" if bundle.path == "raw" else f"-{bundle.path}")
+            )
             for metric in headline:
                 rows.append(
                     {
