@@ -1,0 +1,199 @@
+"""The toy job end to end: ``trajflow toy`` writes its figure and metrics, resumes, and rejects bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trajflow.toy as toy
+from trajflow.cli import main
+from trajflow.toy import ToyConfig, run_toy, train_method
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+def tiny(iters: int = 3) -> list[str]:
+    """A few optimizer steps and small evaluation sets: every run below takes seconds on one CPU core."""
+    return ["--iters", str(iters), "--batch-size", "64", "--eval-samples", "300", "--threads", "1", "--quiet"]
+
+
+TINY = tiny()
+LABELS = {"ntm", "gaussian", "fm-euler-4", "fm-euler-100", "nsf"}
+
+
+def _tiny_config(**kw) -> ToyConfig:
+    base = dict(
+        iters=6,
+        batch_size=32,
+        test_size=100,
+        sample_size=100,
+        elbo_samples=1,
+        fm_steps_many=5,
+        width=16,
+        depth=1,
+        transporter_hidden=8,
+        threads=1,
+        progress=False,
+    )
+    base.update(kw)
+    return ToyConfig(**base)
+
+
+def test_cli_writes_figure_and_metrics_for_every_method(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(["toy", "--density", "checkerboard", "--out", str(out), *TINY]) == 0
+    png = out / "toy_checkerboard.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == LABELS
+    for entry in metrics["methods"].values():
+        for key in ("energy_distance", "sliced_wasserstein", "train_seconds", "train_iters", "params"):
+            assert isinstance(entry[key], (int, float)), key
+        assert entry["train_iters"] == 3
+    for label in ("ntm", "gaussian"):
+        assert {"elbo_nats_per_dim", "trajectory_nll_nats_per_dim"} <= set(metrics["methods"][label])
+    assert "nll_nats_per_dim" in metrics["methods"]["nsf"]
+    assert metrics["methods"]["fm-euler-100"]["steps"] == 100
+    assert "energy_distance" in metrics["reference"]
+    # Checkpoints: one per method, plus the config that made them.
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["fm.pt", "gaussian.pt", "nsf.pt", "ntm.pt"]
+    assert json.loads((out / "config.json").read_text())["density"] == "checkerboard"
+    # The rows of the benchmark format come out of the same metrics.
+    rows = toy.metrics_to_rows(metrics)
+    assert {(r["method"], r["steps"]) for r in rows} >= {("ntm", 4), ("fm-euler", 4), ("fm-euler", 100), ("nsf", None)}
+
+
+def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trajflow", "toy", "--density", "spirals", "--out", str(out), "--methods", "fm"]
+    done = subprocess.run([*cmd, *TINY], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (out / "toy_spirals.png").is_file()
+    assert set(json.loads((out / "metrics.json").read_text())["methods"]) == {"fm-euler-4", "fm-euler-100"}
+    assert "energy dist" in done.stdout  # the summary table
+
+
+def test_resume_continues_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["toy", "--out", str(out), "--methods", "ntm,nsf"]
+    assert main([*args, *tiny(3)]) == 0
+    # A longer budget on the same run continues from step 3 instead of starting again.
+    assert main([*args, *tiny(5), "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["methods"]["ntm"]["train_iters"] == 5
+    state = torch.load(out / "checkpoints" / "ntm.pt", weights_only=True)
+    assert state["step"] == 5
+
+
+def test_resume_after_an_interruption_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _tiny_config(checkpoint_seconds=0.0)  # a checkpoint after every step
+    reference, _ = train_method("ntm", cfg)
+
+    real = toy.training_loss
+
+    def interrupted(method, c):
+        loss, calls = real(method, c), []
+
+        def wrapped(model, x0, g):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt  # killed during step 4, after the checkpoint of step 3
+            return loss(model, x0, g)
+
+        return wrapped
+
+    monkeypatch.setattr(toy, "training_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_method("ntm", cfg, tmp_path)
+    monkeypatch.setattr(toy, "training_loss", real)
+    assert torch.load(tmp_path / "checkpoints" / "ntm.pt", weights_only=True)["step"] == 3
+    resumed, record = train_method("ntm", cfg, tmp_path, resume=True)
+    assert record.resumed_from == 3 and record.iters == 6
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resuming_a_finished_run_reproduces_its_metrics(tmp_path: Path) -> None:
+    cfg = _tiny_config(methods=("ntm", "fm"))
+    first = run_toy(cfg, tmp_path).metrics["methods"]
+    again = run_toy(cfg, tmp_path, resume=True).metrics["methods"]
+    for label, entry in first.items():
+        for key in ("energy_distance", "sliced_wasserstein", "train_iters", "train_loss", "train_seconds"):
+            assert again[label][key] == entry[key], (label, key)
+    assert again["ntm"]["elbo_nats_per_dim"] == first["ntm"]["elbo_nats_per_dim"]
+
+
+def test_resume_refuses_a_different_training_config(tmp_path: Path) -> None:
+    run_toy(_tiny_config(methods=("fm",)), tmp_path)
+    with pytest.raises(ValueError, match="lr"):
+        run_toy(_tiny_config(methods=("fm",), lr=1e-4), tmp_path, resume=True)
+    # Without --resume an existing run is not overwritten.
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_toy(_tiny_config(methods=("fm",)), tmp_path)
+
+
+def test_existing_run_without_resume_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["toy", "--out", str(tmp_path), "--methods", "fm", *TINY]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--density", "not_a_density"], "invalid choice: 'not_a_density'"),
+        (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
+        (["--steps", "-3"], "argument --steps: expected an integer >= 1"),
+        (["--iters", "0"], "argument --iters: expected an integer >= 1"),
+        (["--iters", "5", "--seconds", "2"], "not allowed with argument"),
+        (["--methods", "ntm,diffusion"], "argument --methods: expected a comma-separated subset"),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["toy", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_missing_out_and_subcommand_are_errors(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["toy"])
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"density": "nope"}, "unknown toy density 'nope'; valid names"),
+        ({"steps": 0}, "steps: expected an integer >= 1"),
+        ({"iters": None}, "exactly one training budget"),
+        ({"iters": 5, "seconds": 1.0}, "exactly one training budget"),
+        ({"methods": ("ntm", "ddpm")}, "methods: expected a non-empty subset"),
+        ({"t_min": 0.3}, "t_min"),
+    ],
+)
+def test_config_validation(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ToyConfig(**kwargs)
+
+
+def test_seconds_budget(tmp_path: Path) -> None:
+    cfg = _tiny_config(iters=None, seconds=0.5, methods=("fm",))
+    result = run_toy(cfg, tmp_path)
+    entry = result.metrics["methods"]["fm-euler-4"]
+    assert entry["train_iters"] >= 1 and 0.5 <= entry["train_seconds"] < 5.0
+    assert result.metrics["budget"] == {"seconds": 0.5}
