@@ -15,7 +15,9 @@ from torch.distributions import Distribution
 settings.register_profile("ci", deadline=None, max_examples=20, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Tests use tiny models, where intra-op threads cost more than they give (token-by-token decoding most).
+# One thread for the whole suite: the models are tiny, so intra-op threads cost more than they give
+# (token-by-token decoding most, ~10-50x on a busy 2-core machine), and the bitwise resume tests need the
+# same reduction order in both runs.
 torch.set_num_threads(1)
 
 

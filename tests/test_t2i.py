@@ -29,12 +29,6 @@ from trajflow.t2i import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(kind: str = "ntm", encoder: str = "minilm", **train) -> dict:

@@ -32,12 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left", "two large blue squares at the top left and the bottom right"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(kind: str = "fm", **model) -> dict:

@@ -34,16 +34,6 @@ from trajflow.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Bitwise comparisons need the same reduction order in both runs; one thread also avoids oversubscribing
-    # small shared CI machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Tiny(nn.Module):
     """A small MLP with dropout, so that the global torch RNG matters too."""
 

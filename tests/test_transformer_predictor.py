@@ -17,14 +17,6 @@ SHAPE = (2, 4, 4)
 TEXT = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine (often 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def config(kind: str, patch: int = 2, **kwargs: object) -> TransformerPredictorConfig:
     cond = {"class": {"num_classes": 3}, "text": {"text_features": TEXT}, "none": {}}[kind]

@@ -16,14 +16,6 @@ from trajflow.transporters.transformer import TransformerTransporter, Transforme
 SETTINGS = settings(deadline=None, max_examples=4, derandomize=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP spin-waits on a busy 2-core machine (often 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make(
     image_shape: tuple[int, int, int] = (1, 4, 4),
