@@ -8,6 +8,7 @@ ordered ``(c, dy, dx)``, the order of :func:`torch.nn.functional.unfold`. Any le
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ..checks import check_tensor
 
-__all__ = ["patchify", "unpatchify", "patch_grid", "check_images", "check_image_config"]
+__all__ = ["patchify", "unpatchify", "patch_grid", "check_images", "check_image_config", "PatchedImageConfig"]
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
@@ -93,3 +94,28 @@ def check_image_config(image_shape: Sequence[int], patch_size: int) -> tuple[int
     if patch_size < 1 or h % patch_size or w % patch_size:
         raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
     return shape  # type: ignore[return-value]
+
+
+@dataclass
+class PatchedImageConfig:
+    """The part of a transformer's config that fixes its tokens: an image ``(C, H, W)`` cut into ``p x p`` patches.
+
+    Subclasses (the transporter's and the predictor's configs) add their own fields and call
+    ``super().__post_init__()``.
+    """
+
+    image_shape: tuple[int, int, int]
+    patch_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.image_shape = check_image_config(self.image_shape, self.patch_size)
+
+    @property
+    def token_dim(self) -> int:
+        """Channels per token, ``C p^2``."""
+        return self.image_shape[0] * self.patch_size**2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image, ``(H / p)(W / p)``."""
+        return self.image_shape[1] * self.image_shape[2] // self.patch_size**2

@@ -38,7 +38,7 @@ from ..checks import check_tensor, check_times
 from ..conditioning import Condition, cond_batch_shape
 from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import check_image_config, check_images, patch_grid, patchify, unpatchify
+from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer
 from .base import Predictor
@@ -47,7 +47,7 @@ __all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPred
 
 
 @dataclass
-class TransformerPredictorConfig:
+class TransformerPredictorConfig(PatchedImageConfig):
     r"""Hyper-parameters of :class:`TransformerPredictor` and :class:`TransformerVelocity`.
 
     Attributes:
@@ -68,8 +68,6 @@ class TransformerPredictorConfig:
             values, which synchronises a GPU).
     """
 
-    image_shape: tuple[int, int, int]
-    patch_size: int = 1
     width: int = 256
     depth: int = 8
     heads: int = 4
@@ -82,7 +80,7 @@ class TransformerPredictorConfig:
     validate_args: bool = True
 
     def __post_init__(self) -> None:
-        self.image_shape = check_image_config(self.image_shape, self.patch_size)  # type: ignore[assignment]
+        super().__post_init__()
         for name in ("width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -106,16 +104,6 @@ class TransformerPredictorConfig:
             )
         if not self.scale_bound > 0:
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
-
-    @property
-    def token_dim(self) -> int:
-        """Channels per token, ``C p^2``."""
-        return self.image_shape[0] * self.patch_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        """Image tokens, ``(H / p)(W / p)``."""
-        return self.image_shape[1] * self.image_shape[2] // self.patch_size**2
 
     @property
     def cond_event_dims(self) -> int | tuple[int, int] | None:

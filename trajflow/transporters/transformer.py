@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..checks import check_times
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import check_image_config, check_images, patch_grid, patchify, unpatchify
+from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer
 from .base import Transporter
@@ -40,7 +40,7 @@ __all__ = ["TransformerTransporterConfig", "TransformerTransporter"]
 
 
 @dataclass
-class TransformerTransporterConfig:
+class TransformerTransporterConfig(PatchedImageConfig):
     r"""Hyper-parameters of :class:`TransformerTransporter`.
 
     Attributes:
@@ -61,8 +61,6 @@ class TransformerTransporterConfig:
             a GPU; switch it off in a tuned training loop).
     """
 
-    image_shape: tuple[int, int, int]
-    patch_size: int = 1
     width: int = 256
     heads: int = 4
     kv_heads: int | None = None
@@ -74,7 +72,7 @@ class TransformerTransporterConfig:
     validate_args: bool = True
 
     def __post_init__(self) -> None:
-        self.image_shape = check_image_config(self.image_shape, self.patch_size)  # type: ignore[assignment]
+        super().__post_init__()
         for name in ("width", "heads", "layers_per_block", "blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
@@ -89,16 +87,6 @@ class TransformerTransporterConfig:
             raise ValueError(f"time_features: expected an even integer >= 2, got {self.time_features}")
         if not self.scale_bound > 0:
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
-
-    @property
-    def token_dim(self) -> int:
-        """Channels per token, ``C p^2``."""
-        return self.image_shape[0] * self.patch_size**2
-
-    @property
-    def num_tokens(self) -> int:
-        """Tokens per image, ``(H / p)(W / p)``."""
-        return self.image_shape[1] * self.image_shape[2] // self.patch_size**2
 
 
 class AffineFlowBlock(nn.Module):
