@@ -408,6 +408,8 @@ def train_method(
         initial=step if cfg.iters is not None else min(round(spent), round(float(cfg.seconds))),
         desc=f"{cfg.density} {method}",
         unit="it" if cfg.iters is not None else "s",
+        # In seconds mode the bar counts seconds; tqdm's default rate would read "s/s".
+        bar_format=None if cfg.iters is not None else "{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s{postfix}",
         disable=not cfg.progress,
         dynamic_ncols=True,
         leave=True,
@@ -444,7 +446,7 @@ def train_method(
                 raise FloatingPointError(f"{method}: the training loss became {last_loss} by step {step}; lower lr")
             history.append((step, last_loss))
             window, window_steps = torch.zeros(()), 0
-            bar.set_postfix(loss=f"{last_loss:.4f}", refresh=True)
+            bar.set_postfix(loss=f"{last_loss:.4f}", step=step, refresh=True)
         if time.perf_counter() - last_save > cfg.checkpoint_seconds:
             save()
             last_save = time.perf_counter()
