@@ -108,24 +108,29 @@ def run(args: argparse.Namespace) -> None:
     densities, seeds, overrides = build_configs(args)
     out = Path(args.out)
     rows: list[dict] = []
-    done: set[tuple[str, int]] = set()
+    done: set[tuple[str, int, object]] = set()
+    command = command_line()
     if args.resume and out.is_file():
-        rows = read_results(out)["rows"]
-        done = {(r["task"], r["seed"]) for r in rows}
+        previous = read_results(out)
+        rows = previous["rows"]
+        # A run is identified by its density, seed and budget, so that one file can hold several budgets.
+        done = {(r["task"], r["seed"], r.get("budget")) for r in rows}
+        if previous["command"] != command:
+            command = f"{previous['command']} + {command}"
     runs_dir = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="toy-bench-"))
     start = time.perf_counter()
     for density in densities:
         for seed in seeds:
-            if (density, seed) in done:
-                print(f"[toy] {density} seed {seed}: already in {out}, skipped")
-                continue
             cfg = ToyConfig(
                 **{"density": density, "seed": seed, "progress": not args.quiet, "device": args.device, **overrides}
             )
-            t0 = time.perf_counter()
-            result = run_toy(cfg, runs_dir / f"{density}-seed{seed}")
-            new = metrics_to_rows(result.metrics)
             budget = cfg.iters if cfg.iters is not None else f"{cfg.seconds}s"
+            if (density, seed, budget) in done:
+                print(f"[toy] {density} seed {seed} budget {budget}: already in {out}, skipped")
+                continue
+            t0 = time.perf_counter()
+            result = run_toy(cfg, runs_dir / f"{density}-seed{seed}-budget{budget}")
+            new = metrics_to_rows(result.metrics)
             for r in new:
                 r["budget"] = budget
             rows.extend(new)
@@ -133,19 +138,16 @@ def run(args: argparse.Namespace) -> None:
                 fig_dir = Path(args.figures)
                 fig_dir.mkdir(parents=True, exist_ok=True)
                 (fig_dir / f"{density}.png").write_bytes(
-                    (runs_dir / f"{density}-seed{seed}" / f"toy_{density}.png").read_bytes()
+                    (runs_dir / f"{density}-seed{seed}-budget{budget}" / f"toy_{density}.png").read_bytes()
                 )
             write_results(
                 out,
                 "toy",
                 rows,
-                command=command_line(),
+                command=command,
                 device=args.device,
-                extra={
-                    "config": {**cfg.to_dict(), "density": None, "seed": None},
-                    "densities": densities,
-                    "seeds": seeds,
-                },
+                # Density, seed and budget vary per row (see each row's task, seed and budget).
+                extra={"config": {**cfg.to_dict(), "density": None, "seed": None, "iters": None, "seconds": None}},
             )
             print(f"[toy] {density} seed {seed}: {time.perf_counter() - t0:.0f} s; {len(rows)} rows in {out}")
     print(f"[toy] total {time.perf_counter() - start:.0f} s")
@@ -162,8 +164,19 @@ def _fmt(values: list[float], digits: int) -> str:
 
 
 def markdown_table(payload: dict) -> str:
-    """Per density and method: mean ± std over seeds of every metric, then the targets checked per seed."""
-    rows = payload["rows"]
+    """The docs table: one section per training budget (the rows' ``budget``), each with every metric per
+    density and method (mean ± std over seeds) and the targets checked seed by seed."""
+    budgets = list(dict.fromkeys(r.get("budget") for r in payload["rows"]))
+    sections = []
+    for budget in budgets:
+        rows = [r for r in payload["rows"] if r.get("budget") == budget]
+        what = f"{budget} training steps per method" if isinstance(budget, int) else f"budget {budget} per method"
+        sections.append(f"**{what}**\n\n" + _section(payload, rows))
+    return "\n".join(sections)
+
+
+def _section(payload: dict, rows: list[dict]) -> str:
+    """The table of one budget."""
     steps_many = payload.get("config", {}).get("fm_steps_many", 100)
     steps_few = payload.get("config", {}).get("steps", 4)
     tasks = list(dict.fromkeys(r["task"] for r in rows))
