@@ -17,7 +17,6 @@ from trajflow.toy import ToyConfig, run_toy, train_method
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
 def tiny(iters: int = 3) -> list[str]:
     """A few optimizer steps and small evaluation sets: every run below takes seconds on one CPU core."""
     return ["--iters", str(iters), "--batch-size", "64", "--eval-samples", "300", "--threads", "1", "--quiet"]

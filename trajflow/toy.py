@@ -24,7 +24,7 @@ Example:
     ...                 fm_steps_many=8, progress=False)
     >>> result = run_toy(cfg, tempfile.mkdtemp())
     >>> sorted(result.metrics["methods"])
-    ['fm-euler-4', 'fm-euler-8', 'gaussian', 'ntm', 'nsf']
+    ['fm-euler-4', 'fm-euler-8', 'gaussian', 'nsf', 'ntm']
 """
 
 from __future__ import annotations
