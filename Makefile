@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/data.txt scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard
+	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
