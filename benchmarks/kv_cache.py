@@ -15,11 +15,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,46 +23,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+
+from _common import write_results  # noqa: E402
+
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache.json"
-
-
-def git_commit() -> str:
-    """Short hash of HEAD, or "uncommitted" when there is none."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "uncommitted"
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-
-
-def git_dirty() -> bool:
-    """Whether the library or this script differ from HEAD (then ``commit`` is not the code that ran)."""
-    try:
-        out = subprocess.run(
-            ["git", "status", "--porcelain", "--", "trajflow", "benchmarks/kv_cache.py"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        return bool(out.stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return True
-
-
-def device_name(device: torch.device) -> str:
-    name = f"cpu: {os.cpu_count()} cores"
-    if device.type == "cuda":
-        name = f"{torch.cuda.get_device_name(device)}; {name}"
-    return name
 
 
 def timed(
@@ -156,18 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         {**common, "method": "kv-cache", "metric": "max_abs_diff_vs_naive", "value": diff},
         {**common, "method": "kv-cache", "metric": "max_abs_roundtrip_error", "value": err},
     ]
-    result = {
-        "benchmark": "kv_cache",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "commit": git_commit(),
-        "dirty": git_dirty(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_results(args.out, "kv_cache", rows, device=device, extra={"torch": torch.__version__})
     print(f"{task}: kv-cache {kv:.3f}s, naive {naive:.3f}s, speedup {naive / kv:.1f}x, max|diff| {diff:.2e}")
     print(f"wrote {args.out}")
     return result
