@@ -44,16 +44,18 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+
+from _common import write_results  # noqa: E402
 
 from trajflow import NTM, TrajectoryNLL, time_grid
 from trajflow.data.images import load_image_dataset
@@ -130,15 +132,6 @@ CONFIGS = {
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    """Short hash of HEAD, or "uncommitted"."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-        return out.stdout.strip() or "uncommitted"
-    except OSError:
-        return "uncommitted"
 
 
 def train(
@@ -458,19 +451,13 @@ def main(argv: list[str] | None = None) -> dict:
             rows += toy_part(cfg, seed)
         if "images" not in args.skip and seed == cfg.seeds[0]:
             rows += image_part(cfg, seed)
-    result = {
-        "benchmark": "distill",
-        "command": "python "
-        + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])]),
-        "commit": git_commit(),
-        "device": f"cpu: {os.cpu_count()} cores (shared with other jobs; torch threads: {args.threads})",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT), *(argv if argv is not None else sys.argv[1:])])
+    extra = {
+        "threads": args.threads,
         "config": {**asdict(cfg), "name": args.config},
         "wall_seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = write_results(args.out, "distill", rows, command=command, device="cpu", extra=extra)
     for r in rows:
         print(f"{r['task']:>12} {r['method']:>18} {str(r['steps']):>4} {r['metric']:>32} {r['value']:.4g}")
     print(f"wrote {args.out} in {result['wall_seconds']} s")
