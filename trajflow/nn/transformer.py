@@ -25,10 +25,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RotaryEmbedding2D", "apply_rotary", "KVCache", "Attention", "TransformerLayer", "Transformer"]
+__all__ = [
+    "RotaryEmbedding2D",
+    "apply_rotary",
+    "KVCache",
+    "Attention",
+    "TransformerLayer",
+    "Transformer",
+    "check_attention_dims",
+]
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (L, hd / 2) float32
 
+
+
+def check_attention_dims(width: int, heads: int, kv_heads: int | None, time_features: int) -> None:
+    """Raise unless the widths suit :class:`Attention` with 2-D RoPE and a sinusoidal time embedding."""
+    if width % heads or (width // heads) % 4:
+        raise ValueError(
+            f"heads: expected width / heads to be an integer multiple of 4 (2-D RoPE), got width={width}, heads={heads}"
+        )
+    if kv_heads is not None and (kv_heads < 1 or heads % kv_heads):
+        raise ValueError(f"kv_heads: expected a divisor of heads={heads}, got {kv_heads}")
+    if time_features < 2 or time_features % 2:
+        raise ValueError(f"time_features: expected an even integer >= 2, got {time_features}")
 
 class RotaryEmbedding2D(nn.Module):
     r"""2-D rotary embedding: ``positions (L, 2) -> (cos, sin)``, each ``(L, head_dim / 2)`` float32.

@@ -40,7 +40,7 @@ from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
-from ..nn.transformer import RotaryEmbedding2D, Transformer
+from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
 from .base import Predictor
 
 __all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPredictor", "TransformerVelocity"]
@@ -84,15 +84,7 @@ class TransformerPredictorConfig(PatchedImageConfig):
         for name in ("width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.width % self.heads or (self.width // self.heads) % 4:
-            raise ValueError(
-                f"heads: expected width / heads to be an integer multiple of 4 (2-D RoPE), "
-                f"got width={self.width}, heads={self.heads}"
-            )
-        if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
-            raise ValueError(f"kv_heads: expected a divisor of heads={self.heads}, got {self.kv_heads}")
-        if self.time_features < 2 or self.time_features % 2:
-            raise ValueError(f"time_features: expected an even integer >= 2, got {self.time_features}")
+        check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes}")
         if self.text_features is not None and self.text_features < 1:

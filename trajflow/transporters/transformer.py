@@ -33,7 +33,7 @@ from ..checks import check_times
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
-from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer
+from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer, check_attention_dims
 from .base import Transporter
 
 __all__ = ["TransformerTransporterConfig", "TransformerTransporter"]
@@ -76,15 +76,7 @@ class TransformerTransporterConfig(PatchedImageConfig):
         for name in ("width", "heads", "layers_per_block", "blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.width % self.heads or (self.width // self.heads) % 4:
-            raise ValueError(
-                f"heads: expected width / heads to be an integer multiple of 4 (2-D RoPE), "
-                f"got width={self.width}, heads={self.heads}"
-            )
-        if self.kv_heads is not None and (self.kv_heads < 1 or self.heads % self.kv_heads):
-            raise ValueError(f"kv_heads: expected a divisor of heads={self.heads}, got {self.kv_heads}")
-        if self.time_features < 2 or self.time_features % 2:
-            raise ValueError(f"time_features: expected an even integer >= 2, got {self.time_features}")
+        check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
         if not self.scale_bound > 0:
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
 
