@@ -6,6 +6,7 @@ of trajectories drawn from the Markov forward process, reported per dimension.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -71,6 +72,17 @@ class TrajectoryNLL:
         mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D` (end-to-end);
             ``"pair"``: one random factor per example, divided by :math:`D` (pair-wise).
         cond_drop: Probability of training an example with the null condition (guidance dropout).
+        factor_weights: Optional weights :math:`w_1, \dots, w_T` of the step factors
+            :math:`-\log p(x_{t_{k-1}} | x_{t_k})` (one fixed ``steps`` only; :math:`w_T` weights the first
+            generation step, from noise). ``None`` is the exact NLL. Weights are normalised to mean 1, so the
+            loss keeps its scale; every factor is still an exact flow likelihood and, with enough capacity,
+            each has the same optimum, but the weights decide where a finite model spends its capacity. The
+            NLL gives the high-noise steps, where a prompt's layout and colours are decided, little weight:
+            a mean error :math:`\delta` in :math:`x_0` costs :math:`B^2 \delta^2 / (2 C^2)` per dimension
+            (:meth:`MarkovInterpolant.posterior`), about 0.04 at the step from :math:`t = 1` against 3 at
+            :math:`t \approx 0.6` on a 4-step grid. Trajectory mode multiplies the factors; pair mode draws
+            the factor :math:`k` with probability :math:`\propto w_k`, which has the same expected loss and
+            spends the compute where the weight is.
 
     Example:
         >>> import trajflow
@@ -86,6 +98,7 @@ class TrajectoryNLL:
     shift: float = 1.0
     mode: str = "trajectory"
     cond_drop: float = 0.1
+    factor_weights: Sequence[float] | None = None
 
     def __post_init__(self) -> None:
         steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
@@ -99,6 +112,18 @@ class TrajectoryNLL:
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
         self._steps = steps
+        self._weights: Tensor | None = None
+        if self.factor_weights is not None:
+            w = tuple(float(v) for v in self.factor_weights)
+            if len(steps) != 1 or len(w) != steps[0]:
+                want = steps[0] if len(steps) == 1 else "a single T"
+                raise ValueError(
+                    f"factor_weights: expected one weight per step factor ({want} with steps={self.steps!r}), "
+                    f"got {len(w)} weights"
+                )
+            if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+                raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
+            self._weights = torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
 
     def draw(
         self,
@@ -143,7 +168,10 @@ class TrajectoryNLL:
             dist = model.distribution(grid, index_cond(cond, ced, index), drop_cond=drop, validate_args=False)
             traj = process.sample(x0[index], grid, generator=generator)  # (m, T+1, *data)
             k = None
-            if self.mode == "pair":
+            if self.mode == "pair" and self._weights is not None:
+                probs = self._weights.to(device=device, dtype=torch.float32)
+                k = 1 + torch.multinomial(probs, m, replacement=True, generator=generator)
+            elif self.mode == "pair":
                 k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
             groups.append(TrajectoryGroup(index, T, dist, traj, k))
         return groups
@@ -151,6 +179,10 @@ class TrajectoryNLL:
     def group_nll(self, group: TrajectoryGroup) -> Tensor:
         """The NLL in nats/dim of each trajectory of a group, ``(m,)`` (see ``mode``)."""
         dims = group.dist.data_shape.numel()
+        if self.mode == "trajectory" and self._weights is not None:
+            prior, factors = group.dist.log_prob_factors(group.traj)  # (m,), (m, T)
+            weighted = prior + (factors * self._weights.to(factors)).sum(-1)
+            return -weighted / ((group.steps + 1) * dims)
         if self.mode == "trajectory":
             return -group.dist.log_prob(group.traj) / ((group.steps + 1) * dims)
         return -group.dist.pair_log_prob(group.traj, group.k) / dims

@@ -122,7 +122,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network: NTM (transporter + predictor) or the flow-matching baseline on the predictor's backbone.
+    r"""The network: NTM (transporter + predictor) or the flow-matching baseline on the predictor's backbone.
 
     Attributes:
         kind: ``"ntm"``, ``"fm"`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with
@@ -143,6 +143,14 @@ class ModelConfig:
         t_min: range of the per-example cleanest time (NTM: U[0, 0.05]).
         shift: time-grid shift; ``None`` uses :func:`trajflow.sequence_shift` of the token count.
         mode: ``"trajectory"`` (all T factors; NTM Algorithm 1) or ``"pair"``.
+        factor_weights: weights of the T step factors of the loss (``None``: the exact NLL; see
+            :class:`~trajflow.TrajectoryNLL`). Needs a single ``steps``.
+        predictor: NTM's predictor head. ``"residual"``: :class:`~trajflow.predictors.TransformerPredictor`,
+            :math:`\mu_P = u_t + \delta`, :math:`\sigma_P` = ``positive_scale(raw)``; ``"posterior"``: the
+            same backbone as a velocity model inside :class:`~trajflow.predictors.FlowMatchingPredictor`,
+            :math:`\mu_P = A u_t + B \hat u_0`, :math:`\sigma_P = C e^{\delta_\sigma}` (NTM Eqs. 3.6-3.8 with a
+            fresh backbone), so the network predicts a clean image and its scale is relative to the
+            forward posterior's. ``"ntm-fm"`` always uses ``"posterior"``.
         cond_drop: caption dropout for classifier-free guidance (10%).
         validate_args: argument checks inside the networks (each costs a GPU sync; off for speed).
     """
@@ -163,6 +171,8 @@ class ModelConfig:
     t_min: tuple[float, float] = (0.0, 0.05)
     shift: float | None = None
     mode: str = "trajectory"
+    factor_weights: list[float] | None = None
+    predictor: str = "residual"
     cond_drop: float = 0.1
     validate_args: bool = True
     init_from: str | None = None
@@ -189,6 +199,15 @@ class ModelConfig:
             raise ValueError(f"model.c_min: expected a finite number >= 0, got {self.c_min!r}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"model.cond_drop: expected a probability in [0, 1), got {self.cond_drop!r}")
+        if self.predictor not in ("residual", "posterior"):
+            raise ValueError(f"model.predictor: expected 'residual' or 'posterior', got {self.predictor!r}")
+        if self.factor_weights is not None:
+            self.factor_weights = [float(w) for w in self.factor_weights]
+            if not isinstance(self.steps, int) or len(self.factor_weights) != self.steps:
+                raise ValueError(
+                    f"model.factor_weights: expected one weight per step factor of a single model.steps "
+                    f"(steps={self.steps!r}), got {self.factor_weights!r}"
+                )
 
 
 @dataclass
@@ -609,7 +628,7 @@ def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, in
     if config.model.kind == "fm":
         return TransformerVelocity(pc)
     transporter = TransformerTransporter(config.transporter_config(data_shape))
-    if config.model.kind == "ntm-fm":
+    if config.model.kind == "ntm-fm" or config.model.predictor == "posterior":
         return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
     return NTM(transporter, TransformerPredictor(pc))
 
@@ -745,6 +764,7 @@ class TextToImageObjective:
                 shift=config.shift_for(data_shape),
                 mode=m.mode,
                 cond_drop=m.cond_drop,
+                factor_weights=m.factor_weights,
             )
             self.loss: Any = nll
             self.loss_name = "nll_per_dim"
