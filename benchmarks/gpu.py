@@ -35,6 +35,7 @@ batch x tokens^2 x width"); causal attention is counted in full, as there. Then:
 
     FM  = pass(P_velocity, 12, L + 1, 768)                      (L = 256 image tokens + 1 class token)
     NTM = T pass(P_predictor, 12, L + 1, 768) + T sum_blocks pass(P_block, 4, L - 1, 768)
+    NTM, pair-wise loss (``--ntm-pair``) = pass(P_predictor, ...) + 2 sum_blocks pass(P_block, ...)
 
 (the NTM's trajectory NLL runs the predictor on T levels and the transporter on the T levels below
 t = 1; a causal block sees tokens 0..L-2). MFU = FLOPs per image x images/s / peak, with the peak of
@@ -96,6 +97,7 @@ FLOP_FORMULA = (
     "per image, training (fwd+bwd): pass(P, layers, n, w) = 6*P*n + 12*layers*n^2*w; "
     "FM = pass(P_velocity, depth, L+1, w); "
     "NTM = T*pass(P_predictor, depth, L+1, w) + T*sum_blocks pass(P_block, layers_per_block, L-1, w_transporter); "
+    "NTM pair mode = pass(P_predictor, ...) + 2*sum_blocks pass(P_block, ...); "
     "P = per-token nn.Linear parameters (time MLPs excluded), L image tokens, +1 class token"
 )
 
@@ -300,8 +302,9 @@ def optimizer(model: nn.Module, device: torch.device, lr: float = 1e-4) -> torch
 # ----------------------------------------------------------------------------------------------- sections
 
 
-def section_train(b: Bench, peak_tflops: float) -> None:
-    """(a) NTM vs flow matching training throughput and MFU on the same predictor."""
+def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
+    """(a) NTM vs flow matching training throughput and MFU on the same predictor (``pair``: also the
+    pair-wise NTM loss, one random factor per image: method ``ntm-pair``)."""
     s, device = b.sizes, b.device
     L = (s.image[1] // s.patch) * (s.image[2] // s.patch)
     n_pred = L + 1  # + the class token
@@ -314,16 +317,20 @@ def section_train(b: Bench, peak_tflops: float) -> None:
     x = torch.randn(s.train_batch, *s.image, device=device, generator=g)
     y = torch.randint(s.num_classes, (s.train_batch,), device=device, generator=g)
     results: dict[str, float] = {}
-    for method in ("ntm", "fm-euler"):
+    for method in ("ntm", "fm-euler", "ntm-pair") if pair else ("ntm", "fm-euler"):
         torch.manual_seed(0)
-        if method == "ntm":
+        if method.startswith("ntm"):
             model: nn.Module = make_ntm(s, device)
-            loss_fn: Callable[..., Tensor] = TrajectoryNLL(steps=s.steps, cond_drop=0.1)
-            micro = s.ntm_micro_batch
-            flops = s.steps * pass_flops(token_params(model.predictor), s.depth, n_pred, s.width) + s.steps * sum(
+            mode = "pair" if method == "ntm-pair" else "trajectory"
+            loss_fn: Callable[..., Tensor] = TrajectoryNLL(steps=s.steps, mode=mode, cond_drop=0.1)
+            micro = s.ntm_micro_batch if mode == "trajectory" else s.fm_micro_batch
+            transporter = sum(
                 pass_flops(token_params(block), s.transporter_layers, L - 1, s.transporter_width)
                 for block in model.transporter.blocks
             )
+            predictor = pass_flops(token_params(model.predictor), s.depth, n_pred, s.width)
+            # trajectory: T predictor levels, T transporter levels; pair: 1 predictor, 2 transporter levels
+            flops = s.steps * (predictor + transporter) if mode == "trajectory" else predictor + 2 * transporter
             nets = [model.predictor, model.transporter]
         else:
             model = TransformerVelocity(predictor_config(s)).to(device)
@@ -347,14 +354,17 @@ def section_train(b: Bench, peak_tflops: float) -> None:
         tflops = flops * ips / 1e12
         extra = dict(batch=s.train_batch, micro_batch=micro, compiled=s.compile, step_seconds=step_s,
                      warmup_seconds=warm_s, all=times, loss=float(loss))
-        b.add(task, method, s.steps if method == "ntm" else None, "train_images_per_s", ips, **extra)
-        b.add(task, method, s.steps if method == "ntm" else None, "mfu", tflops / peak_tflops,
+        steps = s.steps if method.startswith("ntm") else None
+        b.add(task, method, steps, "train_images_per_s", ips, **extra)
+        b.add(task, method, steps, "mfu", tflops / peak_tflops,
               flops_per_image=flops, tflops_per_s=tflops, peak_tflops=peak_tflops, flop_formula=FLOP_FORMULA,
               target=0.45)
         del model, opt, step, batches, nets
         free(device)
-    b.add(task, "ntm", s.steps, "throughput_ratio_vs_fm", results["ntm"] / results["fm-euler"],
-          baseline="fm-euler", target=0.77)
+    for method in results:
+        if method != "fm-euler":
+            b.add(task, method, s.steps, "throughput_ratio_vs_fm", results[method] / results["fm-euler"],
+                  baseline="fm-euler", target=0.77)
 
 
 def section_inverse(b: Bench) -> None:
@@ -537,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-tflops", type=float, default=790.0,
                         help="peak bf16 TFLOP/s for MFU (default 790, the reference figures' peak)")
     parser.add_argument("--long-steps", type=int, default=None, help="training steps of section (d)")
+    parser.add_argument("--ntm-pair", action="store_true",
+                        help="(a) also times the pair-wise NTM loss (method ntm-pair; one more compile, ~1 minute)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (smoke default: 1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -566,7 +578,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds: dict[str, float] = {}
     setup = None
     steps = [
-        ("a", "training throughput and MFU", lambda: section_train(b, args.peak_tflops)),
+        ("a", "training throughput and MFU", lambda: section_train(b, args.peak_tflops, args.ntm_pair)),
         ("b", "transporter inverse", lambda: section_inverse(b)),
         ("c", "4-step sampling", lambda: section_sample(b)),
         ("d", "bf16 training stability", None),
