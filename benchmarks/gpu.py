@@ -12,7 +12,7 @@ a. **Training throughput**, NTM against flow matching on the same predictor: a c
    each network, fused AdamW. Reports images/s, their ratio and each model's MFU.
 b. **Transporter inverse** at batch 64 and 256: the eager KV cache (``method="kv-cache"``) against the
    static cache replayed from one CUDA graph per batch size (``method="graph"``), with the max abs
-   difference between the two outputs.
+   difference between the two outputs; on CUDA also the static cache run eagerly (``static-eager``).
 c. **4-step sampling**, images/s: the full path (predictor x 4 + transporter inverse of every level +
    trajectory score denoising, :func:`~trajflow.denoise.sample_denoised`; with the eager inverse, and with
    the CUDA-graph inverse) against the fast path (predictor x 4 + a learned
@@ -400,6 +400,12 @@ def section_inverse(b: Bench) -> None:
               capture_seconds=capture_s, note=note, target=1500 if batch == 256 else None, **common)
         b.add(task, "static-graph", None, "speedup", kv / st, baseline="kv-cache", graph=graph, **common)
         b.add(task, "static-graph", None, "max_abs_diff_vs_kv_cache", diff, graph=graph, **common)
+        if graph:  # the same static decode without the graph: how much is fixed shapes, how much is launches
+            with torch.no_grad(), amp(device):
+                eager_times, _ = timed(partial(f.inverse, u, t, method="static"), device, s.inverse_repeats)
+            eager = statistics.median(eager_times)
+            b.add(task, "static-eager", None, "inverse_images_per_s", batch / eager, seconds=eager, all=eager_times,
+                  graph=False, **common)
         del u, t, x_kv, x_st, static
     free(device)
 
