@@ -1,8 +1,11 @@
-"""Benchmark: KV-cached vs naive inverse of the transformer transporter.
+"""Benchmark: KV-cached vs static-cache vs naive inverse of the transformer transporter.
 
 The inverse of a causal affine flow block decodes token by token. With a KV cache each step runs one
 token through the layers (``L - 1`` one-token passes per block); the naive reference recomputes the full
-causal pass at every token (``L - 1`` full passes). Both must give the same ``x``.
+causal pass at every token (``L - 1`` full passes). The static cache (``method="static"``) preallocates
+the cache and writes it at a position held in a device tensor, so every step has the same shapes (on a
+GPU the whole decode is then captured in one CUDA graph: ``method="graph"``, timed with ``--device cuda``,
+and the GPU numbers belong to ``benchmarks/gpu.py``). All must give the same ``x``.
 
 Writes ``benchmarks/results/kv_cache.json`` (medians over repeats, the speedup, the max abs difference).
 
@@ -95,8 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
         u, _ = f(x, t)
         kv_times, x_kv = timed(lambda: f.inverse(u, t), device, args.repeats)
         naive_times, x_naive = timed(lambda: f.inverse_naive(u, t), device, args.repeats)
-    kv, naive = statistics.median(kv_times), statistics.median(naive_times)
+        static_method = "graph" if device.type == "cuda" else "static"
+        static_times, x_static = timed(lambda: f.inverse(u, t, method=static_method), device, args.repeats)
+    kv, naive, static = (statistics.median(v) for v in (kv_times, naive_times, static_times))
     diff = float((x_kv - x_naive).abs().max())
+    static_diff = float((x_static - x_kv).abs().max())
     err = float((x_kv - x).abs().max())
 
     task = (
@@ -118,9 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
         {**common, "method": "kv-cache", "metric": "speedup", "value": naive / kv, "baseline": "naive"},
         {**common, "method": "kv-cache", "metric": "max_abs_diff_vs_naive", "value": diff},
         {**common, "method": "kv-cache", "metric": "max_abs_roundtrip_error", "value": err},
+        {**common, "method": f"static-{static_method}", "metric": "inverse_seconds", "value": static,
+         "all": static_times},
+        {**common, "method": f"static-{static_method}", "metric": "speedup", "value": kv / static,
+         "baseline": "kv-cache"},
+        {**common, "method": f"static-{static_method}", "metric": "max_abs_diff_vs_kv_cache", "value": static_diff},
     ]
     result = write_results(args.out, "kv_cache", rows, device=device, extra={"torch": torch.__version__})
     print(f"{task}: kv-cache {kv:.3f}s, naive {naive:.3f}s, speedup {naive / kv:.1f}x, max|diff| {diff:.2e}")
+    print(f"  static ({static_method}) {static:.3f}s, {kv / static:.2f}x the kv-cache, max|diff| {static_diff:.2e}")
     print(f"wrote {args.out}")
     return result
 

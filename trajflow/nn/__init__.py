@@ -4,7 +4,16 @@ from .embeddings import SinusoidalEmbedding
 from .mlp import ResidualMLP
 from .patches import check_images, patch_grid, patchify, unpatchify
 from .scale import positive_scale, soft_clip
-from .transformer import Attention, KVCache, RotaryEmbedding2D, Transformer, TransformerLayer, apply_rotary
+from .transformer import (
+    Attention,
+    KVCache,
+    RotaryEmbedding2D,
+    StaticKVCache,
+    Transformer,
+    TransformerLayer,
+    apply_rotary,
+    grouped_attention,
+)
 
 __all__ = [
     "SinusoidalEmbedding",
@@ -19,6 +28,8 @@ __all__ = [
     "TransformerLayer",
     "Attention",
     "KVCache",
+    "StaticKVCache",
+    "grouped_attention",
     "RotaryEmbedding2D",
     "apply_rotary",
 ]

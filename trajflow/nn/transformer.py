@@ -8,8 +8,11 @@ r"""Transformer layers shared by the image transporter, predictor and velocity m
   and position 0 makes the result independent of how much padding a caption has.
 * :class:`Attention`: multi-head (optionally grouped-query) attention through
   :func:`torch.nn.functional.scaled_dot_product_attention`, which picks flash / memory-efficient kernels
-  on GPU. Causal or full, with an optional key padding mask, and a :class:`KVCache` path for
-  token-by-token causal decoding.
+  on GPU. Causal or full, with an optional key padding mask, and two cache paths for token-by-token
+  causal decoding: :class:`KVCache` (keys appended, shapes grow with the position) and
+  :class:`StaticKVCache` (keys written in place at a position held in a device tensor, attention over the
+  whole preallocated cache under a mask, so every decoding step has the same shapes and a whole decode
+  can be captured in one CUDA graph).
 * :class:`TransformerLayer`: pre-LayerNorm attention + GELU MLP (4x) with residuals.
 * :class:`Transformer`: a stack of layers.
 
@@ -24,11 +27,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 __all__ = [
     "RotaryEmbedding2D",
     "apply_rotary",
     "KVCache",
+    "StaticKVCache",
+    "SDPA_HAS_GQA",
+    "grouped_attention",
     "Attention",
     "TransformerLayer",
     "Transformer",
@@ -37,6 +44,9 @@ __all__ = [
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (L, hd / 2) float32
 
+#: Whether :func:`~torch.nn.functional.scaled_dot_product_attention` takes ``enable_gqa`` (torch >= 2.5):
+#: grouped-query attention without materialising repeated keys and values.
+SDPA_HAS_GQA: bool = TorchVersion(torch.__version__) >= "2.5"
 
 
 def check_attention_dims(width: int, heads: int, kv_heads: int | None, time_features: int) -> None:
@@ -137,6 +147,82 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+class StaticKVCache:
+    """Preallocated keys and values of one attention layer, written one token at a time at a device position.
+
+    The buffers ``(B, nkv, max_len, hd)`` are allocated (zeroed) on the first :meth:`write`, in the dtype
+    of the keys written. ``position`` is a ``(1,)`` long tensor on the cache's device, usually shared by
+    all the layers of a stack: :meth:`write` puts the new key/value at slot ``position`` (``index_copy_``)
+    and returns the *whole* buffers with the mask ``slot <= position``. Nothing depends on a Python
+    integer, so every decoding step runs the same kernels on the same shapes: the loop can be captured in
+    one CUDA graph or compiled once. The caller advances ``position`` in place (``position.add_(1)``)
+    after each token.
+
+    Writes are in place, so use it without grad (sampling only).
+
+    Arguments:
+        max_len: Slots in the cache (the number of tokens that will be decoded).
+        position: ``(1,)`` long tensor, the slot of the next token.
+
+    Example:
+        >>> pos = torch.zeros(1, dtype=torch.long)
+        >>> cache = StaticKVCache(3, pos)
+        >>> k, v, mask = cache.write(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8))
+        >>> k.shape, mask.tolist()
+        (torch.Size([1, 2, 3, 8]), [[True, False, False]])
+    """
+
+    def __init__(self, max_len: int, position: Tensor) -> None:
+        if max_len < 1:
+            raise ValueError(f"max_len: expected a positive integer, got {max_len}")
+        if position.shape != (1,) or position.dtype != torch.long:
+            raise ValueError(
+                f"position: expected a (1,) long tensor, got {position.dtype} of shape {tuple(position.shape)}"
+            )
+        self.max_len = max_len
+        self.position = position
+        self.slots = torch.arange(max_len, device=position.device)  # (max_len,)
+        self.k: Tensor | None = None  # (B, nkv, max_len, hd)
+        self.v: Tensor | None = None
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Store one token's ``k, v`` ``(B, nkv, 1, hd)`` at ``position``.
+
+        Returns:
+            The full buffers ``(B, nkv, max_len, hd)`` and the key mask ``(1, max_len)`` bool (True for the
+            slots ``<= position``, i.e. the tokens decoded so far and this one).
+        """
+        if k.shape[2] != 1 or v.shape != k.shape:
+            raise ValueError(
+                f"k, v: a static cache takes one token at a time, shape (B, nkv, 1, hd); got {tuple(k.shape)} "
+                f"and {tuple(v.shape)}"
+            )
+        if self.k is None or self.v is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_zeros(shape), v.new_zeros(shape)
+        elif self.k.shape[:2] != k.shape[:2] or self.k.shape[3] != k.shape[3]:
+            raise ValueError(f"k: expected shape {(*self.k.shape[:2], 1, self.k.shape[3])}, got {tuple(k.shape)}")
+        self.k.index_copy_(2, self.position, k.to(self.k.dtype))
+        self.v.index_copy_(2, self.position, v.to(self.v.dtype))
+        return self.k, self.v, (self.slots <= self.position)[None]
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """SDPA of ``q`` ``(B, nh, L, hd)`` over ``k, v`` ``(B, nkv, L_keys, hd)`` with ``nkv`` dividing ``nh``.
+
+    Uses ``enable_gqa=True`` where torch supports it (:data:`SDPA_HAS_GQA`), so grouped keys and values are
+    not copied; repeats them on older torch. ``mask`` is a bool mask broadcastable to
+    ``(B, nh, L, L_keys)`` (True = attend). Returns ``(B, nh, L, hd)``.
+    """
+    nh, nkv = q.shape[1], k.shape[1]
+    if nh == nkv:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional grouped-query heads, RoPE, masks and a KV cache.
 
@@ -164,7 +250,7 @@ class Attention(nn.Module):
         *,
         causal: bool = False,
         key_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
         """``x`` ``(B, L, width)`` -> ``(B, L, width)``.
 
@@ -173,7 +259,9 @@ class Attention(nn.Module):
             rope: ``(cos, sin)`` of the new tokens' positions, each ``(L, hd / 2)``.
             causal: Token ``i`` attends to tokens ``<= i`` (counting the cached ones before it).
             key_mask: ``(B, L_keys)`` bool, True for keys that may be attended (padding is False).
-            cache: Keys/values of earlier tokens; the new ones are appended.
+            cache: Keys/values of earlier tokens; the new ones are appended. With a
+                :class:`StaticKVCache`, ``x`` is one token ``(B, 1, width)``, attention is causal by the
+                cache's mask, and ``key_mask`` must be ``None``.
         """
         b, n, _ = x.shape
         hd = self.head_dim
@@ -183,6 +271,12 @@ class Attention(nn.Module):
         v = v.view(b, n, self.kv_heads, hd).transpose(1, 2)  # (B, nkv, L, hd)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if isinstance(cache, StaticKVCache):
+            if key_mask is not None:
+                raise ValueError("key_mask: not supported with a StaticKVCache (causal decoding only)")
+            k, v, mask = cache.write(k, v)  # (B, nkv, max_len, hd), (1, max_len)
+            out = grouped_attention(q, k, v, mask)  # (B, nh, 1, hd)
+            return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * hd))
         offset = 0
         if cache is not None:
             offset = cache.length
@@ -230,7 +324,7 @@ class TransformerLayer(nn.Module):
         *,
         causal: bool = False,
         key_mask: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
         """``(B, L, width) -> (B, L, width)``; the arguments are those of :meth:`Attention.forward`."""
         x = x + self.attn(self.norm1(x), rope, causal=causal, key_mask=key_mask, cache=cache)
@@ -260,6 +354,10 @@ class Transformer(nn.Module):
         """One empty :class:`KVCache` per layer (static if ``max_len`` is given, else growing)."""
         return [KVCache(max_len) for _ in self.layers]
 
+    def make_static_caches(self, max_len: int, position: Tensor) -> list[StaticKVCache]:
+        """One :class:`StaticKVCache` of ``max_len`` slots per layer, all sharing ``position`` ``(1,)``."""
+        return [StaticKVCache(max_len, position) for _ in self.layers]
+
     def forward(
         self,
         x: Tensor,
@@ -267,9 +365,10 @@ class Transformer(nn.Module):
         *,
         causal: bool = False,
         key_mask: Tensor | None = None,
-        caches: list[KVCache] | None = None,
+        caches: list[KVCache] | list[StaticKVCache] | None = None,
     ) -> Tensor:
-        """``(B, L, width) -> (B, L, width)``; ``caches`` from :meth:`make_caches` for decoding."""
+        """``(B, L, width) -> (B, L, width)``; ``caches`` from :meth:`make_caches` or
+        :meth:`make_static_caches` for decoding."""
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, causal=causal, key_mask=key_mask, cache=None if caches is None else caches[i])
         return x

@@ -3,7 +3,8 @@
 from .base import Transporter, TransporterTransform
 from .identity import IdentityTransporter
 from .nflows import NflowsTransporter
-from .transformer import TransformerTransporter, TransformerTransporterConfig
+from .static_inverse import StaticCacheInverse
+from .transformer import INVERSE_METHODS, TransformerTransporter, TransformerTransporterConfig
 from .zuko import ZukoTransporter
 
 __all__ = [
@@ -14,4 +15,6 @@ __all__ = [
     "NflowsTransporter",
     "TransformerTransporter",
     "TransformerTransporterConfig",
+    "INVERSE_METHODS",
+    "StaticCacheInverse",
 ]

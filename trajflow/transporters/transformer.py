@@ -16,7 +16,16 @@ patch grid (a token keeps its grid position when the order is flipped), a final 
 
 The head's output at token ``i`` parameterises token ``i + 1`` (the "shift right by one" of TarFlow), so
 a forward pass needs one parallel causal pass per block, and the inverse decodes token by token with a
-KV cache (:meth:`TransformerTransporter.inverse`), blocks in reverse order.
+KV cache (:meth:`TransformerTransporter.inverse`), blocks in reverse order. The inverse has four methods:
+
+* ``"kv-cache"`` (default): a growing (with grad) or preallocated (without) cache, sliced by Python
+  position; autograd-safe, the reference path on CPU.
+* ``"static"``: a :class:`~trajflow.nn.transformer.StaticKVCache` written at a position held in a device
+  tensor, attention over the whole preallocated cache under a mask. Every token step has the same shapes
+  and kernels. No gradient flows through it (sampling only).
+* ``"graph"``: the static decode of every block captured once per batch size in a CUDA graph and
+  replayed (:class:`~trajflow.transporters.static_inverse.StaticCacheInverse`); CUDA only.
+* ``"naive"``: recompute the full causal pass at every token (a slow reference).
 
 References: NTM-v2 section 3.2 / App. A.1 (2 blocks, alternating scan, 2-D RoPE); TarFlow (Zhai et al.,
 2025); STARFlow's soft-clipped softplus scale (Gu et al., 2025).
@@ -36,7 +45,10 @@ from ..nn.scale import positive_scale
 from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer, check_attention_dims
 from .base import Transporter
 
-__all__ = ["TransformerTransporterConfig", "TransformerTransporter"]
+__all__ = ["TransformerTransporterConfig", "TransformerTransporter", "INVERSE_METHODS"]
+
+#: The methods of :meth:`TransformerTransporter.inverse` (see the module docstring).
+INVERSE_METHODS = ("kv-cache", "static", "graph", "naive")
 
 
 @dataclass
@@ -172,6 +184,34 @@ class AffineFlowBlock(nn.Module):
                 xs.append(z[:, i + 1] * sigma[:, 0] + mu[:, 0])
         return self._order(torch.stack(xs, dim=1))
 
+    def inverse_static(self, u: Tensor, emb: Tensor, rope: Rope) -> Tensor:
+        """The same as :meth:`inverse` with a :class:`~trajflow.nn.transformer.StaticKVCache`; fixed shapes.
+
+        Tokens ``u`` ``(N, L, D)`` -> ``x`` ``(N, L, D)`` (float32 at least). The decoded tokens are written
+        in place into one ``(N, L, D)`` buffer at ``position + 1``, where ``position`` is a ``(1,)`` device
+        tensor advanced in place, so the ``L - 1`` steps launch identical kernels on identical shapes (one
+        CUDA graph can hold the whole loop). In-place writes: call it without grad.
+        """
+        rope = (self._order(rope[0]), self._order(rope[1]))
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        out = self._order(u).to(dtype).clone()  # (N, L, D): token 0 is final, token i > 0 is replaced in turn
+        n, length, _ = out.shape
+        if length == 1:
+            return self._order(out)
+        temb = self.time_embedding(emb)[:, None]  # (N, 1, width)
+        position = torch.zeros(1, dtype=torch.long, device=out.device)  # the token fed at this step
+        caches = self.layers.make_static_caches(length - 1, position)
+        cos, sin = rope
+        for _ in range(length - 1):
+            h = self.proj_in(out.index_select(1, position)) + temb  # (N, 1, width)
+            step_rope = (cos.index_select(0, position), sin.index_select(0, position))  # (1, hd / 2) each
+            h = self.layers(h, step_rope, causal=True, caches=caches)
+            mu, sigma = self._affine(h, dtype)  # (N, 1, D): parameters of the next token
+            nxt = position + 1
+            out.index_copy_(1, nxt, out.index_select(1, nxt) * sigma + mu)
+            position.add_(1)
+        return self._order(out)
+
 
 class TransformerTransporter(Transporter):
     r"""TarFlow-style transporter :math:`u = f_T(x, t)` for images / latents ``(C, H, W)``.
@@ -179,6 +219,11 @@ class TransformerTransporter(Transporter):
     ``forward(x, t)`` takes ``x`` ``(*batch, C, H, W)`` and ``t`` ``batch`` (in [0, 1]) and returns ``u`` of
     ``x``'s shape and the exact log-determinant ``(*batch,)`` (float32, or float64 for float64 inputs),
     summed over every dimension of the sample. Each block is the identity at initialisation.
+
+    ``inverse(u, t, method=None)`` decodes token by token; ``method`` is one of :data:`INVERSE_METHODS`
+    (see the module docstring) and defaults to the attribute :attr:`inverse_method`, ``"kv-cache"``. Set
+    ``transporter.inverse_method = "graph"`` (CUDA) or ``"static"`` to make every caller (e.g.
+    :meth:`~trajflow.TrajectoryDistribution.decode`) use that path.
 
     Arguments:
         config: A :class:`TransformerTransporterConfig`.
@@ -190,7 +235,13 @@ class TransformerTransporter(Transporter):
         >>> u, ladj = f(x, t)
         >>> torch.allclose(f.inverse(u, t), x), ladj.shape
         (True, torch.Size([3]))
+        >>> with torch.no_grad():
+        ...     torch.allclose(f.inverse(u, t, method="static"), x)
+        True
     """
+
+    #: The default method of :meth:`inverse` (one of :data:`INVERSE_METHODS`).
+    inverse_method: str = "kv-cache"
 
     def __init__(self, config: TransformerTransporterConfig) -> None:
         super().__init__()
@@ -230,13 +281,60 @@ class TransformerTransporter(Transporter):
             z = block.inverse(z, emb, rope, naive=naive)
         return unpatchify(z, self.config.patch_size, self.event_shape).reshape(u.shape)
 
-    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
-        """``x = f_T^{-1}(u, t)``: token-by-token decoding with a KV cache, blocks in reverse order.
+    def decode_static(self, z: Tensor, emb: Tensor) -> Tensor:
+        """Tokens ``z`` ``(N, L, D)`` and time features ``emb`` ``(N, time_features)`` -> decoded tokens.
 
-        Costs ``L - 1`` one-token passes per block. Under :func:`torch.no_grad` the cache is preallocated.
+        Every block's :meth:`AffineFlowBlock.inverse_static`, in reverse order: no argument checks and no
+        host synchronisation, fixed shapes for a given ``N`` (what a CUDA graph captures). Without grad.
         """
-        return self._invert(u, t, naive=False)
+        rope = self.rope(self.positions)
+        for block in reversed(self.blocks):
+            z = block.inverse_static(z, emb, rope)
+        return z
+
+    def inverse(self, u: Tensor, t: Tensor, *, method: str | None = None) -> Tensor:
+        """``x = f_T^{-1}(u, t)``: token-by-token decoding, blocks in reverse order.
+
+        Costs ``L - 1`` one-token passes per block.
+
+        Arguments:
+            u: ``(*batch, C, H, W)``.
+            t: ``batch``, in [0, 1].
+            method: ``"kv-cache"`` (autograd-safe; under :func:`torch.no_grad` the cache is preallocated),
+                ``"static"`` (fixed-shape static cache, any device), ``"graph"`` (the static decode replayed
+                from a CUDA graph captured per batch size and dtype; CUDA only) or ``"naive"``; ``None``
+                uses :attr:`inverse_method`. ``"static"`` and ``"graph"`` run without grad: they raise if
+                ``u`` or ``t`` requires grad while grad mode is on, and give no gradient to the parameters.
+
+        Returns:
+            ``x`` of ``u``'s shape (float32, or float64 for float64 inputs).
+        """
+        method = self.inverse_method if method is None else method
+        if method not in INVERSE_METHODS:
+            raise ValueError(f"method: expected one of {list(INVERSE_METHODS)} or None, got {method!r}")
+        if method == "kv-cache":
+            return self._invert(u, t, naive=False)
+        if method == "naive":
+            return self._invert(u, t, naive=True)
+        from .static_inverse import graphed_inverse  # noqa: PLC0415 (the helper imports this module)
+
+        if method == "graph":
+            return graphed_inverse(self)(u, t)
+        _check_no_grad(u, t, method)
+        z, emb, _ = self._prepare("u", u, t)
+        with torch.no_grad():
+            z = self.decode_static(z, emb)
+        return unpatchify(z, self.config.patch_size, self.event_shape).reshape(u.shape)
 
     def inverse_naive(self, u: Tensor, t: Tensor) -> Tensor:
         """The same as :meth:`inverse`, recomputing the full causal pass at every token (a reference)."""
         return self._invert(u, t, naive=True)
+
+
+def _check_no_grad(u: Tensor, t: Tensor, method: str) -> None:
+    """Raise if a gradient is asked of a static-cache inverse (in-place cache writes; sampling only)."""
+    if torch.is_grad_enabled() and (u.requires_grad or t.requires_grad):
+        raise ValueError(
+            f"u: method={method!r} has no gradient (in-place static cache), but u or t requires grad; "
+            "use method='kv-cache' to differentiate through the inverse, or run under torch.no_grad()"
+        )

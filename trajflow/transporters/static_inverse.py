@@ -1,0 +1,177 @@
+r"""The transformer transporter's inverse captured in CUDA graphs: :class:`StaticCacheInverse`.
+
+The token-by-token inverse of :class:`~trajflow.transporters.transformer.TransformerTransporter` runs
+``blocks x (L - 1) x layers_per_block`` small kernels per call; eagerly it is bound by kernel launches, not
+by the GPU (about 1.2 ms per token step whatever the batch, see ``docs/performance.md``). Its static-cache
+form (:meth:`~trajflow.transporters.transformer.TransformerTransporter.decode_static`) has fixed shapes and
+no host synchronisation, so the whole decode, every block and every token, is captured **once per batch
+size** in one :class:`torch.cuda.CUDAGraph` and then replayed: one launch per call.
+
+How a call goes:
+
+1. Outside the graph: argument checks, patchify, the sinusoidal time features (these may synchronise).
+2. On the first call for a key ``(N, dtypes, device, autocast state)``: static input buffers are
+   allocated, the decode is run twice on a side stream (warm-up: allocator and kernel choice, as
+   :func:`torch.cuda.graph` requires), then captured. Autocast is re-entered inside the capture with
+   ``cache_enabled=False`` (autocast's weight cache must not live across a capture).
+3. Each call copies its tokens and time features into the static inputs, replays the graph, and clones the
+   static output (the next replay overwrites it).
+
+The graph reads the parameters' memory directly. If a parameter or buffer is *replaced* (``.to(dtype)``,
+``.to(device)``, re-assigning ``.data``) the key's graph is captured again; in-place updates (an optimizer
+step, ``load_state_dict``) are seen by the next replay, as they should be.
+
+Example (CUDA only)::
+
+    f = TransformerTransporter(cfg).cuda().eval()
+    inverse = StaticCacheInverse(f)          # or f.inverse(u, t, method="graph")
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        x = inverse(u, t)                    # captures for this batch size, then replays
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..nn.patches import unpatchify
+
+if TYPE_CHECKING:
+    from .transformer import TransformerTransporter
+
+__all__ = ["StaticCacheInverse", "graphed_inverse"]
+
+
+@dataclass
+class _Captured:
+    """One captured decode: the graph, its static inputs and output, and the parameter addresses it read."""
+
+    graph: torch.cuda.CUDAGraph
+    z: Tensor  # (N, L, D) static input tokens
+    emb: Tensor  # (N, time_features) static time features
+    out: Tensor  # (N, L, D) static output tokens
+    addresses: tuple[int, ...]
+
+
+def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
+    """Data pointers of every parameter and buffer (a replaced tensor changes them)."""
+    return tuple(p.data_ptr() for p in module.parameters()) + tuple(b.data_ptr() for b in module.buffers())
+
+
+class StaticCacheInverse:
+    r"""Inverse of a :class:`~trajflow.transporters.transformer.TransformerTransporter` from CUDA graphs.
+
+    Call it as ``inverse(u, t)`` with ``u`` ``(*batch, C, H, W)`` and ``t`` ``batch``; it returns ``x`` of
+    ``u``'s shape, equal to ``transporter.inverse(u, t)`` up to float rounding. One graph is captured per
+    ``(batch size, dtypes, device, autocast state)`` on first use and kept (its memory pool too) until
+    :meth:`reset` or until this object is dropped.
+
+    Arguments:
+        transporter: The transporter, on a CUDA device.
+        warmup: Eager runs on a side stream before each capture (at least 1).
+
+    Raises:
+        ValueError: On a call whose ``u`` is not on a CUDA device (CUDA graphs do not exist on the CPU; use
+            ``transporter.inverse(u, t, method="static")`` there), or when ``u`` or ``t`` requires grad
+            under grad mode (the graph has no backward).
+    """
+
+    def __init__(self, transporter: TransformerTransporter, *, warmup: int = 2) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup: expected at least 1 eager run before a capture, got {warmup}")
+        self._transporter = weakref.ref(transporter)  # no reference cycle through the registry below
+        self.warmup = warmup
+        self._graphs: dict[tuple, _Captured] = {}
+
+    @property
+    def transporter(self) -> TransformerTransporter:
+        f = self._transporter()
+        if f is None:
+            raise RuntimeError("StaticCacheInverse: its transporter has been garbage-collected")
+        return f
+
+    @property
+    def num_graphs(self) -> int:
+        """How many graphs are held (one per batch size / dtype / autocast state seen)."""
+        return len(self._graphs)
+
+    def reset(self) -> None:
+        """Drop every captured graph and its memory."""
+        self._graphs.clear()
+
+    def __call__(self, u: Tensor, t: Tensor) -> Tensor:
+        from .transformer import _check_no_grad  # noqa: PLC0415 (circular at import time)
+
+        f = self.transporter
+        if u.device.type != "cuda":
+            raise ValueError(
+                f"u: a CUDA graph inverse needs a CUDA tensor, got one on {u.device}; "
+                "use method='static' (same fixed-shape decode, eager) or 'kv-cache' on this device"
+            )
+        _check_no_grad(u, t, "graph")
+        z, emb, _ = f._prepare("u", u, t)  # checks, patchify, time features: outside the graph
+        with torch.no_grad():
+            out = self._replay(f, z, emb)
+        return unpatchify(out, f.config.patch_size, f.event_shape).reshape(u.shape)
+
+    def _replay(self, f: TransformerTransporter, z: Tensor, emb: Tensor) -> Tensor:
+        device = z.device
+        autocast = torch.is_autocast_enabled("cuda")
+        autocast_dtype = torch.get_autocast_dtype("cuda") if autocast else None
+        key = (tuple(z.shape), z.dtype, emb.dtype, device, autocast, autocast_dtype)
+        addresses = _addresses(f)
+        captured = self._graphs.get(key)
+        if captured is None or captured.addresses != addresses:
+            self._graphs.pop(key, None)  # free the stale graph's pool before capturing again
+            captured = self._capture(f, z, emb, autocast_dtype, addresses)
+            self._graphs[key] = captured
+        captured.z.copy_(z)
+        captured.emb.copy_(emb)
+        captured.graph.replay()
+        return captured.out.clone()
+
+    def _capture(
+        self,
+        f: TransformerTransporter,
+        z: Tensor,
+        emb: Tensor,
+        autocast_dtype: torch.dtype | None,
+        addresses: tuple[int, ...],
+    ) -> _Captured:
+        device = z.device
+
+        def amp():
+            if autocast_dtype is None:
+                return nullcontext()
+            return torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False)
+
+        static_z, static_emb = z.clone(), emb.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), amp():
+            for _ in range(self.warmup):
+                f.decode_static(static_z, static_emb)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), amp():
+            out = f.decode_static(static_z, static_emb)
+        return _Captured(graph, static_z, static_emb, out, addresses)
+
+
+# One helper per transporter for ``inverse(..., method="graph")``; weak keys, so a transporter that is
+# dropped takes its graphs with it (the helper holds only a weak reference back).
+_REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graphed_inverse(transporter: TransformerTransporter) -> StaticCacheInverse:
+    """The :class:`StaticCacheInverse` that ``transporter.inverse(u, t, method="graph")`` uses (made once)."""
+    helper = _REGISTRY.get(transporter)
+    if helper is None:
+        helper = StaticCacheInverse(transporter)
+        _REGISTRY[transporter] = helper
+    return helper
