@@ -394,3 +394,54 @@ def evaluate_shapes_model(
     metrics["sample_seconds"] = seconds
     metrics["sample_images_per_s"] = len(captions) / max(seconds, 1e-9)
     return metrics, images, captions
+
+
+def evaluate_shapes_levels(
+    bundle: Any,
+    reader: ShapesReader,
+    *,
+    n_prompts: int = 256,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    prompt_seed: int = PROMPT_SEED,
+) -> list[dict[str, Any]]:
+    """Score the sampler's clean-image estimate after every step (:mod:`trajflow.evaluation.levels`).
+
+    Returns one dict per step, from the first (from noise) to the last: ``level`` (``T`` .. 1), ``t`` (the
+    step's start time) and the :func:`compositional_scores` of the estimates for the held-out prompts. A
+    prompt whose composition is already right at an early level was decided there; the last level is the
+    mean of the final step. Works for NTM (any predictor) and flow-matching bundles.
+    """
+    from ..model import NTM
+    from ..process import time_grid
+    from .levels import euler_level_estimates, ntm_level_estimates
+
+    cfg = bundle.config
+    steps = cfg.sample.steps if steps is None else steps
+    guidance = cfg.sample.guidance if guidance is None else guidance
+    captions, _, labels = shapes_prompts(cfg.to_dict()["data"], n_prompts, seed=prompt_seed)
+    model = bundle.model.eval()
+    device = next(model.parameters()).device
+    feats, mask = bundle.encoder.encode(captions)
+    cond = (feats.to(device, torch.float32), mask.to(device))
+    g = torch.Generator(device=device).manual_seed(seed)
+    noise = torch.randn((len(captions), *model.event_shape), generator=g, device=device)
+    shift = cfg.shift_for(bundle.data_shape)
+    if isinstance(model, NTM):
+        t_min = cfg.sample.t_min
+        est = ntm_level_estimates(
+            model, noise, cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance, generator=g
+        )
+    else:
+        t_min = 0.0
+        est = euler_level_estimates(model, noise, cond=cond, steps=steps, shift=shift, guidance=guidance)
+    times = time_grid(steps, t_min, shift).tolist()
+    rows = []
+    for i in range(steps):
+        x = est[i]
+        if getattr(bundle, "vae", None) is not None:
+            x = bundle.vae.decode(x)
+        scores = compositional_scores(reader.predict(x.float().clamp(-1, 1).cpu()), labels)
+        rows.append({"level": steps - i, "t": times[steps - i], **scores})
+    return rows
