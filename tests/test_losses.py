@@ -44,13 +44,32 @@ def test_trajectory_mode_weights_each_factor(model):
     assert not torch.allclose(expected, -group.dist.log_prob(group.traj) / 10)
 
 
-def test_pair_mode_draws_factors_in_proportion_to_the_weights(model):
-    loss = trajflow.TrajectoryNLL(steps=4, mode="pair", factor_weights=[0, 1, 1, 2])
-    (group,) = loss.draw(model, torch.randn(4000, 2), generator=torch.Generator().manual_seed(3))
-    counts = torch.bincount(group.k, minlength=5)[1:].float() / 4000
-    assert counts[0] == 0  # weight 0: never drawn
-    torch.testing.assert_close(counts, torch.tensor([0.0, 0.25, 0.25, 0.5]), atol=0.03, rtol=0)
-    assert math.isfinite(loss(model, torch.randn(64, 2)).item())
+def test_pair_mode_multiplies_the_drawn_factor_by_its_weight(model):
+    weights = [0.0, 1.0, 1.0, 2.0]
+    loss = trajflow.TrajectoryNLL(steps=4, mode="pair", factor_weights=weights, cond_drop=0.0)
+    (group,) = loss.draw(model, torch.randn(64, 2), generator=torch.Generator().manual_seed(3))
+    assert set(group.k.tolist()) == {1, 2, 3, 4}  # drawn uniformly, whatever the weights
+    w = torch.tensor(weights)[group.k - 1]
+    expected = -group.dist.pair_log_prob(group.traj, group.k) / 2 * w
+    torch.testing.assert_close(loss.group_nll(group), expected)
+    assert (loss.group_nll(group)[group.k == 1] == 0).all()
+
+
+def test_velocity_weights_follow_flow_matching_emphasis(model):
+    loss = trajflow.TrajectoryNLL(steps=4, t_min=(0.02, 0.05), shift=1.5, factor_weights="velocity")
+    grid = trajflow.time_grid(4, torch.tensor([0.02, 0.05]), 1.5)  # (2, 5)
+    w = loss.weights(grid)
+    assert w.shape == (2, 4)
+    torch.testing.assert_close(w.mean(-1), torch.ones(2))
+    t, s = grid[:, 1:].double(), grid[:, :-1].double()
+    _, B, C = trajflow.MarkovInterpolant.posterior(t, s)
+    raw = C**2 / (B**2 * t**2)
+    torch.testing.assert_close(w.double(), raw / raw.mean(-1, keepdim=True), rtol=1e-5, atol=1e-7)
+    # The step from noise (k = T) weighs most, the last step to t_min least.
+    assert (w[:, 3] > w[:, 2]).all() and (w[:, 0] < 0.01).all()
+    assert math.isfinite(loss(model, torch.randn(32, 2)).item())
+    pair = trajflow.TrajectoryNLL(steps=(2, 4), mode="pair", factor_weights="velocity")  # multi-T works too
+    assert math.isfinite(pair(model, torch.randn(32, 2)).item())
 
 
 def test_factor_weight_errors():
@@ -64,3 +83,5 @@ def test_factor_weight_errors():
         trajflow.TrajectoryNLL(steps=2, factor_weights=[0, 0])
     with pytest.raises(ValueError, match="finite"):
         trajflow.TrajectoryNLL(steps=2, factor_weights=[1, float("nan")])
+    with pytest.raises(ValueError, match="factor_weights: expected None, a list of weights or 'velocity'"):
+        trajflow.TrajectoryNLL(steps=2, factor_weights="fm")

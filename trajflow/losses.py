@@ -72,17 +72,23 @@ class TrajectoryNLL:
         mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D` (end-to-end);
             ``"pair"``: one random factor per example, divided by :math:`D` (pair-wise).
         cond_drop: Probability of training an example with the null condition (guidance dropout).
-        factor_weights: Optional weights :math:`w_1, \dots, w_T` of the step factors
-            :math:`-\log p(x_{t_{k-1}} | x_{t_k})` (one fixed ``steps`` only; :math:`w_T` weights the first
-            generation step, from noise). ``None`` is the exact NLL. Weights are normalised to mean 1, so the
-            loss keeps its scale; every factor is still an exact flow likelihood and, with enough capacity,
-            each has the same optimum, but the weights decide where a finite model spends its capacity. The
-            NLL gives the high-noise steps, where a prompt's layout and colours are decided, little weight:
-            a mean error :math:`\delta` in :math:`x_0` costs :math:`B^2 \delta^2 / (2 C^2)` per dimension
-            (:meth:`MarkovInterpolant.posterior`), about 0.04 at the step from :math:`t = 1` against 3 at
-            :math:`t \approx 0.6` on a 4-step grid. Trajectory mode multiplies the factors; pair mode draws
-            the factor :math:`k` with probability :math:`\propto w_k`, which has the same expected loss and
-            spends the compute where the weight is.
+        factor_weights: Weights of the step factors :math:`-\log p(x_{t_{k-1}} | x_{t_k})`, ``k = 1..T``:
+            ``None`` (the exact NLL), a list :math:`w_1, \dots, w_T` (one fixed ``steps`` only; :math:`w_T`
+            weights the first generation step, from noise), or ``"velocity"``. Each example's weights are
+            normalised to mean 1 over its factors, so the loss keeps its scale. Every factor stays an exact
+            flow likelihood and, with enough capacity, has the same optimum; the weights decide where a
+            finite model spends its capacity. Both modes multiply the factors by their weights (pair mode
+            still draws ``k`` uniformly), so the two modes have the same expected loss.
+
+            Why: the NLL gives the high-noise steps, where a prompt's layout and colours are decided,
+            almost no weight. A mean error :math:`\delta` of the clean image costs
+            :math:`B^2 \delta^2 / (2 C^2)` per dimension in factor ``k`` (:math:`A, B, C` of
+            :meth:`MarkovInterpolant.posterior` for :math:`(t_k, t_{k-1})`): about 0.04 for the step from
+            :math:`t = 1` on a 4-step grid and thousands for the last step to :math:`t_{\min} = 0.02`, while
+            flow matching's velocity loss costs :math:`\delta^2 / t^2`. ``"velocity"`` sets
+            :math:`w_k \propto C^2 / (B^2 t_k^2)`, so that the predictor's mean is trained with flow
+            matching's emphasis across levels and the step factors keep their exact flow form.
+
 
     Example:
         >>> import trajflow
@@ -98,7 +104,7 @@ class TrajectoryNLL:
     shift: float = 1.0
     mode: str = "trajectory"
     cond_drop: float = 0.1
-    factor_weights: Sequence[float] | None = None
+    factor_weights: Sequence[float] | str | None = None
 
     def __post_init__(self) -> None:
         steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
@@ -113,7 +119,12 @@ class TrajectoryNLL:
             raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
         self._steps = steps
         self._weights: Tensor | None = None
-        if self.factor_weights is not None:
+        if isinstance(self.factor_weights, str):
+            if self.factor_weights != "velocity":
+                raise ValueError(
+                    f"factor_weights: expected None, a list of weights or 'velocity', got {self.factor_weights!r}"
+                )
+        elif self.factor_weights is not None:
             w = tuple(float(v) for v in self.factor_weights)
             if len(steps) != 1 or len(w) != steps[0]:
                 want = steps[0] if len(steps) == 1 else "a single T"
@@ -124,6 +135,18 @@ class TrajectoryNLL:
             if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
                 raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
             self._weights = torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+
+    def weights(self, grid: Tensor) -> Tensor | None:
+        """The factor weights for grids ``(m, T + 1)``: ``(m, T)`` with mean 1 per row (``None``: unweighted)."""
+        if self.factor_weights is None:
+            return None
+        if self._weights is not None:
+            return self._weights.to(grid.device, torch.float32).expand(grid.shape[0], -1)
+        t, s = grid[:, 1:].double(), grid[:, :-1].double()
+        _, B, C = MarkovInterpolant.posterior(t, s, validate=False)
+        # C = 0 (t_min = 0 at the last step) would weight that factor 0: floor it at a tiny share instead.
+        w = (C.square() / (B.square() * t.square())).clamp_min(1e-12)
+        return (w / w.mean(-1, keepdim=True)).float()
 
     def draw(
         self,
@@ -168,10 +191,7 @@ class TrajectoryNLL:
             dist = model.distribution(grid, index_cond(cond, ced, index), drop_cond=drop, validate_args=False)
             traj = process.sample(x0[index], grid, generator=generator)  # (m, T+1, *data)
             k = None
-            if self.mode == "pair" and self._weights is not None:
-                probs = self._weights.to(device=device, dtype=torch.float32)
-                k = 1 + torch.multinomial(probs, m, replacement=True, generator=generator)
-            elif self.mode == "pair":
+            if self.mode == "pair":
                 k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
             groups.append(TrajectoryGroup(index, T, dist, traj, k))
         return groups
@@ -179,13 +199,14 @@ class TrajectoryNLL:
     def group_nll(self, group: TrajectoryGroup) -> Tensor:
         """The NLL in nats/dim of each trajectory of a group, ``(m,)`` (see ``mode``)."""
         dims = group.dist.data_shape.numel()
-        if self.mode == "trajectory" and self._weights is not None:
+        w = self.weights(group.dist.grid.reshape(-1, group.steps + 1).expand(group.traj.shape[0], -1))
+        if self.mode == "trajectory" and w is not None:
             prior, factors = group.dist.log_prob_factors(group.traj)  # (m,), (m, T)
-            weighted = prior + (factors * self._weights.to(factors)).sum(-1)
-            return -weighted / ((group.steps + 1) * dims)
+            return -(prior + (factors * w).sum(-1)) / ((group.steps + 1) * dims)
         if self.mode == "trajectory":
             return -group.dist.log_prob(group.traj) / ((group.steps + 1) * dims)
-        return -group.dist.pair_log_prob(group.traj, group.k) / dims
+        nll = -group.dist.pair_log_prob(group.traj, group.k) / dims
+        return nll if w is None else nll * w.gather(1, group.k[:, None] - 1).squeeze(1)
 
     def per_example(
         self,

@@ -139,12 +139,19 @@ class ModelConfig:
         patch_size, width, depth, heads, kv_heads, time_features: the predictor (or velocity) transformer.
         transporter_width, transporter_heads, transporter_patch_size: ``None`` means the predictor's.
         transporter_blocks, transporter_layers: NTM's shallow causal flow (2 blocks; layers per block).
+        transporter: ``"transformer"`` (NTM) or ``"identity"``: the Gaussian-step model (every reverse step a
+            diagonal Gaussian, NTM App. A.2), the baseline that isolates what the transporter adds.
+        transporter_scale_bound: soft-clip bound of each transporter block's raw log-scale (see
+            :class:`~trajflow.transporters.TransformerTransporterConfig`): how far one block may expand or
+            contract a token. A small bound keeps :math:`u` at the data's scale, so that errors of the
+            predictor in :math:`u` space are not amplified by the inverse.
         steps: NTM's trajectory length ``T`` in training (a list draws one per example: multi-T).
         t_min: range of the per-example cleanest time (NTM: U[0, 0.05]).
         shift: time-grid shift; ``None`` uses :func:`trajflow.sequence_shift` of the token count.
         mode: ``"trajectory"`` (all T factors; NTM Algorithm 1) or ``"pair"``.
-        factor_weights: weights of the T step factors of the loss (``None``: the exact NLL; see
-            :class:`~trajflow.TrajectoryNLL`). Needs a single ``steps``.
+        factor_weights: weights of the T step factors of the loss: ``None`` (the exact NLL), a list (a single
+            ``steps``) or ``"velocity"`` (flow matching's emphasis across levels); see
+            :class:`~trajflow.TrajectoryNLL`.
         predictor: NTM's predictor head. ``"residual"``: :class:`~trajflow.predictors.TransformerPredictor`,
             :math:`\mu_P = u_t + \delta`, :math:`\sigma_P` = ``positive_scale(raw)``; ``"posterior"``: the
             same backbone as a velocity model inside :class:`~trajflow.predictors.FlowMatchingPredictor`,
@@ -167,11 +174,13 @@ class ModelConfig:
     transporter_patch_size: int | None = None
     transporter_blocks: int = 2
     transporter_layers: int = 2
+    transporter_scale_bound: float = 6.0
+    transporter: str = "transformer"
     steps: int | list[int] = 4
     t_min: tuple[float, float] = (0.0, 0.05)
     shift: float | None = None
     mode: str = "trajectory"
-    factor_weights: list[float] | None = None
+    factor_weights: list[float] | str | None = None
     predictor: str = "residual"
     cond_drop: float = 0.1
     validate_args: bool = True
@@ -199,9 +208,16 @@ class ModelConfig:
             raise ValueError(f"model.c_min: expected a finite number >= 0, got {self.c_min!r}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"model.cond_drop: expected a probability in [0, 1), got {self.cond_drop!r}")
+        if self.transporter not in ("transformer", "identity"):
+            raise ValueError(f"model.transporter: expected 'transformer' or 'identity', got {self.transporter!r}")
         if self.predictor not in ("residual", "posterior"):
             raise ValueError(f"model.predictor: expected 'residual' or 'posterior', got {self.predictor!r}")
-        if self.factor_weights is not None:
+        if isinstance(self.factor_weights, str):
+            if self.factor_weights != "velocity":
+                raise ValueError(
+                    f"model.factor_weights: expected null, a list or 'velocity', got {self.factor_weights!r}"
+                )
+        elif self.factor_weights is not None:
             self.factor_weights = [float(w) for w in self.factor_weights]
             if not isinstance(self.steps, int) or len(self.factor_weights) != self.steps:
                 raise ValueError(
@@ -380,6 +396,7 @@ class T2IConfig:
             layers_per_block=m.transporter_layers,
             blocks=m.transporter_blocks,
             time_features=m.time_features,
+            scale_bound=m.transporter_scale_bound,
             validate_args=m.validate_args,
         )
 
@@ -610,6 +627,17 @@ def dataset_captions(dataset: Dataset) -> list[str] | None:
     return None
 
 
+def build_transporter(config: T2IConfig, data_shape: tuple[int, int, int]) -> nn.Module:
+    """NTM's transporter: the TarFlow-style :class:`~trajflow.transporters.TransformerTransporter`, or the
+    identity for ``model.transporter == "identity"`` (the Gaussian-step model of NTM App. A.2)."""
+    from .transporters import IdentityTransporter
+    from .transporters.transformer import TransformerTransporter
+
+    if config.model.transporter == "identity":
+        return IdentityTransporter(tuple(data_shape))
+    return TransformerTransporter(config.transporter_config(data_shape))
+
+
 def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, int, int]) -> nn.Module:
     """An :class:`~trajflow.NTM` (transformer transporter + text-conditioned transformer predictor) or, for
     ``model.kind == "fm"``, a :class:`~trajflow.predictors.transformer.TransformerVelocity` of the same
@@ -622,12 +650,11 @@ def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, in
     from .model import NTM
     from .predictors.flow_matching import FlowMatchingPredictor
     from .predictors.transformer import TransformerPredictor, TransformerVelocity
-    from .transporters.transformer import TransformerTransporter
 
     pc = config.predictor_config(text_features, data_shape)
     if config.model.kind == "fm":
         return TransformerVelocity(pc)
-    transporter = TransformerTransporter(config.transporter_config(data_shape))
+    transporter = build_transporter(config, data_shape)
     if config.model.kind == "ntm-fm" or config.model.predictor == "posterior":
         return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
     return NTM(transporter, TransformerPredictor(pc))
@@ -684,7 +711,6 @@ def init_ntm_from_fm(
             its inputs (every such field is named, with both values).
     """
     from .finetune import init_from_flow_matching
-    from .transporters.transformer import TransformerTransporter
 
     m = config.model
     if m.kind != "ntm-fm":
@@ -711,7 +737,7 @@ def init_ntm_from_fm(
     if tuple(fm.data_shape) != tuple(data_shape):
         raise ValueError(f"model.init_from: the flow-matching run models {fm.data_shape}, this config {data_shape}")
     velocity = fm.model.train()
-    transporter = TransformerTransporter(config.transporter_config(data_shape)).to(device)
+    transporter = build_transporter(config, data_shape).to(device)
     return init_from_flow_matching(velocity, transporter, c_min=m.c_min)
 
 
