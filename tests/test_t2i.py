@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,31 @@ def test_flow_matching_baseline_on_the_same_backbone(tmp_path):
     assert ntm.model.predictor.config.width == 32 and ntm.model.predictor.config.depth == 1
 
 
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"predictor": "posterior", "mode": "pair", "factor_weights": "velocity", "transporter_scale_bound": 1.0},
+        {"transporter": "identity", "factor_weights": [1, 2, 3, 4], "t_min": [0.02, 0.05]},
+    ],
+)
+def test_ntm_recipe_options_train_and_reload(tmp_path, model):
+    from trajflow.predictors import FlowMatchingPredictor
+    from trajflow.transporters import IdentityTransporter
+
+    d = tiny("ntm", "hashing")
+    d["model"].update(model)
+    r = train_t2i(T2IConfig.from_dict(d), tmp_path, stop_at=2)
+    assert all(math.isfinite(h["nll_per_dim"]) for h in r.history)
+    bundle = load_t2i(tmp_path)  # the same architecture is rebuilt from the saved config
+    if model.get("predictor") == "posterior":
+        assert isinstance(bundle.model.predictor, FlowMatchingPredictor)
+        assert bundle.model.transporter.config.scale_bound == 1.0
+    else:
+        assert isinstance(bundle.model.transporter, IdentityTransporter)
+    x = bundle.generate(["a large red circle at the top left"] * 2, steps=4, t_min=0.02)
+    assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
+
+
 def test_hashing_encoder_is_deterministic_and_word_aware():
     enc = HashingTextEncoder(dim=8)
     f1, m1 = enc.encode(["a red circle", "a blue square"])
@@ -132,6 +158,10 @@ def test_hashing_encoder_is_deterministic_and_word_aware():
         ({"modle": {}}, r"unknown field\(s\) \['modle'\]"),
         ({"text": {"encoder": "t5"}}, r"text\.encoder"),
         ({"train": {"mixed_precision": "fp16"}}, r"train\.mixed_precision"),
+        ({"model": {"predictor": "gaussian"}}, r"model\.predictor: expected 'residual' or 'posterior'"),
+        ({"model": {"transporter": "nsf"}}, r"model\.transporter: expected 'transformer' or 'identity'"),
+        ({"model": {"factor_weights": [1, 2]}}, r"model\.factor_weights: expected one weight per step factor"),
+        ({"model": {"factor_weights": "snr"}}, r"model\.factor_weights: expected null, a list or 'velocity'"),
     ],
 )
 def test_config_errors_are_clear(patch, match):
