@@ -8,6 +8,13 @@ direction of the density), and the inverse is the sampling direction.
 Implementations provide :meth:`Transporter.forward` and :meth:`Transporter.inverse`; :meth:`transform`
 has a generic default. ``x`` always has shape ``(*batch, *event_shape)`` and ``t`` has shape ``batch``
 (already broadcast; one time per data point).
+
+**Conditions.** Every method also takes an optional condition ``cond`` (batch shape ``batch``, e.g. class
+indices ``batch`` or text ``(features (*batch, L, D), mask (*batch, L))``) and ``drop_cond`` (bool,
+``batch``; True where the null context replaces ``cond``, classifier-free guidance dropout). Only a
+transporter whose :attr:`Transporter.is_conditional` is True uses them, as :math:`f_T(x, t, y)`; ``y`` is a
+constant of the flow on ``x``, so log-determinants stay exact. The others ignore them or reject a
+condition with a :class:`ValueError` naming ``cond`` (see each class).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ..checks import check_event_shape, check_tensor
+from ..conditioning import Condition, EventDims, align_cond
 
 __all__ = ["Transporter", "TransporterTransform"]
 
@@ -31,26 +39,47 @@ class Transporter(nn.Module, ABC):
     """
 
     event_shape: torch.Size
+    #: Trailing dims of one condition (0: class index, ``(2, 1)``: text features and mask), or ``None``
+    #: for a transporter that does not see the condition.
+    cond_event_dims: EventDims | None = None
 
     @property
     def event_dim(self) -> int:
         return len(self.event_shape)
 
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the map depends on the condition, :math:`f_T(x, t, y)` (callers must then pass ``cond``)."""
+        return self.cond_event_dims is not None
+
     @abstractmethod
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        r"""``(u, ladj)``: :math:`u = f_T(x, t)` of shape ``x.shape`` and
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        r"""``(u, ladj)``: :math:`u = f_T(x, t[, y])` of shape ``x.shape`` and
         :math:`\log |\det \partial u / \partial x|` of shape ``batch``."""
 
     @abstractmethod
-    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
-        r""":math:`x = f_T^{-1}(u, t)` of shape ``u.shape``."""
+    def inverse(
+        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        r""":math:`x = f_T^{-1}(u, t[, y])` of shape ``u.shape``."""
 
-    def transform(self, t: Tensor) -> Transform:
-        """The torch :class:`~torch.distributions.Transform` :math:`x \\mapsto f_T(x, t)` at time ``t``.
+    def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
+        """The torch :class:`~torch.distributions.Transform` :math:`x \\mapsto f_T(x, t[, y])` at time ``t``.
 
         ``t`` has shape ``batch``; the transform accepts inputs of shape ``(*sample, *batch, *event)``.
+        ``cond`` (batch shape ``batch``) and ``drop_cond`` (``batch``) are broadcast over ``sample`` likewise.
         """
-        return TransporterTransform(self, t)
+        return TransporterTransform(self, t, cond, drop_cond)
+
+    def reject_cond(self, cond: Condition | None) -> None:
+        """Raise a :class:`ValueError` naming ``cond`` unless it is ``None`` (for unconditional transporters)."""
+        if cond is not None:
+            raise ValueError(
+                f"cond: {type(self).__name__} does not see the condition (it is unconditional), expected "
+                f"cond=None, got {type(cond).__name__}"
+            )
 
     def check_input(self, name: str, x: Tensor, t: Tensor) -> None:
         """Raise a clear error unless ``x`` is ``(*batch, *event_shape)`` and ``t`` is ``batch``."""
@@ -70,10 +99,19 @@ class TransporterTransform(Transform):
 
     bijective = True
 
-    def __init__(self, transporter: Transporter, t: Tensor, cache_size: int = 0) -> None:
+    def __init__(
+        self,
+        transporter: Transporter,
+        t: Tensor,
+        cond: Condition | None = None,
+        drop_cond: Tensor | None = None,
+        cache_size: int = 0,
+    ) -> None:
         super().__init__(cache_size=cache_size)
         self.transporter = transporter
         self.t = t
+        self.cond = cond
+        self.drop_cond = drop_cond
 
     @property
     def domain(self) -> constraints.Constraint:  # type: ignore[override]
@@ -86,25 +124,34 @@ class TransporterTransform(Transform):
     def with_cache(self, cache_size: int = 1) -> TransporterTransform:
         if self._cache_size == cache_size:
             return self
-        return TransporterTransform(self.transporter, self.t, cache_size=cache_size)
+        return TransporterTransform(self.transporter, self.t, self.cond, self.drop_cond, cache_size=cache_size)
 
-    def _flat(self, x: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
+    def _flat(self, x: Tensor) -> tuple[Tensor, Tensor, Condition | None, Tensor | None, torch.Size]:
+        """Flatten ``x`` ``(*sample, *batch, *event)`` to ``(N, *event)`` and broadcast ``t``, ``cond`` and
+        ``drop_cond`` (batch shape ``batch``) to ``N``."""
         event = self.transporter.event_shape
         batch = x.shape[: x.dim() - len(event)]
         t = self.t.to(x.device).expand(batch)
-        return x.reshape(-1, *event), t.reshape(-1), batch
+        cond = drop = None
+        if self.cond is not None and self.transporter.cond_event_dims is not None:
+            cond = align_cond(self.cond, self.transporter.cond_event_dims, batch)
+        elif self.cond is not None:
+            cond = self.cond  # an unconditional transporter rejects it (or ignores it) itself
+        if self.drop_cond is not None:
+            drop = self.drop_cond.to(x.device).expand(batch).reshape(-1)
+        return x.reshape(-1, *event), t.reshape(-1), cond, drop, batch
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        flat, t, batch = self._flat(x)
-        u, ladj = self.transporter(flat, t)
+        flat, t, cond, drop, batch = self._flat(x)
+        u, ladj = self.transporter(flat, t, cond, drop)
         return u.reshape(x.shape), ladj.reshape(batch)
 
     def _call(self, x: Tensor) -> Tensor:
         return self.call_and_ladj(x)[0]
 
     def _inverse(self, u: Tensor) -> Tensor:
-        flat, t, _ = self._flat(u)
-        return self.transporter.inverse(flat, t).reshape(u.shape)
+        flat, t, cond, drop, _ = self._flat(u)
+        return self.transporter.inverse(flat, t, cond, drop).reshape(u.shape)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.call_and_ladj(x)[1]

@@ -7,12 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..conditioning import Condition
 from ..numerics import upcast
 from .base import Transporter
 
 
 class IdentityTransporter(Transporter):
     r""":math:`f_T(x, t) = x`. With it every reverse step is a diagonal Gaussian (NTM App. A.2).
+
+    It ignores any condition (``cond``, ``drop_cond``): the identity does not depend on it.
 
     Arguments:
         event_shape: The shape of one data point, or an int for vectors.
@@ -30,9 +33,15 @@ class IdentityTransporter(Transporter):
             event_shape = (event_shape,)
         self.event_shape = torch.Size(event_shape)
 
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(x, 0)``; ``cond`` and ``drop_cond`` are ignored."""
         batch = x.shape[: x.dim() - self.event_dim]
         return x, upcast(x.new_zeros(batch))
 
-    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
+    def inverse(
+        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        """``u``; ``cond`` and ``drop_cond`` are ignored."""
         return u

@@ -9,12 +9,13 @@ size** in one :class:`torch.cuda.CUDAGraph` and then replayed: one launch per ca
 
 How a call goes:
 
-1. Outside the graph: argument checks, patchify, the sinusoidal time features (these may synchronise).
+1. Outside the graph: argument checks, patchify, the sinusoidal time features and, for a conditional
+   transporter, the condition context ``(N, width)`` (these may synchronise).
 2. On the first call for a key ``(N, dtypes, device, autocast state)``: static input buffers are
    allocated, the decode is run twice on a side stream (warm-up: allocator and kernel choice, as
    :func:`torch.cuda.graph` requires), then captured. Autocast is re-entered inside the capture with
    ``cache_enabled=False`` (autocast's weight cache must not live across a capture).
-3. Each call copies its tokens and time features into the static inputs, replays the graph, and clones the
+3. Each call copies its tokens, time features (and context) into the static inputs, replays the graph, and clones the
    static output (the next replay overwrites it).
 
 The graph reads the parameters' memory directly. If a parameter or buffer is *replaced* (``.to(dtype)``,
@@ -54,6 +55,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     z: Tensor  # (N, L, D) static input tokens
     emb: Tensor  # (N, time_features) static time features
+    ctx: Tensor | None  # (N, width) static condition context (conditional transporters only)
     out: Tensor  # (N, L, D) static output tokens
     addresses: tuple[int, ...]
 
@@ -66,9 +68,10 @@ def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
 class StaticCacheInverse:
     r"""Inverse of a :class:`~trajflow.transporters.transformer.TransformerTransporter` from CUDA graphs.
 
-    Call it as ``inverse(u, t)`` with ``u`` ``(*batch, C, H, W)`` and ``t`` ``batch``; it returns ``x`` of
-    ``u``'s shape, equal to ``transporter.inverse(u, t)`` up to float rounding. One graph is captured per
-    ``(batch size, dtypes, device, autocast state)`` on first use and kept (its memory pool too) until
+    Call it as ``inverse(u, t, cond=None, drop_cond=None)`` with ``u`` ``(*batch, C, H, W)``, ``t``
+    ``batch`` and, for a conditional transporter, the condition and its dropout mask; it returns ``x`` of
+    ``u``'s shape, equal to ``transporter.inverse(u, t, cond, drop_cond)`` up to float rounding. One graph
+    is captured per ``(batch size, dtypes, device, autocast state)`` on first use and kept (its memory pool too) until
     :meth:`reset` or until this object is dropped.
 
     Arguments:
@@ -104,7 +107,7 @@ class StaticCacheInverse:
         """Drop every captured graph and its memory."""
         self._graphs.clear()
 
-    def __call__(self, u: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, u: Tensor, t: Tensor, cond=None, drop_cond: Tensor | None = None) -> Tensor:
         from .transformer import _check_no_grad  # noqa: PLC0415 (circular at import time)
 
         f = self.transporter
@@ -114,24 +117,28 @@ class StaticCacheInverse:
                 "use method='static' (same fixed-shape decode, eager) or 'kv-cache' on this device"
             )
         _check_no_grad(u, t, "graph")
-        z, emb, _ = f._prepare("u", u, t)  # checks, patchify, time features: outside the graph
+        # checks, patchify, time features, condition context: outside the graph
+        z, emb, ctx, _ = f._prepare("u", u, t, cond, drop_cond)
         with torch.no_grad():
-            out = self._replay(f, z, emb)
+            out = self._replay(f, z, emb, ctx)
         return unpatchify(out, f.config.patch_size, f.event_shape).reshape(u.shape)
 
-    def _replay(self, f: TransformerTransporter, z: Tensor, emb: Tensor) -> Tensor:
+    def _replay(self, f: TransformerTransporter, z: Tensor, emb: Tensor, ctx: Tensor | None = None) -> Tensor:
         device = z.device
         autocast = torch.is_autocast_enabled("cuda")
         autocast_dtype = torch.get_autocast_dtype("cuda") if autocast else None
-        key = (tuple(z.shape), z.dtype, emb.dtype, device, autocast, autocast_dtype)
+        ctx_dtype = None if ctx is None else ctx.dtype
+        key = (tuple(z.shape), z.dtype, emb.dtype, ctx_dtype, device, autocast, autocast_dtype)
         addresses = _addresses(f)
         captured = self._graphs.get(key)
         if captured is None or captured.addresses != addresses:
             self._graphs.pop(key, None)  # free the stale graph's pool before capturing again
-            captured = self._capture(f, z, emb, autocast_dtype, addresses)
+            captured = self._capture(f, z, emb, ctx, autocast_dtype, addresses)
             self._graphs[key] = captured
         captured.z.copy_(z)
         captured.emb.copy_(emb)
+        if captured.ctx is not None:
+            captured.ctx.copy_(ctx)
         captured.graph.replay()
         return captured.out.clone()
 
@@ -140,6 +147,7 @@ class StaticCacheInverse:
         f: TransformerTransporter,
         z: Tensor,
         emb: Tensor,
+        ctx: Tensor | None,
         autocast_dtype: torch.dtype | None,
         addresses: tuple[int, ...],
     ) -> _Captured:
@@ -151,16 +159,17 @@ class StaticCacheInverse:
             return torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False)
 
         static_z, static_emb = z.clone(), emb.clone()
+        static_ctx = None if ctx is None else ctx.clone()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), amp():
             for _ in range(self.warmup):
-                f.decode_static(static_z, static_emb)
+                f.decode_static(static_z, static_emb, static_ctx)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), amp():
-            out = f.decode_static(static_z, static_emb)
-        return _Captured(graph, static_z, static_emb, out, addresses)
+            out = f.decode_static(static_z, static_emb, static_ctx)
+        return _Captured(graph, static_z, static_emb, static_ctx, out, addresses)
 
 
 # One helper per transporter for ``inverse(..., method="graph")``; weak keys, so a transporter that is

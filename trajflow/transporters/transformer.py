@@ -14,6 +14,16 @@ level's time :math:`t` (sinusoidal -> MLP) added to every token, causal layers w
 patch grid (a token keeps its grid position when the order is flipped), a final LayerNorm and a
 **zero-initialised** head to ``2 D`` channels, so every block, and the transporter, starts as the identity.
 
+**Conditioning (optional).** With ``num_classes`` or ``text_features`` set, the transporter is
+:math:`f_T(x, t, y)`: a context vector of the condition :math:`y` is added to the time embedding of every
+block. Class labels come from an embedding table; text ``(features (N, L, D), mask (N, L))`` is mean-pooled
+over its valid tokens and mapped by ``Linear -> SiLU``. Each block maps the context to its width with its
+own **zero-initialised** bias-free ``cond_proj``, so the transporter still starts as the identity. A dropped
+condition (``drop_cond`` True, classifier-free guidance dropout) has the null context, the zero vector, so
+a dropped example sees exactly the unconditional map. :math:`y` only changes the :math:`(\mu_i, \sigma_i)`
+of the affine maps, not the map's form: the log-determinants stay exact. Off (the default), no parameter
+is added and the transporter is exactly the unconditional one.
+
 The head's output at token ``i`` parameterises token ``i + 1`` (the "shift right by one" of TarFlow), so
 a forward pass needs one parallel causal pass per block, and the inverse decodes token by token with a
 KV cache (:meth:`TransformerTransporter.inverse`), blocks in reverse order. The inverse has four methods:
@@ -38,14 +48,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_times
+from ..checks import check_tensor, check_times
+from ..conditioning import Condition, align_cond
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer, check_attention_dims
 from .base import Transporter
 
-__all__ = ["TransformerTransporterConfig", "TransformerTransporter", "INVERSE_METHODS"]
+__all__ = ["TransformerTransporterConfig", "TransformerTransporter", "TransporterCondition", "INVERSE_METHODS"]
 
 #: The methods of :meth:`TransformerTransporter.inverse` (see the module docstring).
 INVERSE_METHODS = ("kv-cache", "static", "graph", "naive")
@@ -69,8 +80,15 @@ class TransformerTransporterConfig(PatchedImageConfig):
             gives about ``(0.0043, 6.5)``, so one block can resolve finer than the 2/256 bin (0.0078) of
             8-bit data in [-1, 1] while a bad step cannot blow the log-determinant up.
         rope_base: Base of the RoPE frequencies.
+        num_classes: Condition the transporter on class labels (``cond`` ``batch`` long) with this many
+            classes; ``None``: not on classes.
+        text_features: Condition the transporter on text features of this width (``cond`` is
+            ``(features (*batch, L, text_features), mask (*batch, L))``); ``None`` or 0: not on text. At
+            most one of ``num_classes`` and ``text_features`` may be set; with neither the transporter is
+            unconditional (no condition parameters at all).
         validate_args: Check shapes and that ``t`` is finite and in [0, 1] (the time check synchronises
-            a GPU; switch it off in a tuned training loop).
+            a GPU; switch it off in a tuned training loop). Also checks class indices' range and that
+            ``drop_cond`` is all True when ``cond`` is None.
     """
 
     width: int = 256
@@ -82,6 +100,8 @@ class TransformerTransporterConfig(PatchedImageConfig):
     scale_bound: float = 6.0
     rope_base: float = 100.0
     validate_args: bool = True
+    num_classes: int | None = None
+    text_features: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,13 +111,76 @@ class TransformerTransporterConfig(PatchedImageConfig):
         check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
         if not self.scale_bound > 0:
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
+        if self.text_features == 0:
+            self.text_features = None
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
+            raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes!r}")
+        if self.text_features is not None and (not isinstance(self.text_features, int) or self.text_features < 1):
+            raise ValueError(f"text_features: expected a positive integer, 0 or None, got {self.text_features!r}")
+        if self.num_classes is not None and self.text_features is not None:
+            raise ValueError(
+                "num_classes, text_features: expected at most one kind of condition, got both "
+                f"num_classes={self.num_classes} and text_features={self.text_features}"
+            )
+
+    @property
+    def cond_event_dims(self) -> int | tuple[int, int] | None:
+        """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
+        if self.num_classes is not None:
+            return 0
+        if self.text_features is not None:
+            return (2, 1)
+        return None
+
+
+class TransporterCondition(nn.Module):
+    """The shared part of the transporter's condition path: ``cond`` -> context ``(N, width)``.
+
+    Class labels: a row of an embedding table. Text: the mean of the features over valid (unmasked) tokens,
+    then ``Linear -> SiLU``; an example with no valid token pools to the zero vector. Dropped examples get
+    the null context, exactly zero (their features are zeroed before pooling so no value of theirs, not
+    even NaN, reaches the result or the gradients). The blocks' zero-initialised ``cond_proj`` maps the
+    context to what is added to their time embeddings.
+    """
+
+    def __init__(self, config: TransformerTransporterConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.num_classes is not None:
+            self.class_embedding = nn.Embedding(config.num_classes, config.width)
+        elif config.text_features is not None:
+            self.text_proj = nn.Sequential(nn.Linear(config.text_features, config.width), nn.SiLU())
+        else:  # pragma: no cover - only built for a conditional config
+            raise ValueError("config: TransporterCondition needs num_classes or text_features")
+
+    def forward(self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device) -> Tensor:
+        """Flat ``cond`` (batch ``(N,)``, or ``None`` = all dropped) and ``drop`` ``(N,)`` -> ``(N, width)``."""
+        cfg = self.config
+        weight = self.class_embedding.weight if cfg.num_classes is not None else self.text_proj[0].weight
+        if cond is None:
+            return torch.zeros(n, cfg.width, dtype=weight.dtype, device=device)
+        dropped = torch.zeros(n, dtype=torch.bool, device=device) if drop is None else drop.to(device)
+        if cfg.num_classes is not None:
+            idx = cond.to(device=device, dtype=torch.long)  # type: ignore[union-attr]
+            ctx = self.class_embedding(torch.where(dropped, torch.zeros_like(idx), idx))  # (N, width)
+        else:
+            features, mask = cond  # type: ignore[misc]
+            keep = (mask.to(device) != 0) & ~dropped[:, None]  # (N, L)
+            dtype = torch.promote_types(features.dtype, torch.float32)
+            features = features.to(device=device, dtype=dtype)
+            features = torch.where(keep[..., None], features, torch.zeros((), dtype=dtype, device=device))
+            count = keep.sum(1, keepdim=True).clamp(min=1).to(dtype)  # (N, 1)
+            pooled = features.sum(1) / count  # (N, D): the mean over valid tokens
+            ctx = self.text_proj(pooled.to(weight.dtype))  # (N, width)
+        return torch.where(dropped[:, None], torch.zeros((), dtype=ctx.dtype, device=device), ctx)
 
 
 class AffineFlowBlock(nn.Module):
     """One causal affine autoregressive block over a token sequence (see the module docstring).
 
-    Works on patch tokens ``(N, L, D)`` with a precomputed time embedding ``(N, time_features)`` and the
-    RoPE tables ``(cos, sin)`` of the grid in raster order; the block permutes tokens and tables itself.
+    Works on patch tokens ``(N, L, D)`` with a precomputed time embedding ``(N, time_features)``, an
+    optional condition context ``ctx`` ``(N, width)`` (conditional configs only) and the RoPE tables
+    ``(cos, sin)`` of the grid in raster order; the block permutes tokens and tables itself.
     """
 
     def __init__(self, config: TransformerTransporterConfig, flip: bool) -> None:
@@ -115,6 +198,10 @@ class AffineFlowBlock(nn.Module):
         # Zero head: mu = 0 and sigma = positive_scale(0) = 1 for every token, i.e. the identity.
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        if config.cond_event_dims is not None:
+            # Zero and bias-free: the condition adds nothing at init, and the null context (0) adds nothing.
+            self.cond_proj = nn.Linear(width, width, bias=False)
+            nn.init.zeros_(self.cond_proj.weight)
 
     def _order(self, z: Tensor) -> Tensor:
         """Apply the block's scan order along dim -2 (a flip is its own inverse)."""
@@ -144,20 +231,26 @@ class AffineFlowBlock(nn.Module):
         mu, sigma = self._affine(h, dtype)  # (N, L - 1, D)
         return torch.cat([mu0, mu], dim=1), torch.cat([sigma0, sigma], dim=1)
 
-    def time_embedding(self, emb: Tensor) -> Tensor:
-        """Sinusoidal features ``(N, time_features)`` -> ``(N, width)``."""
-        return self.time_mlp(emb.to(self.proj_in.weight.dtype))
+    def time_embedding(self, emb: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """Sinusoidal features ``(N, time_features)`` (+ condition context ``(N, width)``) -> ``(N, width)``."""
+        dtype = self.proj_in.weight.dtype
+        temb = self.time_mlp(emb.to(dtype))
+        if ctx is not None:
+            temb = temb + self.cond_proj(ctx.to(dtype))
+        return temb
 
-    def forward(self, x: Tensor, emb: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, emb: Tensor, rope: Rope, ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Tokens ``x`` ``(N, L, D)`` in raster order -> ``(u (N, L, D), ladj (N,))``."""
         rope = (self._order(rope[0]), self._order(rope[1]))
         z = self._order(x)
-        mu, sigma = self.params(z, self.time_embedding(emb), rope)
+        mu, sigma = self.params(z, self.time_embedding(emb, ctx), rope)
         u = (z.to(mu.dtype) - mu) / sigma
         ladj = -torch.log(sigma).sum(dim=(1, 2))  # exact sum over tokens and channels, no mean
         return self._order(u), ladj
 
-    def inverse(self, u: Tensor, emb: Tensor, rope: Rope, *, naive: bool = False) -> Tensor:
+    def inverse(
+        self, u: Tensor, emb: Tensor, rope: Rope, ctx: Tensor | None = None, *, naive: bool = False
+    ) -> Tensor:
         """Tokens ``u`` ``(N, L, D)`` -> ``x``, decoded one token at a time in scan order.
 
         With ``naive=False`` each step runs one token through the layers with a KV cache (static without
@@ -166,7 +259,7 @@ class AffineFlowBlock(nn.Module):
         rope = (self._order(rope[0]), self._order(rope[1]))
         z = self._order(u)
         n, length, _ = z.shape
-        temb = self.time_embedding(emb)
+        temb = self.time_embedding(emb, ctx)
         dtype = torch.promote_types(z.dtype, torch.float32)
         xs = [z[:, 0].to(dtype)]  # token 0 is untouched; a list keeps decoding autograd-friendly
         if naive:
@@ -184,7 +277,7 @@ class AffineFlowBlock(nn.Module):
                 xs.append(z[:, i + 1] * sigma[:, 0] + mu[:, 0])
         return self._order(torch.stack(xs, dim=1))
 
-    def inverse_static(self, u: Tensor, emb: Tensor, rope: Rope) -> Tensor:
+    def inverse_static(self, u: Tensor, emb: Tensor, rope: Rope, ctx: Tensor | None = None) -> Tensor:
         """The same as :meth:`inverse` with a :class:`~trajflow.nn.transformer.StaticKVCache`; fixed shapes.
 
         Tokens ``u`` ``(N, L, D)`` -> ``x`` ``(N, L, D)`` (float32 at least). The decoded tokens are written
@@ -198,7 +291,7 @@ class AffineFlowBlock(nn.Module):
         n, length, _ = out.shape
         if length == 1:
             return self._order(out)
-        temb = self.time_embedding(emb)[:, None]  # (N, 1, width)
+        temb = self.time_embedding(emb, ctx)[:, None]  # (N, 1, width)
         position = torch.zeros(1, dtype=torch.long, device=out.device)  # the token fed at this step
         caches = self.layers.make_static_caches(length - 1, position)
         cos, sin = rope
@@ -224,6 +317,13 @@ class TransformerTransporter(Transporter):
     (see the module docstring) and defaults to the attribute :attr:`inverse_method`, ``"kv-cache"``. Set
     ``transporter.inverse_method = "graph"`` (CUDA) or ``"static"`` to make every caller (e.g.
     :meth:`~trajflow.TrajectoryDistribution.decode`) use that path.
+
+    With a conditional config (``num_classes`` or ``text_features``), ``forward(x, t, cond, drop_cond)`` and
+    ``inverse(u, t, cond, drop_cond)`` need the condition: class indices ``batch`` (long), or text
+    ``(features (*batch, L, text_features), mask (*batch, L))`` (mask True on real tokens), and optionally
+    ``drop_cond`` ``batch`` (bool, True = null context). ``cond=None`` is accepted only with a
+    ``drop_cond`` that drops every example (the null context everywhere). Every inverse method uses the
+    context. Unconditional configs reject a ``cond`` that is not None and ignore ``drop_cond``.
 
     Arguments:
         config: A :class:`TransformerTransporterConfig`.
@@ -252,54 +352,164 @@ class TransformerTransporter(Transporter):
         self.rope = RotaryEmbedding2D(config.width // config.heads, config.rope_base)
         self.register_buffer("positions", patch_grid(h, w, config.patch_size), persistent=False)  # (L, 2)
         self.blocks = nn.ModuleList(AffineFlowBlock(config, flip=i % 2 == 1) for i in range(config.blocks))
+        self.cond_event_dims = config.cond_event_dims
+        if self.cond_event_dims is not None:
+            self.condition = TransporterCondition(config)
 
-    def _prepare(self, name: str, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor, torch.Size]:
-        """Validate and flatten: ``x`` -> tokens ``(N, L, D)``, ``t`` -> embedding ``(N, F)``, batch shape."""
+    def _describe_cond(self) -> str:
+        cfg = self.config
+        if cfg.num_classes is not None:
+            return f"class indices (torch.long, values in [0, {cfg.num_classes - 1}])"
+        return f"a tuple (features (*batch, L, {cfg.text_features}), mask (*batch, L))"
+
+    def check_cond(self, cond: Condition | None, drop_cond: Tensor | None, batch: torch.Size) -> None:
+        """Raise a :class:`ValueError` naming ``cond`` (or ``drop_cond``) unless they fit this transporter.
+
+        ``batch`` is the data's batch shape; ``cond``'s batch shape and ``drop_cond``'s shape must equal it.
+        """
+        batch = torch.Size(batch)
+        if not self.is_conditional:
+            self.reject_cond(cond)
+            return
+        cfg = self.config
+        if drop_cond is not None:
+            check_tensor("drop_cond", drop_cond)
+            if drop_cond.dtype != torch.bool or drop_cond.shape != batch:
+                raise ValueError(
+                    f"drop_cond: expected a bool tensor of shape {tuple(batch)}, got {drop_cond.dtype} of shape "
+                    f"{tuple(drop_cond.shape)}"
+                )
+        if cond is None:
+            if drop_cond is None:
+                raise ValueError(
+                    f"cond: this transporter is conditional, expected {self._describe_cond()} of batch shape "
+                    f"{tuple(batch)}, got None (pass drop_cond=torch.ones({tuple(batch)}, dtype=torch.bool) for "
+                    "the null context)"
+                )
+            if cfg.validate_args and drop_cond.numel() and not bool(drop_cond.all()):
+                raise ValueError(
+                    f"cond: expected {self._describe_cond()} for the {int((~drop_cond).sum())} examples that "
+                    "drop_cond keeps, got None (cond=None means the null context: drop_cond must be all True)"
+                )
+            return
+        if cfg.num_classes is not None:
+            if not isinstance(cond, Tensor):
+                raise ValueError(f"cond: expected {self._describe_cond()}, got {type(cond).__name__}")
+            if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
+                raise ValueError(f"cond: expected integer class indices (torch.long), got dtype {cond.dtype}")
+            if cond.shape != batch:
+                raise ValueError(
+                    f"cond: expected class indices of shape {tuple(batch)} (one per data point), got "
+                    f"{tuple(cond.shape)}"
+                )
+            if cfg.validate_args and cond.numel() and not bool(((cond >= 0) & (cond < cfg.num_classes)).all()):
+                raise ValueError(
+                    f"cond: expected class indices in [0, {cfg.num_classes - 1}], got values in "
+                    f"[{int(cond.min())}, {int(cond.max())}]"
+                )
+            return
+        if not isinstance(cond, tuple) or len(cond) != 2 or not all(isinstance(c, Tensor) for c in cond):
+            got = "a single tensor (no mask)" if isinstance(cond, Tensor) else type(cond).__name__
+            if isinstance(cond, tuple):
+                got = f"a tuple of {len(cond)} item(s)"
+            raise ValueError(f"cond: expected {self._describe_cond()}, got {got}")
+        features, mask = cond
+        if features.dim() != len(batch) + 2 or features.shape[-1] != cfg.text_features:
+            raise ValueError(
+                f"cond: expected text features of width {cfg.text_features}, shape (*batch, L, "
+                f"{cfg.text_features}) with batch {tuple(batch)}, got features of shape {tuple(features.shape)}"
+            )
+        if features.shape[: len(batch)] != batch:
+            raise ValueError(
+                f"cond: expected batch shape {tuple(batch)} (one condition per data point), got "
+                f"{tuple(features.shape[: len(batch)])} (features of shape {tuple(features.shape)})"
+            )
+        if not features.is_floating_point():
+            raise ValueError(f"cond: expected floating-point text features, got dtype {features.dtype}")
+        if mask.shape != features.shape[:-1]:
+            raise ValueError(
+                f"cond: expected a mask of shape {tuple(features.shape[:-1])} matching the features "
+                f"{tuple(features.shape)}, got {tuple(mask.shape)}"
+            )
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")
+
+    def _prepare(
+        self, name: str, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, torch.Size]:
+        """Validate and flatten: ``x`` -> tokens ``(N, L, D)``, ``t`` -> embedding ``(N, F)``, the condition
+        -> context ``(N, width)`` (``None`` when unconditional), and the batch shape."""
         check_images(name, x, self.event_shape)
         self.check_input(name, x, t)
         if self.config.validate_args:
             check_times("t", t)
         batch = x.shape[:-3]
+        self.check_cond(cond, drop_cond, batch)
         tokens = patchify(x.reshape(-1, *self.event_shape), self.config.patch_size)  # (N, L, D)
-        return tokens, self.time_embedding(t.reshape(-1).to(x.device)), batch
+        ctx = None
+        if self.is_conditional:
+            n = tokens.shape[0]
+            flat = None if cond is None else align_cond(cond, self.cond_event_dims, batch)  # type: ignore[arg-type]
+            drop = None if drop_cond is None else drop_cond.reshape(-1)
+            ctx = self.condition(flat, drop, n, x.device)
+        return tokens, self.time_embedding(t.reshape(-1).to(x.device)), ctx, batch
 
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``(u, ladj)`` with ``u = f_T(x, t)`` of ``x.shape`` and ``ladj`` of shape ``batch``."""
-        z, emb, batch = self._prepare("x", x, t)
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(u, ladj)`` with ``u = f_T(x, t[, y])`` of ``x.shape`` and ``ladj`` of shape ``batch``.
+
+        ``cond``/``drop_cond``: the condition (batch shape ``batch``) and dropout mask, for a conditional
+        config (see the class docstring).
+        """
+        z, emb, ctx, batch = self._prepare("x", x, t, cond, drop_cond)
         rope = self.rope(self.positions)
         ladj = z.new_zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32))
         for block in self.blocks:
-            z, block_ladj = block(z, emb, rope)
+            z, block_ladj = block(z, emb, rope, ctx)
             ladj = ladj + block_ladj
         u = unpatchify(z, self.config.patch_size, self.event_shape).reshape(x.shape)
         return u, ladj.reshape(batch)
 
-    def _invert(self, u: Tensor, t: Tensor, naive: bool) -> Tensor:
-        z, emb, _ = self._prepare("u", u, t)
+    def _invert(
+        self, u: Tensor, t: Tensor, naive: bool, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        z, emb, ctx, _ = self._prepare("u", u, t, cond, drop_cond)
         rope = self.rope(self.positions)
         for block in reversed(self.blocks):
-            z = block.inverse(z, emb, rope, naive=naive)
+            z = block.inverse(z, emb, rope, ctx, naive=naive)
         return unpatchify(z, self.config.patch_size, self.event_shape).reshape(u.shape)
 
-    def decode_static(self, z: Tensor, emb: Tensor) -> Tensor:
-        """Tokens ``z`` ``(N, L, D)`` and time features ``emb`` ``(N, time_features)`` -> decoded tokens.
+    def decode_static(self, z: Tensor, emb: Tensor, ctx: Tensor | None = None) -> Tensor:
+        """Tokens ``z`` ``(N, L, D)``, time features ``emb`` ``(N, time_features)`` and, for a conditional
+        config, the condition context ``ctx`` ``(N, width)`` -> decoded tokens.
 
         Every block's :meth:`AffineFlowBlock.inverse_static`, in reverse order: no argument checks and no
         host synchronisation, fixed shapes for a given ``N`` (what a CUDA graph captures). Without grad.
         """
         rope = self.rope(self.positions)
         for block in reversed(self.blocks):
-            z = block.inverse_static(z, emb, rope)
+            z = block.inverse_static(z, emb, rope, ctx)
         return z
 
-    def inverse(self, u: Tensor, t: Tensor, *, method: str | None = None) -> Tensor:
-        """``x = f_T^{-1}(u, t)``: token-by-token decoding, blocks in reverse order.
+    def inverse(
+        self,
+        u: Tensor,
+        t: Tensor,
+        cond: Condition | None = None,
+        drop_cond: Tensor | None = None,
+        *,
+        method: str | None = None,
+    ) -> Tensor:
+        """``x = f_T^{-1}(u, t[, y])``: token-by-token decoding, blocks in reverse order.
 
         Costs ``L - 1`` one-token passes per block.
 
         Arguments:
             u: ``(*batch, C, H, W)``.
             t: ``batch``, in [0, 1].
+            cond, drop_cond: The condition and its dropout mask, as in :meth:`forward` (every method uses
+                the same context).
             method: ``"kv-cache"`` (autograd-safe; under :func:`torch.no_grad` the cache is preallocated),
                 ``"static"`` (fixed-shape static cache, any device), ``"graph"`` (the static decode replayed
                 from a CUDA graph captured per batch size and dtype; CUDA only) or ``"naive"``; ``None``
@@ -313,22 +523,24 @@ class TransformerTransporter(Transporter):
         if method not in INVERSE_METHODS:
             raise ValueError(f"method: expected one of {list(INVERSE_METHODS)} or None, got {method!r}")
         if method == "kv-cache":
-            return self._invert(u, t, naive=False)
+            return self._invert(u, t, False, cond, drop_cond)
         if method == "naive":
-            return self._invert(u, t, naive=True)
+            return self._invert(u, t, True, cond, drop_cond)
         from .static_inverse import graphed_inverse  # noqa: PLC0415 (the helper imports this module)
 
         if method == "graph":
-            return graphed_inverse(self)(u, t)
+            return graphed_inverse(self)(u, t, cond, drop_cond)
         _check_no_grad(u, t, method)
-        z, emb, _ = self._prepare("u", u, t)
+        z, emb, ctx, _ = self._prepare("u", u, t, cond, drop_cond)
         with torch.no_grad():
-            z = self.decode_static(z, emb)
+            z = self.decode_static(z, emb, ctx)
         return unpatchify(z, self.config.patch_size, self.event_shape).reshape(u.shape)
 
-    def inverse_naive(self, u: Tensor, t: Tensor) -> Tensor:
+    def inverse_naive(
+        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
         """The same as :meth:`inverse`, recomputing the full causal pass at every token (a reference)."""
-        return self._invert(u, t, naive=True)
+        return self._invert(u, t, True, cond, drop_cond)
 
 
 def _check_no_grad(u: Tensor, t: Tensor, method: str) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.distributions import Transform
 from zuko.lazy import Flow, LazyTransform
 
+from ..conditioning import Condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..numerics import upcast
 from .base import Transporter
@@ -22,6 +23,9 @@ class ZukoTransporter(Transporter):
 
     :meth:`transform` returns zuko's own :class:`~torch.distributions.Transform` (data to base, with a
     fused ``call_and_ladj``), so a step of the trajectory is a genuine zuko flow.
+
+    It is unconditional: ``cond`` must be ``None`` (a :class:`ValueError` naming ``cond`` otherwise) and
+    ``drop_cond`` is ignored.
 
     Arguments:
         features: Dimension of the data vectors.
@@ -75,13 +79,18 @@ class ZukoTransporter(Transporter):
             raise ValueError(f"flow: expected a zuko Flow or LazyTransform, got {type(flow).__name__}")
         self.flow = flow
 
-    def transform(self, t: Tensor) -> Transform:
+    def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
+        self.reject_cond(cond)
         # zuko broadcasts the context (*batch, E) against inputs (*sample, *batch, F).
         return self.flow(self.time(t))
 
-    def forward(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        u, ladj = self.transform(t).call_and_ladj(x)
+    def forward(
+        self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        u, ladj = self.transform(t, cond).call_and_ladj(x)
         return u, upcast(ladj)
 
-    def inverse(self, u: Tensor, t: Tensor) -> Tensor:
-        return self.transform(t).inv(u)
+    def inverse(
+        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        return self.transform(t, cond).inv(u)
