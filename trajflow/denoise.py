@@ -346,7 +346,7 @@ class DistillationLoss:
         dist = teacher.distribution(grid, cond, drop_cond=drop, validate_args=False)
         target = trajectory_score_denoise(dist, traj, clip_percentile=self.clip_percentile)
         with torch.no_grad():
-            u0, _ = teacher.transporter(traj[:, 0], t0)
+            u0, _ = dist._transport(traj[:, 0], t0)  # with the condition, if the transporter sees it
         return u0.detach(), t0, target.detach(), drop
 
     def __call__(

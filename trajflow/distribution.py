@@ -10,6 +10,11 @@ transporter skipped at :math:`t = 1`. So
 .. math:: \log p(x_s | x_t) = \log \mathcal{N}(z; 0, I) - \sum \log \sigma_P
           + \log |\det \partial f_T(x_s, s) / \partial x_s|.
 
+A conditional transporter (:attr:`~trajflow.transporters.Transporter.is_conditional`) is
+:math:`f_T(x, t, y)`: it gets the distribution's condition and ``drop_cond`` (broadcast over sample and
+level dims as the predictor's are), with ``cond=None`` meaning the null context everywhere. Under guidance
+it gets the **conditional** context (only the predictor's Gaussian is guided).
+
 Shapes: ``event_shape = (T + 1, *data_shape)``; ``batch_shape`` is the broadcast of the condition's
 batch shape, the grid's batch shape and ``drop_cond``'s shape; ``sample(sample_shape)`` returns
 ``(*sample_shape, *batch_shape, T + 1, *data_shape)``, ordered from the cleanest level (index 0) to
@@ -62,6 +67,12 @@ def check_compatible(transporter: Transporter, predictor: Predictor) -> None:
         raise ValueError(
             f"transporter/predictor: their event shapes disagree: the transporter maps "
             f"{tuple(transporter.event_shape)} but the predictor expects {tuple(predictor.event_shape)}"
+        )
+    if transporter.is_conditional and transporter.cond_event_dims != predictor.cond_event_dims:
+        raise ValueError(
+            f"transporter/predictor: the transporter is conditional with cond_event_dims "
+            f"{transporter.cond_event_dims!r} but the predictor takes {predictor.cond_event_dims!r}; both must "
+            "take the same kind of condition (class indices: 0; text (features, mask): (2, 1))"
         )
 
 
@@ -123,6 +134,8 @@ class TrajectoryDistribution(Distribution):
         if guidance > 0 and cond is None:
             raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
         cond_batch = predictor.check_cond(cond)
+        if transporter.is_conditional and cond is not None:
+            transporter.check_cond(cond, None, cond_batch)  # the transporter's own messages (width, kind)
         if drop_cond is not None:
             check_tensor("drop_cond", drop_cond)
             if drop_cond.dtype != torch.bool:
@@ -197,13 +210,48 @@ class TrajectoryDistribution(Distribution):
         """The grid broadcast to ``(*lead, T + 1)``; ``lead`` ends with the batch shape."""
         return self.grid.expand(*lead, self.steps + 1)
 
-    def _transport(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """``f_T`` on ``x`` of shape ``(*L, *data)`` at times ``t`` of shape ``L``."""
-        u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1))
+    def _transporter_args(
+        self, lead: torch.Size, inner: int, device: torch.device, flat: bool = True
+    ) -> tuple[Condition | Tensor | None, ...]:
+        """The transporter's extra arguments ``(cond, drop_cond)`` for inputs of leading shape ``lead``.
+
+        ``lead = (*sample, *batch, *inner dims)`` as in :meth:`_predict`. Flattened to ``lead.numel()``
+        (``flat``) or of batch shape ``lead``. ``()`` for an unconditional transporter (called as
+        ``f(x, t)``, so transporters written before conditions existed still work); the null context
+        everywhere (``drop_cond`` all True) when the distribution has no condition. Never guided.
+        """
+        if not self.transporter.is_conditional:
+            return ()
+        n = lead.numel()
+        shape = torch.Size((n,)) if flat else lead
+        if self.cond is None:
+            return None, torch.ones(shape, dtype=torch.bool, device=device)
+        cond = align_cond(self.cond, self.transporter.cond_event_dims, lead, inner)  # type: ignore[arg-type]
+        if not flat:
+            cond = map_cond(
+                lambda c, ed: c.reshape(*lead, *c.shape[c.dim() - ed :]), cond, self.transporter.cond_event_dims
+            )
+        drop = None
+        if self.drop_cond is not None:
+            d = self.drop_cond.to(device)
+            drop = d.reshape(*d.shape, *([1] * inner)).expand(lead).reshape(shape)
+        return cond, drop
+
+    def _transport(self, x: Tensor, t: Tensor, inner: int = 0) -> tuple[Tensor, Tensor]:
+        """``f_T`` on ``x`` of shape ``(*L, *data)`` at times ``t`` of shape ``L``.
+
+        ``L = (*sample, *batch, *inner dims)``: the condition (if the transporter sees it) is broadcast over
+        the sample dims on the left and the ``inner`` dims on the right (e.g. the level axis).
+        """
+        args = self._transporter_args(t.shape, inner, x.device)
+        u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1), *args)
         return u.reshape(x.shape), upcast(ladj).reshape(t.shape)
 
-    def _inverse(self, u: Tensor, t: Tensor) -> Tensor:
-        return self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1)).reshape(u.shape)
+    def _inverse(self, u: Tensor, t: Tensor, inner: int = 0) -> Tensor:
+        """``f_T^{-1}`` on ``u`` of shape ``(*L, *data)`` at times ``t`` of shape ``L`` (see :meth:`_transport`)."""
+        args = self._transporter_args(t.shape, inner, u.device)
+        x = self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1), *args)
+        return x.reshape(u.shape)
 
     def _predict(self, u_t: Tensor, t: Tensor, s: Tensor, inner: int) -> tuple[Tensor, Tensor]:
         """``(mu, sigma)`` for ``u_t`` of shape ``(*L, *data)``; ``L = (*sample, *batch, *inner dims)``."""
@@ -264,7 +312,7 @@ class TrajectoryDistribution(Distribution):
         times = self._times(lead)  # (*lead, T+1)
         x_lo, x_T = x.narrow(level, 0, T), x.narrow(level, T, 1)
         # All levels below T go through the transporter in one batch; level T (t = 1) is skipped.
-        u_lo, ladj = self._transport(x_lo, times[..., :T])  # (*lead, T, *data), (*lead, T)
+        u_lo, ladj = self._transport(x_lo, times[..., :T], inner=1)  # (*lead, T, *data), (*lead, T)
         u_hi = torch.cat([u_lo.narrow(level, 1, T - 1), x_T], dim=level)  # u_{t_1..t_T}
         mu, sigma = self._predict(u_hi, times[..., 1:], times[..., :T], inner=1)
         z = (upcast(u_lo) - upcast(mu)) / sigma
@@ -325,8 +373,9 @@ class TrajectoryDistribution(Distribution):
         t, s = times[..., k], times[..., k - 1]
         u_t = x if k == self.steps else self._transport(x, t)[0]
         mu, sigma = self._predict(u_t, t, s, inner=0)
+        args = self._transporter_args(lead, 0, x.device, flat=False)
         transform = ComposedTransform(
-            self.transporter.transform(s),
+            self.transporter.transform(s, *args),
             AffineTransform(upcast(mu), sigma, event_dim=self._data_dim).inv,
         )
         zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device, dtype=sigma.dtype)
@@ -377,7 +426,7 @@ class TrajectoryDistribution(Distribution):
         level = latents.dim() - self._data_dim - 1
         lead = latents.shape[:level]
         T = self.steps
-        x_lo = self._inverse(latents.narrow(level, 0, T), self._times(lead)[..., :T])
+        x_lo = self._inverse(latents.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)
         return torch.cat([x_lo, latents.narrow(level, T, 1)], dim=level)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
@@ -395,7 +444,7 @@ class TrajectoryDistribution(Distribution):
         traj = self.decode(latents)
         level = traj.dim() - self._data_dim - 1
         lead, T, dd = traj.shape[:level], self.steps, self._data_dim
-        _, ladj = self._transport(traj.narrow(level, 0, T), self._times(lead)[..., :T])
+        _, ladj = self._transport(traj.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)
         factors = _std_normal_log_prob(z, dd) - log_sigma + ladj
         prior = _std_normal_log_prob(traj.narrow(level, T, 1).squeeze(level), dd)
         return traj, prior + factors.sum(-1)

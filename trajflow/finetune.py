@@ -124,14 +124,18 @@ def check_identity(
 ) -> None:
     r"""Raise a :class:`ValueError` unless ``transporter(x, t) == (x, 0)`` within ``atol`` on random inputs.
 
-    Checks ``num_samples`` points :math:`x \sim \mathcal{N}(0, 4 I)` at times spread over [0, 1].
+    Checks ``num_samples`` points :math:`x \sim \mathcal{N}(0, 4 I)` at times spread over [0, 1] (a
+    conditional transporter at the null context).
     """
     if not isinstance(transporter, Transporter):
         raise ValueError(f"transporter: expected a trajflow Transporter, got {type(transporter).__name__}")
     device = next((p.device for p in transporter.parameters()), torch.device("cpu"))
     x = 2.0 * torch.randn(num_samples, *transporter.event_shape, generator=generator).to(device)
     t = torch.linspace(0.0, 0.99, num_samples, device=device)
-    u, ladj = transporter(x, t)
+    # A conditional transporter is checked at the null context (its zero-initialised condition projections
+    # make every context give the same map at initialisation).
+    args = (None, torch.ones(num_samples, dtype=torch.bool, device=device)) if transporter.is_conditional else ()
+    u, ladj = transporter(x, t, *args)
     err, lerr = float((u - x).abs().max()), float(ladj.abs().max())
     if err > atol or lerr > atol:
         raise ValueError(
