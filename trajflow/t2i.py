@@ -145,6 +145,9 @@ class ModelConfig:
             :class:`~trajflow.transporters.TransformerTransporterConfig`): how far one block may expand or
             contract a token. A small bound keeps :math:`u` at the data's scale, so that errors of the
             predictor in :math:`u` space are not amplified by the inverse.
+        transporter_condition: the transporter also sees the caption, :math:`f_T(x, t, y)` (mean-pooled
+            text features added to its time embedding, zero-initialised; an ablation, off in NTM). Needs
+            ``transporter == "transformer"``.
         steps: NTM's trajectory length ``T`` in training (a list draws one per example: multi-T).
         t_min: range of the per-example cleanest time (NTM: U[0, 0.05]).
         shift: time-grid shift; ``None`` uses :func:`trajflow.sequence_shift` of the token count.
@@ -176,6 +179,7 @@ class ModelConfig:
     transporter_layers: int = 2
     transporter_scale_bound: float = 6.0
     transporter: str = "transformer"
+    transporter_condition: bool = False
     steps: int | list[int] = 4
     t_min: tuple[float, float] = (0.0, 0.05)
     shift: float | None = None
@@ -210,6 +214,11 @@ class ModelConfig:
             raise ValueError(f"model.cond_drop: expected a probability in [0, 1), got {self.cond_drop!r}")
         if self.transporter not in ("transformer", "identity"):
             raise ValueError(f"model.transporter: expected 'transformer' or 'identity', got {self.transporter!r}")
+        if self.transporter_condition and self.transporter != "transformer":
+            raise ValueError(
+                f"model.transporter_condition: only the 'transformer' transporter can see the caption, got "
+                f"model.transporter={self.transporter!r}"
+            )
         if self.predictor not in ("residual", "posterior"):
             raise ValueError(f"model.predictor: expected 'residual' or 'posterior', got {self.predictor!r}")
         if isinstance(self.factor_weights, str):
@@ -319,7 +328,7 @@ class T2IConfig:
                     )
             try:  # the networks' own checks (heads vs width, ...), reported under model.*
                 self.predictor_config(1, (3, side, side))
-                self.transporter_config((3, side, side))
+                self.transporter_config((3, side, side), 1)
             except ValueError as e:
                 raise ValueError(f"model.{e}") from None
 
@@ -382,11 +391,17 @@ class T2IConfig:
             validate_args=m.validate_args,
         )
 
-    def transporter_config(self, data_shape: tuple[int, int, int]):
-        """The NTM transporter's :class:`TransformerTransporterConfig`."""
+    def transporter_config(self, data_shape: tuple[int, int, int], text_features: int | None = None):
+        """The NTM transporter's :class:`TransformerTransporterConfig` (conditioned on text features of width
+        ``text_features`` when ``model.transporter_condition``)."""
         from .transporters.transformer import TransformerTransporterConfig
 
         m = self.model
+        if m.transporter_condition and not text_features:
+            raise ValueError(
+                f"transporter_condition: a text-conditioned transporter needs the text feature width, got "
+                f"text_features={text_features!r}"
+            )
         return TransformerTransporterConfig(
             tuple(data_shape),
             m.transporter_patch_size or m.patch_size,
@@ -398,6 +413,7 @@ class T2IConfig:
             time_features=m.time_features,
             scale_bound=m.transporter_scale_bound,
             validate_args=m.validate_args,
+            text_features=text_features if m.transporter_condition else None,
         )
 
     def shift_for(self, data_shape: tuple[int, int, int]) -> float:
@@ -627,15 +643,18 @@ def dataset_captions(dataset: Dataset) -> list[str] | None:
     return None
 
 
-def build_transporter(config: T2IConfig, data_shape: tuple[int, int, int]) -> nn.Module:
+def build_transporter(
+    config: T2IConfig, data_shape: tuple[int, int, int], text_features: int | None = None
+) -> nn.Module:
     """NTM's transporter: the TarFlow-style :class:`~trajflow.transporters.TransformerTransporter`, or the
-    identity for ``model.transporter == "identity"`` (the Gaussian-step model of NTM App. A.2)."""
+    identity for ``model.transporter == "identity"`` (the Gaussian-step model of NTM App. A.2).
+    ``text_features``: the caption features' width, for ``model.transporter_condition``."""
     from .transporters import IdentityTransporter
     from .transporters.transformer import TransformerTransporter
 
     if config.model.transporter == "identity":
         return IdentityTransporter(tuple(data_shape))
-    return TransformerTransporter(config.transporter_config(data_shape))
+    return TransformerTransporter(config.transporter_config(data_shape, text_features))
 
 
 def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, int, int]) -> nn.Module:
@@ -654,7 +673,7 @@ def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, in
     pc = config.predictor_config(text_features, data_shape)
     if config.model.kind == "fm":
         return TransformerVelocity(pc)
-    transporter = build_transporter(config, data_shape)
+    transporter = build_transporter(config, data_shape, text_features)
     if config.model.kind == "ntm-fm" or config.model.predictor == "posterior":
         return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
     return NTM(transporter, TransformerPredictor(pc))
@@ -737,7 +756,7 @@ def init_ntm_from_fm(
     if tuple(fm.data_shape) != tuple(data_shape):
         raise ValueError(f"model.init_from: the flow-matching run models {fm.data_shape}, this config {data_shape}")
     velocity = fm.model.train()
-    transporter = build_transporter(config, data_shape).to(device)
+    transporter = build_transporter(config, data_shape, velocity.config.text_features).to(device)
     return init_from_flow_matching(velocity, transporter, c_min=m.c_min)
 
 
