@@ -143,7 +143,8 @@ class TransporterTransform(Transform):
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat, t, cond, drop, batch = self._flat(x)
-        u, ladj = self.transporter(flat, t, cond, drop)
+        args = () if cond is None and drop is None else (cond, drop)  # f(x, t) for unconditional ones
+        u, ladj = self.transporter(flat, t, *args)
         return u.reshape(x.shape), ladj.reshape(batch)
 
     def _call(self, x: Tensor) -> Tensor:
@@ -151,7 +152,8 @@ class TransporterTransform(Transform):
 
     def _inverse(self, u: Tensor) -> Tensor:
         flat, t, cond, drop, _ = self._flat(u)
-        return self.transporter.inverse(flat, t, cond, drop).reshape(u.shape)
+        args = () if cond is None and drop is None else (cond, drop)
+        return self.transporter.inverse(flat, t, *args).reshape(u.shape)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.call_and_ladj(x)[1]
