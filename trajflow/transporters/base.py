@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ..checks import check_event_shape, check_tensor
-from ..conditioning import Condition, EventDims, align_cond
+from ..conditioning import Condition, EventDims, align_cond, cond_batch_shape
 
 __all__ = ["Transporter", "TransporterTransform"]
 
@@ -72,6 +72,23 @@ class Transporter(nn.Module, ABC):
         ``cond`` (batch shape ``batch``) and ``drop_cond`` (``batch``) are broadcast over ``sample`` likewise.
         """
         return TransporterTransform(self, t, cond, drop_cond)
+
+    def check_cond(self, cond: Condition | None, drop_cond: Tensor | None, batch: torch.Size) -> None:
+        """Raise a :class:`ValueError` naming ``cond`` unless it suits this transporter for data of batch
+        shape ``batch``. The default: an unconditional transporter rejects a condition; a conditional one
+        needs ``cond`` of batch shape ``batch`` (or ``None`` with a ``drop_cond``). Subclasses check more."""
+        if not self.is_conditional:
+            self.reject_cond(cond)
+            return
+        if cond is None:
+            if drop_cond is None:
+                raise ValueError("cond: this transporter is conditional, expected a condition, got None")
+            return
+        got = cond_batch_shape(cond, self.cond_event_dims)  # type: ignore[arg-type]
+        if got != torch.Size(batch):
+            raise ValueError(
+                f"cond: expected batch shape {tuple(batch)} (one condition per data point), got {tuple(got)}"
+            )
 
     def reject_cond(self, cond: Condition | None) -> None:
         """Raise a :class:`ValueError` naming ``cond`` unless it is ``None`` (for unconditional transporters)."""
