@@ -211,14 +211,14 @@ def test_other_transporters_and_the_protocol() -> None:
 # ------------------------------------------------------------------------------------- in the distribution
 
 
-def ntm(kind: str) -> trajflow.NTM:
-    f = make(kind)
+def ntm(kind: str, dtype: torch.dtype = torch.float64) -> trajflow.NTM:
+    f = make(kind, dtype=dtype)
     extra = {"text_features": TEXT} if kind == "text" else {"num_classes": CLASSES}
     torch.manual_seed(1)
     p = TransformerPredictor(TransformerPredictorConfig(SHAPE, 2, width=16, depth=1, heads=2, time_features=8, **extra))
     for m in (p.head,):
         torch.nn.init.normal_(m.weight, std=0.1)
-    return trajflow.NTM(f, p.to(torch.float64))
+    return trajflow.NTM(f, p.to(dtype))
 
 
 @pytest.mark.parametrize("kind", ["text", "class"])
@@ -294,3 +294,18 @@ def test_t2i_transporter_condition() -> None:
     with pytest.raises(ValueError, match="transporter_condition"):
         on.transporter_config((3, 32, 32))
 
+
+
+def test_identity_check_and_distillation_with_a_conditional_transporter() -> None:
+    from trajflow.denoise import DistillationLoss
+    from trajflow.finetune import check_identity
+
+    check_identity(make("text", perturb=0.0, dtype=torch.float32))  # zero-init: the identity for any condition
+    with pytest.raises(ValueError, match="expected the identity"):
+        check_identity(make("text", dtype=torch.float32))
+    model = ntm("class", torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    u0, t0, target, drop = DistillationLoss(model, steps=2, cond_drop=0.5).targets(
+        torch.randn(3, *SHAPE), random_cond("class", 3, 0), generator=gen
+    )
+    assert u0.shape == target.shape == (3, *SHAPE) and bool(torch.isfinite(target).all())
