@@ -293,6 +293,8 @@ def test_t2i_transporter_condition() -> None:
     assert tc.text_features == 8 and tc.cond_event_dims == (2, 1)
     with pytest.raises(ValueError, match="transporter_condition"):
         on.transporter_config((3, 32, 32))
+    with pytest.raises(ValueError, match="model.transporter_condition: only the 'transformer'"):
+        ModelConfig(transporter_condition=True, transporter="identity")
 
 
 
