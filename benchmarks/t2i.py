@@ -1,29 +1,45 @@
-r"""Text-to-image: NTM at 4 steps against flow matching at 4 and 50 Euler steps, same backbone and budget.
+r"""Text-to-image at equal training time: NTM at 4 steps against flow matching at 4 and 50 Euler steps.
 
-For each task, both models are trained by :func:`trajflow.t2i.train_t2i` from the same config, differing only
-in ``model.kind``: ``ntm`` (TarFlow-style transporter + transformer predictor, trajectory NLL, T = 4) and
-``fm`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with the predictor's width and depth,
-flow-matching loss). Same data, text encoder (frozen MiniLM), batch size, steps, optimiser, schedule, EMA and
-seed. Then, on held-out prompts (scene seeds the models never saw), with classifier-free guidance
-``sample.guidance`` for both:
+Every method of a task trains, with :func:`trajflow.t2i.train_t2i`, from the same config file for the same
+**wall-clock budget** (``budget_seconds``), on the same data, text encoder (frozen MiniLM), batch size,
+optimiser, schedule shape, EMA and seed:
 
-* ``compositional_score`` (shapes only): GenEval-style, read back by a classifier trained on the generator's
-  ground truth (:mod:`trajflow.evaluation.compositional`); the same classifier's score of the real images of
-  the prompts is reported as method ``real`` (the ceiling), with its held-out accuracy;
-* ``frechet_distance``: between generated and real images of the same prompts, on features of a network
-  trained here (shapes: the reader's per-cell features; emoji: a contrastive image-text network), so it only
-  compares rows of this file;
-* ``train_images_per_s``, ``sample_images_per_s`` (batch ``sample.batch_size``, guidance included) and
-  ``peak_memory_gib`` (GPU: ``torch.cuda.max_memory_allocated`` of training; CPU: the training process's peak
-  resident set size, measured in a child process, which includes the text encoder and the data).
+* ``fm-euler``: a :class:`~trajflow.predictors.transformer.TransformerVelocity` trained with flow matching,
+  sampled with 4 and 50 Euler steps;
+* ``ntm``: an NTM trained from scratch with the recipe of the task (see ``docs/t2i.md`` for how it was
+  chosen), sampled with 4 steps;
+* ``ntm-fm``: the paper's text-to-image recipe (NTM §3.3): flow matching for ``pretrain_fraction`` of the
+  budget, then an NTM initialised from it (identity transporter + the velocity model's Gaussian posterior,
+  mean-alignment loss) fine-tuned for the rest. Its ``train_seconds`` is the sum of both stages.
+
+"Equal time" is enforced by calibration: each run first trains 10 and 50 steps, and the difference gives
+its seconds per step on this machine under the same load, from which its number of steps is set so that
+its schedule ends at the budget. Rows record the measured ``train_seconds`` (optimizer steps only, no
+checkpointing) and the parameter count.
+
+Evaluation, per trained model and number of sampling steps: the classifier-free guidance weight is chosen
+from ``guidance_grid`` by the compositional score on ``n_val_prompts`` **validation** prompts (a scene seed
+apart from the test prompts), then the test prompts (``n_prompts``, scene seed
+:data:`~trajflow.evaluation.PROMPT_SEED`) are generated once and scored:
+
+* ``compositional_score`` (GenEval-style, :mod:`trajflow.evaluation.compositional`), with its breakdown
+  ``colour_accuracy`` / ``shape_accuracy`` / ``position_accuracy`` / ``count_accuracy``; the same reader's
+  score of the real images is method ``real`` (the ceiling);
+* ``frechet_distance`` on the reader's per-cell features (comparable only within this file);
+* ``sample_images_per_s`` (batch ``sample.batch_size``, guidance included).
+
+Each seed gives its own rows (``seed`` 0, 1, 2); rows with ``"seed": "mean"`` give the mean over seeds with
+``std`` (sample standard deviation), ``min`` and ``max``. Every row carries ``"budget": "equal-time"``.
+``details.json`` in ``--work`` keeps the per-level diagnosis of every sampler
+(:func:`~trajflow.evaluation.evaluate_shapes_levels`), the guidance sweeps and the training logs.
 
 Usage::
 
-    python benchmarks/t2i.py --config cpu    # shapes 16 px, about 15 minutes on 2 shared CPU cores
-    python benchmarks/t2i.py --config gpu    # shapes 32 px, emoji 32 and 64 px: >= 10 minutes per model on one GPU
+    python benchmarks/t2i.py --config cpu        # shapes 16 px, 3 seeds, about 30 minutes on 2 CPU cores
+    python benchmarks/t2i.py --config gpu        # shapes 32 px on one GPU (not run yet)
+    python benchmarks/t2i.py --config cpu --smoke   # seconds: the whole pipeline at a tiny budget, 1 seed
 
-Writes ``benchmarks/results/t2i.json`` and a sample grid per task (real / NTM 4 / FM 4 / FM 50) under
-``docs/t2i/``. Runs (checkpoints) go to ``--work`` (default ``runs/bench-t2i``).
+Writes ``benchmarks/results/t2i.json`` and a sample grid per task (real, then each method) under ``docs/t2i/``.
 """
 
 from __future__ import annotations
@@ -32,10 +48,11 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
+import shutil
+import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,282 +63,394 @@ from _common import RESULTS, ROOT, command_line, write_results  # noqa: E402
 
 from trajflow.checkpoint import save_json  # noqa: E402
 from trajflow.evaluation import (  # noqa: E402
-    dataset_pairs,
+    PROMPT_SEED,
+    evaluate_shapes_levels,
     evaluate_shapes_model,
-    evaluate_text_image_model,
     load_or_train_shapes_reader,
-    load_or_train_text_image_features,
     shapes_prompts,
 )
-from trajflow.t2i import T2IConfig, apply_overrides, build_dataset, load_t2i, save_image_grid, train_t2i  # noqa: E402
+from trajflow.t2i import T2IConfig, apply_overrides, load_t2i, save_image_grid, train_t2i  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "t2i" / "configs"
+#: Scene seed of the validation prompts on which the guidance weight is chosen (apart from the test prompts).
+VALIDATION_PROMPT_SEED = PROMPT_SEED + 1
+BUDGET = "equal-time"
+SCORES = ("compositional_score", "colour_accuracy", "shape_accuracy", "position_accuracy", "count_accuracy")
+
+
+@dataclass
+class Method:
+    """One row family: a model kind with its recipe overrides, the sampling steps it is scored at, and (for
+    ``ntm-fm``) the share of the budget spent on flow-matching pre-training."""
+
+    name: str
+    kind: str
+    overrides: list[str] = field(default_factory=list)
+    sample_steps: tuple[int, ...] = (4,)
+    pretrain_fraction: float = 0.0
+    pretrain_overrides: list[str] = field(default_factory=list)
+    variant: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.variant is None else f"{self.name}-{self.variant}"
 
 
 @dataclass
 class Task:
-    """One benchmark task: a config file, overrides applied to both methods, and the evaluation size."""
+    """A config file, overrides for every method, and the evaluation size."""
 
     name: str
     config: str
     overrides: list[str] = field(default_factory=list)
     n_prompts: int = 256
+    n_val_prompts: int = 128
 
 
 @dataclass
 class BenchConfig:
     tasks: list[Task]
-    methods: tuple[tuple[str, int], ...] = (("ntm", 4), ("fm", 4), ("fm", 50))  # (model kind, sampling steps)
+    methods: list[Method]
+    budget_seconds: float
+    seeds: tuple[int, ...] = (0, 1, 2)
     threads: int | None = None
+    workers: int = 1
+    guidance_grid: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0, 4.0)
     grid_prompts: int = 8
+    write_grid: bool = True
+    results_name: str = "t2i"
 
+
+# The NTM from-scratch recipe of the CPU task (docs/t2i.md, "What was tried"): pair-wise training (one
+# factor per example, so an NTM step costs about as much as a flow-matching step), the posterior
+# parameterisation of the predictor, a cleanest training level t_min ~ U[0.02, 0.05] (sampled at 0.02), and a
+# transporter whose blocks may scale a token by at most about e^{+-1} (so that the inverse does not amplify
+# the predictor's errors at the cleanest level).
+NTM_RECIPE = [
+    'model.mode="pair"',
+    'model.predictor="posterior"',
+    "model.t_min=[0.02,0.05]",
+    "sample.t_min=0.02",
+    "model.transporter_scale_bound=1.0",
+]
+# NTM initialised from flow matching (NTM §3.3): lambda = 2.5 cosine-decayed over the fine-tuning run.
+NTM_FM_RECIPE = [
+    'model.mode="pair"',
+    "model.t_min=[0.02,0.05]",
+    "sample.t_min=0.02",
+    "model.transporter_scale_bound=1.0",
+    "train.lr=3e-4",
+]
+
+METHODS = [
+    Method("fm-euler", "fm", sample_steps=(4, 50)),
+    Method("ntm", "ntm", NTM_RECIPE),
+    Method("ntm-fm", "ntm-fm", NTM_FM_RECIPE, pretrain_fraction=0.75),
+]
+
+# The ablations of docs/t2i.md: one seed, each variant against the same baselines in the same run and budget.
+ABLATIONS = [
+    Method("fm-euler", "fm", sample_steps=(4, 50)),
+    Method("fm-euler", "fm", ["model.depth=7"], sample_steps=(4, 50), variant="equal-params"),
+    Method("ntm", "ntm", NTM_RECIPE),
+    Method("ntm", "ntm", NTM_RECIPE + ['model.predictor="residual"'], variant="residual-predictor"),
+    Method("ntm", "ntm", NTM_RECIPE + ["model.transporter_scale_bound=6.0"], variant="scale-bound-6"),
+    Method("ntm", "ntm", NTM_RECIPE + ['model.mode="trajectory"'], variant="trajectory-mode"),
+    Method("ntm", "ntm", NTM_RECIPE + ["model.transporter_condition=true"], variant="conditional-transporter"),
+    Method("ntm", "ntm", NTM_RECIPE + ["model.steps=[2,4,8]"], variant="multi-T-2-4-8"),
+    Method("ntm", "ntm", NTM_RECIPE + ["model.factor_weights=[1,2,4,8]"], variant="weights-1-2-4-8"),
+    Method("ntm", "ntm", NTM_RECIPE + ['model.factor_weights="velocity"'], variant="velocity-weights"),
+    Method("ntm", "ntm", NTM_RECIPE + ['model.transporter="identity"'], variant="gaussian-step"),
+    Method("ntm-fm", "ntm-fm", NTM_FM_RECIPE, pretrain_fraction=0.75),
+]
 
 BENCH_CONFIGS: dict[str, BenchConfig] = {
-    # ~15 minutes on 2 shared CPU cores: 3,000 steps of batch 32 for each method on 16 px shapes.
+    # 16 px shapes, 3 seeds x 3 methods x 200 s of training, two seeds at a time on 2 CPU cores.
     "cpu": BenchConfig(
-        tasks=[
-            Task(
-                "shapes-16px",
-                "shapes_cpu_smoke.json",
-                ["train.steps=3000", "train.warmup_steps=150", "train.checkpoint_every=3000", "sample.grid_prompts=0"],
-                n_prompts=256,
-            )
-        ],
+        tasks=[Task("shapes-16px", "shapes_cpu_smoke.json", ["sample.grid_prompts=0", "train.progress=false"])],
+        methods=METHODS,
+        budget_seconds=200.0,
         threads=1,
+        workers=2,
     ),
-    # One GPU; not run in the session that wrote this file (no GPU was available there).
+    # docs/t2i.md's ablations: 12 models x 200 s, one seed, two at a time on 2 CPU cores (about 30 minutes).
+    "cpu-ablations": BenchConfig(
+        tasks=[Task("shapes-16px", "shapes_cpu_smoke.json", ["sample.grid_prompts=0", "train.progress=false"])],
+        methods=ABLATIONS,
+        budget_seconds=200.0,
+        seeds=(0,),
+        threads=1,
+        workers=2,
+        guidance_grid=(0.0, 1.0, 2.0, 3.0, 4.0, 6.0),
+        write_grid=False,
+        results_name="t2i_ablations",
+    ),
+    # One GPU; not run yet (no GPU was lent to the sessions that wrote this file).
     "gpu": BenchConfig(
-        tasks=[
-            Task("shapes-32px", "shapes_32_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024),
-            Task("emoji-32px", "emoji_32_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024),
-            Task("emoji-64px", "emoji_64_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024),
-        ],
+        tasks=[Task("shapes-32px", "shapes_32_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024)],
+        methods=METHODS,
+        budget_seconds=900.0,
     ),
 }
 
 
-def _train_child(config: dict[str, Any], out: str, threads: int | None, queue: Any) -> None:
-    """Train in a child process so that its peak memory is its own (RSS is a per-process high-water mark)."""
-    if threads:
-        torch.set_num_threads(threads)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = train_t2i(T2IConfig.from_dict(config), out)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: kB
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    queue.put(
-        {
-            "images_per_s": result.images_per_s,
-            "train_seconds": result.train_seconds,
-            "loss": result.loss,
-            "step": result.step,
-            "checkpoint": str(result.checkpoint),
-            "peak_rss_gib": peak_rss,
-            "peak_gpu_gib": peak_gpu,
-        }
+# ------------------------------------------------------------------------------------------------- training
+def _config(base: dict, overrides: list[str], steps: int, name: str) -> T2IConfig:
+    warmup = max(1, steps // 20)
+    return T2IConfig.from_dict(
+        apply_overrides(
+            base,
+            overrides
+            + [f"train.steps={steps}", f"train.warmup_steps={warmup}", f"train.checkpoint_every={steps}"]
+            + [f"name={json.dumps(name)}"],
+        )
     )
 
 
-def train(config: T2IConfig, out: Path, threads: int | None) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_train_child, args=(config.to_dict(), str(out), threads, queue))
-    proc.start()
-    info = queue.get()
-    proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"training {config.name} failed (exit code {proc.exitcode})")
-    return info
+def train_for(base: dict, overrides: list[str], seconds: float, out: Path, name: str) -> dict[str, Any]:
+    """Train ``base`` + ``overrides`` for about ``seconds`` of optimizer steps: calibrate the step time on
+    10 and 50 steps (their difference excludes start-up), then train that many steps from scratch."""
+    if out.exists():  # a fresh run every time: stale checkpoints would be resumed otherwise
+        shutil.rmtree(out)
+    short = train_t2i(_config(base, overrides, 10, name), out / "calibrate-10")
+    long = train_t2i(_config(base, overrides, 50, name), out / "calibrate-50")
+    per_step = max(long.train_seconds - short.train_seconds, 1e-6) / 40
+    steps = max(50, int(seconds / per_step))
+    config = _config(base, overrides, steps, name)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    result = train_t2i(config, out / "run")
+    return {
+        "steps": result.step,
+        "train_seconds": result.train_seconds,
+        "images_per_s": result.images_per_s,
+        "loss": result.loss,
+        "checkpoint": str(result.checkpoint),
+        "calibrated_seconds_per_step": per_step,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "config": config.to_dict(),
+    }
 
 
-def run_task(
-    task: Task, bench: BenchConfig, work: Path, device: str, seed: int, max_steps: int | None
-) -> tuple[list, dict]:
+def train_method(method: Method, base: dict, overrides: list[str], budget: float, work: Path) -> dict[str, Any]:
+    """Train one method within ``budget`` seconds (``ntm-fm``: pre-training + fine-tuning together)."""
+    if method.pretrain_fraction <= 0:
+        ovr = overrides + [f"model.kind={json.dumps(method.kind)}"] + method.overrides
+        return train_for(base, ovr, budget, work / method.name, method.name)
+    pre = train_for(
+        base,
+        overrides + ['model.kind="fm"'] + method.pretrain_overrides,
+        budget * method.pretrain_fraction,
+        work / f"{method.name}-pretrain",
+        f"{method.name}-pretrain",
+    )
+    ovr = overrides + [f"model.kind={json.dumps(method.kind)}", f"model.init_from={json.dumps(pre['checkpoint'])}"]
+    rest = budget * (1 - method.pretrain_fraction)
+    fine = train_for(base, ovr + method.overrides, rest, work / method.name, method.name)
+    return {
+        **fine,
+        "train_seconds": pre["train_seconds"] + fine["train_seconds"],
+        "images_per_s": None,
+        "stages": {"pretrain": pre, "finetune": fine},
+    }
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def evaluate(bundle, reader, steps: int, task: Task, grid: tuple[float, ...], seed: int) -> dict[str, Any]:
+    """Choose the guidance on the validation prompts, then score the test prompts at it."""
+    sweep = []
+    for w in grid:
+        m, _, _ = evaluate_shapes_model(
+            bundle, reader, n_prompts=task.n_val_prompts, steps=steps, guidance=w, seed=seed,
+            prompt_seed=VALIDATION_PROMPT_SEED,
+        )  # fmt: skip
+        sweep.append({"guidance": w, **{k: m[k] for k in (*SCORES, "frechet_distance")}})
+    best = max(sweep, key=lambda r: (r["compositional_score"], -r["frechet_distance"]))["guidance"]
+    metrics, images, captions = evaluate_shapes_model(
+        bundle, reader, n_prompts=task.n_prompts, steps=steps, guidance=best, seed=seed
+    )
+    levels = evaluate_shapes_levels(bundle, reader, n_prompts=task.n_prompts, steps=steps, guidance=best, seed=seed)
+    return {"guidance": best, "metrics": metrics, "sweep": sweep, "levels": levels, "images": images}
+
+
+def run_job(task: Task, bench: BenchConfig, work: Path, seed: int, method: Method, budget: float) -> dict[str, Any]:
+    """Train and score one method of ``task`` for one seed (runs in a worker process)."""
+    if bench.threads:
+        torch.set_num_threads(bench.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     base = json.loads((CONFIGS / task.config).read_text())
     overrides = list(task.overrides) + [f"train.seed={seed}"]
-    if max_steps is not None:
-        overrides += [
-            f"train.steps={max_steps}",
-            f"train.warmup_steps={min(max_steps, 10)}",
-            f"train.checkpoint_every={max_steps}",
-        ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reader, _ = load_or_train_shapes_reader(work / "evaluators", base["data"], device=device)
+    print(f"[{task.name} seed {seed}] training {method.label} for {budget:.0f} s", flush=True)
+    info = train_method(method, base, overrides, budget, work / f"{task.name}-seed{seed}" / method.label)
+    bundle = load_t2i(info["checkpoint"], device=device)
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    common = {
+        "task": task.name,
+        "method": method.name,
+        **({"variant": method.variant} if method.variant else {}),
+        "seed": seed,
+        "budget": BUDGET,
+        "budget_seconds": budget,
+        "train_seconds": round(info["train_seconds"], 1),
+        "parameters": n_params,
+        "train_steps": info["steps"],
+        "batch_size": info["config"]["train"]["batch_size"],
+    }
+    rows: list[dict[str, Any]] = []
+    if info["images_per_s"] is not None:
+        rows.append({**common, "steps": None, "metric": "train_images_per_s", "value": info["images_per_s"]})
+    if info["peak_gpu_gib"] is not None:
+        rows.append({**common, "steps": None, "metric": "peak_memory_gib", "value": info["peak_gpu_gib"]})
+    details: dict[str, Any] = {"train": {k: v for k, v in info.items() if k != "config"} | {"parameters": n_params}}
+    grids = []
+    for steps in method.sample_steps:
+        ev = evaluate(bundle, reader, steps, task, bench.guidance_grid, seed)
+        m = ev["metrics"]
+        for metric in (*SCORES, "frechet_distance", "sample_images_per_s"):
+            rows.append({**common, "steps": steps, "metric": metric, "value": m[metric], "guidance": ev["guidance"]})
+        for point in ev["sweep"]:  # the guidance sweep on the validation prompts
+            for metric in ("compositional_score", "frechet_distance"):
+                row = {**common, "steps": steps, "metric": f"validation_{metric}", "value": point[metric]}
+                rows.append(row | {"guidance": point["guidance"], "n_prompts": task.n_val_prompts})
+        details[f"sample-{steps}"] = {k: ev[k] for k in ("guidance", "sweep", "levels")} | {
+            "metrics": {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        }
+        grids.append(ev["images"][: bench.grid_prompts])
+        print(
+            f"[{task.name} seed {seed}] {method.label} {steps} steps (guidance {ev['guidance']}): "
+            f"score {m['compositional_score']:.3f}, Frechet {m['frechet_distance']:.0f}",
+            flush=True,
+        )
+    return {"rows": rows, "details": details, "grids": grids, "seed": seed, "method": method.label}
+
+
+def _run_job_star(args: tuple) -> dict[str, Any]:
+    """:func:`run_job`, reporting a failure as a result (one broken variant must not lose the others)."""
+    try:
+        return run_job(*args)
+    except Exception as exc:  # noqa: BLE001 - reported in the results file and on stderr
+        import traceback
+
+        traceback.print_exc()
+        return {"rows": [], "details": {"error": repr(exc)}, "grids": [], "seed": args[3], "method": args[4].label}
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``"seed": "mean"``: mean, sample std, min and max over the seeds of each (task, method,
+    steps, metric)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["metric"].startswith("validation_"):
+            continue
+        groups.setdefault((r["task"], r["method"], r.get("variant"), r["steps"], r["metric"]), []).append(r)
+    out = []
+    for (task, method, variant, steps, metric), rs in groups.items():
+        values = [float(r["value"]) for r in rs]
+        agg: dict[str, Any] = {
+            "task": task,
+            "method": method,
+            "steps": steps,
+            **({"variant": variant} if variant else {}),
+            "metric": metric,
+            "value": statistics.fmean(values),
+            "seed": "mean",
+            "seeds": [r["seed"] for r in rs],
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+            "budget": BUDGET,
+        }
+        for key in ("budget_seconds", "parameters"):
+            if key in rs[0]:
+                agg[key] = rs[0][key]
+        if "train_seconds" in rs[0]:
+            agg["train_seconds"] = round(statistics.fmean(r["train_seconds"] for r in rs), 1)
+        if "guidance" in rs[0]:
+            agg["guidance"] = [r["guidance"] for r in rs]
+        out.append(agg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="cpu")
+    p.add_argument("--work", default=None, help="folder for the training runs (default runs/bench-<config>)")
+    p.add_argument("--out", default=None, help="results file (default benchmarks/results/t2i.json)")
+    p.add_argument("--smoke", action="store_true", help="tiny budget, one seed, few prompts; writes under --work")
+    args = p.parse_args(argv)
+    bench = BENCH_CONFIGS[args.config]
+    args.work = args.work or str(ROOT / "runs" / f"bench-{args.config}")
+    budget = bench.budget_seconds
+    out = Path(args.out) if args.out else RESULTS / f"{bench.results_name}.json"
+    if args.smoke:
+        bench = replace(bench, seeds=bench.seeds[:1], workers=1, guidance_grid=(0.0, 3.0), grid_prompts=2)
+        bench.tasks = [replace(t, n_prompts=16, n_val_prompts=8) for t in bench.tasks]
+        budget = 3.0
+        out = Path(args.out) if args.out else Path(args.work) / "t2i-smoke.json"
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
-    runs: dict[str, Any] = {}
-    for kind in dict.fromkeys(k for k, _ in bench.methods):
-        cfg = T2IConfig.from_dict(
-            apply_overrides(base, overrides + [f"model.kind={json.dumps(kind)}", f"name=bench-{task.name}-{kind}"])
-        )
-        out = work / f"{task.name}-{kind}"
-        if out.exists():  # a fresh run every time: stale checkpoints would be resumed otherwise
-            import shutil
-
-            shutil.rmtree(out)
-        print(f"[{task.name}] training {kind}: {cfg.train.steps} steps x batch {cfg.train.batch_size}", flush=True)
-        info = train(cfg, out, bench.threads)
-        runs[kind] = load_t2i(info["checkpoint"], device=device)
-        n_params = sum(p.numel() for p in runs[kind].model.parameters())
-        details[kind] = {**info, "parameters": n_params, "config": cfg.to_dict()}
-        method = "ntm" if kind == "ntm" else "fm-euler"
-        common = {
-            "task": task.name,
-            "method": method,
-            "seed": seed,
-            "parameters": n_params,
-            "train_steps": info["step"],
-            "batch_size": cfg.train.batch_size,
-            "train_seconds": round(info["train_seconds"], 1),
-        }
-        rows.append({**common, "steps": None, "metric": "train_images_per_s", "value": info["images_per_s"]})
-        if info["peak_gpu_gib"] is not None:
-            rows.append(
-                {
-                    **common,
-                    "steps": None,
-                    "metric": "peak_memory_gib",
-                    "value": info["peak_gpu_gib"],
-                    "memory": "torch.cuda.max_memory_allocated, training",
-                }
-            )
-        else:
-            rows.append(
-                {
-                    **common,
-                    "steps": None,
-                    "metric": "peak_memory_gib",
-                    "value": info["peak_rss_gib"],
-                    "memory": "CPU: peak RSS of the training process (incl. MiniLM, data, Python)",
-                }
-            )
-    first = next(iter(runs.values()))
-    data = first.config.to_dict()["data"]
-    grids: list[torch.Tensor] = []
-    if data["name"] == "shapes":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for task in bench.tasks:
+        data = json.loads((CONFIGS / task.config).read_text())["data"]
+        # The reader is trained once here (cached), so that the seeds' workers only load it.
         reader, report = load_or_train_shapes_reader(work / "evaluators", data, device=device, progress=True)
-        details["reader"] = report
-        ceiling = report["heldout_real_scores"]["compositional_score"]
-        print(
-            f"[{task.name}] reader: held-out cell accuracy {report['heldout_cell_accuracy']:.3f}, "
-            f"real-image score {ceiling:.3f}"
-        )
-        captions, real, labels = shapes_prompts(data, task.n_prompts)
+        captions, real, _ = shapes_prompts(data, task.n_prompts)
         rows.append(
             {
                 "task": task.name,
                 "method": "real",
                 "steps": None,
                 "metric": "compositional_score",
-                "value": ceiling,
-                "seed": seed,
+                "value": report["heldout_real_scores"]["compositional_score"],
+                "seed": 0,
                 "note": "held-out real images read by the same classifier",
             }
         )
-    else:
-        dataset = build_dataset(first.config.data)
-        key = {"data": data, "text": first.config.to_dict()["text"]}
-        net, report = load_or_train_text_image_features(
-            work / "evaluators", key, lambda: dataset_pairs(dataset, first.encoder)[:2], device=device, progress=True
-        )
-        details["features"] = report
-        real, _, captions = dataset_pairs(dataset, first.encoder, task.n_prompts, seed=seed + 1)
-    grids.append(real[: bench.grid_prompts])
-    for kind, steps in bench.methods:
-        bundle = runs[kind]
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        if data["name"] == "shapes":
-            metrics, images, _ = evaluate_shapes_model(
-                bundle, reader, n_prompts=task.n_prompts, steps=steps, seed=seed, progress=True
-            )
-            names = ["compositional_score", "frechet_distance", "sample_images_per_s"]
+        # One job per (seed, method), the longest (pre-trained) ones first, spread over the workers.
+        jobs = [(task, bench, work, seed, m, budget) for m in bench.methods for seed in bench.seeds]
+        jobs.sort(key=lambda j: -j[4].pretrain_fraction)
+        if bench.workers > 1 and len(jobs) > 1:
+            with mp.get_context("spawn").Pool(min(bench.workers, len(jobs))) as pool:
+                results = pool.map(_run_job_star, jobs, chunksize=1)
         else:
-            metrics, images = evaluate_text_image_model(
-                bundle, net, real, captions, steps=steps, seed=seed, progress=True
-            )
-            names = ["frechet_distance", "alignment", "sample_images_per_s"]
-        method = "ntm" if kind == "ntm" else "fm-euler"
-        details[f"{kind}-{steps}"] = metrics
-        extra = {
-            "guidance": bundle.config.sample.guidance,
-            "n_prompts": task.n_prompts,
-            "sample_batch_size": bundle.config.sample.batch_size,
-        }
-        for name in names:
-            rows.append(
-                {
-                    "task": task.name,
-                    "method": method,
-                    "steps": steps,
-                    "metric": name,
-                    "value": metrics[name],
-                    "seed": seed,
-                    **extra,
-                }
-            )
-        if torch.cuda.is_available():
-            rows.append(
-                {
-                    "task": task.name,
-                    "method": method,
-                    "steps": steps,
-                    "metric": "peak_memory_gib",
-                    "value": torch.cuda.max_memory_allocated() / 2**30,
-                    "seed": seed,
-                    "memory": "torch.cuda.max_memory_allocated, sampling",
-                    **extra,
-                }
-            )
-        print(f"[{task.name}] {method} {steps} steps: " + ", ".join(f"{n} {metrics[n]:.4g}" for n in names), flush=True)
-        grids.append(images[: bench.grid_prompts])
-    grid_path = ROOT / "docs" / "t2i" / f"{task.name}-samples.png"
-    save_image_grid(torch.cat(grids), grid_path, nrow=bench.grid_prompts)
-    (grid_path.with_suffix(".txt")).write_text(
-        "rows: real, "
-        + ", ".join(f"{k} {s} steps" for k, s in bench.methods)
-        + "\ncolumns:\n"
-        + "\n".join(captions[: bench.grid_prompts])
-        + "\n"
-    )
-    details["grid"] = str(grid_path.relative_to(ROOT))
-    return rows, details
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="cpu")
-    p.add_argument("--work", default=str(ROOT / "runs" / "bench-t2i"), help="folder for the training runs")
-    p.add_argument("--out", default=str(RESULTS / "t2i.json"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="cap training steps (smoke tests of this script)")
-    p.add_argument("--n-prompts", type=int, default=None, help="override the number of evaluation prompts")
-    args = p.parse_args(argv)
-    bench = BENCH_CONFIGS[args.config]
-    if bench.threads:
-        torch.set_num_threads(bench.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.config == "gpu" and device != "cuda":
-        print("warning: --config gpu on a machine without CUDA; this will be very slow", file=sys.stderr)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    rows, details = [], {}
-    for task in bench.tasks:
-        if args.n_prompts:
-            task.n_prompts = args.n_prompts
-        r, d = run_task(task, bench, work, device, args.seed, args.max_steps)
-        rows += r
-        details[task.name] = d
+            results = [_run_job_star(job) for job in jobs]
+        task_rows = [r for res in results for r in res["rows"]]
+        rows += task_rows + aggregate(task_rows)
+        runs = {f"{r['method']}-seed{r['seed']}": r["details"] for r in results}
+        details[task.name] = {"reader": report, "runs": runs}
+        failed = {f"{r['method']}-seed{r['seed']}": r["details"]["error"] for r in results if "error" in r["details"]}
+        if failed:
+            print(f"warning: failed runs: {failed}", file=sys.stderr)
+        first = {r["method"]: r["grids"] for r in results if r["seed"] == bench.seeds[0]}
+        grid_rows = [real[: bench.grid_prompts]] + [g for m in bench.methods for g in first.get(m.label, [])]
+        if not args.smoke and bench.write_grid:
+            grid_path = ROOT / "docs" / "t2i" / f"{task.name}-samples.png"
+            save_image_grid(torch.cat(grid_rows), grid_path, nrow=bench.grid_prompts)
+            labels = [f"{m.label} {s} steps" for m in bench.methods for s in m.sample_steps]
+            grid_path.with_suffix(".txt").write_text(
+                "rows: real, " + ", ".join(labels) + " (seed 0)\ncolumns:\n"
+                + "\n".join(captions[: bench.grid_prompts]) + "\n"
+            )  # fmt: skip
     wall = time.perf_counter() - t0
     extra = {
-        "config": args.config,
+        "config": args.config + (" (smoke)" if args.smoke else ""),
         "wall_seconds": round(wall, 1),
-        "budget": "same data, batch size, steps, optimiser, schedule, EMA and seed for NTM and flow matching",
-        "threads": torch.get_num_threads(),
+        "budget": BUDGET,
+        "budget_seconds_per_method": budget,
+        "methods": {m.label: {"kind": m.kind, "overrides": m.overrides, "pretrain_fraction": m.pretrain_fraction}
+                    for m in bench.methods},
+        "threads": bench.threads or torch.get_num_threads(),
+        "workers": bench.workers,
         "cuda": torch.cuda.is_available(),
-    }
-    write_results(args.out, "t2i", rows, command=command_line(), device=device, extra=extra)
+    }  # fmt: skip
+    write_results(out, bench.results_name, rows, command=command_line(), device=device, extra=extra)
     save_json(work / "details.json", details)
-    print(f"results: {args.out} ({wall / 60:.1f} min); details: {work / 'details.json'}")
+    print(f"results: {out} ({wall / 60:.1f} min); details: {work / 'details.json'}")
     return 0
 
 
