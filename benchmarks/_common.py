@@ -40,6 +40,7 @@ __all__ = [
     "REQUIRED_ROW_KEYS",
     "git_commit",
     "git_dirty",
+    "source_state",
     "device_string",
     "command_line",
     "utc_now",
@@ -69,6 +70,12 @@ def git_dirty() -> bool:
     """Whether the working tree differs from HEAD (untracked files included)."""
     status = _git("status", "--porcelain")
     return status is None or bool(status)
+
+
+def source_state() -> tuple[str, bool]:
+    """``(commit, dirty)`` of the checkout now: call it when a long benchmark starts, pass it to
+    :func:`write_results` as ``source``."""
+    return git_commit(), git_dirty()
 
 
 def device_string(device: torch.device | str | None = None) -> str:
@@ -114,6 +121,7 @@ def write_results(
     command: str | None = None,
     device: torch.device | str | None = None,
     extra: Mapping[str, Any] | None = None,
+    source: tuple[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Write the results file atomically and return its content.
 
@@ -124,14 +132,16 @@ def write_results(
         command: The command line (default: :func:`command_line` of this process).
         device: The device the numbers were measured on (for :func:`device_string`).
         extra: More top-level keys (e.g. the config), written after the standard ones.
+        source: ``(commit, dirty)`` read when the benchmark *started* (:func:`source_state`); by default they
+            are read now, which misdescribes a long run during which the checkout changed.
     """
     rows = [dict(r) for r in rows]
     _check_rows(rows)
     payload: dict[str, Any] = {
         "benchmark": benchmark,
         "command": command if command is not None else command_line(),
-        "commit": git_commit(),
-        "dirty": git_dirty(),
+        "commit": source[0] if source else git_commit(),
+        "dirty": source[1] if source else git_dirty(),
         "device": device_string(device),
         "torch": torch.__version__,
         "created": utc_now(),

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
-from _common import RESULTS, ROOT, command_line, write_results  # noqa: E402
+from _common import RESULTS, ROOT, command_line, source_state, write_results  # noqa: E402
 
 from trajflow.checkpoint import save_json  # noqa: E402
 from trajflow.evaluation import (  # noqa: E402
@@ -391,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.work) / "t2i-smoke.json"
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    source = source_state()  # the code that runs is the checkout now, whatever happens to it meanwhile
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
@@ -448,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": bench.workers,
         "cuda": torch.cuda.is_available(),
     }  # fmt: skip
-    write_results(out, bench.results_name, rows, command=command_line(), device=device, extra=extra)
+    write_results(out, bench.results_name, rows, command=command_line(), device=device, extra=extra, source=source)
     save_json(work / "details.json", details)
     print(f"results: {out} ({wall / 60:.1f} min); details: {work / 'details.json'}")
     return 0
