@@ -373,13 +373,60 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def markdown_table(path: Path) -> str:
+    """The docs' tables of a results file: per (method, variant, steps), the mean (and std over seeds where
+    there are several) of the test metrics, with the chosen guidance, parameters and training seconds."""
+    payload = json.loads(Path(path).read_text())
+    rows = payload["rows"]
+    multi = any(r["seed"] == "mean" and len(r.get("seeds", [])) > 1 for r in rows)
+    pick = [r for r in rows if (r["seed"] == "mean") == multi or r["method"] == "real"]
+    keys: dict[tuple, dict[str, Any]] = {}
+    for r in pick:
+        if r["metric"].startswith("validation_") or r["method"] == "real":
+            continue
+        key = (r["method"], r.get("variant") or "", r["steps"])
+        keys.setdefault(key, {})[r["metric"]] = r
+    cols = [*SCORES, "frechet_distance"]
+    head = ["method", "variant", "steps", "score", "colour", "shape", "position", "count", "Frechet", "guidance"]
+    lines = ["| " + " | ".join(head + ["params", "train s", "train steps"]) + " |", "|" + "---|" * (len(head) + 3)]
+
+    def cell(r: dict[str, Any] | None, digits: int) -> str:
+        if r is None:
+            return ""
+        text = f"{r['value']:.{digits}f}"
+        return text + (f" ± {r['std']:.{digits}f}" if multi and r.get("std") else "")
+
+    for (method, variant, steps), ms in keys.items():
+        if steps is None:
+            continue
+        first = ms["compositional_score"]
+        train = keys.get((method, variant, None), {}).get("train_images_per_s", first)
+        same = [r for r in rows if r["method"] == method and (r.get("variant") or "") == variant]
+        steps_taken = [r["train_steps"] for r in same if r["metric"] == "compositional_score" and r["steps"] == steps
+                       and "train_steps" in r]  # fmt: skip
+        vals = [cell(ms.get(c), 3 if c != "frechet_distance" else 0) for c in cols]
+        g = first.get("guidance")
+        lines.append(
+            "| " + " | ".join(
+                [method, variant, str(steps), *vals, str(g), f"{first.get('parameters', '')}",
+                 f"{train.get('train_seconds', first.get('train_seconds', ''))}",
+                 "/".join(map(str, steps_taken))]
+            ) + " |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="cpu")
     p.add_argument("--work", default=None, help="folder for the training runs (default runs/bench-<config>)")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/t2i.json)")
     p.add_argument("--smoke", action="store_true", help="tiny budget, one seed, few prompts; writes under --work")
+    p.add_argument("--table", type=Path, help="print the markdown table of a results JSON and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
     bench = BENCH_CONFIGS[args.config]
     args.work = args.work or str(ROOT / "runs" / f"bench-{args.config}")
     budget = bench.budget_seconds
