@@ -310,6 +310,10 @@ def run_job(task: Task, bench: BenchConfig, work: Path, seed: int, method: Metho
         m = ev["metrics"]
         for metric in (*SCORES, "frechet_distance", "sample_images_per_s"):
             rows.append({**common, "steps": steps, "metric": metric, "value": m[metric], "guidance": ev["guidance"]})
+        for lv in ev["levels"]:  # the clean-image estimate after each step (docs/t2i.md, "Diagnosis")
+            for metric in ("compositional_score", "colour_accuracy", "shape_accuracy", "position_accuracy"):
+                row = {**common, "steps": steps, "metric": f"level_{metric}", "value": lv[metric]}
+                rows.append(row | {"guidance": ev["guidance"], "level": lv["level"], "t": lv["t"]})
         for point in ev["sweep"]:  # the guidance sweep on the validation prompts
             for metric in ("compositional_score", "frechet_distance"):
                 row = {**common, "steps": steps, "metric": f"validation_{metric}", "value": point[metric]}
@@ -344,15 +348,17 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r["metric"].startswith("validation_"):
             continue
-        groups.setdefault((r["task"], r["method"], r.get("variant"), r["steps"], r["metric"]), []).append(r)
+        key = (r["task"], r["method"], r.get("variant"), r["steps"], r["metric"], r.get("level"))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (task, method, variant, steps, metric), rs in groups.items():
+    for (task, method, variant, steps, metric, level), rs in groups.items():
         values = [float(r["value"]) for r in rs]
         agg: dict[str, Any] = {
             "task": task,
             "method": method,
             "steps": steps,
             **({"variant": variant} if variant else {}),
+            **({"level": level, "t": rs[0]["t"]} if level is not None else {}),
             "metric": metric,
             "value": statistics.fmean(values),
             "seed": "mean",
@@ -382,7 +388,7 @@ def markdown_table(path: Path) -> str:
     pick = [r for r in rows if (r["seed"] == "mean") == multi or r["method"] == "real"]
     keys: dict[tuple, dict[str, Any]] = {}
     for r in pick:
-        if r["metric"].startswith("validation_") or r["method"] == "real":
+        if r["metric"].startswith(("validation_", "level_")) or r["method"] == "real":
             continue
         key = (r["method"], r.get("variant") or "", r["steps"])
         keys.setdefault(key, {})[r["metric"]] = r
@@ -416,6 +422,29 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def levels_table(path: Path) -> str:
+    """The per-level diagnosis of a results file: the compositional score (colour accuracy) of the clean-image
+    estimate after each sampling step, mean over seeds, one row per (method, steps)."""
+    rows = [r for r in json.loads(Path(path).read_text())["rows"] if r["metric"].startswith("level_")]
+    means = [r for r in rows if r["seed"] == "mean"] or rows
+    table: dict[tuple, dict[int, dict[str, float]]] = {}
+    for r in means:
+        key = (r["method"], r.get("variant") or "", r["steps"])
+        table.setdefault(key, {}).setdefault(r["level"], {})[r["metric"]] = r["value"]
+    if not table:
+        return ""
+    depth = max(len(v) for v in table.values())
+    head = ["method", "steps"] + [f"after step {i + 1}" for i in range(depth)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, variant, steps), levels in table.items():
+        cells = [
+            f"{v['level_compositional_score']:.3f} ({v['level_colour_accuracy']:.2f})"
+            for _, v in sorted(levels.items(), reverse=True)
+        ]
+        lines.append("| " + " | ".join([method + (f" {variant}" if variant else ""), str(steps), *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(BENCH_CONFIGS), default="cpu")
@@ -426,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.table:
         print(markdown_table(args.table))
+        print()
+        print(levels_table(args.table))
         return 0
     bench = BENCH_CONFIGS[args.config]
     args.work = args.work or str(ROOT / "runs" / f"bench-{args.config}")
