@@ -146,6 +146,7 @@ def sample_denoised(
     sample_shape: torch.Size | tuple[int, ...] = (),
     *,
     clip_percentile: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""The full sampling path (NTM Algorithm 2 with step 4 = Algorithm 3).
 
@@ -154,10 +155,13 @@ def sample_denoised(
        the KV-cached token-by-token inverse for the transformer transporter).
     4. Denoise with the trajectory's score (:func:`trajectory_score_denoise`).
 
+    ``generator`` (a :class:`torch.Generator` on the model's device) draws all the noise; ``None`` uses
+    torch's global generator.
+
     Returns:
         :math:`\hat x_0`, shape ``(*sample_shape, *batch_shape, *data)``.
     """
-    latents, _ = dist.rsample_latents(sample_shape)
+    latents, _ = dist.rsample_latents(sample_shape, generator=generator)
     traj = dist.decode(latents)
     return trajectory_score_denoise(dist, traj, clip_percentile=clip_percentile)
 
@@ -379,6 +383,7 @@ def fast_sample(
     shift: float = 1.0,
     grid: Tensor | None = None,
     guidance: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""The fast sampling path (NTM Algorithm 2 with step 4 = the learned denoiser, §3.4).
 
@@ -391,7 +396,7 @@ def fast_sample(
         model: The NTM.
         denoiser: The learned denoiser (trained at the same ``t_min`` and ``steps``).
         sample_shape: Samples per condition, on the left of the condition's batch shape.
-        cond, steps, t_min, shift, grid, guidance: As in :meth:`trajflow.NTM.sample`.
+        cond, steps, t_min, shift, grid, guidance, generator: As in :meth:`trajflow.NTM.sample`.
 
     Returns:
         :math:`\hat x_0`, ``(*sample_shape, *batch_shape, *data)``.
@@ -404,7 +409,7 @@ def fast_sample(
     if grid is None:
         grid = time_grid(steps, t_min, shift, device=model.device)
     dist = model.distribution(grid, cond, guidance=guidance)
-    latents, _ = dist.rsample_latents(sample_shape)  # (*lead, T + 1, *data)
+    latents, _ = dist.rsample_latents(sample_shape, generator=generator)  # (*lead, T + 1, *data)
     dd = len(model.event_shape)
     level = latents.dim() - dd - 1
     lead = latents.shape[:level]

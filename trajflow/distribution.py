@@ -384,16 +384,21 @@ class TrajectoryDistribution(Distribution):
 
     # -- sampling ---------------------------------------------------------------------------------------------
 
-    def _chain(self, sample_shape: torch.Size | tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def _chain(
+        self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
-        ``sum log sigma`` per factor ``(*lead, T)``."""
+        ``sum log sigma`` per factor ``(*lead, T)``. All noise comes from ``generator`` (torch's global
+        generator when ``None``)."""
         lead = torch.Size(sample_shape) + self.batch_shape
         times = self._times(lead)
-        u = torch.randn(*lead, *self.data_shape, device=self.grid.device, dtype=self.grid.dtype)
+        u = torch.randn(
+            (*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype
+        )
         latents, noises, log_sigmas = [u], [], []
         for k in range(self.steps, 0, -1):
             mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)
-            z = torch.randn_like(sigma)
+            z = torch.randn(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
             u = upcast(mu) + sigma * z
             latents.append(u)
             noises.append(z)
@@ -405,8 +410,14 @@ class TrajectoryDistribution(Distribution):
             torch.stack(log_sigmas[::-1], dim=-1),
         )
 
-    def rsample_latents(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+    def rsample_latents(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         r"""Run the predictor chain in transporter space (NTM Algorithm 2, steps 1-2).
+
+        ``generator`` (a :class:`torch.Generator` on the model's device) draws all the noise, so the same
+        seed gives the same latents and torch's global generator is left untouched; ``None`` uses the
+        global generator, as torch's distributions do.
 
         Returns:
             ``(u, z)``: the latents :math:`(u_{t_0}, \dots, u_{t_T})` of shape
@@ -414,7 +425,7 @@ class TrajectoryDistribution(Distribution):
             standard normal draws ``(*sample_shape, *batch_shape, T, *data)`` that made them
             (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter.
         """
-        latents, z, _ = self._chain(sample_shape)
+        latents, z, _ = self._chain(sample_shape, generator)
         return latents, z
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -429,18 +440,32 @@ class TrajectoryDistribution(Distribution):
         x_lo = self._inverse(latents.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)
         return torch.cat([x_lo, latents.narrow(level, T, 1)], dim=level)
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
-        """Trajectories generated from noise towards data, ``(*sample_shape, *batch_shape, T + 1, *data)``."""
-        latents, _ = self.rsample_latents(sample_shape)
+    def rsample(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Trajectories generated from noise towards data, ``(*sample_shape, *batch_shape, T + 1, *data)``.
+
+        ``generator``: the :class:`torch.Generator` that draws the noise (see :meth:`rsample_latents`).
+        """
+        latents, _ = self.rsample_latents(sample_shape, generator=generator)
         return self.decode(latents)
 
-    def rsample_and_log_prob(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """:meth:`rsample` without gradients (torch's ``sample``), with an optional ``generator``."""
+        with torch.no_grad():
+            return self.rsample(sample_shape, generator=generator)
+
+    def rsample_and_log_prob(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it).
 
         The density reuses the chain's draws and scales; only one parallel transporter pass is added for
-        the log-determinants.
+        the log-determinants. ``generator``: as in :meth:`rsample_latents`.
         """
-        latents, z, log_sigma = self._chain(sample_shape)
+        latents, z, log_sigma = self._chain(sample_shape, generator)
         traj = self.decode(latents)
         level = traj.dim() - self._data_dim - 1
         lead, T, dd = traj.shape[:level], self.steps, self._data_dim

@@ -81,6 +81,7 @@ class NTM(nn.Module):
         grid: Tensor | None = None,
         guidance: float = 0.0,
         return_trajectory: bool = False,
+        generator: torch.Generator | None = None,
     ) -> Tensor:
         r"""Generate :math:`x_{t_0}` (or whole trajectories) in ``steps`` predictor steps.
 
@@ -90,10 +91,12 @@ class NTM(nn.Module):
             steps, t_min, shift: The grid (see :func:`trajflow.time_grid`), unless ``grid`` is given.
             guidance: Classifier-free guidance weight.
             return_trajectory: Return ``(*sample, *batch, T + 1, *data)`` instead of the cleanest level.
+            generator: The :class:`torch.Generator` (on the model's device) that draws all the noise: the
+                same seed gives the same samples and the global generator is left untouched.
         """
         if grid is None:
             grid = time_grid(steps, t_min, shift, device=self.device)
-        traj = self.distribution(grid, cond, guidance=guidance).sample(sample_shape)
+        traj = self.distribution(grid, cond, guidance=guidance).sample(sample_shape, generator=generator)
         if return_trajectory:
             return traj
         return traj.select(traj.dim() - len(self.event_shape) - 1, 0)

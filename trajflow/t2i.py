@@ -947,22 +947,29 @@ def generate(
         chunk = list(captions[start : start + batch_size])
         feats, mask = encoder.encode(chunk)
         cond = (feats.to(device, torch.float32), mask.to(device))
-        seed_i = mix_seed(seed, i, 4)
+        # A generator per batch: the result depends on (seed, i) only, and the global RNG is never touched.
+        g = torch.Generator(device=device).manual_seed(mix_seed(seed, i, 4))
         if isinstance(model, NTM):
-            # NTM.sample draws from the global generator: fork it so that sampling never disturbs training.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(seed_i)
-                if path == "raw":
-                    x = model.sample((), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance)
-                elif path == "full":
-                    dist = model.distribution(time_grid(steps, t_min, shift, device=device), cond, guidance=guidance)
-                    x = sample_denoised(dist, ())
-                else:
-                    x = fast_sample(
-                        model, denoiser, (), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance
-                    )
+            if path == "raw":
+                x = model.sample(
+                    (), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance, generator=g
+                )
+            elif path == "full":
+                dist = model.distribution(time_grid(steps, t_min, shift, device=device), cond, guidance=guidance)
+                x = sample_denoised(dist, (), generator=g)
+            else:
+                x = fast_sample(
+                    model,
+                    denoiser,
+                    (),
+                    cond=cond,
+                    steps=steps,
+                    t_min=t_min,
+                    shift=shift,
+                    guidance=guidance,
+                    generator=g,
+                )
         else:
-            g = torch.Generator(device=device).manual_seed(seed_i)
             noise = torch.randn((len(chunk), *model.event_shape), generator=g, device=device)
             fn = euler_sample if sampler == "euler" else heun_sample
             x = fn(model, noise, steps, cond=cond, guidance=guidance, shift=shift)
