@@ -3,9 +3,10 @@
 Every check raises a :class:`ValueError` that names the argument, what was expected and what was given,
 so that a wrong shape or a NaN is reported where it enters the library, not three modules later.
 
-Finiteness checks read a tensor's values, which costs a device synchronisation on a GPU. Classes that call
-them take ``validate_args`` (default on) so that a training loop can switch them off once its inputs are
-known to be good.
+Finiteness and range checks read a tensor's values, which costs a device synchronisation on a GPU. As in
+torch.distributions, they run only where ``validate_args`` (or ``validate``) is on, the default, so that a
+training loop can switch them off once its inputs are known to be good; shape and type checks, which read
+no values, always run.
 """
 
 from __future__ import annotations
@@ -66,16 +67,19 @@ def check_times(name: str, t: Tensor, *, low: float = 0.0, high: float = 1.0) ->
     return t
 
 
-def check_grid(grid: Tensor, name: str = "grid") -> Tensor:
+def check_grid(grid: Tensor, name: str = "grid", *, validate: bool = True) -> Tensor:
     """Raise unless ``grid`` is a valid time grid ``t_0 < t_1 < ... < t_T = 1`` inside ``[0, 1]``.
 
-    ``grid`` has shape ``(T + 1,)`` or ``(*batch, T + 1)`` with ``T >= 1``.
+    ``grid`` has shape ``(T + 1,)`` or ``(*batch, T + 1)`` with ``T >= 1``. The type and shape are always
+    checked; the values (range, order, last time) only with ``validate``, as reading them synchronises a GPU.
     """
     check_tensor(name, grid)
     if not grid.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got dtype {grid.dtype}")
     if grid.dim() < 1 or grid.shape[-1] < 2:
         raise ValueError(f"{name}: expected shape (*batch, T + 1) with T >= 1, got {tuple(grid.shape)}")
+    if not validate:
+        return grid
     check_times(name, grid)
     if not bool((grid[..., 1:] > grid[..., :-1]).all()):
         raise ValueError(f"{name}: expected strictly ascending times along the last dim, got {grid.tolist()}")

@@ -88,7 +88,14 @@ class TrajectoryNLL:
             flow matching's velocity loss costs :math:`\delta^2 / t^2`. ``"velocity"`` sets
             :math:`w_k \propto C^2 / (B^2 t_k^2)`, so that the predictor's mean is trained with flow
             matching's emphasis across levels and the step factors keep their exact flow form.
-
+        validate_args: Check the values of the inputs (``x0`` finite) and of the grids. These checks read
+            tensor values, a host-device synchronisation each on a GPU; with ``False`` the loss (draws,
+            forward and backward) makes none, given networks built with ``validate_args=False`` too.
+            Shapes are always checked. With a set of ``steps`` and validation off, each batch is split into
+            equal groups (sizes differing by at most one) over a random permutation instead of drawing
+            every example's :math:`T` independently, so that the group sizes are known without reading
+            the draws: each example's :math:`T` is still uniform (exactly so when the batch size is a
+            multiple of the number of :math:`T`).
 
     Example:
         >>> import trajflow
@@ -105,6 +112,7 @@ class TrajectoryNLL:
     mode: str = "trajectory"
     cond_drop: float = 0.1
     factor_weights: Sequence[float] | str | None = None
+    validate_args: bool = True
 
     def __post_init__(self) -> None:
         steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
@@ -155,14 +163,16 @@ class TrajectoryNLL:
         cond: Condition | None = None,
         *,
         generator: torch.Generator | None = None,
-        validate: bool = True,
+        validate: bool | None = None,
     ) -> list[TrajectoryGroup]:
         r"""Draw the training trajectories of a flat batch ``x0`` ``(B, *data)``, grouped by their ``T``.
 
         Each example gets its own :math:`t_{\min}` (and :math:`T` when ``steps`` is a set), guidance
         dropout and forward trajectory. Other losses on the same draws (e.g.
-        :class:`trajflow.finetune.FinetuneLoss`) start from here.
+        :class:`trajflow.finetune.FinetuneLoss`) start from here. ``validate`` overrides
+        :attr:`validate_args` for this call.
         """
+        validate = self.validate_args if validate is None else validate
         event = model.event_shape
         check_tensor("x0", x0)
         if x0.dim() != len(event) + 1 or x0.shape[1:] != event:
@@ -175,26 +185,38 @@ class TrajectoryNLL:
                 raise ValueError(f"cond: expected batch shape {tuple(x0.shape[:1])} to match x0")
         n, device = x0.shape[0], x0.device
         process = MarkovInterpolant(event_dim=len(event))
-        if len(self._steps) == 1:
-            choice = torch.zeros(n, dtype=torch.long, device=device)
-        else:
-            choice = torch.randint(len(self._steps), (n,), device=device, generator=generator)
         groups = []
-        for i, T in enumerate(self._steps):
-            index = (choice == i).nonzero().squeeze(-1)
-            m = index.numel()
-            if m == 0:
-                continue
+        for T, index in self._groups(n, device, generator, validate):
+            m = n if index is None else index.numel()
             t0 = sample_t_min((m,), *self.t_min, generator=generator, device=device)
-            grid = time_grid(T, t0, self.shift, device=device)  # (m, T+1)
+            grid = time_grid(T, t0, self.shift, device=device, validate=validate)  # (m, T+1)
             drop = guidance_dropout(m, self.cond_drop if cond is not None else 0.0, device, generator)
-            dist = model.distribution(grid, index_cond(cond, ced, index), drop_cond=drop, validate_args=False)
-            traj = process.sample(x0[index], grid, generator=generator)  # (m, T+1, *data)
+            group_cond = cond if index is None else index_cond(cond, ced, index)
+            dist = model.distribution(grid, group_cond, drop_cond=drop, validate_args=validate)
+            x = x0 if index is None else x0[index]
+            traj = process.sample(x, grid, generator=generator, validate=validate)  # (m, T+1, *data)
+            if index is None:
+                index = torch.arange(n, device=device)
             k = None
             if self.mode == "pair":
                 k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
             groups.append(TrajectoryGroup(index, T, dist, traj, k))
         return groups
+
+    def _groups(
+        self, n: int, device: torch.device, generator: torch.Generator | None, validate: bool
+    ) -> list[tuple[int, Tensor | None]]:
+        """``(T, index)`` per group of examples; ``index`` ``None`` means every example (one ``T``)."""
+        if len(self._steps) == 1:
+            return [(self._steps[0], None)]  # no grouping: nothing to read back from the device
+        if not validate:
+            # Sync-free: equal groups over a random permutation (the group sizes never depend on the draws).
+            perm = torch.randperm(n, device=device, generator=generator)
+            bounds = [i * n // len(self._steps) for i in range(len(self._steps) + 1)]
+            return [(T, perm[a:b]) for T, a, b in zip(self._steps, bounds[:-1], bounds[1:]) if b > a]
+        choice = torch.randint(len(self._steps), (n,), device=device, generator=generator)
+        groups = [(T, (choice == i).nonzero().squeeze(-1)) for i, T in enumerate(self._steps)]
+        return [(T, index) for T, index in groups if index.numel()]
 
     def group_nll(self, group: TrajectoryGroup) -> Tensor:
         """The NLL in nats/dim of each trajectory of a group, ``(m,)`` (see ``mode``)."""
@@ -215,11 +237,16 @@ class TrajectoryNLL:
         cond: Condition | None = None,
         *,
         generator: torch.Generator | None = None,
-        validate: bool = True,
+        validate: bool | None = None,
     ) -> Tensor:
-        """The NLL in nats/dim of each example of a flat batch ``x0`` of shape ``(B, *data)``; ``(B,)``."""
+        """The NLL in nats/dim of each example of a flat batch ``x0`` of shape ``(B, *data)``; ``(B,)``.
+
+        ``validate`` overrides :attr:`validate_args` for this call."""
+        groups = self.draw(model, x0, cond, generator=generator, validate=validate)
+        if len(self._steps) == 1:
+            return self.group_nll(groups[0])  # the one group holds every example, in order
         out = torch.empty(x0.shape[0], device=x0.device)
-        for group in self.draw(model, x0, cond, generator=generator, validate=validate):
+        for group in groups:
             out[group.index] = self.group_nll(group)
         return out
 

@@ -810,6 +810,7 @@ class TextToImageObjective:
                 mode=m.mode,
                 cond_drop=m.cond_drop,
                 factor_weights=m.factor_weights,
+                validate_args=m.validate_args,  # off: the loss path makes no host-device synchronisation
             )
             self.loss: Any = nll
             self.loss_name = "nll_per_dim"
