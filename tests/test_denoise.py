@@ -193,6 +193,7 @@ def test_transformer_denoiser_distillation_smoke():
 
 
 def test_denoiser_checkpoints(tmp_path):
+    pytest.importorskip("safetensors")
     g = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
     for p in g.parameters():
         p.data.normal_()

@@ -76,6 +76,7 @@ def test_conversion_errors():
 
 
 def test_digits_split_and_levels():
+    pytest.importorskip("sklearn")
     train, test = load_digits("train"), load_digits("test")
     _check_dataset(train, 1442, (1, 8, 8), 17, 10)
     _check_dataset(test, 355, (1, 8, 8), 17, 10)
@@ -96,6 +97,7 @@ def test_digits_split_and_levels():
 
 
 def test_dataset_views_and_bits_per_dim():
+    pytest.importorskip("sklearn")
     ds = load_digits("train")
     sub = ds.subset(100)
     assert len(sub) == 100 and torch.equal(sub.images, ds.images[:100]) and sub.levels == 17
@@ -386,6 +388,7 @@ def test_cifar10_missing_and_unsafe(tmp_path):
 
 
 def test_registry():
+    pytest.importorskip("sklearn")
     assert load_image_dataset("digits", "test").name == "digits"
     with pytest.raises(ValueError, match="valid names") as info:
         load_image_dataset("svhn")

@@ -182,6 +182,7 @@ def test_ranges_agree_for_matching_densities():
 
 def test_agrees_with_the_image_dataset_convention():
     """trajflow.data.images uses the same [-1, 1] bins: its bits/dim helper must give the same numbers."""
+    pytest.importorskip("sklearn")
     from trajflow.data.images import load_digits
 
     ds = load_digits("test")

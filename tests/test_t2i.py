@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
+def _needs_training() -> None:
+    """Training goes through the Trainer (accelerate) and writes safetensors checkpoints: optional extras."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("safetensors")
+
+
 def tiny(kind: str = "ntm", encoder: str = "minilm", **train) -> dict:
     """16 px shapes (the generator's smallest), a width-32 one-layer model with 16 patch tokens."""
     return {
@@ -76,6 +82,7 @@ def _weights(ckpt: Path) -> dict:
 
 
 def test_text_to_image_ntm_trains_resumes_exactly_and_samples(tmp_path, minilm):
+    _needs_training()
     cfg = T2IConfig.from_dict(tiny())
     whole = train_t2i(cfg, tmp_path / "whole", encoder=minilm)
     part = train_t2i(cfg, tmp_path / "part", encoder=minilm, stop_at=2)
@@ -99,6 +106,7 @@ def test_text_to_image_ntm_trains_resumes_exactly_and_samples(tmp_path, minilm):
 
 
 def test_flow_matching_baseline_on_the_same_backbone(tmp_path):
+    _needs_training()
     cfg = T2IConfig.from_dict(tiny("fm", "hashing"))
     r = train_t2i(cfg, tmp_path, stop_at=3)
     assert all("fm_mse" in h for h in r.history)
@@ -119,6 +127,7 @@ def test_flow_matching_baseline_on_the_same_backbone(tmp_path):
     ],
 )
 def test_ntm_recipe_options_train_and_reload(tmp_path, model):
+    _needs_training()
     from trajflow.predictors import FlowMatchingPredictor
     from trajflow.transporters import IdentityTransporter
 
@@ -185,6 +194,7 @@ def test_vae_needs_diffusers_or_says_so(tmp_path):
 
 
 def test_resume_with_another_config_names_the_field(tmp_path):
+    _needs_training()
     train_t2i(T2IConfig.from_dict(tiny("ntm", "hashing")), tmp_path, stop_at=1)
     other = tiny("ntm", "hashing")
     other["model"]["cond_drop"] = 0.2
@@ -212,6 +222,7 @@ def test_compositional_scores_by_hand():
 
 
 def test_reader_cache_and_evaluation(tmp_path):
+    _needs_training()
     cfg = T2IConfig.from_dict(tiny("ntm", "hashing"))
     reader_cfg = ShapesReaderConfig(train_size=128, heldout_size=32, epochs=1, batch_size=32, width=8, hidden=8)
     data = cfg.to_dict()["data"]
@@ -235,6 +246,7 @@ def _script(name: str):
 
 
 def test_example_scripts(tmp_path, capsys):
+    _needs_training()
     cfg_file = tmp_path / "tiny.json"
     cfg_file.write_text(json.dumps(tiny("ntm", "hashing")))
     train = _script("train")

@@ -28,6 +28,9 @@ from trajflow.t2i import (
     train_t2i,
 )
 
+pytest.importorskip("accelerate")  # every test here trains through the Trainer (safetensors checkpoints)
+pytest.importorskip("safetensors")
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left", "two large blue squares at the top left and the bottom right"]
 

@@ -33,6 +33,9 @@ from trajflow.train import (
     restore_rng_state,
 )
 
+pytest.importorskip("accelerate")  # the Trainer (one process or many) and its safetensors checkpoints
+pytest.importorskip("safetensors")
+
 
 class Tiny(nn.Module):
     """A small MLP with dropout, so that the global torch RNG matters too."""

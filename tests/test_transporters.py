@@ -1,5 +1,7 @@
 """Property tests of the vector transporters and of the per-step flow (Hypothesis, float64)."""
 
+from importlib.util import find_spec
+
 import pytest
 import torch
 from hypothesis import given
@@ -32,8 +34,19 @@ def _make(kind: str) -> trajflow.transporters.Transporter:
     return _perturb(f).double()
 
 
-KINDS = ["zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity"]
-TRANSPORTERS = {k: _make(k) for k in KINDS}
+HAVE_NFLOWS = find_spec("nflows") is not None  # an optional extra: its kinds skip where it is missing
+
+
+def _kinds(*kinds: str) -> list:
+    skip = pytest.mark.skipif(not HAVE_NFLOWS, reason="needs nflows: pip install 'trajflow[nflows]'")
+    return [pytest.param(k, marks=skip) if k.startswith("nflows") else k for k in kinds]
+
+
+KINDS = _kinds("zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity")
+TRANSPORTERS = {
+    k: _make(k) for k in ("zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity")
+    if HAVE_NFLOWS or not k.startswith("nflows")
+}
 
 points = st.lists(st.floats(-3, 3), min_size=FEATURES, max_size=FEATURES).map(
     lambda v: torch.tensor(v, dtype=torch.float64)
@@ -97,6 +110,7 @@ def test_transporter_input_errors():
 
 
 def test_nflows_pitfalls_are_rejected():
+    pytest.importorskip("nflows")
     from nflows.transforms.linear import NaiveLinear
     from nflows.transforms.normalization import BatchNorm
 
@@ -115,7 +129,7 @@ def _model(kind: str, **kw) -> trajflow.NTM:
     return trajflow.NTM(TRANSPORTERS[kind], predictor.double())
 
 
-@pytest.mark.parametrize("kind", ["zuko-nsf", "nflows-rqs", "identity"])
+@pytest.mark.parametrize("kind", _kinds("zuko-nsf", "nflows-rqs", "identity"))
 @given(x=points, k=st.integers(1, 4))
 def test_step_flow_ladj_and_inverse(kind, x, k):
     dist = _model(kind).distribution(trajflow.time_grid(4, 0.05, dtype=torch.float64))
