@@ -1,5 +1,5 @@
 # make demo   - set up a virtual environment (CPU torch) and run the toy job
-# make test   - set up the same environment and run the test suite
+# make test   - set up the same environment and run the test suite and the docstring examples
 # make lint   - ruff
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --doctest-modules trajflow
 
 lint: $(STAMP)
 	$(BIN)/ruff check trajflow tests benchmarks examples
