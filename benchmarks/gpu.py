@@ -465,7 +465,7 @@ def t2i_setup(b: Bench) -> tuple[nn.Module, Callable[[], tuple[Tensor, Tensor | 
     m = config.model
     loss = TrajectoryNLL(
         steps=m.steps if isinstance(m.steps, int) else tuple(m.steps), t_min=m.t_min,
-        shift=config.shift_for(data_shape), mode=m.mode, cond_drop=m.cond_drop,
+        shift=config.shift_for(data_shape), mode=m.mode, cond_drop=m.cond_drop, validate_args=m.validate_args,
     )
     g = torch.Generator(device=device).manual_seed(0)
     n, length = s.t2i_batch, config.text.max_length

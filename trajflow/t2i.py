@@ -162,7 +162,8 @@ class ModelConfig:
             fresh backbone), so the network predicts a clean image and its scale is relative to the
             forward posterior's. ``"ntm-fm"`` always uses ``"posterior"``.
         cond_drop: caption dropout for classifier-free guidance (10%).
-        validate_args: argument checks inside the networks (each costs a GPU sync; off for speed).
+        validate_args: value checks inside the networks and the NTM loss (each costs a GPU sync; off: the
+            training loss makes no host-device synchronisation).
     """
 
     kind: str = "ntm"
