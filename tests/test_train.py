@@ -380,3 +380,33 @@ def test_two_process_ddp_resumes_exactly(tmp_path):
     done = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "DDP-OK" in done.stdout
+
+
+def test_time_budget_stops_on_time_with_the_schedule_over_the_budget(tmp_path):
+    import time as _time
+
+    def slow_objective(model, batch, generator):
+        _time.sleep(0.01)  # a step costs at least 10 ms
+        (x,) = batch
+        return (model(x) - 1.0).square().mean()
+
+    cfg = TrainerConfig(
+        steps=10_000, batch_size=4, warmup_steps=500, lr=1e-2, min_lr_ratio=0.1, log_every=1,
+        checkpoint_every=10_000, progress=False, time_budget=0.3, ema_decay=0.0,
+    )  # fmt: skip
+    data = TensorDataset(torch.randn(64, 2))
+    result = Trainer(cfg, tmp_path).fit(torch.nn.Linear(2, 1), slow_objective, data)
+    assert 5 <= result.step < 100  # stopped by the budget, far before `steps`
+    assert 0.3 <= result.train_seconds < 0.3 + 0.2
+    assert result.checkpoint is not None and result.checkpoint.name == f"step-{result.step:07d}"
+    lrs = [h["lr"] for h in result.history]
+    assert lrs[0] < 1e-2 and max(lrs) == pytest.approx(1e-2, rel=0.05)  # warmup over 5% of the budget
+    assert lrs[-1] == pytest.approx(1e-3, rel=1e-6)  # the floor at the end of the budget
+    # A resumed run continues from the recorded seconds: nothing is left to do.
+    again = Trainer(cfg, tmp_path).fit(torch.nn.Linear(2, 1), slow_objective, data, resume=True)
+    assert again.step <= result.step + 1
+
+
+def test_time_budget_must_be_positive():
+    with pytest.raises(ValueError, match="train.time_budget: expected a positive number of seconds"):
+        TrainerConfig(time_budget=0.0)

@@ -74,7 +74,7 @@ from .checkpoint import (
     save_torch,
 )
 from .ema import EMA
-from .schedules import cosine_with_warmup
+from .schedules import CosineWarmup, cosine_with_warmup
 
 __all__ = [
     "TrainerConfig",
@@ -110,7 +110,8 @@ class TrainerConfig:
     """Hyper-parameters of :class:`Trainer`.
 
     Attributes:
-        steps: Optimizer steps in the whole run (the cosine schedule ends there).
+        steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
+            most steps the run may take, and the scale of ``warmup_steps`` (see there).
         batch_size: Examples per process per micro-batch; the global batch is
             ``batch_size * grad_accum * num_processes``.
         grad_accum: Micro-batches accumulated per optimizer step.
@@ -132,6 +133,12 @@ class TrainerConfig:
         progress: Show a tqdm progress bar (main process only).
         cpu: Train on the CPU even where a GPU is visible.
         find_unused_parameters: DDP's flag, for models that leave some parameters out of some steps.
+        time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``: data,
+            forward, backward and update; not checkpoints or start-up) instead of a number of steps: the
+            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / steps`` of
+            it) and the run stops at the first step past the budget (or at ``steps``), with a checkpoint.
+            For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
+            bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
     """
 
     steps: int = 10_000
@@ -155,6 +162,7 @@ class TrainerConfig:
     progress: bool = True
     cpu: bool = False
     find_unused_parameters: bool = False
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
@@ -168,6 +176,10 @@ class TrainerConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(
+                f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -617,7 +629,10 @@ class Trainer:
         )
         window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         window_logs: dict[str, Tensor] = {}
-        window_steps, window_time, train_time = 0, 0.0, 0.0
+        window_steps, window_time = 0, 0.0
+        train_time = float(info.get("train_seconds", 0.0)) if cfg.time_budget else 0.0
+        resumed_time = train_time
+        timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
         last_loss, last_ckpt = float("nan"), ckpt
         global_batch = cfg.batch_size * cfg.grad_accum * self.world_size
         wrapped.train()
@@ -637,6 +652,11 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if timed_lr is not None:
+                # The schedule follows the elapsed share of the time budget, on the scale of `steps`.
+                progress = min((train_time + time.perf_counter() - t0) / cfg.time_budget, 1.0)
+                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                    group["lr"] = base * timed_lr(progress * cfg.steps)
             if ema is not None:
                 ema.update(inner)
             step += 1
@@ -645,6 +665,8 @@ class Trainer:
             window_time += dt
             train_time += dt
             bar.update(1)
+            if cfg.time_budget and train_time >= cfg.time_budget:
+                end = step  # the budget is spent: log, checkpoint and stop here
 
             if step % cfg.log_every == 0 or step == end:
                 mean = acc.reduce(window_loss, "mean") / window_steps
@@ -658,7 +680,7 @@ class Trainer:
                     "step": step,
                     "epoch": state["epoch"],
                     loss_name: last_loss,
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": optimizer.param_groups[0]["lr"],
                     "images_per_s": global_batch * window_steps / max(window_time, 1e-9),
                 }
                 if grad_norm is not None:
@@ -678,6 +700,7 @@ class Trainer:
                 window_logs, window_steps, window_time = {}, 0, 0.0
 
             if step % cfg.checkpoint_every == 0 or step == end:
+                state["train_seconds"] = train_time
                 last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
         bar.close()
         if writer is not None:
@@ -686,7 +709,7 @@ class Trainer:
             step=step,
             epoch=state["epoch"],
             loss=last_loss,
-            images_per_s=global_batch * max(step - int(info["step"]), 0) / max(train_time, 1e-9),
+            images_per_s=global_batch * max(step - int(info["step"]), 0) / max(train_time - resumed_time, 1e-9),
             train_seconds=train_time,
             checkpoint=last_ckpt,
             history=history,
