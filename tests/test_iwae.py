@@ -201,3 +201,22 @@ def test_bad_inputs():
         iwae_bits_per_dim(tiny, x, 17, num_trajectories=1.5)
     with pytest.raises(ValueError, match="x0: expected leading dims"):
         iwae_bits_per_dim(cond_dist.expand((2,)), torch.randint(0, 17, (3, 2)), 17)
+
+
+def test_bounds_share_their_draws():
+    dist = _dist(ScaledReverse(V0))
+    with torch.no_grad():
+        iw, elbo = dist.bounds(X, 6, chunk_size=4, generator=torch.Generator().manual_seed(2))
+        g = torch.Generator().manual_seed(2)
+        log_w = torch.cat([dist.log_importance_weights(X, c, generator=g) for c in (4, 2)])
+    assert torch.allclose(iw, torch.logsumexp(log_w, 0) - math.log(6), atol=1e-12)
+    assert torch.allclose(elbo, log_w.mean(0), atol=1e-12)
+    assert bool((iw >= elbo).all())  # Jensen on the same draws
+    model = _tiny_ntm()
+    x = torch.randint(0, 256, (5, 3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        both = elbo_bits_per_dim(model, x, 256, 3, 2, bound="both", num_trajectories=4,
+                                 generator=torch.Generator().manual_seed(1))
+        iwae = iwae_bits_per_dim(model, x, 256, 3, 4, num_samples=2, generator=torch.Generator().manual_seed(1))
+    assert set(both) == {"iwae", "elbo"} and torch.equal(both["iwae"], iwae)
+    assert bool((both["elbo"] >= both["iwae"]).all())

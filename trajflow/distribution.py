@@ -497,6 +497,24 @@ class TrajectoryDistribution(Distribution):
             | Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, ICLR 2016).
             | https://arxiv.org/abs/1509.00519
         """
+        return self.bounds(x0, num_samples, chunk_size=chunk_size, generator=generator, dtype=dtype)[0]
+
+    def bounds(
+        self,
+        x0: Tensor,
+        num_samples: int = 1,
+        *,
+        chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> tuple[Tensor, Tensor]:
+        r"""The IWAE and the ELBO estimates from the same ``num_samples`` forward trajectories (nats).
+
+        ``(log mean_k w_k, mean_k log w_k)`` with the log importance weights of
+        :meth:`log_importance_weights`: the first is :meth:`iwae`, the second the ELBO averaged over the
+        same :math:`K` draws (:meth:`elbo` with ``num_samples=K``, up to the order of the draws), so a
+        benchmark can report both for one set of network evaluations. Same arguments as :meth:`iwae`.
+        """
         lead = self._check_value("x0", x0, self.data_shape)
         num_samples = _check_count("num_samples", num_samples)
         if dtype not in (torch.float32, torch.float64):
@@ -504,16 +522,18 @@ class TrajectoryDistribution(Distribution):
         if chunk_size is None:
             chunk_size = max(1, min(num_samples, 4096 // max(1, lead.numel())))
         chunk_size = _check_count("chunk_size", chunk_size)
-        total: Tensor | None = None  # running logsumexp of the weights seen so far
+        lse: Tensor | None = None  # running logsumexp of the weights seen so far
+        total: Tensor | None = None  # running sum of the log weights
         done = 0
         while done < num_samples:
             c = min(chunk_size, num_samples - done)
             log_w = self.log_importance_weights(x0, c, generator=generator).to(dtype)
             part = torch.logsumexp(log_w, dim=0)
-            total = part if total is None else torch.logaddexp(total, part)
+            lse = part if lse is None else torch.logaddexp(lse, part)
+            total = log_w.sum(0) if total is None else total + log_w.sum(0)
             done += c
-        assert total is not None
-        return total - math.log(num_samples)
+        assert lse is not None and total is not None
+        return lse - math.log(num_samples), total / num_samples
 
 
 def _check_count(name: str, value: object) -> int:

@@ -314,7 +314,7 @@ def elbo_bits_per_dim(
     shift: float = 1.0,
     generator: torch.Generator | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
-) -> Tensor:
+) -> Tensor | dict[str, Tensor]:
     r"""Bits/dim of an NTM from a lower bound on :math:`\log p(x_{t_0})` with :math:`t_0 = 0`, on dequantised data.
 
     With ``bound="elbo"`` (the default):
@@ -346,7 +346,8 @@ def elbo_bits_per_dim(
         levels: :math:`K_\text{levels}`.
         steps: :math:`T`, the number of reverse steps, for an ``NTM``.
         num_samples: :math:`S`, the dequantisation draws averaged per data point.
-        bound: ``"elbo"`` or ``"iwae"``.
+        bound: ``"elbo"``, ``"iwae"``, or ``"both"`` for a dict ``{"iwae": ..., "elbo": ...}`` of the two
+            from the same draws (one set of network evaluations).
         num_trajectories: :math:`K`, the forward trajectories per dequantised image.
         chunk_size: Trajectories per image evaluated at once (memory; see
             :meth:`~trajflow.TrajectoryDistribution.iwae`); ``None`` picks one.
@@ -356,14 +357,15 @@ def elbo_bits_per_dim(
         data_range: The range the model was trained on (trajflow's image models use ``(-1, 1)``).
 
     Returns:
-        Bits/dim per data point, ``x_int``'s batch shape broadcast with the distribution's, float64.
+        Bits/dim per data point, ``x_int``'s batch shape broadcast with the distribution's, float64 (a dict
+        of two such tensors for ``bound="both"``).
     """
     levels = check_levels(levels)
     check_discrete("x_int", x_int, levels)
     num_samples = _check_num_samples(num_samples)
     num_trajectories = _check_num_samples(num_trajectories, "num_trajectories")
-    if bound not in BOUNDS:
-        raise ValueError(f"bound: expected one of {BOUNDS}, got {bound!r}")
+    if bound not in (*BOUNDS, "both"):
+        raise ValueError(f"bound: expected one of {(*BOUNDS, 'both')}, got {bound!r}")
     if isinstance(model_or_dist, TrajectoryDistribution):
         dist = model_or_dist
         if not bool((dist.grid[..., 0] == 0).all()):
@@ -385,17 +387,14 @@ def elbo_bits_per_dim(
         )
     dims = data_shape.numel()
     device = dist.grid.device
-    total: Tensor | float = 0.0
+    totals = {"iwae": 0.0, "elbo": 0.0}
     for _ in range(num_samples):
         y = dequantize(x_int.to(device), levels, generator, data_range=data_range)
-        if bound == "iwae":
-            log_p = dist.iwae(y, num_trajectories, chunk_size=chunk_size, generator=generator)
-        elif num_trajectories == 1:
-            log_p = dist.elbo(y, 1, generator=generator)
-        else:
-            log_p = dist.log_importance_weights(y, num_trajectories, generator=generator).double().mean(0)
-        total = total + bits_per_dim(log_p, dims, levels, data_range)
-    return total / num_samples  # type: ignore[return-value]
+        iwae, elbo = dist.bounds(y, num_trajectories, chunk_size=chunk_size, generator=generator)
+        totals["iwae"] = totals["iwae"] + bits_per_dim(iwae, dims, levels, data_range)
+        totals["elbo"] = totals["elbo"] + bits_per_dim(elbo, dims, levels, data_range)
+    out = {k: v / num_samples for k, v in totals.items()}
+    return out if bound == "both" else out[bound]  # type: ignore[return-value]
 
 
 def iwae_bits_per_dim(
