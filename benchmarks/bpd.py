@@ -29,6 +29,7 @@ Bits/dim follow TarFlow's ``evaluate_bpd.py`` convention: :math:`-\log p / (D \l
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import sys
@@ -69,8 +70,13 @@ class BpdConfig:
     iters: int
     lr: float
     warmup: int
-    eval_samples: int  # dequantisation (and forward-trajectory) draws per test image
+    eval_samples: int  # dequantisation draws per test image
     eval_batch: int
+    iwae_samples: int = 64  # K forward trajectories per dequantised image for the trajectory models
+    seeds: tuple[int, ...] = (0, 1, 2)
+    ntm_mode: str = "trajectory"  # TrajectoryNLL mode of the NTM and Gaussian-step model: "trajectory" / "pair"
+    calibration_iters: int = 6  # timed iterations (after 2 untimed) of each baseline's seconds/iteration
+    val_images: int = 288  # images carved from train for --split validation (tuning never sees the test set)
     steps: int = 4
     shift: float = 1.0
     grid_size: int = 8  # the sample grids are grid_size x grid_size images
@@ -217,7 +223,9 @@ def training_loss(name: str, cfg: BpdConfig) -> Callable[[nn.Module, Tensor], Te
     if name in ("ntm", "gaussian"):
         # t_min fixed at 0: the cleanest level is the dequantised image itself, so the model trained is the
         # one whose ELBO bounds the data likelihood (a t_min > 0 model would describe noised images).
-        return trajflow.TrajectoryNLL(steps=cfg.steps, t_min=(0.0, 0.0), shift=cfg.shift, cond_drop=0.0)
+        return trajflow.TrajectoryNLL(
+            steps=cfg.steps, t_min=(0.0, 0.0), shift=cfg.shift, mode=cfg.ntm_mode, cond_drop=0.0
+        )
     if name == "tarflow":
         return lambda model, y: -model.log_prob(y).mean() / y[0].numel()
     if name == "fm":
@@ -277,22 +285,65 @@ def train(
     return time.perf_counter() - start, sum(tail) / len(tail)
 
 
+def calibrate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> float:
+    """Seconds per training iteration of ``name``, timed on a throw-away copy of ``model``.
+
+    Two untimed iterations (allocator and autograd warm-up), then ``cfg.calibration_iters`` timed ones
+    with the real optimiser, batch size and loss; the model that is then trained is left untouched.
+    """
+    probe = copy.deepcopy(model)
+    gen = torch.Generator(data.device).manual_seed(seed + 100)
+    loss_fn = training_loss(name, cfg)
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr * 0.1, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    probe.train()
+    start = 0.0
+    for it in range(2 + cfg.calibration_iters):
+        if it == 2:
+            if data.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=data.device, generator=gen)
+        y = dequantize(data[idx], levels, gen)
+        loss = loss_fn(probe, y, generator=gen) if name in ("ntm", "gaussian") else loss_fn(probe, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(probe.parameters(), cfg.grad_clip)
+        opt.step()
+        float(loss.detach())
+    if data.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / cfg.calibration_iters
+
+
 @torch.no_grad()
-def evaluate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> float:
-    """Mean test bits/dim: the ELBO bound for the trajectory models, the exact dequantised bpd for the flow."""
+def evaluate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> dict[str, float]:
+    """Mean bits/dim on ``data``: the exact dequantised bpd of the flow (``{"exact": ...}``); the IWAE bound
+    with ``cfg.iwae_samples`` trajectories and the ELBO on the same draws for the trajectory models
+    (``{"iwae": ..., "elbo": ...}``)."""
     model.eval()
     gen = torch.Generator(data.device).manual_seed(seed + 1)
-    total = 0.0
+    totals: dict[str, float] = {}
     for start in range(0, data.shape[0], cfg.eval_batch):
         x = data[start : start + cfg.eval_batch]
         if name == "tarflow":
-            bpd = flow_bits_per_dim(model, x, levels, event_dim=3, num_samples=cfg.eval_samples, generator=gen)
+            out = {
+                "exact": flow_bits_per_dim(model, x, levels, event_dim=3, num_samples=cfg.eval_samples, generator=gen)
+            }
         else:
-            bpd = elbo_bits_per_dim(
-                model, x, levels, steps=cfg.steps, num_samples=cfg.eval_samples, shift=cfg.shift, generator=gen
+            out = elbo_bits_per_dim(
+                model,
+                x,
+                levels,
+                steps=cfg.steps,
+                num_samples=cfg.eval_samples,
+                bound="both",
+                num_trajectories=cfg.iwae_samples,
+                shift=cfg.shift,
+                generator=gen,
             )
-        total += float(bpd.sum())
-    return total / data.shape[0]
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + float(v.sum())
+    return {k: v / data.shape[0] for k, v in totals.items()}
 
 
 @torch.no_grad()
@@ -328,19 +379,60 @@ def save_grid(images: Tensor, levels: int, path: Path, nrow: int, scale: int) ->
 
 # -- results --------------------------------------------------------------------------------------------------
 
+AGGREGATED = ("value", "elbo_bits_per_dim", "train_seconds", "train_iters", "seconds_per_iter", "time_ratio")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One ``seed: "mean"`` row per (task, method) over its per-seed rows: ``value`` is the mean over seeds,
+    ``std`` the sample standard deviation (ddof 1), ``min``/``max`` the range, ``seeds`` the seeds; other
+    numeric keys of :data:`AGGREGATED` are averaged too; the rest is copied from the first seed's row."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if isinstance(r["seed"], int):
+            groups.setdefault((r["task"], r["method"]), []).append(r)
+    out = []
+    for group in groups.values():
+        first = dict(group[0])
+        values = [r["value"] for r in group]
+        n = len(values)
+        mean = sum(values) / n
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+        for key in AGGREGATED:
+            if all(key in r and r[key] is not None for r in group):
+                first[key] = round(sum(r[key] for r in group) / n, 5 if key != "train_iters" else 1)
+        first.update(
+            seed="mean",
+            value=round(mean, 5),
+            std=round(std, 5),
+            min=round(min(values), 5),
+            max=round(max(values), 5),
+            n_seeds=n,
+            seeds=[r["seed"] for r in group],
+        )
+        first.pop("final_train_loss_nats_per_dim", None)
+        out.append(first)
+    return out
+
 
 def markdown_table(path: Path) -> str:
-    """The docs table (``docs/bpd.md``) from a results JSON written by this script."""
+    """The docs table (``docs/bpd.md``) from a results JSON written by this script: the ``seed: "mean"`` rows."""
     payload = read_results(path)
     lines = [
-        "| task | method | steps | test bits/dim | bound | params | train s | draws/image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | steps | test bits/dim (mean ± std, n seeds) | bound | ELBO bits/dim | params | "
+        "train s | iters | time / NTM's |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in payload["rows"]:
+        if r["seed"] != "mean" and not (r["method"] == "pixel-categorical"):
+            continue
         steps = "-" if r["steps"] is None else str(r["steps"])
+        spread = f" ± {r['std']:.3f} ({r['n_seeds']})" if "std" in r else ""
+        elbo = f"{r['elbo_bits_per_dim']:.3f}" if r.get("elbo_bits_per_dim") is not None else "-"
+        iters = f"{r['train_iters']:.0f}" if r.get("train_iters") else "-"
+        ratio = f"{r['time_ratio']:.2f}" if r.get("time_ratio") is not None else "-"
         lines.append(
-            f"| {r['task']} | {r['method']} | {steps} | {r['value']:.3f} | {r.get('bound', '')} | "
-            f"{r['params']:,} | {r['train_seconds']:.0f} | {r['num_samples']} |"
+            f"| {r['task']} | {r['method']} | {steps} | {r['value']:.3f}{spread} | {r.get('bound', '')} | {elbo} | "
+            f"{r['params']:,} | {r['train_seconds']:.0f} | {iters} | {ratio} |"
         )
     commit = payload["commit"] + (" (+ uncommitted changes)" if payload.get("dirty") else "")
     lines.append("")
@@ -351,28 +443,35 @@ def markdown_table(path: Path) -> str:
 # -- main -----------------------------------------------------------------------------------------------------
 
 
+def split_data(task: str, split: str, cfg: BpdConfig, max_eval: int | None) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, evaluation)`` images: the official test split, or (``split="validation"``, for tuning) the
+    last ``cfg.val_images`` of a fixed permutation of the training split, trained on the rest."""
+    train_set = load_image_dataset(task, "train")
+    if split == "test":
+        eval_set = load_image_dataset(task, "test")
+    else:
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(1234))
+        eval_set = train_set.select(perm[-cfg.val_images :].sort().values)
+        train_set = train_set.select(perm[: -cfg.val_images].sort().values)
+    if max_eval is not None:
+        eval_set = eval_set.subset(max_eval)
+    return train_set, eval_set
+
+
 def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    train_set: ImageDataset = load_image_dataset(task, "train")
-    test_set: ImageDataset = load_image_dataset(task, "test")
+    train_set, test_set = split_data(task, args.split, cfg, args.max_eval)
     levels, shape = train_set.levels, train_set.image_shape
-    if args.max_eval is not None:
-        test_set = test_set.subset(args.max_eval)
     train_data, test_data = train_set.images.to(device), test_set.images.to(device)
     iters = cfg.iters if args.max_iters is None else min(cfg.iters, args.max_iters)
-    print(f"{task}: {len(train_set)} train / {len(test_set)} test images {shape}, {levels} levels, {iters} iters")
-
-    torch.manual_seed(args.seed)
-    models = {k: m.to(device) for k, m in build_models(cfg, shape).items() if k in args.methods}
-    params = {k: num_params(m) for k, m in models.items()}
-    print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
-    if "tarflow" in models:
-        tf = models["tarflow"].transporter.config
-        print(f"  tarflow: {tf.blocks} blocks x {tf.layers_per_block} layers, width {tf.width}")
-
+    print(
+        f"{task}: {len(train_set)} train / {len(test_set)} {args.split} images {shape}, {levels} levels, "
+        f"NTM {iters} iters ({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
+    )
+    common = {"split": args.split, "levels": levels, "test_images": len(test_set), "batch_size": cfg.batch_size}
     rows = []
     if "pixel-categorical" in args.methods:
         value = pixel_categorical_bits_per_dim(train_set.images, test_set.images, levels)
-        print(f"  [pixel-categorical] test bits/dim {value:.4f} (exact discrete, no training)")
+        print(f"  [pixel-categorical] {args.split} bits/dim {value:.4f} (exact discrete, no training)")
         rows.append(
             {
                 "task": task,
@@ -380,52 +479,99 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
                 "steps": None,
                 "metric": "bits_per_dim",
                 "value": round(value, 5),
-                "seed": args.seed,
-                "split": "test",
+                "seed": None,  # deterministic: no training, no sampling
+                **common,
                 "params": train_set.dim * (levels - 1),  # the histograms' free probabilities
                 "train_seconds": 0.0,
                 "dequantization": "none",
                 "num_samples": 0,
                 "bound": "exact",
-                "levels": levels,
-                "test_images": len(test_set),
+                "budget": "none",
             }
         )
-    for name, model in models.items():
-        seconds, final_loss = train(name, model, train_data, levels, cfg, iters, args.seed)
-        print(f"  [{name}] trained in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
-        if name in ("ntm", "gaussian", "fm"):
-            grid = sample_grid(name, model, cfg, shape, device, args.seed)
-            path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
+    trained = [m for m in ("ntm", "tarflow", "gaussian") if m in args.methods]
+    for seed in cfg.seeds:
+        torch.manual_seed(seed)
+        models = {k: m.to(device) for k, m in build_models(cfg, shape).items() if k in args.methods}
+        params = {k: num_params(m) for k, m in models.items()}
+        print(f"  seed {seed}: parameters " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
+        if "tarflow" in models and seed == cfg.seeds[0]:
+            tf = models["tarflow"].transporter.config
+            print(f"  tarflow: {tf.blocks} blocks x {tf.layers_per_block} layers, width {tf.width}")
+        budget: float | None = None  # the NTM's measured training seconds: the other methods' budget
+        for name in trained:
+            model = models[name]
+            per_iter = calibrate(name, model, train_data, levels, cfg, seed)
+            if name == "ntm" or budget is None:
+                n_iters = iters
+            else:
+                n_iters = max(1, round(budget / per_iter))
+            print(f"  [{name}] {per_iter:.3f} s/iter (calibration) -> {n_iters} iters", flush=True)
+            seconds, final_loss = train(name, model, train_data, levels, cfg, n_iters, seed)
+            if name == "ntm":
+                budget = seconds
+            print(f"  [{name}] trained in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
+            if seed == cfg.seeds[0] and name in ("ntm", "gaussian") and not args.no_samples:
+                grid = sample_grid(name, model, cfg, shape, device, seed)
+                path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
+                save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
+                print(f"  [{name}] samples -> {path}")
+            start = time.perf_counter()
+            result = evaluate(name, model, test_data, levels, cfg, seed)
+            value = result["exact"] if name == "tarflow" else result["iwae"]
+            elbo = result.get("elbo")
+            print(
+                f"  [{name}] {args.split} bits/dim {value:.4f}"
+                + ("" if elbo is None else f" (IWAE-{cfg.iwae_samples}; ELBO {elbo:.4f})")
+                + f" ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+            rows.append(
+                {
+                    "task": task,
+                    "method": name,
+                    "steps": None if name == "tarflow" else cfg.steps,
+                    "metric": "bits_per_dim",
+                    "value": round(value, 5),
+                    "seed": seed,
+                    "budget": "equal-time" if budget is not None else "equal-iterations",
+                    "bound": "dequantized" if name == "tarflow" else f"iwae-{cfg.iwae_samples}+dequantized",
+                    "elbo_bits_per_dim": None if elbo is None else round(elbo, 5),
+                    **common,
+                    "params": params[name],
+                    "train_seconds": round(seconds, 1),
+                    "train_iters": n_iters,
+                    "seconds_per_iter": round(seconds / n_iters, 4),
+                    "calibrated_seconds_per_iter": round(per_iter, 4),
+                    "time_ratio": None if budget is None else round(seconds / budget, 3),
+                    "reference": "ntm" if budget is not None else None,
+                    "train_mode": cfg.ntm_mode if name != "tarflow" else None,
+                    "dequantization": "uniform",
+                    "num_samples": cfg.eval_samples,
+                    "num_trajectories": None if name == "tarflow" else cfg.iwae_samples,
+                    "final_train_loss_nats_per_dim": round(final_loss, 5),
+                }
+            )
+        if "fm" in models and seed == cfg.seeds[0] and not args.no_samples:
+            # flow matching has no likelihood here: it is the 4-step sample-quality baseline of the grids
+            seconds, _ = train("fm", models["fm"], train_data, levels, cfg, iters, seed)
+            grid = sample_grid("fm", models["fm"], cfg, shape, device, seed)
+            path = args.samples_dir / f"{task}_fm_{cfg.steps}step.png"
             save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
-            print(f"  [{name}] samples -> {path}")
-        if name == "fm":
-            continue  # flow matching has no likelihood here; it is the sample-quality baseline
-        start = time.perf_counter()
-        value = evaluate(name, model, test_data, levels, cfg, args.seed)
-        print(f"  [{name}] test bits/dim {value:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        rows.append(
-            {
-                "task": task,
-                "method": name,
-                "steps": None if name == "tarflow" else cfg.steps,
-                "metric": "bits_per_dim",
-                "value": round(value, 5),
-                "seed": args.seed,
-                "split": "test",
-                "params": params[name],
-                "train_seconds": round(seconds, 1),
-                "dequantization": "uniform",
-                "num_samples": cfg.eval_samples,
-                "bound": "dequantized" if name == "tarflow" else "elbo+dequantized",
-                "levels": levels,
-                "test_images": len(test_set),
-                "train_iters": iters,
-                "batch_size": cfg.batch_size,
-                "final_train_loss_nats_per_dim": round(final_loss, 5),
-            }
-        )
-    return rows
+            print(f"  [fm] trained {iters} iters in {seconds:.0f} s; samples -> {path}")
+    return rows + aggregate(rows)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``key=value`` for a :class:`BpdConfig` field, the value parsed as the field's type."""
+    key, sep, raw = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(BpdConfig)}
+    if not sep or key not in fields:
+        raise argparse.ArgumentTypeError(f"expected key=value with key one of {sorted(fields)}, got {text!r}")
+    current = getattr(CONFIGS["cpu"], key)
+    if isinstance(current, tuple):
+        return key, tuple(type(current[0])(v) for v in raw.split(","))
+    return key, type(current)(raw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -433,13 +579,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--tasks", nargs="+", help="override the config's datasets")
     parser.add_argument("--methods", nargs="+", default=["pixel-categorical", "ntm", "tarflow", "gaussian", "fm"])
-    parser.add_argument("--max-iters", type=int, help="cap the training iterations (smoke tests)")
-    parser.add_argument("--max-eval", type=int, help="evaluate on the first N test images only (smoke tests)")
+    parser.add_argument(
+        "--split",
+        choices=("test", "validation"),
+        default="test",
+        help="evaluate on the test split, or (tuning) on a validation split carved from train",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
+    parser.add_argument(
+        "--set",
+        type=parse_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set ntm_mode=pair --set lr=3e-3 (tuning)",
+    )
+    parser.add_argument("--max-iters", type=int, help="cap the NTM's training iterations (smoke tests)")
+    parser.add_argument("--max-eval", type=int, help="evaluate on the first N images only (smoke tests)")
     parser.add_argument("--batch-size", type=int, help="override the training batch size (smoke tests)")
-    parser.add_argument("--eval-samples", type=int, help="override the draws per test image (smoke tests)")
+    parser.add_argument("--eval-samples", type=int, help="override the dequantisation draws per image (smoke tests)")
+    parser.add_argument("--iwae-samples", type=int, help="override K, the IWAE trajectories per image")
     parser.add_argument("--grid-size", type=int, help="override the side of the sample grids (smoke tests)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared CPU)")
+    parser.add_argument("--no-samples", action="store_true", help="skip the sample grids and flow matching")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a busy shared CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS / "bpd.json")
     parser.add_argument("--samples-dir", type=Path, default=ROOT / "docs" / "bpd")
@@ -454,9 +616,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = CONFIGS[args.config]
     overrides = {
         "tasks": tuple(args.tasks) if args.tasks else None,
+        "seeds": tuple(args.seeds) if args.seeds else None,
         "batch_size": args.batch_size,
         "eval_samples": args.eval_samples,
+        "iwae_samples": args.iwae_samples,
         "grid_size": args.grid_size,
+        **dict(args.set),
     }
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if args.png_scale is None:
@@ -466,13 +631,16 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # training speed; the bpd sums are accumulated in float32+
     command = command_line(None if argv is None else ["benchmarks/bpd.py", *argv])
     rows: list[dict] = []
+    start = time.perf_counter()
     for task in cfg.tasks:
         rows += run_task(task, cfg, args, device)
         # after every task, so a long run keeps what it has
-        write_results(args.out, "bpd", rows, command=command, device=device)
-    print(f"results -> {args.out}")
+        write_results(args.out, "bpd", rows, command=command, device=device, extra={"config": dataclasses.asdict(cfg)})
+    print(f"results -> {args.out} ({time.perf_counter() - start:.0f} s in all)")
     for r in rows:
-        print(f"  {r['task']:14s} {r['method']:9s} {r['value']:.4f} bits/dim  ({r['params']:,} params)")
+        if r["seed"] in ("mean", None):
+            spread = f" ± {r['std']:.4f}" if "std" in r else ""
+            print(f"  {r['task']:14s} {r['method']:17s} {r['value']:.4f}{spread} bits/dim  ({r['params']:,} params)")
 
 
 if __name__ == "__main__":
