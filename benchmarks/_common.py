@@ -114,6 +114,7 @@ def write_results(
     command: str | None = None,
     device: torch.device | str | None = None,
     extra: Mapping[str, Any] | None = None,
+    dirty: bool | None = None,
 ) -> dict[str, Any]:
     """Write the results file atomically and return its content.
 
@@ -124,6 +125,8 @@ def write_results(
         command: The command line (default: :func:`command_line` of this process).
         device: The device the numbers were measured on (for :func:`device_string`).
         extra: More top-level keys (e.g. the config), written after the standard ones.
+        dirty: Whether the tree had uncommitted changes when the measurement *started* (default: its state
+            now). Pass :func:`git_dirty` taken before a run that itself writes tracked files (figures).
     """
     rows = [dict(r) for r in rows]
     _check_rows(rows)
@@ -131,7 +134,7 @@ def write_results(
         "benchmark": benchmark,
         "command": command if command is not None else command_line(),
         "commit": git_commit(),
-        "dirty": git_dirty(),
+        "dirty": git_dirty() if dirty is None else bool(dirty),
         "device": device_string(device),
         "torch": torch.__version__,
         "created": utc_now(),

@@ -1,25 +1,34 @@
-r"""Test-set bits/dim of an NTM against a single TarFlow-style flow and the Gaussian-step model.
+r"""Test-set bits/dim of an NTM against a single TarFlow-style flow and the Gaussian-step model, at equal time.
 
-Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) with the same
-iterations, batch size and optimiser:
+Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) with AdamW, warmup and
+cosine decay, for the **same wall-clock time** on the same device (the ``equal-time`` budget): the NTM
+trains first (for ``budget_seconds``, or for ``iters`` iterations when that is 0) and its measured
+seconds become the budget of every other likelihood model of the same seed, whose learning-rate schedule
+runs on elapsed time so that it completes whatever its speed. Each row records ``train_seconds``,
+``train_iters``, ``params`` and ``time_ratio`` (its seconds over the NTM's).
 
 * ``ntm``: :class:`~trajflow.NTM` with T = 4, a :class:`TransformerTransporter` (shallow causal AR flow)
   and a :class:`TransformerPredictor`, trained with :class:`~trajflow.TrajectoryNLL` with :math:`t_{\min}`
-  fixed at 0, so that :math:`x_{t_0}` *is* the dequantised image and the ELBO bounds the data likelihood.
-  Reported: the ELBO bits/dim (:func:`trajflow.likelihood.elbo_bits_per_dim`), an upper bound.
+  fixed at 0, so that :math:`x_{t_0}` *is* the dequantised image and the bound is about the data.
+  Reported: the importance-weighted bound with ``iwae_samples`` = K trajectories per image
+  (:func:`trajflow.likelihood.elbo_bits_per_dim` with ``bound="both"``), and the ELBO on the same draws.
 * ``tarflow``: one :class:`TransformerTransporter` with more blocks, used alone as a flow over a
   :math:`\mathcal{N}(0, I)` base at a fixed time (t = 0), with its parameter count matched to the NTM's
   (within 10%). Reported: the exact dequantised bits/dim (:func:`trajflow.likelihood.flow_bits_per_dim`).
 * ``gaussian``: the Gaussian-step model (an :class:`IdentityTransporter` and the same predictor, T = 4),
-  the "Gaussian bottleneck" NTM removes. Reported: its ELBO bits/dim.
+  the "Gaussian bottleneck" NTM removes, trained like the NTM. Reported: its IWAE and ELBO bits/dim.
 
-It also trains a flow-matching velocity model (:class:`TransformerVelocity`, the predictor's backbone) and
-writes 4-step sample grids (NTM, Gaussian-step, flow matching with Euler) as PNGs.
+Every trained method runs for each of the config's seeds (rows with an integer ``seed``); one more row
+per method has ``seed: "mean"``, with ``value`` the mean over seeds, ``std`` the sample standard
+deviation, ``min``/``max`` and ``seeds``. With seed 0 the script also trains a flow-matching velocity model
+(:class:`TransformerVelocity`, the predictor's backbone) and writes 4-step sample grids (NTM,
+Gaussian-step, flow matching with Euler) as PNGs.
 
 Usage::
 
-    python benchmarks/bpd.py --config cpu                 # sklearn digits 8x8, 17 levels, minutes on a CPU
+    python benchmarks/bpd.py --config cpu                 # sklearn digits 8x8, 17 levels, ~18 min on one core
     python benchmarks/bpd.py --config gpu                 # MNIST and Fashion-MNIST 28x28, hours on one H100
+    python benchmarks/bpd.py --split validation --seeds 0 --set ntm_mode=trajectory --out /tmp/v.json  # tuning
     python benchmarks/bpd.py --config gpu --max-iters 2 --max-eval 16 --out /tmp/bpd.json   # a smoke test
 
 Bits/dim follow TarFlow's ``evaluate_bpd.py`` convention: :math:`-\log p / (D \ln 2) + \log_2(K / 2)` on
@@ -29,7 +38,6 @@ Bits/dim follow TarFlow's ``evaluate_bpd.py`` convention: :math:`-\log p / (D \l
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import math
 import sys
@@ -50,7 +58,7 @@ from trajflow.transporters import IdentityTransporter
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
-from _common import RESULTS, ROOT, command_line, read_results, write_results  # noqa: E402
+from _common import RESULTS, ROOT, command_line, git_dirty, read_results, write_results  # noqa: E402
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -73,9 +81,12 @@ class BpdConfig:
     eval_samples: int  # dequantisation draws per test image
     eval_batch: int
     iwae_samples: int = 64  # K forward trajectories per dequantised image for the trajectory models
+    iwae_dequantizations: int = 1  # their dequantisation draws per image (eval_samples is the flow's)
     seeds: tuple[int, ...] = (0, 1, 2)
+    ntm_batch_size: int = 0  # > 0: the batch size of the NTM and the Gaussian-step model (tuned separately)
+    ntm_lr: float = 0.0  # > 0: their peak learning rate
+    budget_seconds: float = 0.0  # > 0: the NTM trains for this many seconds (else for `iters`); others as long
     ntm_mode: str = "trajectory"  # TrajectoryNLL mode of the NTM and Gaussian-step model: "trajectory" / "pair"
-    calibration_iters: int = 6  # timed iterations (after 2 untimed) of each baseline's seconds/iteration
     val_images: int = 288  # images carved from train for --split validation (tuning never sees the test set)
     steps: int = 4
     shift: float = 1.0
@@ -86,7 +97,9 @@ class BpdConfig:
 
 
 CONFIGS: dict[str, BpdConfig] = {
-    # 8x8 digits as 16 tokens of 2x2 patches; ~0.35M parameters per likelihood model.
+    # 8x8 digits as 16 tokens of 2x2 patches; ~0.35M parameters per likelihood model. The NTM trains for
+    # budget_seconds of wall-clock time (pair mode, batch 32: tuned on the validation split, docs/bpd.md),
+    # every other likelihood model for as long as the NTM of the same seed did. ~18 min on one core.
     "cpu": BpdConfig(
         tasks=("digits",),
         patch_size=2,
@@ -95,12 +108,15 @@ CONFIGS: dict[str, BpdConfig] = {
         predictor_depth=4,
         transporter_blocks=2,
         transporter_layers=1,
-        batch_size=128,
-        iters=600,
-        lr=2e-3,
+        batch_size=32,
+        iters=600,  # the warmup's share (50 / 600) and flow matching's iterations
+        lr=3e-3,
         warmup=50,
         eval_samples=4,
         eval_batch=355,
+        iwae_samples=64,
+        ntm_mode="pair",
+        budget_seconds=80.0,
     ),
     # 28x28 as 196 tokens of 2x2 patches; ~45M parameters per likelihood model. Not run in this repository
     # yet: the budget (iterations) is a plan for one H100, not a measured time.
@@ -236,33 +252,66 @@ def training_loss(name: str, cfg: BpdConfig) -> Callable[[nn.Module, Tensor], Te
 # -- training and evaluation ----------------------------------------------------------------------------------
 
 
-def lr_at(it: int, cfg: BpdConfig, iters: int) -> float:
-    """Linear warmup, then cosine decay to 1% of the peak."""
-    warmup = min(cfg.warmup, max(1, iters // 10))
-    if it < warmup:
-        return cfg.lr * (it + 1) / warmup
-    progress = (it - warmup) / max(1, iters - warmup)
-    return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
+def batch_size_of(name: str, cfg: BpdConfig) -> int:
+    """The training batch size of ``name``: ``ntm_batch_size`` for the trajectory models if set."""
+    return cfg.ntm_batch_size if name in ("ntm", "gaussian") and cfg.ntm_batch_size > 0 else cfg.batch_size
+
+
+def lr_of(name: str, cfg: BpdConfig) -> float:
+    """The peak learning rate of ``name``: ``ntm_lr`` for the trajectory models if set."""
+    return cfg.ntm_lr if name in ("ntm", "gaussian") and cfg.ntm_lr > 0 else cfg.lr
+
+
+def lr_at(progress: float, cfg: BpdConfig, peak: float | None = None) -> float:
+    """Linear warmup over the first ``warmup / iters`` of training (at most 10%), then cosine decay to 1%.
+
+    ``progress`` in [0, 1] is the fraction of the budget spent: iterations for the NTM, wall-clock seconds
+    for the methods trained for as long as the NTM, so that every schedule completes whatever the speed.
+    """
+    peak = cfg.lr if peak is None else peak
+    warm = min(cfg.warmup, max(1, cfg.iters // 10)) / cfg.iters
+    if progress < warm:
+        return peak * max(progress / warm, 1.0 / cfg.iters)
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warm) / (1 - warm)))))
 
 
 def train(
-    name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, iters: int, seed: int
-) -> tuple[float, float]:
-    """Train on fresh dequantisations of random minibatches of ``data`` (uint8 on the device).
+    name: str,
+    model: nn.Module,
+    data: Tensor,
+    levels: int,
+    cfg: BpdConfig,
+    seed: int,
+    *,
+    iters: int | None = None,
+    seconds: float | None = None,
+) -> tuple[float, int, float]:
+    """Train on fresh dequantisations of random minibatches of ``data`` (uint8 on the device), for ``iters``
+    iterations or, with ``seconds``, until that much wall-clock time has passed (the equal-time budget).
 
-    Returns ``(seconds, mean loss over the last 10% of iterations)``.
+    Returns ``(seconds, iterations, mean loss over the last 10% of iterations)``.
     """
+    if (iters is None) == (seconds is None):
+        raise ValueError("train: give exactly one of iters and seconds")
     device = data.device
     gen = torch.Generator(device).manual_seed(seed)
     loss_fn = training_loss(name, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    peak, batch = lr_of(name, cfg), batch_size_of(name, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     model.train()
-    tail: list[float] = []
+    losses: list[float] = []
     start = time.perf_counter()
-    for it in range(iters):
+    it = 0
+    while True:
+        elapsed = time.perf_counter() - start
+        if iters is not None and it >= iters:
+            break
+        if seconds is not None and elapsed >= seconds:
+            break
+        progress = it / iters if iters is not None else elapsed / seconds  # type: ignore[operator]
         for group in opt.param_groups:
-            group["lr"] = lr_at(it, cfg, iters)
-        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=device, generator=gen)
+            group["lr"] = lr_at(progress, cfg, peak)
+        idx = torch.randint(0, data.shape[0], (batch,), device=device, generator=gen)
         y = dequantize(data[idx], levels, gen)
         if name in ("ntm", "gaussian"):
             loss = loss_fn(model, y, generator=gen)
@@ -272,47 +321,18 @@ def train(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        value = float(loss.detach())  # one sync per step; negligible next to a step
+        value = float(loss.detach())  # one sync per step, so the clock measures finished work
         if not math.isfinite(value):
             raise FloatingPointError(f"{name}: the loss became {value} at iteration {it}")
-        if it >= iters - max(1, iters // 10):
-            tail.append(value)
-        if it % cfg.log_every == 0 or it == iters - 1:
-            elapsed = time.perf_counter() - start
-            print(f"  [{name}] iter {it:6d}/{iters}  loss {value:.4f}  ({elapsed:.0f} s)", flush=True)
+        losses.append(value)
+        if it % cfg.log_every == 0:
+            total = f"/{iters}" if iters is not None else f" of {seconds:.0f} s"
+            print(f"  [{name}] iter {it:6d}{total}  loss {value:.4f}  ({elapsed:.0f} s)", flush=True)
+        it += 1
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, sum(tail) / len(tail)
-
-
-def calibrate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> float:
-    """Seconds per training iteration of ``name``, timed on a throw-away copy of ``model``.
-
-    Two untimed iterations (allocator and autograd warm-up), then ``cfg.calibration_iters`` timed ones
-    with the real optimiser, batch size and loss; the model that is then trained is left untouched.
-    """
-    probe = copy.deepcopy(model)
-    gen = torch.Generator(data.device).manual_seed(seed + 100)
-    loss_fn = training_loss(name, cfg)
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr * 0.1, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    probe.train()
-    start = 0.0
-    for it in range(2 + cfg.calibration_iters):
-        if it == 2:
-            if data.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        idx = torch.randint(0, data.shape[0], (cfg.batch_size,), device=data.device, generator=gen)
-        y = dequantize(data[idx], levels, gen)
-        loss = loss_fn(probe, y, generator=gen) if name in ("ntm", "gaussian") else loss_fn(probe, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(probe.parameters(), cfg.grad_clip)
-        opt.step()
-        float(loss.detach())
-    if data.device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / cfg.calibration_iters
+    tail = losses[-max(1, len(losses) // 10) :]
+    return time.perf_counter() - start, it, sum(tail) / len(tail)
 
 
 @torch.no_grad()
@@ -335,7 +355,7 @@ def evaluate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdCon
                 x,
                 levels,
                 steps=cfg.steps,
-                num_samples=cfg.eval_samples,
+                num_samples=cfg.iwae_dequantizations,
                 bound="both",
                 num_trajectories=cfg.iwae_samples,
                 shift=cfg.shift,
@@ -467,7 +487,7 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
         f"{task}: {len(train_set)} train / {len(test_set)} {args.split} images {shape}, {levels} levels, "
         f"NTM {iters} iters ({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
     )
-    common = {"split": args.split, "levels": levels, "test_images": len(test_set), "batch_size": cfg.batch_size}
+    common = {"split": args.split, "levels": levels, "test_images": len(test_set)}
     rows = []
     if "pixel-categorical" in args.methods:
         value = pixel_categorical_bits_per_dim(train_set.images, test_set.images, levels)
@@ -498,19 +518,21 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
         if "tarflow" in models and seed == cfg.seeds[0]:
             tf = models["tarflow"].transporter.config
             print(f"  tarflow: {tf.blocks} blocks x {tf.layers_per_block} layers, width {tf.width}")
-        budget: float | None = None  # the NTM's measured training seconds: the other methods' budget
+        # the NTM's measured training seconds: the other methods' budget (the config's, without an NTM)
+        budget: float | None = cfg.budget_seconds if cfg.budget_seconds > 0 and "ntm" not in trained else None
         for name in trained:
             model = models[name]
-            per_iter = calibrate(name, model, train_data, levels, cfg, seed)
-            if name == "ntm" or budget is None:
-                n_iters = iters
+            if name == "ntm" and cfg.budget_seconds > 0 and args.max_iters is None:
+                seconds, n_iters, final_loss = train(
+                    name, model, train_data, levels, cfg, seed, seconds=cfg.budget_seconds
+                )
+            elif name == "ntm" or budget is None:
+                seconds, n_iters, final_loss = train(name, model, train_data, levels, cfg, seed, iters=iters)
             else:
-                n_iters = max(1, round(budget / per_iter))
-            print(f"  [{name}] {per_iter:.3f} s/iter (calibration) -> {n_iters} iters", flush=True)
-            seconds, final_loss = train(name, model, train_data, levels, cfg, n_iters, seed)
+                seconds, n_iters, final_loss = train(name, model, train_data, levels, cfg, seed, seconds=budget)
             if name == "ntm":
                 budget = seconds
-            print(f"  [{name}] trained in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
+            print(f"  [{name}] trained {n_iters} iters in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
             if seed == cfg.seeds[0] and name in ("ntm", "gaussian") and not args.no_samples:
                 grid = sample_grid(name, model, cfg, shape, device, seed)
                 path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
@@ -542,19 +564,20 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
                     "train_seconds": round(seconds, 1),
                     "train_iters": n_iters,
                     "seconds_per_iter": round(seconds / n_iters, 4),
-                    "calibrated_seconds_per_iter": round(per_iter, 4),
                     "time_ratio": None if budget is None else round(seconds / budget, 3),
                     "reference": "ntm" if budget is not None else None,
                     "train_mode": cfg.ntm_mode if name != "tarflow" else None,
+                    "batch_size": batch_size_of(name, cfg),
+                    "lr": lr_of(name, cfg),
                     "dequantization": "uniform",
-                    "num_samples": cfg.eval_samples,
+                    "num_samples": cfg.eval_samples if name == "tarflow" else cfg.iwae_dequantizations,
                     "num_trajectories": None if name == "tarflow" else cfg.iwae_samples,
                     "final_train_loss_nats_per_dim": round(final_loss, 5),
                 }
             )
         if "fm" in models and seed == cfg.seeds[0] and not args.no_samples:
             # flow matching has no likelihood here: it is the 4-step sample-quality baseline of the grids
-            seconds, _ = train("fm", models["fm"], train_data, levels, cfg, iters, seed)
+            seconds, _, _ = train("fm", models["fm"], train_data, levels, cfg, seed, iters=iters)
             grid = sample_grid("fm", models["fm"], cfg, shape, device, seed)
             path = args.samples_dir / f"{task}_fm_{cfg.steps}step.png"
             save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
@@ -631,11 +654,20 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True  # training speed; the bpd sums are accumulated in float32+
     command = command_line(None if argv is None else ["benchmarks/bpd.py", *argv])
     rows: list[dict] = []
+    dirty = git_dirty()  # before the run rewrites the tracked sample grids
     start = time.perf_counter()
     for task in cfg.tasks:
         rows += run_task(task, cfg, args, device)
         # after every task, so a long run keeps what it has
-        write_results(args.out, "bpd", rows, command=command, device=device, extra={"config": dataclasses.asdict(cfg)})
+        write_results(
+            args.out,
+            "bpd",
+            rows,
+            command=command,
+            device=device,
+            extra={"config": dataclasses.asdict(cfg)},
+            dirty=dirty,
+        )
     print(f"results -> {args.out} ({time.perf_counter() - start:.0f} s in all)")
     for r in rows:
         if r["seed"] in ("mean", None):
