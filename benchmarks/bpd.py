@@ -485,7 +485,8 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
     iters = cfg.iters if args.max_iters is None else min(cfg.iters, args.max_iters)
     print(
         f"{task}: {len(train_set)} train / {len(test_set)} {args.split} images {shape}, {levels} levels, "
-        f"NTM {iters} iters ({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
+        f"NTM {f'{cfg.budget_seconds:g} s' if cfg.budget_seconds > 0 and args.max_iters is None else f'{iters} iters'} "
+        f"({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
     )
     common = {"split": args.split, "levels": levels, "test_images": len(test_set)}
     rows = []
