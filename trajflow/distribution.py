@@ -416,7 +416,8 @@ class TrajectoryDistribution(Distribution):
         Returns:
             The Monte-Carlo ELBO, shape ``lead`` broadcast with the batch, in nats (sum over dims).
 
-        See :meth:`iwae` for the tighter importance-weighted bound on the same draws.
+        See :meth:`iwae` for the tighter importance-weighted bound, and :meth:`bounds` for both from the
+        same draws.
         """
         lead = self._check_value("x0", x0, self.data_shape)
         num_samples = _check_count("num_samples", num_samples)
@@ -463,8 +464,8 @@ class TrajectoryDistribution(Distribution):
                   {q(x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T} | x_{t_0})}\Big].
 
         :math:`\mathcal{L}_1` is the ELBO (:meth:`elbo`); :math:`\mathcal{L}_K` increases with :math:`K` and
-        tends to :math:`\log p(x_{t_0})` as :math:`K \to \infty` (Burda et al., 2016, Theorem 1), because the
-        weights are bounded in expectation. The proposal is NTM's own forward process, so nothing is
+        tends to :math:`\log p(x_{t_0})` as :math:`K \to \infty` when the weights :math:`p / q` are bounded
+        (Burda et al., 2016, Theorem 1). The proposal is NTM's own forward process, so nothing is
         learned for it: the bound only spends more network evaluations (``K`` trajectories, each one
         transporter pass over the ``T`` lower levels and ``T`` predictor passes, all batched).
 
