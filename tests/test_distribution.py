@@ -222,7 +222,7 @@ def test_bad_inputs(model):
         dist.log_prob(torch.zeros(2, 4, 2))
     with pytest.raises(ValueError, match="traj: expected finite"):
         dist.log_prob(torch.full((2, 5, 2), float("nan")))
-    with pytest.raises(ValueError, match="traj: leading shape"):
+    with pytest.raises(ValueError, match=r"traj: expected leading dims .*batch_shape \(2,\).*got leading shape \(3,\)"):
         dist.log_prob(torch.zeros(3, 5, 2))
     with pytest.raises(ValueError, match=r"k: expected an integer step index in 1\.\.4"):
         dist.step(0, torch.zeros(2, 2))
