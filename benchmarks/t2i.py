@@ -428,6 +428,8 @@ def levels_table(path: Path) -> str:
     means = [r for r in rows if r["seed"] == "mean"] or rows
     table: dict[tuple, dict[int, dict[str, float]]] = {}
     for r in means:
+        if r["steps"] > 8:  # many-step samplers: one column per step would not fit a page
+            continue
         key = (r["method"], r.get("variant") or "", r["steps"])
         table.setdefault(key, {}).setdefault(r["level"], {})[r["metric"]] = r["value"]
     if not table:
