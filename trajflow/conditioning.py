@@ -15,7 +15,7 @@ from torch import Tensor
 Condition = Tensor | tuple[Tensor, ...]
 EventDims = int | tuple[int, ...]
 
-__all__ = ["Condition", "EventDims", "cond_batch_shape", "map_cond", "align_cond", "cat_cond"]
+__all__ = ["Condition", "EventDims", "cond_batch_shape", "map_cond", "align_cond", "cat_cond", "check_text_condition"]
 
 
 def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
@@ -70,3 +70,29 @@ def cat_cond(a: Condition, b: Condition) -> Condition:
     if isinstance(a, Tensor):
         return torch.cat([a, b])
     return tuple(torch.cat([x, y]) for x, y in zip(a, b))
+
+
+def check_text_condition(features: Tensor, mask: Tensor, width: int, batch: torch.Size | None = None) -> None:
+    """Check a text condition ``(features (*batch, L, width), mask (*batch, L))`` (shapes and dtypes only,
+    never values, so no device synchronisation); ``batch`` also checks the leading shape."""
+    lead = len(batch) if batch is not None else None
+    if (features.dim() < 2 if lead is None else features.dim() != lead + 2) or features.shape[-1] != width:
+        want = "(N, L" if batch is None else f"(*batch, L) with batch {tuple(batch)}, i.e. (*batch, L"
+        raise ValueError(
+            f"cond: expected text features of width {width}, shape {want}, {width}), got features of shape "
+            f"{tuple(features.shape)}"
+        )
+    if batch is not None and features.shape[:lead] != batch:
+        raise ValueError(
+            f"cond: expected batch shape {tuple(batch)} (one condition per data point), got "
+            f"{tuple(features.shape[:lead])} (features of shape {tuple(features.shape)})"
+        )
+    if not features.is_floating_point():
+        raise ValueError(f"cond: expected floating-point text features, got dtype {features.dtype}")
+    if mask.shape != features.shape[:-1]:
+        raise ValueError(
+            f"cond: expected a mask of shape {tuple(features.shape[:-1])} matching the features "
+            f"{tuple(features.shape)}, got {tuple(mask.shape)}"
+        )
+    if mask.is_floating_point() or mask.is_complex():
+        raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_tensor, check_times
-from ..conditioning import Condition, cond_batch_shape
+from ..conditioning import Condition, check_text_condition, cond_batch_shape
 from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
@@ -177,20 +177,7 @@ class TransformerBackbone(nn.Module):
         features, mask = cond
         check_tensor("cond", features)
         check_tensor("cond", mask)
-        if features.dim() < 2 or features.shape[-1] != cfg.text_features:
-            raise ValueError(
-                f"cond: expected text features of width {cfg.text_features}, i.e. shape (N, L, "
-                f"{cfg.text_features}), got features of shape {tuple(features.shape)}"
-            )
-        if not features.is_floating_point():
-            raise ValueError(f"cond: expected floating-point text features, got dtype {features.dtype}")
-        if mask.shape != features.shape[:-1]:
-            raise ValueError(
-                f"cond: expected a mask of shape {tuple(features.shape[:-1])} matching the features "
-                f"{tuple(features.shape)}, got {tuple(mask.shape)}"
-            )
-        if mask.is_floating_point() or mask.is_complex():
-            raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")
+        check_text_condition(features, mask, cfg.text_features)
 
     def _prefix(
         self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_tensor, check_times
-from ..conditioning import Condition, align_cond
+from ..conditioning import Condition, align_cond, check_text_condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
@@ -414,25 +414,7 @@ class TransformerTransporter(Transporter):
                 got = f"a tuple of {len(cond)} item(s)"
             raise ValueError(f"cond: expected {self._describe_cond()}, got {got}")
         features, mask = cond
-        if features.dim() != len(batch) + 2 or features.shape[-1] != cfg.text_features:
-            raise ValueError(
-                f"cond: expected text features of width {cfg.text_features}, shape (*batch, L, "
-                f"{cfg.text_features}) with batch {tuple(batch)}, got features of shape {tuple(features.shape)}"
-            )
-        if features.shape[: len(batch)] != batch:
-            raise ValueError(
-                f"cond: expected batch shape {tuple(batch)} (one condition per data point), got "
-                f"{tuple(features.shape[: len(batch)])} (features of shape {tuple(features.shape)})"
-            )
-        if not features.is_floating_point():
-            raise ValueError(f"cond: expected floating-point text features, got dtype {features.dtype}")
-        if mask.shape != features.shape[:-1]:
-            raise ValueError(
-                f"cond: expected a mask of shape {tuple(features.shape[:-1])} matching the features "
-                f"{tuple(features.shape)}, got {tuple(mask.shape)}"
-            )
-        if mask.is_floating_point() or mask.is_complex():
-            raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")
+        check_text_condition(features, mask, cfg.text_features, batch)
 
     def _prepare(
         self, name: str, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
