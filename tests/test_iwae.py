@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from test_distribution import GaussianReverse  # the exact reverse process of 1-D Gaussian data
 
 import trajflow
 from trajflow.likelihood import dequantize, elbo_bits_per_dim, iwae_bits_per_dim
@@ -22,23 +22,6 @@ from trajflow.transporters import IdentityTransporter
 
 V0 = 0.7
 X = torch.linspace(-2.5, 2.5, 7, dtype=torch.float64)[:, None]
-
-
-class GaussianReverse(Predictor):
-    """The exact reverse conditionals p(x_s | x_t) of the forward process for 1-D x0 ~ N(0, v0)."""
-
-    def __init__(self, v0: float) -> None:
-        super().__init__()
-        self.event_shape = torch.Size((1,))
-        self.v0 = v0
-        self.dummy = nn.Parameter(torch.zeros((), dtype=torch.float64))
-
-    def forward(self, u_t, t, s, cond=None, drop_cond=None):
-        var = lambda r: (1 - r) ** 2 * self.v0 + r**2  # noqa: E731
-        cov = (1 - s) * (1 - t) * self.v0 + s**2 * (1 - t) / (1 - s)  # Cov(x_s, x_t)
-        gain = (cov / var(t))[:, None]
-        sigma = torch.sqrt(var(s) - cov**2 / var(t))[:, None]
-        return gain * u_t, sigma.expand_as(u_t) + 0 * self.dummy
 
 
 class ScaledReverse(GaussianReverse):

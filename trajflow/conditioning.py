@@ -15,7 +15,16 @@ from torch import Tensor
 Condition = Tensor | tuple[Tensor, ...]
 EventDims = int | tuple[int, ...]
 
-__all__ = ["Condition", "EventDims", "cond_batch_shape", "map_cond", "align_cond", "cat_cond", "check_text_condition"]
+__all__ = [
+    "Condition",
+    "EventDims",
+    "cond_batch_shape",
+    "map_cond",
+    "align_cond",
+    "cat_cond",
+    "check_text_condition",
+    "condition_event_dims",
+]
 
 
 def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
@@ -96,3 +105,13 @@ def check_text_condition(features: Tensor, mask: Tensor, width: int, batch: torc
         )
     if mask.is_floating_point() or mask.is_complex():
         raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")
+
+
+def condition_event_dims(num_classes: int | None, text_features: int | None) -> EventDims | None:
+    """Trailing dims of one condition of a network config: 0 (class index), ``(2, 1)`` (text features,
+    mask) or ``None`` (unconditional)."""
+    if num_classes is not None:
+        return 0
+    if text_features is not None:
+        return (2, 1)
+    return None

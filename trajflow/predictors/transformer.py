@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_tensor, check_times
-from ..conditioning import Condition, check_text_condition, cond_batch_shape
+from ..conditioning import Condition, check_text_condition, cond_batch_shape, condition_event_dims
 from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
@@ -100,11 +100,7 @@ class TransformerPredictorConfig(PatchedImageConfig):
     @property
     def cond_event_dims(self) -> int | tuple[int, int] | None:
         """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        if self.num_classes is not None:
-            return 0
-        if self.text_features is not None:
-            return (2, 1)
-        return None
+        return condition_event_dims(self.num_classes, self.text_features)
 
 
 class TransformerBackbone(nn.Module):

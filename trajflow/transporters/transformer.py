@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_tensor, check_times
-from ..conditioning import Condition, align_cond, check_text_condition
+from ..conditioning import Condition, align_cond, check_text_condition, condition_event_dims
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
@@ -126,11 +126,7 @@ class TransformerTransporterConfig(PatchedImageConfig):
     @property
     def cond_event_dims(self) -> int | tuple[int, int] | None:
         """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        if self.num_classes is not None:
-            return 0
-        if self.text_features is not None:
-            return (2, 1)
-        return None
+        return condition_event_dims(self.num_classes, self.text_features)
 
 
 class TransporterCondition(nn.Module):
