@@ -13,7 +13,7 @@ _NEEDS = {
     "trajflow/contrib/pyro.py": ("pyro",),
     "trajflow/transporters/nflows.py": ("nflows",),
     "trajflow/data/images.py": ("sklearn",),  # the examples load sklearn's bundled digits
-    "trajflow/train.py": ("accelerate",),  # the example runs a Trainer
+    "trajflow/train/__init__.py": ("accelerate",),  # the example runs a Trainer
 }
 
 

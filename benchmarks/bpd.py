@@ -50,8 +50,8 @@ import torch
 from torch import Tensor, nn
 
 import trajflow
+from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample
 from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
-from trajflow.flow_matching import FlowMatchingLoss, euler_sample
 from trajflow.likelihood import dequantize, elbo_bits_per_dim, flow_bits_per_dim
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
 from trajflow.transporters import IdentityTransporter

@@ -3,11 +3,11 @@ r"""Initialisation from flow matching, trajectory score denoising and the learne
 Three parts, all in one run (``benchmarks/results/distill.json``, table in ``docs/distill.md``):
 
 (a) **FM initialisation vs from scratch** on a toy density (:func:`trajflow.data.toy.toy_density`). A
-    flow-matching :class:`~trajflow.flow_matching.MLPVelocity` is pretrained; then, at the same training
+    flow-matching :class:`~trajflow.velocity.MLPVelocity` is pretrained; then, at the same training
     budget (iterations, batch, optimiser):
 
     * ``ntm-fm-init``: :func:`trajflow.finetune.init_from_flow_matching` (identity MAF transporter +
-      :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor` around a copy of the velocity
+      :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor` around a copy of the velocity
       model) trained with :class:`~trajflow.finetune.FinetuneLoss` (λ = 2.5, cosine-decayed over the run);
       also reported at 0 iterations, where it *is* the FM model's Gaussian posterior sampler;
     * ``ntm-scratch``: the same transporter with an :class:`~trajflow.predictors.MLPPredictor` of the same
@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run
 from _common import write_results  # noqa: E402
 
 from trajflow import NTM, TrajectoryNLL, time_grid
+from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample
 from trajflow.data.images import load_image_dataset
 from trajflow.data.toy import toy_density
 from trajflow.denoise import (
@@ -74,10 +75,10 @@ from trajflow.finetune import (
     identity_transporter,
     init_from_flow_matching,
 )
-from trajflow.flow_matching import FlowMatchingLoss, MLPVelocity, euler_sample
 from trajflow.metrics import energy_distance, frechet_distance
 from trajflow.predictors import MLPPredictor
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
+from trajflow.velocity import MLPVelocity
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "distill.json"

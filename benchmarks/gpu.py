@@ -7,7 +7,7 @@ a. **Training throughput**, NTM against flow matching on the same predictor: a c
    (4 x 32 x 32 latents, patch 2), trained with :class:`~trajflow.TrajectoryNLL` (T = 4) under a
    :class:`~trajflow.transporters.TransformerTransporter` of 2 blocks x 4 causal layers (width 768), against
    a :class:`~trajflow.predictors.transformer.TransformerVelocity` of the same width and depth trained with
-   :class:`~trajflow.flow_matching.FlowMatchingLoss`. Batch 256 images per optimizer step (NTM: 4
+   :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`. Batch 256 images per optimizer step (NTM: 4
    micro-batches of 64, accumulated, since it runs T levels per image), bf16 autocast, ``torch.compile`` of
    each network, fused AdamW. Reports images/s, their ratio and each model's MFU.
 b. **Transporter inverse** at batch 64 and 256: the eager KV cache (``method="kv-cache"``) against the
@@ -78,8 +78,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
 from _common import RESULTS, ROOT, device_string, write_results  # noqa: E402
 
+from trajflow.baselines.flow_matching import FlowMatchingLoss  # noqa: E402
 from trajflow.denoise import TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
-from trajflow.flow_matching import FlowMatchingLoss  # noqa: E402
 from trajflow.losses import TrajectoryNLL  # noqa: E402
 from trajflow.model import NTM  # noqa: E402
 from trajflow.predictors.transformer import (  # noqa: E402

@@ -21,10 +21,10 @@ from trajflow.finetune import (
     init_from_flow_matching,
     zero_init_zuko_,
 )
-from trajflow.flow_matching import MLPVelocity
-from trajflow.predictors.flow_matching import CallableVelocity, FlowMatchingPredictor
+from trajflow.predictors.from_velocity import CallableVelocity, FlowMatchingPredictor
 from trajflow.predictors.transformer import TransformerPredictorConfig, TransformerVelocity
 from trajflow.transporters import ZukoTransporter
+from trajflow.velocity import MLPVelocity
 
 
 def _randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:

@@ -7,9 +7,9 @@ import torch
 
 import trajflow
 from trajflow.evaluation.levels import euler_level_estimates, ntm_level_estimates
-from trajflow.flow_matching import MLPVelocity
 from trajflow.predictors import FlowMatchingPredictor
 from trajflow.transporters import IdentityTransporter
+from trajflow.velocity import MLPVelocity
 
 
 def _velocity() -> MLPVelocity:

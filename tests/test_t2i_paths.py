@@ -106,9 +106,13 @@ def test_ntm_fm_init_is_the_fm_posterior_sampler(fm_run):
     # the objective's auxiliary term vanishes at step 0, with lambda = aux_weight
     objective = TextToImageObjective(cfg, encoder, (3, 16, 16), reference=reference)
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "caption": PROMPTS * 2}
-    total, parts = objective(model, batch, torch.Generator().manual_seed(0))
+    total, parts = objective(model, batch, torch.Generator().manual_seed(0), 0)
     assert float(parts["aux"]) == pytest.approx(0.0, abs=1e-10) and float(parts["lambda"]) == 2.5
-    assert objective.step == 1 and objective.loss.decay_steps == cfg.train.steps
+    assert objective.loss.decay_steps == cfg.train.steps
+    # lambda follows the step the trainer hands in: half-way through the cosine decay it is half of aux_weight
+    half = cfg.train.steps // 2
+    _, parts = objective(model, batch, torch.Generator().manual_seed(0), half)
+    assert float(parts["lambda"]) == pytest.approx(2.5 * 0.5 * (1 + math.cos(math.pi * half / cfg.train.steps)))
 
 
 def test_ntm_fm_trains_resumes_and_keeps_the_reference_out(tmp_path, fm_run, ntm_fm_run):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-import trajflow.train as train_module
+import trajflow.train.trainer as train_module
 from trajflow.checkpoint import (
     CheckpointDir,
     atomic_write,
@@ -48,7 +48,7 @@ class Tiny(nn.Module):
         return self.net(x)
 
 
-def noisy_objective(model, batch, generator):
+def noisy_objective(model, batch, generator, step):
     """Denoising regression: uses the trainer's generator, numpy's and python's global RNGs."""
     (x,) = batch
     noise = torch.randn(x.shape, generator=generator, device=x.device)
@@ -203,7 +203,7 @@ def test_log_records_loss_and_extras(tmp_path):
 
 
 def test_nan_loss_is_reported(tmp_path):
-    def bad(model, batch, generator):
+    def bad(model, batch, generator, step):
         return model(batch[0]).sum() * float("nan")
 
     trainer = Trainer(_config(steps=2, log_every=1), tmp_path)
@@ -385,7 +385,7 @@ def test_two_process_ddp_resumes_exactly(tmp_path):
 def test_time_budget_stops_on_time_with_the_schedule_over_the_budget(tmp_path):
     import time as _time
 
-    def slow_objective(model, batch, generator):
+    def slow_objective(model, batch, generator, step):
         _time.sleep(0.01)  # a step costs at least 10 ms
         (x,) = batch
         return (model(x) - 1.0).square().mean()
@@ -410,3 +410,18 @@ def test_time_budget_stops_on_time_with_the_schedule_over_the_budget(tmp_path):
 def test_time_budget_must_be_positive():
     with pytest.raises(ValueError, match="train.time_budget: expected a positive number of seconds"):
         TrainerConfig(time_budget=0.0)
+
+
+def test_objective_receives_the_optimizer_step_across_micro_batches_and_resumption(tmp_path):
+    seen: list[int] = []
+
+    def objective(model, batch, generator, step):
+        seen.append(step)
+        return noisy_objective(model, batch, generator, step)
+
+    cfg = _config(steps=5, grad_accum=2, checkpoint_every=1)
+    Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), stop_at=3)
+    assert seen == [0, 0, 1, 1, 2, 2]  # one value per optimizer step, the same for each of its micro-batches
+    seen.clear()
+    Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), resume=True)
+    assert seen == [3, 3, 4, 4]  # a resumed run continues the count from its checkpoint

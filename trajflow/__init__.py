@@ -5,10 +5,10 @@ trajectory is an exact conditional normalizing flow (Gu et al., 2026, https://ar
 """
 
 from . import denoise, finetune, likelihood, predictors, transporters
+from .baselines.flow_matching import FlowMatchingLoss, euler_sample, heun_sample
 from .denoise import DistillationLoss, fast_sample, sample_denoised, trajectory_score_denoise
 from .distribution import TrajectoryDistribution
 from .finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching
-from .flow_matching import FlowMatchingLoss, euler_sample, heun_sample
 from .guidance import guided_gaussian
 from .likelihood import bits_per_dim, dequantize, elbo_bits_per_dim, flow_bits_per_dim
 from .losses import TrajectoryNLL

@@ -42,11 +42,11 @@ from torch import Tensor, nn
 from .checks import check_event_shape, check_finite
 from .conditioning import Condition, EventDims, align_cond, cond_batch_shape
 from .distribution import TrajectoryDistribution
-from .flow_matching import MLPVelocity
 from .losses import guidance_dropout
 from .model import NTM
 from .predictors.transformer import TransformerPredictorConfig, TransformerVelocity
 from .process import MarkovInterpolant, sample_t_min, time_grid
+from .velocity import MLPVelocity
 
 __all__ = [
     "trajectory_score_denoise",

@@ -2,7 +2,7 @@ r"""Initialising an NTM from a pretrained flow-matching model, and the mean-alig
 
 Recipe (method.md 3.4):
 
-1. Wrap the velocity model in :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor`:
+1. Wrap the velocity model in :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor`:
    :math:`\mu_P = A u_t + B (u_t - t v)`, :math:`\sigma_P = C e^{\delta_\sigma}` with a zero-initialised
    :math:`\delta_\sigma`.
 2. Use a transporter that is **exactly the identity at initialisation** (:func:`identity_transporter`):
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from .conditioning import Condition
 from .losses import TrajectoryNLL
 from .model import NTM
-from .predictors.flow_matching import FlowMatchingPredictor
+from .predictors.from_velocity import FlowMatchingPredictor
 from .process import MarkovInterpolant
 from .transporters.base import Transporter
 from .transporters.zuko import ZukoTransporter
@@ -182,7 +182,7 @@ def init_from_flow_matching(
             ``time_features``, ...).
 
     Example:
-        >>> from trajflow.flow_matching import MLPVelocity
+        >>> from trajflow.velocity import MLPVelocity
         >>> model, reference = init_from_flow_matching(MLPVelocity(features=2, width=32))
         >>> model.sample((5,), steps=4, t_min=0.02).shape
         torch.Size([5, 2])
@@ -284,7 +284,7 @@ class FinetuneLoss:
     detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"``.
 
     Example:
-        >>> from trajflow.flow_matching import MLPVelocity
+        >>> from trajflow.velocity import MLPVelocity
         >>> model, ref = init_from_flow_matching(MLPVelocity(features=2, width=32))
         >>> loss = FinetuneLoss(TrajectoryNLL(steps=4), MeanAlignmentLoss(ref), decay_steps=100)
         >>> total, parts = loss(model, torch.randn(16, 2), step=0)

@@ -128,7 +128,7 @@ class ModelConfig:
         kind: ``"ntm"``, ``"fm"`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with
             the predictor's width and depth, trained with flow matching) or ``"ntm-fm"`` (an NTM initialised
             from the flow-matching run ``init_from``, NTM §3.3: identity transporter +
-            :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor` around its velocity model,
+            :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor` around its velocity model,
             trained with :class:`~trajflow.finetune.FinetuneLoss`; see :func:`init_ntm_from_fm`).
         init_from: ``"ntm-fm"`` only: a run or step folder of this recipe with ``model.kind == "fm"``; its
             EMA weights (when saved) initialise the model and a frozen copy is the mean-alignment reference.
@@ -664,11 +664,11 @@ def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, in
     width and depth as that predictor.
 
     ``model.kind == "ntm-fm"`` gives the architecture of an NTM initialised from flow matching (transformer
-    transporter + :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor` around a
+    transporter + :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor` around a
     ``TransformerVelocity``) with fresh weights, for loading checkpoints; :func:`init_ntm_from_fm` builds it
     from the flow-matching run for training."""
     from .model import NTM
-    from .predictors.flow_matching import FlowMatchingPredictor
+    from .predictors.from_velocity import FlowMatchingPredictor
     from .predictors.transformer import TransformerPredictor, TransformerVelocity
 
     pc = config.predictor_config(text_features, data_shape)
@@ -765,15 +765,13 @@ class TextToImageObjective:
     """The training objective of a text-to-image model: caption -> frozen text features -> loss on the image.
 
     NTM: :class:`~trajflow.TrajectoryNLL` (exact trajectory NLL, nats/dim). Flow matching:
-    :class:`~trajflow.flow_matching.FlowMatchingLoss`. NTM initialised from flow matching (``"ntm-fm"``):
+    :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`. NTM initialised from flow matching (``"ntm-fm"``):
     :class:`~trajflow.finetune.FinetuneLoss`, the NLL plus lambda(step) times the mean alignment against
     ``reference`` (logged as ``nll``, ``aux``, ``lambda``). All drop 10% of captions (``model.cond_drop``)
     for classifier-free guidance. The text encoder and the VAE run without autocast (frozen, float32).
 
-    The :class:`~trajflow.train.Trainer` does not hand the step to objectives, so for lambda(step) this
-    objective counts its own calls: the optimizer step is ``start_step + calls // grad_accum`` (the trainer
-    calls it once per micro-batch). :func:`train_t2i` sets ``start_step`` from the checkpoint it resumes from,
-    so a resumed run uses the same lambda as an uninterrupted one.
+    lambda(step) follows the optimizer step the :class:`~trajflow.train.Trainer` hands in (restored on
+    resume, so a resumed run uses the same lambda as an uninterrupted one).
 
     Arguments:
         config: The run's config.
@@ -782,7 +780,6 @@ class TextToImageObjective:
         vae: Encode images to latents first.
         reference: ``"ntm-fm"`` only: the frozen velocity model of :func:`init_ntm_from_fm` (it stays here,
             outside the trained module: no optimizer, EMA or checkpoint sees it).
-        start_step: ``"ntm-fm"`` only: the optimizer step of the first call.
     """
 
     def __init__(
@@ -793,16 +790,14 @@ class TextToImageObjective:
         vae: VAE | None = None,
         *,
         reference: nn.Module | None = None,
-        start_step: int = 0,
     ):
+        from .baselines.flow_matching import FlowMatchingLoss
         from .finetune import FinetuneLoss, MeanAlignmentLoss
-        from .flow_matching import FlowMatchingLoss
         from .losses import TrajectoryNLL
 
         m = config.model
         self.encoder, self.vae, self.cache = encoder, vae, config.text.cache
         self._seen: set[str] = set()
-        self.grad_accum, self.start_step, self.calls = config.train.grad_accum, int(start_step), 0
         if m.kind in ("ntm", "ntm-fm"):
             nll = TrajectoryNLL(
                 steps=m.steps if isinstance(m.steps, int) else tuple(m.steps),
@@ -830,11 +825,6 @@ class TextToImageObjective:
         else:
             self.loss = FlowMatchingLoss(cond_drop=m.cond_drop)
             self.loss_name = "fm_mse"
-
-    @property
-    def step(self) -> int:
-        """The optimizer step the next call belongs to (``"ntm-fm"``'s lambda schedule)."""
-        return self.start_step + self.calls // max(self.grad_accum, 1)
 
     def prepare(self, dataset: Dataset, *, progress: bool = False, chunk: int = 256) -> int:
         """With ``text.cache == "dataset"``, encode every distinct caption of ``dataset`` now.
@@ -873,12 +863,10 @@ class TextToImageObjective:
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self.vae.encode(images)
 
-    def __call__(self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator):
+    def __call__(self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator, step: int):
         x0 = self.images_to_data(batch["image"])  # (B, C, H, W)
         cond = self.condition(batch["caption"], x0.device)
         if self.loss_name == "finetune_loss":
-            step = self.step
-            self.calls += 1
             return self.loss(model, x0, cond, step, generator=generator)
         return self.loss(model, x0, cond, generator=generator)
 
@@ -919,8 +907,8 @@ def generate(
     Batch ``i`` draws its noise from seed ``(seed, i)``, so a result depends on ``seed`` and ``batch_size``
     only.
     """
+    from .baselines.flow_matching import euler_sample, heun_sample
     from .denoise import fast_sample, sample_denoised
-    from .flow_matching import euler_sample, heun_sample
     from .model import NTM
     from .process import time_grid
 
@@ -1041,8 +1029,7 @@ def train_t2i(
     if config.model.kind == "ntm-fm":
         # The reference lives in the objective only: outside the trained module, its optimizer, EMA and checkpoints.
         model, reference = init_ntm_from_fm(config, encoder, data_shape, vae=vae, device=trainer.device)
-        start = _resume_step(trainer, resume)
-        objective = TextToImageObjective(config, encoder, data_shape, vae, reference=reference, start_step=start)
+        objective = TextToImageObjective(config, encoder, data_shape, vae, reference=reference)
     else:
         model = build_model(config, encoder.feature_dim, data_shape)
         objective = TextToImageObjective(config, encoder, data_shape, vae)
@@ -1072,17 +1059,6 @@ def train_t2i(
         trainer.print(f"samples: {path}")
     trainer.accelerator.wait_for_everyone()
     return result
-
-
-def _resume_step(trainer: Trainer, resume: bool | str | Path) -> int:
-    """The step :meth:`Trainer.fit` will continue from for ``resume`` (0 when it starts afresh)."""
-    if resume is True:
-        ckpt = trainer.checkpoints.latest()
-    elif resume:
-        ckpt = resolve_checkpoint(resume)
-    else:
-        ckpt = None
-    return 0 if ckpt is None else int(load_json(ckpt / "trainer.json")["step"])
 
 
 @dataclass

@@ -10,7 +10,7 @@ steps (or the same wall-clock seconds, see :class:`ToyConfig`):
   and the ELBO bounds :math:`\log p(x_0)` of the data itself;
 * ``gaussian``: the same NTM with the identity transporter (every reverse step a diagonal Gaussian: the
   "Gaussian bottleneck" of the paper), same predictor;
-* ``fm``: flow matching on the same residual MLP (:class:`~trajflow.flow_matching.MLPVelocity`), sampled
+* ``fm``: flow matching on the same residual MLP (:class:`~trajflow.velocity.MLPVelocity`), sampled
   with Euler at ``steps`` steps and at ``fm_steps_many`` steps;
 * ``nsf``: a single zuko neural spline flow fitted by maximum likelihood (exact NLL).
 
@@ -43,16 +43,17 @@ import zuko
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .baselines.flow_matching import FlowMatchingLoss, euler_sample
 from .checkpoint import check_config, load_json, load_torch, save_json, save_torch
 from .data.toy import TOY_DENSITIES, toy_density
 from .ema import EMA
-from .flow_matching import FlowMatchingLoss, MLPVelocity, euler_sample
 from .losses import TrajectoryNLL
 from .metrics import energy_distance, sliced_wasserstein
 from .model import NTM
 from .predictors import MLPPredictor
 from .process import MarkovInterpolant, time_grid
 from .transporters import IdentityTransporter, ZukoTransporter
+from .velocity import MLPVelocity
 
 __all__ = [
     "METHODS",

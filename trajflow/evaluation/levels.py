@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Condition
-from ..flow_matching import guided_velocity
 from ..process import MarkovInterpolant, time_grid
+from ..velocity import guided_velocity
 
 __all__ = ["ntm_level_estimates", "euler_level_estimates"]
 
@@ -83,7 +83,7 @@ def euler_level_estimates(
     guidance: float = 0.0,
 ) -> Tensor:
     r"""Clean-image estimates :math:`x_t - t\,v` before each Euler step of flow matching, ``(steps, N, *data)``
-    (row 0: at :math:`t = 1`), on the grid of :func:`~trajflow.flow_matching.euler_sample`."""
+    (row 0: at :math:`t = 1`), on the grid of :func:`~trajflow.baselines.flow_matching.euler_sample`."""
     ts = time_grid(steps, 0.0, shift, device=noise.device).flip(0)
     x, out = noise, []
     for t, s in zip(ts[:-1], ts[1:]):

@@ -1,7 +1,7 @@
 """Predictors: the deep networks giving the Gaussian :math:`(\\mu_P, \\sigma_P)` of each NTM step."""
 
 from .base import Predictor
-from .flow_matching import CallableVelocity, FlowMatchingPredictor
+from .from_velocity import CallableVelocity, FlowMatchingPredictor
 from .mlp import MLPPredictor
 from .transformer import TransformerBackbone, TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
 

@@ -36,11 +36,11 @@ from torch import Tensor, nn
 
 from ..checks import check_tensor, check_times
 from ..conditioning import Condition, check_text_condition, cond_batch_shape, condition_event_dims
-from ..flow_matching import VelocityModel
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
+from ..velocity import VelocityModel
 from .base import Predictor
 
 __all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPredictor", "TransformerVelocity"]
@@ -353,8 +353,8 @@ class TransformerPredictor(Predictor):
 class TransformerVelocity(VelocityModel):
     r"""Flow-matching velocity model ``v(x_t, t, y)`` for images on :class:`TransformerBackbone`.
 
-    A :class:`~trajflow.flow_matching.VelocityModel`, so it trains with the library's flow-matching loss
-    and can seed a :class:`~trajflow.predictors.flow_matching.FlowMatchingPredictor`.
+    A :class:`~trajflow.velocity.VelocityModel`, so it trains with the library's flow-matching loss
+    and can seed a :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor`.
 
     ``forward(x_t, t, cond=None, drop_cond=None)`` returns ``(v, hidden)``: ``v`` of ``x_t``'s shape
     (float32; zero at init, the head is zero-initialised) and the hidden states ``(N, L, width)``, on which

@@ -1,44 +1,4 @@
-r"""The training loop: one CPU process, one GPU, or many GPUs/machines through Hugging Face ``accelerate``.
-
-:class:`Trainer` knows nothing about NTM. It trains any ``nn.Module`` with an *objective*: a callable
-``objective(model, batch, generator) -> loss`` (or ``(loss, {name: value})``) whose loss is a float32 scalar.
-The text-to-image recipe (:mod:`trajflow.t2i`) builds its objective from :class:`~trajflow.TrajectoryNLL`
-(NTM) or :class:`~trajflow.flow_matching.FlowMatchingLoss` (the baseline), on the same backbone.
-
-What one optimizer step does (NTM Table 5 where it says, TarFlow/STARFlow defaults where it does not):
-
-* ``grad_accum`` micro-batches of ``batch_size`` examples per process, the forward pass under bf16 autocast
-  when ``mixed_precision="bf16"`` (the library computes log-determinants and losses in float32 regardless);
-* gradients synchronised across processes (DDP or FSDP, chosen by ``accelerate launch``), clipped to
-  ``grad_clip`` in global norm;
-* AdamW with betas (0.9, 0.95) and decoupled weight decay on matrices only (biases and norm gains are not
-  decayed), then the cosine-with-warmup learning rate of :mod:`trajflow.schedules`;
-* an EMA of the weights (:mod:`trajflow.ema`).
-
-Exact resumption. A checkpoint (see :mod:`trajflow.checkpoint` for the layout) holds the model, the EMA,
-the optimizer and scheduler states, every random state of every rank (python, numpy, torch CPU and CUDA,
-and the ``torch.Generator`` handed to the objective) and the position in the data: the epoch and how many
-batches of it were consumed. Data order comes from :class:`ResumableSampler`, a permutation seeded by
-``(seed, epoch)`` alone, so a resumed run skips exactly the consumed part of the epoch and then sees the same
-batches, draws the same noise and takes the same steps as a run that was never interrupted: on the CPU the
-parameters agree bit for bit (``tests/test_train.py`` checks it). Streams (``IterableDataset``, e.g. tar
-shards) are re-opened at the epoch start and the consumed batches skipped. Caveat: random augmentations
-drawn inside DataLoader *worker processes* (``num_workers > 0``) are seeded per worker and will differ after
-a resume; with ``num_workers=0`` they come from the restored global RNG and are exact too.
-
-Example:
-    >>> import torch
-    >>> from torch.utils.data import TensorDataset
-    >>> def objective(model, batch, generator):
-    ...     (x,) = batch
-    ...     return (model(x) - 1.0).square().mean()
-    >>> import tempfile
-    >>> cfg = TrainerConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=3, progress=False)
-    >>> trainer = Trainer(cfg, tempfile.mkdtemp())
-    >>> result = trainer.fit(torch.nn.Linear(2, 1), objective, TensorDataset(torch.randn(16, 2)))
-    >>> result.step, result.checkpoint.name
-    (3, 'step-0000003')
-"""
+"""The training loop itself: :class:`Trainer` (see :mod:`trajflow.train` for what one step does)."""
 
 from __future__ import annotations
 
@@ -49,17 +9,16 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from .checkpoint import (
+from ..checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
@@ -73,252 +32,13 @@ from .checkpoint import (
     save_safetensors,
     save_torch,
 )
-from .ema import EMA
-from .schedules import CosineWarmup, cosine_with_warmup
+from ..ema import EMA
+from ..schedules import CosineWarmup, cosine_with_warmup
+from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
+from .data_order import ResumableSampler, mix_seed, to_device
+from .random_state import capture_rng_state, restore_rng_state
 
-__all__ = [
-    "TrainerConfig",
-    "Trainer",
-    "TrainResult",
-    "Objective",
-    "ResumableSampler",
-    "RESUME_IGNORED_FIELDS",
-    "capture_rng_state",
-    "restore_rng_state",
-    "mix_seed",
-]
-
-#: Config fields that may change between a checkpoint and its resumption: they change how often things are
-#: logged or saved and where, never what is computed. Everything else must match (see :func:`check_config`).
-RESUME_IGNORED_FIELDS: tuple[str, ...] = (
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.num_workers",
-    "train.tensorboard",
-    "train.progress",
-    "sample.",
-    "name",
-)
-
-_MIXED_PRECISION = ("no", "bf16")
-
-
-# ============================================================================================== config
-@dataclass
-class TrainerConfig:
-    """Hyper-parameters of :class:`Trainer`.
-
-    Attributes:
-        steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
-            most steps the run may take, and the scale of ``warmup_steps`` (see there).
-        batch_size: Examples per process per micro-batch; the global batch is
-            ``batch_size * grad_accum * num_processes``.
-        grad_accum: Micro-batches accumulated per optimizer step.
-        lr: Peak learning rate (NTM from scratch: 1e-4).
-        min_lr_ratio: Final learning rate as a fraction of ``lr`` (NTM: 1e-6 / 1e-4).
-        warmup_steps: Linear warmup steps.
-        weight_decay: AdamW's decoupled weight decay (NTM: 1e-4), on matrices only.
-        betas: AdamW's betas (NTM: (0.9, 0.95)).
-        grad_clip: Global gradient-norm clip (0: off).
-        ema_decay: EMA decay (0: no EMA).
-        mixed_precision: ``"no"`` or ``"bf16"`` (autocast; log-dets and losses stay float32).
-        seed: Seeds model initialisation, data order and the objective's generator.
-        log_every: Steps between log lines (loss averaged over the interval and over processes).
-        checkpoint_every: Steps between checkpoints (the last step is always saved).
-        keep_checkpoints: How many checkpoints to keep.
-        num_workers: DataLoader worker processes per training process.
-        shuffle: Shuffle the data each epoch.
-        tensorboard: Also write TensorBoard scalars (needs the ``tensorboard`` package).
-        progress: Show a tqdm progress bar (main process only).
-        cpu: Train on the CPU even where a GPU is visible.
-        find_unused_parameters: DDP's flag, for models that leave some parameters out of some steps.
-        time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``: data,
-            forward, backward and update; not checkpoints or start-up) instead of a number of steps: the
-            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / steps`` of
-            it) and the run stops at the first step past the budget (or at ``steps``), with a checkpoint.
-            For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
-            bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
-    """
-
-    steps: int = 10_000
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.01
-    warmup_steps: int = 500
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    mixed_precision: str = "no"
-    seed: int = 0
-    log_every: int = 25
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    num_workers: int = 0
-    shuffle: bool = True
-    tensorboard: bool = False
-    progress: bool = True
-    cpu: bool = False
-    find_unused_parameters: bool = False
-    time_budget: float | None = None
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"train.{name}: expected a positive integer, got {v!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(
-                f"train.warmup_steps: expected an integer in 0..steps={self.steps}, got {self.warmup_steps!r}"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
-        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
-            raise ValueError(
-                f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay, train.grad_clip: expected non-negative numbers")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay: expected a number in [0, 1) (0 disables), got {self.ema_decay!r}")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(
-                f"train.mixed_precision: expected one of {_MIXED_PRECISION} (fp16 would need loss scaling and "
-                f"is not supported), got {self.mixed_precision!r}"
-            )
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"train.num_workers: expected a non-negative integer, got {self.num_workers!r}")
-
-
-class Objective(Protocol):
-    """What :class:`Trainer` optimises: ``objective(model, batch, generator)``.
-
-    Returns a scalar float32 loss, or ``(loss, logs)`` with extra scalars to log. ``batch`` is what the
-    DataLoader yields, already moved to the device; ``generator`` is the process's ``torch.Generator`` on
-    that device, which the objective should use for every random draw (it is saved in checkpoints).
-    An optional attribute ``loss_name`` (e.g. ``"nll_per_dim"``) names the loss in logs.
-    """
-
-    def __call__(
-        self, model: nn.Module, batch: Any, generator: torch.Generator
-    ) -> Tensor | tuple[Tensor, Mapping[str, Tensor]]: ...
-
-
-@dataclass
-class TrainResult:
-    """What :meth:`Trainer.fit` returns (on every process)."""
-
-    step: int
-    epoch: int
-    loss: float  # the last logged loss, averaged over processes
-    images_per_s: float  # global examples per second of training (checkpointing excluded)
-    train_seconds: float
-    checkpoint: Path | None
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-# ============================================================================================== data
-def mix_seed(*values: int) -> int:
-    """Combine integers into one 63-bit seed (a fixed, platform-independent hash)."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-class ResumableSampler(Sampler[int]):
-    """A per-rank sampler whose epoch order depends only on ``(seed, epoch)`` and that can start mid-epoch.
-
-    Every rank draws the same permutation of ``range(length)``, drops the tail that does not divide evenly
-    (so that ranks take the same number of steps, which DDP needs) and takes every ``world_size``-th index
-    from ``rank``. :meth:`set_position` selects the epoch and how many of this rank's indices to skip.
-
-    Example:
-        >>> s = ResumableSampler(10, seed=0, rank=1, world_size=2)
-        >>> s.set_position(epoch=0, start=0); full = list(s)
-        >>> s.set_position(epoch=0, start=2); list(s) == full[2:]
-        True
-        >>> len(full)
-        5
-    """
-
-    def __init__(self, length: int, *, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
-        if length < 1:
-            raise ValueError(f"length: expected a non-empty dataset, got length {length}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank: expected an integer in 0..{world_size - 1}, got {rank}")
-        self.length, self.seed, self.shuffle = length, int(seed), shuffle
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def order(self, epoch: int) -> list[int]:
-        """This rank's indices for ``epoch``, in order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 1))
-            perm = torch.randperm(self.length, generator=g).tolist()
-        else:
-            perm = list(range(self.length))
-        usable = self.length - self.length % self.world_size
-        return perm[self.rank : usable : self.world_size]
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = int(epoch), int(start)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order(self.epoch)[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, self.length // self.world_size - self.start)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``; strings and other values are left alone."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and any(isinstance(v, Tensor) for v in batch):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-# ============================================================================================== RNG
-def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Every random state a training step may consume, as tensors and plain values (``weights_only``-safe).
-
-    Python's ``random``, numpy's legacy global generator, torch's CPU generator, every CUDA device's
-    generator, and ``generator`` (the objective's) when given.
-    """
-    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": (np_name, torch.from_numpy(np_key.astype(np.int64)), int(np_pos), int(np_has_gauss), float(np_gauss)),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    if generator is not None:
-        state["generator"] = generator.get_state()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any], generator: torch.Generator | None = None) -> None:
-    """Undo :func:`capture_rng_state`: set every generator back to the captured state."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, key, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+__all__ = ["Trainer"]
 
 
 # ============================================================================================== model wrapper
@@ -336,8 +56,8 @@ class _ObjectiveModule(nn.Module):
         self.model = model
         self.__dict__["objective"] = objective
 
-    def forward(self, batch: Any, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.objective(self.model, batch, generator)
+    def forward(self, batch: Any, generator: torch.Generator, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.objective(self.model, batch, generator, step)
         loss, logs = (out, {}) if isinstance(out, Tensor) else (out[0], dict(out[1]))
         return loss, logs
 
@@ -639,11 +359,11 @@ class Trainer:
         while step < end:
             t0 = time.perf_counter()
             for micro in range(cfg.grad_accum):
-                batch = _to_device(next(batches), self.device)
+                batch = to_device(next(batches), self.device)
                 # Only the last micro-batch synchronises gradients across processes.
                 sync = acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 and self.world_size > 1 else nullcontext()
                 with sync, acc.autocast():
-                    loss, logs = wrapped(batch, generator)
+                    loss, logs = wrapped(batch, generator, step)
                 acc.backward(loss / cfg.grad_accum)
                 window_loss += loss.detach().double() / cfg.grad_accum
                 for k, v in logs.items():

@@ -1,0 +1,151 @@
+"""What :class:`~trajflow.train.Trainer` is told (:class:`TrainerConfig`), what it optimises (:class:`Objective`)
+and what it returns (:class:`TrainResult`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TrainerConfig", "Objective", "TrainResult", "RESUME_IGNORED_FIELDS"]
+
+#: Config fields that may change between a checkpoint and its resumption: they change how often things are
+#: logged or saved and where, never what is computed. Everything else must match (see :func:`check_config`).
+RESUME_IGNORED_FIELDS: tuple[str, ...] = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.num_workers",
+    "train.tensorboard",
+    "train.progress",
+    "sample.",
+    "name",
+)
+
+_MIXED_PRECISION = ("no", "bf16")
+
+
+@dataclass
+class TrainerConfig:
+    """Hyper-parameters of :class:`Trainer`.
+
+    Attributes:
+        steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
+            most steps the run may take, and the scale of ``warmup_steps`` (see there).
+        batch_size: Examples per process per micro-batch; the global batch is
+            ``batch_size * grad_accum * num_processes``.
+        grad_accum: Micro-batches accumulated per optimizer step.
+        lr: Peak learning rate (NTM from scratch: 1e-4).
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` (NTM: 1e-6 / 1e-4).
+        warmup_steps: Linear warmup steps.
+        weight_decay: AdamW's decoupled weight decay (NTM: 1e-4), on matrices only.
+        betas: AdamW's betas (NTM: (0.9, 0.95)).
+        grad_clip: Global gradient-norm clip (0: off).
+        ema_decay: EMA decay (0: no EMA).
+        mixed_precision: ``"no"`` or ``"bf16"`` (autocast; log-dets and losses stay float32).
+        seed: Seeds model initialisation, data order and the objective's generator.
+        log_every: Steps between log lines (loss averaged over the interval and over processes).
+        checkpoint_every: Steps between checkpoints (the last step is always saved).
+        keep_checkpoints: How many checkpoints to keep.
+        num_workers: DataLoader worker processes per training process.
+        shuffle: Shuffle the data each epoch.
+        tensorboard: Also write TensorBoard scalars (needs the ``tensorboard`` package).
+        progress: Show a tqdm progress bar (main process only).
+        cpu: Train on the CPU even where a GPU is visible.
+        find_unused_parameters: DDP's flag, for models that leave some parameters out of some steps.
+        time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``: data,
+            forward, backward and update; not checkpoints or start-up) instead of a number of steps: the
+            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / steps`` of
+            it) and the run stops at the first step past the budget (or at ``steps``), with a checkpoint.
+            For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
+            bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
+    """
+
+    steps: int = 10_000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 500
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    seed: int = 0
+    log_every: int = 25
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    num_workers: int = 0
+    shuffle: bool = True
+    tensorboard: bool = False
+    progress: bool = True
+    cpu: bool = False
+    find_unused_parameters: bool = False
+    time_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"train.{name}: expected a positive integer, got {v!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(
+                f"train.warmup_steps: expected an integer in 0..steps={self.steps}, got {self.warmup_steps!r}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
+        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+            raise ValueError(
+                f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("train.weight_decay, train.grad_clip: expected non-negative numbers")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay: expected a number in [0, 1) (0 disables), got {self.ema_decay!r}")
+        if self.mixed_precision not in _MIXED_PRECISION:
+            raise ValueError(
+                f"train.mixed_precision: expected one of {_MIXED_PRECISION} (fp16 would need loss scaling and "
+                f"is not supported), got {self.mixed_precision!r}"
+            )
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"train.num_workers: expected a non-negative integer, got {self.num_workers!r}")
+
+
+class Objective(Protocol):
+    """What :class:`Trainer` optimises: ``objective(model, batch, generator, step)``.
+
+    Returns a scalar float32 loss, or ``(loss, logs)`` with extra scalars to log. ``batch`` is what the
+    DataLoader yields, already moved to the device; ``generator`` is the process's ``torch.Generator`` on
+    that device, which the objective should use for every random draw (it is saved in checkpoints);
+    ``step`` is the optimizer step being computed (0 for the first; the same for every micro-batch of a
+    step, and restored on resume), for objectives whose terms follow a schedule.
+    An optional attribute ``loss_name`` (e.g. ``"nll_per_dim"``) names the loss in logs.
+    """
+
+    def __call__(
+        self, model: nn.Module, batch: Any, generator: torch.Generator, step: int
+    ) -> Tensor | tuple[Tensor, Mapping[str, Tensor]]: ...
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns (on every process)."""
+
+    step: int
+    epoch: int
+    loss: float  # the last logged loss, averaged over processes
+    images_per_s: float  # global examples per second of training (checkpointing excluded)
+    train_seconds: float
+    checkpoint: Path | None
+    history: list[dict[str, float]] = field(default_factory=list)
