@@ -34,6 +34,7 @@ from torch.distributions import AffineTransform, Distribution, Independent, Norm
 from zuko.distributions import NormalizingFlow
 from zuko.transforms import ComposedTransform
 
+from .bounds import LikelihoodBounds
 from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
 from .conditioning import Condition, align_cond, cat_cond, map_cond
 from .guidance import guided_gaussian
@@ -83,7 +84,7 @@ def _module_device(*modules: torch.nn.Module) -> torch.device | None:
     return None
 
 
-class TrajectoryDistribution(Distribution):
+class TrajectoryDistribution(LikelihoodBounds, Distribution):
     r"""The exact density of whole trajectories :math:`(x_{t_0}, \dots, x_{t_T})` under an NTM.
 
     Arguments:
@@ -476,147 +477,3 @@ class TrajectoryDistribution(Distribution):
         factors = _std_normal_log_prob(z, dd) - log_sigma + ladj
         prior = _std_normal_log_prob(traj.narrow(level, T, 1).squeeze(level), dd)
         return traj, prior + factors.sum(-1)
-
-    # -- a bound on the data likelihood ---------------------------------------------------------------------
-
-    def elbo(self, x0: Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None) -> Tensor:
-        r"""A lower bound on :math:`\log p(x_{t_0})` with the forward process as the proposal (nats).
-
-        .. math:: \log p(x_{t_0}) \geq \mathbb{E}_{q(x_{t_{1:T}} | x_{t_0})}
-                  [\log p(x_{t_0}, \dots, x_{t_T}) - \log q(x_{t_1}, \dots, x_{t_T} | x_{t_0})]
-
-        Arguments:
-            x0: The state at :math:`t_0` (the data itself when ``grid[0] = 0``), shape ``(*lead, *data)``.
-            num_samples: Forward trajectories averaged per data point (the bound holds for any number).
-
-        Returns:
-            The Monte-Carlo ELBO, shape ``lead`` broadcast with the batch, in nats (sum over dims).
-
-        See :meth:`iwae` for the tighter importance-weighted bound, and :meth:`bounds` for both from the
-        same draws.
-        """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
-        x0 = x0.expand(*lead, *self.data_shape)
-        grid = self._times(lead)
-        total = 0.0
-        for _ in range(num_samples):
-            traj = self.process.sample_from(x0, grid, generator=generator)
-            total = total + self.log_prob(traj) - self.process.log_prob(traj, grid)
-        return total / num_samples
-
-    def log_importance_weights(
-        self, x0: Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        r"""Log importance weights :math:`\log w_k = \log p(x_{t_0}, x^{(k)}_{t_{1:T}})
-        - \log q(x^{(k)}_{t_{1:T}} | x_{t_0})` of ``num_samples`` forward trajectories drawn in one batch.
-
-        Returns:
-            ``(num_samples, *lead)`` with ``lead`` the leading shape of ``x0`` broadcast with the batch.
-            Their mean is the ELBO estimate and their log-mean-exp the IWAE estimate.
-        """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
-        x0 = x0.expand(num_samples, *lead, *self.data_shape)
-        grid = self._times(torch.Size((num_samples, *lead)))
-        traj = self.process.sample_from(x0, grid, generator=generator)
-        return self.log_prob(traj) - self.process.log_prob(traj, grid)
-
-    def iwae(
-        self,
-        x0: Tensor,
-        num_samples: int = 1,
-        *,
-        chunk_size: int | None = None,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> Tensor:
-        r"""The importance-weighted lower bound (IWAE) on :math:`\log p(x_{t_0})`, in nats.
-
-        With :math:`K` forward trajectories :math:`x^{(k)}_{t_{1:T}} \sim q(\cdot | x_{t_0})` per data point,
-
-        .. math:: \log p(x_{t_0}) \geq \mathcal{L}_K = \mathbb{E}\Big[\log \frac{1}{K} \sum_{k=1}^{K}
-                  \frac{p(x_{t_0}, x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T})}
-                  {q(x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T} | x_{t_0})}\Big].
-
-        :math:`\mathcal{L}_1` is the ELBO (:meth:`elbo`); :math:`\mathcal{L}_K` increases with :math:`K` and
-        tends to :math:`\log p(x_{t_0})` as :math:`K \to \infty` when the weights :math:`p / q` are bounded
-        (Burda et al., 2016, Theorem 1). The proposal is NTM's own forward process, so nothing is
-        learned for it: the bound only spends more network evaluations (``K`` trajectories, each one
-        transporter pass over the ``T`` lower levels and ``T`` predictor passes, all batched).
-
-        The estimate is a log-mean-exp, computed as a running ``logsumexp`` over chunks of trajectories
-        accumulated in ``dtype`` (float64 by default), so ``K`` can exceed what fits in memory at once.
-
-        Arguments:
-            x0: The state at :math:`t_0` (the data itself when ``grid[0] = 0``), shape ``(*lead, *data)``
-                broadcastable with the batch shape (the condition's and the grid's).
-            num_samples: :math:`K \geq 1`, the forward trajectories per data point.
-            chunk_size: Trajectories per data point sent through the networks at once (default: all
-                ``K`` when ``K * lead.numel() <= 4096``, fewer otherwise). Memory scales with
-                ``chunk_size * lead.numel() * (T + 1) * D``. With ``chunk_size=1`` and ``K=1`` the draws are
-                those of :meth:`elbo` for the same ``generator`` state.
-            generator: The random generator of the forward trajectories.
-            dtype: The floating dtype of the accumulation and of the result (float32 or float64).
-
-        Returns:
-            The Monte-Carlo IWAE bound, shape ``lead`` broadcast with the batch, in ``dtype``.
-
-        Example:
-            >>> import trajflow
-            >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2),
-            ...                      trajflow.predictors.MLPPredictor(features=2))
-            >>> dist = model.distribution(trajflow.time_grid(4, 0.0))
-            >>> dist.iwae(torch.randn(8, 2), num_samples=16).shape
-            torch.Size([8])
-
-        References:
-            | Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, ICLR 2016).
-            | https://arxiv.org/abs/1509.00519
-        """
-        return self.bounds(x0, num_samples, chunk_size=chunk_size, generator=generator, dtype=dtype)[0]
-
-    def bounds(
-        self,
-        x0: Tensor,
-        num_samples: int = 1,
-        *,
-        chunk_size: int | None = None,
-        generator: torch.Generator | None = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> tuple[Tensor, Tensor]:
-        r"""The IWAE and the ELBO estimates from the same ``num_samples`` forward trajectories (nats).
-
-        ``(log mean_k w_k, mean_k log w_k)`` with the log importance weights of
-        :meth:`log_importance_weights`: the first is :meth:`iwae`, the second the ELBO averaged over the
-        same :math:`K` draws (:meth:`elbo` with ``num_samples=K``, up to the order of the draws), so a
-        benchmark can report both for one set of network evaluations. Same arguments as :meth:`iwae`.
-        """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
-        if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
-        if chunk_size is None:
-            chunk_size = max(1, min(num_samples, 4096 // max(1, lead.numel())))
-        chunk_size = _check_count("chunk_size", chunk_size)
-        lse: Tensor | None = None  # running logsumexp of the weights seen so far
-        total: Tensor | None = None  # running sum of the log weights
-        done = 0
-        while done < num_samples:
-            c = min(chunk_size, num_samples - done)
-            log_w = self.log_importance_weights(x0, c, generator=generator).to(dtype)
-            part = torch.logsumexp(log_w, dim=0)
-            lse = part if lse is None else torch.logaddexp(lse, part)
-            total = log_w.sum(0) if total is None else total + log_w.sum(0)
-            done += c
-        assert lse is not None and total is not None
-        return lse - math.log(num_samples), total / num_samples
-
-
-def _check_count(name: str, value: object) -> int:
-    """Raise unless ``value`` is an integer >= 1 (a number of samples or a chunk size)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r} ({type(value).__name__})")
-    return value
