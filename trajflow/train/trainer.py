@@ -71,6 +71,68 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _IntervalLog:
+    """Losses and extra scalars summed on the device over a log interval, flushed as one ``log.jsonl`` record.
+
+    Summing on the device and reducing only at a flush keeps the step itself free of host synchronisation.
+    """
+
+    def __init__(self, trainer: Trainer, loss_name: str, batch_per_process: int) -> None:
+        self.trainer, self.loss_name = trainer, loss_name
+        self.global_batch = batch_per_process * trainer.world_size  # examples per optimizer step, all processes
+        self.path = trainer.out_dir / "log.jsonl"
+        self.writer = trainer._tensorboard()
+        self.loss = torch.zeros((), device=trainer.device, dtype=torch.float64)
+        self.logs: dict[str, Tensor] = {}
+        self.steps, self.seconds = 0, 0.0
+        self.last_loss = float("nan")
+        self.history: list[dict[str, float]] = []
+
+    def add(self, loss: Tensor, logs: Mapping[str, Any], grad_accum: int) -> None:
+        self.loss += loss.detach().double() / grad_accum
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + torch.as_tensor(v).detach().double() / grad_accum
+
+    def tick(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def flush(self, step: int, epoch: int, lr: float, grad_norm: Tensor | None, last_ckpt: Path | None) -> dict:
+        acc = self.trainer.accelerator
+        self.last_loss = float(acc.reduce(self.loss, "mean")) / self.steps
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(
+                f"loss: became {self.last_loss} by step {step}; lower train.lr, keep train.grad_clip on, or "
+                f"check the data (last checkpoint: {last_ckpt})"
+            )
+        record = {
+            "step": step,
+            "epoch": epoch,
+            self.loss_name: self.last_loss,
+            "lr": lr,
+            "images_per_s": self.global_batch * self.steps / max(self.seconds, 1e-9),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        for k, v in self.logs.items():
+            record[k] = float(acc.reduce(v, "mean")) / self.steps
+        self.history.append(record)
+        if self.trainer.is_main:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        self.writer.add_scalar(f"train/{k}", v, step)
+        self.loss.zero_()
+        self.logs, self.steps, self.seconds = {}, 0, 0.0
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 # ============================================================================================== trainer
 class Trainer:
     """Trains a model on an objective with accelerate; see the module docstring.
@@ -286,154 +348,132 @@ class Trainer:
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
 
-        ckpt: Path | None = None
-        if resume is True:
-            ckpt = self.checkpoints.latest()
-            if ckpt is None:
-                self.print(f"resume: no checkpoint in {self.checkpoints.root}, starting from step 0")
-        elif resume:
-            ckpt = resolve_checkpoint(resume)
+        # -- where to start: a checkpoint's weights go into the plain model before wrapping, so that DDP
+        #    broadcasts them and FSDP shards them
+        ckpt = self._checkpoint_to_resume(resume)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
             info = self._check_resume(ckpt, run_config)
-            # Weights go into the plain model before wrapping, so that DDP broadcasts and FSDP shards them.
-            weights, _ = load_safetensors(ckpt / MODEL_FILE)
-            model.load_state_dict(weights)
+            model.load_state_dict(load_safetensors(ckpt / MODEL_FILE)[0])
             self.print(f"resume: continuing from {ckpt} (step {info['step']})")
         if self.is_main:
             save_json(self.out_dir / CONFIG_FILE, run_config)
 
+        # -- optimizer, schedule, EMA and the objective's noise generator (one stream per process). The
+        #    scheduler is not prepared: accelerate would step it once per process, and this loop counts
+        #    optimizer steps.
         optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
         scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        wrapped = _ObjectiveModule(model, objective)
-        # The scheduler is not prepared: accelerate would step it once per process, and this loop counts
-        # optimizer steps.
-        wrapped, optimizer = acc.prepare(wrapped, optimizer)
+        wrapped, optimizer = acc.prepare(_ObjectiveModule(model, objective), optimizer)
         inner = acc.unwrap_model(wrapped).model
         ema = EMA(inner, cfg.ema_decay) if cfg.ema_decay > 0 else None
-        # One generator per process for the objective's noise (different streams on different ranks).
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, self.rank, 3))
-
         if ckpt is not None:
-            if self._is_fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            self._restore(ckpt, wrapped, optimizer, scheduler, ema, generator)
 
-                set_optimizer_state_dict(
-                    wrapped,
-                    optimizer.optimizer,
-                    load_torch(ckpt / "optimizer.pt"),
-                    options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
-                )
-            else:
-                # Loaded on the CPU; load_state_dict moves each state tensor to its parameter's device.
-                optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt"))
-            scheduler.load_state_dict(load_torch(ckpt / "scheduler.pt"))
-            if ema is not None:
-                averaged, meta = load_safetensors(ckpt / EMA_FILE)
-                ema.load_state_dict(averaged, meta)
-            rng_file = ckpt / f"rng-rank{self.rank}.pt"
-            # Last of all, so that nothing between here and the first step consumes a random number.
-            restore_rng_state(load_torch(rng_file), generator)
-
+        # -- bookkeeping: data position, step, time, logs
         state = {"epoch": int(info["epoch"]), "batch_in_epoch": int(info["batch_in_epoch"])}
-        step = int(info["step"])
+        step = start = int(info["step"])
         end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
         batches = self._batches(dataset, collate_fn, state)
-        loss_name = getattr(objective, "loss_name", "loss")
-        writer = self._tensorboard()
-        log_path = self.out_dir / "log.jsonl"
-        history: list[dict[str, float]] = []
+        log = _IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
         params = [p for p in wrapped.parameters() if p.requires_grad]
         bar = tqdm(
             total=cfg.steps, initial=step, disable=not (cfg.progress and self.is_main), desc="train", dynamic_ncols=True
         )
-        window_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        window_logs: dict[str, Tensor] = {}
-        window_steps, window_time = 0, 0.0
-        train_time = float(info.get("train_seconds", 0.0)) if cfg.time_budget else 0.0
-        resumed_time = train_time
+        train_time = resumed_time = float(info.get("train_seconds", 0.0)) if cfg.time_budget else 0.0
         timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
-        last_loss, last_ckpt = float("nan"), ckpt
-        global_batch = cfg.batch_size * cfg.grad_accum * self.world_size
+        last_ckpt = ckpt
+
         wrapped.train()
         while step < end:
             t0 = time.perf_counter()
+            # -- forward and backward, one micro-batch at a time; only the last one synchronises gradients
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), self.device)
-                # Only the last micro-batch synchronises gradients across processes.
                 sync = acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 and self.world_size > 1 else nullcontext()
                 with sync, acc.autocast():
                     loss, logs = wrapped(batch, generator, step)
                 acc.backward(loss / cfg.grad_accum)
-                window_loss += loss.detach().double() / cfg.grad_accum
-                for k, v in logs.items():
-                    window_logs[k] = window_logs.get(k, 0.0) + torch.as_tensor(v).detach().double() / cfg.grad_accum
+                log.add(loss, logs, cfg.grad_accum)
+
+            # -- the update: clip, step, schedule (by steps, or by the elapsed share of the time budget), EMA
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if timed_lr is not None:
-                # The schedule follows the elapsed share of the time budget, on the scale of `steps`.
                 progress = min((train_time + time.perf_counter() - t0) / cfg.time_budget, 1.0)
                 for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
                     group["lr"] = base * timed_lr(progress * cfg.steps)
             if ema is not None:
                 ema.update(inner)
             step += 1
-            window_steps += 1
             dt = time.perf_counter() - t0
-            window_time += dt
             train_time += dt
+            log.tick(dt)
             bar.update(1)
             if cfg.time_budget and train_time >= cfg.time_budget:
                 end = step  # the budget is spent: log, checkpoint and stop here
 
+            # -- log (mean over the interval and the processes) and checkpoint
             if step % cfg.log_every == 0 or step == end:
-                mean = acc.reduce(window_loss, "mean") / window_steps
-                last_loss = float(mean)
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(
-                        f"loss: became {last_loss} by step {step}; lower train.lr, keep train.grad_clip on, or "
-                        f"check the data (last checkpoint: {last_ckpt})"
-                    )
-                record = {
-                    "step": step,
-                    "epoch": state["epoch"],
-                    loss_name: last_loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "images_per_s": global_batch * window_steps / max(window_time, 1e-9),
-                }
-                if grad_norm is not None:
-                    record["grad_norm"] = float(grad_norm)
-                for k, v in window_logs.items():
-                    record[k] = float(acc.reduce(v, "mean")) / window_steps
-                history.append(record)
-                if self.is_main:
-                    bar.set_postfix({loss_name: f"{last_loss:.4f}", "lr": f"{record['lr']:.2e}"}, refresh=False)
-                    with open(log_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for k, v in record.items():
-                            if k != "step":
-                                writer.add_scalar(f"train/{k}", v, step)
-                window_loss.zero_()
-                window_logs, window_steps, window_time = {}, 0, 0.0
-
+                record = log.flush(step, state["epoch"], optimizer.param_groups[0]["lr"], grad_norm, last_ckpt)
+                bar.set_postfix(
+                    {log.loss_name: f"{record[log.loss_name]:.4f}", "lr": f"{record['lr']:.2e}"}, refresh=False
+                )
             if step % cfg.checkpoint_every == 0 or step == end:
                 state["train_seconds"] = train_time
                 last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
         bar.close()
-        if writer is not None:
-            writer.close()
+        log.close()
         return TrainResult(
             step=step,
             epoch=state["epoch"],
-            loss=last_loss,
-            images_per_s=global_batch * max(step - int(info["step"]), 0) / max(train_time - resumed_time, 1e-9),
+            loss=log.last_loss,
+            images_per_s=log.global_batch * max(step - start, 0) / max(train_time - resumed_time, 1e-9),
             train_seconds=train_time,
             checkpoint=last_ckpt,
-            history=history,
+            history=log.history,
         )
+
+    def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
+        """The checkpoint ``resume`` names (``True``: the newest in ``out_dir``, if any), or ``None``."""
+        if resume is True:
+            ckpt = self.checkpoints.latest()
+            if ckpt is None:
+                self.print(f"resume: no checkpoint in {self.checkpoints.root}, starting from step 0")
+            return ckpt
+        return resolve_checkpoint(resume) if resume else None
+
+    def _restore(
+        self,
+        ckpt: Path,
+        wrapped: nn.Module,
+        optimizer: Any,
+        scheduler: Any,
+        ema: EMA | None,
+        generator: torch.Generator,
+    ) -> None:
+        """Load the optimizer, scheduler, EMA and random states of ``ckpt`` (the weights are already in)."""
+        if self._is_fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(
+                wrapped,
+                optimizer.optimizer,
+                load_torch(ckpt / "optimizer.pt"),
+                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+            )
+        else:
+            # Loaded on the CPU; load_state_dict moves each state tensor to its parameter's device.
+            optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt"))
+        scheduler.load_state_dict(load_torch(ckpt / "scheduler.pt"))
+        if ema is not None:
+            averaged, meta = load_safetensors(ckpt / EMA_FILE)
+            ema.load_state_dict(averaged, meta)
+        # Last of all, so that nothing between here and the first step consumes a random number.
+        restore_rng_state(load_torch(ckpt / f"rng-rank{self.rank}.pt"), generator)
 
     def _tensorboard(self) -> Any:
         if not (self.config.tensorboard and self.is_main):
