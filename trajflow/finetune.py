@@ -38,6 +38,7 @@ from .losses import TrajectoryNLL
 from .model import NTM
 from .predictors.from_velocity import FlowMatchingPredictor
 from .process import MarkovInterpolant
+from .schedules import CosineWarmup
 from .transporters.base import Transporter
 from .transporters.zuko import ZukoTransporter
 
@@ -311,8 +312,7 @@ class FinetuneLoss:
         """The auxiliary weight at training step ``step`` (cosine decay from ``aux_weight`` to 0)."""
         if self.decay_steps is None:
             return float(self.aux_weight)
-        frac = min(max(int(step), 0), self.decay_steps) / self.decay_steps
-        return float(self.aux_weight * 0.5 * (1.0 + math.cos(math.pi * frac)))
+        return float(self.aux_weight * CosineWarmup(0, self.decay_steps)(max(int(step), 0)))
 
     def per_example(
         self,
