@@ -21,6 +21,7 @@ from trajflow.denoise import (
     load_denoiser,
     save_denoiser,
 )
+from trajflow.finetune import init_from_flow_matching
 from trajflow.predictors import (
     CallableVelocity,
     FlowMatchingPredictor,
@@ -97,6 +98,10 @@ NTMS = {
         ),
         torch.randn(3, 4, generator=torch.Generator().manual_seed(2)),
     ),
+    "flow-matching-init": lambda: (
+        init_from_flow_matching(MLPVelocity(2, width=8, depth=1), transporter_kwargs={"hidden_features": (8,)}).model,
+        None,
+    ),
     "transformer-class-conditional": lambda: (
         NTM(tiny_transformer_transporter(num_classes=3), TransformerPredictor(tiny_predictor_config(num_classes=3))),
         torch.tensor([0, 2, 1]),
@@ -137,6 +142,19 @@ def test_same_samples_from_the_same_seed(tmp_path):
     a = model.sample((2,), cond=cond, steps=3, generator=torch.Generator().manual_seed(5))
     b = again.sample((2,), cond=cond, steps=3, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_from_pretrained_puts_the_model_on_the_device(tmp_path):
+    model, cond = NTMS["transformer-class-conditional"]()
+    perturbed(model).save_pretrained(tmp_path)
+    again = NTM.from_pretrained(tmp_path, device="cuda")
+    assert again.device.type == "cuda"
+    grid, x = time_grid(2, 0.05), torch.randn(3, 3, *IMAGE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.distribution(grid, cond).log_prob(x)
+        got = again.distribution(grid.cuda(), cond.cuda()).log_prob(x.cuda())
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(
