@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_FILE, check_config, load_json, load_model_weights
+from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_json, load_model_weights
 from .checks import check_event_shape, check_finite
 from .conditioning import Condition, EventDims, align_cond, cond_batch_shape
 from .distribution import TrajectoryDistribution
@@ -493,8 +493,8 @@ def _denoiser_classes() -> dict[str, type[LearnedDenoiser]]:
 
 def _legacy_record(path: Path) -> dict[str, Any] | None:
     """The ``{"class", "config"}`` of a folder written by the old ``save_denoiser`` (no ``"format"``), else None."""
-    if not (path / CONFIG_FILE).is_file():
-        return None
+    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        return None  # read_pretrained_config says what is missing
     record = load_json(path / CONFIG_FILE)
     if isinstance(record, dict) and "format" not in record and record.get("class") in _denoiser_classes():
         return record
