@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import Tensor
@@ -204,18 +206,34 @@ def test_denoiser_checkpoints(tmp_path):
     into = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
     load_denoiser(tmp_path / "mlp", into=into)
     torch.testing.assert_close(into(u, t), g(u, t))
-    with pytest.raises(ValueError, match=r"mismatching fields: width: checkpoint 16, model 32; depth"):
+    with pytest.raises(ValueError, match=r"depth \(checkpoint: 1, now: 2\), width \(checkpoint: 16, now: 32\)"):
         load_denoiser(tmp_path / "mlp", into=MLPDenoiser(MLPDenoiserConfig(features=2, width=32, depth=2)))
     cfg = TransformerPredictorConfig((1, 4, 4), patch_size=2, width=16, depth=1, heads=2)
     save_denoiser(TransformerDenoiser(cfg), tmp_path / "tf")
     assert isinstance(load_denoiser(tmp_path / "tf"), TransformerDenoiser)
     other = TransformerPredictorConfig((1, 4, 4), patch_size=1, width=16, depth=1, heads=2)
-    with pytest.raises(ValueError, match="patch_size: checkpoint 2, model 1"):
+    with pytest.raises(ValueError, match=r"patch_size \(checkpoint: 2, now: 1\)"):
         load_denoiser(tmp_path / "tf", into=TransformerDenoiser(other))
-    with pytest.raises(ValueError, match="cannot load it into"):
+    with pytest.raises(ValueError, match="holds a pretrained TransformerDenoiser, not a MLPDenoiser"):
         load_denoiser(tmp_path / "tf", into=g)
-    with pytest.raises(ValueError, match="expected config.json"):
+    with pytest.raises(FileNotFoundError, match="expected a pretrained folder"):
         load_denoiser(tmp_path / "missing")
+
+
+def test_denoiser_folders_of_the_old_format_still_load(tmp_path):
+    # save_denoiser wrote {"class", "config"} without a "format" before the pretrained format existed.
+    g = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
+    for p in g.parameters():
+        p.data.normal_()
+    g.save_pretrained(tmp_path)
+    record = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({"class": record["class"], "config": record["config"]}))
+    u, t = torch.randn(4, 2), torch.full((4,), 0.02)
+    torch.testing.assert_close(load_denoiser(tmp_path)(u, t), g(u, t))
+    into = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
+    torch.testing.assert_close(load_denoiser(tmp_path, into=into)(u, t), g(u, t))
+    with pytest.raises(ValueError, match=r"width \(checkpoint: 16, now: 8\)"):
+        load_denoiser(tmp_path, into=MLPDenoiser(MLPDenoiserConfig(features=2, width=8, depth=1)))
 
 
 def test_bad_inputs():

@@ -28,23 +28,25 @@ References:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_json, load_model_weights
 from .checks import check_event_shape, check_finite
 from .conditioning import Condition, EventDims, align_cond, cond_batch_shape
 from .distribution import TrajectoryDistribution
 from .losses import guidance_dropout
 from .model import NTM
 from .predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from .pretrained import Pretrained, dataclass_from_dict, read_pretrained_config
 from .process import MarkovInterpolant, sample_t_min, time_grid
 from .velocity import MLPVelocity
 
@@ -169,18 +171,39 @@ def sample_denoised(
 # -- learned denoisers ------------------------------------------------------------------------------------------
 
 
-class LearnedDenoiser(nn.Module, ABC):
+class LearnedDenoiser(Pretrained, nn.Module, ABC):
     r"""Base class of learned denoisers :math:`g_\phi(u_{t_0}, t_0, y) \to x_0`.
 
     Calls are flat: ``u`` ``(N, *event_shape)`` (the cleanest latent of the predictor chain), ``t0``
     ``(N,)``, ``cond`` ``None`` or a flat condition, ``drop_cond`` ``None`` or ``(N,)`` bool. The output
-    has ``u``'s shape. Subclasses hold their hyper-parameters in a dataclass ``config`` (saved with
-    :func:`save_denoiser`).
+    has ``u``'s shape. Subclasses hold their hyper-parameters in a dataclass ``config`` of class
+    :attr:`config_class`, which is what :meth:`save_pretrained` writes;
+    ``LearnedDenoiser.from_pretrained(dir)`` rebuilds whichever denoiser class wrote ``dir``.
+
+    Example:
+        >>> import tempfile
+        >>> g = MLPDenoiser(MLPDenoiserConfig(features=2, width=8, depth=1))
+        >>> again = LearnedDenoiser.from_pretrained(g.save_pretrained(tempfile.mkdtemp()))
+        >>> type(again).__name__, again.config == g.config
+        ('MLPDenoiser', True)
     """
 
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
     config: Any
+    #: The dataclass of :attr:`config`.
+    config_class: ClassVar[type]
+
+    def config_dict(self) -> dict[str, Any]:
+        """The fields of :attr:`config`."""
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LearnedDenoiser:
+        config_class = getattr(cls, "config_class", None)
+        if config_class is None:
+            raise NotImplementedError(f"{cls.__name__}: set config_class (the dataclass of its config)")
+        return cls(dataclass_from_dict(config_class, config, "config"))  # type: ignore[call-arg]
 
     @abstractmethod
     def forward(
@@ -222,6 +245,8 @@ class MLPDenoiser(LearnedDenoiser):
         >>> g(torch.randn(5, 2), torch.full((5,), 0.02)).shape
         torch.Size([5, 2])
     """
+
+    config_class = MLPDenoiserConfig
 
     def __init__(self, config: MLPDenoiserConfig) -> None:
         super().__init__()
@@ -270,6 +295,8 @@ class TransformerDenoiser(LearnedDenoiser):
         >>> TransformerDenoiser(cfg)(torch.randn(3, 1, 4, 4), torch.full((3,), 0.02)).shape
         torch.Size([3, 1, 4, 4])
     """
+
+    config_class = TransformerPredictorConfig
 
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
@@ -426,62 +453,49 @@ def fast_sample(
 
 # -- checkpoints ------------------------------------------------------------------------------------------------
 
-_CONFIG_FILE = "config.json"
-_WEIGHTS_FILE = "model.safetensors"
-
-
-def _registry() -> dict[str, tuple[type[LearnedDenoiser], type]]:
-    return {
-        "MLPDenoiser": (MLPDenoiser, MLPDenoiserConfig),
-        "TransformerDenoiser": (TransformerDenoiser, TransformerPredictorConfig),
-    }
-
 
 def save_denoiser(denoiser: LearnedDenoiser, directory: str | os.PathLike) -> Path:
-    """Write ``config.json`` (class and config) and ``model.safetensors`` (weights) into ``directory``."""
-    from safetensors.torch import save_file
-
-    name = type(denoiser).__name__
-    if name not in _registry():
-        raise ValueError(f"denoiser: expected one of {sorted(_registry())}, got {name}")
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / _CONFIG_FILE).write_text(json.dumps({"class": name, "config": asdict(denoiser.config)}, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in denoiser.state_dict().items()}
-    save_file(state, str(path / _WEIGHTS_FILE))
-    return path
+    """``denoiser.save_pretrained(directory)``: ``config.json`` and ``model.safetensors`` (kept for callers)."""
+    if not isinstance(denoiser, LearnedDenoiser):
+        raise ValueError(f"denoiser: expected a LearnedDenoiser, got {type(denoiser).__name__}")
+    return denoiser.save_pretrained(directory)
 
 
 def load_denoiser(directory: str | os.PathLike, *, into: LearnedDenoiser | None = None) -> LearnedDenoiser:
-    """Load a denoiser saved by :func:`save_denoiser`.
+    """Load a denoiser saved by :meth:`~trajflow.pretrained.Pretrained.save_pretrained` (or :func:`save_denoiser`).
+
+    Folders written before the pretrained format (``config.json`` without ``"format"``) load too.
 
     Arguments:
-        directory: The checkpoint directory.
-        into: An existing denoiser to load the weights into. Its class and config must match the
-            checkpoint's; otherwise a :class:`ValueError` names every mismatching field. ``None`` builds a
-            new denoiser from the stored config.
+        directory: The folder.
+        into: An existing denoiser to load the weights into (it keeps its device). Its class and config must
+            match the folder's; otherwise a :class:`ValueError` names the classes or every differing field.
+            ``None`` builds a new denoiser of the saved class (``LearnedDenoiser.from_pretrained``).
     """
-    from safetensors.torch import load_file
-
     path = Path(directory)
-    if not (path / _CONFIG_FILE).is_file() or not (path / _WEIGHTS_FILE).is_file():
-        raise ValueError(f"directory: expected {_CONFIG_FILE} and {_WEIGHTS_FILE} in {str(path)!r}")
-    meta = json.loads((path / _CONFIG_FILE).read_text())
-    name = meta.get("class")
-    if name not in _registry():
-        raise ValueError(f"checkpoint: unknown denoiser class {name!r}, expected one of {sorted(_registry())}")
-    cls, config_cls = _registry()[name]
-    known = {f.name for f in fields(config_cls)}
-    stored = config_cls(**{k: v for k, v in meta["config"].items() if k in known})
+    legacy = _legacy_record(path)
     if into is None:
-        into = cls(stored)
+        if legacy is None:
+            return LearnedDenoiser.from_pretrained(path)
+        into = _denoiser_classes()[legacy["class"]].from_config(legacy["config"])
     else:
-        if type(into).__name__ != name:
-            raise ValueError(f"checkpoint: holds a {name}, cannot load it into a {type(into).__name__}")
-        ours, theirs = asdict(into.config), asdict(stored)
-        diff = [f"{k}: checkpoint {theirs[k]!r}, model {ours[k]!r}" for k in ours if ours[k] != theirs.get(k)]
-        if diff:
-            raise ValueError("checkpoint: config does not match the model's; mismatching fields: " + "; ".join(diff))
-    device = next((p.device for p in into.parameters()), torch.device("cpu"))
-    into.load_state_dict(load_file(str(path / _WEIGHTS_FILE), device=str(device)))
+        record = legacy if legacy is not None else read_pretrained_config(path)
+        if record["class"] != type(into).__name__:
+            raise ValueError(f"into: {str(path)!r} holds a pretrained {record['class']}, not a {type(into).__name__}")
+        check_config(into.config_dict(), record["config"], source=f"the pretrained folder {str(path)!r}")
+    load_model_weights(path, into)  # safetensors: raw tensors only, nothing unpickled
     return into
+
+
+def _denoiser_classes() -> dict[str, type[LearnedDenoiser]]:
+    return {c.__name__: c for c in (MLPDenoiser, TransformerDenoiser)}
+
+
+def _legacy_record(path: Path) -> dict[str, Any] | None:
+    """The ``{"class", "config"}`` of a folder written by the old ``save_denoiser`` (no ``"format"``), else None."""
+    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        return None  # read_pretrained_config says what is missing
+    record = load_json(path / CONFIG_FILE)
+    if isinstance(record, dict) and "format" not in record and record.get("class") in _denoiser_classes():
+        return record
+    return None

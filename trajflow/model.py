@@ -1,10 +1,16 @@
 r"""The Normalizing Trajectory Model: a shared transporter plus a deep predictor.
 
 ``NTM`` owns the two networks and builds a :class:`~trajflow.distribution.TrajectoryDistribution` for a
-time grid and a condition. Training losses live in :mod:`trajflow.losses`.
+time grid and a condition. Training losses live in :mod:`trajflow.losses`. A trained model is saved and
+rebuilt with :meth:`NTM.save_pretrained` / :meth:`NTM.from_pretrained` (:mod:`trajflow.pretrained`).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,18 +18,25 @@ from torch import Tensor, nn
 from .conditioning import Condition
 from .distribution import TrajectoryDistribution, check_compatible
 from .predictors.base import Predictor
+from .pretrained import Pretrained, build_part, part_config
 from .process import time_grid
 from .transporters.base import Transporter
 
 __all__ = ["NTM"]
 
 
-class NTM(nn.Module):
+class NTM(Pretrained, nn.Module):
     r"""A Normalizing Trajectory Model :math:`p(x_{t_0}, \dots, x_{t_T})`.
 
     Arguments:
         transporter: The invertible map :math:`f_T(x, t)` shared across levels.
         predictor: The network giving :math:`(\mu_P, \sigma_P)` of each reverse step.
+
+    A model whose parts are library classes built from their configs (every transporter except
+    :class:`~trajflow.transporters.NflowsTransporter` and a :class:`~trajflow.transporters.ZukoTransporter` of
+    a user flow; every predictor except a :class:`~trajflow.predictors.FlowMatchingPredictor` of a
+    :class:`~trajflow.predictors.CallableVelocity`) is saved with :meth:`save_pretrained` and rebuilt with
+    :meth:`from_pretrained`.
 
     Example:
         >>> import trajflow
@@ -38,6 +51,75 @@ class NTM(nn.Module):
         check_compatible(transporter, predictor)
         self.transporter = transporter
         self.predictor = predictor
+
+    def config_dict(self) -> dict[str, Any]:
+        """``{"transporter": ..., "predictor": ...}``, each part's ``{"class", "config"}``
+        (:func:`~trajflow.pretrained.part_config`); a part that cannot be rebuilt from a config gives a
+        ``TypeError`` naming it."""
+        return {
+            "transporter": part_config(self.transporter, "transporter"),
+            "predictor": part_config(self.predictor, "predictor"),
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> NTM:
+        """An untrained NTM from :meth:`config_dict`'s output."""
+        for key in ("transporter", "predictor"):
+            if key not in config:
+                raise ValueError(f"config: expected a {key!r} part, got fields {sorted(config)}")
+        return cls(build_part(config["transporter"], "transporter"), build_part(config["predictor"], "predictor"))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the model into ``directory``: ``config.json`` (both parts' classes and configs) and
+        ``model.safetensors`` (parameters and persistent buffers); returns the folder.
+
+        Raises:
+            TypeError: A part cannot be rebuilt from a config (the message names it), e.g. a
+                :class:`~trajflow.predictors.CallableVelocity` inside the predictor.
+
+        Example:
+            >>> import tempfile, trajflow
+            >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2, hidden_features=(8,)),
+            ...                      trajflow.predictors.MLPPredictor(features=2, width=8, depth=1))
+            >>> folder = model.save_pretrained(tempfile.mkdtemp())
+            >>> sorted(p.name for p in folder.iterdir())
+            ['config.json', 'model.safetensors']
+        """
+        return super().save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        config: Mapping[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+    ) -> NTM:
+        """Rebuild an NTM saved by :meth:`save_pretrained` and load its weights (safetensors: nothing is
+        unpickled, no code from the folder runs).
+
+        Arguments:
+            directory: The folder.
+            config: If given, the config the caller expects (as :meth:`config_dict` gives it); a folder
+                with another config is refused, the differing fields named (``predictor.config.width``).
+            device: Where the model goes.
+
+        Raises:
+            FileNotFoundError: ``directory`` is not a pretrained folder.
+            ValueError: It holds another class (e.g. a velocity model), another config, or weights that do
+                not fit.
+
+        Example:
+            >>> import tempfile, trajflow
+            >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2, hidden_features=(8,)),
+            ...                      trajflow.predictors.MLPPredictor(features=2, width=8, depth=1))
+            >>> folder = model.save_pretrained(tempfile.mkdtemp())
+            >>> again = trajflow.NTM.from_pretrained(folder)
+            >>> x, grid = torch.randn(3, 3, 2), trajflow.time_grid(2, 0.05)
+            >>> torch.equal(again.distribution(grid).log_prob(x), model.distribution(grid).log_prob(x))
+            True
+        """
+        return super().from_pretrained(directory, config=config, device=device)
 
     @property
     def event_shape(self) -> torch.Size:

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -47,11 +48,19 @@ from torch import nn
 
 from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_json, load_model_weights, save_model
 
-__all__ = ["Pretrained", "PRETRAINED_FORMAT", "read_pretrained_config", "part_config", "build_part"]
+__all__ = [
+    "Pretrained",
+    "PRETRAINED_FORMAT",
+    "read_pretrained_config",
+    "part_config",
+    "build_part",
+    "dataclass_from_dict",
+]
 
 PRETRAINED_FORMAT = "trajflow-pretrained/1"
 
 P = TypeVar("P", bound="Pretrained")
+D = TypeVar("D")
 
 # class name -> class, for every subclass of Pretrained (filled by __init_subclass__)
 _REGISTRY: dict[str, type[Pretrained]] = {}
@@ -94,7 +103,10 @@ class Pretrained:
         config = _json_checked(self.config_dict(), type(self).__name__)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_model(directory, self, {"format": PRETRAINED_FORMAT, "class": type(self).__name__, "config": config})
+        record = {"format": PRETRAINED_FORMAT, "class": type(self).__name__, "config": config}
+        # The metadata also keeps safetensors 0.8 readable for a model without parameters: an empty file
+        # written with empty metadata cannot be opened again.
+        save_model(directory, self, record, metadata={"format": PRETRAINED_FORMAT})
         return directory
 
     @classmethod
@@ -151,14 +163,21 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
 def part_config(module: nn.Module, name: str) -> dict[str, Any]:
     """``{"class": ..., "config": ...}`` of a part of a composite model (e.g. an NTM's transporter).
 
-    Raises a ``TypeError`` naming the part when it cannot be rebuilt from a config.
+    Raises a ``TypeError`` naming the part when it cannot be rebuilt from a config (a part's own parts are
+    named after it: ``"predictor: velocity: ..."``).
     """
     if not isinstance(module, Pretrained):
         raise TypeError(
             f"{name}: a {type(module).__name__} cannot be saved with save_pretrained (it does not implement "
             f"trajflow.pretrained.Pretrained); save its state_dict and rebuild it in code instead"
         )
-    return {"class": type(module).__name__, "config": _json_checked(module.config_dict(), name)}
+    try:
+        config = module.config_dict()
+    except (TypeError, NotImplementedError) as e:
+        # A Pretrained class may still hold something no config can describe (a user-supplied flow);
+        # say which part of the composite model it is.
+        raise TypeError(f"{name}: {e}") from e
+    return {"class": type(module).__name__, "config": _json_checked(config, name)}
 
 
 def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
@@ -167,6 +186,30 @@ def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
     if cls is None:
         raise ValueError(f"{name}: unknown pretrained class {record.get('class')!r} (known: {sorted(_REGISTRY)})")
     return cls.from_config(record["config"])  # type: ignore[return-value]
+
+
+def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: str) -> D:
+    """``config_class(**config)`` for a config dataclass, refusing fields it does not have by name.
+
+    Fields missing from ``config`` take their defaults (a folder written before a field was added still
+    loads); unknown ones are an error rather than silently dropped.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Size:
+        ...     width: int = 4
+        >>> dataclass_from_dict(Size, {"width": 8}, "config")
+        Size(width=8)
+        >>> dataclass_from_dict(Size, {"width": 8, "depth": 2}, "config")
+        Traceback (most recent call last):
+        ...
+        ValueError: config: Size has no field(s) ['depth'] (known: ['width'])
+    """
+    known = [f.name for f in dataclasses.fields(config_class)]  # type: ignore[arg-type]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: {config_class.__name__} has no field(s) {unknown} (known: {known})")
+    return config_class(**config)
 
 
 def _json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:

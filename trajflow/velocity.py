@@ -8,6 +8,8 @@ around one (:class:`~trajflow.predictors.FlowMatchingPredictor`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +18,7 @@ from .conditioning import Condition, EventDims
 from .nn.condition import ConditionEmbedding
 from .nn.embeddings import SinusoidalEmbedding
 from .nn.mlp import ResidualMLP
+from .pretrained import Pretrained
 
 __all__ = ["VelocityModel", "MLPVelocity", "guided_velocity"]
 
@@ -36,7 +39,7 @@ class VelocityModel(nn.Module, ABC):
     ) -> tuple[Tensor, Tensor]: ...
 
 
-class MLPVelocity(VelocityModel):
+class MLPVelocity(Pretrained, VelocityModel):
     """A residual-MLP velocity model for vectors (the same backbone as :class:`~trajflow.predictors.MLPPredictor`).
 
     Example:
@@ -65,6 +68,24 @@ class MLPVelocity(VelocityModel):
         self.backbone = ResidualMLP(features, 2 * time_features, width, depth)
         self.head = nn.Linear(width, features)
         self.width = width
+        # The constructor's arguments, to rebuild it (config_dict / from_config).
+        self.num_classes, self.cond_features = num_classes, cond_features
+        self.depth, self.time_features = depth, time_features
+
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor's arguments (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        return {
+            "features": self.event_shape[0],
+            "num_classes": self.num_classes,
+            "cond_features": self.cond_features,
+            "width": self.width,
+            "depth": self.depth,
+            "time_features": self.time_features,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MLPVelocity:
+        return cls(**config)
 
     def forward(
         self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, drop_cond: Tensor | None = None

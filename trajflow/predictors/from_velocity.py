@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +45,7 @@ from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import patchify, unpatchify
 from ..nn.scale import soft_clip
 from ..numerics import upcast
+from ..pretrained import Pretrained, build_part, part_config
 from ..process import MarkovInterpolant
 from ..velocity import VelocityModel
 from .base import Predictor
@@ -109,6 +111,9 @@ class CallableVelocity(VelocityModel):
     Pass an :class:`torch.nn.Module` as ``fn`` to fine-tune it: its parameters are registered here (and
     copied by :func:`copy.deepcopy`, which makes the frozen reference of the mean-alignment loss). A plain
     function keeps whatever it closes over frozen and shared (a warning says so).
+
+    It cannot be saved with ``save_pretrained`` (no config describes arbitrary code): saving a model that
+    holds one raises a ``TypeError`` naming the part; save the state dict and rebuild ``fn`` in code.
 
     Arguments:
         fn: The velocity model.
@@ -279,7 +284,7 @@ class CallableVelocity(VelocityModel):
         return self.features(torch.cat([tokens, temb], dim=-1))
 
 
-class FlowMatchingPredictor(Predictor):
+class FlowMatchingPredictor(Pretrained, Predictor):
     r"""The NTM predictor :math:`(\mu_P, \sigma_P)` of a flow-matching velocity model (NTM Eqs. 3.6-3.8).
 
     See the module docstring for the equations. At initialisation :math:`\mu_P = A u_t + B (u_t - t v)`
@@ -363,6 +368,28 @@ class FlowMatchingPredictor(Predictor):
         self.head = nn.Linear(hidden_features + 2 * self.time_features, self.num_outputs * out)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The velocity model as a part (:func:`~trajflow.pretrained.part_config`) and the resolved settings.
+
+        A velocity model that cannot be rebuilt from a config (a :class:`CallableVelocity` wraps arbitrary
+        code) gives a ``TypeError`` naming ``velocity``.
+        """
+        return {
+            "velocity": part_config(self.velocity, "velocity"),
+            "hidden_features": self.hidden_features,
+            "hidden_layout": self.hidden_layout,
+            "patch_size": self.patch_size,
+            "c_min": self.c_min,
+            "delta_mean": self.delta_mean,
+            "time_features": self.time_features,
+            "delta_bound": self.delta_bound,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> FlowMatchingPredictor:
+        settings = {k: v for k, v in config.items() if k != "velocity"}
+        return cls(build_part(config["velocity"], "velocity"), **settings)
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         """Validate ``cond`` with the velocity model's own checks where it has them; return its batch shape."""

@@ -2,6 +2,9 @@ r"""An MLP predictor for vector data: :math:`(u_t, t, s, y) \mapsto (\mu_P, \sig
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -10,10 +13,11 @@ from ..nn.condition import ConditionEmbedding
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.mlp import ResidualMLP
 from ..nn.scale import positive_scale
+from ..pretrained import Pretrained
 from .base import Predictor
 
 
-class MLPPredictor(Predictor):
+class MLPPredictor(Pretrained, Predictor):
     r"""A residual MLP that predicts the Gaussian of :math:`u_s` given :math:`u_t`, the times and a condition.
 
     The head is zero-initialised, so at initialisation :math:`\mu_P = u_t` and :math:`\sigma_P = 1`.
@@ -60,6 +64,25 @@ class MLPPredictor(Predictor):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.scale_bound = scale_bound
+        # The constructor's arguments, to rebuild it (config_dict / from_config).
+        self.num_classes, self.cond_features = num_classes, cond_features
+        self.width, self.depth, self.time_features = width, depth, time_features
+
+    def config_dict(self) -> dict[str, Any]:
+        """The constructor's arguments (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        return {
+            "features": self.event_shape[0],
+            "num_classes": self.num_classes,
+            "cond_features": self.cond_features,
+            "width": self.width,
+            "depth": self.depth,
+            "time_features": self.time_features,
+            "scale_bound": self.scale_bound,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> MLPPredictor:
+        return cls(**config)
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         batch = super().check_cond(cond)

@@ -29,7 +29,9 @@ Prefix tokens sit at RoPE position ``(0, 0)`` (no rotation; see :mod:`trajflow.n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +42,7 @@ from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
+from ..pretrained import Pretrained, dataclass_from_dict
 from ..velocity import VelocityModel
 from .base import Predictor
 
@@ -278,7 +281,7 @@ def _validate_cond(backbone: TransformerBackbone, cond: Condition | None, n: int
     return batch
 
 
-class TransformerPredictor(Predictor):
+class TransformerPredictor(Pretrained, Predictor):
     r"""NTM's deep predictor :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)` for images.
 
     Calls are flat: ``u_t`` ``(N, C, H, W)``, ``t`` and ``s`` ``(N,)``. Returns ``mu`` and ``sigma`` of
@@ -305,6 +308,14 @@ class TransformerPredictor(Predictor):
         self.head = nn.Linear(config.width, 2 * config.token_dim)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The fields of :attr:`config` (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TransformerPredictor:
+        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         """Validate ``cond`` (kind, dtype, class range, text width, mask shape); return its batch shape."""
@@ -350,7 +361,7 @@ class TransformerPredictor(Predictor):
         return mu, sigma
 
 
-class TransformerVelocity(VelocityModel):
+class TransformerVelocity(Pretrained, VelocityModel):
     r"""Flow-matching velocity model ``v(x_t, t, y)`` for images on :class:`TransformerBackbone`.
 
     A :class:`~trajflow.velocity.VelocityModel`, so it trains with the library's flow-matching loss
@@ -379,6 +390,14 @@ class TransformerVelocity(VelocityModel):
         self.head = nn.Linear(config.width, config.token_dim)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The fields of :attr:`config` (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TransformerVelocity:
+        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         """Validate ``cond`` as :meth:`TransformerPredictor.check_cond` does; return its batch shape."""

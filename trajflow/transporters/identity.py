@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..conditioning import Condition
 from ..numerics import upcast
+from ..pretrained import Pretrained
 from .base import Transporter
 
 
-class IdentityTransporter(Transporter):
+class IdentityTransporter(Pretrained, Transporter):
     r""":math:`f_T(x, t) = x`. With it every reverse step is a diagonal Gaussian (NTM App. A.2).
 
     It ignores any condition (``cond``, ``drop_cond``): the identity does not depend on it.
@@ -32,6 +34,14 @@ class IdentityTransporter(Transporter):
         if isinstance(event_shape, int):
             event_shape = (event_shape,)
         self.event_shape = torch.Size(event_shape)
+
+    def config_dict(self) -> dict[str, Any]:
+        """``{"event_shape": [...]}``: all :meth:`from_config` needs (the map has no parameters)."""
+        return {"event_shape": list(self.event_shape)}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> IdentityTransporter:
+        return cls(**config)
 
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None

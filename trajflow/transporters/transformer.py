@@ -43,7 +43,9 @@ References: NTM-v2 section 3.2 / App. A.1 (2 blocks, alternating scan, 2-D RoPE)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +56,7 @@ from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import Rope, RotaryEmbedding2D, Transformer, check_attention_dims
+from ..pretrained import Pretrained, dataclass_from_dict
 from .base import Transporter
 
 __all__ = ["TransformerTransporterConfig", "TransformerTransporter", "TransporterCondition", "INVERSE_METHODS"]
@@ -302,7 +305,7 @@ class AffineFlowBlock(nn.Module):
         return self._order(out)
 
 
-class TransformerTransporter(Transporter):
+class TransformerTransporter(Pretrained, Transporter):
     r"""TarFlow-style transporter :math:`u = f_T(x, t)` for images / latents ``(C, H, W)``.
 
     ``forward(x, t)`` takes ``x`` ``(*batch, C, H, W)`` and ``t`` ``batch`` (in [0, 1]) and returns ``u`` of
@@ -351,6 +354,16 @@ class TransformerTransporter(Transporter):
         self.cond_event_dims = config.cond_event_dims
         if self.cond_event_dims is not None:
             self.condition = TransporterCondition(config)
+
+    def config_dict(self) -> dict[str, Any]:
+        """The fields of :attr:`config` (a :class:`TransformerTransporterConfig`); see
+        :meth:`~trajflow.pretrained.Pretrained.save_pretrained`. ``inverse_method`` is a run-time choice and is
+        not saved."""
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TransformerTransporter:
+        return cls(dataclass_from_dict(TransformerTransporterConfig, config, "config"))
 
     def _describe_cond(self) -> str:
         cfg = self.config

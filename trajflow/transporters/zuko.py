@@ -2,7 +2,8 @@ r"""Transporters built from zuko flows, with the level's time as zuko's context.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import zuko
@@ -13,12 +14,13 @@ from zuko.lazy import Flow, LazyTransform
 from ..conditioning import Condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..numerics import upcast
+from ..pretrained import Pretrained
 from .base import Transporter
 
 __all__ = ["ZukoTransporter"]
 
 
-class ZukoTransporter(Transporter):
+class ZukoTransporter(Pretrained, Transporter):
     r"""A transporter :math:`f_T(x, t)` made of a zuko flow whose context is an embedding of :math:`t`.
 
     :meth:`transform` returns zuko's own :class:`~torch.distributions.Transform` (data to base, with a
@@ -37,6 +39,9 @@ class ZukoTransporter(Transporter):
         hidden_features: Hidden sizes of the preset's masked MLPs.
         time_features: Size of the sinusoidal time embedding (zuko's context).
         **kwargs: More keyword arguments for the preset (e.g. ``bins`` for NSF).
+
+    A transporter built from a preset can be saved with :meth:`save_pretrained` (its ``kwargs`` must then be
+    JSON values); one built from a user ``flow`` cannot, since no config describes an arbitrary flow.
 
     Example:
         >>> f = ZukoTransporter(features=2)
@@ -62,6 +67,8 @@ class ZukoTransporter(Transporter):
             raise ValueError(f"features: expected a positive integer, got {features!r}")
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
+        # The preset's constructor arguments, kept to rebuild it (config_dict); None for a user flow.
+        self.preset_config: dict[str, Any] | None = None
         if flow is None:
             presets = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
             if preset not in presets:
@@ -73,11 +80,32 @@ class ZukoTransporter(Transporter):
                 hidden_features=tuple(hidden_features),
                 **kwargs,
             )
+            self.preset_config = {
+                "features": features,
+                "preset": preset,
+                "transforms": transforms,
+                "hidden_features": list(hidden_features),
+                "time_features": time_features,
+                **kwargs,
+            }
         if isinstance(flow, Flow):
             flow = flow.transform
         if not isinstance(flow, LazyTransform):
             raise ValueError(f"flow: expected a zuko Flow or LazyTransform, got {type(flow).__name__}")
         self.flow = flow
+
+    def config_dict(self) -> dict[str, Any]:
+        """The preset's arguments; a ``TypeError`` for a transporter built from a user ``flow``."""
+        if self.preset_config is None:
+            raise TypeError(
+                "a ZukoTransporter built from a user flow cannot be rebuilt from a config; build it from a "
+                "preset (flow=None) to use save_pretrained, or save its state_dict and rebuild the flow in code"
+            )
+        return dict(self.preset_config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ZukoTransporter:
+        return cls(**config)
 
     def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
         self.reject_cond(cond)
