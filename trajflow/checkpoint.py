@@ -149,7 +149,7 @@ def save_safetensors(
 
     flat = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    data = save(flat, metadata=meta)
+    data = save(flat, metadata=meta or None)  # an empty header dict with no tensors is unreadable
     return atomic_write(path, lambda fh: fh.write(data))
 
 
