@@ -116,3 +116,10 @@ def test_parts_and_unserialisable_configs():
 def test_class_names_must_be_unique():
     with pytest.raises(TypeError, match="already used"):
         type("PretrainedBase", (Pretrained, nn.Module), {"__module__": "somewhere.else"})
+
+
+def test_a_model_without_tensors_round_trips(tmp_path):
+    from trajflow.checkpoint import load_safetensors, save_safetensors
+
+    save_safetensors(tmp_path / "empty.safetensors", {}, {})  # e.g. an identity transporter's weights
+    assert load_safetensors(tmp_path / "empty.safetensors") == ({}, {})
