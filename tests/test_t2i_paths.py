@@ -16,7 +16,7 @@ from trajflow import MarkovInterpolant
 from trajflow.checkpoint import load_safetensors
 from trajflow.denoise import load_denoiser
 from trajflow.finetune import MeanAlignmentLoss, check_identity
-from trajflow.t2i import (
+from trajflow.recipes.t2i import (
     DistillConfig,
     T2IConfig,
     TextToImageObjective,

@@ -8,7 +8,7 @@
 The NTM (an ``ntm`` or ``ntm-fm`` run; EMA weights unless ``--no-ema``) is frozen. Real images and captions of
 the run's own dataset give forward trajectories; the NTM's trajectory score denoises them, and a transformer
 denoiser learns to map the cleanest latent straight to that target. ``--set field=value`` sets a field of
-:class:`trajflow.t2i.DistillConfig` (``steps``, ``batch_size``, ``lr``, ``width``, ``depth``, ``heads``,
+:class:`trajflow.recipes.t2i.DistillConfig` (``steps``, ``batch_size``, ``lr``, ``width``, ``depth``, ``heads``,
 ``cond_drop``, ``clip_percentile``, ``seed``, ...). Sample with the same ``--t-min`` and steps.
 """
 
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from trajflow.t2i import DistillConfig, distill_t2i
+from trajflow.recipes.t2i import DistillConfig, distill_t2i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
