@@ -88,7 +88,7 @@ from trajflow.predictors.transformer import (  # noqa: E402
     TransformerVelocity,
 )
 from trajflow.process import time_grid  # noqa: E402
-from trajflow.t2i import T2IConfig, build_model  # noqa: E402
+from trajflow.recipes.t2i import T2IConfig, build_model  # noqa: E402
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig  # noqa: E402
 
 SMOKE_OUT = ROOT / "runs" / "bench-gpu-smoke" / "speed.json"

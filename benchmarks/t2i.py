@@ -1,6 +1,6 @@
 r"""Text-to-image at equal training time: NTM at 4 steps against flow matching at 4 and 50 Euler steps.
 
-Every method of a task trains, with :func:`trajflow.t2i.train_t2i`, from the same config file for the same
+Every method of a task trains, with :func:`trajflow.recipes.t2i.train_t2i`, from the same config file for the same
 **wall-clock budget** (``budget_seconds``), on the same data, text encoder (frozen MiniLM), batch size,
 optimiser, schedule shape, EMA and seed:
 
@@ -70,7 +70,7 @@ from trajflow.evaluation import (  # noqa: E402
     load_or_train_shapes_reader,
     shapes_prompts,
 )
-from trajflow.t2i import T2IConfig, apply_overrides, load_t2i, save_image_grid, train_t2i  # noqa: E402
+from trajflow.recipes.t2i import T2IConfig, apply_overrides, load_t2i, save_image_grid, train_t2i  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "t2i" / "configs"
 #: Scene seed of the validation prompts on which the guidance weight is chosen (apart from the test prompts).

@@ -284,7 +284,7 @@ def test_transporter_and_predictor_must_take_the_same_condition() -> None:
 
 
 def test_t2i_transporter_condition() -> None:
-    from trajflow.t2i import ModelConfig, T2IConfig
+    from trajflow.recipes.t2i import ModelConfig, T2IConfig
 
     off = T2IConfig()
     assert off.transporter_config((3, 32, 32), 8).text_features is None

@@ -18,7 +18,7 @@ from trajflow.evaluation import (
     evaluate_shapes_model,
     load_or_train_shapes_reader,
 )
-from trajflow.t2i import (
+from trajflow.recipes.t2i import (
     VAE,
     HashingTextEncoder,
     T2IConfig,

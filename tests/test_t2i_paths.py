@@ -16,7 +16,7 @@ from trajflow import MarkovInterpolant
 from trajflow.checkpoint import load_safetensors
 from trajflow.denoise import load_denoiser
 from trajflow.finetune import MeanAlignmentLoss, check_identity
-from trajflow.t2i import (
+from trajflow.recipes.t2i import (
     DistillConfig,
     T2IConfig,
     TextToImageObjective,
@@ -142,7 +142,15 @@ def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
         ntm_fm_run, tmp_path / "den", iters=3, config=DistillConfig(batch_size=4, depth=1, log_every=1), progress=False
     )
     assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(h["mse"])) for h in result.history)
+    assert [h["step"] for h in result.history] == [1, 2, 3] and result.step == 3
     assert (result.path / "distill.json").is_file()
+    # trained by the Trainer: its checkpoint, in its format, holds the denoiser's weights
+    assert result.checkpoint == tmp_path / "den" / "training" / "checkpoints" / "step-0000003"
+    assert {"model.safetensors", "optimizer.pt", "trainer.json", "config.json"} <= {
+        p.name for p in result.checkpoint.iterdir()
+    }
+    saved, _ = load_safetensors(result.checkpoint / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in result.denoiser.state_dict().items())
     denoiser = load_denoiser(result.path)
     bundle = load_t2i(ntm_fm_run)
     out = {}
@@ -168,6 +176,31 @@ def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
         assert sample.main([*args, "--path", "fast", "--denoiser", str(result.path)]) == 0
         assert sample.main([*args, "--path", "fast"]) == 2
     assert len(list((tmp_path / "s").glob("*-fast-000.png"))) == 1
+
+
+def test_distillation_resumes_exactly_and_refuses_other_settings(tmp_path, ntm_fm_run, capsys):
+    config = DistillConfig(batch_size=4, depth=1, log_every=1, checkpoint_every=2)
+    whole = distill_t2i(ntm_fm_run, tmp_path / "whole", iters=4, config=config, progress=False)
+    part = distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=config, progress=False, stop_at=2)
+    assert part.step == 2 and part.checkpoint.name == "step-0000002"
+    # 24 examples / batch 4 = 6 batches an epoch: the resumed part continues the same epoch
+    resumed = distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=config, progress=False, resume=True)
+    assert resumed.step == 4 and [h["step"] for h in resumed.history] == [3, 4]
+    assert [h["mse"] for h in part.history + resumed.history] == [h["mse"] for h in whole.history]
+    a, b = whole.denoiser.state_dict(), load_denoiser(resumed.path).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    other = DistillConfig(batch_size=4, depth=1, log_every=1, checkpoint_every=2, lr=1e-3)
+    with pytest.raises(ValueError, match=r"distill\.lr \(checkpoint: 0\.0003, now: 0\.001\)"):
+        distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=other, progress=False, resume=True)
+    with pytest.raises(ValueError, match="iters: expected a positive integer"):
+        distill_t2i(ntm_fm_run, tmp_path / "x", iters=0, progress=False)
+
+    script = _script("distill")  # the command line: a run, then its continuation
+    args = ["--checkpoint", str(ntm_fm_run), "--out", str(tmp_path / "cli"), "--set", "batch_size=4"]
+    args += ["--set", "depth=1", "--device", "cpu"]
+    assert script.main([*args, "--iters", "2"]) == 0
+    assert script.main([*args, "--iters", "2", "--set", "lr=1e-3", "--resume"]) == 2  # other settings: refused
+    assert "distill.lr" in capsys.readouterr().err
 
 
 def test_ntm_fm_config_errors(tmp_path, fm_run):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,13 +91,17 @@ def test_cache_equals_uncached(enc, tmp_path):
     torch.testing.assert_close(f, g, atol=1e-5, rtol=1e-5)
     assert enc.cache_size == 5
     # Persisted: save, clear, load, same tensors.
-    path = enc.save_cache(tmp_path / "cache.pt")
+    path = enc.save_cache(tmp_path / "new" / "cache.pt")  # the folder is created; the file is written atomically
+    assert [p.name for p in path.parent.iterdir()] == ["cache.pt"]  # no temporary file left behind
     enc.clear_cache()
     assert enc.load_cache(path) == 5
     assert torch.equal(enc.encode(CAPTIONS)[0], plain)
     bad = tmp_path / "bad.pt"
     torch.save({"format": 1, "fingerprint": "x", "captions": [], "features": []}, bad)
     with pytest.raises(ValueError, match="path: expected a cache written by this model"):
+        enc.load_cache(bad)
+    torch.save({"format": 1, "captions": [Path("not a tensor")]}, bad)  # a pickled object: never unpickled
+    with pytest.raises(ValueError, match="holds other objects and is not read"):
         enc.load_cache(bad)
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import tempfile
+import pickle
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .checkpoint import load_torch, save_torch
 
 __all__ = ["DEFAULT_TEXT_MODEL_PACKAGE", "default_text_model_path", "TextEncoder"]
 
@@ -311,29 +313,27 @@ class TextEncoder:
         target = Path(path) if path is not None else self.cache_file
         if target is None:
             raise ValueError("path: expected a file path (no cache_file was given to TextEncoder), got None")
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "format": _CACHE_FORMAT,
             "fingerprint": self._fingerprint(),
             "captions": list(self._cache),
-            "features": list(self._cache.values()),
+            "features": list(self._cache.values()),  # (L_i, D) float32 rows, on the CPU
         }
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(payload, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        # Plain containers of strings and tensors only, so that load_cache reads it with weights_only=True.
+        return save_torch(target, payload)
 
     def load_cache(self, path: str | os.PathLike) -> int:
         """Add the captions cached in ``path`` to this encoder's cache; returns how many were read.
 
         Raises ``ValueError`` when the file was written by another model or with another ``max_length``.
         """
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = load_torch(path)  # weights_only: a cache file cannot run code
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"path: expected a TextEncoder cache file (tensors, strings and numbers only), got {str(path)!r}, "
+                f"which holds other objects and is not read ({e.__class__.__name__})"
+            ) from None
         if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
             raise ValueError(
                 f"path: expected a TextEncoder cache file (format {_CACHE_FORMAT}), got {str(path)!r}"

@@ -38,7 +38,7 @@ from trajflow.evaluation import (
     torchmetrics_clip_score,
     torchmetrics_fid,
 )
-from trajflow.t2i import build_dataset, load_t2i, save_image_grid
+from trajflow.recipes.t2i import build_dataset, load_t2i, save_image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

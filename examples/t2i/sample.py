@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trajflow.denoise import load_denoiser
-from trajflow.t2i import load_t2i, save_image_grid
+from trajflow.recipes.t2i import load_t2i, save_image_grid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from trajflow.t2i import T2IConfig, train_t2i
+from trajflow.recipes.t2i import T2IConfig, train_t2i
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
