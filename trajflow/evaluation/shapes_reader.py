@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 
 from ..train import TrainerConfig
 from .evaluator_cache import CACHE_VERSION, cached_config, entry_dir, fit_evaluator, load_evaluator, save_report
+
+if TYPE_CHECKING:
+    from ..data.shapes import ShapesDataset
 
 __all__ = [
     "ShapesReaderConfig",
@@ -274,7 +277,7 @@ def _heldout_report(reader: ShapesReader, xh: Tensor, yh: Tensor) -> dict[str, A
 _SCENE_FIELDS = ("resolution", "grid", "max_objects", "max_groups", "shapes", "colours", "sizes", "backgrounds")
 
 
-def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) -> Any:
+def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) -> ShapesDataset:
     """The :class:`~trajflow.data.shapes.ShapesDataset` that a data config (a ``DataConfig`` as a dict)
     describes, with scene ``seed`` and ``length`` of one's choice (held-out scenes).
 
@@ -285,7 +288,7 @@ def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) ->
         >>> len(ds), ds.grid, ds[0]["image"].shape
         (3, 2, torch.Size([3, 16, 16]))
     """
-    from ..data.shapes import ShapesDataset
+    from ..data.shapes import ShapesDataset  # imported when needed: it draws with PIL
 
     data = dict(data_config)
     if data.get("name", "shapes") != "shapes":
@@ -297,7 +300,7 @@ def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) ->
     return ShapesDataset(length=length, seed=seed, **kwargs)
 
 
-def _scene_settings(dataset: Any) -> dict[str, Any]:
+def _scene_settings(dataset: ShapesDataset) -> dict[str, Any]:
     """The generator settings of a :class:`ShapesDataset` (defaults filled in), as JSON values."""
     return {f: list(v) if isinstance(v := getattr(dataset, f), tuple) else v for f in _SCENE_FIELDS}
 
@@ -326,7 +329,7 @@ def load_or_train_shapes_reader(
         reader = ShapesReader(probe.vocabulary, probe.grid, cfg)
         return reader, load_evaluator(folder, reader, key, device)
 
-    def make(seed: int, length: int) -> Any:
+    def make(seed: int, length: int) -> ShapesDataset:
         return shapes_dataset(data_config, seed=seed, length=length)
 
     reader, report = train_shapes_reader(
