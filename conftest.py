@@ -12,7 +12,10 @@ from importlib.util import find_spec
 _NEEDS = {
     "trajflow/contrib/pyro.py": ("pyro",),
     "trajflow/transporters/nflows.py": ("nflows",),
-    "trajflow/data/images.py": ("sklearn",),  # the examples load sklearn's bundled digits
+    # the examples load sklearn's bundled digits
+    "trajflow/data/images/__init__.py": ("sklearn",),
+    "trajflow/data/images/digits.py": ("sklearn",),
+    "trajflow/data/images/registry.py": ("sklearn",),
     "trajflow/train/__init__.py": ("accelerate",),  # the example runs a Trainer
 }
 

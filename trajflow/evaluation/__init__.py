@@ -1,26 +1,33 @@
 """Evaluation of generated images without downloaded weights.
 
 * :mod:`trajflow.evaluation.compositional`: a GenEval-style compositional score for the procedural shapes
-  data, read by a small classifier trained on the generator's ground truth (cached, with its held-out
-  accuracy reported so the score can be interpreted).
+  data, read by a small classifier trained on the generator's ground truth
+  (:mod:`trajflow.evaluation.shapes_reader`; cached, with its held-out accuracy reported so the score can be
+  interpreted).
 * :mod:`trajflow.evaluation.features`: feature networks trained locally for Fréchet distances (a
   contrastive image-text network for any text-image data; for shapes, the reader's features), and FID /
   CLIP score through ``torchmetrics`` only when the user has the weights on disk.
+
+Both networks train with :class:`trajflow.train.Trainer` and are cached in its checkpoint format
+(:mod:`trajflow.evaluation.evaluator_cache`).
 """
 
 from .compositional import (
     PROMPT_SEED,
     ShapesReader,
     ShapesReaderConfig,
+    ShapesReaderLoss,
     compositional_scores,
     evaluate_shapes_levels,
     evaluate_shapes_model,
     load_or_train_shapes_reader,
     render_shapes,
+    shapes_dataset,
     shapes_prompts,
     train_shapes_reader,
 )
 from .features import (
+    ContrastiveLoss,
     FeatureNetConfig,
     ImageEncoder,
     TextImageFeatures,
@@ -36,15 +43,18 @@ from .features import (
 __all__ = [
     "ShapesReader",
     "ShapesReaderConfig",
+    "ShapesReaderLoss",
     "compositional_scores",
     "evaluate_shapes_model",
     "evaluate_shapes_levels",
     "shapes_prompts",
+    "shapes_dataset",
     "PROMPT_SEED",
     "load_or_train_shapes_reader",
     "render_shapes",
     "train_shapes_reader",
     "FeatureNetConfig",
+    "ContrastiveLoss",
     "ImageEncoder",
     "TextImageFeatures",
     "frechet_distance_of",

@@ -20,8 +20,6 @@ torchmetrics) they raise an error saying what is needed, and never fetch anythin
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -34,12 +32,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
+
+from ..checkpoint import check_config
+from ..train import TrainerConfig
+from .evaluator_cache import CACHE_VERSION, cached_config, entry_dir, fit_evaluator, load_evaluator, save_report
 
 __all__ = [
     "FeatureNetConfig",
     "ImageEncoder",
     "TextImageFeatures",
+    "ContrastiveLoss",
     "train_text_image_features",
     "load_or_train_text_image_features",
     "frechet_distance_of",
@@ -57,7 +61,8 @@ class FeatureNetConfig:
     Attributes:
         width: Channels of the first convolution stage (doubling at each stride-2 stage).
         dim: Embedding (and Fréchet feature) width.
-        epochs, batch_size, lr: AdamW training with a cosine decay.
+        epochs, batch_size, lr: AdamW training with a cosine decay to zero (through
+            :class:`~trajflow.train.Trainer`; weight decay 1e-4 on matrices).
         noise: Gaussian noise of a standard deviation in ``[0, noise]`` added to training images.
         heldout_fraction: Share of the pairs kept out of training for the report.
         seed: Seed of initialisation, split and batching.
@@ -159,6 +164,52 @@ def _retrieval_top1(net: TextImageFeatures, images: Tensor, text: Tensor, batch:
     return hits / max(total, 1)
 
 
+class ContrastiveLoss:
+    """CLIP's symmetric InfoNCE for :class:`TextImageFeatures`, as a :class:`~trajflow.train.Trainer` objective.
+
+    ``batch`` is ``(images (B, 3, R, R), pooled caption embeddings (B, E))``; each image first gets Gaussian noise
+    of a standard deviation drawn in ``[0, noise]``. The other pairs of the batch are the negatives.
+    """
+
+    loss_name = "contrastive_loss"
+
+    def __init__(self, noise: float) -> None:
+        self.noise = noise
+
+    def __call__(
+        self, model: TextImageFeatures, batch: tuple[Tensor, Tensor], generator: torch.Generator, step: int
+    ) -> Tensor:
+        x, text = batch
+        sigma = self.noise * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        logits = model.logit_scale.exp().clamp(max=100) * model.embed_images(x) @ model.embed_text(text).T  # (B, B)
+        target = torch.arange(len(x), device=x.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _trainer_config(cfg: FeatureNetConfig, n_train: int, progress: bool, device: torch.device) -> TrainerConfig:
+    """AdamW (no clipping, no EMA), no warmup, a cosine decay to zero over ``epochs`` epochs."""
+    batch = min(cfg.batch_size, n_train)
+    steps = cfg.epochs * max(1, n_train // batch)
+    return TrainerConfig(
+        steps=steps,
+        batch_size=batch,
+        lr=cfg.lr,
+        warmup_steps=0,
+        min_lr_ratio=0.0,
+        weight_decay=1e-4,
+        betas=(0.9, 0.999),
+        grad_clip=0.0,
+        ema_decay=0.0,
+        seed=cfg.seed,
+        log_every=min(50, steps),
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        progress=progress,
+        cpu=device.type == "cpu",
+    )
+
+
 def train_text_image_features(
     images: Tensor,
     text: Tensor,
@@ -166,43 +217,40 @@ def train_text_image_features(
     *,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    out_dir: str | Path | None = None,
+    run_config: Mapping[str, Any] | None = None,
 ) -> tuple[TextImageFeatures, dict[str, Any]]:
-    """Train :class:`TextImageFeatures` on pairs ``images (N, 3, R, R)`` / ``text (N, E)`` (pooled caption
-    embeddings); returns the network (eval mode) and a report with held-out retrieval accuracy and alignments."""
+    """Train :class:`TextImageFeatures` with :class:`~trajflow.train.Trainer` on pairs ``images (N, 3, R, R)`` /
+    ``text (N, E)`` (pooled caption embeddings).
+
+    A seeded ``heldout_fraction`` of the pairs is kept out of training. ``out_dir`` is the Trainer's output folder
+    (its checkpoint holds the network; ``None``: a temporary one) and ``run_config`` is saved with the checkpoint
+    (default: the config and the two widths).
+
+    Returns:
+        The network (eval mode, on ``device``) and a report with held-out retrieval accuracy and alignments.
+    """
     cfg = config or FeatureNetConfig()
     device = torch.device(device)
+    if images.dim() != 4 or text.dim() != 2 or len(images) != len(text):
+        raise ValueError(
+            f"images, text: expected (N, 3, R, R) and (N, E) tensors of the same N, got {tuple(images.shape)} "
+            f"and {tuple(text.shape)}"
+        )
     t0 = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(len(images), generator=g)
+    perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed))
     n_held = max(1, int(len(images) * cfg.heldout_fraction)) if len(images) > 10 else 0
     held, train = perm[:n_held], perm[n_held:]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        net = TextImageFeatures(images.shape[-1], text.shape[-1], cfg).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    batch = min(cfg.batch_size, len(train))
-    steps = cfg.epochs * max(1, len(train) // batch)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    bar = tqdm(total=steps, desc="features: train", disable=not progress, dynamic_ncols=True, leave=False)
-    net.train()
-    for _ in range(cfg.epochs):
-        order = train[torch.randperm(len(train), generator=g)]
-        for i in range(0, len(order) - batch + 1, batch):
-            idx = order[i : i + batch]
-            x, t = images[idx].to(device), text[idx].to(device)
-            x = x + cfg.noise * torch.rand(len(idx), 1, 1, 1, generator=g).to(device) * torch.randn(
-                x.shape, generator=g
-            ).to(device)
-            logits = net.logit_scale.exp().clamp(max=100) * net.embed_images(x) @ net.embed_text(t).T  # (B, B)
-            target = torch.arange(len(idx), device=device)
-            loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    net.eval()
+    dims = {"resolution": int(images.shape[-1]), "text_dim": int(text.shape[-1])}
+    net, result = fit_evaluator(
+        lambda: TextImageFeatures(dims["resolution"], dims["text_dim"], cfg),
+        ContrastiveLoss(cfg.noise),
+        TensorDataset(images[train], text[train]),
+        _trainer_config(cfg, len(train), progress, device),
+        {"features": asdict(cfg), "model": dims} if run_config is None else run_config,
+        out_dir=out_dir,
+        device=device,
+    )
     report: dict[str, Any] = {"train_pairs": len(train), "heldout_pairs": int(n_held), "config": asdict(cfg)}
     if n_held:
         xh, th = images[held].to(device), text[held].to(device)
@@ -210,7 +258,7 @@ def train_text_image_features(
         report["heldout_retrieval_chance"] = 1.0 / min(256, n_held)
         report["heldout_alignment_matched"] = float(net.alignment(xh, th).mean())
         report["heldout_alignment_shuffled"] = float(net.alignment(xh, th.roll(1, 0)).mean())
-    report["train_seconds"] = time.perf_counter() - t0
+    report.update(dims, train_steps=result.step, train_loss=result.loss, train_seconds=time.perf_counter() - t0)
     return net, report
 
 
@@ -224,26 +272,29 @@ def load_or_train_text_image_features(
     progress: bool = False,
 ) -> tuple[TextImageFeatures, dict[str, Any]]:
     """:func:`train_text_image_features` once per ``key`` (a JSON-able description of the data and text
-    encoder), cached in ``cache_dir`` as ``features-<hash>.safetensors`` + ``.json``. ``make_pairs()`` is only
-    called when training is needed."""
-    from ..checkpoint import load_safetensors, save_json, save_safetensors
+    encoder) and ``config``, cached in ``cache_dir`` as the Trainer's output folder ``features-<digest>/`` (see
+    :mod:`~trajflow.evaluation.evaluator_cache`). ``make_pairs()`` is only called when training is needed.
 
+    An entry whose checkpoint was written for another key or config raises a ``ValueError`` naming the
+    differing fields.
+    """
     cfg = config or FeatureNetConfig()
-    src = {"data": dict(key), "features": asdict(cfg), "v": 1}
-    digest = hashlib.sha1(json.dumps(src, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    cache_dir = Path(cache_dir)
-    weights, report_file = cache_dir / f"features-{digest}.safetensors", cache_dir / f"features-{digest}.json"
-    if weights.is_file() and report_file.is_file():
-        report = json.loads(report_file.read_text())
-        net = TextImageFeatures(report["resolution"], report["text_dim"], cfg)
-        state, _ = load_safetensors(weights)
-        net.load_state_dict(state)
-        return net.to(device).eval(), report
+    src = {"data": dict(key), "features": asdict(cfg), "v": CACHE_VERSION}
+    folder = entry_dir(cache_dir, "features", src)
+    found = cached_config(folder)
+    if found is not None:
+        check_config(src, found, ignore=("train.", "model."), source=f"the cached features {str(folder)!r}")
+        # The network's widths come from the data it was trained on, so they are read from the checkpoint.
+        dims = {k: int(found["model"][k]) for k in ("resolution", "text_dim")}
+        net = TextImageFeatures(dims["resolution"], dims["text_dim"], cfg)
+        return net, load_evaluator(folder, net, {**src, "model": dims}, device)
     images, text = make_pairs()
-    net, report = train_text_image_features(images, text, cfg, device=device, progress=progress)
-    report.update(resolution=int(images.shape[-1]), text_dim=int(text.shape[-1]), key=src)
-    save_safetensors(weights, net.state_dict())
-    save_json(report_file, report)
+    dims = {"resolution": int(images.shape[-1]), "text_dim": int(text.shape[-1])}
+    net, report = train_text_image_features(
+        images, text, cfg, device=device, progress=progress, out_dir=folder, run_config={**src, "model": dims}
+    )
+    report["key"] = src
+    save_report(folder, report)
     return net, report
 
 

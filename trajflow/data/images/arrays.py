@@ -1,0 +1,146 @@
+"""Your own images from ``.npy`` / ``.npz`` arrays of 8-bit integers (layout detected or given)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from .dataset import ImageDataset, _dataset_from_numpy
+from .pixels import _check_levels
+
+__all__ = ["load_image_array"]
+
+_LAYOUTS = ("NHW", "NHWC", "NCHW")
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
+    if layout is not None and layout not in _LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(_LAYOUTS)} or None, got {layout!r}")
+    if array.ndim == 3:
+        if layout not in (None, "NHW"):
+            raise ValueError(f"{what}: layout {layout!r} needs a 4-D array, got shape {array.shape}")
+        return array[:, None]
+    if array.ndim != 4:
+        raise ValueError(
+            f"{what}: expected a 3-D (NHW) or 4-D (NHWC / NCHW) image array, got shape {array.shape}"
+        )
+    if layout is None:
+        last, second = array.shape[3] in _CHANNEL_COUNTS, array.shape[1] in _CHANNEL_COUNTS
+        if last == second:
+            raise ValueError(
+                f"{what}: cannot tell NHWC from NCHW for shape {array.shape}; pass layout='NHWC' or 'NCHW'"
+            )
+        layout = "NHWC" if last else "NCHW"
+    if layout == "NHW":
+        raise ValueError(f"{what}: layout 'NHW' needs a 3-D array, got shape {array.shape}")
+    return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
+
+
+def _check_8bit(array: np.ndarray, what: str, levels: int) -> np.ndarray:
+    if array.dtype == np.uint8:
+        pass
+    elif np.issubdtype(array.dtype, np.integer):
+        # Wider integer types are fine as long as every value fits the levels.
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(
+                f"{what}: expected 8-bit pixels in 0..255, got {array.dtype} values in "
+                f"[{array.min()}, {array.max()}]; rescale to uint8 before loading"
+            )
+    else:
+        raise ValueError(
+            f"{what}: expected integer pixels (uint8), got dtype {array.dtype}; trajflow keeps images as "
+            "integers for exact bits/dim, so convert floats yourself, "
+            "e.g. np.round(x * 255).astype(np.uint8) "
+            "for floats in [0, 1]"
+        )
+    if array.size and array.max() >= levels:
+        raise ValueError(f"{what}: values must be < levels={levels}, got a maximum of {array.max()}")
+    return array.astype(np.uint8, copy=False)
+
+
+def load_image_array(
+    path: str | os.PathLike[str],
+    *,
+    layout: str | None = None,
+    levels: int = 256,
+    labels: np.ndarray | Tensor | Sequence[int] | None = None,
+    num_classes: int | None = None,
+    name: str | None = None,
+) -> ImageDataset:
+    """Images from a ``.npy`` or ``.npz`` file of 8-bit integer pixels.
+
+    The file holds ``N`` images as an integer array (uint8, or a wider integer type whose values lie in
+    0..255; floats are rejected). A ``.npz`` reads its images from the key ``images`` (else ``x``, else
+    ``data``, else the only array) and labels from ``labels`` / ``y`` / ``targets`` when present. Files are
+    opened with ``allow_pickle=False``.
+
+    Layout rules when ``layout`` is None:
+
+    - 3-D arrays are ``NHW`` (one channel);
+    - 4-D arrays are ``NHWC`` if only the last axis has a channel count (1, 3 or 4), ``NCHW`` if only
+      axis 1 has one; if both or neither do (e.g. ``(N, 3, 8, 3)``), a ValueError asks for ``layout``.
+
+    Arguments:
+        path: The ``.npy`` / ``.npz`` file.
+        layout: ``"NHW"``, ``"NHWC"`` or ``"NCHW"`` to skip the detection.
+        levels: Number of pixel values (256 for 8-bit; fewer for e.g. binary data with ``levels=2``).
+        labels: Labels overriding those in the file.
+        num_classes: Defaults to ``max(label) + 1`` for labelled data, ``0`` otherwise.
+        name: Defaults to the file stem.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "tiny.npy")
+        >>> np.save(p, np.zeros((5, 6, 6, 3), dtype=np.uint8))
+        >>> load_image_array(p).image_shape
+        (3, 6, 6)
+    """
+    _check_levels(levels)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image array file (expected a .npy or .npz of uint8 images)")
+    file_labels = None
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            keys = list(z.keys())
+            image_key = next(
+                (k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None
+            )
+            if image_key is None:
+                raise ValueError(
+                    f"{path}: cannot tell which array holds the images among {keys}; name it 'images'"
+                )
+            array = z[image_key]
+            label_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
+            file_labels = z[label_key] if label_key is not None else None
+    elif path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+    else:
+        raise ValueError(f"path: expected a .npy or .npz file, got {path.name!r}")
+    what = f"images in {path.name}"
+    array = _check_8bit(np.asarray(array), what, levels)
+    array = _to_nchw(array, layout, what)
+    if labels is not None:
+        file_labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    if file_labels is not None:
+        file_labels = np.asarray(file_labels)
+        if not np.issubdtype(file_labels.dtype, np.integer) or file_labels.shape != (array.shape[0],):
+            raise ValueError(
+                f"labels: expected {array.shape[0]} integer labels, "
+                f"got {file_labels.dtype} of shape {file_labels.shape}"
+            )
+    if num_classes is None:
+        num_classes = int(file_labels.max()) + 1 if file_labels is not None and file_labels.size else 0
+    return _dataset_from_numpy(
+        array,
+        file_labels,
+        levels=levels,
+        num_classes=num_classes,
+        name=name or path.stem,
+        split="",
+    )

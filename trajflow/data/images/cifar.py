@@ -1,0 +1,99 @@
+"""CIFAR-10 from the python pickle batches in a folder the user provides (no package ships it)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import ImageDataset, _check_split, _dataset_from_numpy
+from .safe_pickle import _load_pickle
+
+__all__ = ["load_cifar10", "CIFAR10_HINT", "CIFAR10_CLASSES"]
+
+CIFAR10_HINT = (
+    "no package ships CIFAR-10: download the CIFAR-10 python version (cifar-10-python.tar.gz from "
+    "https://www.cs.toronto.edu/~kriz/cifar.html), extract it and pass the folder that holds "
+    "data_batch_1..5 and test_batch (cifar-10-batches-py)"
+)
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as f:
+        batch = _load_pickle(f, encoding="bytes")
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}"
+        )
+    # The official files use bytes keys (pickled by Python 2); accept str keys from re-pickled copies.
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path}: expected keys 'data' and 'labels', got {sorted(batch)}")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise ValueError(
+            f"{path}: expected uint8 data (N, 3072) and N labels, "
+            f"got {data.dtype} {data.shape} and {labels.shape}"
+        )
+    # Each row is the 1024 red, then green, then blue values of a 32x32 image in row-major order.
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDataset:
+    """CIFAR-10, 32x32 RGB, 256 levels, 10 classes, from the standard python pickle batches.
+
+    ``path`` is the extracted ``cifar-10-batches-py`` folder (or its parent) of the "CIFAR-10 python
+    version" (https://www.cs.toronto.edu/~kriz/cifar.html); no package ships the data, so trajflow never
+    fetches it. ``train`` reads ``data_batch_1`` .. ``data_batch_5`` (50000 images), ``test`` reads
+    ``test_batch`` (10000). Each batch is a pickled dict with ``b"data"``, a uint8 array ``(N, 3072)``
+    whose rows hold the red, green and blue planes of a 32x32 image in turn, and ``b"labels"``, a list of
+    ``N`` ints in 0..9. The pickles are read with an unpickler that only rebuilds numpy arrays.
+
+    Example:
+        >>> ds = load_cifar10("~/data/cifar-10-batches-py", "test")   # doctest: +SKIP
+        >>> ds.image_shape, len(ds)                                    # doctest: +SKIP
+        ((3, 32, 32), 10000)
+    """
+    _check_split(split)
+    root = Path(path).expanduser()
+    if (root / "cifar-10-batches-py").is_dir():
+        root = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root}: missing CIFAR-10 batch file(s) {missing}; {CIFAR10_HINT}")
+    parts = [_cifar_batch(root / n) for n in names]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    class_names: Sequence[str] = CIFAR10_CLASSES
+    meta = root / "batches.meta"
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            info = _load_pickle(f, encoding="bytes")
+        names_in_file = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
+        if names_in_file is not None and len(names_in_file) == 10:
+            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names_in_file]
+    return _dataset_from_numpy(
+        images,
+        labels,
+        levels=256,
+        num_classes=10,
+        name="cifar10",
+        split=split,
+        class_names=class_names,
+    )

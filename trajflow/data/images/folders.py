@@ -1,0 +1,123 @@
+"""Your own images from a folder of PNG / JPEG files, optionally one subfolder per class."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .dataset import ImageDataset, _dataset_from_numpy
+
+__all__ = ["load_image_folder"]
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in _IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.parts)
+    )
+
+
+def load_image_folder(
+    path: str | os.PathLike[str],
+    size: int | tuple[int, int] | None = None,
+    *,
+    channels: int | None = None,
+    name: str | None = None,
+) -> ImageDataset:
+    """Images from a folder of PNG / JPEG (/ BMP) files, optionally one subfolder per class.
+
+    - If the folder's direct children include subfolders with images, each such subfolder is a class
+      (labels follow the sorted subfolder names, which become ``class_names``; images in deeper folders
+      count for their top subfolder). Image files directly in the folder are then an error.
+    - Otherwise the images directly in (and below) the folder form an unlabelled set (``num_classes = 0``).
+
+    Files are read in sorted path order; hidden files and folders are skipped. Images are 8-bit: greyscale
+    files give ``C = 1`` and anything else is converted to RGB (``C = 3``, alpha dropped), unless
+    ``channels`` (1 or 3) forces one. 16-bit files are rejected. Without ``size`` all images must share
+    one size; with ``size`` (an int for square, or ``(H, W)``) each is resized with a Lanczos filter,
+    without cropping.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> from PIL import Image
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> for c in ("cat", "dog"):
+        ...     (d / c).mkdir(); Image.new("RGB", (5, 4)).save(d / c / "a.png")
+        >>> ds = load_image_folder(d, size=8)
+        >>> ds.images.shape, ds.class_names
+        (torch.Size([2, 3, 8, 8]), ('cat', 'dog'))
+    """
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected a folder of PNG/JPEG images)")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels: expected 1, 3 or None, got {channels!r}")
+    if isinstance(size, int):
+        size = (size, size)
+    if size is not None and (len(size) != 2 or min(size) < 1):
+        raise ValueError(f"size: expected a positive int or (H, W), got {size!r}")
+
+    class_dirs = sorted(
+        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d)
+    )
+    loose = [
+        p
+        for p in root.iterdir()
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+    ]
+    if class_dirs and loose:
+        raise ValueError(
+            f"{root}: has both class subfolders ({[d.name for d in class_dirs]}) and loose images "
+            f"({loose[0].name}, ...); move the loose images into a class folder or remove them"
+        )
+    if class_dirs:
+        files = [(f, label) for label, d in enumerate(class_dirs) for f in _image_files(d)]
+        class_names: tuple[str, ...] | None = tuple(d.name for d in class_dirs)
+    else:
+        files = [(f, 0) for f in _image_files(root)]
+        class_names = None
+    if not files:
+        raise FileNotFoundError(f"{root}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
+
+    opened = []
+    for file, _ in files:
+        with Image.open(file) as im:
+            im.load()
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                raise ValueError(f"{file}: mode {im.mode!r} is not 8-bit; convert it to 8-bit first")
+            opened.append(im.copy())
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1") for im in opened) else 3
+    arrays = []
+    for (file, _), im in zip(files, opened, strict=True):
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size[1], size[0]):
+            im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        a = np.asarray(im, dtype=np.uint8)
+        if arrays and a.shape != arrays[0].shape:
+            raise ValueError(
+                f"{file}: size {a.shape[:2]} differs from {arrays[0].shape[:2]} of {files[0][0].name}; "
+                "pass size= to resize"
+            )
+        arrays.append(a)
+    images = np.stack(arrays)
+    images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return _dataset_from_numpy(
+        images,
+        labels,
+        levels=256,
+        num_classes=len(class_names) if class_names else 0,
+        name=name or root.name,
+        split="",
+        class_names=class_names,
+    )
