@@ -228,7 +228,7 @@ def test_reader_cache_and_evaluation(tmp_path):
     data = cfg.to_dict()["data"]
     reader, report = load_or_train_shapes_reader(tmp_path / "ev", data, reader_cfg)
     assert 0 <= report["heldout_cell_accuracy"] <= 1 and "heldout_real_scores" in report
-    assert len(list((tmp_path / "ev").glob("shapes-reader-*.safetensors"))) == 1
+    assert len(list((tmp_path / "ev").glob("shapes-reader-*/report.json"))) == 1
     again, report2 = load_or_train_shapes_reader(tmp_path / "ev", data, reader_cfg)  # from the cache
     assert report2["heldout_cell_accuracy"] == report["heldout_cell_accuracy"]
     assert all(torch.equal(a, b) for a, b in zip(reader.state_dict().values(), again.state_dict().values()))
