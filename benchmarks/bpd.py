@@ -267,7 +267,7 @@ def trainer_config(
         log_every=cfg.log_every,
         checkpoint_every=steps,  # the final step only
         keep_checkpoints=1,
-        progress=sys.stderr.isatty(),
+        progress=sys.stderr.isatty() and seconds is None,  # a bar over TIMED_STEPS would say nothing
         cpu=device.type == "cpu",
         time_budget=seconds,
     )
