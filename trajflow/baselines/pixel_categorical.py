@@ -45,12 +45,11 @@ class PixelCategorical(Distribution):
     """
 
     arg_constraints = {"probs": constraints.simplex}
-    has_enumerate_support = False
 
     def __init__(self, probs: Tensor, validate_args: bool | None = None) -> None:
         if not isinstance(probs, Tensor) or probs.dim() < 2 or not probs.is_floating_point():
             got = f"shape {tuple(probs.shape)}" if isinstance(probs, Tensor) else type(probs).__name__
-            raise ValueError(f"probs: expected a floating tensor (*event, levels) with at least one event dim, {got}")
+            raise ValueError(f"probs: expected a floating tensor (*event, levels), event dims >= 1, got {got}")
         self.probs = probs
         super().__init__(torch.Size(), probs.shape[:-1], validate_args=validate_args)
 

@@ -99,7 +99,9 @@ class SingleFlow(nn.Module):
         return self.log_prob(y)
 
     @torch.no_grad()
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None):
+    def sample(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Draws ``(*sample_shape, *event)``: :math:`f^{-1}(u, t)` of :math:`u \\sim \\mathcal{N}(0, I)`."""
         device = next(iter(self.parameters()), torch.empty(0)).device
         u = torch.randn(*sample_shape, *self.event_shape, device=device, generator=generator)
