@@ -1,35 +1,39 @@
 r"""Test-set bits/dim of an NTM against a single TarFlow-style flow and the Gaussian-step model, at equal time.
 
-Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) with AdamW, warmup and
-cosine decay, for the **same wall-clock time** on the same device (the ``equal-time`` budget): the NTM
-trains first (for ``budget_seconds``, or for ``iters`` iterations when that is 0) and its measured
-seconds become the budget of every other likelihood model of the same seed, whose learning-rate schedule
-runs on elapsed time so that it completes whatever its speed. Each row records ``train_seconds``,
-``train_iters``, ``params`` and ``time_ratio`` (its seconds over the NTM's).
+Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) by
+:class:`trajflow.train.Trainer` (AdamW, warmup and cosine decay) for the **same wall-clock time** on the same
+device (the ``equal-time`` budget): the NTM trains first (for ``budget_seconds``, or for ``iters``
+iterations when that is 0) and its measured seconds become the ``TrainerConfig.time_budget`` of every other
+likelihood model of the same seed, whose learning-rate schedule then runs on elapsed time so that it
+completes whatever its speed. Each row records ``train_seconds``, ``train_iters``, ``params`` and
+``time_ratio`` (its seconds over the NTM's).
 
 * ``ntm``: :class:`~trajflow.NTM` with T = 4, a :class:`TransformerTransporter` (shallow causal AR flow)
   and a :class:`TransformerPredictor`, trained with :class:`~trajflow.TrajectoryNLL` with :math:`t_{\min}`
   fixed at 0, so that :math:`x_{t_0}` *is* the dequantised image and the bound is about the data.
   Reported: the importance-weighted bound with ``iwae_samples`` = K trajectories per image
   (:func:`trajflow.likelihood.elbo_bits_per_dim` with ``bound="both"``), and the ELBO on the same draws.
-* ``tarflow``: one :class:`TransformerTransporter` with more blocks, used alone as a flow over a
-  :math:`\mathcal{N}(0, I)` base at a fixed time (t = 0), with its parameter count matched to the NTM's
-  (within 10%). Reported: the exact dequantised bits/dim (:func:`trajflow.likelihood.flow_bits_per_dim`).
-* ``gaussian``: the Gaussian-step model (an :class:`IdentityTransporter` and the same predictor, T = 4),
-  the "Gaussian bottleneck" NTM removes, trained like the NTM. Reported: its IWAE and ELBO bits/dim.
+* ``tarflow``: :class:`trajflow.baselines.SingleFlow`, one :class:`TransformerTransporter` with more blocks
+  used alone as a flow at t = 0, its depth chosen by :func:`trajflow.baselines.matched_single_flow` to
+  match the NTM's parameter count (within 10%). Reported: its exact dequantised bits/dim.
+* ``gaussian``: :func:`trajflow.baselines.gaussian_step_model` (the identity transporter and the same
+  predictor, T = 4), the "Gaussian bottleneck" NTM removes, trained like the NTM. Reported: IWAE and ELBO.
+* ``pixel-categorical``: :class:`trajflow.baselines.PixelCategorical`, per-pixel histograms of the
+  training set: an exact discrete bits/dim with no training (a floor).
 
 Every trained method runs for each of the config's seeds (rows with an integer ``seed``); one more row
 per method has ``seed: "mean"``, with ``value`` the mean over seeds, ``std`` the sample standard
 deviation, ``min``/``max`` and ``seeds``. With seed 0 the script also trains a flow-matching velocity model
 (:class:`TransformerVelocity`, the predictor's backbone) and writes 4-step sample grids (NTM,
-Gaussian-step, flow matching with Euler) as PNGs.
+Gaussian-step, flow matching with Euler) as PNGs. Each training run's log and final checkpoint are under
+``--work``.
 
 Usage::
 
     python benchmarks/bpd.py --config cpu                 # sklearn digits 8x8, 17 levels, ~18 min on one core
     python benchmarks/bpd.py --config gpu                 # MNIST and Fashion-MNIST 28x28, hours on one H100
+    python benchmarks/bpd.py --smoke                      # every stage at tiny sizes, seconds; under runs/
     python benchmarks/bpd.py --split validation --seeds 0 --set ntm_mode=trajectory --out /tmp/v.json  # tuning
-    python benchmarks/bpd.py --config gpu --max-iters 2 --max-eval 16 --out /tmp/bpd.json   # a smoke test
 
 Bits/dim follow TarFlow's ``evaluate_bpd.py`` convention: :math:`-\log p / (D \ln 2) + \log_2(K / 2)` on
 [-1, 1) (7 for 8-bit MNIST, :math:`\log_2 8.5` for the 17-level digits). See ``docs/bpd.md``.
@@ -40,27 +44,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shutil
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import trajflow
-from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample
+from trajflow.baselines import (
+    FlowMatchingLoss,
+    SingleFlow,
+    SingleFlowNLL,
+    count_parameters,
+    euler_sample,
+    gaussian_step_model,
+    matched_single_flow,
+    pixel_categorical_bits_per_dim,
+)
 from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
-from trajflow.likelihood import dequantize, elbo_bits_per_dim, flow_bits_per_dim
+from trajflow.likelihood import dequantize, elbo_bits_per_dim
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
-from trajflow.transporters import IdentityTransporter
+from trajflow.train import Trainer, TrainerConfig, TrainResult
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
 from _common import RESULTS, ROOT, command_line, read_results, source_state, write_results  # noqa: E402
 
-LOG_2PI = math.log(2 * math.pi)
+TRAJECTORY_MODELS = ("ntm", "gaussian")
+# A time-budgeted run's `TrainerConfig.steps`: a cap no run reaches (the budget ends it) and the scale of its
+# warmup, which is therefore the same share of the budget as `warmup / iters` is of an iteration budget.
+TIMED_STEPS = 10**8
 
 
 @dataclass
@@ -138,48 +155,20 @@ CONFIGS: dict[str, BpdConfig] = {
     ),
 }
 
+# --smoke: the options (and config fields) that shrink any config to seconds on a CPU, every stage kept.
+SMOKE_OPTIONS: dict[str, Any] = {"max_iters": 2, "max_eval": 16}
+SMOKE_FIELDS: dict[str, Any] = {
+    "seeds": (0, 1),
+    "batch_size": 4,
+    "ntm_batch_size": 0,
+    "eval_samples": 1,
+    "iwae_samples": 2,
+    "grid_size": 2,
+    "log_every": 1,
+}
+
 
 # -- models ---------------------------------------------------------------------------------------------------
-
-
-class FlowAtTime(nn.Module):
-    r"""A transporter used alone as a normalizing flow: :math:`\log p(y) = \log \mathcal{N}(f(y, t); 0, I)
-    + \log|\det \partial f / \partial y|` at a fixed time ``t`` (TarFlow with a constant time embedding)."""
-
-    def __init__(self, transporter: TransformerTransporter, t: float = 0.0) -> None:
-        super().__init__()
-        self.transporter = transporter
-        self.t = t
-
-    def _times(self, y: Tensor) -> Tensor:
-        return torch.full(y.shape[:1], self.t, device=y.device)
-
-    def log_prob(self, y: Tensor) -> Tensor:
-        u, ladj = self.transporter(y, self._times(y))
-        return (-0.5 * u.float().square() - 0.5 * LOG_2PI).flatten(1).sum(-1) + ladj
-
-    @torch.no_grad()
-    def sample(self, n: int, device: torch.device) -> Tensor:
-        u = torch.randn(n, *self.transporter.event_shape, device=device)
-        return self.transporter.inverse(u, self._times(u))
-
-
-def pixel_categorical_bits_per_dim(train: Tensor, test: Tensor, levels: int, alpha: float = 0.5) -> float:
-    r"""Exact test bits/dim of independent per-pixel categoricals fitted on ``train`` (add-``alpha`` smoothing).
-
-    A no-training sanity floor: :math:`-\frac{1}{D}\sum_d \log_2 \hat P_d(x_d)` with
-    :math:`\hat P_d(k) \propto n_{d,k} + \alpha`. It is a discrete model, so no dequantisation is involved;
-    any likelihood model above this number has not learned more than the per-pixel histograms.
-    """
-    x, y = train.flatten(1).long().cpu(), test.flatten(1).long().cpu()
-    counts = torch.full((x.shape[1], levels), alpha, dtype=torch.float64)
-    counts.scatter_add_(1, x.T, torch.ones(x.T.shape, dtype=torch.float64))
-    log_p = torch.log(counts / counts.sum(1, keepdim=True))
-    return float(-log_p.gather(1, y.T).sum() / (y.numel() * math.log(2.0)))
-
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def predictor_config(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> TransformerPredictorConfig:
@@ -188,195 +177,159 @@ def predictor_config(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> Trans
     )
 
 
-def transporter_config(
-    cfg: BpdConfig, image_shape: tuple[int, int, int], blocks: int, layers: int
-) -> TransformerTransporterConfig:
+def transporter_config(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> TransformerTransporterConfig:
     return TransformerTransporterConfig(
         image_shape,
         cfg.patch_size,
         width=cfg.width,
         heads=cfg.heads,
-        blocks=blocks,
-        layers_per_block=layers,
+        blocks=cfg.transporter_blocks,
+        layers_per_block=cfg.transporter_layers,
         validate_args=False,
     )
 
 
-def matched_tarflow(cfg: BpdConfig, image_shape: tuple[int, int, int], target: int) -> TransformerTransporterConfig:
-    """The TarFlow stack (same width) whose parameter count is closest to ``target``; ties go to more blocks.
-
-    Candidates are built on the meta device, so counting costs no memory even for the GPU config.
-    """
-    best: tuple[float, int, TransformerTransporterConfig] | None = None
-    for blocks in range(2, 17):
-        for layers in range(1, 9):
-            tc = transporter_config(cfg, image_shape, blocks, layers)
-            with torch.device("meta"):
-                n = num_params(TransformerTransporter(tc))
-            key = (abs(n - target) / target, -blocks, tc)
-            if best is None or key[:2] < best[:2]:
-                best = key
-    assert best is not None
-    if best[0] > 0.1:
-        raise RuntimeError(f"no TarFlow stack within 10% of {target} parameters (best off by {best[0]:.1%})")
-    return best[2]
-
-
 def build_models(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> dict[str, nn.Module]:
-    pc = predictor_config(cfg, image_shape)
-    tc = transporter_config(cfg, image_shape, cfg.transporter_blocks, cfg.transporter_layers)
+    pc, tc = predictor_config(cfg, image_shape), transporter_config(cfg, image_shape)
     ntm = trajflow.NTM(TransformerTransporter(tc), TransformerPredictor(pc))
     return {
         "ntm": ntm,
-        "tarflow": FlowAtTime(TransformerTransporter(matched_tarflow(cfg, image_shape, num_params(ntm)))),
-        "gaussian": trajflow.NTM(IdentityTransporter(image_shape), TransformerPredictor(pc)),
+        "tarflow": SingleFlow(TransformerTransporter(matched_single_flow(tc, count_parameters(ntm)))),
+        "gaussian": gaussian_step_model(TransformerPredictor(pc)),
         "fm": TransformerVelocity(pc),
     }
-
-
-def training_loss(name: str, cfg: BpdConfig) -> Callable[[nn.Module, Tensor], Tensor]:
-    """The per-dimension objective of each method (all are NLLs except flow matching's regression)."""
-    if name in ("ntm", "gaussian"):
-        # t_min fixed at 0: the cleanest level is the dequantised image itself, so the model trained is the
-        # one whose ELBO bounds the data likelihood (a t_min > 0 model would describe noised images).
-        return trajflow.TrajectoryNLL(
-            steps=cfg.steps, t_min=(0.0, 0.0), shift=cfg.shift, mode=cfg.ntm_mode, cond_drop=0.0
-        )
-    if name == "tarflow":
-        return lambda model, y: -model.log_prob(y).mean() / y[0].numel()
-    if name == "fm":
-        return FlowMatchingLoss(cond_drop=0.0)
-    raise ValueError(f"unknown method {name!r}")
 
 
 # -- training and evaluation ----------------------------------------------------------------------------------
 
 
+@dataclass
+class DequantizedObjective:
+    """A :class:`~trajflow.train.Trainer` objective: ``loss(model, y, generator=...)`` on a fresh uniform
+    dequantisation ``y`` in [-1, 1) of each batch of integer images ``(N, C, H, W)``."""
+
+    loss: Any  # TrajectoryNLL, SingleFlowNLL or FlowMatchingLoss: (model, y, *, generator) -> scalar
+    levels: int
+    loss_name: str
+
+    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator, step: int):
+        images, _ = batch
+        return self.loss(model, dequantize(images, self.levels, generator), generator=generator)
+
+
+def objective(name: str, cfg: BpdConfig, levels: int) -> DequantizedObjective:
+    """The per-dimension objective of each method (all are NLLs except flow matching's regression)."""
+    if name in TRAJECTORY_MODELS:
+        # t_min fixed at 0: the cleanest level is the dequantised image itself, so the model trained is the
+        # one whose ELBO bounds the data likelihood (a t_min > 0 model would describe noised images).
+        nll = trajflow.TrajectoryNLL(
+            steps=cfg.steps, t_min=(0.0, 0.0), shift=cfg.shift, mode=cfg.ntm_mode, cond_drop=0.0
+        )
+        return DequantizedObjective(nll, levels, "nll_per_dim")
+    if name == "tarflow":
+        return DequantizedObjective(SingleFlowNLL(), levels, "nll_per_dim")
+    if name == "fm":
+        return DequantizedObjective(FlowMatchingLoss(cond_drop=0.0), levels, "fm_mse")
+    raise ValueError(f"method: expected one of ntm, gaussian, tarflow, fm, got {name!r}")
+
+
 def batch_size_of(name: str, cfg: BpdConfig) -> int:
     """The training batch size of ``name``: ``ntm_batch_size`` for the trajectory models if set."""
-    return cfg.ntm_batch_size if name in ("ntm", "gaussian") and cfg.ntm_batch_size > 0 else cfg.batch_size
+    return cfg.ntm_batch_size if name in TRAJECTORY_MODELS and cfg.ntm_batch_size > 0 else cfg.batch_size
 
 
 def lr_of(name: str, cfg: BpdConfig) -> float:
     """The peak learning rate of ``name``: ``ntm_lr`` for the trajectory models if set."""
-    return cfg.ntm_lr if name in ("ntm", "gaussian") and cfg.ntm_lr > 0 else cfg.lr
+    return cfg.ntm_lr if name in TRAJECTORY_MODELS and cfg.ntm_lr > 0 else cfg.lr
 
 
-def lr_at(progress: float, cfg: BpdConfig, peak: float | None = None) -> float:
-    """Linear warmup over the first ``warmup / iters`` of training (at most 10%), then cosine decay to 1%.
-
-    ``progress`` in [0, 1] is the fraction of the budget spent: iterations for the NTM, wall-clock seconds
-    for the methods trained for as long as the NTM, so that every schedule completes whatever the speed.
-    """
-    peak = cfg.lr if peak is None else peak
-    warm = min(cfg.warmup, max(1, cfg.iters // 10)) / cfg.iters
-    if progress < warm:
-        return peak * max(progress / warm, 1.0 / cfg.iters)
-    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warm) / (1 - warm)))))
+def trainer_config(
+    name: str, cfg: BpdConfig, seed: int, device: torch.device, *, iters: int | None, seconds: float | None
+) -> TrainerConfig:
+    """``iters`` optimizer steps, or ``seconds`` of them (``time_budget``); linear warmup over the first
+    ``warmup / iters`` of the budget (at most 10%), then cosine decay to 1%; no EMA (the raw weights are
+    evaluated)."""
+    if (iters is None) == (seconds is None):
+        raise ValueError("trainer_config: give exactly one of iters and seconds")
+    steps = TIMED_STEPS if iters is None else iters
+    warmup_share = min(cfg.warmup, max(1, cfg.iters // 10)) / cfg.iters
+    return TrainerConfig(
+        steps=steps,
+        batch_size=batch_size_of(name, cfg),
+        lr=lr_of(name, cfg),
+        min_lr_ratio=0.01,
+        warmup_steps=min(steps, round(warmup_share * steps)),
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+        grad_clip=cfg.grad_clip,
+        ema_decay=0.0,
+        seed=seed,
+        log_every=cfg.log_every,
+        checkpoint_every=steps,  # the final step only
+        keep_checkpoints=1,
+        progress=sys.stderr.isatty() and seconds is None,  # a bar over TIMED_STEPS would say nothing
+        cpu=device.type == "cpu",
+        time_budget=seconds,
+    )
 
 
 def train(
     name: str,
     model: nn.Module,
-    data: Tensor,
-    levels: int,
+    train_set: ImageDataset,
     cfg: BpdConfig,
     seed: int,
+    device: torch.device,
+    run_dir: Path,
     *,
     iters: int | None = None,
     seconds: float | None = None,
-) -> tuple[float, int, float]:
-    """Train on fresh dequantisations of random minibatches of ``data`` (uint8 on the device), for ``iters``
-    iterations or, with ``seconds``, until that much wall-clock time has passed (the equal-time budget).
-
-    Returns ``(seconds, iterations, mean loss over the last 10% of iterations)``.
-    """
-    if (iters is None) == (seconds is None):
-        raise ValueError("train: give exactly one of iters and seconds")
-    device = data.device
-    gen = torch.Generator(device).manual_seed(seed)
-    loss_fn = training_loss(name, cfg)
-    peak, batch = lr_of(name, cfg), batch_size_of(name, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    model.train()
-    losses: list[float] = []
-    start = time.perf_counter()
-    it = 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if iters is not None and it >= iters:
-            break
-        if seconds is not None and elapsed >= seconds:
-            break
-        progress = it / iters if iters is not None else elapsed / seconds  # type: ignore[operator]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(progress, cfg, peak)
-        idx = torch.randint(0, data.shape[0], (batch,), device=device, generator=gen)
-        y = dequantize(data[idx], levels, gen)
-        if name in ("ntm", "gaussian"):
-            loss = loss_fn(model, y, generator=gen)
-        else:
-            loss = loss_fn(model, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        value = float(loss.detach())  # one sync per step, so the clock measures finished work
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{name}: the loss became {value} at iteration {it}")
-        losses.append(value)
-        if it % cfg.log_every == 0:
-            total = f"/{iters}" if iters is not None else f" of {seconds:.0f} s"
-            print(f"  [{name}] iter {it:6d}{total}  loss {value:.4f}  ({elapsed:.0f} s)", flush=True)
-        it += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    tail = losses[-max(1, len(losses) // 10) :]
-    return time.perf_counter() - start, it, sum(tail) / len(tail)
+) -> TrainResult:
+    """Train ``model`` afresh in ``run_dir`` for ``iters`` steps or ``seconds`` of them (the equal-time budget)."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed or appended one
+    trainer = Trainer(trainer_config(name, cfg, seed, device, iters=iters, seconds=seconds), run_dir)
+    run_config = {"method": name, "task": train_set.name, "bpd": dataclasses.asdict(cfg)}
+    return trainer.fit(model, objective(name, cfg, train_set.levels), train_set, run_config=run_config)
 
 
 @torch.no_grad()
-def evaluate(name: str, model: nn.Module, data: Tensor, levels: int, cfg: BpdConfig, seed: int) -> dict[str, float]:
-    """Mean bits/dim on ``data``: the exact dequantised bpd of the flow (``{"exact": ...}``); the IWAE bound
-    with ``cfg.iwae_samples`` trajectories and the ELBO on the same draws for the trajectory models
-    (``{"iwae": ..., "elbo": ...}``)."""
+def evaluate(name: str, model: nn.Module, images: Tensor, levels: int, cfg: BpdConfig, seed: int) -> dict[str, float]:
+    """Mean bits/dim of integer ``images``: the exact dequantised bpd of the flow (``{"exact": ...}``); the
+    IWAE bound with ``cfg.iwae_samples`` trajectories and the ELBO on the same draws for the trajectory models
+    (``{"iwae": ..., "elbo": ...}``), ``cfg.eval_batch`` images at a time."""
     model.eval()
-    gen = torch.Generator(data.device).manual_seed(seed + 1)
-    totals: dict[str, float] = {}
-    for start in range(0, data.shape[0], cfg.eval_batch):
-        x = data[start : start + cfg.eval_batch]
-        if name == "tarflow":
-            out = {
-                "exact": flow_bits_per_dim(model, x, levels, event_dim=3, num_samples=cfg.eval_samples, generator=gen)
-            }
-        else:
-            out = elbo_bits_per_dim(
-                model,
-                x,
-                levels,
-                steps=cfg.steps,
-                num_samples=cfg.iwae_dequantizations,
-                bound="both",
-                num_trajectories=cfg.iwae_samples,
-                shift=cfg.shift,
-                generator=gen,
-            )
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + float(v.sum())
-    return {k: v / data.shape[0] for k, v in totals.items()}
+    gen = torch.Generator(images.device).manual_seed(seed + 1)
+    if name == "tarflow":
+        bpd = model.bits_per_dim(images, levels, num_samples=cfg.eval_samples, batch_size=cfg.eval_batch, generator=gen)
+        return {"exact": float(bpd.mean())}
+    parts = [
+        elbo_bits_per_dim(
+            model,
+            x,
+            levels,
+            steps=cfg.steps,
+            num_samples=cfg.iwae_dequantizations,
+            bound="both",
+            num_trajectories=cfg.iwae_samples,
+            shift=cfg.shift,
+            generator=gen,
+        )
+        for x in images.split(cfg.eval_batch)
+    ]
+    return {k: float(torch.cat([p[k] for p in parts]).mean()) for k in parts[0]}
 
 
 @torch.no_grad()
-def sample_grid(name: str, model: nn.Module, cfg: BpdConfig, shape: tuple[int, int, int], device, seed: int) -> Tensor:
-    """``grid_size^2`` samples in [-1, 1]: 4 predictor steps (NTM, Gaussian), 4 Euler steps (FM), one flow."""
-    torch.manual_seed(seed + 2)
+def sample_grid(name: str, model: nn.Module, cfg: BpdConfig, shape: tuple[int, int, int], seed: int) -> Tensor:
+    """``grid_size^2`` samples in [-1, 1]: 4 predictor steps (NTM, Gaussian-step) or 4 Euler steps (FM)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device).manual_seed(seed + 2)
     n = cfg.grid_size**2
     model.eval()
-    if name in ("ntm", "gaussian"):
-        return model.sample((n,), steps=cfg.steps, shift=cfg.shift)
-    if name == "fm":
-        return euler_sample(model, torch.randn(n, *shape, device=device), cfg.steps, shift=cfg.shift)
-    return model.sample(n, device)
+    if name in TRAJECTORY_MODELS:
+        return model.sample((n,), steps=cfg.steps, shift=cfg.shift, generator=gen)
+    noise = torch.randn(n, *shape, device=device, generator=gen)
+    return euler_sample(model, noise, cfg.steps, shift=cfg.shift)
 
 
 def save_grid(images: Tensor, levels: int, path: Path, nrow: int, scale: int) -> None:
@@ -478,43 +431,77 @@ def split_data(task: str, split: str, cfg: BpdConfig, max_eval: int | None) -> t
     return train_set, eval_set
 
 
+def pixel_categorical_row(task: str, train_set: ImageDataset, eval_set: ImageDataset, common: dict) -> dict:
+    value = float(pixel_categorical_bits_per_dim(train_set.images, eval_set.images, train_set.levels).mean())
+    print(f"  [pixel-categorical] bits/dim {value:.4f} (exact discrete, no training)")
+    return {
+        "task": task,
+        "method": "pixel-categorical",
+        "steps": None,
+        "metric": "bits_per_dim",
+        "value": round(value, 5),
+        "seed": None,  # deterministic: no training, no sampling
+        **common,
+        "params": train_set.dim * (train_set.levels - 1),  # the histograms' free probabilities
+        "train_seconds": 0.0,
+        "dequantization": "none",
+        "num_samples": 0,
+        "bound": "exact",
+        "budget": "none",
+    }
+
+
+def method_row(
+    task: str, name: str, cfg: BpdConfig, seed: int, result: TrainResult, budget: float | None, scores: dict, **common
+) -> dict:
+    """One trained method's row: its bits/dim (IWAE for the trajectory models, exact for the flow) and budget."""
+    flow = name == "tarflow"
+    value, elbo = (scores["exact"], None) if flow else (scores["iwae"], scores["elbo"])
+    seconds = result.train_seconds
+    return {
+        "task": task,
+        "method": name,
+        "steps": None if flow else cfg.steps,
+        "metric": "bits_per_dim",
+        "value": round(value, 5),
+        "seed": seed,
+        "budget": "equal-time" if budget is not None else "equal-iterations",
+        "bound": "dequantized" if flow else f"iwae-{cfg.iwae_samples}+dequantized",
+        "elbo_bits_per_dim": None if elbo is None else round(elbo, 5),
+        **common,
+        "train_seconds": round(seconds, 1),
+        "train_iters": result.step,
+        "seconds_per_iter": round(seconds / max(result.step, 1), 4),
+        "time_ratio": None if budget is None else round(seconds / budget, 3),
+        "reference": "ntm" if budget is not None else None,
+        "train_mode": None if flow else cfg.ntm_mode,
+        "batch_size": batch_size_of(name, cfg),
+        "lr": lr_of(name, cfg),
+        "dequantization": "uniform",
+        "num_samples": cfg.eval_samples if flow else cfg.iwae_dequantizations,
+        "num_trajectories": None if flow else cfg.iwae_samples,
+        "final_train_loss_nats_per_dim": round(result.loss, 5),  # the last logging window's mean
+    }
+
+
 def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    train_set, test_set = split_data(task, args.split, cfg, args.max_eval)
+    train_set, eval_set = split_data(task, args.split, cfg, args.max_eval)
     levels, shape = train_set.levels, train_set.image_shape
-    train_data, test_data = train_set.images.to(device), test_set.images.to(device)
+    eval_images = eval_set.images.to(device)
     iters = cfg.iters if args.max_iters is None else min(cfg.iters, args.max_iters)
+    timed_ntm = cfg.budget_seconds > 0 and args.max_iters is None
     print(
-        f"{task}: {len(train_set)} train / {len(test_set)} {args.split} images {shape}, {levels} levels, "
-        f"NTM {f'{cfg.budget_seconds:g} s' if cfg.budget_seconds > 0 and args.max_iters is None else f'{iters} iters'} "
+        f"{task}: {len(train_set)} train / {len(eval_set)} {args.split} images {shape}, {levels} levels, "
+        f"NTM {f'{cfg.budget_seconds:g} s' if timed_ntm else f'{iters} iters'} "
         f"({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
     )
-    common = {"split": args.split, "levels": levels, "test_images": len(test_set)}
-    rows = []
-    if "pixel-categorical" in args.methods:
-        value = pixel_categorical_bits_per_dim(train_set.images, test_set.images, levels)
-        print(f"  [pixel-categorical] {args.split} bits/dim {value:.4f} (exact discrete, no training)")
-        rows.append(
-            {
-                "task": task,
-                "method": "pixel-categorical",
-                "steps": None,
-                "metric": "bits_per_dim",
-                "value": round(value, 5),
-                "seed": None,  # deterministic: no training, no sampling
-                **common,
-                "params": train_set.dim * (levels - 1),  # the histograms' free probabilities
-                "train_seconds": 0.0,
-                "dequantization": "none",
-                "num_samples": 0,
-                "bound": "exact",
-                "budget": "none",
-            }
-        )
+    common = {"split": args.split, "levels": levels, "test_images": len(eval_set)}
+    rows = [pixel_categorical_row(task, train_set, eval_set, common)] if "pixel-categorical" in args.methods else []
     trained = [m for m in ("ntm", "tarflow", "gaussian") if m in args.methods]
     for seed in cfg.seeds:
         torch.manual_seed(seed)
         models = {k: m.to(device) for k, m in build_models(cfg, shape).items() if k in args.methods}
-        params = {k: num_params(m) for k, m in models.items()}
+        params = {k: count_parameters(m) for k, m in models.items()}
         print(f"  seed {seed}: parameters " + ", ".join(f"{k} {v:,}" for k, v in params.items()))
         if "tarflow" in models and seed == cfg.seeds[0]:
             tf = models["tarflow"].transporter.config
@@ -522,67 +509,39 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
         # the NTM's measured training seconds: the other methods' budget (the config's, without an NTM)
         budget: float | None = cfg.budget_seconds if cfg.budget_seconds > 0 and "ntm" not in trained else None
         for name in trained:
-            model = models[name]
-            if name == "ntm" and cfg.budget_seconds > 0 and args.max_iters is None:
-                seconds, n_iters, final_loss = train(
-                    name, model, train_data, levels, cfg, seed, seconds=cfg.budget_seconds
-                )
+            model, run_dir = models[name], args.work / task / f"seed-{seed}" / name
+            if name == "ntm" and timed_ntm:
+                result = train(name, model, train_set, cfg, seed, device, run_dir, seconds=cfg.budget_seconds)
             elif name == "ntm" or budget is None:
-                seconds, n_iters, final_loss = train(name, model, train_data, levels, cfg, seed, iters=iters)
+                result = train(name, model, train_set, cfg, seed, device, run_dir, iters=iters)
             else:
-                seconds, n_iters, final_loss = train(name, model, train_data, levels, cfg, seed, seconds=budget)
+                result = train(name, model, train_set, cfg, seed, device, run_dir, seconds=budget)
             if name == "ntm":
-                budget = seconds
-            print(f"  [{name}] trained {n_iters} iters in {seconds:.0f} s, final loss {final_loss:.4f}", flush=True)
-            if seed == cfg.seeds[0] and name in ("ntm", "gaussian") and not args.no_samples:
-                grid = sample_grid(name, model, cfg, shape, device, seed)
-                path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
-                save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
-                print(f"  [{name}] samples -> {path}")
-            start = time.perf_counter()
-            result = evaluate(name, model, test_data, levels, cfg, seed)
-            value = result["exact"] if name == "tarflow" else result["iwae"]
-            elbo = result.get("elbo")
+                budget = result.train_seconds
             print(
-                f"  [{name}] {args.split} bits/dim {value:.4f}"
-                + ("" if elbo is None else f" (IWAE-{cfg.iwae_samples}; ELBO {elbo:.4f})")
-                + f" ({time.perf_counter() - start:.0f} s)",
+                f"  [{name}] trained {result.step} iters in {result.train_seconds:.0f} s, final loss {result.loss:.4f}",
                 flush=True,
             )
-            rows.append(
-                {
-                    "task": task,
-                    "method": name,
-                    "steps": None if name == "tarflow" else cfg.steps,
-                    "metric": "bits_per_dim",
-                    "value": round(value, 5),
-                    "seed": seed,
-                    "budget": "equal-time" if budget is not None else "equal-iterations",
-                    "bound": "dequantized" if name == "tarflow" else f"iwae-{cfg.iwae_samples}+dequantized",
-                    "elbo_bits_per_dim": None if elbo is None else round(elbo, 5),
-                    **common,
-                    "params": params[name],
-                    "train_seconds": round(seconds, 1),
-                    "train_iters": n_iters,
-                    "seconds_per_iter": round(seconds / n_iters, 4),
-                    "time_ratio": None if budget is None else round(seconds / budget, 3),
-                    "reference": "ntm" if budget is not None else None,
-                    "train_mode": cfg.ntm_mode if name != "tarflow" else None,
-                    "batch_size": batch_size_of(name, cfg),
-                    "lr": lr_of(name, cfg),
-                    "dequantization": "uniform",
-                    "num_samples": cfg.eval_samples if name == "tarflow" else cfg.iwae_dequantizations,
-                    "num_trajectories": None if name == "tarflow" else cfg.iwae_samples,
-                    "final_train_loss_nats_per_dim": round(final_loss, 5),
-                }
+            if seed == cfg.seeds[0] and name in TRAJECTORY_MODELS and not args.no_samples:
+                path = args.samples_dir / f"{task}_{name}_{cfg.steps}step.png"
+                save_grid(sample_grid(name, model, cfg, shape, seed), levels, path, cfg.grid_size, args.png_scale)
+                print(f"  [{name}] samples -> {path}")
+            start = time.perf_counter()
+            scores = evaluate(name, model, eval_images, levels, cfg, seed)
+            row = method_row(task, name, cfg, seed, result, budget, scores, **common, params=params[name])
+            bound = "" if row["elbo_bits_per_dim"] is None else f" (IWAE-{cfg.iwae_samples}; ELBO {scores['elbo']:.4f})"
+            print(
+                f"  [{name}] {args.split} bits/dim {row['value']:.4f}{bound} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
             )
+            rows.append(row)
         if "fm" in models and seed == cfg.seeds[0] and not args.no_samples:
             # flow matching has no likelihood here: it is the 4-step sample-quality baseline of the grids
-            seconds, _, _ = train("fm", models["fm"], train_data, levels, cfg, seed, iters=iters)
-            grid = sample_grid("fm", models["fm"], cfg, shape, device, seed)
+            run_dir = args.work / task / f"seed-{seed}" / "fm"
+            result = train("fm", models["fm"], train_set, cfg, seed, device, run_dir, iters=iters)
             path = args.samples_dir / f"{task}_fm_{cfg.steps}step.png"
-            save_grid(grid, levels, path, cfg.grid_size, scale=args.png_scale)
-            print(f"  [fm] trained {iters} iters in {seconds:.0f} s; samples -> {path}")
+            save_grid(sample_grid("fm", models["fm"], cfg, shape, seed), levels, path, cfg.grid_size, args.png_scale)
+            print(f"  [fm] trained {result.step} iters in {result.train_seconds:.0f} s; samples -> {path}")
     return rows + aggregate(rows)
 
 
@@ -627,8 +586,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-samples", action="store_true", help="skip the sample grids and flow matching")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: a busy shared CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS / "bpd.json")
-    parser.add_argument("--samples-dir", type=Path, default=ROOT / "docs" / "bpd")
+    parser.add_argument("--smoke", action="store_true", help="every stage at tiny sizes, 2 seeds; under runs/")
+    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/bpd.json)")
+    parser.add_argument("--samples-dir", type=Path, help="sample grids (default: docs/bpd)")
+    parser.add_argument("--work", type=Path, help="training runs' logs and checkpoints (default: runs/bpd)")
     parser.add_argument("--png-scale", type=int, help="PNG upscaling (default: 4 for 8x8 data, 2 otherwise)")
     parser.add_argument("--table", type=Path, help="print the markdown table of a results JSON and exit")
     args = parser.parse_args(argv)
@@ -638,6 +599,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = CONFIGS[args.config]
+    if args.smoke:
+        cfg = dataclasses.replace(cfg, **SMOKE_FIELDS)
+        for key, value in SMOKE_OPTIONS.items():
+            setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    runs = ROOT / "runs" / ("bpd-smoke" if args.smoke else "bpd")
+    args.out = args.out or (runs / "bpd.json" if args.smoke else RESULTS / "bpd.json")
+    args.samples_dir = args.samples_dir or (runs / "samples" if args.smoke else ROOT / "docs" / "bpd")
+    args.work = args.work or runs / "train"
     overrides = {
         "tasks": tuple(args.tasks) if args.tasks else None,
         "seeds": tuple(args.seeds) if args.seeds else None,

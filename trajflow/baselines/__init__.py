@@ -1,5 +1,26 @@
-"""The baselines NTM is measured against, on the same data and budget: flow matching (Euler/Heun ODE samplers)."""
+"""The baselines NTM is measured against, on the same data and budget.
+
+* :mod:`~trajflow.baselines.flow_matching`: flow matching (loss, Euler and Heun ODE samplers);
+* :mod:`~trajflow.baselines.single_flow`: one transporter used alone as a normalizing flow (TarFlow), with
+  its exact bits/dim and parameter matching;
+* :mod:`~trajflow.baselines.gaussian_step`: the NTM with the identity transporter (Gaussian reverse steps);
+* :mod:`~trajflow.baselines.pixel_categorical`: per-pixel histograms, the exact no-training bits/dim floor.
+"""
 
 from .flow_matching import FlowMatchingLoss, euler_sample, heun_sample
+from .gaussian_step import gaussian_step_model
+from .pixel_categorical import PixelCategorical, pixel_categorical_bits_per_dim
+from .single_flow import SingleFlow, SingleFlowNLL, count_parameters, matched_single_flow
 
-__all__ = ["FlowMatchingLoss", "euler_sample", "heun_sample"]
+__all__ = [
+    "FlowMatchingLoss",
+    "euler_sample",
+    "heun_sample",
+    "SingleFlow",
+    "SingleFlowNLL",
+    "matched_single_flow",
+    "count_parameters",
+    "gaussian_step_model",
+    "PixelCategorical",
+    "pixel_categorical_bits_per_dim",
+]
