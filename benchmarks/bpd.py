@@ -66,7 +66,7 @@ from trajflow.baselines import (
     pixel_categorical_bits_per_dim,
 )
 from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
-from trajflow.likelihood import dequantize, elbo_bits_per_dim
+from trajflow.likelihood import DequantizedObjective, elbo_bits_per_dim
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
 from trajflow.train import Trainer, TrainerConfig, TrainResult
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
@@ -201,20 +201,6 @@ def build_models(cfg: BpdConfig, image_shape: tuple[int, int, int]) -> dict[str,
 
 
 # -- training and evaluation ----------------------------------------------------------------------------------
-
-
-@dataclass
-class DequantizedObjective:
-    """A :class:`~trajflow.train.Trainer` objective: ``loss(model, y, generator=...)`` on a fresh uniform
-    dequantisation ``y`` in [-1, 1) of each batch of integer images ``(N, C, H, W)``."""
-
-    loss: Any  # TrajectoryNLL, SingleFlowNLL or FlowMatchingLoss: (model, y, *, generator) -> scalar
-    levels: int
-    loss_name: str
-
-    def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator, step: int):
-        images, _ = batch
-        return self.loss(model, dequantize(images, self.levels, generator), generator=generator)
 
 
 def objective(name: str, cfg: BpdConfig, levels: int) -> DequantizedObjective:

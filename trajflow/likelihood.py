@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,6 +81,7 @@ __all__ = [
     "elbo_bits_per_dim",
     "iwae_bits_per_dim",
     "BOUNDS",
+    "DequantizedObjective",
 ]
 
 BOUNDS = ("elbo", "iwae")
@@ -422,3 +425,41 @@ def iwae_bits_per_dim(
     return elbo_bits_per_dim(
         model_or_dist, x_int, levels, steps, bound="iwae", num_trajectories=num_trajectories, **kwargs
     )
+
+
+@dataclass
+class DequantizedObjective:
+    """A :class:`~trajflow.train.Trainer` objective for discrete images: the loss on a fresh dequantisation.
+
+    Each batch ``(images, labels)`` of integer images ``(N, C, H, W)`` in ``0..levels-1`` is dequantised
+    uniformly into [-1, 1) (:func:`dequantize`, with the trainer's generator), then ``loss(model, y,
+    generator=generator)`` is returned. With a negative log-likelihood in nats/dim (``TrajectoryNLL``,
+    ``SingleFlowNLL``) this trains the continuous density whose ELBO/IWAE bounds the discrete one
+    (:func:`elbo_bits_per_dim`, :func:`iwae_bits_per_dim`).
+
+    Arguments:
+        loss: ``(model, y, *, generator) -> scalar``: :class:`~trajflow.TrajectoryNLL`,
+            :class:`~trajflow.baselines.SingleFlowNLL` or :class:`~trajflow.baselines.FlowMatchingLoss`.
+        levels: The number of intensity levels of the images.
+        loss_name: The loss's name in the trainer's logs.
+
+    Example:
+        >>> import trajflow
+        >>> objective = DequantizedObjective(trajflow.TrajectoryNLL(steps=2), levels=17)
+        >>> model = trajflow.NTM(trajflow.transporters.IdentityTransporter((4,)),
+        ...                      trajflow.predictors.MLPPredictor(features=4))
+        >>> images = torch.randint(0, 17, (8, 4))
+        >>> objective(model, (images, torch.zeros(8)), torch.Generator().manual_seed(0), step=0).shape
+        torch.Size([])
+    """
+
+    loss: Any
+    levels: int
+    loss_name: str = "nll_per_dim"
+
+    def __post_init__(self) -> None:
+        self.levels = check_levels(self.levels)
+
+    def __call__(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, step: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.loss(model, dequantize(images, self.levels, generator), generator=generator)

@@ -31,7 +31,7 @@ import torch
 import trajflow
 from trajflow.baselines import gaussian_step_model
 from trajflow.data.images import load_digits
-from trajflow.likelihood import dequantize, elbo_bits_per_dim
+from trajflow.likelihood import DequantizedObjective, elbo_bits_per_dim
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
 from trajflow.train import Trainer, TrainerConfig
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
@@ -63,10 +63,7 @@ def main() -> None:
     else:
         model = gaussian_step_model(predictor)
     nll = trajflow.TrajectoryNLL(steps=4, t_min=(0.0, 0.0), mode=args.mode, cond_drop=0.0)
-
-    def objective(model, batch, generator, step):
-        images, _ = batch  # uint8 (N, 1, 8, 8) and labels
-        return nll(model, dequantize(images, levels, generator), generator=generator)
+    objective = DequantizedObjective(nll, levels)  # a fresh dequantisation of each batch of uint8 images
 
     config = TrainerConfig(
         steps=args.iters,
