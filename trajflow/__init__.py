@@ -15,7 +15,7 @@ from .losses import TrajectoryNLL
 from .model import NTM
 from .process import MarkovInterpolant, sample_t_min, sequence_shift, time_grid
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "NTM",

@@ -10,7 +10,7 @@ __all__ = ["warn_moved"]
 def warn_moved(old: str, new: str) -> None:
     """Warn, from the module ``old`` being imported, that its contents now live in ``new``."""
     warnings.warn(
-        f"{old} is deprecated and will be removed in the next release; import from {new} instead",
+        f"{old} is deprecated and will be removed in trajflow 0.3; import from {new} instead",
         DeprecationWarning,
         stacklevel=3,
     )
