@@ -73,7 +73,6 @@ def test_run_toy_resumes_an_interrupted_method(tmp_path: Path) -> None:
     cfg = _tiny_config(methods=("fm",))
     whole = run_toy(cfg, tmp_path / "whole").metrics["methods"]
     train_method("fm", cfg, tmp_path / "split", stop_at=2)  # as if the job was killed during fm's training
-    (tmp_path / "split").mkdir(exist_ok=True)
     resumed = run_toy(cfg, tmp_path / "split", resume=True).metrics["methods"]
     for label in ("fm-euler-4", "fm-euler-5"):
         for key in ("energy_distance", "sliced_wasserstein", "train_iters"):

@@ -72,7 +72,7 @@ class ToyConfig:
         sample_size: Samples drawn from every method for the distances, compared with the first
             ``sample_size`` test points (the energy distance costs ``O(sample_size^2)``).
         elbo_samples: Forward trajectories averaged per test point in the ELBO (the bound holds for any).
-        seed: Seeds initialisation, the training stream, the test set and sampling.
+        seed: Seeds initialisation, the training points and their order, the test set and sampling.
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``, ...).
         threads: torch intra-op threads on the CPU (``None``: :func:`auto_threads`).
         methods: Which of :data:`METHODS` to train.
