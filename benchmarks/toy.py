@@ -348,9 +348,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--write-doc", default=None, help="with --table: write it between the markers of this doc")
     p.add_argument("--compare", default=None, metavar="REFERENCE", help="compare --out with this results file, exit")
+    p.add_argument("--compare-metric", default="energy_distance", help="with --compare: metric (default: %(default)s)")
     args = p.parse_args(argv)
     if args.compare:
-        print(compare_table(read_results(args.compare), read_results(args.out)))
+        print(compare_table(read_results(args.compare), read_results(args.out), args.compare_metric))
         return
     if args.table:
         table = markdown_table(read_results(args.out))
