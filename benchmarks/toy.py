@@ -1,10 +1,11 @@
 """Toy benchmark: NTM against flow matching, the Gaussian-step model and a single NSF on 2-D densities.
 
-For every density and seed, :func:`trajflow.toy.run_toy` trains the four models on the same MLP, the same
-data stream and the same number of optimizer steps, and measures sample distances (energy distance, sliced
-Wasserstein) and likelihoods (NTM's and the Gaussian-step model's -ELBO, the NSF's exact NLL) on held-out
-data. Rows go to ``benchmarks/results/toy.json`` (format: ``benchmarks/_common.py``), written after every
-run so that an interrupted benchmark keeps what it measured and ``--resume`` skips it.
+For every density and seed, :func:`trajflow.recipes.toy.run_toy` trains the four models (each through
+:class:`trajflow.train.Trainer`) on the same MLP, the same data points and the same number of optimizer
+steps, and measures sample distances (energy distance, sliced Wasserstein) and likelihoods (NTM's and the
+Gaussian-step model's -ELBO, the NSF's exact NLL) on held-out data. Rows go to ``benchmarks/results/toy.json``
+(format: ``benchmarks/_common.py``) or ``--out``, written after every run so that an interrupted benchmark
+keeps what it measured and ``--resume`` skips it.
 
 Usage:
     python benchmarks/toy.py --config quick                  # 3 target densities, 1 seed, short budget
@@ -13,6 +14,10 @@ Usage:
     python benchmarks/toy.py --table                         # markdown table of the results file
     python benchmarks/toy.py --table --write-doc docs/toy.md # ... written between the doc's markers
     python benchmarks/toy.py --set lr=1e-3 --set width=256 --out /tmp/toy-lr.json   # tuning runs
+    python benchmarks/toy.py --config full --densities checkerboard --set threads=1 --quiet \
+        --out benchmarks/results/toy_checkerboard_trainer.json           # one density, into its own file
+    python benchmarks/toy.py --compare benchmarks/results/toy.json \
+        --out benchmarks/results/toy_checkerboard_trainer.json           # energy distances, old vs new file
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
 
-from _common import RESULTS, ROOT, command_line, read_results, write_results  # noqa: E402
+from _common import RESULTS, ROOT, command_line, read_results, source_state, write_results  # noqa: E402
 
 from trajflow.data.toy import TOY_DENSITIES  # noqa: E402
-from trajflow.toy import ToyConfig, metrics_to_rows, run_toy  # noqa: E402
+from trajflow.recipes.toy import ToyConfig, metrics_to_rows, run_toy  # noqa: E402
 
 #: The densities the targets are stated on.
 TARGET_DENSITIES = ("checkerboard", "eight_gaussians", "spirals")
@@ -110,6 +115,7 @@ def run(args: argparse.Namespace) -> None:
     rows: list[dict] = []
     done: set[tuple[str, int, object]] = set()
     command = command_line()
+    source = source_state()  # the code that runs, read now: the checkout may change during a long run
     if args.resume and out.is_file():
         previous = read_results(out)
         rows = previous["rows"]
@@ -146,6 +152,7 @@ def run(args: argparse.Namespace) -> None:
                 rows,
                 command=command,
                 device=args.device,
+                source=source,
                 # Density, seed and budget vary per row (see each row's task, seed and budget).
                 extra={"config": {**cfg.to_dict(), "density": None, "seed": None, "iters": None, "seconds": None}},
             )
@@ -277,6 +284,43 @@ def _target_row(
     )
 
 
+def compare_table(reference: dict, new: dict, metric: str = "energy_distance") -> str:
+    """Markdown table of ``metric`` per (density, method, steps) in two results files: the mean ± standard
+    deviation over seeds of each, and whether the new mean lies within the reference's seed-to-seed spread
+    (between its smallest and largest seed), with the difference in units of the reference's std."""
+    budget_rows = [r for r in new["rows"] if r["metric"] == metric]
+    keys = list(dict.fromkeys((r["task"], r["method"], r["steps"], r.get("budget")) for r in budget_rows))
+
+    def values(payload: dict, key: tuple) -> list[float]:
+        task, method, steps, budget = key
+        return [
+            r["value"]
+            for r in payload["rows"]
+            if (r["task"], r["method"], r["steps"], r.get("budget"), r["metric"])
+            == (task, method, steps, budget, metric)
+        ]
+
+    out = [
+        f"{metric}: reference {reference['commit']} vs new {new['commit']}{' (dirty)' if new.get('dirty') else ''}",
+        "",
+        "| density | method | steps | reference mean ± std (seeds) | new mean ± std (seeds) | new − ref (ref stds) "
+        "| new mean within ref [min, max] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in keys:
+        ref, cur = values(reference, key), values(new, key)
+        if not ref:
+            continue
+        sd = statistics.stdev(ref) if len(ref) > 1 else float("nan")
+        diff = statistics.fmean(cur) - statistics.fmean(ref)
+        inside = min(ref) <= statistics.fmean(cur) <= max(ref)
+        out.append(
+            f"| {key[0]} | {key[1]} | {'-' if key[2] is None else key[2]} | {_fmt(ref, 5)} ({len(ref)}) | "
+            f"{_fmt(cur, 5)} ({len(cur)}) | {diff:+.5f} ({diff / sd:+.2f}) | {'yes' if inside else 'no'} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def write_doc(doc: Path, table: str) -> None:
     """Replace the text between the doc's markers with ``table``."""
     text = doc.read_text(encoding="utf-8")
@@ -303,7 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     p.add_argument("--write-doc", default=None, help="with --table: write it between the markers of this doc")
+    p.add_argument("--compare", default=None, metavar="REFERENCE", help="compare --out with this results file, exit")
+    p.add_argument("--compare-metric", default="energy_distance", help="with --compare: metric (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare_table(read_results(args.compare), read_results(args.out), args.compare_metric))
+        return
     if args.table:
         table = markdown_table(read_results(args.out))
         print(table)

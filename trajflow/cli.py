@@ -2,7 +2,7 @@
 
 Each job is a subcommand registered in :data:`SUBCOMMANDS`: a function that adds its arguments to an
 argparse sub-parser and returns the function that runs it. Jobs are thin: they turn arguments into a
-library config and call the library (``trajflow toy`` calls :func:`trajflow.toy.run_toy`).
+library config and call the library (``trajflow toy`` calls :func:`trajflow.recipes.toy.run_toy`).
 
 Example:
     $ trajflow toy --density checkerboard --out runs/checkerboard
@@ -46,7 +46,7 @@ def positive_float(text: str) -> float:
 # ============================================================================================== toy
 def _add_toy(sub: argparse._SubParsersAction) -> Runner:
     from .data.toy import TOY_DENSITIES
-    from .toy import METHODS, ToyConfig
+    from .recipes.toy import METHODS, ToyConfig
 
     defaults = ToyConfig()
     p = sub.add_parser(
@@ -55,7 +55,7 @@ def _add_toy(sub: argparse._SubParsersAction) -> Runner:
         description=(
             "Train an NTM (zuko NSF transporter + MLP predictor, t_min = 0) and, on the same MLP, data and "
             "budget, flow matching (Euler at --steps and at many steps), the Gaussian-step model and a single "
-            "NSF; then write OUT/toy_<density>.png, OUT/metrics.json, OUT/config.json and OUT/checkpoints/."
+            "NSF; then write OUT/toy_<density>.png, OUT/metrics.json, OUT/config.json and OUT/<method>/checkpoints/."
         ),
     )
     p.add_argument(
@@ -101,7 +101,7 @@ def _add_toy(sub: argparse._SubParsersAction) -> Runner:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     def run(args: argparse.Namespace) -> int:
-        from .toy import ToyConfig, run_toy
+        from .recipes.toy import ToyConfig, run_toy
 
         methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
         bad = [m for m in methods if m not in METHODS]

@@ -1,7 +1,8 @@
 """Train NTM (T = 4) and its baselines on the checkerboard, then print the metrics.
 
 The same job as ``trajflow toy --density checkerboard --out runs/checkerboard``; this script shows the
-library calls behind it. Everything (models, training, evaluation, figure) lives in :mod:`trajflow.toy`.
+library calls behind it. Everything (models, training through :class:`trajflow.train.Trainer`, evaluation,
+figure) lives in :mod:`trajflow.recipes.toy`.
 
     python examples/toy/train_checkerboard.py --out runs/checkerboard [--iters 2000] [--resume]
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from trajflow.toy import ToyConfig, run_toy
+from trajflow.recipes.toy import ToyConfig, run_toy
 
 
 def main() -> None:
@@ -19,7 +20,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/checkerboard", help="output folder")
     parser.add_argument("--iters", type=int, default=ToyConfig.iters, help="optimizer steps per method")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    parser.add_argument("--resume", action="store_true", help="continue every method from its last checkpoint in --out")
     args = parser.parse_args()
 
     config = ToyConfig(density="checkerboard", steps=4, iters=args.iters, seed=args.seed)
