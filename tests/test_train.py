@@ -425,3 +425,12 @@ def test_objective_receives_the_optimizer_step_across_micro_batches_and_resumpti
     seen.clear()
     Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), resume=True)
     assert seen == [3, 3, 4, 4]  # a resumed run continues the count from its checkpoint
+
+
+def test_a_resumed_run_carries_its_seconds_and_loss(tmp_path):
+    cfg = _config(steps=4, checkpoint_every=2, log_every=2)
+    part = _fit(tmp_path, cfg, stop_at=2)
+    whole = _fit(tmp_path, cfg, resume=True)
+    assert whole.train_seconds > part.train_seconds > 0  # the seconds of both sessions, not the last one's
+    again = _fit(tmp_path, cfg, resume=True)  # already finished: no step is taken
+    assert again.step == 4 and again.loss == whole.loss and again.train_seconds == whole.train_seconds

@@ -85,7 +85,7 @@ class _IntervalLog:
         self.loss = torch.zeros((), device=trainer.device, dtype=torch.float64)
         self.logs: dict[str, Tensor] = {}
         self.steps, self.seconds = 0, 0.0
-        self.last_loss = float("nan")
+        self.last_loss = float("nan")  # until the first flush: the checkpoint's, on resume (see Trainer.fit)
         self.history: list[dict[str, float]] = []
 
     def add(self, loss: Tensor, logs: Mapping[str, Any], grad_accum: int) -> None:
@@ -377,11 +377,21 @@ class Trainer:
         end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
         batches = self._batches(dataset, collate_fn, state)
         log = _IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
+        log.last_loss = float(info.get("loss", float("nan")))  # what a resumed, already finished run returns
         params = [p for p in wrapped.parameters() if p.requires_grad]
+        train_time = resumed_time = float(info.get("train_seconds", 0.0))  # carried across resumptions
+        # Progress in steps, or in seconds of the budget when the run is timed (its step cap is never reached).
         bar = tqdm(
-            total=cfg.steps, initial=step, disable=not (cfg.progress and self.is_main), desc="train", dynamic_ncols=True
+            total=cfg.time_budget or cfg.steps,
+            initial=min(train_time, cfg.time_budget) if cfg.time_budget else step,
+            disable=not (cfg.progress and self.is_main),
+            desc="train",
+            unit="s" if cfg.time_budget else "it",
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+            if cfg.time_budget
+            else None,
+            dynamic_ncols=True,
         )
-        train_time = resumed_time = float(info.get("train_seconds", 0.0)) if cfg.time_budget else 0.0
         timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
         last_ckpt = ckpt
 
@@ -412,7 +422,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             train_time += dt
             log.tick(dt)
-            bar.update(1)
+            bar.update(min(dt, max(cfg.time_budget - bar.n, 0.0)) if cfg.time_budget else 1)
             if cfg.time_budget and train_time >= cfg.time_budget:
                 end = step  # the budget is spent: log, checkpoint and stop here
 
@@ -423,7 +433,7 @@ class Trainer:
                     {log.loss_name: f"{record[log.loss_name]:.4f}", "lr": f"{record['lr']:.2e}"}, refresh=False
                 )
             if step % cfg.checkpoint_every == 0 or step == end:
-                state["train_seconds"] = train_time
+                state["train_seconds"], state["loss"] = train_time, log.last_loss
                 last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
         bar.close()
         log.close()
