@@ -252,7 +252,7 @@ def test_example_script_smoke_and_reload(tmp_path):
     spec = importlib.util.spec_from_file_location("inverse_problem", REPO / "examples" / "pyro" / "inverse_problem.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    metrics = example.main(["--smoke", "--out", str(tmp_path / "a")])
+    metrics = example.main(["--smoke", "--noise-space", "--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert saved["methods"].keys() == metrics["methods"].keys() == {
         "importance (reference)",
@@ -269,3 +269,4 @@ def test_example_script_smoke_and_reload(tmp_path):
     again = example.main(["--smoke", "--out", str(tmp_path / "b"), "--model", str(tmp_path / "a" / "model.pt")])
     assert not (tmp_path / "b" / "model.pt").exists()
     assert "train" not in again["seconds"]
+    assert again["methods"].keys() == {"importance (reference)", "SVI AutoNormal (trajectory)", "NUTS (trajectory)"}
