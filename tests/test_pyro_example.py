@@ -147,7 +147,7 @@ def test_bad_inputs_name_the_argument():
         importance_resample(prior, lambda x: x[:, 0], 10, 5)
 
 
-def test_reparam_under_a_plate_and_with_an_observed_trajectory():
+def test_reparam_under_a_plate_with_an_initial_value_and_refusing_an_observed_site():
     prior = flow_prior()
 
     def program(obs=None):
@@ -160,14 +160,24 @@ def test_reparam_under_a_plate_and_with_an_observed_trajectory():
     assert noise.shape == traj.shape == (3, prior.steps + 1, 2)
     assert torch.allclose(traj, trajectory_from_noise(prior, noise))
     assert not tr.nodes["traj_noise"]["is_observed"]
-
-    observed = prior.sample((3,), generator=torch.Generator().manual_seed(5))
-    tr = pyro.poutine.trace(reparam).get_trace(observed)
-    assert tr.nodes["traj_noise"]["is_observed"]
-    assert torch.allclose(tr.nodes["traj_noise"]["value"], noise_from_trajectory(prior, observed), atol=1e-5)
-    assert torch.equal(tr.nodes["traj"]["value"], observed)
     tr.compute_log_prob()
     assert torch.isfinite(tr.log_prob_sum())
+    std_normal = torch.distributions.Normal(0.0, 1.0)
+    assert torch.allclose(tr.nodes["traj_noise"]["log_prob"], std_normal.log_prob(noise).sum((-2, -1)))
+
+    # An initial value (not an observation), as an init strategy would set it, is mapped back to its noise.
+    start = prior.sample((3,), generator=torch.Generator().manual_seed(5))
+    with pyro.poutine.trace() as tracer:
+        result = TrajectoryNoiseReparam().apply(
+            {"name": "traj", "fn": prior.expand((3,)), "value": start, "is_observed": False}
+        )
+    assert torch.equal(result["value"], start) and result["is_observed"]
+    site = tracer.trace.nodes["traj_noise"]
+    assert not site["is_observed"]
+    assert torch.allclose(site["value"], noise_from_trajectory(prior, start), atol=1e-5)
+
+    with pytest.raises(ValueError, match="observed; this reparameterisation is for latent trajectories only"):
+        reparam(start)
 
 
 # -- inference ----------------------------------------------------------------------------------------------------
@@ -243,6 +253,11 @@ def test_pyro_zuko_to_pyro_wraps_a_trajectory_distribution():
     tr.compute_log_prob()
     # ZukoToPyro scores with the density cached from rsample_and_log_prob; it must equal log_prob.
     assert torch.allclose(tr.nodes["traj"]["log_prob"], prior.log_prob(value), atol=1e-4)
+
+    # TrajectoryNoiseReparam sees through the wrapper.
+    reparam = pyro.poutine.reparam(program, config={"traj": TrajectoryNoiseReparam()})
+    tr = pyro.poutine.trace(reparam).get_trace()
+    assert torch.allclose(tr.nodes["traj"]["value"], trajectory_from_noise(prior, tr.nodes["traj_noise"]["value"]))
 
 
 # -- the example script -------------------------------------------------------------------------------------------

@@ -151,13 +151,15 @@ def noise_from_trajectory(dist: TrajectoryDistribution, traj: Tensor) -> Tensor:
 class TrajectoryNoiseReparam(Reparam):
     r"""Sample a trajectory site through the standard normal noise that generates it.
 
-    A site ``name`` whose distribution is a (Pyro-wrapped, possibly plate-expanded or ``to_event``-ed)
-    :class:`~trajflow.TrajectoryDistribution` becomes an auxiliary site ``f"{name}_noise"`` with a standard
-    normal distribution of the same shape, and the trajectory :func:`trajectory_from_noise` is recorded at
-    ``name`` as a deterministic site (no density of its own). The joint density of the model is unchanged
-    up to the Jacobian of the map, so the posterior over the trajectory is the same; what changes is the
-    geometry that SVI and MCMC see: the prior term is :math:`\mathcal{N}(0, I)`. An observed or initial
-    value at the site is mapped back to its noise with :func:`noise_from_trajectory`.
+    A site ``name`` whose distribution is a :class:`~trajflow.TrajectoryDistribution` wrapped by
+    :func:`to_pyro` or by Pyro's ``pyro.contrib.zuko.ZukoToPyro`` (possibly plate-expanded or
+    ``to_event``-ed) becomes an auxiliary site ``f"{name}_noise"`` with a standard normal distribution of the
+    same shape, and the trajectory :func:`trajectory_from_noise` is recorded at ``name`` as a deterministic
+    site (no density of its own). The map is invertible and its Jacobian is the trajectory density's change
+    of variables, so the posterior over the trajectory is the same; what changes is the geometry that SVI
+    and MCMC see: the prior term is :math:`\mathcal{N}(0, I)`. For latent sites only, as Pyro's own
+    reparameterisers (an observed site raises a :class:`ValueError`); an initial value at the site is
+    mapped back to its noise with :func:`noise_from_trajectory`.
 
     Use it with ``pyro.poutine.reparam(model, config={"traj": TrajectoryNoiseReparam()})``.
 
@@ -178,16 +180,25 @@ class TrajectoryNoiseReparam(Reparam):
     def apply(self, msg):
         name, value, is_observed = msg["name"], msg["value"], msg["is_observed"]
         fn, event_dim = self._unwrap(msg["fn"])
+        if not isinstance(fn, TrajectoryDistribution) and isinstance(getattr(fn, "dist", None), TrajectoryDistribution):
+            fn = fn.dist  # Pyro's own wrapper, pyro.contrib.zuko.ZukoToPyro, keeps the distribution as `.dist`
         if not isinstance(fn, TrajectoryDistribution):
             raise ValueError(
                 f"TrajectoryNoiseReparam at site {name!r}: expected a trajflow TrajectoryDistribution "
                 f"(to_pyro(model.distribution(...)), optionally .expand or .to_event), got {type(fn).__name__}"
             )
+        if is_observed:
+            # The noise site's density differs from the trajectory's by the Jacobian of the map, which is right
+            # for a latent site (the same posterior) but would change an observed site's likelihood.
+            raise ValueError(
+                f"TrajectoryNoiseReparam at site {name!r}: the site is observed; this reparameterisation is for "
+                "latent trajectories only (score an observed trajectory with the distribution itself)"
+            )
         # The noise has the trajectory's batch and event shapes: (*batch, T + 1, *data).
         zeros = torch.zeros(fn.batch_shape + fn.event_shape, device=fn.grid.device, dtype=fn.grid.dtype)
         base = pdist.Normal(zeros, torch.ones_like(zeros)).to_event(event_dim)
         noise = None if value is None else noise_from_trajectory(fn, value)
-        noise = pyro.sample(f"{name}_noise", base, obs=noise, infer={"is_observed": bool(is_observed)})
+        noise = pyro.sample(f"{name}_noise", base, obs=noise, infer={"is_observed": False})
         if value is None:
             value = trajectory_from_noise(fn, noise)
         # A pyro.deterministic site: the density is carried by the noise site.
