@@ -165,6 +165,15 @@ def test_reparam_under_a_plate_with_an_initial_value_and_refusing_an_observed_si
     std_normal = torch.distributions.Normal(0.0, 1.0)
     assert torch.allclose(tr.nodes["traj_noise"]["log_prob"], std_normal.log_prob(noise).sum((-2, -1)))
 
+    # A batch of trajectories declared as one event with to_event: one noise event of the same shape.
+    def batched():
+        return pyro.sample("traj", prior.expand((3,)).to_event(1))
+
+    tr = pyro.poutine.trace(pyro.poutine.reparam(batched, config={"traj": TrajectoryNoiseReparam()})).get_trace()
+    tr.compute_log_prob()
+    assert tr.nodes["traj_noise"]["value"].shape == (3, prior.steps + 1, 2)
+    assert tr.nodes["traj_noise"]["log_prob"].shape == ()
+
     # An initial value (not an observation), as an init strategy would set it, is mapped back to its noise.
     start = prior.sample((3,), generator=torch.Generator().manual_seed(5))
     with pyro.poutine.trace() as tracer:

@@ -177,7 +177,7 @@ class TrajectoryNoiseReparam(Reparam):
         (torch.Size([3, 5, 2]), torch.Size([3, 5, 2]))
     """
 
-    def apply(self, msg):
+    def apply(self, msg: dict) -> dict:
         name, value, is_observed = msg["name"], msg["value"], msg["is_observed"]
         fn, event_dim = self._unwrap(msg["fn"])
         if not isinstance(fn, TrajectoryDistribution) and isinstance(getattr(fn, "dist", None), TrajectoryDistribution):
@@ -204,7 +204,6 @@ class TrajectoryNoiseReparam(Reparam):
         # A pyro.deterministic site: the density is carried by the noise site.
         new_fn = pdist.Delta(value, event_dim=event_dim).mask(False)
         return {"fn": new_fn, "value": value, "is_observed": True}
-
 
 
 def importance_resample(
