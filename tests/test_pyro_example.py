@@ -290,7 +290,7 @@ def test_example_script_smoke_and_reload(tmp_path):
     assert saved["methods"]["importance (reference)"]["energy_distance_to_reference"] == 0.0
     assert (tmp_path / "a" / "posterior.png").stat().st_size > 1000
     # --model reuses the saved NTM (same density and levels, no training).
-    again = example.main(["--smoke", "--out", str(tmp_path / "b"), "--model", str(tmp_path / "a" / "model.pt")])
-    assert not (tmp_path / "b" / "model.pt").exists()
+    again = example.main(["--smoke", "--out", str(tmp_path / "b"), "--model", str(tmp_path / "a" / "model")])
+    assert not (tmp_path / "b" / "model").exists()
     assert "train" not in again["seconds"]
     assert again["methods"].keys() == {"importance (reference)", "SVI AutoNormal (trajectory)", "NUTS (trajectory)"}

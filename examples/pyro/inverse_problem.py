@@ -7,10 +7,10 @@ standard normal noise that generates it (trajflow.contrib.pyro.TrajectoryNoiseRe
 with the exact posterior obtained by importance-resampling prior draws (cheap in 2-D).
 
     python examples/pyro/inverse_problem.py --out runs/pyro                  # train, infer, plot
-    python examples/pyro/inverse_problem.py --out runs/pyro --model runs/pyro/model.pt   # reuse the model
+    python examples/pyro/inverse_problem.py --out runs/pyro --model runs/pyro/model   # reuse the model
     python examples/pyro/inverse_problem.py --out /tmp/pyro-smoke --smoke    # tiny sizes, seconds
 
-Outputs in --out: model.pt (unless --model), posterior.png and metrics.json.
+Outputs in --out: model/ (a pretrained folder, unless --model), posterior.png and metrics.json.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_sample
 
 import trajflow
+from trajflow.checkpoint import load_json, save_json
 from trajflow.contrib.pyro import TrajectoryNoiseReparam, importance_resample, to_pyro, trajectory_from_noise
 from trajflow.data.toy import toy_density
 from trajflow.metrics import energy_distance
@@ -155,7 +156,7 @@ def plot(path: Path, prior_x0, results: dict, y: float, noise: float, losses: di
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/pyro", help="output folder")
-    parser.add_argument("--model", default=None, help="a model.pt written by an earlier run (skips training)")
+    parser.add_argument("--model", default=None, help="the model/ folder of an earlier run (skips training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--density", default="two_moons", help="a name of trajflow.data.toy.TOY_DENSITIES")
     parser.add_argument("--levels", type=int, default=4, help="trajectory steps T of the NTM")
@@ -184,20 +185,19 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     timings: dict[str, float] = {}
 
-    width, depth = (32, 1) if args.smoke else (128, 3)
     if args.model:
-        saved = torch.load(args.model, weights_only=True)
-        width, depth, args.density, args.levels = saved["width"], saved["depth"], saved["density"], saved["levels"]
-        ntm = build_ntm(width, depth)
-        ntm.load_state_dict(saved["state_dict"])
+        # A pretrained folder (config JSON + safetensors: nothing is unpickled) and what the prior was fitted to.
+        ntm = trajflow.NTM.from_pretrained(args.model)
+        fitted = load_json(Path(args.model) / "prior.json")
+        args.density, args.levels = fitted["density"], fitted["levels"]
     else:
-        ntm = build_ntm(width, depth)
+        ntm = build_ntm(*((32, 1) if args.smoke else (128, 3)))  # (width, depth) of the predictor
         start = time.perf_counter()
         train_losses = train_ntm(ntm, args)
         timings["train"] = time.perf_counter() - start
         print(f"trained the NTM: {args.train_iters} steps, final loss {train_losses[-1]:.3f} nats/dim")
-        torch.save({"state_dict": ntm.state_dict(), "width": width, "depth": depth, "density": args.density,
-                    "levels": args.levels}, out / "model.pt")
+        ntm.save_pretrained(out / "model")
+        save_json(out / "model" / "prior.json", {"density": args.density, "levels": args.levels})
     ntm.eval().requires_grad_(False)  # the prior is fixed: Pyro only learns the guide's parameters
     prior = to_pyro(ntm.distribution(trajflow.time_grid(args.levels)))
     y = torch.tensor(args.y)
