@@ -27,12 +27,14 @@ import torch
 from pyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_sample
+from torch.utils.data import TensorDataset
 
 import trajflow
 from trajflow.checkpoint import load_json, save_json
 from trajflow.contrib.pyro import TrajectoryNoiseReparam, importance_resample, to_pyro, trajectory_from_noise
 from trajflow.data.toy import toy_density
 from trajflow.metrics import energy_distance
+from trajflow.train import Trainer, TrainerConfig
 
 # -- the prior: a toy NTM -------------------------------------------------------------------------------------
 
@@ -44,27 +46,29 @@ def build_ntm(width: int, depth: int) -> trajflow.NTM:
     return trajflow.NTM(transporter, predictor)
 
 
-def train_ntm(model: trajflow.NTM, args: argparse.Namespace) -> list[float]:
-    """Fit the NTM to the density by the exact trajectory NLL, with t_min = 0 so that x_0 is the data."""
-    loss_fn = trajflow.TrajectoryNLL(steps=args.levels, t_min=(0.0, 0.0), cond_drop=0.0)
-    density = toy_density(args.density)
-    generator = torch.Generator().manual_seed(args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    # Cosine decay to 1% of the peak rate: no EMA is needed for a usable model at the end.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * i / args.train_iters))
+def train_ntm(model: trajflow.NTM, args: argparse.Namespace, out: Path) -> float:
+    """Fit the NTM to the density by the exact trajectory NLL (t_min = 0, so that x_0 is the data) through the
+    library's Trainer: AdamW, cosine decay to 1% of the peak rate, gradient clipping; returns the last loss."""
+    nll = trajflow.TrajectoryNLL(steps=args.levels, t_min=(0.0, 0.0), cond_drop=0.0)
+    points = toy_density(args.density).sample(65_536, generator=torch.Generator().manual_seed(args.seed))
+
+    def objective(model: trajflow.NTM, batch: list[torch.Tensor], generator: torch.Generator, step: int):
+        return nll(model, batch[0], generator=generator)
+
+    config = TrainerConfig(
+        steps=args.train_iters,
+        batch_size=args.batch_size,
+        lr=3e-3,
+        warmup_steps=0,
+        min_lr_ratio=0.01,
+        ema_decay=0.0,  # the cosine decay ends on a usable model
+        seed=args.seed,
+        log_every=max(1, args.train_iters // 10),
+        checkpoint_every=args.train_iters,
+        progress=args.verbose,
+        cpu=True,
     )
-    losses = []
-    for _ in range(args.train_iters):
-        x0 = density.sample(args.batch_size, generator=generator)
-        loss = loss_fn(model, x0, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
+    return Trainer(config, out / "training").fit(model, objective, TensorDataset(points)).loss
 
 
 # -- the inverse problem as a Pyro model ----------------------------------------------------------------------
@@ -82,8 +86,12 @@ def run_svi(model, prior, y, args, label: str) -> tuple[torch.Tensor, list[float
     pyro.clear_param_store()
     pyro.set_rng_seed(args.seed)
     guide = AutoNormal(model, init_loc_fn=init_to_sample, init_scale=0.1)
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.1 ** (1 / args.svi_steps)}),
-              Trace_ELBO(num_particles=args.particles, vectorize_particles=True))
+    svi = SVI(
+        model,
+        guide,
+        pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.1 ** (1 / args.svi_steps)}),
+        Trace_ELBO(num_particles=args.particles, vectorize_particles=True),
+    )
     start, losses = time.perf_counter(), []
     for step in range(args.svi_steps):
         losses.append(svi.step(prior, y, args.noise))
@@ -171,8 +179,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tree-depth", type=int, default=6, help="NUTS max tree depth")
     parser.add_argument("--draws", type=int, default=200_000, help="prior draws of the importance reference")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: fastest for small tensors)")
-    parser.add_argument("--noise-space", action="store_true",
-                        help="also infer on the trajectory's standard normal noise (TrajectoryNoiseReparam)")
+    parser.add_argument(
+        "--noise-space",
+        action="store_true",
+        help="also infer on the trajectory's standard normal noise (TrajectoryNoiseReparam)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (a test of the script, not results)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -193,9 +204,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         ntm = build_ntm(*((32, 1) if args.smoke else (128, 3)))  # (width, depth) of the predictor
         start = time.perf_counter()
-        train_losses = train_ntm(ntm, args)
+        train_loss = train_ntm(ntm, args, out)
         timings["train"] = time.perf_counter() - start
-        print(f"trained the NTM: {args.train_iters} steps, final loss {train_losses[-1]:.3f} nats/dim")
+        print(f"trained the NTM: {args.train_iters} steps, final loss {train_loss:.3f} nats/dim")
         ntm.save_pretrained(out / "model")
         save_json(out / "model" / "prior.json", {"density": args.density, "levels": args.levels})
     ntm.eval().requires_grad_(False)  # the prior is fixed: Pyro only learns the guide's parameters
@@ -207,7 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     prior_traj = prior.sample((args.samples,), generator=generator)
     reference, ess = importance_resample(
-        prior, lambda traj: dist.Normal(traj[:, 0, 0], args.noise).log_prob(y), args.draws, args.samples,
+        prior,
+        lambda traj: dist.Normal(traj[:, 0, 0], args.noise).log_prob(y),
+        args.draws,
+        args.samples,
         generator=generator,
     )
     timings["importance"] = time.perf_counter() - start
