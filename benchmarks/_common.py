@@ -7,8 +7,8 @@ Every script writes one JSON file ``benchmarks/results/<name>.json``::
      "rows": [{"task": ..., "method": ..., "steps": ..., "metric": ..., "value": ..., "seed": ..., ...}]}
 
 ``dirty`` says whether the working tree had uncommitted changes when the numbers were measured (then
-``commit`` is not exactly the code that ran). Files are written atomically (temporary file, then
-``os.replace``), so a benchmark killed half-way leaves the previous complete file.
+``commit`` is not exactly the code that ran). Files are written atomically (:func:`trajflow.checkpoint.atomic_write`:
+a temporary file, then ``os.replace``), so a benchmark killed half-way leaves the previous complete file.
 
 Example:
     >>> import tempfile, pathlib
@@ -26,13 +26,14 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from trajflow.checkpoint import atomic_write
 
 __all__ = [
     "ROOT",
@@ -148,17 +149,8 @@ def write_results(
         **dict(extra or {}),
         "rows": rows,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(payload, indent=1) + "\n"
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))  # the library's one atomic writer
     return payload
 
 
