@@ -11,6 +11,8 @@ MOVED = {
     # old module -> (new module, a name both must give)
     "trajflow.flow_matching": ("trajflow.baselines.flow_matching", "FlowMatchingLoss"),
     "trajflow.predictors.flow_matching": ("trajflow.predictors.from_velocity", "FlowMatchingPredictor"),
+    "trajflow.t2i": ("trajflow.recipes.t2i", "train_t2i"),
+    "trajflow.toy": ("trajflow.recipes.toy", "run_toy"),
 }
 
 
