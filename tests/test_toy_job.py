@@ -163,6 +163,12 @@ def test_config_validation(kwargs: dict, message: str) -> None:
         ToyConfig(**kwargs)
 
 
+def test_from_dict_names_unknown_fields() -> None:
+    assert ToyConfig.from_dict(ToyConfig().to_dict()) == ToyConfig()
+    with pytest.raises(ValueError, match=r"config: ToyConfig has no field\(s\) \['densty'\]"):
+        ToyConfig.from_dict({"densty": "moons"})
+
+
 def test_seconds_budget(tmp_path: Path) -> None:
     cfg = _tiny_config(iters=None, seconds=0.5, methods=("fm",))
     result = run_toy(cfg, tmp_path)

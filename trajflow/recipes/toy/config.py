@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...data.toy import TOY_DENSITIES, toy_density
+from ...pretrained import dataclass_from_dict
 
 __all__ = ["METHODS", "RESUME_IGNORED", "DIMS", "ToyConfig", "auto_threads"]
 
@@ -184,11 +185,7 @@ class ToyConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToyConfig:
         """Rebuild a config saved by :meth:`to_dict`; unknown keys raise a ValueError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"config: unknown ToyConfig fields {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "config")
 
 
 def _check_int(name: str, value: object, low: int) -> None:
