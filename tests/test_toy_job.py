@@ -176,13 +176,3 @@ def test_seconds_budget(tmp_path: Path) -> None:
     assert entry["train_iters"] >= 1 and 0.5 <= entry["train_seconds"] < 5.0
     assert result.metrics["budget"] == {"seconds": 0.5}
 
-
-def test_old_import_path_warns_and_gives_the_same_objects() -> None:
-    import importlib
-    import sys as _sys
-
-    _sys.modules.pop("trajflow.toy", None)
-    with pytest.warns(DeprecationWarning, match="trajflow.recipes.toy"):
-        old = importlib.import_module("trajflow.toy")
-    assert old.run_toy is run_toy and old.ToyConfig is ToyConfig
-    assert set(old.__all__) == set(toy.__all__)
