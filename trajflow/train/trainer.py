@@ -153,6 +153,8 @@ class Trainer:
             from accelerate import Accelerator, DistributedDataParallelKwargs
         except ImportError as e:  # pragma: no cover - accelerate is a declared dependency of trajflow[t2i]
             raise ImportError("Trainer needs accelerate: pip install accelerate (or 'trajflow[t2i]')") from e
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config: expected a trajflow.train.TrainerConfig, got {type(config).__name__}")
         self.config = config
         self.out_dir = Path(out_dir)
         if accelerator is None:
@@ -344,6 +346,11 @@ class Trainer:
         Raises:
             ValueError: The checkpoint's config differs (naming the fields), or the world size does.
         """
+        if not isinstance(model, nn.Module) or not callable(objective):
+            got = f"{type(model).__name__} and {type(objective).__name__}"
+            raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
+        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
+            raise ValueError(f"stop_at: expected a positive integer step or None, got {stop_at!r}")
         cfg, acc = self.config, self.accelerator
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
