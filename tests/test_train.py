@@ -339,7 +339,7 @@ def test_trainer_and_fit_name_bad_arguments(tmp_path):
     trainer = Trainer(_config(), tmp_path)
     with pytest.raises(TypeError, match="model, objective: expected an nn.Module .*, got function and Tiny"):
         trainer.fit(noisy_objective, Tiny(), _data())
-    with pytest.raises(ValueError, match="stop_at: expected a positive integer step or None, got 0"):
+    with pytest.raises(ValueError, match=r"stop_at: expected an integer >= 1, got 0 \(int\)"):
         trainer.fit(Tiny(), noisy_objective, _data(), stop_at=0)
 
 

@@ -31,6 +31,7 @@ from ..checkpoint import (
     save_safetensors,
     save_torch,
 )
+from ..checks import check_count
 from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
 from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
@@ -287,8 +288,8 @@ class Trainer:
         if not isinstance(model, nn.Module) or not callable(objective):
             got = f"{type(model).__name__} and {type(objective).__name__}"
             raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
-        if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 1):
-            raise ValueError(f"stop_at: expected a positive integer step or None, got {stop_at!r}")
+        if stop_at is not None:
+            stop_at = check_count("stop_at", stop_at)
         cfg, acc = self.config, self.accelerator
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
