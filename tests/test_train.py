@@ -325,11 +325,22 @@ def test_rng_state_round_trip():
         ({"warmup_steps": 50, "steps": 10}, "train.warmup_steps"),
         ({"ema_decay": 1.0}, "train.ema_decay"),
         ({"betas": (0.9,)}, "train.betas"),
+        ({"grad_clip": -1.0}, "train.grad_clip: expected a non-negative number, got -1.0"),
     ],
 )
 def test_trainer_config_errors(kw, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         TrainerConfig(**kw)
+
+
+def test_trainer_and_fit_name_bad_arguments(tmp_path):
+    with pytest.raises(TypeError, match="config: expected a trajflow.train.TrainerConfig, got dict"):
+        Trainer({"steps": 4}, tmp_path)
+    trainer = Trainer(_config(), tmp_path)
+    with pytest.raises(TypeError, match="model, objective: expected an nn.Module .*, got function and Tiny"):
+        trainer.fit(noisy_objective, Tiny(), _data())
+    with pytest.raises(ValueError, match=r"stop_at: expected an integer >= 1, got 0 \(int\)"):
+        trainer.fit(Tiny(), noisy_objective, _data(), stop_at=0)
 
 
 def test_dataset_smaller_than_a_batch(tmp_path):

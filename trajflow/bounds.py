@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from .checks import check_count
+
 __all__ = ["LikelihoodBounds"]
 
 
@@ -40,7 +42,7 @@ class LikelihoodBounds:
         same draws.
         """
         lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
+        num_samples = check_count("num_samples", num_samples)
         x0 = x0.expand(*lead, *self.data_shape)
         grid = self._times(lead)
         total = 0.0
@@ -60,7 +62,7 @@ class LikelihoodBounds:
             Their mean is the ELBO estimate and their log-mean-exp the IWAE estimate.
         """
         lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
+        num_samples = check_count("num_samples", num_samples)
         x0 = x0.expand(num_samples, *lead, *self.data_shape)
         grid = self._times(torch.Size((num_samples, *lead)))
         traj = self.process.sample_from(x0, grid, generator=generator)
@@ -137,12 +139,12 @@ class LikelihoodBounds:
         benchmark can report both for one set of network evaluations. Same arguments as :meth:`iwae`.
         """
         lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = _check_count("num_samples", num_samples)
+        num_samples = check_count("num_samples", num_samples)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
         if chunk_size is None:
             chunk_size = max(1, min(num_samples, 4096 // max(1, lead.numel())))
-        chunk_size = _check_count("chunk_size", chunk_size)
+        chunk_size = check_count("chunk_size", chunk_size)
         lse: Tensor | None = None  # running logsumexp of the weights seen so far
         total: Tensor | None = None  # running sum of the log weights
         done = 0
@@ -155,12 +157,3 @@ class LikelihoodBounds:
             done += c
         assert lse is not None and total is not None
         return lse - math.log(num_samples), total / num_samples
-
-
-def _check_count(name: str, value: object) -> int:
-    """Raise unless ``value`` is an integer >= 1 (a number of samples or a chunk size)."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r} ({type(value).__name__})")
-    return value

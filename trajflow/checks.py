@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_count",
     "check_tensor",
     "check_event_shape",
     "check_finite",
@@ -97,3 +98,23 @@ def check_step_index(k: object, steps: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= steps:
         raise ValueError(f"k: expected an integer step index in 1..{steps}, got {k!r}")
     return k
+
+
+def check_count(name: str, value: object, low: int = 1) -> int:
+    """Raise unless ``value`` is an integer ``>= low`` (a number of samples, steps, threads ...); returns it.
+
+    A one-element integer tensor counts as its integer; ``bool`` does not count as an integer.
+
+    Example:
+        >>> check_count("num_samples", 4)
+        4
+        >>> check_count("num_samples", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: num_samples: expected an integer >= 1, got 0 (int)
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r} ({type(value).__name__})")
+    return value

@@ -48,7 +48,7 @@ from torch import Tensor
 from torch.distributions import Distribution
 from zuko.distributions import NormalizingFlow
 
-from ..checks import check_event_shape
+from ..checks import check_count, check_event_shape
 from ..distribution import TrajectoryDistribution
 
 __all__ = [
@@ -248,9 +248,8 @@ def importance_resample(
     dist = _check_trajectory_distribution(dist)
     if dist.batch_shape != torch.Size():
         raise ValueError(f"dist: expected batch_shape (), got {tuple(dist.batch_shape)}; use one prior per observation")
-    for label, n in (("num_draws", num_draws), ("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"{label}: expected an integer >= 1, got {n!r}")
+    num_draws, num_samples = check_count("num_draws", num_draws), check_count("num_samples", num_samples)
+    chunk_size = check_count("chunk_size", chunk_size)
     trajs, log_ws = [], []
     with torch.no_grad():
         for start in range(0, num_draws, chunk_size):

@@ -139,7 +139,7 @@ def evaluate_shapes_model(
     between the reader's features of the generated and of the real images of the same prompts.
 
     Arguments:
-        bundle: A :class:`~trajflow.t2i.T2IModel` trained on shapes.
+        bundle: A :class:`~trajflow.recipes.t2i.T2IModel` trained on shapes.
         reader: The :class:`ShapesReader` for that data.
 
     Returns:

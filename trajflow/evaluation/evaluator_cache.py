@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..checkpoint import CONFIG_FILE, load_json, load_model_weights, resolve_checkpoint, save_json
@@ -40,6 +40,8 @@ __all__ = [
     "CACHE_VERSION",
     "REPORT_FILE",
     "entry_dir",
+    "evaluator_trainer_config",
+    "noise_augment",
     "fit_evaluator",
     "cached_config",
     "load_evaluator",
@@ -90,6 +92,45 @@ def _caller_state_kept() -> Iterator[None]:
             cls._shared_state.clear()
             cls._shared_state.update(state)
         restore_rng_state(rng)
+
+
+def evaluator_trainer_config(
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    progress: bool = False,
+    device: torch.device,
+) -> TrainerConfig:
+    """The :class:`TrainerConfig` of an evaluation network: AdamW without clipping or EMA, a cosine decay to zero
+    after ``warmup_steps``, and one checkpoint, at the end."""
+    return TrainerConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        min_lr_ratio=0.0,
+        weight_decay=weight_decay,
+        betas=(0.9, 0.999),
+        grad_clip=0.0,
+        ema_decay=0.0,
+        seed=seed,
+        log_every=min(50, steps),
+        checkpoint_every=steps,
+        keep_checkpoints=1,
+        progress=progress,
+        cpu=device.type == "cpu",
+    )
+
+
+def noise_augment(x: Tensor, noise: float, generator: torch.Generator) -> Tensor:
+    """Images ``x (B, C, H, W)`` plus Gaussian noise of a scale drawn per image uniformly in ``[0, noise)``: what an
+    evaluator trains on, so that it reads the slightly noisy images of a generator as it reads clean ones."""
+    sigma = noise * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
+    return x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
 
 
 def fit_evaluator(

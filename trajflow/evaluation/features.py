@@ -37,7 +37,16 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import check_config
 from ..train import TrainerConfig
-from .evaluator_cache import CACHE_VERSION, cached_config, entry_dir, fit_evaluator, load_evaluator, save_report
+from .evaluator_cache import (
+    CACHE_VERSION,
+    cached_config,
+    entry_dir,
+    evaluator_trainer_config,
+    fit_evaluator,
+    load_evaluator,
+    noise_augment,
+    save_report,
+)
 
 __all__ = [
     "FeatureNetConfig",
@@ -180,34 +189,17 @@ class ContrastiveLoss:
         self, model: TextImageFeatures, batch: tuple[Tensor, Tensor], generator: torch.Generator, step: int
     ) -> Tensor:
         x, text = batch
-        sigma = self.noise * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        x = noise_augment(x, self.noise, generator)
         logits = model.logit_scale.exp().clamp(max=100) * model.embed_images(x) @ model.embed_text(text).T  # (B, B)
         target = torch.arange(len(x), device=x.device)
         return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 def _trainer_config(cfg: FeatureNetConfig, n_train: int, progress: bool, device: torch.device) -> TrainerConfig:
-    """AdamW (no clipping, no EMA), no warmup, a cosine decay to zero over ``epochs`` epochs."""
+    """AdamW (weight decay 1e-4), no warmup, a cosine decay to zero over ``epochs`` epochs."""
     batch = min(cfg.batch_size, n_train)
     steps = cfg.epochs * max(1, n_train // batch)
-    return TrainerConfig(
-        steps=steps,
-        batch_size=batch,
-        lr=cfg.lr,
-        warmup_steps=0,
-        min_lr_ratio=0.0,
-        weight_decay=1e-4,
-        betas=(0.9, 0.999),
-        grad_clip=0.0,
-        ema_decay=0.0,
-        seed=cfg.seed,
-        log_every=min(50, steps),
-        checkpoint_every=steps,
-        keep_checkpoints=1,
-        progress=progress,
-        cpu=device.type == "cpu",
-    )
+    return evaluator_trainer_config(steps, batch, cfg.lr, cfg.seed, weight_decay=1e-4, progress=progress, device=device)
 
 
 def train_text_image_features(

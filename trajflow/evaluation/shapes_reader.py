@@ -24,7 +24,16 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from ..train import TrainerConfig
-from .evaluator_cache import CACHE_VERSION, cached_config, entry_dir, fit_evaluator, load_evaluator, save_report
+from .evaluator_cache import (
+    CACHE_VERSION,
+    cached_config,
+    entry_dir,
+    evaluator_trainer_config,
+    fit_evaluator,
+    load_evaluator,
+    noise_augment,
+    save_report,
+)
 
 if TYPE_CHECKING:
     from ..data.shapes import ShapesDataset
@@ -183,8 +192,7 @@ class ShapesReaderLoss:
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, Tensor], generator: torch.Generator, step: int) -> Tensor:
         x, y = batch
-        sigma = self.noise * torch.rand(len(x), 1, 1, 1, generator=generator, device=x.device)
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+        x = noise_augment(x, self.noise, generator)
         logits = model(x)
         present = y[..., 0] > 0  # (B, cells)
         loss = _masked_ce(logits["shape"], y[..., 0])
@@ -193,24 +201,10 @@ class ShapesReaderLoss:
 
 
 def _trainer_config(cfg: ShapesReaderConfig, n_train: int, progress: bool, device: torch.device) -> TrainerConfig:
-    """Adam (no weight decay, no clipping, no EMA), 10% warmup and a cosine decay over ``epochs`` epochs."""
+    """Adam (no weight decay), 10% warmup and a cosine decay to zero over ``epochs`` epochs."""
     steps = max(cfg.epochs * (n_train // cfg.batch_size), 1)
-    return TrainerConfig(
-        steps=steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        warmup_steps=steps // 10,
-        min_lr_ratio=0.0,
-        weight_decay=0.0,
-        betas=(0.9, 0.999),
-        grad_clip=0.0,
-        ema_decay=0.0,
-        seed=cfg.seed,
-        log_every=min(50, steps),
-        checkpoint_every=steps,
-        keep_checkpoints=1,
-        progress=progress,
-        cpu=device.type == "cpu",
+    return evaluator_trainer_config(
+        steps, cfg.batch_size, cfg.lr, cfg.seed, warmup_steps=steps // 10, progress=progress, device=device
     )
 
 

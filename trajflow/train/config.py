@@ -109,8 +109,9 @@ class TrainerConfig:
             raise ValueError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas!r}")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("train.weight_decay, train.grad_clip: expected non-negative numbers")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name}: expected a non-negative number, got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay: expected a number in [0, 1) (0 disables), got {self.ema_decay!r}")
         if self.mixed_precision not in _MIXED_PRECISION:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -32,10 +31,12 @@ from ..checkpoint import (
     save_safetensors,
     save_torch,
 )
+from ..checks import check_count
 from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
 from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
 from .data_order import ResumableSampler, mix_seed, to_device
+from .interval_log import IntervalLog
 from .random_state import capture_rng_state, restore_rng_state
 
 __all__ = ["Trainer"]
@@ -71,68 +72,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-class _IntervalLog:
-    """Losses and extra scalars summed on the device over a log interval, flushed as one ``log.jsonl`` record.
-
-    Summing on the device and reducing only at a flush keeps the step itself free of host synchronisation.
-    """
-
-    def __init__(self, trainer: Trainer, loss_name: str, batch_per_process: int) -> None:
-        self.trainer, self.loss_name = trainer, loss_name
-        self.global_batch = batch_per_process * trainer.world_size  # examples per optimizer step, all processes
-        self.path = trainer.out_dir / "log.jsonl"
-        self.writer = trainer._tensorboard()
-        self.loss = torch.zeros((), device=trainer.device, dtype=torch.float64)
-        self.logs: dict[str, Tensor] = {}
-        self.steps, self.seconds = 0, 0.0
-        self.last_loss = float("nan")  # until the first flush: the checkpoint's, on resume (see Trainer.fit)
-        self.history: list[dict[str, float]] = []
-
-    def add(self, loss: Tensor, logs: Mapping[str, Any], grad_accum: int) -> None:
-        self.loss += loss.detach().double() / grad_accum
-        for k, v in logs.items():
-            self.logs[k] = self.logs.get(k, 0.0) + torch.as_tensor(v).detach().double() / grad_accum
-
-    def tick(self, seconds: float) -> None:
-        self.steps += 1
-        self.seconds += seconds
-
-    def flush(self, step: int, epoch: int, lr: float, grad_norm: Tensor | None, last_ckpt: Path | None) -> dict:
-        acc = self.trainer.accelerator
-        self.last_loss = float(acc.reduce(self.loss, "mean")) / self.steps
-        if not math.isfinite(self.last_loss):
-            raise FloatingPointError(
-                f"loss: became {self.last_loss} by step {step}; lower train.lr, keep train.grad_clip on, or "
-                f"check the data (last checkpoint: {last_ckpt})"
-            )
-        record = {
-            "step": step,
-            "epoch": epoch,
-            self.loss_name: self.last_loss,
-            "lr": lr,
-            "images_per_s": self.global_batch * self.steps / max(self.seconds, 1e-9),
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        for k, v in self.logs.items():
-            record[k] = float(acc.reduce(v, "mean")) / self.steps
-        self.history.append(record)
-        if self.trainer.is_main:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        self.writer.add_scalar(f"train/{k}", v, step)
-        self.loss.zero_()
-        self.logs, self.steps, self.seconds = {}, 0, 0.0
-        return record
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
 # ============================================================================================== trainer
 class Trainer:
     """Trains a model on an objective with accelerate; see the module docstring.
@@ -153,6 +92,8 @@ class Trainer:
             from accelerate import Accelerator, DistributedDataParallelKwargs
         except ImportError as e:  # pragma: no cover - accelerate is a declared dependency of trajflow[t2i]
             raise ImportError("Trainer needs accelerate: pip install accelerate (or 'trajflow[t2i]')") from e
+        if not isinstance(config, TrainerConfig):
+            raise TypeError(f"config: expected a trajflow.train.TrainerConfig, got {type(config).__name__}")
         self.config = config
         self.out_dir = Path(out_dir)
         if accelerator is None:
@@ -344,6 +285,11 @@ class Trainer:
         Raises:
             ValueError: The checkpoint's config differs (naming the fields), or the world size does.
         """
+        if not isinstance(model, nn.Module) or not callable(objective):
+            got = f"{type(model).__name__} and {type(objective).__name__}"
+            raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
+        if stop_at is not None:
+            stop_at = check_count("stop_at", stop_at)
         cfg, acc = self.config, self.accelerator
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
@@ -376,7 +322,7 @@ class Trainer:
         step = start = int(info["step"])
         end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
         batches = self._batches(dataset, collate_fn, state)
-        log = _IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
+        log = IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
         log.last_loss = float(info.get("loss", float("nan")))  # what a resumed, already finished run returns
         params = [p for p in wrapped.parameters() if p.requires_grad]
         train_time = resumed_time = float(info.get("train_seconds", 0.0))  # carried across resumptions

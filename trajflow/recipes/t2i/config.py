@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...pretrained import dataclass_from_dict
 from ...train import TrainerConfig
 
 __all__ = [
@@ -313,10 +314,6 @@ class T2IConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> T2IConfig:
         """Build from a (JSON) dict; unknown fields raise a ``ValueError`` naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"config: unknown field(s) {unknown}; expected some of {sorted(known)}")
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             section = _SECTIONS.get(key)
@@ -325,15 +322,11 @@ class T2IConfig:
                 continue
             if not isinstance(value, Mapping):
                 raise ValueError(f"config.{key}: expected an object of fields, got {type(value).__name__}")
-            fields = {f.name for f in dataclasses.fields(section)}
-            bad = sorted(set(value) - fields)
-            if bad:
-                raise ValueError(f"config: unknown field(s) {[f'{key}.{b}' for b in bad]}; {key} has {sorted(fields)}")
             try:
-                kwargs[key] = section(**value)
+                kwargs[key] = dataclass_from_dict(section, value, f"config.{key}")
             except TypeError as e:
                 raise ValueError(f"config.{key}: {e}") from None
-        return cls(**kwargs)
+        return dataclass_from_dict(cls, kwargs, "config")
 
     @classmethod
     def from_json(cls, path: str | Path, overrides: list[str] | None = None) -> T2IConfig:

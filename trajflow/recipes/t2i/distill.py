@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ...checkpoint import save_json
+from ...pretrained import dataclass_from_dict
 from ...train import Trainer, TrainerConfig
 from .build import build_dataset
 from .bundle import load_t2i, load_t2i_config
@@ -92,12 +93,7 @@ class DistillConfig:
     @classmethod
     def from_overrides(cls, overrides: list[str], **fields: Any) -> DistillConfig:
         """``fields`` updated by ``"field=value"`` strings (values parsed as JSON); unknown fields raise."""
-        d = apply_overrides(fields, overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"distill: unknown field(s) {bad}; expected some of {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, apply_overrides(fields, overrides), "distill")
 
 
 class DistillObjective:

@@ -9,6 +9,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
+from ...baselines.single_flow import count_parameters
 from ...train import Trainer, TrainResult
 from .build import build_dataset, build_model
 from .bundle import load_t2i
@@ -54,7 +55,7 @@ def train_t2i(
         model = build_model(config, encoder.feature_dim, shape)
         objective = TextToImageObjective(config, encoder, shape, vae)
     n_caps = objective.prepare(dataset, progress=trainer.is_main and config.train.progress)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     trainer.print(
         f"t2i: {config.model.kind} with {n_params / 1e6:.2f}M parameters on {shape}; data {dataset!r}"
         + (f"; {n_caps} captions encoded" if n_caps else "")

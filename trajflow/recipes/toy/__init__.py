@@ -28,7 +28,7 @@ from .data import ToyTrainingSet
 from .evaluate import evaluate_method
 from .figure import plot_toy
 from .job import ToyResult, metrics_to_rows, run_toy
-from .methods import ToyObjective, build_model, num_params
+from .methods import ToyObjective, build_model
 from .train import (
     TrainRecord,
     train_flow_matching,
@@ -48,7 +48,6 @@ __all__ = [
     "ToyObjective",
     "ToyTrainingSet",
     "build_model",
-    "num_params",
     "trainer_config",
     "train_method",
     "train_ntm",

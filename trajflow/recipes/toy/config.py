@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ...checks import check_count
 from ...data.toy import TOY_DENSITIES, toy_density
+from ...pretrained import dataclass_from_dict
 
 __all__ = ["METHODS", "RESUME_IGNORED", "DIMS", "ToyConfig", "auto_threads"]
 
@@ -119,14 +121,14 @@ class ToyConfig:
         self.methods = tuple(self.methods)
         if self.density not in TOY_DENSITIES:
             toy_density(self.density)  # raises the ValueError that lists the valid names
-        _check_int("steps", self.steps, 1)
+        check_count("steps", self.steps, 1)
         if (self.iters is None) == (self.seconds is None):
             raise ValueError(
                 f"iters, seconds: expected exactly one training budget, got iters={self.iters!r} and "
                 f"seconds={self.seconds!r}"
             )
         if self.iters is not None:
-            _check_int("iters", self.iters, 1)
+            check_count("iters", self.iters, 1)
         if self.seconds is not None and not (isinstance(self.seconds, (int, float)) and self.seconds > 0):
             raise ValueError(f"seconds: expected a positive number of seconds, got {self.seconds!r}")
         for name, low in (
@@ -144,7 +146,7 @@ class ToyConfig:
             ("elbo_samples", 1),
             ("checkpoint_every", 1),
         ):
-            _check_int(name, getattr(self, name), low)
+            check_count(name, getattr(self, name), low)
         if self.sample_size > self.test_size:
             raise ValueError(
                 f"sample_size: expected at most test_size={self.test_size} (the distances use that many test "
@@ -168,7 +170,7 @@ class ToyConfig:
         if unknown or not self.methods:
             raise ValueError(f"methods: expected a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
         if self.threads is not None:
-            _check_int("threads", self.threads, 1)
+            check_count("threads", self.threads, 1)
         if self.device not in ("cpu", "cuda", "cuda:0"):
             # The Trainer (accelerate) trains on the process's current device; pick a GPU with CUDA_VISIBLE_DEVICES.
             raise ValueError(
@@ -184,16 +186,7 @@ class ToyConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToyConfig:
         """Rebuild a config saved by :meth:`to_dict`; unknown keys raise a ValueError naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"config: unknown ToyConfig fields {unknown}")
-        return cls(**d)
-
-
-def _check_int(name: str, value: object, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        return dataclass_from_dict(cls, d, "config")
 
 
 def auto_threads() -> int:

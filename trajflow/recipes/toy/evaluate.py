@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from ...baselines.flow_matching import euler_sample
+from ...baselines.single_flow import count_parameters
 from ...metrics import energy_distance, sliced_wasserstein
 from ...process import MarkovInterpolant, time_grid
 from .config import DIMS, METHODS, ToyConfig
-from .methods import num_params
 
 __all__ = ["evaluate_method", "distances", "SEED_TEST", "SEED_SAMPLE", "SEED_EVAL", "SEED_REFERENCE"]
 
@@ -108,5 +108,5 @@ def evaluate_method(
     else:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     for entry in entries.values():
-        entry["params"] = num_params(model)
+        entry["params"] = count_parameters(model)
     return entries, samples

@@ -14,20 +14,16 @@ from ...transporters import IdentityTransporter, ZukoTransporter
 from ...velocity import MLPVelocity
 from .config import DIMS, METHODS, ToyConfig
 
-__all__ = ["build_model", "ToyObjective", "num_params"]
-
-
-def num_params(module: nn.Module) -> int:
-    """Trainable parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+__all__ = ["build_model", "ToyObjective"]
 
 
 def build_model(method: str, cfg: ToyConfig) -> nn.Module:
     """The untrained model of ``method`` (one of :data:`METHODS`), initialised from ``cfg.seed``.
 
     Example:
+        >>> from trajflow.baselines import count_parameters
         >>> model = build_model("fm", ToyConfig(width=16, depth=1))
-        >>> type(model).__name__, num_params(model) > 0
+        >>> type(model).__name__, count_parameters(model) > 0
         ('MLPVelocity', True)
     """
     _check_method(method)

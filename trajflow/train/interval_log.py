@@ -1,0 +1,80 @@
+"""The training log of :class:`~trajflow.train.Trainer`: one ``log.jsonl`` record (and TensorBoard scalars) per
+log interval."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+__all__ = ["IntervalLog"]
+
+
+class IntervalLog:
+    """Losses and extra scalars summed on the device over a log interval, flushed as one ``log.jsonl`` record.
+
+    Summing on the device and reducing only at a flush keeps the step itself free of host synchronisation.
+    """
+
+    def __init__(self, trainer: Trainer, loss_name: str, batch_per_process: int) -> None:
+        self.trainer, self.loss_name = trainer, loss_name
+        self.global_batch = batch_per_process * trainer.world_size  # examples per optimizer step, all processes
+        self.path = trainer.out_dir / "log.jsonl"
+        self.writer = trainer._tensorboard()
+        self.loss = torch.zeros((), device=trainer.device, dtype=torch.float64)
+        self.logs: dict[str, Tensor] = {}
+        self.steps, self.seconds = 0, 0.0
+        self.last_loss = float("nan")  # until the first flush: the checkpoint's, on resume (see Trainer.fit)
+        self.history: list[dict[str, float]] = []
+
+    def add(self, loss: Tensor, logs: Mapping[str, Any], grad_accum: int) -> None:
+        self.loss += loss.detach().double() / grad_accum
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + torch.as_tensor(v).detach().double() / grad_accum
+
+    def tick(self, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+
+    def flush(self, step: int, epoch: int, lr: float, grad_norm: Tensor | None, last_ckpt: Path | None) -> dict:
+        acc = self.trainer.accelerator
+        self.last_loss = float(acc.reduce(self.loss, "mean")) / self.steps
+        if not math.isfinite(self.last_loss):
+            raise FloatingPointError(
+                f"loss: became {self.last_loss} by step {step}; lower train.lr, keep train.grad_clip on, or "
+                f"check the data (last checkpoint: {last_ckpt})"
+            )
+        record = {
+            "step": step,
+            "epoch": epoch,
+            self.loss_name: self.last_loss,
+            "lr": lr,
+            "images_per_s": self.global_batch * self.steps / max(self.seconds, 1e-9),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        for k, v in self.logs.items():
+            record[k] = float(acc.reduce(v, "mean")) / self.steps
+        self.history.append(record)
+        if self.trainer.is_main:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        self.writer.add_scalar(f"train/{k}", v, step)
+        self.loss.zero_()
+        self.logs, self.steps, self.seconds = {}, 0, 0.0
+        return record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
