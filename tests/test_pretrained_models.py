@@ -362,3 +362,14 @@ def test_mlp_configs_rebuild_the_same_function(config, scale_bound):
         with torch.no_grad():
             for a, b in zip(torch.utils._pytree.tree_leaves(call(model)), torch.utils._pytree.tree_leaves(call(again))):
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [{"width": 0}, {"depth": -1}, {"width": 2.5}])
+def test_mlp_networks_refuse_bad_sizes_by_name(bad):
+    from trajflow.predictors import MLPPredictor
+    from trajflow.velocity import MLPVelocity
+
+    (name,) = bad
+    for cls in (MLPPredictor, MLPVelocity):
+        with pytest.raises(ValueError, match=f"{name}: expected an integer"):
+            cls(2, **bad)

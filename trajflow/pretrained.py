@@ -22,11 +22,8 @@ Example:
     ...         super().__init__()
     ...         self.features = features
     ...         self.linear = torch.nn.Linear(features, features)
-    ...     def config_dict(self):
+    ...     def config_dict(self):  # from_config's default, cls(**config), rebuilds it
     ...         return {"features": self.features}
-    ...     @classmethod
-    ...     def from_config(cls, config):
-    ...         return cls(**config)
     >>> model = Affine(3)
     >>> folder = model.save_pretrained(tempfile.mkdtemp())
     >>> again = Affine.from_pretrained(folder)
@@ -69,8 +66,9 @@ _REGISTRY: dict[str, type[Pretrained]] = {}
 class Pretrained:
     """Mixin for ``nn.Module`` classes that can be saved to and rebuilt from a pretrained folder.
 
-    Subclasses implement :meth:`config_dict` (JSON-serialisable constructor arguments) and :meth:`from_config`
-    (build an untrained model from them); they get :meth:`save_pretrained` and :meth:`from_pretrained`.
+    Subclasses implement :meth:`config_dict` (JSON-serialisable constructor arguments) and, where those are
+    not simply the constructor's keyword arguments, :meth:`from_config`; they get :meth:`save_pretrained` and
+    :meth:`from_pretrained`.
     Class names must be unique among subclasses: the folder records the name, and
     ``Base.from_pretrained(dir)`` on a base class rebuilds whichever registered subclass wrote ``dir``.
     """
@@ -93,8 +91,9 @@ class Pretrained:
 
     @classmethod
     def from_config(cls: type[P], config: Mapping[str, Any]) -> P:
-        """An untrained model built from :meth:`config_dict`'s output."""
-        raise NotImplementedError(f"{cls.__name__}: from_config is not implemented")
+        """An untrained model built from :meth:`config_dict`'s output: by default ``cls(**config)``, right
+        for classes whose config is their constructor's keyword arguments; override it otherwise."""
+        return cls(**config)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed); returns it."""

@@ -8,7 +8,6 @@ around one (:class:`~trajflow.predictors.FlowMatchingPredictor`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -83,9 +82,6 @@ class MLPVelocity(Pretrained, VelocityModel):
             "time_features": self.time_features,
         }
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MLPVelocity:
-        return cls(**config)
 
     def forward(
         self, x_t: Tensor, t: Tensor, cond: Tensor | None = None, drop_cond: Tensor | None = None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..checks import check_count
+
 
 class ResidualBlock(nn.Module):
     """Pre-norm residual block ``h + W2 act(W1 norm(h) + c)``; ``c`` adds the conditioning."""
@@ -32,6 +34,8 @@ class ResidualMLP(nn.Module):
 
     def __init__(self, in_features: int, cond_features: int, width: int = 256, depth: int = 3) -> None:
         super().__init__()
+        check_count("width", width)
+        check_count("depth", depth, low=0)
         self.proj_in = nn.Linear(in_features, width)
         self.proj_cond = nn.Sequential(nn.Linear(cond_features, width), nn.SiLU())
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))

@@ -2,7 +2,6 @@ r"""An MLP predictor for vector data: :math:`(u_t, t, s, y) \mapsto (\mu_P, \sig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -80,9 +79,6 @@ class MLPPredictor(Pretrained, Predictor):
             "scale_bound": self.scale_bound,
         }
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MLPPredictor:
-        return cls(**config)
 
     def check_cond(self, cond: Condition | None) -> torch.Size:
         batch = super().check_cond(cond)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,9 +39,6 @@ class IdentityTransporter(Pretrained, Transporter):
         """``{"event_shape": [...]}``: all :meth:`from_config` needs (the map has no parameters)."""
         return {"event_shape": list(self.event_shape)}
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> IdentityTransporter:
-        return cls(**config)
 
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None

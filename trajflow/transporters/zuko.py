@@ -2,7 +2,7 @@ r"""Transporters built from zuko flows, with the level's time as zuko's context.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -103,9 +103,6 @@ class ZukoTransporter(Pretrained, Transporter):
             )
         return dict(self.preset_config)
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ZukoTransporter:
-        return cls(**config)
 
     def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
         self.reject_cond(cond)
