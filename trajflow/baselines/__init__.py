@@ -1,6 +1,10 @@
 """The baselines NTM is measured against, on the same data and budget.
 
 * :mod:`~trajflow.baselines.flow_matching`: flow matching (loss, Euler and Heun ODE samplers);
+* :mod:`~trajflow.baselines.meanflow`: MeanFlow (average velocity, one- and few-step sampling), fine-tuned
+  from a flow-matching teacher;
+* :mod:`~trajflow.baselines.progressive_distillation`: progressive distillation of a flow-matching teacher
+  (each round halves the Euler steps);
 * :mod:`~trajflow.baselines.single_flow`: one transporter used alone as a normalizing flow (TarFlow), with
   its exact bits/dim and parameter matching;
 * :mod:`~trajflow.baselines.gaussian_step`: the NTM with the identity transporter (Gaussian reverse steps);
@@ -9,13 +13,20 @@
 
 from .flow_matching import FlowMatchingLoss, euler_sample, heun_sample
 from .gaussian_step import gaussian_step_model
+from .meanflow import MeanFlowLoss, MeanFlowVelocity, meanflow_sample
 from .pixel_categorical import PixelCategorical, pixel_categorical_bits_per_dim
+from .progressive_distillation import ProgressiveDistillationLoss, distillation_rounds
 from .single_flow import SingleFlow, SingleFlowNLL, count_parameters, matched_single_flow
 
 __all__ = [
     "FlowMatchingLoss",
     "euler_sample",
     "heun_sample",
+    "MeanFlowVelocity",
+    "MeanFlowLoss",
+    "meanflow_sample",
+    "ProgressiveDistillationLoss",
+    "distillation_rounds",
     "SingleFlow",
     "SingleFlowNLL",
     "matched_single_flow",
