@@ -445,3 +445,25 @@ def test_a_resumed_run_carries_its_seconds_and_loss(tmp_path):
     assert whole.train_seconds > part.train_seconds > 0  # the seconds of both sessions, not the last one's
     again = _fit(tmp_path, cfg, resume=True)  # already finished: no step is taken
     assert again.step == 4 and again.loss == whole.loss and again.train_seconds == whole.train_seconds
+
+
+def test_evaluate_gives_a_learning_curve_with_the_ema_weights_outside_training_time(tmp_path):
+    cfg = TrainerConfig(steps=20, batch_size=4, warmup_steps=0, ema_decay=0.9, checkpoint_every=100, progress=False)
+    model = Tiny()
+    seen = []
+
+    def evaluate(m, point):
+        assert not m.training
+        seen.append({k: v.clone() for k, v in m.state_dict().items()})
+        return {"weight_sum": float(sum(p.detach().sum() for p in m.parameters()))}
+
+    result = Trainer(cfg, tmp_path / "run").fit(model, noisy_objective, _data(), evaluate=evaluate, evaluate_points=4)
+    points = result.evaluations
+    assert [p["step"] for p in points] == [0, 5, 10, 15, 20]
+    assert [p["progress"] for p in points] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert all("weight_sum" in p and "train_seconds" in p for p in points)
+    assert model.training  # back in training mode, with its raw weights restored
+    raw = {k: v for k, v in model.state_dict().items()}
+    assert any(not torch.equal(seen[-1][k], raw[k]) for k in raw)  # the evaluation saw the EMA weights
+    with pytest.raises(ValueError, match="evaluate_points"):
+        Trainer(cfg, tmp_path / "bad").fit(model, noisy_objective, _data(), evaluate=evaluate, evaluate_points=0)

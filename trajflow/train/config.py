@@ -7,10 +7,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ..ema import EMA
 
 __all__ = ["TrainerConfig", "Objective", "TrainResult", "RESUME_IGNORED_FIELDS"]
 
@@ -64,6 +67,8 @@ class TrainerConfig:
             it) and the run stops at the first step past the budget (or at ``steps``), with a checkpoint.
             For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
             bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
+            Objectives whose terms follow a schedule read the same share through ``progress`` (see
+            :meth:`run_progress` and :class:`Objective`).
     """
 
     steps: int = 10_000
@@ -101,7 +106,10 @@ class TrainerConfig:
             )
         if not self.lr > 0:
             raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
-        if self.time_budget is not None and not (math.isfinite(self.time_budget) and self.time_budget > 0):
+        budget = self.time_budget
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0)
+        ):
             raise ValueError(
                 f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
             )
@@ -122,15 +130,45 @@ class TrainerConfig:
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"train.num_workers: expected a non-negative integer, got {self.num_workers!r}")
 
+    def run_progress(self, step: int, train_seconds: float) -> float:
+        """How much of the run is done after ``step`` optimizer steps and ``train_seconds`` of training, in [0, 1].
+
+        ``max(step / steps, train_seconds / time_budget)`` (the second term only with a ``time_budget``),
+        capped at 1: the share of whichever limit ends the run first. The :class:`Trainer` hands it to
+        objectives that take a ``progress`` keyword (see :class:`Objective`) and, with a time budget, runs its
+        learning-rate schedule on it. Both counts are restored on resume, so a resumed run continues from the
+        same progress.
+
+        Example:
+            >>> cfg = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
+            >>> cfg.run_progress(step=10, train_seconds=15.0), TrainerConfig(steps=100).run_progress(25, 1e9)
+            (0.25, 0.25)
+        """
+        done = step / self.steps
+        if self.time_budget is not None:
+            done = max(done, train_seconds / self.time_budget)
+        return min(max(done, 0.0), 1.0)
+
 
 class Objective(Protocol):
-    """What :class:`Trainer` optimises: ``objective(model, batch, generator, step)``.
+    """What :class:`Trainer` optimises: ``objective(model, batch, generator, step)``, or
+    ``objective(model, batch, generator, step, progress=...)`` when it takes a ``progress`` keyword.
 
     Returns a scalar float32 loss, or ``(loss, logs)`` with extra scalars to log. ``batch`` is what the
     DataLoader yields, already moved to the device; ``generator`` is the process's ``torch.Generator`` on
     that device, which the objective should use for every random draw (it is saved in checkpoints);
     ``step`` is the optimizer step being computed (0 for the first; the same for every micro-batch of a
     step, and restored on resume), for objectives whose terms follow a schedule.
+
+    ``progress`` is passed only to objectives whose signature has a ``progress`` parameter (or ``**kwargs``):
+    the share of the run done before this step, :meth:`TrainerConfig.run_progress` =
+    ``max(step / steps, train_seconds / time_budget)`` in [0, 1], the same for every micro-batch of a step and
+    restored on resume. A schedule that follows it decays over the run whether the run is counted in steps
+    or in seconds (a time-budgeted run sets ``steps`` far beyond what it reaches, so ``step / steps`` alone
+    stays near 0). Each process measures its own seconds, so under a time budget the processes' values may
+    differ slightly. :class:`~trajflow.finetune.FinetuneLoss` (``decay_fraction``) and
+    :class:`~trajflow.likelihood.DequantizedObjective` take it.
+
     An optional attribute ``loss_name`` (e.g. ``"nll_per_dim"``) names the loss in logs.
     """
 
@@ -141,7 +179,12 @@ class Objective(Protocol):
 
 @dataclass
 class TrainResult:
-    """What :meth:`Trainer.fit` returns (on every process)."""
+    """What :meth:`Trainer.fit` returns (on every process).
+
+    The trained model itself holds the **raw** weights of the last optimizer step, not their EMA: put the
+    averages in with ``result.ema.copy_to(model)`` (or sample inside ``with result.ema.average_parameters(model):``),
+    or load a checkpoint's with :func:`trajflow.checkpoint.load_model_weights` ``(..., ema=True)``.
+    """
 
     step: int
     epoch: int
@@ -150,3 +193,7 @@ class TrainResult:
     train_seconds: float
     checkpoint: Path | None
     history: list[dict[str, float]] = field(default_factory=list)
+    ema: EMA | None = None
+    """The EMA of the model's trainable parameters at the end of the run (``None`` when ``ema_decay = 0``);
+    it is what the last checkpoint's ``ema.safetensors`` holds."""
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # the ``evaluate`` points of ``fit``

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -267,6 +268,8 @@ class Trainer:
         collate_fn: Callable | None = None,
         resume: bool | str | Path = False,
         stop_at: int | None = None,
+        evaluate: Callable[[nn.Module, dict[str, float]], Mapping[str, float] | None] | None = None,
+        evaluate_points: int = 10,
     ) -> TrainResult:
         """Train ``model`` for ``config.steps`` optimizer steps (or until ``stop_at``), checkpointing as it goes.
 
@@ -281,6 +284,13 @@ class Trainer:
                 is none); a path: continue from that checkpoint; ``False``: start afresh.
             stop_at: Stop after this step (checkpointed) without changing the schedule, as an interruption
                 would; used by tests of resumption.
+            evaluate: Called as ``evaluate(model, point)`` at the start of a fresh run and each time the run
+                passes another ``1 / evaluate_points`` of its length (of ``time_budget`` when timed, else of
+                ``steps``): a learning curve. ``model`` holds the EMA weights (the raw ones when there is no
+                EMA) and is in eval mode; ``point`` has ``step``, ``train_seconds`` and ``progress`` in [0, 1].
+                Its time is not training time. What it returns is added to ``point``, and the points are
+                :attr:`TrainResult.evaluations`. Points passed before a resumption are not repeated.
+            evaluate_points: How many evaluations after the start (10: every 10% of the run).
 
         Raises:
             ValueError: The checkpoint's config differs (naming the fields), or the world size does.
@@ -290,6 +300,11 @@ class Trainer:
             raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
         if stop_at is not None:
             stop_at = check_count("stop_at", stop_at)
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(
+                f"evaluate: expected a callable (model, point) -> dict or None, got {type(evaluate).__name__}"
+            )
+        evaluate_points = check_count("evaluate_points", evaluate_points)
         cfg, acc = self.config, self.accelerator
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
@@ -341,6 +356,23 @@ class Trainer:
         timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
         last_ckpt = ckpt
 
+        evaluations: list[dict[str, float]] = []
+
+        def progress_now() -> float:
+            return min(train_time / cfg.time_budget, 1.0) if cfg.time_budget else step / max(cfg.steps, 1)
+
+        def run_evaluation() -> None:
+            point = {"step": float(step), "train_seconds": train_time, "progress": progress_now()}
+            with ema.average_parameters(inner) if ema is not None else nullcontext(inner):
+                inner.eval()
+                point.update(evaluate(inner, dict(point)) or {})
+                inner.train()
+            evaluations.append(point)
+
+        next_point = math.floor(progress_now() * evaluate_points + 1e-9) + 1  # the next 1/evaluate_points mark
+        if evaluate is not None and train_time == 0.0 and step == 0:
+            run_evaluation()
+
         wrapped.train()
         while step < end:
             t0 = time.perf_counter()
@@ -381,6 +413,10 @@ class Trainer:
             if step % cfg.checkpoint_every == 0 or step == end:
                 state["train_seconds"], state["loss"] = train_time, log.last_loss
                 last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
+            # -- the learning curve: evaluate each time another share of the run has passed
+            if evaluate is not None and (progress_now() * evaluate_points >= next_point - 1e-9 or step == end):
+                run_evaluation()
+                next_point = math.floor(progress_now() * evaluate_points + 1e-9) + 1
         bar.close()
         log.close()
         return TrainResult(
@@ -391,6 +427,7 @@ class Trainer:
             train_seconds=train_time,
             checkpoint=last_ckpt,
             history=log.history,
+            evaluations=evaluations,
         )
 
     def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
