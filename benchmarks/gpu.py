@@ -163,8 +163,14 @@ SMOKE = Sizes(
     sample_repeats=2,
     denoiser_depth=2,
     t2i_config="shapes_cpu_smoke.json",
-    t2i_overrides=["model.width=32", "model.depth=2", "model.heads=2", "model.time_features=16",
-                   "model.validate_args=false", "text.max_length=8"],
+    t2i_overrides=[
+        "model.width=32",
+        "model.depth=2",
+        "model.heads=2",
+        "model.time_features=16",
+        "model.validate_args=false",
+        "text.max_length=8",
+    ],
     t2i_text_features=16,
     t2i_batch=4,
     long_steps=20,
@@ -253,15 +259,25 @@ class Bench:
 
 def predictor_config(s: Sizes) -> TransformerPredictorConfig:
     return TransformerPredictorConfig(
-        s.image, s.patch, width=s.width, depth=s.depth, heads=s.heads, num_classes=s.num_classes,
+        s.image,
+        s.patch,
+        width=s.width,
+        depth=s.depth,
+        heads=s.heads,
+        num_classes=s.num_classes,
         validate_args=False,
     )
 
 
 def transporter_config(s: Sizes) -> TransformerTransporterConfig:
     return TransformerTransporterConfig(
-        s.image, s.patch, width=s.transporter_width, heads=s.transporter_heads,
-        layers_per_block=s.transporter_layers, blocks=s.transporter_blocks, validate_args=False,
+        s.image,
+        s.patch,
+        width=s.transporter_width,
+        heads=s.transporter_heads,
+        layers_per_block=s.transporter_layers,
+        blocks=s.transporter_blocks,
+        validate_args=False,
     )
 
 
@@ -352,19 +368,42 @@ def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
         ips = s.train_batch / step_s
         results[method] = ips
         tflops = flops * ips / 1e12
-        extra = dict(batch=s.train_batch, micro_batch=micro, compiled=s.compile, step_seconds=step_s,
-                     warmup_seconds=warm_s, all=times, loss=float(loss))
+        extra = dict(
+            batch=s.train_batch,
+            micro_batch=micro,
+            compiled=s.compile,
+            step_seconds=step_s,
+            warmup_seconds=warm_s,
+            all=times,
+            loss=float(loss),
+        )
         steps = s.steps if method.startswith("ntm") else None
         b.add(task, method, steps, "train_images_per_s", ips, **extra)
-        b.add(task, method, steps, "mfu", tflops / peak_tflops,
-              flops_per_image=flops, tflops_per_s=tflops, peak_tflops=peak_tflops, flop_formula=FLOP_FORMULA,
-              target=0.45)
+        b.add(
+            task,
+            method,
+            steps,
+            "mfu",
+            tflops / peak_tflops,
+            flops_per_image=flops,
+            tflops_per_s=tflops,
+            peak_tflops=peak_tflops,
+            flop_formula=FLOP_FORMULA,
+            target=0.45,
+        )
         del model, opt, step, batches, nets
         free(device)
     for method in results:
         if method != "fm-euler":
-            b.add(task, method, s.steps, "throughput_ratio_vs_fm", results[method] / results["fm-euler"],
-                  baseline="fm-euler", target=0.77)
+            b.add(
+                task,
+                method,
+                s.steps,
+                "throughput_ratio_vs_fm",
+                results[method] / results["fm-euler"],
+                baseline="fm-euler",
+                target=0.77,
+            )
 
 
 def section_inverse(b: Bench) -> None:
@@ -396,16 +435,37 @@ def section_inverse(b: Bench) -> None:
         common = dict(batch=batch, repeats=s.inverse_repeats)
         b.add(task, "kv-cache", None, "inverse_images_per_s", batch / kv, seconds=kv, all=kv_times, **common)
         note = "" if graph else "no CUDA on this device: static cache run eagerly, no graph"
-        b.add(task, "static-graph", None, "inverse_images_per_s", batch / st, seconds=st, all=st_times, graph=graph,
-              capture_seconds=capture_s, note=note, target=1500 if batch == 256 else None, **common)
+        b.add(
+            task,
+            "static-graph",
+            None,
+            "inverse_images_per_s",
+            batch / st,
+            seconds=st,
+            all=st_times,
+            graph=graph,
+            capture_seconds=capture_s,
+            note=note,
+            target=1500 if batch == 256 else None,
+            **common,
+        )
         b.add(task, "static-graph", None, "speedup", kv / st, baseline="kv-cache", graph=graph, **common)
         b.add(task, "static-graph", None, "max_abs_diff_vs_kv_cache", diff, graph=graph, **common)
         if graph:  # the same static decode without the graph: how much is fixed shapes, how much is launches
             with torch.no_grad(), amp(device):
                 eager_times, _ = timed(partial(f.inverse, u, t, method="static"), device, s.inverse_repeats)
             eager = statistics.median(eager_times)
-            b.add(task, "static-eager", None, "inverse_images_per_s", batch / eager, seconds=eager, all=eager_times,
-                  graph=False, **common)
+            b.add(
+                task,
+                "static-eager",
+                None,
+                "inverse_images_per_s",
+                batch / eager,
+                seconds=eager,
+                all=eager_times,
+                graph=False,
+                **common,
+            )
         del u, t, x_kv, x_st, static
     free(device)
 
@@ -443,12 +503,27 @@ def section_sample(b: Bench) -> None:
             times, out = timed(fn, device, s.sample_repeats)
             sec = statistics.median(times)
             rates[method] = n / sec
-            b.add(task, method, s.steps, "sample_images_per_s", n / sec, seconds=sec, all=times, batch=n,
-                  inverse=inverse if method != "ntm-fast" else None, finite=bool(torch.isfinite(out).all()))
-    b.add(task, "ntm-fast", s.steps, "speedup", rates["ntm-fast"] / rates["ntm-full"], baseline="ntm-full",
-          target=5.0)
-    b.add(task, "ntm-fast", s.steps, "speedup_vs_graph_full", rates["ntm-fast"] / rates[f"ntm-full-{graph_method}"],
-          baseline=f"ntm-full-{graph_method}")
+            b.add(
+                task,
+                method,
+                s.steps,
+                "sample_images_per_s",
+                n / sec,
+                seconds=sec,
+                all=times,
+                batch=n,
+                inverse=inverse if method != "ntm-fast" else None,
+                finite=bool(torch.isfinite(out).all()),
+            )
+    b.add(task, "ntm-fast", s.steps, "speedup", rates["ntm-fast"] / rates["ntm-full"], baseline="ntm-full", target=5.0)
+    b.add(
+        task,
+        "ntm-fast",
+        s.steps,
+        "speedup_vs_graph_full",
+        rates["ntm-fast"] / rates[f"ntm-full-{graph_method}"],
+        baseline=f"ntm-full-{graph_method}",
+    )
 
 
 def t2i_setup(b: Bench) -> tuple[nn.Module, Callable[[], tuple[Tensor, Tensor | None]], str, T2IConfig]:
@@ -464,8 +539,12 @@ def t2i_setup(b: Bench) -> tuple[nn.Module, Callable[[], tuple[Tensor, Tensor | 
         model.transporter.compile()
     m = config.model
     loss = TrajectoryNLL(
-        steps=m.steps if isinstance(m.steps, int) else tuple(m.steps), t_min=m.t_min,
-        shift=config.shift_for(data_shape), mode=m.mode, cond_drop=m.cond_drop, validate_args=m.validate_args,
+        steps=m.steps if isinstance(m.steps, int) else tuple(m.steps),
+        t_min=m.t_min,
+        shift=config.shift_for(data_shape),
+        mode=m.mode,
+        cond_drop=m.cond_drop,
+        validate_args=m.validate_args,
     )
     g = torch.Generator(device=device).manual_seed(0)
     n, length = s.t2i_batch, config.text.max_length
@@ -499,13 +578,34 @@ def section_long(b: Bench) -> tuple[nn.Module, Callable, str] | None:
         last = loss
     sync(device)
     seconds = time.perf_counter() - start
-    common = dict(train_steps=s.long_steps, batch=s.t2i_batch, compiled=s.long_compile, seconds=seconds,
-                  first_loss=float(first), last_loss=float(last), config=s.t2i_config)
+    common = dict(
+        train_steps=s.long_steps,
+        batch=s.t2i_batch,
+        compiled=s.long_compile,
+        seconds=seconds,
+        first_loss=float(first),
+        last_loss=float(last),
+        config=s.t2i_config,
+    )
     b.add(task, "ntm", config.model.steps, "nonfinite_steps", int(bad), **common)
-    b.add(task, "ntm", config.model.steps, "train_images_per_s", s.long_steps * s.t2i_batch / seconds,
-          note="includes compilation" if s.long_compile else "", **common)
-    b.add(task, "ntm", config.model.steps, "peak_memory_gib", peak_memory_gib(device),
-          note="torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (CPU)", **common)
+    b.add(
+        task,
+        "ntm",
+        config.model.steps,
+        "train_images_per_s",
+        s.long_steps * s.t2i_batch / seconds,
+        note="includes compilation" if s.long_compile else "",
+        **common,
+    )
+    b.add(
+        task,
+        "ntm",
+        config.model.steps,
+        "peak_memory_gib",
+        peak_memory_gib(device),
+        note="torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (CPU)",
+        **common,
+    )
     return model, step, task
 
 
@@ -513,8 +613,15 @@ def section_syncs(b: Bench, setup: tuple[nn.Module, Callable, str] | None) -> No
     """(e) One training step under ``torch.cuda.set_sync_debug_mode``: pass, or the synchronising calls."""
     device = b.device
     if device.type != "cuda":
-        b.add("t2i training step under torch.cuda.set_sync_debug_mode('error')", "ntm", None, "sync_free", None,
-              skipped="skipped-on-cpu", note="skipped-on-cpu: sync debug mode is CUDA only")
+        b.add(
+            "t2i training step under torch.cuda.set_sync_debug_mode('error')",
+            "ntm",
+            None,
+            "sync_free",
+            None,
+            skipped="skipped-on-cpu",
+            note="skipped-on-cpu: sync debug mode is CUDA only",
+        )
         return
     model, step, task = setup if setup is not None else t2i_setup(b)[:3]
     step()  # warm: compilation and first-call allocations are not the steady state
@@ -536,10 +643,19 @@ def section_syncs(b: Bench, setup: tuple[nn.Module, Callable, str] | None) -> No
         finally:
             torch.cuda.set_sync_debug_mode(0)
     sync(device)
-    syncs = sorted({f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
-                    if "synchroniz" in str(w.message)})
-    b.add(f"{task}: one step under set_sync_debug_mode", "ntm", None, "sync_free", float(error is None and not syncs),
-          error=error, syncs=syncs, sync_count=len(syncs))
+    syncs = sorted(
+        {f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught if "synchroniz" in str(w.message)}
+    )
+    b.add(
+        f"{task}: one step under set_sync_debug_mode",
+        "ntm",
+        None,
+        "sync_free",
+        float(error is None and not syncs),
+        error=error,
+        syncs=syncs,
+        sync_count=len(syncs),
+    )
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -550,11 +666,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 2 minutes), a rehearsal")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     parser.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
-    parser.add_argument("--peak-tflops", type=float, default=790.0,
-                        help="peak bf16 TFLOP/s for MFU (default 790, the reference figures' peak)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=790.0,
+        help="peak bf16 TFLOP/s for MFU (default 790, the reference figures' peak)",
+    )
     parser.add_argument("--long-steps", type=int, default=None, help="training steps of section (d)")
-    parser.add_argument("--ntm-pair", action="store_true",
-                        help="(a) also times the pair-wise NTM loss (method ntm-pair; one more compile, ~1 minute)")
+    parser.add_argument(
+        "--ntm-pair",
+        action="store_true",
+        help="(a) also times the pair-wise NTM loss (method ntm-pair; one more compile, ~1 minute)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (smoke default: 1)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
