@@ -139,7 +139,10 @@ NTM_RECIPE = NTM_BASE
 # layout and colours are decided, weighs most): the recipe of the first equal-time runs. The ablation at exact
 # equal time (t2i_ablations.json) found it worse than the unweighted NLL, so it is kept only as an ablation.
 NTM_WEIGHTED = NTM_BASE + ["model.factor_weights=[1,2,4,8]"]
-# NTM initialised from flow matching (NTM §3.3): lambda = 2.5 cosine-decayed over the fine-tuning run.
+# NTM initialised from flow matching (NTM §3.3): lambda = 2.5 cosine-decayed over the fine-tuning run. With no
+# model.aux_decay_steps, lambda follows the run's progress, here the share of the fine-tuning stage's
+# train.time_budget spent (train.steps is only the STEP_CAP). Results written before that fix kept lambda at
+# about 2.5 for the whole run (it decayed over the 1,000,000-step cap).
 NTM_FM_RECIPE = [
     'model.mode="pair"',
     "model.t_min=[0.02,0.05]",

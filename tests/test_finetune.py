@@ -130,6 +130,11 @@ def test_non_identity_transporter_is_rejected():
         identity_transporter(2, preset="nsf")
 
 
+def test_transporter_of_another_event_shape_is_named():
+    with pytest.raises(ValueError, match=r"velocity model's event_shape \(2,\).*event_shape \(3,\)"):
+        init_from_flow_matching(MLPVelocity(features=2, width=16), identity_transporter(3))
+
+
 def test_aux_loss_zero_at_init_and_lambda_schedule():
     torch.manual_seed(1)
     velocity = _randomise_(MLPVelocity(features=2, width=32, depth=1))
@@ -167,7 +172,7 @@ def test_finetune_loss_modes_and_conditions():
         assert torch.isfinite(nll_i).all() and aux_i.abs().max() < 1e-10
     # the NLL part equals TrajectoryNLL's on the same model (same distribution, different draws)
     torch.manual_seed(3)
-    ours = FinetuneLoss(TrajectoryNLL(steps=4, t_min=(0.02, 0.02), cond_drop=0.0), align)(model, x0, cond)[1]["nll"]
+    ours = FinetuneLoss(TrajectoryNLL(steps=4, t_min=(0.02, 0.02), cond_drop=0.0), align)(model, (x0, cond))[1]["nll"]
     theirs = TrajectoryNLL(steps=4, t_min=(0.02, 0.02), cond_drop=0.0)(model, x0.repeat(20, 1), cond.repeat(20))
     assert float(ours) == pytest.approx(float(theirs.detach()), rel=0.2)
 
@@ -266,3 +271,122 @@ def test_mean_alignment_formula():
     mu = mu_ref + 0.1
     torch.testing.assert_close(align(mu, x, t, s), torch.full((5,), 0.01, dtype=torch.float64))
     assert math.isclose(float(align(mu_ref, x, t, s).max()), 0.0, abs_tol=1e-24)
+
+
+# -- the loss as a Trainer objective, and lambda over a share of the run --------------------------------------
+
+
+def test_lambda_decays_over_a_share_of_the_run():
+    model, reference = init_from_flow_matching(MLPVelocity(features=2, width=8, depth=1))
+    nll, align = TrajectoryNLL(steps=2), MeanAlignmentLoss(reference)
+    loss = FinetuneLoss(nll, align, decay_fraction=0.5)
+    assert loss.decay_steps is None  # the step-based default gives way to the share
+    assert loss.lambda_at(progress=0.0) == 2.5 and loss.lambda_at(10**6, progress=0.25) == pytest.approx(1.25)
+    assert loss.lambda_at(progress=0.5) == 0.0 and loss.lambda_at(progress=1.0) == 0.0
+    assert FinetuneLoss(nll, align).decay_steps == 10_000  # unchanged default
+    with pytest.raises(ValueError, match="progress: FinetuneLoss\\(decay_fraction=0.5\\)"):
+        loss(model, torch.randn(4, 2))  # a share of the run needs the run's progress
+    with pytest.raises(ValueError, match="progress: expected the share of the run"):
+        loss.lambda_at(progress=1.5)
+    with pytest.raises(ValueError, match="decay_steps, decay_fraction: expected one decay schedule"):
+        FinetuneLoss(nll, align, decay_steps=100, decay_fraction=0.5)
+    for bad in (0.0, 1.5, -0.1, float("nan"), True):
+        with pytest.raises(ValueError, match="decay_fraction: expected a share of the run in \\(0, 1\\]"):
+            FinetuneLoss(nll, align, decay_fraction=bad)
+    with pytest.raises(ValueError, match="batch: expected a tensor x0 or a pair"):
+        FinetuneLoss(nll, align)(model, {"x": torch.randn(4, 2)})
+
+
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Drive the Trainer's time budget with a clock that moves only when the test moves it (``now[0] += s``)."""
+    import trajflow.train.trainer as train_module
+
+    now = [0.0]
+    monkeypatch.setattr(train_module, "_clock", lambda: now[0])
+    return now
+
+
+def test_finetune_loss_is_a_trainer_objective_and_lambda_follows_the_time_budget(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate")
+    from torch.utils.data import TensorDataset
+
+    from trajflow.train import Trainer, TrainerConfig
+
+    torch.manual_seed(0)
+    model, reference = init_from_flow_matching(MLPVelocity(features=2, num_classes=3, width=16, depth=1))
+    loss = FinetuneLoss(TrajectoryNLL(steps=2, t_min=(0.02, 0.05)), MeanAlignmentLoss(reference), decay_fraction=1.0)
+    now = _fake_clock(monkeypatch)
+
+    def timed(m, batch, generator, step, *, progress):  # one fake second per step
+        now[0] += 1.0
+        return loss(m, batch, generator, step, progress=progress)
+
+    timed.loss_name = loss.loss_name
+    data = TensorDataset(torch.randn(32, 2), torch.randint(3, (32,)))  # batches (x0, labels): conditional
+    # A time-budgeted run: `steps` is only a cap, 4 s of budget; lambda must follow the budget's share.
+    cfg = TrainerConfig(
+        steps=1_000_000, batch_size=8, warmup_steps=0, log_every=1, checkpoint_every=2, progress=False,
+        time_budget=4.0, lr=1e-3,
+    )  # fmt: skip
+    part = Trainer(cfg, tmp_path).fit(model, timed, data, stop_at=2)
+    rest = Trainer(cfg, tmp_path).fit(model, timed, data, resume=True)  # progress comes back from the checkpoint
+    history = part.history + rest.history
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and rest.step == 4  # stopped by the budget
+    assert all({"finetune_loss", "nll", "aux", "lambda"} <= set(h) for h in history)
+    expected = [2.5 * 0.5 * (1 + math.cos(math.pi * p)) for p in (0.0, 0.25, 0.5, 0.75)]
+    assert [h["lambda"] for h in history] == pytest.approx(expected)
+    assert history[-1]["aux"] > 0  # training moved the backbone away from the reference
+    # The loss itself, untouched, is the objective too (the Trainer's call form, step-based decay).
+    plain = FinetuneLoss(loss.nll, loss.align, decay_steps=4)
+    out = Trainer(TrainerConfig(steps=3, batch_size=8, warmup_steps=0, log_every=1, progress=False), tmp_path / "b")
+    result = out.fit(model, plain, data)
+    assert [h["lambda"] for h in result.history] == pytest.approx([2.5, 2.5 * 0.5 * (1 + math.cos(math.pi / 4)), 1.25])
+
+
+def test_dequantized_objective_passes_step_and_progress_to_the_loss():
+    from trajflow.likelihood import DequantizedObjective
+
+    model, reference = init_from_flow_matching(MLPVelocity(features=4, width=8, depth=1))
+    nll, align = TrajectoryNLL(steps=2, t_min=(0.02, 0.05)), MeanAlignmentLoss(reference)
+    images, g = torch.randint(0, 17, (8, 4)), torch.Generator().manual_seed(0)
+    by_share = DequantizedObjective(FinetuneLoss(nll, align, decay_fraction=1.0), levels=17)
+    _, parts = by_share(model, (images, torch.zeros(8)), g, 3, progress=0.5)
+    assert float(parts["lambda"]) == pytest.approx(1.25)
+    by_steps = DequantizedObjective(FinetuneLoss(nll, align, decay_steps=4), levels=17)
+    _, parts = by_steps(model, (images, torch.zeros(8)), g, 2, progress=0.9)
+    assert float(parts["lambda"]) == pytest.approx(1.25)
+    # a loss without a schedule gets neither
+    assert DequantizedObjective(nll, levels=17)(model, images, g, 5, progress=0.5).shape == ()
+
+
+def test_t2i_benchmark_decays_the_alignment_weight_over_the_time_budget():
+    """benchmarks/t2i.py trains ntm-fm with a time budget and a 1,000,000-step cap: lambda must decay by budget."""
+    pytest.importorskip("accelerate")
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    from trajflow.recipes.t2i import TextToImageObjective
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_t2i", root / "benchmarks" / "t2i.py")
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules["bench_t2i"] = bench  # dataclasses look their module up
+        spec.loader.exec_module(bench)
+        task = bench.BENCH_CONFIGS["cpu"].tasks[0]
+        base = json.loads((bench.CONFIGS / task.config).read_text())
+        method = next(m for m in bench.METHODS if m.kind == "ntm-fm")
+        overrides = task.overrides + ['model.kind="ntm-fm"', 'model.init_from="fm-run"'] + method.overrides
+        cfg = bench._config(base, overrides, 52.5, "ntm-fm")
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+        sys.modules.pop("bench_t2i", None)
+    assert cfg.train.steps == bench.STEP_CAP and cfg.train.time_budget == 52.5
+    objective = TextToImageObjective(cfg, None, (3, 16, 16), reference=MLPVelocity(features=2, width=8, depth=1))
+    lam = objective.loss.lambda_at
+    # what the Trainer hands in after 300 steps and half the budget: half-way down the cosine (it was 2.5)
+    assert lam(300, cfg.train.run_progress(300, 26.25)) == pytest.approx(1.25)
+    assert lam(600, cfg.train.run_progress(600, 52.5)) == pytest.approx(0.0, abs=1e-12)

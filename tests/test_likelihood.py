@@ -242,6 +242,61 @@ def test_elbo_bits_per_dim_matches_the_distribution_elbo():
     assert torch.allclose(got, want, atol=1e-9) and torch.allclose(dist_path, want, atol=1e-9)
 
 
+def test_bound_at_t_min_is_a_bound_on_the_data_through_the_gaussian_decoder():
+    """At t_0 = t_min > 0 the bound is on log p(y) of the NTM followed by N(y; x/(1-t0), (t0/(1-t0))^2 I).
+
+    One step from noise with mu_P = u_t and sigma_P = 1 (an MLPPredictor at initialisation, identity
+    transporter) gives p(x_t0) = N(0, 2 I), so the data model is exactly N(0, (2 + t0^2) / (1 - t0)^2 I): the
+    IWAE must approach it from below, the ELBO stay below it.
+    """
+    model = trajflow.NTM(IdentityTransporter(3), MLPPredictor(3, width=16, depth=1, time_features=8))
+    t0 = 0.1
+    dist = model.distribution(trajflow.time_grid(1, t0))
+    y = 1.5 * torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    var = (2 + t0**2) / (1 - t0) ** 2
+    exact = (-0.5 * y.double() ** 2 / var - 0.5 * math.log(2 * math.pi * var)).sum(-1)
+    with torch.no_grad():
+        iwae, elbo = dist.bounds(y, 4096, generator=torch.Generator().manual_seed(1), from_data=True)
+        plain = dist.iwae(y, 4096, generator=torch.Generator().manual_seed(1))  # y read as x_(t0) itself
+    assert torch.allclose(iwae, exact, atol=0.05) and bool((elbo < exact).all())
+    noised = (-0.5 * y.double() ** 2 / 2.0 - 0.5 * math.log(2 * math.pi * 2.0)).sum(-1)  # log N(y; 0, 2 I)
+    assert torch.allclose(plain, noised, atol=0.15)  # the other reading: the density of the noised level
+
+
+def test_elbo_bits_per_dim_at_t_min_draws_the_cleanest_level_from_the_data():
+    """Same draws: bpd = -(log p(traj) - log q(x_(t1..T) | x_(t0)) + D log(1 - t_min)) / (D ln 2) + 7."""
+    model = trajflow.NTM(IdentityTransporter(3), MLPPredictor(3, width=16, depth=1, time_features=8))
+    x = torch.randint(0, 256, (7, 3), generator=torch.Generator().manual_seed(0))
+    grid = trajflow.time_grid(3, 0.05)
+    with torch.no_grad():
+        got = elbo_bits_per_dim(model, x, 256, steps=3, t_min=0.05, generator=torch.Generator().manual_seed(4))
+        dist_path = elbo_bits_per_dim(model.distribution(grid), x, 256, generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        y = dequantize(x, 256, g)
+        traj = trajflow.MarkovInterpolant().sample(y[None], grid, generator=g)[0]  # x_(t0) = 0.95 y + 0.05 eps first
+        log_w = model.distribution(grid).log_prob(traj) - trajflow.MarkovInterpolant().log_prob(traj, grid)
+    want = -(log_w.double() + 3 * math.log1p(-0.05)) / (3 * LN2) + 7.0
+    assert torch.allclose(got, want, atol=1e-9) and torch.allclose(dist_path, want, atol=1e-9)
+
+
+def test_a_level_the_model_never_trained_on_is_not_reported_silently():
+    """A flow-matching-initialised NTM has only its scale floor c_min at s = 0: thousands of bits/dim, warned."""
+    from trajflow.finetune import init_from_flow_matching
+    from trajflow.velocity import MLPVelocity
+
+    torch.manual_seed(0)
+    model, _ = init_from_flow_matching(MLPVelocity(features=2, width=16, depth=1))
+    x = torch.randint(0, 17, (16, 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"t_min: the elbo bound at t_min=0 is .* bits/dim, above the 4.087"):
+            at_zero = elbo_bits_per_dim(model, x, 17, generator=torch.Generator().manual_seed(1))
+        # untrained, so still above log2(17) (and warned), but no longer dominated by the floor
+        with pytest.warns(UserWarning, match=r"t_min: the elbo bound at t_min=0.02 is"):
+            at_002 = elbo_bits_per_dim(model, x, 17, t_min=0.02, generator=torch.Generator().manual_seed(1))
+    assert float(at_zero.mean()) > 1000 and bool(torch.isfinite(at_002).all())
+    assert float(at_002.mean()) < float(at_zero.mean()) / 10
+
+
 # --- bad inputs ---------------------------------------------------------------------------------------------
 
 
@@ -294,8 +349,11 @@ def test_bad_arguments():
         elbo_bits_per_dim(model, x, 17, num_samples=0)
     with pytest.raises(ValueError, match="x_int: expected trailing shape"):
         elbo_bits_per_dim(model, torch.randint(0, 17, (4, 3)), 17)
-    with pytest.raises(ValueError, match="t_0 = 0"):
-        elbo_bits_per_dim(model.distribution(trajflow.time_grid(4, 0.02)), x, 17)
+    with pytest.raises(ValueError, match=r"t_min: expected the distribution's grid start 0.02 \(or None\), got 0.05"):
+        elbo_bits_per_dim(model.distribution(trajflow.time_grid(4, 0.02)), x, 17, t_min=0.05)
+    for bad in (-0.1, 1.0, True, "0.02"):
+        with pytest.raises(ValueError, match="t_min: expected a time in \\[0, 1\\)"):
+            elbo_bits_per_dim(model, x, 17, t_min=bad)
     with pytest.raises(ValueError, match="model_or_dist"):
         elbo_bits_per_dim(object(), x, 17)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="flow"):

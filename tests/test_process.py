@@ -27,8 +27,13 @@ def test_time_grid_per_example_t_min():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"steps": 0}, "steps"), ({"steps": 4, "t_min": 0.3}, "t_min"), ({"steps": 4, "t_min": -0.1}, "t_min"),
-     ({"steps": 4, "shift": 0.0}, "shift"), ({"steps": 4, "t_min": float("nan")}, "t_min")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 4, "t_min": 0.3}, "t_min"),
+        ({"steps": 4, "t_min": -0.1}, "t_min"),
+        ({"steps": 4, "shift": 0.0}, "shift"),
+        ({"steps": 4, "t_min": float("nan")}, "t_min"),
+    ],
 )
 def test_time_grid_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -102,8 +107,12 @@ def test_sample_from_keeps_the_start():
 
 @pytest.mark.parametrize(
     "grid, match",
-    [(torch.tensor([0.0, 0.5, 0.4, 1.0]), "ascending"), (torch.tensor([-0.1, 0.5, 1.0]), r"\[0.0, 1.0\]"),
-     (torch.tensor([0.0, 0.5, 0.9]), "exactly 1"), (torch.tensor([1.0]), "T >= 1")],
+    [
+        (torch.tensor([0.0, 0.5, 0.4, 1.0]), "ascending"),
+        (torch.tensor([-0.1, 0.5, 1.0]), r"\[0.0, 1.0\]"),
+        (torch.tensor([0.0, 0.5, 0.9]), "exactly 1"),
+        (torch.tensor([1.0]), "T >= 1"),
+    ],
 )
 def test_bad_grids(grid, match):
     with pytest.raises(ValueError, match=match):
@@ -116,3 +125,36 @@ def test_bad_x0():
         proc.sample(torch.tensor([[0.0, float("nan")]]), time_grid(2))
     with pytest.raises(ValueError, match="traj: expected shape"):
         proc.log_prob(torch.zeros(3, 4, 2), time_grid(4))
+
+
+def test_one_home_for_the_t_min_defaults():
+    """Training draws t_min from TRAIN_T_MIN; sampling, denoising and the t2i recipe use SAMPLE_T_MIN inside it."""
+    import inspect
+
+    from trajflow.denoise import DistillationLoss, fast_sample
+    from trajflow.evaluation.levels import ntm_level_estimates
+    from trajflow.likelihood import elbo_bits_per_dim
+    from trajflow.process import SAMPLE_T_MIN, TRAIN_T_MIN
+
+    assert TRAIN_T_MIN == (0.0, 0.05) and TRAIN_T_MIN[0] < SAMPLE_T_MIN == 0.02 < TRAIN_T_MIN[1]
+    assert trajflow.TrajectoryNLL().t_min == TRAIN_T_MIN
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    assert default(trajflow.NTM.sample, "t_min") == SAMPLE_T_MIN  # was 0: trajectory denoising did nothing
+    assert default(fast_sample, "t_min") == default(ntm_level_estimates, "t_min") == SAMPLE_T_MIN
+    assert DistillationLoss.__dataclass_fields__["t_min"].default == (SAMPLE_T_MIN, SAMPLE_T_MIN)
+    assert default(elbo_bits_per_dim, "t_min") is None  # None: TRAIN_T_MIN[0], see its docstring
+    model = trajflow.NTM(
+        trajflow.transporters.IdentityTransporter((2,)), trajflow.predictors.MLPPredictor(features=2, width=8, depth=1)
+    )
+    traj = model.sample((3,), steps=2, return_trajectory=True, generator=torch.Generator().manual_seed(0))
+    again = model.sample((3,), steps=2, grid=time_grid(2, SAMPLE_T_MIN), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(traj[:, 0], again)
+    pytest.importorskip("accelerate")  # the t2i recipe imports the trainer
+    from trajflow.recipes.t2i import DEFAULT_DENOISE_T_MIN, generate
+    from trajflow.recipes.t2i.config import ModelConfig, SampleConfig
+
+    assert ModelConfig().t_min == TRAIN_T_MIN and SampleConfig().t_min == DEFAULT_DENOISE_T_MIN == SAMPLE_T_MIN
+    assert default(generate, "t_min") == SAMPLE_T_MIN

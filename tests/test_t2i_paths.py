@@ -35,8 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a large red circle at the top left", "two large blue squares at the top left and the bottom right"]
 
 
-
-
 def tiny(kind: str = "fm", **model) -> dict:
     """16 px shapes, a width-32 one-layer model with 16 patch tokens, the hashing text encoder."""
     return {
@@ -103,16 +101,21 @@ def test_ntm_fm_init_is_the_fm_posterior_sampler(fm_run):
     torch.testing.assert_close(mu, MeanAlignmentLoss(reference).mean(x, t, s, cond), atol=1e-6, rtol=0)
     torch.testing.assert_close(mu, by_hand, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(sigma, C[:, None, None, None].expand_as(sigma), atol=1e-6, rtol=0)
-    # the objective's auxiliary term vanishes at step 0, with lambda = aux_weight
+    # the objective's auxiliary term vanishes at the start, with lambda = aux_weight
     objective = TextToImageObjective(cfg, encoder, (3, 16, 16), reference=reference)
     batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "caption": PROMPTS * 2}
-    total, parts = objective(model, batch, torch.Generator().manual_seed(0), 0)
+    total, parts = objective(model, batch, torch.Generator().manual_seed(0), 0, progress=0.0)
     assert float(parts["aux"]) == pytest.approx(0.0, abs=1e-10) and float(parts["lambda"]) == 2.5
-    assert objective.loss.decay_steps == cfg.train.steps
-    # lambda follows the step the trainer hands in: half-way through the cosine decay it is half of aux_weight
-    half = cfg.train.steps // 2
-    _, parts = objective(model, batch, torch.Generator().manual_seed(0), half)
-    assert float(parts["lambda"]) == pytest.approx(2.5 * 0.5 * (1 + math.cos(math.pi * half / cfg.train.steps)))
+    # without model.aux_decay_steps lambda decays over the whole run, by the progress the trainer hands in
+    # (steps or time budget): half-way through it is half of aux_weight
+    assert objective.loss.decay_steps is None and objective.loss.decay_fraction == 1.0
+    _, parts = objective(model, batch, torch.Generator().manual_seed(0), 1, progress=0.5)
+    assert float(parts["lambda"]) == pytest.approx(1.25)
+    # with it, lambda follows the optimizer step
+    stepped = T2IConfig.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "aux_decay_steps": 10}})
+    objective = TextToImageObjective(stepped, encoder, (3, 16, 16), reference=reference)
+    _, parts = objective(model, batch, torch.Generator().manual_seed(0), 5, progress=0.9)
+    assert float(parts["lambda"]) == pytest.approx(1.25)
 
 
 def test_ntm_fm_trains_resumes_and_keeps_the_reference_out(tmp_path, fm_run, ntm_fm_run):

@@ -419,8 +419,9 @@ def test_time_budget_stops_on_time_with_the_schedule_over_the_budget(tmp_path):
 
 
 def test_time_budget_must_be_positive():
-    with pytest.raises(ValueError, match="train.time_budget: expected a positive number of seconds"):
-        TrainerConfig(time_budget=0.0)
+    for bad in (0.0, -5.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match="train.time_budget: expected a positive number of seconds"):
+            TrainerConfig(time_budget=bad)
 
 
 def test_objective_receives_the_optimizer_step_across_micro_batches_and_resumption(tmp_path):
@@ -467,3 +468,45 @@ def test_evaluate_gives_a_learning_curve_with_the_ema_weights_outside_training_t
     assert any(not torch.equal(seen[-1][k], raw[k]) for k in raw)  # the evaluation saw the EMA weights
     with pytest.raises(ValueError, match="evaluate_points"):
         Trainer(cfg, tmp_path / "bad").fit(model, noisy_objective, _data(), evaluate=evaluate, evaluate_points=0)
+
+
+def test_run_progress_is_the_larger_share_of_steps_and_budget():
+    assert TrainerConfig(steps=100, warmup_steps=0).run_progress(25, 1e9) == 0.25  # no budget: steps only
+    timed = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
+    assert timed.run_progress(10, 15.0) == 0.25 and timed.run_progress(10, 120.0) == 1.0
+    assert TrainerConfig(steps=10, warmup_steps=0, time_budget=1e6).run_progress(5, 1.0) == 0.5  # the cap binds
+
+
+def test_objective_receives_the_progress_of_a_time_budget_across_resumption(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(train_module, "_clock", lambda: now[0])  # a clock the objective moves: 1 s per step
+    seen: list[tuple[int, float]] = []
+
+    def objective(model, batch, generator, step, *, progress):
+        now[0] += 0.5  # each of the two micro-batches of a step takes half a second
+        seen.append((step, progress))
+        return noisy_objective(model, batch, generator, step)
+
+    cfg = _config(steps=1_000_000, warmup_steps=0, grad_accum=2, checkpoint_every=2, time_budget=5.0)
+    Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), stop_at=3)
+    result = Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), resume=True)
+    assert result.step == 5 and result.train_seconds == 5.0  # the budget, not the step cap, ended the run
+    shares = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8]  # the same for both micro-batches of a step
+    assert seen == [(k // 2, p) for k, p in zip(range(10), shares)]  # resumed at step 3 with 3 s done: 0.6
+    # An objective without a progress parameter is called as before.
+    Trainer(_config(steps=2), tmp_path / "plain").fit(Tiny(), noisy_objective, _data())
+
+
+def test_fit_leaves_the_raw_weights_and_returns_the_ema_one_call_away(tmp_path):
+    model = Tiny()
+    result = Trainer(_config(steps=6, checkpoint_every=6), tmp_path).fit(model, noisy_objective, _data())
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpt_ema, _ = load_safetensors(result.checkpoint / "ema.safetensors")
+    result.ema.copy_to(model)  # the one call
+    averaged = model.state_dict()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in ckpt_ema)  # the model held the raw weights
+    for k, v in ckpt_ema.items():
+        assert torch.equal(averaged[k], v)  # now the checkpoint's EMA weights
+    assert (
+        Trainer(_config(steps=2, ema_decay=0.0), tmp_path / "no-ema").fit(Tiny(), noisy_objective, _data()).ema is None
+    )

@@ -13,7 +13,7 @@ from .guidance import guided_gaussian
 from .likelihood import bits_per_dim, dequantize, elbo_bits_per_dim, flow_bits_per_dim
 from .losses import TrajectoryNLL
 from .model import NTM
-from .process import MarkovInterpolant, sample_t_min, sequence_shift, time_grid
+from .process import SAMPLE_T_MIN, TRAIN_T_MIN, MarkovInterpolant, sample_t_min, sequence_shift, time_grid
 
 __version__ = "0.2.0"
 
@@ -25,6 +25,8 @@ __all__ = [
     "time_grid",
     "sequence_shift",
     "sample_t_min",
+    "TRAIN_T_MIN",
+    "SAMPLE_T_MIN",
     "guided_gaussian",
     "FlowMatchingLoss",
     "euler_sample",

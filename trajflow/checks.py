@@ -11,12 +11,14 @@ no values, always run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "accepts_keyword",
     "check_count",
     "check_tensor",
     "check_event_shape",
@@ -62,8 +64,7 @@ def check_times(name: str, t: Tensor, *, low: float = 0.0, high: float = 1.0) ->
     check_finite(name, t)
     if t.numel() and (bool((t < low).any()) or bool((t > high).any())):
         raise ValueError(
-            f"{name}: expected times in [{low}, {high}], got values in "
-            f"[{float(t.min()):.6g}, {float(t.max()):.6g}]"
+            f"{name}: expected times in [{low}, {high}], got values in [{float(t.min()):.6g}, {float(t.max()):.6g}]"
         )
     return t
 
@@ -118,3 +119,27 @@ def check_count(name: str, value: object, low: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword argument ``name`` (a parameter of that name, or ``**kwargs``).
+
+    How the :class:`~trajflow.train.Trainer` and :class:`~trajflow.likelihood.DequantizedObjective` hand the
+    optional ``step``/``progress`` of a schedule only to the objectives and losses that take them. A callable
+    whose signature cannot be read (some builtins) is taken not to accept it.
+
+    Example:
+        >>> accepts_keyword(lambda model, batch, generator, step, *, progress: 0, "progress")
+        True
+        >>> accepts_keyword(lambda model, batch, generator, step: 0, "progress")
+        False
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        or (p.name == name and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY))
+        for p in params
+    )

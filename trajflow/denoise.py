@@ -47,7 +47,7 @@ from .losses import guidance_dropout
 from .model import NTM
 from .predictors.transformer import TransformerPredictorConfig, TransformerVelocity
 from .pretrained import Pretrained, dataclass_from_dict, read_pretrained_config
-from .process import MarkovInterpolant, sample_t_min, time_grid
+from .process import SAMPLE_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 from .velocity import MLPVelocity
 
 __all__ = [
@@ -330,8 +330,9 @@ class DistillationLoss:
         teacher: The trained NTM. It is not updated; freeze it (``requires_grad_(False)``) so that it
             gets no gradients at all.
         steps: :math:`T` of the grids (train at the :math:`T` used for sampling).
-        t_min: Range of :math:`t_0`; the default is the sampling value 0.02 (at :math:`t_0 = 0` the
-            target is :math:`x_0` itself and the score plays no part).
+        t_min: Range of :math:`t_0`; the default is the sampling value
+            :data:`~trajflow.process.SAMPLE_T_MIN` = 0.02 (at :math:`t_0 = 0` the target is :math:`x_0` itself
+            and the score plays no part).
         shift: The grid's shift (see :func:`trajflow.time_grid`).
         cond_drop: Probability of the null condition per example (teacher and student alike), so the
             denoiser also serves unconditional sampling.
@@ -340,7 +341,7 @@ class DistillationLoss:
 
     teacher: NTM
     steps: int = 4
-    t_min: tuple[float, float] = (0.02, 0.02)
+    t_min: tuple[float, float] = (SAMPLE_T_MIN, SAMPLE_T_MIN)
     shift: float = 1.0
     cond_drop: float = 0.1
     clip_percentile: float | None = None
@@ -406,7 +407,7 @@ def fast_sample(
     *,
     cond: Condition | None = None,
     steps: int = 4,
-    t_min: float = 0.02,
+    t_min: float = SAMPLE_T_MIN,
     shift: float = 1.0,
     grid: Tensor | None = None,
     guidance: float = 0.0,

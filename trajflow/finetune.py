@@ -12,9 +12,11 @@ Recipe (method.md 3.4):
    Then the NTM's every step *is* the flow-matching model's Gaussian posterior sampler
    :math:`\mathcal{N}(A x_t + B (x_t - t v(x_t)), C^2)` (tested exactly in ``tests/test_finetune.py``).
 3. Train with :class:`FinetuneLoss`: the trajectory NLL plus
-   :math:`\lambda(\text{step}) \sum_k \|\mu_P^{(k)} - \mu_{FM}^{(k)}\|^2`, where
+   :math:`\lambda \sum_k \|\mu_P^{(k)} - \mu_{FM}^{(k)}\|^2`, where
    :math:`\mu_{FM} = A x_t + B (x_t - t v_{frozen}(x_t, t, y))` comes from a frozen copy of the velocity
-   model reading data space, and :math:`\lambda` = 2.5 decays by a cosine to 0.
+   model reading data space, and :math:`\lambda` = 2.5 decays by a cosine to 0 (over a number of steps, or
+   over a share of the run, which also follows a time budget). It is a :class:`~trajflow.train.Trainer`
+   objective as it stands: ``Trainer(cfg, out).fit(model, FinetuneLoss(...), dataset)``.
 
 References:
     | Normalizing Trajectory Models (Gu et al., 2026), §3.3, Eqs. 3.6-3.8, App. A.3, A.5, Table 4-5.
@@ -28,7 +30,7 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +53,7 @@ __all__ = [
     "init_from_flow_matching",
     "MeanAlignmentLoss",
     "FinetuneLoss",
+    "DEFAULT_DECAY_STEPS",
 ]
 
 
@@ -175,17 +178,21 @@ def init_from_flow_matching(
     Arguments:
         velocity: The pretrained velocity model (see :class:`FlowMatchingPredictor`); it becomes the
             trainable backbone of the predictor. A frozen deep copy is made first (the reference).
-        transporter: A transporter that is the identity at initialisation; ``None`` builds one with
-            :func:`identity_transporter` from ``transporter_kwargs``. It is checked with
-            :func:`check_identity` (tolerance ``atol``).
+        transporter: A transporter that is the identity at initialisation, on the velocity model's
+            ``event_shape``; ``None`` builds one with :func:`identity_transporter` from
+            ``transporter_kwargs``. It is checked with :func:`check_identity` (tolerance ``atol``).
         transporter_kwargs: Keyword arguments of :func:`identity_transporter`.
         **predictor_kwargs: Keyword arguments of :class:`FlowMatchingPredictor` (``c_min``, ``delta_mean``,
             ``time_features``, ...).
 
+    Raises:
+        ValueError: The transporter is not the identity, or its event shape differs from the velocity
+            model's (both named).
+
     Example:
         >>> from trajflow.velocity import MLPVelocity
         >>> model, reference = init_from_flow_matching(MLPVelocity(features=2, width=32))
-        >>> model.sample((5,), steps=4, t_min=0.02).shape
+        >>> model.sample((5,), steps=4).shape
         torch.Size([5, 2])
     """
     reference = frozen_copy(velocity)
@@ -194,6 +201,14 @@ def init_from_flow_matching(
         transporter = identity_transporter(predictor.event_shape, **(transporter_kwargs or {}))
     elif transporter_kwargs:
         raise ValueError("transporter_kwargs: only used when transporter is None")
+    elif not isinstance(transporter, Transporter):
+        raise ValueError(f"transporter: expected a trajflow Transporter or None, got {type(transporter).__name__}")
+    elif torch.Size(transporter.event_shape) != torch.Size(predictor.event_shape):
+        # Checked before check_identity, whose random probe would otherwise fail on the shape with a less clear error.
+        raise ValueError(
+            f"transporter: expected the velocity model's event_shape {tuple(predictor.event_shape)}, got a "
+            f"transporter on event_shape {tuple(transporter.event_shape)}"
+        )
     check_identity(transporter, atol=atol)
     device = next((p.device for p in velocity.parameters()), None)
     if device is not None:
@@ -271,18 +286,53 @@ class MeanAlignmentLoss:
         return (mu - target.to(mu.dtype)).square().flatten(1).mean(-1)
 
 
+#: ``FinetuneLoss.decay_steps`` when neither it nor ``decay_fraction`` is given.
+DEFAULT_DECAY_STEPS = 10_000
+
+
+def _unpack_batch(batch: Any) -> tuple[Tensor, Condition | None]:
+    """``(x0, cond)`` of a batch that is ``x0`` or ``(x0, cond)`` (a list too: what a DataLoader collates)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) in (1, 2) and isinstance(batch[0], Tensor):
+        return batch[0], batch[1] if len(batch) == 2 else None
+    got = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise ValueError(f"batch: expected a tensor x0 or a pair (x0, cond), got {got}")
+
+
 @dataclass
 class FinetuneLoss:
-    r"""Fine-tuning objective: :math:`\mathcal{L}_{NTM} + \lambda(\text{step}) \mathcal{L}_{aux}` (NTM Algorithm 1).
+    r"""Fine-tuning objective: :math:`\mathcal{L}_{NTM} + \lambda \, \mathcal{L}_{aux}` (NTM Algorithm 1).
 
     The NLL is :class:`~trajflow.TrajectoryNLL`'s (its ``steps``, ``t_min``, ``shift``, ``mode`` and
     ``cond_drop`` are used); :math:`\mathcal{L}_{aux}` is :class:`MeanAlignmentLoss` on the predictor's
     means of the same forward pass (one predictor evaluation per step), averaged over the factors used.
-    :math:`\lambda(\text{step}) = \text{aux\_weight} \cdot \tfrac12 (1 + \cos(\pi \min(\text{step}, D) / D))`
-    with :math:`D` = ``decay_steps`` (constant if ``None``); NTM uses 2.5.
+    :math:`\lambda` decays from ``aux_weight`` (NTM: 2.5) to 0 by a half cosine, :math:`\lambda =
+    \text{aux\_weight} \cdot \tfrac12 (1 + \cos(\pi \min(r, 1)))`, with :math:`r` either
 
-    Called as ``loss(model, x0, cond, step)``; returns ``(total, parts)`` with ``parts`` holding the
-    detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"``.
+    * ``step / decay_steps``: a number of optimizer steps; or
+    * ``progress / decay_fraction``: a share of the run, with ``progress`` in [0, 1] as the
+      :class:`~trajflow.train.Trainer` hands it to objectives (:meth:`~trajflow.train.TrainerConfig.run_progress`:
+      the share of ``train.steps`` or of ``train.time_budget`` done, whichever is larger). Use this for a
+      time-budgeted run, whose ``steps`` is only a cap it never reaches.
+
+    Give at most one of the two; with neither (``decay_steps=None``), :math:`\lambda` stays ``aux_weight``.
+
+    Called as a :class:`~trajflow.train.Objective`: ``loss(model, batch, generator, step, progress=...)`` with
+    ``batch`` a tensor ``x0`` ``(B, *data)`` or a pair ``(x0, cond)`` (what a DataLoader over a
+    ``TensorDataset(x0)`` or ``TensorDataset(x0, labels)`` yields), so it goes to
+    :meth:`Trainer.fit <trajflow.train.Trainer.fit>` as it stands (or inside
+    :class:`~trajflow.likelihood.DequantizedObjective`). Returns ``(total, parts)`` with ``parts`` holding the
+    detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"``, which the Trainer logs.
+
+    Arguments:
+        nll: The trajectory NLL.
+        align: The mean alignment against the frozen reference.
+        aux_weight: :math:`\lambda` at the start (NTM: 2.5).
+        decay_steps: Optimizer steps over which :math:`\lambda` decays to 0; ``None``: no step-based decay.
+            Default :data:`DEFAULT_DECAY_STEPS` (10,000), or ``None`` when ``decay_fraction`` is given.
+        decay_fraction: Share of the run in (0, 1] over which :math:`\lambda` decays to 0 (1: the whole run);
+            needs ``progress`` at each call.
 
     Example:
         >>> from trajflow.velocity import MLPVelocity
@@ -291,12 +341,19 @@ class FinetuneLoss:
         >>> total, parts = loss(model, torch.randn(16, 2), step=0)
         >>> float(parts["aux"]), float(parts["lambda"])
         (0.0, 2.5)
+        >>> by_share = FinetuneLoss(loss.nll, loss.align, decay_fraction=0.5)
+        >>> by_share.lambda_at(progress=0.25), by_share.lambda_at(progress=0.75)
+        (1.25, 0.0)
     """
 
     nll: TrajectoryNLL
     align: MeanAlignmentLoss
     aux_weight: float = 2.5
-    decay_steps: int | None = 10_000
+    # ``...`` marks "not given": the default depends on decay_fraction (resolved in __post_init__).
+    decay_steps: int | None = ...  # type: ignore[assignment]
+    decay_fraction: float | None = None
+    #: The loss's name in the Trainer's logs.
+    loss_name: ClassVar[str] = "finetune_loss"
 
     def __post_init__(self) -> None:
         if not isinstance(self.nll, TrajectoryNLL):
@@ -305,11 +362,40 @@ class FinetuneLoss:
             raise ValueError(f"align: expected a MeanAlignmentLoss, got {type(self.align).__name__}")
         if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
             raise ValueError(f"aux_weight: expected a finite number >= 0, got {self.aux_weight!r}")
-        if self.decay_steps is not None and (not isinstance(self.decay_steps, int) or self.decay_steps < 1):
+        if self.decay_steps is ...:
+            self.decay_steps = None if self.decay_fraction is not None else DEFAULT_DECAY_STEPS
+        if self.decay_steps is not None and (
+            not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool) or self.decay_steps < 1
+        ):
             raise ValueError(f"decay_steps: expected a positive integer or None, got {self.decay_steps!r}")
+        f = self.decay_fraction
+        if f is not None and (
+            isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and 0 < f <= 1)
+        ):
+            raise ValueError(f"decay_fraction: expected a share of the run in (0, 1] or None, got {f!r}")
+        if self.decay_steps is not None and f is not None:
+            raise ValueError(
+                f"decay_steps, decay_fraction: expected one decay schedule, got decay_steps={self.decay_steps!r} "
+                f"and decay_fraction={f!r}; decay by steps or by a share of the run, not both"
+            )
 
-    def lambda_at(self, step: int) -> float:
-        """The auxiliary weight at training step ``step`` (cosine decay from ``aux_weight`` to 0)."""
+    def lambda_at(self, step: int = 0, progress: float | None = None) -> float:
+        """The auxiliary weight at optimizer step ``step`` and run progress ``progress`` (a cosine to 0).
+
+        ``step`` is read with ``decay_steps``, ``progress`` (in [0, 1], required) with ``decay_fraction``.
+        """
+        if progress is not None and (
+            isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0
+        ):
+            raise ValueError(f"progress: expected the share of the run done, a number in [0, 1], got {progress!r}")
+        if self.decay_fraction is not None:
+            if progress is None:
+                raise ValueError(
+                    f"progress: FinetuneLoss(decay_fraction={self.decay_fraction}) follows the run's progress in "
+                    "[0, 1], got None; the Trainer passes it (see trajflow.train.Objective), or pass progress="
+                )
+            share = min(progress / self.decay_fraction, 1.0)
+            return float(self.aux_weight * 0.5 * (1.0 + math.cos(math.pi * share)))
         if self.decay_steps is None:
             return float(self.aux_weight)
         return float(self.aux_weight * CosineWarmup(0, self.decay_steps)(max(int(step), 0)))
@@ -347,14 +433,22 @@ class FinetuneLoss:
     def __call__(
         self,
         model: NTM,
-        x0: Tensor,
-        cond: Condition | None = None,
+        batch: Tensor | tuple[Tensor, Condition | None] | list,
+        generator: torch.Generator | None = None,
         step: int = 0,
         *,
-        generator: torch.Generator | None = None,
+        progress: float | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(total, {"nll", "aux", "lambda"})`` for ``batch`` = ``x0`` or ``(x0, cond)`` (see the class)."""
+        if generator is not None and not isinstance(generator, torch.Generator):
+            # The old call form loss(model, x0, cond, step) put the condition here.
+            raise ValueError(
+                f"generator: expected a torch.Generator or None, got {type(generator).__name__}; a condition goes "
+                "in the batch: loss(model, (x0, cond), generator, step)"
+            )
+        x0, cond = _unpack_batch(batch)
+        lam = self.lambda_at(step, progress)
         nll, aux = self.per_example(model, x0, cond, generator=generator)
-        lam = self.lambda_at(step)
         nll, aux = nll.mean(), aux.mean()
         total = nll + lam * aux
-        return total, {"nll": nll.detach(), "aux": aux.detach(), "lambda": torch.tensor(lam)}
+        return total, {"nll": nll.detach(), "aux": aux.detach(), "lambda": torch.tensor(lam, device=x0.device)}

@@ -28,9 +28,17 @@ An NTM has no tractable :math:`p_Y(x_{t_0})`, only the exact density of whole tr
 :meth:`trajflow.TrajectoryDistribution.elbo`)
 
 .. math:: \log p_Y(y) \geq \mathbb{E}_{q(x_{t_{1:T}} | y)}
-          [\log p(y, x_{t_1}, \dots, x_{t_T}) - \log q(x_{t_1}, \dots, x_{t_T} | y)],
+          [\log p(y, x_{t_1}, \dots, x_{t_T}) - \log q(x_{t_1}, \dots, x_{t_T} | y)].
 
-so the NTM's bits/dim adds a second gap (the ELBO's) on top of the dequantisation gap, and is still an
+A model trained with :math:`t_{\min} > 0` never sees :math:`t_0 = 0` and its bound there is meaningless
+(thousands of bits/dim). At :math:`t_0 = t_{\min} > 0` the bound is of the data through the Gaussian
+decoder :math:`p(y | x_{t_0}) = \mathcal{N}(x_{t_0} / (1 - t_0), (t_0 / (1 - t_0))^2 I)` (see
+:mod:`trajflow.bounds`): still an upper bound on the discrete NLL, now of the NTM followed by that decoder,
+whose blur at scale :math:`t_0` is part of the gap. :func:`elbo_bits_per_dim` takes ``t_min``,
+:math:`t_0 = 0` by default (the cleanest level of the default training range
+:data:`~trajflow.process.TRAIN_T_MIN`); pass the low end of the range the model was trained on.
+
+In either case the NTM's bits/dim adds a second gap (the ELBO's) on top of the dequantisation gap, and is still an
 upper bound on the discrete NLL. The importance-weighted bound (IWAE; Burda et al., 2016) with :math:`K`
 forward trajectories per image,
 
@@ -56,6 +64,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +73,11 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution
 
-from .checks import check_tensor
+from .checks import accepts_keyword, check_tensor
 from .conditioning import Condition
 from .distribution import TrajectoryDistribution
 from .model import NTM
-from .process import time_grid
+from .process import TRAIN_T_MIN, time_grid
 
 __all__ = [
     "check_levels",
@@ -321,8 +330,9 @@ def elbo_bits_per_dim(
     shift: float = 1.0,
     generator: torch.Generator | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
+    t_min: float | None = None,
 ) -> Tensor | dict[str, Tensor]:
-    r"""Bits/dim of an NTM from a lower bound on :math:`\log p(x_{t_0})` with :math:`t_0 = 0`, on dequantised data.
+    r"""Bits/dim of an NTM from a lower bound on the density of the dequantised data, taken at :math:`t_0 = t_{\min}`.
 
     With ``bound="elbo"`` (the default):
 
@@ -341,13 +351,22 @@ def elbo_bits_per_dim(
     :math:`x^{(jk)} \sim q(\cdot|y_j)` per dequantised image. The expectation of either upper-bounds
     :math:`-\log_2 P(x) / D`: the bound's gap (the forward process is the proposal) adds to the
     dequantisation gap of Jensen's inequality. The IWAE gap shrinks as :math:`K` grows (Burda et al.,
-    2016); the ELBO's does not. The grid must start at :math:`t_0 = 0`, or :math:`x_{t_0}` would be a
-    noised image and the number would not be about the data.
+    2016); the ELBO's does not.
+
+    The grid starts at :math:`t_0 = t_{\min}`. At :math:`t_{\min} = 0` the trajectories start at the data,
+    :math:`x_{t_0} = y_j`. At :math:`t_{\min} > 0` each trajectory starts at a fresh
+    :math:`x_{t_0} = (1 - t_{\min}) y_j + t_{\min} \epsilon` and the bound is on :math:`\log p(y_j)` through
+    the Gaussian decoder at :math:`t_{\min}` (``from_data=True`` of :meth:`~trajflow.TrajectoryDistribution.bounds`,
+    see :mod:`trajflow.bounds`): the weights gain :math:`D \log(1 - t_{\min})` and the number is still about
+    the data, not about noised data, with the decoder's blur in the gap. Take the bound at a level the model
+    was trained on: a model trained with :math:`t_{\min} \sim U[0.02, 0.05]` evaluated at 0 gives thousands
+    of bits/dim. A result whose mean exceeds :math:`\log_2 K_\text{levels}` bits/dim (the uniform model's)
+    is reported with a warning naming ``t_min``.
 
     Arguments:
-        model_or_dist: An :class:`~trajflow.NTM` (the grid is ``time_grid(steps, 0, shift)``) or a
-            :class:`~trajflow.TrajectoryDistribution` whose grid starts at 0 (``steps``/``shift``/``cond``
-            are then ignored).
+        model_or_dist: An :class:`~trajflow.NTM` (the grid is ``time_grid(steps, t_min, shift)``) or a
+            :class:`~trajflow.TrajectoryDistribution`, whose grid gives :math:`t_0` (``steps``/``shift``/
+            ``cond`` are then ignored, and ``t_min``, if given, must match it).
         x_int: Integer data ``(*batch, *event)`` in ``[0, levels - 1]``, the event being the model's data
             shape.
         levels: :math:`K_\text{levels}`.
@@ -362,10 +381,22 @@ def elbo_bits_per_dim(
         shift: The grid's shift for an ``NTM`` (see :func:`trajflow.time_grid`).
         generator: The random generator of the dequantisation noise and of the forward trajectories.
         data_range: The range the model was trained on (trajflow's image models use ``(-1, 1)``).
+        t_min: :math:`t_0` of the grid for an ``NTM``: the low end of the range the model was trained on.
+            ``None``: ``TRAIN_T_MIN[0]`` = 0, the cleanest level of the default training range
+            (:data:`~trajflow.process.TRAIN_T_MIN`); a model trained with ``t_min=(0.02, 0.05)`` needs
+            ``t_min=0.02``.
 
     Returns:
         Bits/dim per data point, ``x_int``'s batch shape broadcast with the distribution's, float64 (a dict
         of two such tensors for ``bound="both"``).
+
+    Example:
+        >>> import trajflow
+        >>> model = trajflow.NTM(trajflow.transporters.IdentityTransporter((4,)),
+        ...                      trajflow.predictors.MLPPredictor(features=4))
+        >>> x = torch.randint(0, 17, (8, 4))
+        >>> elbo_bits_per_dim(model, x, 17, t_min=0.02, generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([8])
     """
     levels = check_levels(levels)
     check_discrete("x_int", x_int, levels)
@@ -373,20 +404,25 @@ def elbo_bits_per_dim(
     num_trajectories = _check_num_samples(num_trajectories, "num_trajectories")
     if bound not in (*BOUNDS, "both"):
         raise ValueError(f"bound: expected one of {(*BOUNDS, 'both')}, got {bound!r}")
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0):
+        raise ValueError(
+            f"t_min: expected a time in [0, 1) (the cleanest level the model was trained on), got {t_min!r}"
+        )
     if isinstance(model_or_dist, TrajectoryDistribution):
         dist = model_or_dist
-        if not bool((dist.grid[..., 0] == 0).all()):
-            raise ValueError(
-                f"model_or_dist: expected a grid starting at t_0 = 0 (so that x_(t_0) is the data), got t_0 = "
-                f"{dist.grid[..., 0].tolist()}"
-            )
     elif isinstance(model_or_dist, NTM):
-        grid = time_grid(steps, 0.0, shift, device=model_or_dist.device)
-        dist = model_or_dist.distribution(grid, cond)
+        t_min = TRAIN_T_MIN[0] if t_min is None else float(t_min)
+        dist = model_or_dist.distribution(time_grid(steps, t_min, shift, device=model_or_dist.device), cond)
     else:
         raise ValueError(
             f"model_or_dist: expected an NTM or a TrajectoryDistribution, got {type(model_or_dist).__name__}"
         )
+    t0 = dist.grid[..., 0]
+    starts = ", ".join(f"{v:.6g}" for v in t0.unique().tolist())  # for messages (float32 grids: rounded)
+    if t_min is not None and not bool(((t0.double() - float(t_min)).abs() <= 1e-6).all()):  # float32 grids
+        raise ValueError(f"t_min: expected the distribution's grid start {starts} (or None), got {t_min!r}")
+    # At t_0 = 0 both readings of the bounds coincide; the plain one draws no x_(t_0) (same draws as before).
+    from_data = bool((t0 > 0).any())
     data_shape = dist.data_shape
     if x_int.dim() < len(data_shape) or x_int.shape[x_int.dim() - len(data_shape) :] != data_shape:
         raise ValueError(
@@ -397,10 +433,22 @@ def elbo_bits_per_dim(
     totals = {"iwae": 0.0, "elbo": 0.0}
     for _ in range(num_samples):
         y = dequantize(x_int.to(device), levels, generator, data_range=data_range)
-        iwae, elbo = dist.bounds(y, num_trajectories, chunk_size=chunk_size, generator=generator)
+        iwae, elbo = dist.bounds(y, num_trajectories, chunk_size=chunk_size, generator=generator, from_data=from_data)
         totals["iwae"] = totals["iwae"] + bits_per_dim(iwae, dims, levels, data_range)
         totals["elbo"] = totals["elbo"] + bits_per_dim(elbo, dims, levels, data_range)
     out = {k: v / num_samples for k, v in totals.items()}
+    # No silent garbage: a bound worse than the uniform model's log2(K) bits/dim says nothing about the data,
+    # most often because t_min is a level the model was never trained on.
+    shown = out["iwae" if bound == "both" else bound]
+    mean, uniform = float(shown.mean()), math.log2(levels)
+    if not mean <= uniform:
+        warnings.warn(
+            f"t_min: the {'iwae' if bound == 'both' else bound} bound at t_min={starts} is {mean:.4g} bits/dim, above "
+            f"the {uniform:.4g} of a uniform model over {levels} levels, so it says nothing about the data: is the "
+            "model trained, and at this level? (a model trained with t_min > 0 gives thousands of bits/dim at "
+            "t_min = 0; pass the low end of its training range as t_min)",
+            stacklevel=2,
+        )
     return out if bound == "both" else out[bound]  # type: ignore[return-value]
 
 
@@ -415,7 +463,8 @@ def iwae_bits_per_dim(
     r"""Bits/dim of an NTM from its importance-weighted bound with ``num_trajectories`` :math:`K`.
 
     Shorthand for :func:`elbo_bits_per_dim` with ``bound="iwae"``; the other keyword arguments
-    (``num_samples``, ``chunk_size``, ``cond``, ``shift``, ``generator``, ``data_range``) are the same.
+    (``num_samples``, ``chunk_size``, ``cond``, ``shift``, ``generator``, ``data_range``, ``t_min``) are the
+    same.
     With ``K = 1`` it is the ELBO's bits/dim.
 
     References:
@@ -433,13 +482,16 @@ class DequantizedObjective:
 
     Each batch ``(images, labels)`` of integer images ``(N, C, H, W)`` in ``0..levels-1`` is dequantised
     uniformly into [-1, 1) (:func:`dequantize`, with the trainer's generator), then ``loss(model, y,
-    generator=generator)`` is returned. With a negative log-likelihood in nats/dim (``TrajectoryNLL``,
+    generator=generator)`` is returned, with ``step=step`` and ``progress=progress`` added for a loss whose
+    signature takes them (a schedule, e.g. :class:`~trajflow.finetune.FinetuneLoss`'s lambda; see
+    :class:`~trajflow.train.Objective`). With a negative log-likelihood in nats/dim (``TrajectoryNLL``,
     ``SingleFlowNLL``) this trains the continuous density whose ELBO/IWAE bounds the discrete one
     (:func:`elbo_bits_per_dim`, :func:`iwae_bits_per_dim`).
 
     Arguments:
-        loss: ``(model, y, *, generator) -> scalar``: :class:`~trajflow.TrajectoryNLL`,
-            :class:`~trajflow.baselines.SingleFlowNLL` or :class:`~trajflow.baselines.FlowMatchingLoss`.
+        loss: ``(model, y, *, generator) -> scalar`` (or ``(scalar, logs)``): :class:`~trajflow.TrajectoryNLL`,
+            :class:`~trajflow.baselines.SingleFlowNLL`, :class:`~trajflow.baselines.FlowMatchingLoss`, or one
+            that also takes ``step`` / ``progress`` such as :class:`~trajflow.finetune.FinetuneLoss`.
         levels: The number of intensity levels of the images.
         loss_name: The loss's name in the trainer's logs.
 
@@ -459,7 +511,21 @@ class DequantizedObjective:
 
     def __post_init__(self) -> None:
         self.levels = check_levels(self.levels)
+        if not callable(self.loss):
+            raise ValueError(f"loss: expected a callable loss(model, y, *, generator), got {type(self.loss).__name__}")
+        # Which schedule inputs the loss takes, read once: the NLLs take neither.
+        self._schedule = tuple(name for name in ("step", "progress") if accepts_keyword(self.loss, name))
 
-    def __call__(self, model: torch.nn.Module, batch: Any, generator: torch.Generator, step: int) -> Tensor:
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        batch: Any,
+        generator: torch.Generator,
+        step: int,
+        *,
+        progress: float | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self.loss(model, dequantize(images, self.levels, generator), generator=generator)
+        values = {"step": step, "progress": progress}
+        extra = {name: values[name] for name in self._schedule if values[name] is not None}
+        return self.loss(model, dequantize(images, self.levels, generator), generator=generator, **extra)

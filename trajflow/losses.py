@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .checks import check_finite, check_tensor
 from .conditioning import Condition, map_cond
-from .process import MarkovInterpolant, sample_t_min, time_grid
+from .process import TRAIN_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 
 if TYPE_CHECKING:  # the distribution imports predictors, whose FM wrapper imports this module
     from .distribution import TrajectoryDistribution
@@ -67,7 +67,8 @@ class TrajectoryNLL:
 
     Arguments:
         steps: The number of steps :math:`T`, or a set of them to draw per example (e.g. ``(4, 8, 16)``).
-        t_min: The range of the per-example :math:`t_{\min}` (NTM uses (0, 0.05)).
+        t_min: The range of the per-example :math:`t_{\min}`; default :data:`~trajflow.process.TRAIN_T_MIN`,
+            (0, 0.05) as in NTM.
         shift: The grid's shift factor (see :func:`trajflow.time_grid`).
         mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D` (end-to-end);
             ``"pair"``: one random factor per example, divided by :math:`D` (pair-wise). Both are unbiased
@@ -111,7 +112,7 @@ class TrajectoryNLL:
     """
 
     steps: int | Sequence[int] = 4
-    t_min: tuple[float, float] = (0.0, 0.05)
+    t_min: tuple[float, float] = TRAIN_T_MIN
     shift: float = 1.0
     mode: str = "trajectory"
     cond_drop: float = 0.1

@@ -19,7 +19,7 @@ from .conditioning import Condition
 from .distribution import TrajectoryDistribution, check_compatible
 from .predictors.base import Predictor
 from .pretrained import Pretrained, build_part, part_config
-from .process import time_grid
+from .process import SAMPLE_T_MIN, time_grid
 from .transporters.base import Transporter
 
 __all__ = ["NTM"]
@@ -158,7 +158,7 @@ class NTM(Pretrained, nn.Module):
         *,
         cond: Condition | None = None,
         steps: int = 4,
-        t_min: float = 0.0,
+        t_min: float = SAMPLE_T_MIN,
         shift: float = 1.0,
         grid: Tensor | None = None,
         guidance: float = 0.0,
@@ -170,7 +170,12 @@ class NTM(Pretrained, nn.Module):
         Arguments:
             sample_shape: Samples per condition, on the left of the condition's batch shape.
             cond: The condition, or ``None``.
-            steps, t_min, shift: The grid (see :func:`trajflow.time_grid`), unless ``grid`` is given.
+            steps, t_min, shift: The grid (see :func:`trajflow.time_grid`), unless ``grid`` is given. The
+                default ``t_min`` is :data:`~trajflow.process.SAMPLE_T_MIN` (0.02, NTM's sampling level, inside
+                the training range): the sample is then :math:`x_{0.02}`, slightly noised data that
+                :func:`~trajflow.sample_denoised` can clean. ``t_min=0`` gives
+                :math:`x_0`: the edge of the default training range, and a level a model trained with
+                :math:`t_{\min} > 0` never saw.
             guidance: Classifier-free guidance weight.
             return_trajectory: Return ``(*sample, *batch, T + 1, *data)`` instead of the cleanest level.
             generator: The :class:`torch.Generator` (on the model's device) that draws all the noise: the

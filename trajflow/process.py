@@ -23,7 +23,20 @@ from torch import Tensor
 
 from .checks import check_event_shape, check_finite, check_grid, check_tensor, check_times
 
-__all__ = ["MarkovInterpolant", "time_grid", "sequence_shift", "sample_t_min"]
+__all__ = ["MarkovInterpolant", "time_grid", "sequence_shift", "sample_t_min", "TRAIN_T_MIN", "SAMPLE_T_MIN"]
+
+#: The range of the per-example cleanest time :math:`t_{\min} \sim U[0, 0.05]` drawn in training (NTM Table 5,
+#: method.md §3.5): the default of :class:`~trajflow.TrajectoryNLL` and of the text-to-image recipe's
+#: ``model.t_min``. The trajectory's cleanest level is then itself slightly noised data.
+TRAIN_T_MIN: tuple[float, float] = (0.0, 0.05)
+
+#: The cleanest time at which a trained model is used: sampling (:meth:`~trajflow.NTM.sample`, the denoising
+#: paths of :mod:`trajflow.denoise`, the text-to-image recipe) and the likelihood bounds of
+#: :mod:`trajflow.likelihood`. NTM samples with :math:`s = 0.02` at the last step (NTM Table 3; method.md §5.1
+#: and §8.5); it lies inside :data:`TRAIN_T_MIN` and inside the U[0.02, 0.05] that ``benchmarks/t2i.py`` trains
+#: with. At :math:`t_{\min} = 0` trajectory score denoising changes nothing (row 0 of the noise covariance
+#: vanishes) and a :class:`~trajflow.predictors.FlowMatchingPredictor`'s last step has no scale but its floor.
+SAMPLE_T_MIN: float = 0.02
 
 
 def sequence_shift(num_tokens: int) -> float:
@@ -91,13 +104,13 @@ def time_grid(
 
 def sample_t_min(
     shape: torch.Size | tuple[int, ...],
-    low: float = 0.0,
-    high: float = 0.05,
+    low: float = TRAIN_T_MIN[0],
+    high: float = TRAIN_T_MIN[1],
     *,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    r"""Per-example :math:`t_{\min} \sim U[\text{low}, \text{high}]` (NTM Table 5 uses U[0, 0.05])."""
+    r"""Per-example :math:`t_{\min} \sim U[\text{low}, \text{high}]` (default :data:`TRAIN_T_MIN`, NTM Table 5)."""
     if not 0.0 <= low <= high < 1.0:
         raise ValueError(f"(low, high): expected 0 <= low <= high < 1, got ({low}, {high})")
     u = torch.rand(shape, generator=generator, device=device)

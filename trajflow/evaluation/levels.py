@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Condition
-from ..process import MarkovInterpolant, time_grid
+from ..process import SAMPLE_T_MIN, MarkovInterpolant, time_grid
 from ..velocity import guided_velocity
 
 __all__ = ["ntm_level_estimates", "euler_level_estimates"]
@@ -35,7 +35,7 @@ def ntm_level_estimates(
     *,
     cond: Condition | None = None,
     steps: int = 4,
-    t_min: float = 0.0,
+    t_min: float = SAMPLE_T_MIN,
     shift: float = 1.0,
     guidance: float = 0.0,
     generator: torch.Generator | None = None,
@@ -47,7 +47,8 @@ def ntm_level_estimates(
         model: An :class:`~trajflow.NTM`.
         noise: :math:`x_{t_T} \sim \mathcal{N}(0, I)`, ``(N, *data)``.
         cond: Flat condition with batch ``N`` (or ``None``).
-        steps, t_min, shift: The sampling grid (:func:`~trajflow.time_grid`).
+        steps, t_min, shift: The sampling grid (:func:`~trajflow.time_grid`; ``t_min`` as in
+            :meth:`trajflow.NTM.sample`).
         guidance: Classifier-free guidance weight (the clipped Gaussian rule).
         generator: Draws of the chain's step noise.
     """

@@ -107,9 +107,8 @@ class TrainerConfig:
         if not self.lr > 0:
             raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
         budget = self.time_budget
-        if budget is not None and (
-            isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (math.isfinite(budget) and budget > 0)
-        ):
+        numeric = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+        if budget is not None and not (numeric and math.isfinite(budget) and budget > 0):
             raise ValueError(
                 f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
             )
@@ -140,9 +139,11 @@ class TrainerConfig:
         same progress.
 
         Example:
-            >>> cfg = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
-            >>> cfg.run_progress(step=10, train_seconds=15.0), TrainerConfig(steps=100).run_progress(25, 1e9)
-            (0.25, 0.25)
+            >>> timed = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
+            >>> timed.run_progress(step=10, train_seconds=15.0)
+            0.25
+            >>> TrainerConfig(steps=100, warmup_steps=0).run_progress(step=25, train_seconds=1e9)
+            0.25
         """
         done = step / self.steps
         if self.time_budget is not None:

@@ -32,7 +32,7 @@ from ..checkpoint import (
     save_safetensors,
     save_torch,
 )
-from ..checks import check_count
+from ..checks import accepts_keyword, check_count
 from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
 from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
@@ -41,6 +41,9 @@ from .interval_log import IntervalLog
 from .random_state import capture_rng_state, restore_rng_state
 
 __all__ = ["Trainer"]
+
+# The clock of the time budget, behind a module name so that tests can drive a time-budgeted run with a fake one.
+_clock = time.perf_counter
 
 
 # ============================================================================================== model wrapper
@@ -57,9 +60,13 @@ class _ObjectiveModule(nn.Module):
         super().__init__()
         self.model = model
         self.__dict__["objective"] = objective
+        self.takes_progress = accepts_keyword(objective, "progress")  # read once, not on every step
 
-    def forward(self, batch: Any, generator: torch.Generator, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        out = self.objective(self.model, batch, generator, step)
+    def forward(
+        self, batch: Any, generator: torch.Generator, step: int, progress: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        extra = {"progress": progress} if self.takes_progress else {}
+        out = self.objective(self.model, batch, generator, step, **extra)
         loss, logs = (out, {}) if isinstance(out, Tensor) else (out[0], dict(out[1]))
         return loss, logs
 
@@ -271,7 +278,12 @@ class Trainer:
         evaluate: Callable[[nn.Module, dict[str, float]], Mapping[str, float] | None] | None = None,
         evaluate_points: int = 10,
     ) -> TrainResult:
-        """Train ``model`` for ``config.steps`` optimizer steps (or until ``stop_at``), checkpointing as it goes.
+        """Train ``model`` for ``config.steps`` optimizer steps (or until ``stop_at``, or until the time budget is
+        spent), checkpointing as it goes.
+
+        When it returns, ``model`` holds the raw weights of the last optimizer step, **not** the EMA of them
+        that the checkpoints' ``ema.safetensors`` hold: ``result.ema.copy_to(model)`` puts the averages in
+        (see :class:`TrainResult`).
 
         Arguments:
             model: The model to train (a plain module; it is wrapped for DDP/FSDP here).
@@ -291,6 +303,10 @@ class Trainer:
                 Its time is not training time. What it returns is added to ``point``, and the points are
                 :attr:`TrainResult.evaluations`. Points passed before a resumption are not repeated.
             evaluate_points: How many evaluations after the start (10: every 10% of the run).
+
+        Returns:
+            A :class:`TrainResult`: the step reached, the last logged loss, the timings, the last checkpoint,
+            the log records and the EMA (``result.ema``).
 
         Raises:
             ValueError: The checkpoint's config differs (naming the fields), or the world size does.
@@ -359,7 +375,7 @@ class Trainer:
         evaluations: list[dict[str, float]] = []
 
         def progress_now() -> float:
-            return min(train_time / cfg.time_budget, 1.0) if cfg.time_budget else step / max(cfg.steps, 1)
+            return cfg.run_progress(step, train_time)
 
         def run_evaluation() -> None:
             point = {"step": float(step), "train_seconds": train_time, "progress": progress_now()}
@@ -375,29 +391,31 @@ class Trainer:
 
         wrapped.train()
         while step < end:
-            t0 = time.perf_counter()
+            t0 = _clock()
+            # The share of the run done before this step (steps and seconds both come back on resume).
+            progress = cfg.run_progress(step, train_time)
             # -- forward and backward, one micro-batch at a time; only the last one synchronises gradients
             for micro in range(cfg.grad_accum):
                 batch = to_device(next(batches), self.device)
                 sync = acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 and self.world_size > 1 else nullcontext()
                 with sync, acc.autocast():
-                    loss, logs = wrapped(batch, generator, step)
+                    loss, logs = wrapped(batch, generator, step, progress)
                 acc.backward(loss / cfg.grad_accum)
                 log.add(loss, logs, cfg.grad_accum)
 
-            # -- the update: clip, step, schedule (by steps, or by the elapsed share of the time budget), EMA
+            # -- the update: clip, step, schedule (by steps, or by the share of the run with a time budget), EMA
             grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if timed_lr is not None:
-                progress = min((train_time + time.perf_counter() - t0) / cfg.time_budget, 1.0)
+                done = cfg.run_progress(step + 1, train_time + _clock() - t0)
                 for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                    group["lr"] = base * timed_lr(progress * cfg.steps)
+                    group["lr"] = base * timed_lr(done * cfg.steps)
             if ema is not None:
                 ema.update(inner)
             step += 1
-            dt = time.perf_counter() - t0
+            dt = _clock() - t0
             train_time += dt
             log.tick(dt)
             bar.update(min(dt, max(cfg.time_budget - bar.n, 0.0)) if cfg.time_budget else 1)
@@ -427,6 +445,7 @@ class Trainer:
             train_seconds=train_time,
             checkpoint=last_ckpt,
             history=log.history,
+            ema=ema,
             evaluations=evaluations,
         )
 

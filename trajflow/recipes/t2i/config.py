@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ...pretrained import dataclass_from_dict
+from ...process import SAMPLE_T_MIN, TRAIN_T_MIN
 from ...train import TrainerConfig
 
 __all__ = [
@@ -107,8 +108,10 @@ class ModelConfig:
         init_from: ``"ntm-fm"`` only: a run or step folder of this recipe with ``model.kind == "fm"``; its
             EMA weights (when saved) initialise the model and a frozen copy is the mean-alignment reference.
         aux_weight: ``"ntm-fm"``: the mean-alignment weight lambda at step 0 (NTM: 2.5).
-        aux_decay_steps: ``"ntm-fm"``: lambda decays by a cosine to 0 over this many steps (``None``:
-            ``train.steps``).
+        aux_decay_steps: ``"ntm-fm"``: lambda decays by a cosine to 0 over this many optimizer steps. ``None``:
+            over the whole run, by its progress (the share of ``train.steps`` or of ``train.time_budget`` done,
+            see :meth:`~trajflow.train.TrainerConfig.run_progress`), so that a time-budgeted run decays over its
+            budget.
         c_min: ``"ntm-fm"``: floor of the predictor's scale (see ``FlowMatchingPredictor``).
         patch_size, width, depth, heads, kv_heads, time_features: the predictor (or velocity) transformer.
         transporter_width, transporter_heads, transporter_patch_size: ``None`` means the predictor's.
@@ -123,7 +126,7 @@ class ModelConfig:
             text features added to its time embedding, zero-initialised; an ablation, off in NTM). Needs
             ``transporter == "transformer"``.
         steps: NTM's trajectory length ``T`` in training (a list draws one per example: multi-T).
-        t_min: range of the per-example cleanest time (NTM: U[0, 0.05]).
+        t_min: range of the per-example cleanest time (:data:`~trajflow.process.TRAIN_T_MIN`, NTM's U[0, 0.05]).
         shift: time-grid shift; ``None`` uses :func:`trajflow.sequence_shift` of the token count.
         mode: ``"trajectory"`` (all T factors; NTM Algorithm 1) or ``"pair"``.
         factor_weights: weights of the T step factors of the loss: ``None`` (the exact NLL), a list (a single
@@ -156,7 +159,7 @@ class ModelConfig:
     transporter: str = "transformer"
     transporter_condition: bool = False
     steps: int | list[int] = 4
-    t_min: tuple[float, float] = (0.0, 0.05)
+    t_min: tuple[float, float] = TRAIN_T_MIN
     shift: float | None = None
     mode: str = "trajectory"
     factor_weights: list[float] | str | None = None
@@ -245,14 +248,14 @@ class SampleConfig:
     Attributes:
         steps: NTM trajectory steps / Euler steps of flow matching.
         guidance: classifier-free guidance weight ``w`` ((1 + w) cond - w uncond).
-        t_min: the cleanest time of the NTM sampling grid.
+        t_min: the cleanest time of the NTM sampling grid (:data:`~trajflow.process.SAMPLE_T_MIN`, NTM's 0.02).
         batch_size: images per forward batch.
         grid_prompts: prompts in the grid written after training (0: none).
     """
 
     steps: int = 4
     guidance: float = 3.0
-    t_min: float = 0.0
+    t_min: float = SAMPLE_T_MIN
     batch_size: int = 64
     grid_prompts: int = 16
 
@@ -415,4 +418,3 @@ def apply_overrides(d: Mapping[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return out
-

@@ -24,12 +24,14 @@ class TextToImageObjective:
 
     NTM: :class:`~trajflow.TrajectoryNLL` (exact trajectory NLL, nats/dim). Flow matching:
     :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`. NTM initialised from flow matching (``"ntm-fm"``):
-    :class:`~trajflow.finetune.FinetuneLoss`, the NLL plus lambda(step) times the mean alignment against
+    :class:`~trajflow.finetune.FinetuneLoss`, the NLL plus lambda times the mean alignment against
     ``reference`` (logged as ``nll``, ``aux``, ``lambda``). All drop 10% of captions (``model.cond_drop``)
     for classifier-free guidance. The text encoder and the VAE run without autocast (frozen, float32).
 
-    lambda(step) follows the optimizer step the :class:`~trajflow.train.Trainer` hands in (restored on
-    resume, so a resumed run uses the same lambda as an uninterrupted one).
+    lambda decays over ``model.aux_decay_steps`` optimizer steps when that is set, else over the whole run by
+    the progress the :class:`~trajflow.train.Trainer` hands in (the share of ``train.steps`` or of
+    ``train.time_budget`` done: a time-budgeted run, whose ``train.steps`` is only a cap, decays over its
+    budget). Both are restored on resume, so a resumed run uses the same lambda as an uninterrupted one.
 
     Arguments:
         config: The run's config.
@@ -78,7 +80,8 @@ class TextToImageObjective:
                     nll,
                     MeanAlignmentLoss(reference),
                     aux_weight=m.aux_weight,
-                    decay_steps=m.aux_decay_steps or config.train.steps,
+                    decay_steps=m.aux_decay_steps,
+                    decay_fraction=None if m.aux_decay_steps else 1.0,  # the whole run, steps or time budget
                 )
                 self.loss_name = "finetune_loss"
         else:
@@ -124,13 +127,18 @@ class TextToImageObjective:
             return self.vae.encode(images)
 
     def __call__(
-        self, model: nn.Module, batch: Mapping[str, Any], generator: torch.Generator, step: int
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        generator: torch.Generator,
+        step: int,
+        *,
+        progress: float | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """The loss of one batch ``{"image": (B, 3, H, W), "caption": [B strings]}`` (with its parts for
-        ``"ntm-fm"``)."""
+        ``"ntm-fm"``, whose lambda follows ``step`` or ``progress``: see :class:`~trajflow.train.Objective`)."""
         x0 = self.images_to_data(batch["image"])  # (B, C, H, W)
         cond = self.condition(batch["caption"], x0.device)
         if self.loss_name == "finetune_loss":
-            return self.loss(model, x0, cond, step, generator=generator)
+            return self.loss(model, (x0, cond), generator, step, progress=progress)
         return self.loss(model, x0, cond, generator=generator)
-

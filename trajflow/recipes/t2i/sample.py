@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ...checkpoint import atomic_write
+from ...process import SAMPLE_T_MIN
 from ...train import mix_seed
 from .vae import VAE
 
@@ -22,8 +23,9 @@ __all__ = ["SAMPLE_PATHS", "DEFAULT_DENOISE_T_MIN", "generate", "save_image_grid
 
 #: The ways from NTM's cleanest latent to an image (see :func:`generate`).
 SAMPLE_PATHS: tuple[str, ...] = ("raw", "full", "fast")
-#: The cleanest time of the denoising sampling paths (NTM: 0.02; at 0 denoising changes nothing).
-DEFAULT_DENOISE_T_MIN = 0.02
+#: The cleanest time of the denoising sampling paths: :data:`trajflow.process.SAMPLE_T_MIN` (NTM: 0.02; at 0
+#: denoising changes nothing). Kept under this name for the recipe's callers.
+DEFAULT_DENOISE_T_MIN = SAMPLE_T_MIN
 
 
 @torch.no_grad()
@@ -35,7 +37,7 @@ def generate(
     steps: int = 4,
     guidance: float = 3.0,
     seed: int = 0,
-    t_min: float = 0.0,
+    t_min: float = SAMPLE_T_MIN,
     shift: float = 1.0,
     batch_size: int = 64,
     vae: VAE | None = None,
@@ -96,9 +98,7 @@ def generate(
         g = torch.Generator(device=device).manual_seed(mix_seed(seed, i, 4))
         if isinstance(model, NTM):
             if path == "raw":
-                x = model.sample(
-                    (), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance, generator=g
-                )
+                x = model.sample((), cond=cond, steps=steps, t_min=t_min, shift=shift, guidance=guidance, generator=g)
             elif path == "full":
                 dist = model.distribution(time_grid(steps, t_min, shift, device=device), cond, guidance=guidance)
                 x = sample_denoised(dist, (), generator=g)
@@ -151,4 +151,3 @@ def save_image_grid(images: Tensor, path: str | Path, *, nrow: int | None = None
     buf = io.BytesIO()
     Image.fromarray(canvas).save(buf, format="PNG")
     return atomic_write(path, lambda fh: fh.write(buf.getvalue()))
-
