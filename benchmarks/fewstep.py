@@ -148,17 +148,6 @@ def unit(ds: ImageDataset, n: int, generator: torch.Generator) -> Tensor:
     return dequantize(ds.images[:n], ds.levels, generator)
 
 
-def load_ema(model: nn.Module, checkpoint: Path) -> nn.Module:
-    """Put the EMA weights of a Trainer checkpoint into ``model``."""
-    from trajflow.checkpoint import EMA_FILE, load_safetensors
-    from trajflow.ema import EMA
-
-    ema = EMA(model)
-    ema.load_state_dict(*load_safetensors(checkpoint / EMA_FILE))
-    ema.copy_to(model)
-    return model
-
-
 # -- the teacher ---------------------------------------------------------------------------------------------
 
 
@@ -190,7 +179,7 @@ def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Pa
         result = trainer.fit(
             model, objective, train_set, run_config={"teacher": dataclasses.asdict(teacher_config(cfg))}, resume=True
         )
-        load_ema(model, result.checkpoint)
+        result.ema.copy_to(model)
         model.save_pretrained(final)
     return TransformerVelocity.from_pretrained(final).eval()
 
@@ -274,26 +263,17 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         cond_drop=0.0,
         factor_weights=recipe["factor_weights"],
     )
-    loss = FinetuneLoss(nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_steps=None)
+    loss = FinetuneLoss(nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_fraction=1.0)
 
     def raw(m, n, g):
         return m.sample((n,), steps=4, t_min=T_MIN, generator=g)
 
     def denoised(m, n, g):
-        return torch.cat(
-            [
-                sample_denoised(m.distribution(time_grid(4, T_MIN)), (c,), generator=g)
-                for c in [500] * (n // 500) + [n % 500]
-                if c
-            ]
-        )
-
-    def objective(m, x, step, g):
-        total, parts = loss(m, x, None, step, generator=g)
-        return total, parts
+        chunks = [500] * (n // 500) + [n % 500]
+        return torch.cat([sample_denoised(m.distribution(time_grid(4, T_MIN)), (c,), generator=g) for c in chunks if c])
 
     samplers = {"raw": (4, raw), "score-denoised": (4, denoised)}
-    return Row(model, _Dequantized(objective, "loss"), samplers, "raw", recipe["lr"], ntm=True)
+    return Row(model, DequantizedObjective(loss, 256, "finetune_loss"), samplers, "raw", recipe["lr"], ntm=True)
 
 
 def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
@@ -426,7 +406,7 @@ def finetune(
             result = trainer.fit(
                 row.model, objective, state["train"], resume=True, evaluate=read_curve, evaluate_points=points
             )
-            load_ema(row.model, result.checkpoint)
+            result.ema.copy_to(row.model)
             for p in result.evaluations:
                 if i and p["progress"] == 0.0:
                     continue
@@ -438,7 +418,7 @@ def finetune(
         result = trainer.fit(
             row.model, row.objective, state["train"], resume=True, evaluate=read_curve, evaluate_points=cfg.curve_points
         )
-        load_ema(row.model, result.checkpoint)
+        result.ema.copy_to(row.model)
         curve = [{**p, "at_seconds": p["train_seconds"]} for p in result.evaluations]
         train_seconds, steps_done = result.train_seconds, result.step
 
