@@ -510,3 +510,26 @@ def test_fit_leaves_the_raw_weights_and_returns_the_ema_one_call_away(tmp_path):
     assert (
         Trainer(_config(steps=2, ema_decay=0.0), tmp_path / "no-ema").fit(Tiny(), noisy_objective, _data()).ema is None
     )
+
+
+def test_lr_scales_give_parameter_groups_their_own_learning_rate(tmp_path):
+    cfg = TrainerConfig(
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        ema_decay=0.0,
+        checkpoint_every=100,
+        progress=False,
+        lr_scales={"net.3.": 10.0},
+    )
+    model = Tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(cfg, tmp_path / "run").fit(model, noisy_objective, _data())
+    moved = {k: float((v - before[k]).abs().max()) for k, v in model.state_dict().items()}
+    assert moved["net.3.bias"] > 5 * moved["net.0.bias"]  # Adam steps are ~lr: the scaled layer moves ~10x more
+    groups = train_module._param_groups(model, 0.1, 1e-3, {"net.": 2.0, "net.3.": 10.0})
+    assert [g["lr"] for g in groups] == [2e-3, 2e-3, 1e-2, 1e-2]  # the longest prefix wins
+    with pytest.raises(ValueError, match="lr_scales"):
+        TrainerConfig(lr_scales={"transporter.": 0.0})

@@ -69,6 +69,9 @@ class TrainerConfig:
             bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
             Objectives whose terms follow a schedule read the same share through ``progress`` (see
             :meth:`run_progress` and :class:`Objective`).
+        lr_scales: Learning-rate multipliers by parameter-name prefix, e.g. ``{"transporter.": 10.0}`` trains
+            an NTM's transporter at 10x ``lr`` (the longest matching prefix wins; others get 1). The schedule
+            scales every group alike.
     """
 
     steps: int = 10_000
@@ -93,8 +96,17 @@ class TrainerConfig:
     cpu: bool = False
     find_unused_parameters: bool = False
     time_budget: float | None = None
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for prefix, scale in dict(self.lr_scales).items():
+            if not isinstance(prefix, str) or not (
+                isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
+            ):
+                raise ValueError(
+                    f"train.lr_scales: expected a mapping of parameter-name prefixes to positive numbers, got "
+                    f"{prefix!r}: {scale!r}"
+                )
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             v = getattr(self, name)

@@ -71,16 +71,24 @@ class _ObjectiveModule(nn.Module):
         return loss, logs
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (and higher-rank weights), not biases, norm gains or scalars."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+def _param_groups(
+    model: nn.Module, weight_decay: float, lr: float, lr_scales: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """Decay matrices (and higher-rank weights), not biases, norm gains or scalars; one pair of groups per
+    learning-rate scale (the longest prefix of ``lr_scales`` a parameter's name starts with, else 1). The
+    unscaled groups come first, so that the first group's ``lr`` is the schedule's."""
+    groups: dict[tuple[float, bool], list[Tensor]] = {}
+    prefixes = sorted(lr_scales, key=len, reverse=True)
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            scale = next((float(lr_scales[k]) for k in prefixes if name.startswith(k)), 1.0)
+            groups.setdefault((scale, p.dim() >= 2), []).append(p)
+    return [
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "lr": lr * scale}
+        for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0, kv[0][0], not kv[0][1]))
+    ]
 
 
-# ============================================================================================== trainer
 class Trainer:
     """Trains a model on an objective with accelerate; see the module docstring.
 
@@ -339,7 +347,8 @@ class Trainer:
         # -- optimizer, schedule, EMA and the objective's noise generator (one stream per process). The
         #    scheduler is not prepared: accelerate would step it once per process, and this loop counts
         #    optimizer steps.
-        optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+        groups = _param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
         wrapped, optimizer = acc.prepare(_ObjectiveModule(model, objective), optimizer)
         inner = acc.unwrap_model(wrapped).model
