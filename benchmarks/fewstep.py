@@ -197,6 +197,7 @@ RECIPE: dict[str, Any] = {
     "aux_weight": 2.5,
     "freeze_backbone": False,
     "factor_weights": None,
+    "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
 }
 
 
@@ -211,6 +212,7 @@ class Row:
     lr: float
     rounds: list[Any] = field(default_factory=list)  # progressive distillation: one objective per round
     ntm: bool = False
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -273,7 +275,15 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         return torch.cat([sample_denoised(m.distribution(time_grid(4, T_MIN)), (c,), generator=g) for c in chunks if c])
 
     samplers = {"raw": (4, raw), "score-denoised": (4, denoised)}
-    return Row(model, DequantizedObjective(loss, 256, "finetune_loss"), samplers, "raw", recipe["lr"], ntm=True)
+    return Row(
+        model,
+        DequantizedObjective(loss, 256, "finetune_loss"),
+        samplers,
+        "raw",
+        recipe["lr"],
+        ntm=True,
+        lr_scales=dict(recipe["lr_scales"]),
+    )
 
 
 def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
@@ -320,13 +330,15 @@ def prepare(cfg: FewStepConfig, work: Path) -> dict[str, Any]:
     test = downsample(load_mnist("test"), cfg.resolution)
     g = torch.Generator().manual_seed(1234)
     order = torch.randperm(len(test), generator=g)[: cfg.real_samples]
-    test_x, test_y = dequantize(test.images[order], 256, g), test.labels[order]
+    test_int, test_y = test.images[order], test.labels[order]
+    test_x = dequantize(test_int, 256, g)
     reader, reader_info = load_or_train_reader(cfg.reader, train, test_x, test_y, work)
     teacher = load_or_train_teacher(cfg, train, work)
     metrics = SampleMetrics(reader, test_x)
     return {
         "train": train,
         "test_x": test_x,
+        "test_int": test_int,
         "test_y": test_y,
         "reader": reader,
         "reader_info": reader_info,
@@ -347,7 +359,9 @@ def build_row(method: str, teacher: TransformerVelocity, cfg: FewStepConfig, rec
     raise ValueError(f"method: expected one of {CONFIGS['cpu'].methods}, got {method!r}")
 
 
-def trainer_config(cfg: FewStepConfig, seed: int, lr: float, seconds: float) -> TrainerConfig:
+def trainer_config(
+    cfg: FewStepConfig, seed: int, lr: float, seconds: float, lr_scales: dict[str, float] | None = None
+) -> TrainerConfig:
     return TrainerConfig(
         steps=1_000_000,
         batch_size=cfg.batch_size,
@@ -358,6 +372,7 @@ def trainer_config(cfg: FewStepConfig, seed: int, lr: float, seconds: float) -> 
         checkpoint_every=500,
         log_every=50,
         time_budget=seconds,
+        lr_scales=dict(lr_scales or {}),
     )
 
 
@@ -414,7 +429,7 @@ def finetune(
             elapsed += result.train_seconds
         train_seconds, steps_done = elapsed, None
     else:
-        trainer = Trainer(trainer_config(cfg, seed, row.lr, cfg.budget_seconds), run_dir)
+        trainer = Trainer(trainer_config(cfg, seed, row.lr, cfg.budget_seconds, row.lr_scales), run_dir)
         result = trainer.fit(
             row.model, row.objective, state["train"], resume=True, evaluate=read_curve, evaluate_points=cfg.curve_points
         )
@@ -434,7 +449,21 @@ def finetune(
         if name == row.curve:
             grid = x[:64]
     if row.ntm:
+        from trajflow.likelihood import iwae_bits_per_dim
+
         final["nll_factors"] = nll_factors(model, nll_x, torch.Generator().manual_seed(7))
+        x_int = state["test_int"][: cfg.nll_samples]
+        with torch.no_grad():
+            bpd = iwae_bits_per_dim(
+                model,
+                x_int,
+                256,
+                num_trajectories=16,
+                t_min=T_MIN,
+                chunk_size=64,
+                generator=torch.Generator().manual_seed(8),
+            )
+        final["iwae_bits_per_dim"] = float(bpd.mean())
     record = {
         "method": method,
         "seed": seed,
