@@ -41,6 +41,12 @@ batch x tokens^2 x width"); causal attention is counted in full, as there. Then:
 t = 1; a causal block sees tokens 0..L-2). MFU = FLOPs per image x images/s / peak, with the peak of
 ``--peak-tflops`` (default 790 TFLOP/s, the peak the reference figures use, so the shares compare).
 
+``--repeats N`` times N training steps in (a) and N calls in (b) and (c) instead of the defaults (10, 3, 3).
+``--time-budget S`` bounds the run for a hard outer timeout (``benchmarks/gpu_run.sh``): no section starts once
+S seconds have passed (a ``section_skipped`` row instead), and (d) stops early, keeping 20 s for (e) and
+recording the steps it did (``train_steps``, ``planned_steps``, ``stopped_early``). ``--incremental`` writes the
+results file after every section, so a run killed from outside keeps the finished sections' rows.
+
 ``--smoke`` runs the same code at tiny sizes on the CPU in under 2 minutes: no compile, no CUDA graph (the
 static cache runs eagerly in the ``static-graph`` rows, marked ``graph: false``), section (e) is recorded
 as skipped. Its numbers are a rehearsal of the code, not measurements.
@@ -53,6 +59,7 @@ Usage::
     python benchmarks/gpu.py                  # one GPU, ~9 minutes
     python benchmarks/gpu.py --smoke          # CPU rehearsal, < 2 minutes
     python benchmarks/gpu.py --sections b,c   # some sections only
+    python benchmarks/gpu.py --repeats 3 --time-budget 210 --incremental --out OUT/speed.json  # gpu_run.sh
 """
 
 from __future__ import annotations
@@ -92,6 +99,7 @@ from trajflow.recipes.t2i import T2IConfig, build_model  # noqa: E402
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig  # noqa: E402
 
 SMOKE_OUT = ROOT / "runs" / "bench-gpu-smoke" / "speed.json"
+SYNC_RESERVE_SECONDS = 20.0  # --time-budget: what (d) leaves for (e)
 T2I_CONFIGS = ROOT / "examples" / "t2i" / "configs"
 FLOP_FORMULA = (
     "per image, training (fwd+bwd): pass(P, layers, n, w) = 6*P*n + 12*layers*n^2*w; "
@@ -241,8 +249,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class Bench:
     """Collects rows with the common keys."""
 
-    def __init__(self, device: torch.device, sizes: Sizes, smoke: bool) -> None:
+    def __init__(self, device: torch.device, sizes: Sizes, smoke: bool, deadline: float | None = None) -> None:
         self.device, self.sizes, self.smoke = device, sizes, smoke
+        self.deadline = deadline  # time.perf_counter() by which the run should end (--time-budget), or None
         self.rows: list[dict[str, Any]] = []
         self.common = {"seed": 0, "device": device_string(device), "torch": torch.__version__}
 
@@ -558,16 +567,19 @@ def t2i_setup(b: Bench) -> tuple[nn.Module, Callable[[], tuple[Tensor, Tensor | 
     return model, step, task, config
 
 
-def section_long(b: Bench) -> tuple[nn.Module, Callable, str] | None:
-    """(d) N bf16 training steps of the t2i NTM: no NaN/inf, peak memory."""
+def section_long(b: Bench, reserve: float = 0.0) -> tuple[nn.Module, Callable, str] | None:
+    """(d) N bf16 training steps of the t2i NTM: no NaN/inf, peak memory. With a deadline (``--time-budget``)
+    it stops early once fewer than ``reserve`` seconds are left (after one step at least)."""
     s, device = b.sizes, b.device
     model, step, task, config = t2i_setup(b)
+    stop_at = None if b.deadline is None else b.deadline - reserve
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bad = torch.zeros((), dtype=torch.long, device=device)
     first = last = None
     sync(device)
     start = time.perf_counter()
+    done = 0
     for i in range(s.long_steps):
         loss, norm = step()
         bad += (~torch.isfinite(loss)).long()
@@ -576,10 +588,13 @@ def section_long(b: Bench) -> tuple[nn.Module, Callable, str] | None:
         if i == 0:
             first = loss
         last = loss
+        done = i + 1
+        if stop_at is not None and time.perf_counter() >= stop_at:  # host time; the queue is synced below
+            break
     sync(device)
     seconds = time.perf_counter() - start
     common = dict(
-        train_steps=s.long_steps,
+        train_steps=done,
         batch=s.t2i_batch,
         compiled=s.long_compile,
         seconds=seconds,
@@ -587,24 +602,22 @@ def section_long(b: Bench) -> tuple[nn.Module, Callable, str] | None:
         last_loss=float(last),
         config=s.t2i_config,
     )
+    if done < s.long_steps:
+        common.update(
+            planned_steps=s.long_steps, stopped_early=True, note=f"time budget: {done} of {s.long_steps} steps"
+        )
     b.add(task, "ntm", config.model.steps, "nonfinite_steps", int(bad), **common)
     b.add(
         task,
         "ntm",
         config.model.steps,
         "train_images_per_s",
-        s.long_steps * s.t2i_batch / seconds,
-        note="includes compilation" if s.long_compile else "",
-        **common,
+        done * s.t2i_batch / seconds,
+        **{"note": "includes compilation" if s.long_compile else "", **common},
     )
+    memory_note = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (CPU)"
     b.add(
-        task,
-        "ntm",
-        config.model.steps,
-        "peak_memory_gib",
-        peak_memory_gib(device),
-        note="torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (CPU)",
-        **common,
+        task, "ntm", config.model.steps, "peak_memory_gib", peak_memory_gib(device), **{**common, "note": memory_note}
     )
     return model, step, task
 
@@ -679,12 +692,33 @@ def main(argv: list[str] | None = None) -> dict:
         help="(a) also times the pair-wise NTM loss (method ntm-pair; one more compile, ~1 minute)",
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (smoke default: 1)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed training steps in (a) and calls in (b), (c) (default: 10, 3, 3; smoke 2, 2, 2)",
+    )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: no section starts after it, and (d) stops early to leave 20 s for (e)",
+    )
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="write the results file after every section (for runs under an outer timeout)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
     sizes = replace(SMOKE if args.smoke else GPU)
     if args.long_steps is not None:
         sizes.long_steps = args.long_steps
+    if args.repeats is not None:
+        if args.repeats < 1:
+            parser.error("--repeats: expected at least 1")
+        sizes.train_steps = sizes.inverse_repeats = sizes.sample_repeats = args.repeats
     if args.device is None:
         args.device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     device = torch.device(args.device)
@@ -702,7 +736,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--sections: unknown {unknown}, expected a subset of a,b,c,d,e")
     out = args.out or (SMOKE_OUT if args.smoke else RESULTS / "speed.json")
 
-    b = Bench(device, sizes, args.smoke)
+    total = time.perf_counter()
+    deadline = None if args.time_budget is None else total + args.time_budget
+    b = Bench(device, sizes, args.smoke, deadline)
     print(f"gpu benchmark on {device_string(device)}, torch {torch.__version__}" + (" (smoke)" if args.smoke else ""))
     seconds: dict[str, float] = {}
     setup = None
@@ -713,15 +749,37 @@ def main(argv: list[str] | None = None) -> dict:
         ("d", "bf16 training stability", None),
         ("e", "host synchronisations", None),
     ]
-    total = time.perf_counter()
+
+    def extra() -> dict[str, Any]:
+        return {
+            "smoke": args.smoke,
+            "sections": sections,
+            "section_seconds": seconds,
+            "total_seconds": time.perf_counter() - total,
+            "peak_tflops": args.peak_tflops,
+            "flop_formula": FLOP_FORMULA,
+            "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(sizes).items()},
+            **({} if args.time_budget is None else {"time_budget_seconds": args.time_budget}),
+        }
+
     for key, title, fn in steps:
         if key not in sections:
             continue
         print(f"({key}) {title}", flush=True)
+        if deadline is not None and time.perf_counter() >= deadline:
+            b.add(
+                f"section ({key}) {title}",
+                "skipped",
+                None,
+                "section_skipped",
+                1.0,
+                reason=f"--time-budget {args.time_budget:g} s spent",
+            )
+            continue
         start = time.perf_counter()
         try:
             if key == "d":
-                setup = section_long(b)
+                setup = section_long(b, reserve=SYNC_RESERVE_SECONDS if "e" in sections else 0.0)
             elif key == "e":
                 section_syncs(b, setup)
             else:
@@ -735,20 +793,16 @@ def main(argv: list[str] | None = None) -> dict:
         free(device)  # the section's models are gone with its frame
         seconds[key] = time.perf_counter() - start
         print(f"    {seconds[key]:.1f} s", flush=True)
+        if args.incremental:
+            write_results(out, "speed", b.rows, device=device, extra={**extra(), "complete": False})
     del setup
     free(device)
-    extra = {
-        "smoke": args.smoke,
-        "sections": sections,
-        "section_seconds": seconds,
-        "total_seconds": time.perf_counter() - total,
-        "peak_tflops": args.peak_tflops,
-        "flop_formula": FLOP_FORMULA,
-        "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(sizes).items()},
-    }
-    result = write_results(out, "speed", b.rows, device=device, extra=extra)
-    print(f"wrote {out} ({len(b.rows)} rows, {extra['total_seconds']:.0f} s)")
-    if math.isfinite(extra["total_seconds"]) and not args.smoke and extra["total_seconds"] > 540:
+    final = extra()
+    if args.incremental:
+        final["complete"] = True
+    result = write_results(out, "speed", b.rows, device=device, extra=final)
+    print(f"wrote {out} ({len(b.rows)} rows, {final['total_seconds']:.0f} s)")
+    if math.isfinite(final["total_seconds"]) and not args.smoke and final["total_seconds"] > 540:
         print("warning: the run took more than 9 minutes", file=sys.stderr)
     return result
 
