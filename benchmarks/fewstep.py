@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, source_state  # noqa: E402
+from _common import RESULTS, ROOT, command_line, source_state, write_results  # noqa: E402
 from fewstep_reader import ReaderConfig, SampleMetrics, load_or_train_reader  # noqa: E402
 
 from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample, heun_sample  # noqa: E402
@@ -104,9 +104,9 @@ CONFIGS: dict[str, FewStepConfig] = {
         patch_size=4,
         width=256,
         depth=6,
-        teacher_seconds=120.0,
+        teacher_seconds=60.0,  # with the reader and 15 rows of 12 s, the 5 minutes of the GPU run script
         teacher_batch=256,
-        budget_seconds=30.0,
+        budget_seconds=12.0,
         batch_size=256,
         threads=16,
         reader=ReaderConfig(image_shape=(1, 28, 28)),
@@ -181,7 +181,8 @@ def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Pa
         )
         result.ema.copy_to(model)
         model.save_pretrained(final)
-    return TransformerVelocity.from_pretrained(final).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return TransformerVelocity.from_pretrained(final).to(device).eval()
 
 
 # -- the rows: what each method trains and how it samples -----------------------------------------------------
@@ -228,7 +229,12 @@ class _Dequantized:
 
 
 def _noise(n: int, shape: torch.Size, generator: torch.Generator) -> Tensor:
-    return torch.randn(n, *shape, generator=generator)
+    return torch.randn(n, *shape, generator=generator, device=generator.device)
+
+
+def gen(model: nn.Module, seed: int) -> torch.Generator:
+    """A generator on ``model``'s device (samplers draw their noise there)."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
 def fm_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
@@ -272,7 +278,13 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
 
     def denoised(m, n, g):
         chunks = [500] * (n // 500) + [n % 500]
-        return torch.cat([sample_denoised(m.distribution(time_grid(4, T_MIN)), (c,), generator=g) for c in chunks if c])
+        return torch.cat(
+            [
+                sample_denoised(m.distribution(time_grid(4, T_MIN, device=m.device)), (c,), generator=g)
+                for c in chunks
+                if c
+            ]
+        )
 
     samplers = {"raw": (4, raw), "score-denoised": (4, denoised)}
     return Row(
@@ -316,7 +328,7 @@ def nll_factors(model: nn.Module, x0: Tensor, generator: torch.Generator) -> lis
     forward trajectory per image."""
     from trajflow.process import MarkovInterpolant, time_grid
 
-    grid = time_grid(4, T_MIN)
+    grid = time_grid(4, T_MIN, device=x0.device)
     traj = MarkovInterpolant(event_dim=3).sample(x0, grid, generator=generator)
     with torch.no_grad():
         _, factors = model.distribution(grid).log_prob_factors(traj)
@@ -393,16 +405,17 @@ def finetune(
     torch.manual_seed(seed)
     row = build_row(method, state["teacher"], cfg, recipe)
     metrics: SampleMetrics = state["metrics"]
-    nll_x = state["test_x"][: cfg.nll_samples]
+    device = next(row.model.parameters()).device
+    nll_x = state["test_x"][: cfg.nll_samples].to(device)
 
     def read_curve(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
         steps, sample = row.samplers[row.curve]
-        g = torch.Generator().manual_seed(10_000 + seed)  # the same noise at every point
+        g = gen(model, 10_000 + seed)  # the same noise at every point
         with torch.no_grad() if not row.ntm else torch.enable_grad():
-            x = sample(model, cfg.curve_samples, g)
+            x = sample(model, cfg.curve_samples, g).cpu()
         out = {"frechet_distance": metrics.frechet_distance(x), "curve_steps": steps}
         if row.ntm:
-            out["nll_factors"] = nll_factors(model, nll_x, torch.Generator().manual_seed(7))
+            out["nll_factors"] = nll_factors(model, nll_x, gen(model, 7))
         return out
 
     run_dir = work / "train" / tag
@@ -441,18 +454,18 @@ def finetune(
     model = row.model.eval()
     final: dict[str, Any] = {}
     for name, (steps, sample) in row.samplers.items():
-        g = torch.Generator().manual_seed(20_000 + seed)
+        g = gen(model, 20_000 + seed)
         t0 = time.perf_counter()
         with torch.no_grad() if not row.ntm else torch.enable_grad():
-            x = sample(model, cfg.final_samples, g)
+            x = sample(model, cfg.final_samples, g).cpu()
         final[name] = {"steps": steps, "sample_seconds": time.perf_counter() - t0, **metrics.all(x)}
         if name == row.curve:
             grid = x[:64]
     if row.ntm:
         from trajflow.likelihood import iwae_bits_per_dim
 
-        final["nll_factors"] = nll_factors(model, nll_x, torch.Generator().manual_seed(7))
-        x_int = state["test_int"][: cfg.nll_samples]
+        final["nll_factors"] = nll_factors(model, nll_x, gen(model, 7))
+        x_int = state["test_int"][: cfg.nll_samples].to(nll_x.device)
         with torch.no_grad():
             bpd = iwae_bits_per_dim(
                 model,
@@ -461,7 +474,7 @@ def finetune(
                 num_trajectories=16,
                 t_min=T_MIN,
                 chunk_size=64,
-                generator=torch.Generator().manual_seed(8),
+                generator=gen(model, 8),
             )
         final["iwae_bits_per_dim"] = float(bpd.mean())
     record = {
@@ -509,10 +522,10 @@ def teacher_rows(cfg: FewStepConfig, state: dict[str, Any], work: Path) -> dict[
     )
     out["real"] = metrics.all(real_train[: cfg.final_samples])
     for name, (steps, sample) in fm_row(teacher, cfg).samplers.items():
-        x = sample(teacher, cfg.final_samples, torch.Generator().manual_seed(20_000))
+        x = sample(teacher, cfg.final_samples, gen(teacher, 20_000)).cpu()
         out[name] = {"steps": steps, **metrics.all(x)}
         with torch.no_grad():
-            out[name]["confidence"] = float(F.softmax(state["reader"](x), -1).amax(-1).mean())
+            out[name]["confidence"] = float(F.softmax(state["reader"](x), -1).amax(-1).mean())  # digits read as digits
         save_grid(x[:64], work / "grids" / f"teacher-{name}.png")
     text = json.dumps(out, indent=1)
     atomic_write(path, lambda fh: fh.write(text.encode()))
@@ -601,6 +614,20 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
             "run_variant": rec.get("variant"),
         }
         for name, res in rec["final"].items():
+            if name == "iwae_bits_per_dim":
+                rows.append(
+                    {
+                        **common,
+                        "method": rec["method"],
+                        "steps": 4,
+                        "metric": "bits_per_dim",
+                        "value": res,
+                        "bound": "iwae",
+                        "num_trajectories": 16,
+                        "t_min": T_MIN,
+                    }
+                )
+                continue
             if name == "nll_factors":
                 for k, v in enumerate(res, start=1):
                     rows.append(
@@ -811,7 +838,7 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             shutil.copy(png, DOCS / png.name)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -826,7 +853,7 @@ if __name__ == "__main__":
     ap.add_argument("--budget", type=float, default=None, help="override budget_seconds")
     ap.add_argument("--smoke", action="store_true", help="--config smoke")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cfg = CONFIGS["smoke" if args.smoke else args.config]
     if args.threads:
         cfg = dataclasses.replace(cfg, threads=args.threads)
@@ -838,12 +865,39 @@ if __name__ == "__main__":
     print("reader:", state["reader_info"])
     if args.stage == "prepare":
         print(json.dumps(teacher_rows(cfg, state, work), indent=1))
-        sys.exit(0)
+        return
     recipe = apply_overrides(RECIPE, parse_overrides(args.recipe))
     for seed in args.seeds if args.seeds is not None else cfg.seeds:
         for method in args.methods or cfg.methods:
             tag = f"{method}-{args.variant}-s{seed}" if args.variant else f"{method}-s{seed}"
             rec = finetune(method, seed, cfg, state, work, recipe, tag, args.variant)
-            print(
-                tag, json.dumps({k: v.get("frechet_distance") for k, v in rec["final"].items() if isinstance(v, dict)})
-            )
+            fds = {k: v.get("frechet_distance") for k, v in rec["final"].items() if isinstance(v, dict)}
+            print(tag, json.dumps(fds))
+    if args.stage != "all" or args.variant:
+        return
+
+    # -- the results file: every finished run of this config (variant runs too, tagged with their variant)
+    records = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
+    main_runs = [r for r in records if not r.get("variant") and r["seed"] in cfg.seeds and r["method"] in cfg.methods]
+    expected = len(cfg.seeds) * len(cfg.methods)
+    if len(main_runs) < expected:
+        print(f"{len(main_runs)} of {expected} runs done: run the other seeds, then this again to write the results")
+        return
+    variants = [r for r in records if r.get("variant")]
+    rows = result_rows(cfg, teacher_rows(cfg, state, work), main_runs + variants)
+    out = args.out or (work / "fewstep.json" if args.smoke else RESULTS / "fewstep.json")
+    extra = {
+        "config_name": "smoke" if args.smoke else args.config,
+        "config": dataclasses.asdict(cfg),
+        "recipe": RECIPE,
+        "variants": {r["variant"]: r["recipe"] for r in variants},
+        "reader": state["reader_info"],
+    }
+    payload = write_results(out, "fewstep", rows, command=command_line(), source=source, extra=extra)
+    if not args.smoke:
+        write_docs(payload, work)
+    print(f"wrote {out} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()
