@@ -149,7 +149,7 @@ def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
     assert (result.path / "distill.json").is_file()
     # trained by the Trainer: its checkpoint, in its format, holds the denoiser's weights
     assert result.checkpoint == tmp_path / "den" / "training" / "checkpoints" / "step-0000003"
-    assert {"model.safetensors", "optimizer.pt", "trainer.json", "config.json"} <= {
+    assert {"model.safetensors", "optimizer.safetensors", "trainer.json", "config.json", "manifest.json"} <= {
         p.name for p in result.checkpoint.iterdir()
     }
     saved, _ = load_safetensors(result.checkpoint / "model.safetensors")

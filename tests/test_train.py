@@ -20,7 +20,7 @@ from trajflow.checkpoint import (
     config_differences,
     load_model_weights,
     load_safetensors,
-    load_torch,
+    load_state,
     save_model,
 )
 from trajflow.ema import EMA
@@ -76,7 +76,7 @@ def _fit(out, cfg, **kw):
 def _state(ckpt):
     model, _ = load_safetensors(ckpt / "model.safetensors")
     ema, meta = load_safetensors(ckpt / "ema.safetensors")
-    return model, ema, meta, load_torch(ckpt / "optimizer.pt"), load_torch(ckpt / "scheduler.pt")
+    return model, ema, meta, load_state(ckpt / "optimizer.safetensors"), load_state(ckpt / "scheduler.safetensors")
 
 
 def _assert_same(a, b):
@@ -151,7 +151,7 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-0000002"
     leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
     assert leftovers == [".step-0000004.tmp"]  # the half-built folder, never renamed
-    assert not list((tmp_path / "checkpoints" / ".step-0000004.tmp").glob("*.safetensors"))
+    assert not (tmp_path / "checkpoints" / ".step-0000004.tmp" / "model.safetensors").exists()  # no half file
     model, _ = load_safetensors(ckpts.latest() / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in model.values())
     # The next run resumes from step 2, clears the staging folder and finishes like an uninterrupted run.
@@ -184,10 +184,11 @@ def test_keep_last_k(tmp_path):
     assert files == [
         "config.json",
         "ema.safetensors",
+        "manifest.json",
         "model.safetensors",
-        "optimizer.pt",
-        "rng-rank0.pt",
-        "scheduler.pt",
+        "optimizer.safetensors",
+        "rng-rank0.safetensors",
+        "scheduler.safetensors",
         "trainer.json",
     ]
     cfg = json.loads((r.checkpoint / "config.json").read_text())
@@ -367,7 +368,7 @@ if Trainer(_config(), out + "/c").is_main:
         x, _ = load_safetensors(a.checkpoint / f)
         y, _ = load_safetensors(b.checkpoint / f)
         assert all(torch.equal(x[k], y[k]) for k in x), f
-    assert sorted(p.name for p in a.checkpoint.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert sorted(p.name for p in a.checkpoint.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
     print("DDP-OK", a.loss)
 """
 
@@ -533,3 +534,148 @@ def test_lr_scales_give_parameter_groups_their_own_learning_rate(tmp_path):
     assert [g["lr"] for g in groups] == [2e-3, 2e-3, 1e-2, 1e-2]  # the longest prefix wins
     with pytest.raises(ValueError, match="lr_scales"):
         TrainerConfig(lr_scales={"transporter.": 0.0})
+
+
+# ------------------------------------------------------------------------------------------------ issue 16
+def test_a_fresh_run_never_overwrites_a_run_and_pruning_keeps_the_newest_save(tmp_path):
+    _fit(tmp_path, _config(steps=3))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(
+        FileExistsError, match=r"out_dir: .* already holds a run \(checkpoints up to step-0000003.*resume=True"
+    ):
+        _fit(tmp_path, _config(steps=2))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # config and log untouched
+    # Step folders of a higher step (another history) never push out the checkpoint just written.
+    ckpts = CheckpointDir(tmp_path / "other", keep=2)
+    for step in (400, 600, 300):
+        ckpts.commit(ckpts.staging(step), step)
+    assert [s for s, _ in ckpts.steps()] == [300, 600] and ckpts.pointed().name == "step-0000300"
+
+
+def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(tmp_path):
+    from trajflow.checkpoint import DamagedCheckpointError, verify_checkpoint
+
+    whole = _fit(tmp_path / "ref", _config(steps=4))
+    _fit(tmp_path, _config(steps=4, checkpoint_every=1), stop_at=3)
+    newest = tmp_path / "checkpoints" / "step-0000003"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(RuntimeWarning, match=r"step-0000003.* is damaged: model\.safetensors has \d+ bytes"):
+        resumed = _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+    assert resumed.resumed_from.name == "step-0000002" and resumed.step == 4
+    _assert_same(whole.checkpoint, resumed.checkpoint)  # continued exactly from the intact one
+    # A step folder asked for by name is not replaced by another; with none intact, resuming is refused.
+    (newest / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
+    with pytest.raises(DamagedCheckpointError, match=r"model\.safetensors does not match its sha256"):
+        _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=newest)
+    for path in (tmp_path / "checkpoints").glob("step-*"):
+        (path / "optimizer.safetensors").write_bytes(b"")
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"resume: no intact checkpoint in .*0 bytes"):
+        _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+    with pytest.raises(DamagedCheckpointError, match="optimizer.safetensors"):
+        verify_checkpoint(tmp_path / "checkpoints" / "step-0000004")
+
+
+def test_an_edited_step_in_trainer_json_is_not_obeyed(tmp_path):
+    from trajflow.checkpoint import DamagedCheckpointError, verify_checkpoint, write_manifest
+
+    _fit(tmp_path, _config(steps=4, checkpoint_every=1), stop_at=3)
+    newest = tmp_path / "checkpoints" / "step-0000003"
+    info = json.loads((newest / "trainer.json").read_text())
+    (newest / "trainer.json").write_text(json.dumps({**info, "step": 1}, indent=2, sort_keys=True) + "\n")  # same size
+    with pytest.warns(RuntimeWarning, match=r"trainer\.json does not match its sha256"):
+        resumed = _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+    assert resumed.resumed_from.name == "step-0000002"
+    # Even with a manifest rewritten to match, the step must agree with the folder name and the weights.
+    last = resumed.checkpoint
+    (last / "trainer.json").write_text(json.dumps({**info, "step": 1}))
+    write_manifest(last, 4)
+    with pytest.raises(DamagedCheckpointError, match=r"step disagrees .*folder name: 4.*trainer\.json: 1"):
+        verify_checkpoint(last)
+
+
+def test_checkpoints_every_so_many_minutes(tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(train_module, "_wall_clock", lambda: now[0])
+
+    def objective(model, batch, generator, step):
+        now[0] += 20.0  # a step takes 20 s of wall-clock time
+        return noisy_objective(model, batch, generator, step)
+
+    cfg = _config(steps=7, checkpoint_every=100, checkpoint_minutes=1.0, keep_checkpoints=10)
+    Trainer(cfg, tmp_path).fit(Tiny(), objective, _data())
+    assert [s for s, _ in CheckpointDir(tmp_path / "checkpoints").steps()] == [3, 6, 7]
+    assert TrainerConfig().checkpoint_minutes == 10.0
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="train.checkpoint_minutes: expected a positive number of minutes"):
+            TrainerConfig(checkpoint_minutes=bad)
+
+
+def test_the_log_is_cut_back_to_the_step_resumed_from(tmp_path):
+    class Killed(Exception):
+        pass
+
+    def dies_at_step_3(model, batch, generator, step):
+        if step == 3:
+            raise Killed
+        return noisy_objective(model, batch, generator, step)
+
+    cfg = _config(steps=5, log_every=1, checkpoint_every=2)
+    with pytest.raises(Killed):
+        Trainer(cfg, tmp_path).fit(Tiny(), dies_at_step_3, _data())  # logged steps 1-3, checkpointed step 2
+    with open(tmp_path / "log.jsonl", "a") as fh:
+        fh.write('{"step": 4, "lo')  # a line cut short by the kill
+    Trainer(cfg, tmp_path).fit(Tiny(), noisy_objective, _data(), resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_resume_with_another_thread_count_warns(tmp_path):
+    threads = torch.get_num_threads()
+    _fit(tmp_path, _config(steps=3), stop_at=1)
+    assert json.loads((tmp_path / "checkpoints" / "step-0000001" / "trainer.json").read_text())["threads"] == threads
+    torch.set_num_threads(threads + 1)
+    try:
+        with pytest.warns(RuntimeWarning, match=rf"threads: .* {threads} torch threads and this run has {threads + 1}"):
+            _fit(tmp_path, _config(steps=3), resume=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Evil:
+    """A pickle that would create a file when unpickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_checkpoint_states_hold_no_pickle_and_a_crafted_legacy_pickle_is_refused(tmp_path):
+    import shutil
+
+    from trajflow.checkpoint import MANIFEST_FILE, save_state
+
+    whole = _fit(tmp_path / "ref", _config(steps=4))
+    _fit(tmp_path, _config(steps=4), stop_at=2)
+    ckpt = tmp_path / "checkpoints" / "step-0000002"
+    assert not list(ckpt.glob("*.pt"))
+    # Checkpoints written before the safetensors states (torch.save pickles, no manifest) still resume exactly.
+    for stem in ("optimizer", "scheduler", "rng-rank0"):
+        torch.save(load_state(ckpt / f"{stem}.safetensors"), ckpt / f"{stem}.pt")
+        (ckpt / f"{stem}.safetensors").unlink()
+    (ckpt / MANIFEST_FILE).unlink()
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tmp_path, legacy)
+    _assert_same(whole.checkpoint, _fit(tmp_path, _config(steps=4), resume=True).checkpoint)
+    # ... but a pickle that would run code is refused, naming the file, and runs nothing.
+    sentinel = tmp_path / "pwned"
+    torch.save({"state": _Evil(sentinel), "param_groups": []}, legacy / "checkpoints" / "step-0000002" / "optimizer.pt")
+    with pytest.raises(ValueError, match=r"optimizer\.pt' holds a pickle that torch.load\(weights_only=True\) refuses"):
+        _fit(legacy, _config(steps=4), resume=True)
+    assert not sentinel.exists()
+    with pytest.raises(TypeError, match=r"state: expected tensors, .* got function at state\.f"):
+        save_state(tmp_path / "x.safetensors", {"f": lambda: 0})

@@ -22,6 +22,7 @@ __all__ = ["TrainerConfig", "Objective", "TrainResult", "RESUME_IGNORED_FIELDS"]
 RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "train.log_every",
     "train.checkpoint_every",
+    "train.checkpoint_minutes",
     "train.keep_checkpoints",
     "train.num_workers",
     "train.tensorboard",
@@ -54,6 +55,11 @@ class TrainerConfig:
         seed: Seeds model initialisation, data order and the objective's generator.
         log_every: Steps between log lines (loss averaged over the interval and over processes).
         checkpoint_every: Steps between checkpoints (the last step is always saved).
+        checkpoint_minutes: Minutes of wall-clock time after which a checkpoint is written even if
+            ``checkpoint_every`` steps have not passed (``None``: steps only), so that a killed run loses at most
+            that much work however slow its steps are. Checked every step on one process, every ``log_every``
+            steps on several (the main process decides, so that all save together). Checkpoints change nothing
+            that is computed: a run resumed from any of them continues exactly.
         keep_checkpoints: How many checkpoints to keep.
         num_workers: DataLoader worker processes per training process.
         shuffle: Shuffle the data each epoch.
@@ -88,6 +94,7 @@ class TrainerConfig:
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 10.0
     keep_checkpoints: int = 3
     num_workers: int = 0
     shuffle: bool = True
@@ -137,6 +144,12 @@ class TrainerConfig:
             raise ValueError(
                 f"train.mixed_precision: expected one of {_MIXED_PRECISION} (fp16 would need loss scaling and "
                 f"is not supported), got {self.mixed_precision!r}"
+            )
+        minutes = self.checkpoint_minutes
+        numeric = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
+        if minutes is not None and not (numeric and math.isfinite(minutes) and minutes > 0):
+            raise ValueError(
+                f"train.checkpoint_minutes: expected a positive number of minutes or null, got {minutes!r}"
             )
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"train.num_workers: expected a non-negative integer, got {self.num_workers!r}")
@@ -210,3 +223,5 @@ class TrainResult:
     """The EMA of the model's trainable parameters at the end of the run (``None`` when ``ema_decay = 0``);
     it is what the last checkpoint's ``ema.safetensors`` holds."""
     evaluations: list[dict[str, float]] = field(default_factory=list)  # the ``evaluate`` points of ``fit``
+    resumed_from: Path | None = None
+    """The checkpoint this session started from (``None``: step 0); with ``resume=True`` the newest intact one."""

@@ -22,15 +22,14 @@ from ..checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
     MODEL_FILE,
+    TRAINER_FILE,
     CheckpointDir,
     check_config,
     load_json,
     load_safetensors,
-    load_torch,
-    resolve_checkpoint,
     save_json,
     save_safetensors,
-    save_torch,
+    save_state,
 )
 from ..checks import accepts_keyword, check_count
 from ..ema import EMA
@@ -39,11 +38,14 @@ from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
 from .data_order import ResumableSampler, mix_seed, to_device
 from .interval_log import IntervalLog
 from .random_state import capture_rng_state, restore_rng_state
+from .run_folder import LOG_FILE, check_fresh_start, check_threads, checkpoint_to_resume, cut_log, read_state
 
 __all__ = ["Trainer"]
 
 # The clock of the time budget, behind a module name so that tests can drive a time-budgeted run with a fake one.
 _clock = time.perf_counter
+# The clock of ``checkpoint_minutes`` (wall-clock time, checkpoints and evaluations included), for tests likewise.
+_wall_clock = time.monotonic
 
 
 # ============================================================================================== model wrapper
@@ -226,7 +228,7 @@ class Trainer:
         if self.is_main:
             staging = self.checkpoints.staging(step)
         acc.wait_for_everyone()
-        save_torch(staging / f"rng-rank{self.rank}.pt", capture_rng_state(generator))
+        save_state(staging / f"rng-rank{self.rank}.safetensors", capture_rng_state(generator))
         model_state = acc.get_state_dict(wrapped)  # full tensors on the main process (FSDP: gathered)
         ema_state = ema.state_dict() if ema is not None else None  # collective under FSDP
         if self._is_fsdp:
@@ -246,9 +248,10 @@ class Trainer:
             save_safetensors(staging / MODEL_FILE, model_state, meta)
             if ema_state is not None:
                 save_safetensors(staging / EMA_FILE, ema_state, {**meta, **ema.metadata()})
-            save_torch(staging / "optimizer.pt", opt_state)
-            save_torch(staging / "scheduler.pt", scheduler.state_dict())
-            save_json(staging / "trainer.json", {**state, "step": step, "world_size": self.world_size})
+            save_state(staging / "optimizer.safetensors", opt_state)
+            save_state(staging / "scheduler.safetensors", scheduler.state_dict())
+            info = {**state, "step": step, "world_size": self.world_size, "threads": torch.get_num_threads()}
+            save_json(staging / TRAINER_FILE, info)
             save_json(staging / CONFIG_FILE, dict(run_config))
         acc.wait_for_everyone()
         final = self.checkpoints.root / CheckpointDir.name(step)
@@ -264,13 +267,34 @@ class Trainer:
             ignore=RESUME_IGNORED_FIELDS,
             source=f"the checkpoint {str(ckpt)!r}",
         )
-        info = load_json(ckpt / "trainer.json")
+        info = load_json(ckpt / TRAINER_FILE)
         if info["world_size"] != self.world_size:
             raise ValueError(
                 f"world_size: the checkpoint {str(ckpt)!r} was written by {info['world_size']} processes, this run "
                 f"has {self.world_size}; the data order (and so exact resumption) depends on it"
             )
+        check_threads(info, ckpt, self.device)
         return info
+
+    def check_out_dir(self, resume: bool | str | Path = False) -> None:
+        """Raise ``FileExistsError`` (naming ``resume``) when a fresh run (``resume`` false) would start in an
+        ``out_dir`` that already holds a run; :meth:`fit` calls it first, recipes may call it before costly
+        preparation."""
+        check_fresh_start(self.out_dir, self.checkpoints, resume)
+
+    def _checkpoint_due(self, step: int, since: float) -> bool:
+        """Whether ``checkpoint_minutes`` have passed since ``since`` (the same answer on every process)."""
+        minutes = self.config.checkpoint_minutes
+        if minutes is None:
+            return False
+        if self.world_size == 1:
+            return _wall_clock() - since >= 60.0 * minutes
+        if step % self.config.log_every:
+            return False
+        from accelerate.utils import broadcast
+
+        due = torch.tensor([float(_wall_clock() - since >= 60.0 * minutes)], device=self.device)
+        return bool(broadcast(due, from_process=0).item())
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(
@@ -300,8 +324,11 @@ class Trainer:
             run_config: Everything that defines the run (model, data, ...); saved as ``config.json`` with the
                 trainer's own config under ``"train"``, and compared on resume.
             collate_fn: The DataLoader's collate function.
-            resume: ``True``: continue from the newest checkpoint in ``out_dir`` (or start afresh if there
-                is none); a path: continue from that checkpoint; ``False``: start afresh.
+            resume: ``True``: continue from the newest intact checkpoint in ``out_dir`` (or start afresh if
+                there is none); a path: continue from that step folder, or the newest intact one of that run;
+                ``False``: start afresh, which an ``out_dir`` that already holds a run refuses. Checkpoints are
+                verified against their manifest first; a damaged one is skipped for the next older one with a
+                warning naming it. ``log.jsonl`` is cut back to the step resumed from.
             stop_at: Stop after this step (checkpointed) without changing the schedule, as an interruption
                 would; used by tests of resumption.
             evaluate: Called as ``evaluate(model, point)`` at the start of a fresh run and each time the run
@@ -317,7 +344,9 @@ class Trainer:
             the log records and the EMA (``result.ema``).
 
         Raises:
-            ValueError: The checkpoint's config differs (naming the fields), or the world size does.
+            ValueError: The checkpoint's config differs (naming the fields), or the world size does; or no
+                checkpoint is intact (:class:`~trajflow.checkpoint.DamagedCheckpointError`).
+            FileExistsError: ``resume`` is false and ``out_dir`` already holds a run.
         """
         if not isinstance(model, nn.Module) or not callable(objective):
             got = f"{type(model).__name__} and {type(objective).__name__}"
@@ -332,16 +361,19 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
+        self.check_out_dir(resume)
 
         # -- where to start: a checkpoint's weights go into the plain model before wrapping, so that DDP
         #    broadcasts them and FSDP shards them
-        ckpt = self._checkpoint_to_resume(resume)
+        ckpt = checkpoint_to_resume(self.checkpoints, resume, self.print)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
             info = self._check_resume(ckpt, run_config)
             model.load_state_dict(load_safetensors(ckpt / MODEL_FILE)[0])
             self.print(f"resume: continuing from {ckpt} (step {info['step']})")
         if self.is_main:
+            if resume and (dropped := cut_log(self.out_dir / LOG_FILE, int(info["step"]))):
+                self.print(f"resume: dropped {dropped} records after step {info['step']} from {LOG_FILE}")
             save_json(self.out_dir / CONFIG_FILE, run_config)
 
         # -- optimizer, schedule, EMA and the objective's noise generator (one stream per process). The
@@ -380,6 +412,7 @@ class Trainer:
         )
         timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
         last_ckpt = ckpt
+        last_save = _wall_clock()
 
         evaluations: list[dict[str, float]] = []
 
@@ -437,9 +470,10 @@ class Trainer:
                 bar.set_postfix(
                     {log.loss_name: f"{record[log.loss_name]:.4f}", "lr": f"{record['lr']:.2e}"}, refresh=False
                 )
-            if step % cfg.checkpoint_every == 0 or step == end:
+            if step % cfg.checkpoint_every == 0 or step == end or self._checkpoint_due(step, last_save):
                 state["train_seconds"], state["loss"] = train_time, log.last_loss
                 last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
+                last_save = _wall_clock()
             # -- the learning curve: evaluate each time another share of the run has passed
             if evaluate is not None and (progress_now() * evaluate_points >= next_point - 1e-9 or step == end):
                 run_evaluation()
@@ -456,16 +490,8 @@ class Trainer:
             history=log.history,
             ema=ema,
             evaluations=evaluations,
+            resumed_from=ckpt,
         )
-
-    def _checkpoint_to_resume(self, resume: bool | str | Path) -> Path | None:
-        """The checkpoint ``resume`` names (``True``: the newest in ``out_dir``, if any), or ``None``."""
-        if resume is True:
-            ckpt = self.checkpoints.latest()
-            if ckpt is None:
-                self.print(f"resume: no checkpoint in {self.checkpoints.root}, starting from step 0")
-            return ckpt
-        return resolve_checkpoint(resume) if resume else None
 
     def _restore(
         self,
@@ -483,18 +509,18 @@ class Trainer:
             set_optimizer_state_dict(
                 wrapped,
                 optimizer.optimizer,
-                load_torch(ckpt / "optimizer.pt"),
+                read_state(ckpt, "optimizer"),
                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
             )
         else:
             # Loaded on the CPU; load_state_dict moves each state tensor to its parameter's device.
-            optimizer.load_state_dict(load_torch(ckpt / "optimizer.pt"))
-        scheduler.load_state_dict(load_torch(ckpt / "scheduler.pt"))
+            optimizer.load_state_dict(read_state(ckpt, "optimizer"))
+        scheduler.load_state_dict(read_state(ckpt, "scheduler"))
         if ema is not None:
             averaged, meta = load_safetensors(ckpt / EMA_FILE)
             ema.load_state_dict(averaged, meta)
         # Last of all, so that nothing between here and the first step consumes a random number.
-        restore_rng_state(load_torch(ckpt / f"rng-rank{self.rank}.pt"), generator)
+        restore_rng_state(read_state(ckpt, f"rng-rank{self.rank}"), generator)
 
     def _tensorboard(self) -> Any:
         if not (self.config.tensorboard and self.is_main):

@@ -1,0 +1,167 @@
+"""A :class:`~trajflow.train.Trainer`'s output folder across sessions: which checkpoint a run resumes from, what
+a fresh run may not overwrite, the log cut back to the resumed step, and the states read back without pickle.
+
+* A fresh run (``resume=False``) refuses a folder that already holds a run (:func:`check_fresh_start`).
+* A resumed run verifies the newest checkpoint against its manifest and falls back to the newest intact one,
+  with a warning naming each damaged one (:func:`checkpoint_to_resume`).
+* ``log.jsonl`` keeps only the records up to the step the run resumes from (:func:`cut_log`), so that the
+  steps done again after a resumption are logged once.
+* The optimizer, scheduler and random states are safetensors + JSON (:func:`~trajflow.checkpoint.save_state`);
+  the pickles of older checkpoints are read with ``weights_only=True`` and a refused one is named
+  (:func:`read_state`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import (
+    CheckpointDir,
+    DamagedCheckpointError,
+    atomic_write,
+    load_state,
+    load_torch,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+
+__all__ = ["LOG_FILE", "check_fresh_start", "checkpoint_to_resume", "cut_log", "read_state", "check_threads"]
+
+LOG_FILE = "log.jsonl"
+
+
+def check_fresh_start(out_dir: Path, checkpoints: CheckpointDir, resume: bool | str | os.PathLike | None) -> None:
+    """Refuse to start a fresh run (``resume`` false) in ``out_dir`` when it already holds one.
+
+    A folder holds a run when it has a step checkpoint or a non-empty ``log.jsonl``; starting afresh there
+    would replace its ``config.json``, append a second history to its log and mix its checkpoints with the
+    new ones.
+
+    Raises:
+        FileExistsError: naming ``out_dir``, what it holds and ``resume``.
+    """
+    if resume:
+        return
+    steps = checkpoints.steps()
+    log = out_dir / LOG_FILE
+    held = [f"checkpoints up to {steps[-1][1].name}"] if steps else []
+    if log.is_file() and log.stat().st_size > 0:
+        held.append(LOG_FILE)
+    if held:
+        raise FileExistsError(
+            f"out_dir: {str(out_dir)!r} already holds a run ({', '.join(held)}); pass resume=True to continue "
+            "it, or choose another out_dir (a fresh run never overwrites one)"
+        )
+
+
+def checkpoint_to_resume(
+    checkpoints: CheckpointDir, resume: bool | str | os.PathLike, say: Callable[[str], None]
+) -> Path | None:
+    """The checkpoint a run continues from: ``resume=True``: the newest intact one in ``checkpoints``; a path:
+    that step folder, or the newest intact one of a run or checkpoints folder; false: ``None``.
+
+    Each checkpoint is checked with :func:`~trajflow.checkpoint.verify_checkpoint` first. A damaged one is
+    skipped for the next older one with a warning that names it and what is wrong; a step folder named
+    explicitly is not replaced by another.
+
+    Raises:
+        DamagedCheckpointError: a ``ValueError``: the named step folder is damaged, or every checkpoint is.
+        FileNotFoundError: ``resume`` is a path with no checkpoint in it.
+    """
+    if not resume:
+        return None
+    if resume is True:
+        folder = checkpoints
+    else:
+        path = Path(resume)
+        if path.is_dir() and re.match(r"^step-\d+$", path.name):
+            verify_checkpoint(path)  # the folder asked for, or none
+            return path
+        found = resolve_checkpoint(path)
+        if found == path:  # a folder with a model export
+            verify_checkpoint(path)
+            return path
+        folder = CheckpointDir(found.parent, keep=None)
+    ckpt, damaged = folder.newest_intact()
+    for _, what in damaged:
+        message = f"resume: skipping a damaged checkpoint: {what}"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        say(message)
+    if ckpt is None and damaged:
+        raise DamagedCheckpointError(
+            f"resume: no intact checkpoint in {str(folder.root)!r}: "
+            + "; ".join(what for _, what in damaged)
+            + " (delete the damaged folders to start afresh, or restore them from a copy)"
+        )
+    if ckpt is None:
+        say(f"resume: no checkpoint in {folder.root}, starting from step 0")
+    elif damaged:
+        say(f"resume: falling back to {ckpt.name}, the newest intact checkpoint")
+    return ckpt
+
+
+def cut_log(path: Path, step: int) -> int:
+    """Keep only the records of ``log.jsonl`` up to ``step`` (the step a run resumes from); returns how many
+    were dropped. Unreadable lines (one cut short by a kill) are dropped too. Rewritten atomically."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and float(record.get("step", math.inf)) <= step
+        except (ValueError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write(path, lambda fh: fh.write("".join(kept).encode("utf-8")))
+    return dropped
+
+
+def read_state(ckpt: Path, stem: str) -> Any:
+    """The state ``stem`` (``optimizer``, ``scheduler``, ``rng-rank0``) of a checkpoint: ``stem.safetensors``
+    (:func:`~trajflow.checkpoint.save_state`), or ``stem.pt`` in a checkpoint written before that format.
+
+    Raises:
+        ValueError: naming the file, when a ``.pt`` holds a pickle that ``weights_only=True`` refuses (one that
+            would build other objects than tensors and plain containers, e.g. run code).
+    """
+    path = ckpt / f"{stem}.safetensors"
+    if path.is_file():
+        return load_state(path)
+    legacy = ckpt / f"{stem}.pt"
+    try:
+        return load_torch(legacy)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint: {str(legacy)!r} holds a pickle that torch.load(weights_only=True) refuses (it would "
+            f"build objects other than tensors and plain containers); it is not read: {first}"
+        ) from None
+
+
+def check_threads(info: dict[str, Any], ckpt: Path, device: torch.device) -> None:
+    """Warn when a CPU run resumes with another torch thread count than its checkpoint was written with: the
+    CPU kernels' reductions depend on it, so the resumed run is not bit-exact with an uninterrupted one."""
+    threads, now = info.get("threads"), torch.get_num_threads()
+    if device.type == "cpu" and threads is not None and threads != now:
+        warnings.warn(
+            f"threads: the checkpoint {str(ckpt)!r} was written with {threads} torch threads and this run has {now}; "
+            f"CPU results depend on the thread count, so the resumed run will not be bit-exact with an "
+            f"uninterrupted one (torch.set_num_threads({threads}) to match)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
