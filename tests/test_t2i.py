@@ -30,8 +30,6 @@ from trajflow.recipes.t2i import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-
-
 def _needs_training() -> None:
     """Training goes through the Trainer (accelerate) and writes safetensors checkpoints: optional extras."""
     pytest.importorskip("accelerate")
@@ -260,6 +258,13 @@ def test_example_scripts(tmp_path, capsys):
     assert "model.patch_size" in capsys.readouterr().err
     assert train.main(["--config", str(cfg_file), "--vae", str(tmp_path / "nope")]) == 2
     assert "vae: expected a local folder" in capsys.readouterr().err
+
+    # The same --out again without --resume: refused, naming --resume; the run is left as it was.
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert train.main(["--config", str(cfg_file), "--out", str(out), "--set", "train.steps=3"]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert (out / "checkpoints" / "step-0000006").is_dir()
 
     sample = _script("sample")
     prompts = tmp_path / "prompts.txt"

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             resume=args.resume,
         )
+    except FileExistsError:  # never retrain over a run silently
+        print(f"error: --out {args.out!r} already holds a run; pass --resume to continue it", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

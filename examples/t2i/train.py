@@ -27,7 +27,9 @@ from trajflow.recipes.t2i import T2IConfig, train_t2i
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a JSON config (examples/t2i/configs/*.json)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<config name>)")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: runs/<config name>); one holding a run needs --resume"
+    )
     p.add_argument(
         "--resume",
         nargs="?",
@@ -54,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         result = train_t2i(config, out, resume=args.resume, stop_at=args.stop_at)
     except ImportError as e:  # e.g. --vae without diffusers: the message says what to install
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileExistsError:  # never retrain over a run silently
+        print(
+            f"error: --out {str(out)!r} already holds a run; pass --resume to continue it, or choose another --out",
+            file=sys.stderr,
+        )
         return 2
     print(
         f"done: step {result.step}, {config.model.kind} loss {result.loss:.4f}, "

@@ -36,13 +36,15 @@ def train_t2i(
     Arguments:
         config: The run.
         out_dir: Output folder (``checkpoints/``, ``config.json``, ``log.jsonl``, ``samples/``).
-        resume: See :meth:`Trainer.fit`.
+        resume: See :meth:`Trainer.fit`; without it, an ``out_dir`` that already holds a run is refused
+            (``FileExistsError``) before anything is built or written.
         stop_at: Stop (and checkpoint) after this step; the schedule still ends at ``train.steps``.
         encoder: A text encoder to reuse (tests share one); by default built from ``config.text``.
     """
     from ...data.text_image import collate_text_image
 
     trainer = Trainer(config.train, out_dir)
+    trainer.check_out_dir(resume)  # before the encoder, the data and the captions: a refusal costs nothing
     encoder = encoder if encoder is not None else build_text_encoder(config.text, trainer.device)
     vae = VAE(config.vae, trainer.device, config.vae_scale) if config.vae else None
     shape = data_shape(config, vae)
@@ -80,4 +82,3 @@ def train_t2i(
         trainer.print(f"samples: {path}")
     trainer.accelerator.wait_for_everyone()
     return result
-
