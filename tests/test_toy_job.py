@@ -216,8 +216,11 @@ def test_checkpoints_are_config_json_and_safetensors(tmp_path: Path) -> None:
     assert set(ema) == set(params)
     for name, value in ema.items():
         assert torch.equal(params[name].detach(), value), name
-    # torch.save files (optimizer, scheduler, random states) only inside the Trainer's step folders.
-    assert all(p.parent.parent == folder for p in tmp_path.rglob("*.pt"))
+    # No pickles: the optimizer, scheduler and random states are safetensors + JSON too, with a manifest.
+    assert not list(tmp_path.rglob("*.pt"))
+    assert {"optimizer.safetensors", "rng-rank0.safetensors", "manifest.json"} <= {
+        p.name for p in record.checkpoint.iterdir()
+    }
 
 
 def test_run_toy_resumes_an_interrupted_method(tmp_path: Path) -> None:
@@ -228,3 +231,40 @@ def test_run_toy_resumes_an_interrupted_method(tmp_path: Path) -> None:
     for label in ("fm-euler-4", "fm-euler-5"):
         for key in ("energy_distance", "sliced_wasserstein", "train_iters"):
             assert resumed[label][key] == whole[label][key], (label, key)
+
+
+# -- issue 16: checkpoint intervals, the thread count -------------------------------------------------------
+def test_cli_sets_the_checkpoint_interval_in_steps_and_minutes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    args = ["toy", "--out", str(out), "--methods", "fm", *tiny(5), "--checkpoint-every", "2"]
+    assert main([*args, "--checkpoint-minutes", "0.5"]) == 0
+    # keep_checkpoints=2: the step-2 folder was written, then pruned after step 4.
+    assert sorted(p.name for p in (out / "fm" / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000005"]
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["checkpoint_every"], saved["checkpoint_minutes"]) == (2, 0.5)
+    assert toy.trainer_config(ToyConfig(checkpoint_minutes=0.5)).checkpoint_minutes == 0.5
+    with pytest.raises(SystemExit):
+        main([*args, "--checkpoint-minutes", "0"])
+    assert "argument --checkpoint-minutes: expected a positive" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="checkpoint_minutes: expected a positive number of minutes"):
+        ToyConfig(checkpoint_minutes=-1.0)
+
+
+def test_the_thread_count_is_fixed_recorded_and_a_resume_with_another_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_load_average() -> tuple[float, float, float]:
+        raise AssertionError("the default thread count must not depend on the machine's load")
+
+    monkeypatch.setattr("os.getloadavg", no_load_average)
+    assert ToyConfig().threads == 1
+    cfg = _tiny_config(methods=("fm",), threads=ToyConfig().threads, checkpoint_every=2)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_method("fm", cfg, tmp_path, stop_at=2)  # as if killed, with 1 thread
+        with pytest.warns(RuntimeWarning, match="written with 1 torch threads and this run has 2"):
+            result = run_toy(_tiny_config(methods=("fm",), threads=2, checkpoint_every=2), tmp_path, resume=True)
+    finally:
+        torch.set_num_threads(previous)
+    assert result.metrics["threads"] == 2 and result.metrics["config"]["threads"] == 2

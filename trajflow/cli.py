@@ -83,7 +83,13 @@ def _add_toy(sub: argparse._SubParsersAction) -> Runner:
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything (default: %(default)s)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: the idle cores)")
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=defaults.threads,
+        help="torch CPU threads, recorded in the run; results depend on it, so keep it on --resume "
+        "(default: %(default)s)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument(
@@ -96,6 +102,18 @@ def _add_toy(sub: argparse._SubParsersAction) -> Runner:
         "--methods",
         default=",".join(defaults.methods),
         help="comma-separated subset of %(default)s (default: all)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        default=defaults.checkpoint_every,
+        help="optimizer steps between checkpoints of each method (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=positive_float,
+        default=defaults.checkpoint_minutes,
+        help="also checkpoint each method after this many minutes of wall-clock time (default: %(default)s)",
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -121,6 +139,8 @@ def _add_toy(sub: argparse._SubParsersAction) -> Runner:
                 seed=args.seed,
                 device=args.device,
                 threads=args.threads,
+                checkpoint_every=args.checkpoint_every,
+                checkpoint_minutes=args.checkpoint_minutes,
                 methods=methods,
                 test_size=args.eval_samples,
                 sample_size=args.eval_samples,

@@ -225,3 +225,5 @@ class TrainResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)  # the ``evaluate`` points of ``fit``
     resumed_from: Path | None = None
     """The checkpoint this session started from (``None``: step 0); with ``resume=True`` the newest intact one."""
+    start_step: int = 0
+    """The step this session started from (that checkpoint's step, or 0)."""

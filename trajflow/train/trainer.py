@@ -491,6 +491,7 @@ class Trainer:
             ema=ema,
             evaluations=evaluations,
             resumed_from=ckpt,
+            start_step=start,
         )
 
     def _restore(

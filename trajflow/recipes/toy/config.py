@@ -30,6 +30,7 @@ RESUME_IGNORED: tuple[str, ...] = (
     "elbo_samples",
     "fm_steps_many",
     "checkpoint_every",
+    "checkpoint_minutes",
 )
 
 DIMS = 2  # every toy density is 2-D
@@ -47,7 +48,8 @@ class ToyConfig:
     Every method trains through :class:`trajflow.train.Trainer`; :func:`trajflow.recipes.toy.trainer_config`
     maps these fields onto its :class:`~trajflow.train.TrainerConfig` (``iters`` -> ``steps``, ``seconds``
     -> ``time_budget``, ``warmup`` -> ``warmup_steps``, and ``batch_size``, ``lr``, ``min_lr_ratio``,
-    ``weight_decay``, ``grad_clip``, ``ema_decay``, ``seed``, ``checkpoint_every``, ``progress`` as they are).
+    ``weight_decay``, ``grad_clip``, ``ema_decay``, ``seed``, ``checkpoint_every``, ``checkpoint_minutes``,
+    ``progress`` as they are).
 
     Attributes:
         density: A name of :data:`trajflow.data.toy.TOY_DENSITIES` (conditional ones are used unconditionally).
@@ -76,10 +78,15 @@ class ToyConfig:
         elbo_samples: Forward trajectories averaged per test point in the ELBO (the bound holds for any).
         seed: Seeds initialisation, the training points and their order, the test set and sampling.
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:1"``, ...).
-        threads: torch intra-op threads on the CPU (``None``: :func:`auto_threads`).
+        threads: torch intra-op threads on the CPU, recorded in ``config.json`` and in every checkpoint. A fixed
+            count (default 1), because the CPU kernels' results depend on it: 1 and 2 threads train different
+            models, and a run resumed with another count is not bit-exact (the Trainer warns). ``None`` picks
+            :func:`auto_threads` (the idle cores at launch, which depend on the machine's load: not reproducible).
         methods: Which of :data:`METHODS` to train.
         checkpoint_every: Optimizer steps between checkpoints of each method (one is always written at the end);
             large, so that saving costs little next to the tiny models' steps.
+        checkpoint_minutes: Minutes of wall-clock time after which a method also writes a checkpoint (``None``:
+            steps only), so that a job killed on a slow or busy machine loses at most that much of its training.
         progress: Show tqdm progress bars.
     """
 
@@ -110,9 +117,10 @@ class ToyConfig:
     elbo_samples: int = 4
     seed: int = 0
     device: str = "cpu"
-    threads: int | None = None
+    threads: int | None = 1
     methods: tuple[str, ...] = METHODS
     checkpoint_every: int = 1000
+    checkpoint_minutes: float | None = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -171,6 +179,10 @@ class ToyConfig:
             raise ValueError(f"methods: expected a non-empty subset of {list(METHODS)}, got {list(self.methods)}")
         if self.threads is not None:
             check_count("threads", self.threads, 1)
+        minutes = self.checkpoint_minutes
+        numeric = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
+        if minutes is not None and not (numeric and math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"checkpoint_minutes: expected a positive number of minutes or None, got {minutes!r}")
         if self.device not in ("cpu", "cuda", "cuda:0"):
             # The Trainer (accelerate) trains on the process's current device; pick a GPU with CUDA_VISIBLE_DEVICES.
             raise ValueError(
@@ -190,7 +202,9 @@ class ToyConfig:
 
 
 def auto_threads() -> int:
-    """torch CPU threads for a toy run: the cores that are idle right now, at least 1.
+    """torch CPU threads for a toy run: the cores that are idle right now, at least 1 (``ToyConfig(threads=None)``).
+
+    Not the default: the count depends on the machine's load at launch, and results depend on the count.
 
     The networks are small (batches of a few hundred 2-D points through MLPs of width ~128), so intra-op
     parallelism gains little even on an idle machine, and on a machine whose cores are already busy (the

@@ -38,11 +38,13 @@ def _prepare_out_dir(cfg: ToyConfig, out_dir: Path, resume: bool) -> None:
     path = out_dir / "config.json"
     if resume and path.is_file():
         check_config(cfg.to_dict(), load_json(path), ignore=RESUME_IGNORED, source=f"the run in {str(out_dir)!r}")
-    elif not resume and any(out_dir.glob("*/checkpoints/step-*")):
+    elif not resume and (
+        any(out_dir.glob("*/checkpoints/step-*")) or any(p.stat().st_size for p in out_dir.glob("*/log.jsonl"))
+    ):
         # Never silently overwrite a run; say how to continue it instead.
         raise FileExistsError(
-            f"out: {str(out_dir)!r} already holds checkpoints; pass --resume to continue that run, or choose "
-            "another --out"
+            f"out: {str(out_dir)!r} already holds a run (checkpoints or a training log); pass --resume to continue "
+            "that run, or choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(path, cfg.to_dict())

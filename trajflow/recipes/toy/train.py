@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ...checkpoint import CheckpointDir, load_json, load_model_weights
+from ...checkpoint import load_json, load_model_weights
 from ...train import Trainer, TrainerConfig
 from .config import RESUME_IGNORED, ToyConfig
 from .data import ToyTrainingSet, whole_batch
@@ -77,6 +77,7 @@ def trainer_config(cfg: ToyConfig) -> TrainerConfig:
         seed=cfg.seed,
         log_every=LOG_EVERY,
         checkpoint_every=cfg.checkpoint_every,
+        checkpoint_minutes=cfg.checkpoint_minutes,
         keep_checkpoints=2,
         progress=cfg.progress,
         cpu=cfg.device == "cpu",
@@ -103,7 +104,8 @@ def train_method(
 
     The method trains in ``out_dir/<method>/``: the Trainer's ``config.json``, ``log.jsonl`` and
     ``checkpoints/step-NNNNNNN/`` (``config.json`` + ``model.safetensors`` + ``ema.safetensors``, optimizer,
-    scheduler and random states, written atomically every ``cfg.checkpoint_every`` steps and at the end).
+    scheduler and random states, written atomically every ``cfg.checkpoint_every`` steps, every
+    ``cfg.checkpoint_minutes`` and at the end).
     Without ``out_dir`` it trains in a temporary folder that is deleted afterwards.
 
     Arguments:
@@ -132,8 +134,6 @@ def train_method(
             return model, TrainRecord(record.iters, record.seconds, record.loss, 0, None, record.history)
 
     folder = Path(out_dir) / method
-    start = CheckpointDir(folder / "checkpoints").latest() if resume else None
-    resumed_from = int(load_json(start / "trainer.json")["step"]) if start is not None else 0
     trainer = Trainer(trainer_config(cfg), folder)
     model = model if model is not None else build_model(method, cfg)
     result = trainer.fit(
@@ -147,6 +147,7 @@ def train_method(
     )
     checkpoint = result.checkpoint
     assert checkpoint is not None  # the Trainer always saves its last step
+    start, resumed_from = result.resumed_from, result.start_step  # the newest intact checkpoint, when resuming
     loss, seconds = result.loss, result.train_seconds
     if result.step == resumed_from and start is not None:
         # A finished run resumed without a step: its loss and seconds are those of the session that finished it.
