@@ -65,6 +65,37 @@ def test_shapes_reader_cached_and_reloaded_reads_the_same(tmp_path):
     assert torch.equal(reader.extract(images), retrained.extract(images))
 
 
+def test_an_interrupted_reader_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from trajflow.evaluation.shapes_reader import ShapesReaderLoss
+
+    whole, _ = load_or_train_shapes_reader(tmp_path / "whole", DATA, READER)
+    real_call, seen = ShapesReaderLoss.__call__, []
+
+    class Killed(Exception):
+        pass
+
+    def dies_at_step_5(self, model, batch, generator, step):
+        if step == 5:
+            raise Killed
+        return real_call(self, model, batch, generator, step)
+
+    monkeypatch.setattr(ShapesReaderLoss, "__call__", dies_at_step_5)
+    with pytest.raises(Killed):
+        load_or_train_shapes_reader(tmp_path / "ev", DATA, READER)
+    (folder,) = _entries(tmp_path / "ev", "shapes-reader-")
+    assert not (folder / REPORT_FILE).exists() and (folder / "checkpoints" / "step-0000005").is_dir()
+
+    def records(self, model, batch, generator, step):
+        seen.append(step)
+        return real_call(self, model, batch, generator, step)
+
+    monkeypatch.setattr(ShapesReaderLoss, "__call__", records)
+    reader, report = load_or_train_shapes_reader(tmp_path / "ev", DATA, READER)
+    assert seen == [5, 6, 7] and report["train_steps"] == 8  # only the steps after the checkpoint
+    _, images, _ = shapes_prompts(DATA, 24, seed=11)
+    assert torch.equal(reader.extract(images), whole.extract(images))  # the same reader as an uninterrupted one
+
+
 def test_shapes_reader_cache_of_another_config_is_detected(tmp_path):
     cache = tmp_path / "ev"
     load_or_train_shapes_reader(cache, DATA, READER)

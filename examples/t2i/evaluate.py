@@ -4,7 +4,8 @@
         --steps 4 --steps 50 --n-prompts 256
 
 For the shapes data: a GenEval-style compositional score (objects, colours, counts, positions read back by a
-small classifier trained once on the generator's ground truth and cached under ``--out/evaluators``; its
+small classifier trained once on the generator's ground truth and cached under ``--out/evaluators``, with
+checkpoints as it trains, so that an interrupted evaluation continues that training where it stopped; its
 accuracy on held-out real images is printed first, so the score can be read against that ceiling) and the
 Fréchet distance between that classifier's features of generated and real images of the same prompts. For
 other data: the Fréchet distance on a contrastive image-text network trained once on the dataset, and an

@@ -10,7 +10,10 @@ everything that defines it (the data, the network's config and :data:`CACHE_VERS
         checkpoints/step-N/           config.json + model.safetensors (+ optimizer state ...), atomic
         report.json                   the network's held-out report, written last
 
-An entry without ``report.json`` is incomplete (training was interrupted) and is trained again. Loading
+Training checkpoints every tenth of its steps (and every ``checkpoint_minutes`` of the Trainer's default), so an
+entry without ``report.json`` (training was interrupted) continues from its newest intact checkpoint, exactly as
+any resumed training run does, to the same weights as an uninterrupted one; a finished one only writes its
+report. Loading
 compares the checkpoint's ``config.json`` with the key (:func:`~trajflow.checkpoint.check_config`), so a folder
 that holds another config's network is refused with a ``ValueError`` naming the differing fields.
 
@@ -106,7 +109,8 @@ def evaluator_trainer_config(
     device: torch.device,
 ) -> TrainerConfig:
     """The :class:`TrainerConfig` of an evaluation network: AdamW without clipping or EMA, a cosine decay to zero
-    after ``warmup_steps``, and one checkpoint, at the end."""
+    after ``warmup_steps``, and a checkpoint every tenth of the steps (and every 10 minutes), the newest two kept,
+    so that an interrupted training resumes (see :func:`fit_evaluator`)."""
     return TrainerConfig(
         steps=steps,
         batch_size=batch_size,
@@ -119,8 +123,8 @@ def evaluator_trainer_config(
         ema_decay=0.0,
         seed=seed,
         log_every=min(50, steps),
-        checkpoint_every=steps,
-        keep_checkpoints=1,
+        checkpoint_every=max(1, steps // 10),
+        keep_checkpoints=2,
         progress=progress,
         cpu=device.type == "cpu",
     )
@@ -146,14 +150,17 @@ def fit_evaluator(
     """Build a network with ``build()`` and train it with :class:`Trainer`; returns it in eval mode on ``device``.
 
     ``build`` is called after the trainer has seeded the global generators from ``config.seed``, so the
-    initialisation is a function of the seed. ``out_dir=None`` trains in a temporary folder (nothing kept).
+    initialisation is a function of the seed. ``out_dir=None`` trains in a temporary folder (nothing kept). In an
+    ``out_dir`` that holds an interrupted training of the same ``run_config``, training continues from its newest
+    intact checkpoint (bit-exact on the CPU); one of another config is refused with a ``ValueError`` naming the
+    differing fields.
     """
     device = torch.device(device)
     with _caller_state_kept():
         with tempfile.TemporaryDirectory() if out_dir is None else nullcontext(out_dir) as folder:
             trainer = Trainer(config, folder)
             model = build()
-            result = trainer.fit(model, objective, dataset, run_config=run_config)
+            result = trainer.fit(model, objective, dataset, run_config=run_config, resume=out_dir is not None)
     return model.to(device).eval(), result
 
 
