@@ -76,7 +76,8 @@ def main() -> None:
         checkpoint_every=args.iters,  # the last step only
         time_budget=args.seconds,
     )
-    result = Trainer(config, args.out).fit(model, objective, train)
+    # resume=True: a rerun into the same --out continues (or just reloads) its training instead of being refused
+    result = Trainer(config, args.out).fit(model, objective, train, resume=True)
     print(f"trained {result.step} steps in {result.train_seconds:.0f} s, last NLL {result.loss:.4f} nats/dim")
 
     model.eval()

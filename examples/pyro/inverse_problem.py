@@ -68,7 +68,8 @@ def train_ntm(model: trajflow.NTM, args: argparse.Namespace, out: Path) -> float
         progress=args.verbose,
         cpu=True,
     )
-    return Trainer(config, out / "training").fit(model, objective, TensorDataset(points)).loss
+    # resume=True: a rerun into the same --out continues (or just reloads) its training instead of being refused
+    return Trainer(config, out / "training").fit(model, objective, TensorDataset(points), resume=True).loss
 
 
 # -- the inverse problem as a Pyro model ----------------------------------------------------------------------
