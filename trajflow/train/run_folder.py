@@ -19,23 +19,36 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..checkpoint import (
+    CONFIG_FILE,
+    TRAINER_FILE,
     CheckpointDir,
     DamagedCheckpointError,
     atomic_write,
+    check_config,
+    load_json,
     load_state,
     load_torch,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from .config import RESUME_IGNORED_FIELDS
 
-__all__ = ["LOG_FILE", "check_fresh_start", "checkpoint_to_resume", "cut_log", "read_state", "check_threads"]
+__all__ = [
+    "LOG_FILE",
+    "check_fresh_start",
+    "checkpoint_to_resume",
+    "check_resume",
+    "cut_log",
+    "read_state",
+    "check_threads",
+]
 
 LOG_FILE = "log.jsonl"
 
@@ -108,6 +121,27 @@ def checkpoint_to_resume(
     elif damaged:
         say(f"resume: falling back to {ckpt.name}, the newest intact checkpoint")
     return ckpt
+
+
+def check_resume(ckpt: Path, run_config: Mapping[str, Any], world_size: int, device: torch.device) -> dict[str, Any]:
+    """Check that ``ckpt`` may continue this run and return its ``trainer.json``.
+
+    Raises:
+        ValueError: the checkpoint's config differs outside :data:`RESUME_IGNORED_FIELDS` (naming every field),
+            or it was written by another number of processes (the data order depends on it).
+
+    Warns (``RuntimeWarning``) when its torch thread count differs on the CPU (:func:`check_threads`).
+    """
+    source = f"the checkpoint {str(ckpt)!r}"
+    check_config(run_config, load_json(ckpt / CONFIG_FILE), ignore=RESUME_IGNORED_FIELDS, source=source)
+    info = load_json(ckpt / TRAINER_FILE)
+    if info["world_size"] != world_size:
+        raise ValueError(
+            f"world_size: the checkpoint {str(ckpt)!r} was written by {info['world_size']} processes, this run "
+            f"has {world_size}; the data order (and so exact resumption) depends on it"
+        )
+    check_threads(info, ckpt, device)
+    return info
 
 
 def cut_log(path: Path, step: int) -> int:

@@ -24,8 +24,6 @@ from ..checkpoint import (
     MODEL_FILE,
     TRAINER_FILE,
     CheckpointDir,
-    check_config,
-    load_json,
     load_safetensors,
     save_json,
     save_safetensors,
@@ -34,11 +32,11 @@ from ..checkpoint import (
 from ..checks import accepts_keyword, check_count
 from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
-from .config import RESUME_IGNORED_FIELDS, Objective, TrainerConfig, TrainResult
+from .config import Objective, TrainerConfig, TrainResult
 from .data_order import ResumableSampler, mix_seed, to_device
 from .interval_log import IntervalLog
 from .random_state import capture_rng_state, restore_rng_state
-from .run_folder import LOG_FILE, check_fresh_start, check_threads, checkpoint_to_resume, cut_log, read_state
+from .run_folder import LOG_FILE, check_fresh_start, check_resume, checkpoint_to_resume, cut_log, read_state
 
 __all__ = ["Trainer"]
 
@@ -260,22 +258,6 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _check_resume(self, ckpt: Path, run_config: Mapping[str, Any]) -> dict[str, Any]:
-        check_config(
-            run_config,
-            load_json(ckpt / CONFIG_FILE),
-            ignore=RESUME_IGNORED_FIELDS,
-            source=f"the checkpoint {str(ckpt)!r}",
-        )
-        info = load_json(ckpt / TRAINER_FILE)
-        if info["world_size"] != self.world_size:
-            raise ValueError(
-                f"world_size: the checkpoint {str(ckpt)!r} was written by {info['world_size']} processes, this run "
-                f"has {self.world_size}; the data order (and so exact resumption) depends on it"
-            )
-        check_threads(info, ckpt, self.device)
-        return info
-
     def check_out_dir(self, resume: bool | str | Path = False) -> None:
         """Raise ``FileExistsError`` (naming ``resume``) when a fresh run (``resume`` false) would start in an
         ``out_dir`` that already holds a run; :meth:`fit` calls it first, recipes may call it before costly
@@ -283,18 +265,17 @@ class Trainer:
         check_fresh_start(self.out_dir, self.checkpoints, resume)
 
     def _checkpoint_due(self, step: int, since: float) -> bool:
-        """Whether ``checkpoint_minutes`` have passed since ``since`` (the same answer on every process)."""
+        """Whether ``checkpoint_minutes`` have passed since ``since`` (the same answer on every process: with
+        several, the main process decides at log steps and the others follow)."""
         minutes = self.config.checkpoint_minutes
-        if minutes is None:
+        if minutes is None or (self.world_size > 1 and step % self.config.log_every):
             return False
+        due = _wall_clock() - since >= 60.0 * minutes
         if self.world_size == 1:
-            return _wall_clock() - since >= 60.0 * minutes
-        if step % self.config.log_every:
-            return False
+            return due
         from accelerate.utils import broadcast
 
-        due = torch.tensor([float(_wall_clock() - since >= 60.0 * minutes)], device=self.device)
-        return bool(broadcast(due, from_process=0).item())
+        return bool(broadcast(torch.tensor([float(due)], device=self.device), from_process=0).item())
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(
@@ -368,7 +349,7 @@ class Trainer:
         ckpt = checkpoint_to_resume(self.checkpoints, resume, self.print)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
-            info = self._check_resume(ckpt, run_config)
+            info = check_resume(ckpt, run_config, self.world_size, self.device)
             model.load_state_dict(load_safetensors(ckpt / MODEL_FILE)[0])
             self.print(f"resume: continuing from {ckpt} (step {info['step']})")
         if self.is_main:
