@@ -123,3 +123,96 @@ def test_a_model_without_tensors_round_trips(tmp_path):
 
     save_safetensors(tmp_path / "empty.safetensors", {}, {})  # e.g. an identity transporter's weights
     assert load_safetensors(tmp_path / "empty.safetensors") == ({}, {})
+
+
+# -- a damaged or edited folder is refused, naming the file (issue 16, items 6, 7 and 17) -------------------------
+
+
+def _tiny_ntm():
+    from trajflow import NTM
+    from trajflow.predictors import MLPPredictor
+    from trajflow.transporters import ZukoTransporter
+
+    return NTM(ZukoTransporter(2, hidden_features=(8,), time_features=8), MLPPredictor(2, width=8, depth=1))
+
+
+def _edit_config(folder, edit) -> None:
+    record = json.loads((folder / "config.json").read_text())
+    edit(record)
+    (folder / "config.json").write_text(json.dumps(record))
+
+
+def test_the_weights_sha256_is_recorded_and_a_flipped_byte_is_refused(tmp_path):
+    from trajflow import NTM
+    from trajflow.pretrained import file_sha256
+
+    _tiny_ntm().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    assert read_pretrained_config(tmp_path)["weights_sha256"] == file_sha256(weights)
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF  # a byte inside the last tensor: still a readable file, with a wrong (maybe NaN) value
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors.*does not match the sha256 that config\.json records"):
+        NTM.from_pretrained(tmp_path)
+
+
+def test_non_finite_weights_are_refused_even_without_a_checksum(tmp_path):
+    from trajflow.checkpoint import save_safetensors
+
+    model = PretrainedBase(3)
+    model.save_pretrained(tmp_path)
+    state = model.state_dict()
+    state["net.0.weight"][0, 0] = float("nan")
+    save_safetensors(tmp_path / "model.safetensors", state)
+    _edit_config(tmp_path, lambda r: r.pop("weights_sha256"))  # a folder written before the checksum
+    with pytest.raises(ValueError, match=r"model\.safetensors' holds 1 NaN/inf value\(s\) in net\.0\.weight"):
+        PretrainedBase.from_pretrained(tmp_path)
+
+
+def test_an_unknown_field_is_refused_at_every_level_of_the_config(tmp_path):
+    from trajflow import NTM
+
+    _tiny_ntm().save_pretrained(tmp_path)
+    original = (tmp_path / "config.json").read_text()
+    edits = {
+        r"unknown field\(s\) \['note'\]": lambda r: r.update(note=1),
+        r"NTM has no field\(s\) \['guidance'\]": lambda r: r["config"].update(guidance=2.0),
+        r"predictor: unknown field\(s\) \['extra'\]": lambda r: r["config"]["predictor"].update(extra=1),
+        r"predictor: config: MLPPredictor has no field\(s\) \['colour'\]": (
+            lambda r: r["config"]["predictor"]["config"].update(colour="red")
+        ),
+        r"transporter: kwargs: ZukoTransporter.*'nsf'.*\['colour'\]": (
+            lambda r: r["config"]["transporter"]["config"].update(colour="red")
+        ),
+    }
+    for match, edit in edits.items():
+        (tmp_path / "config.json").write_text(original)
+        _edit_config(tmp_path, edit)
+        with pytest.raises(ValueError, match=match):
+            NTM.from_pretrained(tmp_path)
+
+
+def test_invalid_json_and_a_truncated_weights_file_name_the_file(tmp_path):
+    from trajflow import NTM
+
+    _tiny_ntm().save_pretrained(tmp_path)
+    config = (tmp_path / "config.json").read_text()
+    (tmp_path / "config.json").write_text(config[: len(config) // 2])
+    with pytest.raises(ValueError, match=r"config\.json' is not valid JSON"):
+        NTM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(config)
+    _edit_config(tmp_path, lambda r: r.pop("weights_sha256"))  # else the checksum would catch it first
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors' is not a readable safetensors file"):
+        NTM.from_pretrained(tmp_path)
+
+
+def test_weights_that_do_not_fit_name_the_first_mismatch_in_one_value_error(tmp_path):
+    PretrainedBase(3, hidden=5).save_pretrained(tmp_path)
+    _edit_config(tmp_path, lambda r: r["config"].update(hidden=6))
+    with pytest.raises(ValueError) as info:
+        PretrainedBase.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "net.0.weight has shape (5, 3) in the file, the model expects (6, 3)" in message
+    assert "the first of 3 mismatched tensor(s)" in message and message.count("\n") == 0

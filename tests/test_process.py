@@ -158,3 +158,25 @@ def test_one_home_for_the_t_min_defaults():
 
     assert ModelConfig().t_min == TRAIN_T_MIN and SampleConfig().t_min == DEFAULT_DENOISE_T_MIN == SAMPLE_T_MIN
     assert default(generate, "t_min") == SAMPLE_T_MIN
+
+
+def test_transition_refuses_times_outside_the_unit_interval_and_nan():
+    # issue 16, item 9: transition(s=0.5, t=1.5) gave alpha = -1
+    with pytest.raises(ValueError, match=r"t: expected times in \[0.0, 1.0\], got values in \[1.5, 1.5\]"):
+        MarkovInterpolant.transition(torch.tensor(0.5), torch.tensor(1.5))
+    with pytest.raises(ValueError, match="s: expected finite values"):
+        MarkovInterpolant.transition(torch.tensor(float("nan")), torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"\(s, t\): expected s <= t and s < 1"):
+        MarkovInterpolant.transition(torch.tensor(0.75), torch.tensor(0.5))
+    alpha, sigma = MarkovInterpolant.transition(torch.tensor(0.5), torch.tensor(1.5), validate=False)
+    assert float(alpha) == -1.0  # validate=False skips the checks and keeps the formula
+    alpha, sigma = MarkovInterpolant.transition(torch.tensor(0.25), torch.tensor(0.5))
+    assert math.isclose(float(alpha), 0.5 / 0.75, rel_tol=1e-6) and float(sigma) > 0
+
+
+def test_time_grid_levels_that_round_together_are_refused():
+    # found by tests/test_fuzz.py: shift=1e-136 passed in float64, then every level rounded to 0 in float32
+    with pytest.raises(ValueError, match="shift: expected grid levels that stay positive and distinct"):
+        time_grid(2, 0.0, 1e-136)
+    with pytest.raises(ValueError, match="t_min: expected values below the first level"):
+        time_grid(4, 0.25 - 1e-12)  # below 0.25 in float64, equal to it in float32

@@ -12,6 +12,8 @@ no values, always run.
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -20,6 +22,8 @@ from torch import Tensor
 __all__ = [
     "accepts_keyword",
     "check_count",
+    "check_number",
+    "check_time_features",
     "check_tensor",
     "check_event_shape",
     "check_finite",
@@ -118,6 +122,36 @@ def check_count(name: str, value: object, low: int = 1) -> int:
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def check_number(name: str, value: object, *, low: float | None = None, positive: bool = False) -> float:
+    """Raise unless ``value`` is a finite real number (a ``numbers.Real`` such as a NumPy float, not a bool),
+    ``>= low`` and, with ``positive``, ``> 0``; returns it as a ``float``.
+
+    Example:
+        >>> check_number("scale_bound", 8)
+        8.0
+        >>> check_number("scale_bound", -1.0, positive=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: scale_bound: expected a finite number > 0, got -1.0 (float)
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and positive:
+        ok = value > 0
+    if ok and low is not None:
+        ok = value >= low
+    if not ok:
+        bound = " > 0" if positive else (f" >= {low}" if low is not None else "")
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r} ({type(value).__name__})")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_time_features(name: str, value: object) -> int:
+    """Raise unless ``value`` is an even integer ``>= 2`` (the size of a sinusoidal time embedding)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
+        raise ValueError(f"{name}: expected an even integer >= 2, got {value!r} ({type(value).__name__})")
     return value
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .conditioning import Condition
 from .distribution import TrajectoryDistribution, check_compatible
 from .predictors.base import Predictor
-from .pretrained import Pretrained, build_part, part_config
+from .pretrained import Pretrained, build_part, check_config_keys, part_config
 from .process import SAMPLE_T_MIN, time_grid
 from .transporters.base import Transporter
 
@@ -63,7 +63,14 @@ class NTM(Pretrained, nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> NTM:
-        """An untrained NTM from :meth:`config_dict`'s output."""
+        """An untrained NTM from :meth:`config_dict`'s output.
+
+        Raises:
+            ValueError: A part is missing, a field other than ``transporter`` and ``predictor`` is present
+                (named), or a part's record does not build (the part named, see
+                :func:`~trajflow.pretrained.build_part`).
+        """
+        check_config_keys(cls, config, known=("transporter", "predictor"))
         for key in ("transporter", "predictor"):
             if key not in config:
                 raise ValueError(f"config: expected a {key!r} part, got fields {sorted(config)}")
@@ -106,8 +113,10 @@ class NTM(Pretrained, nn.Module):
 
         Raises:
             FileNotFoundError: ``directory`` is not a pretrained folder.
-            ValueError: It holds another class (e.g. a velocity model), another config, or weights that do
-                not fit.
+            ValueError: It holds another class (e.g. a velocity model) or another config, or it is damaged;
+                the message names the file: invalid JSON or an unknown field (at any level) in
+                ``config.json``, weights that do not match its sha256, a truncated safetensors file, weights
+                that do not fit (the first mismatch named) or that hold NaN/inf.
 
         Example:
             >>> import tempfile, trajflow

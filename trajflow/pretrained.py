@@ -2,14 +2,22 @@ r"""``save_pretrained`` / ``from_pretrained``: one folder per trained model, rea
 
 A pretrained folder holds two files, each written atomically (:func:`~trajflow.checkpoint.atomic_write`)::
 
-    DIR/config.json          {"format": "trajflow-pretrained/1", "class": "<class name>", "config": {...}}
-    DIR/model.safetensors    the parameters and persistent buffers
+    DIR/model.safetensors    the parameters and persistent buffers (written first)
+    DIR/config.json          {"format": "trajflow-pretrained/1", "class": "<class name>", "config": {...},
+                              "weights_sha256": "<sha256 of model.safetensors>"}
 
 ``config`` is everything the class needs to build an untrained copy of the model (:meth:`Pretrained.config_dict`
 and :meth:`Pretrained.from_config`); the weights then load into it. Safetensors holds raw tensors only, so
-loading has ``weights_only`` semantics: nothing is unpickled and no code from the folder runs. A folder
-written by another class, or, when the caller says what config to expect, by another config, is refused
-with a ``ValueError`` that names the class or every differing field.
+loading has ``weights_only`` semantics: nothing is unpickled and no code from the folder runs.
+
+Loading checks the folder before trusting it, and every refusal is a ``ValueError`` that names the file:
+``config.json`` must be valid JSON with known fields only (an unknown field is named, at every level: the
+record, a composite model's config, a part's config); ``model.safetensors`` must match the sha256 that
+``config.json`` records (a flipped byte or a swapped file is caught before anything is parsed), be a readable
+safetensors file, fit the model the config builds (the first mismatching tensor is named) and hold finite
+values only. A folder written by another class, or, when the caller says what config to expect, by another
+config, is refused with the class or every differing field named. (Folders written before the checksum was
+recorded load without it.)
 
 A model that is built from parts (an :class:`~trajflow.NTM` from a transporter and a predictor) stores each
 part's ``{"class": ..., "config": ...}`` inside its own config (:func:`part_config`, :func:`build_part`).
@@ -34,16 +42,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import inspect
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_json, load_model_weights, save_model
+from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_safetensors, save_json, save_safetensors
 
 __all__ = [
     "Pretrained",
@@ -52,9 +63,15 @@ __all__ = [
     "part_config",
     "build_part",
     "dataclass_from_dict",
+    "check_config_keys",
+    "file_sha256",
+    "load_pretrained_weights",
 ]
 
 PRETRAINED_FORMAT = "trajflow-pretrained/1"
+
+# The fields of config.json; weights_sha256 is absent from folders written before it was recorded.
+_RECORD_FIELDS = ("format", "class", "config", "weights_sha256")
 
 P = TypeVar("P", bound="Pretrained")
 D = TypeVar("D")
@@ -92,20 +109,30 @@ class Pretrained:
     @classmethod
     def from_config(cls: type[P], config: Mapping[str, Any]) -> P:
         """An untrained model built from :meth:`config_dict`'s output: by default ``cls(**config)``, right
-        for classes whose config is their constructor's keyword arguments; override it otherwise."""
+        for classes whose config is their constructor's keyword arguments; override it otherwise.
+
+        A field the constructor does not take is refused by name (:func:`check_config_keys`)."""
+        check_config_keys(cls, config)
         return cls(**config)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed); returns it."""
+        """Write ``model.safetensors`` and then ``config.json`` (with the weights' sha256) into ``directory``
+        (created if needed); returns it."""
         if not isinstance(self, nn.Module):
             raise TypeError(f"{type(self).__name__}: save_pretrained needs an nn.Module")
         config = _json_checked(self.config_dict(), type(self).__name__)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        record = {"format": PRETRAINED_FORMAT, "class": type(self).__name__, "config": config}
         # The metadata also keeps safetensors 0.8 readable for a model without parameters: an empty file
         # written with empty metadata cannot be opened again.
-        save_model(directory, self, record, metadata={"format": PRETRAINED_FORMAT})
+        weights = save_safetensors(directory / MODEL_FILE, self.state_dict(), {"format": PRETRAINED_FORMAT})
+        record = {
+            "format": PRETRAINED_FORMAT,
+            "class": type(self).__name__,
+            "config": config,
+            "weights_sha256": file_sha256(weights),
+        }
+        save_json(directory / CONFIG_FILE, record)  # last: it names the weights it was written with
         return directory
 
     @classmethod
@@ -125,37 +152,127 @@ class Pretrained:
             device: Where the model goes.
 
         Raises:
-            FileNotFoundError: ``directory`` is not a pretrained folder.
-            ValueError: It was written by a class that is not ``cls`` (or a subclass), or with another
-                ``config``, or its weights do not fit.
+            FileNotFoundError: ``directory`` is not a pretrained folder (a file is missing).
+            TypeError: ``directory`` is not a path, or ``config`` not a mapping.
+            ValueError: The folder is damaged or does not describe a ``cls``, each naming the file: invalid
+                JSON or an unknown field in ``config.json``; another class than ``cls`` (or a subclass);
+                another ``config`` than the expected one; a config that does not build a model; weights
+                that do not match the recorded sha256, are not a readable safetensors file, do not fit the
+                model (the first mismatch named) or hold NaN/inf.
         """
+        if config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config: expected a mapping (the expected config) or None, got {type(config).__name__}")
         saved = read_pretrained_config(directory)
+        where = str(Path(directory) / CONFIG_FILE)
         target = _REGISTRY.get(saved["class"])
         if target is None or not issubclass(target, cls):
-            raise ValueError(
-                f"directory: {str(directory)!r} holds a pretrained {saved['class']}, not a {cls.__name__}"
-            )
+            raise ValueError(f"directory: {str(directory)!r} holds a pretrained {saved['class']}, not a {cls.__name__}")
         if config is not None:
             check_config(dict(config), saved["config"], source=f"the pretrained folder {str(directory)!r}")
-        model = target.from_config(saved["config"])
-        load_model_weights(directory, model)  # safetensors: raw tensors only, nothing unpickled
+        try:
+            model = target.from_config(saved["config"])
+        except Exception as e:  # the config comes from a file: any failure to build from it is a bad file
+            raise ValueError(f"directory: the config in {where!r} does not build a {saved['class']}: {e}") from e
+        load_pretrained_weights(directory, model, sha256=saved.get("weights_sha256"))
         return model.to(device)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, sha256: str | None = None) -> None:
+    """Load ``directory/model.safetensors`` into ``model`` after checking it; nothing is unpickled.
+
+    Arguments:
+        directory: The pretrained folder.
+        model: The model its config builds; loaded in place (values are copied into its tensors).
+        sha256: The checksum ``config.json`` records, or ``None`` to skip that check (older folders).
+
+    Raises:
+        ValueError: naming the file, when it does not match ``sha256``, is not a readable safetensors file,
+            lacks a tensor of ``model`` or holds one it does not have, has a tensor of another shape (the
+            first such mismatch is named, with both shapes) or holds NaN/inf values.
+    """
+    path = Path(directory) / MODEL_FILE
+    if sha256 is not None:
+        found = file_sha256(path)
+        if found != sha256:
+            raise ValueError(
+                f"directory: {str(path)!r} does not match the sha256 that {CONFIG_FILE} records (expected "
+                f"{sha256}, got {found}): the file is damaged or was replaced"
+            )
+    try:
+        state, _ = load_safetensors(path)
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
+        raise ValueError(f"directory: {str(path)!r} is not a readable safetensors file: {e}") from e
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} "
+            f"builds: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    mismatched = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if mismatched:
+        first = mismatched[0]
+        raise ValueError(
+            f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} "
+            f"builds: {first} has shape {tuple(state[first].shape)} in the file, the model expects "
+            f"{tuple(expected[first].shape)} (the first of {len(mismatched)} mismatched tensor(s))"
+        )
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"directory: {str(path)!r} holds {bad} NaN/inf value(s) in {k}; expected finite weights")
+    model.load_state_dict(state)
+
+
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``{"format", "class", "config"}`` record of a pretrained folder, checked for its format."""
+    """The ``{"format", "class", "config"[, "weights_sha256"]}`` record of a pretrained folder, checked.
+
+    Raises:
+        TypeError: ``directory`` is not a path.
+        FileNotFoundError: ``config.json`` or ``model.safetensors`` is missing.
+        ValueError: naming ``config.json``, when it is not valid UTF-8 JSON, is not of the pretrained format,
+            has a field that is not one of the record's (named) or fields of the wrong type.
+    """
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory: expected a path (str or os.PathLike), got {type(directory).__name__}")
     path = Path(directory)
     if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise FileNotFoundError(
             f"directory: expected a pretrained folder with {CONFIG_FILE} and {MODEL_FILE}, got {str(path)!r}"
         )
-    record = load_json(path / CONFIG_FILE)
+    where = str(path / CONFIG_FILE)
+    try:
+        record = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError both are ValueErrors
+        raise ValueError(f"directory: {where!r} is not valid JSON: {e}") from e
     if not isinstance(record, dict) or record.get("format") != PRETRAINED_FORMAT:
         found = record.get("format") if isinstance(record, dict) else type(record).__name__
         raise ValueError(
             f"directory: {str(path)!r} is not a {PRETRAINED_FORMAT} folder (format: {found!r}); a training "
             f"checkpoint step folder is loaded with trajflow.checkpoint.load_model_weights instead"
         )
+    unknown = sorted(set(record) - set(_RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"directory: {where!r} has unknown field(s) {unknown} (known: {list(_RECORD_FIELDS)})")
+    if not isinstance(record.get("class"), str) or not isinstance(record.get("config"), dict):
+        raise ValueError(
+            f"directory: {where!r} expected a string 'class' and an object 'config', got "
+            f"{type(record.get('class')).__name__} and {type(record.get('config')).__name__}"
+        )
+    sha = record.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ValueError(f"directory: {where!r} expected 'weights_sha256' to be 64 hex digits, got {sha!r}")
     return record
 
 
@@ -180,11 +297,51 @@ def part_config(module: nn.Module, name: str) -> dict[str, Any]:
 
 
 def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
-    """Build an untrained part from :func:`part_config`'s record."""
-    cls = _REGISTRY.get(str(record.get("class")))
+    """Build an untrained part from :func:`part_config`'s record ``{"class": ..., "config": {...}}``.
+
+    A record of another form (not a mapping, a missing or unknown field, a config that is not a mapping) or
+    an unknown class is refused with a ``ValueError`` naming the part."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f'{name}: expected a part record {{"class": ..., "config": {{...}}}}, got {record!r}')
+    unknown = sorted(set(record) - {"class", "config"})
+    if unknown:
+        raise ValueError(f"{name}: unknown field(s) {unknown} in a part record (known: ['class', 'config'])")
+    cls = _REGISTRY.get(record.get("class")) if isinstance(record.get("class"), str) else None
     if cls is None:
         raise ValueError(f"{name}: unknown pretrained class {record.get('class')!r} (known: {sorted(_REGISTRY)})")
-    return cls.from_config(record["config"])  # type: ignore[return-value]
+    if not isinstance(record.get("config"), Mapping):
+        raise ValueError(f"{name}: expected a mapping as the config of {cls.__name__}, got {record.get('config')!r}")
+    try:
+        return cls.from_config(record["config"])  # type: ignore[return-value]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from e
+
+
+def check_config_keys(cls: type, config: Mapping[str, Any], *, known: Sequence[str] | None = None) -> None:
+    """Raise a ``ValueError`` naming ``cls`` and every field of ``config`` it does not take.
+
+    ``known`` lists the fields; by default the keyword arguments of ``cls``'s constructor (no check when it
+    takes ``**kwargs``: the class checks those itself).
+
+    Example:
+        >>> class Box:
+        ...     def __init__(self, width: int = 1): ...
+        >>> check_config_keys(Box, {"width": 2, "colour": "red"})
+        Traceback (most recent call last):
+        ...
+        ValueError: config: Box has no field(s) ['colour'] (known: ['width'])
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config: expected a mapping of {cls.__name__}'s fields, got {type(config).__name__}")
+    if known is None:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        known = [p.name for p in params if p.kind in kinds]
+    unknown = sorted(str(k) for k in set(config) - set(known))
+    if unknown:
+        raise ValueError(f"config: {cls.__name__} has no field(s) {unknown} (known: {sorted(known)})")
 
 
 def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: str) -> D:
@@ -217,7 +374,5 @@ def _json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:
         try:
             json.dumps(value)
         except TypeError as e:
-            raise TypeError(
-                f"{name}: config field {key!r} is a {type(value).__name__}, which JSON cannot hold"
-            ) from e
+            raise TypeError(f"{name}: config field {key!r} is a {type(value).__name__}, which JSON cannot hold") from e
     return json.loads(json.dumps(dict(config)))

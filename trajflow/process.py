@@ -17,6 +17,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -86,6 +87,9 @@ def time_grid(
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
+    real = isinstance(t_min, numbers.Real) and not isinstance(t_min, bool)
+    if not (real or (isinstance(t_min, Tensor) and t_min.is_floating_point())):
+        raise ValueError(f"t_min: expected a number or a floating-point tensor, got {t_min!r}")
     # Built where t_min lives (no host-device copy for a per-example t_min on the GPU).
     t_min = torch.as_tensor(t_min, dtype=torch.float64)
     base = torch.arange(1, steps + 1, dtype=torch.float64, device=t_min.device) / steps
@@ -93,7 +97,15 @@ def time_grid(
     levels[-1] = 1.0  # exact, whatever the rounding
     if validate:
         check_times("t_min", t_min)
-    if validate and bool((t_min >= levels[0]).any()):
+        # The levels as they will be stored: a tiny shift or a huge number of steps can round them together.
+        stored = levels.to(dtype)
+        if not bool((stored[1:] > stored[:-1]).all()) or not bool(stored[0] > 0):
+            blame = "shift" if shift != 1 else "steps"
+            raise ValueError(
+                f"{blame}: expected grid levels that stay positive and distinct in {dtype}, got steps={steps} "
+                f"and shift={shift!r}, whose first levels are {stored[:3].tolist()}"
+            )
+    if validate and bool((t_min.to(dtype) >= levels.to(dtype)[0]).any()):
         raise ValueError(
             f"t_min: expected values below the first level {float(levels[0]):.6g} of the grid "
             f"(steps={steps}, shift={shift}), got max {float(t_min.max()):.6g}"
@@ -146,12 +158,25 @@ class MarkovInterpolant:
     # -- one step -------------------------------------------------------------------------------------------
 
     @staticmethod
-    def transition(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def transition(s: Tensor, t: Tensor, *, validate: bool = True) -> tuple[Tensor, Tensor]:
         r"""Coefficients :math:`(\alpha_{s,t}, \sigma_{s,t})` of :math:`x_t = \alpha x_s + \sigma \epsilon`.
 
         :math:`\sigma^2 = (t - s)(t + s - 2ts) / (1 - s)^2`, a form without cancellation for ``s -> t``.
+
+        Defined for :math:`0 \leq s < t \leq 1` (``s = t < 1`` gives the identity step). ``validate`` checks
+        that both times are finite and in [0, 1] and that ``s <= t`` and ``s < 1`` elementwise, with a
+        ``ValueError`` naming the argument; ``False`` skips these checks, which read the values (a device
+        synchronisation on a GPU), for callers whose times come from a checked grid.
         """
         s, t = torch.as_tensor(s), torch.as_tensor(t)
+        if validate:
+            check_times("s", s)
+            check_times("t", t)
+            b_s, b_t = torch.broadcast_tensors(s, t)
+            if bool((b_s > b_t).any()) or bool((b_s >= 1).any()):
+                raise ValueError(
+                    f"(s, t): expected s <= t and s < 1 elementwise, got s={b_s.tolist()} and t={b_t.tolist()}"
+                )
         alpha = (1 - t) / (1 - s)
         sigma = torch.sqrt(((t - s) * (t + s - 2 * t * s)).clamp_min(0.0)) / (1 - s)
         return alpha, sigma
@@ -259,7 +284,8 @@ class MarkovInterpolant:
     def _chain(self, x: Tensor, times: Tensor, level: int, generator: torch.Generator | None) -> Tensor:
         states = [x]
         for k in range(times.shape[level] - 1):
-            alpha, sigma = self.transition(times.select(level, k), times.select(level, k + 1))
+            # the grid was checked by _prepare (when asked to): no value checks per step
+            alpha, sigma = self.transition(times.select(level, k), times.select(level, k + 1), validate=False)
             noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             states.append(alpha * states[-1] + sigma * noise)
         return torch.stack(states, dim=level)
@@ -283,7 +309,7 @@ class MarkovInterpolant:
         check_finite("traj", traj)
         times = self._level_times(grid.to(traj), traj.shape[:level])
         s, t = times.narrow(level, 0, steps), times.narrow(level, 1, steps)
-        alpha, sigma = self.transition(s, t)
+        alpha, sigma = self.transition(s, t, validate=False)  # a checked grid
         x_s, x_t = traj.narrow(level, 0, steps), traj.narrow(level, 1, steps)
         z = (x_t - alpha * x_s) / sigma
         logp = -0.5 * z**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)

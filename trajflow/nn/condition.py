@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_finite
+from ..checks import check_count, check_finite
 
 
 class ConditionEmbedding(nn.Module):
@@ -22,13 +22,14 @@ class ConditionEmbedding(nn.Module):
 
     def __init__(self, features: int, *, num_classes: int | None = None, cond_features: int = 0) -> None:
         super().__init__()
+        if num_classes is not None:
+            check_count("num_classes", num_classes)
+        check_count("cond_features", cond_features, low=0)
         if num_classes is not None and cond_features:
             raise ValueError("num_classes/cond_features: give one kind of condition, not both")
         self.num_classes = num_classes
         self.cond_features = cond_features
         if num_classes is not None:
-            if num_classes < 1:
-                raise ValueError(f"num_classes: expected a positive integer, got {num_classes}")
             self.embed = nn.Embedding(num_classes, features)
         elif cond_features:
             self.embed = nn.Linear(cond_features, features)

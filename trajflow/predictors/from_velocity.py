@@ -39,13 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_tensor
+from ..checks import check_number, check_tensor, check_time_features, check_times
 from ..conditioning import Condition, EventDims, cond_batch_shape, map_cond
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import patchify, unpatchify
 from ..nn.scale import soft_clip
 from ..numerics import upcast
-from ..pretrained import Pretrained, build_part, part_config
+from ..pretrained import Pretrained, build_part, check_config_keys, part_config
 from ..process import MarkovInterpolant
 from ..velocity import VelocityModel
 from .base import Predictor
@@ -308,6 +308,9 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         time_features: Size of the sinusoidal embeddings of ``t`` and ``s`` fed to the head (0: the head
             sees ``hidden`` only, as in the paper).
         delta_bound: Soft-clip bound of :math:`\delta_\sigma` (so :math:`e^{-a} \leq \sigma_P / C \leq e^a`).
+        validate_args: Check in :meth:`forward` that the times ``t`` and ``s`` are finite and in [0, 1] (reads
+            their values: a GPU synchronisation); the velocity model checks its own input. Not part of the
+            saved config.
 
     Example:
         >>> from trajflow.velocity import MLPVelocity
@@ -330,6 +333,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         delta_mean: bool = False,
         time_features: int = 16,
         delta_bound: float = 6.0,
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(velocity, nn.Module) or not hasattr(velocity, "event_shape"):
@@ -339,8 +343,12 @@ class FlowMatchingPredictor(Pretrained, Predictor):
             )
         if not (isinstance(c_min, (int, float)) and math.isfinite(c_min) and c_min >= 0):
             raise ValueError(f"c_min: expected a finite number >= 0, got {c_min!r}")
-        if not delta_bound > 0:
-            raise ValueError(f"delta_bound: expected a positive bound, got {delta_bound!r}")
+        check_number("delta_bound", delta_bound, positive=True)
+        if not isinstance(time_features, int) or isinstance(time_features, bool) or time_features < 0:
+            raise ValueError(f"time_features: expected 0 or an even integer >= 2, got {time_features!r}")
+        if time_features:
+            check_time_features("time_features", time_features)
+        self.validate_args = bool(validate_args)
         self.velocity = velocity
         self.event_shape = torch.Size(velocity.event_shape)
         self.cond_event_dims = getattr(velocity, "cond_event_dims", None)
@@ -388,6 +396,10 @@ class FlowMatchingPredictor(Pretrained, Predictor):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> FlowMatchingPredictor:
+        """An untrained predictor from :meth:`config_dict`'s output (unknown fields are refused by name)."""
+        check_config_keys(cls, config)
+        if "velocity" not in config:
+            raise ValueError(f"config: expected a 'velocity' part, got fields {sorted(config)}")
         settings = {k: v for k, v in config.items() if k != "velocity"}
         return cls(build_part(config["velocity"], "velocity"), **settings)
 
@@ -451,7 +463,13 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         cond: Condition | None = None,
         drop_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        r"""``(mu, sigma)`` of :math:`p(u_s | u_t, y)`, each of ``u_t``'s shape (float32 or wider)."""
+        r"""``(mu, sigma)`` of :math:`p(u_s | u_t, y)`, each of ``u_t``'s shape (float32 or wider).
+
+        With ``validate_args``, times ``t`` or ``s`` outside [0, 1] or NaN are refused with a ``ValueError``
+        naming them."""
+        if self.validate_args:
+            check_times("t", t)
+            check_times("s", s)
         n = u_t.shape[0]
         v, hidden = self.velocity(u_t, t, cond, drop_cond)
         if v.shape != u_t.shape:

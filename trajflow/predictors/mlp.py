@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_number, check_time_features, check_times
 from ..conditioning import Condition
 from ..nn.condition import ConditionEmbedding
 from ..nn.embeddings import SinusoidalEmbedding
@@ -31,6 +32,8 @@ class MLPPredictor(Pretrained, Predictor):
         depth: Number of residual blocks.
         time_features: Size of each sinusoidal time embedding (of :math:`t` and of :math:`s`).
         scale_bound: Soft-clip bound of the raw scale; :math:`\sigma \geq \approx e^{-\text{bound}}`.
+        validate_args: Check in :meth:`forward` that the times ``t`` and ``s`` are finite and in [0, 1]
+            (reads their values: a GPU synchronisation). Not part of the saved config.
 
     Example:
         >>> P = MLPPredictor(features=2, num_classes=3)
@@ -50,10 +53,14 @@ class MLPPredictor(Pretrained, Predictor):
         depth: int = 3,
         time_features: int = 64,
         scale_bound: float = 8.0,
+        validate_args: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(features, int) or features < 1:
+        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
             raise ValueError(f"features: expected a positive integer, got {features!r}")
+        check_time_features("time_features", time_features)
+        check_number("scale_bound", scale_bound, positive=True)
+        self.validate_args = bool(validate_args)
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
         self.condition = ConditionEmbedding(time_features, num_classes=num_classes, cond_features=cond_features)
@@ -79,7 +86,6 @@ class MLPPredictor(Pretrained, Predictor):
             "scale_bound": self.scale_bound,
         }
 
-
     def check_cond(self, cond: Condition | None) -> torch.Size:
         batch = super().check_cond(cond)
         if cond is not None:
@@ -102,7 +108,10 @@ class MLPPredictor(Pretrained, Predictor):
         cond: Tensor | None = None,
         drop_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """``(mu, sigma)`` for ``u_t`` ``(N, features)`` at times ``t``, ``s`` ``(N,)``; with
+        ``validate_args``, times outside [0, 1] or NaN are refused with a ``ValueError`` naming them."""
+        if self.validate_args:
+            check_times("t", t)
+            check_times("s", s)
         delta, raw = self.head(self.hidden(u_t, t, s, cond, drop_cond)).chunk(2, dim=-1)
         return u_t + delta, positive_scale(raw, self.scale_bound)
-
-

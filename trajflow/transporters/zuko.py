@@ -2,6 +2,7 @@ r"""Transporters built from zuko flows, with the level's time as zuko's context.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,8 +10,11 @@ import torch
 import zuko
 from torch import Tensor
 from torch.distributions import Transform
+from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.lazy import Flow, LazyTransform
+from zuko.nn import MaskedMLP
 
+from ..checks import check_count, check_time_features, check_times
 from ..conditioning import Condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..numerics import upcast
@@ -18,6 +22,24 @@ from ..pretrained import Pretrained
 from .base import Transporter
 
 __all__ = ["ZukoTransporter"]
+
+# Each preset and the zuko classes its keyword arguments travel through, outermost first.
+_PRESETS: dict[str, tuple[type, ...]] = {
+    "nsf": (zuko.flows.NSF, zuko.flows.MAF, MaskedAutoregressiveTransform, MaskedMLP),
+    "maf": (zuko.flows.MAF, MaskedAutoregressiveTransform, MaskedMLP),
+}
+# Set by ZukoTransporter itself, not through **kwargs.
+_OWN_ARGUMENTS = {"features", "context", "transforms", "hidden_features"}
+
+
+def _preset_arguments(preset: str) -> list[str]:
+    """The keyword arguments a preset takes through ``**kwargs`` (e.g. NSF's ``bins``, MaskedMLP's ``activation``)."""
+    names: set[str] = set()
+    for cls in _PRESETS[preset]:
+        for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                names.add(p.name)
+    return sorted(names - _OWN_ARGUMENTS - {"adjacency"})
 
 
 class ZukoTransporter(Pretrained, Transporter):
@@ -37,8 +59,12 @@ class ZukoTransporter(Pretrained, Transporter):
             autoregressive flow, zuko.flows.MAF); used when ``flow`` is None.
         transforms: Number of autoregressive transforms of the preset.
         hidden_features: Hidden sizes of the preset's masked MLPs.
-        time_features: Size of the sinusoidal time embedding (zuko's context).
-        **kwargs: More keyword arguments for the preset (e.g. ``bins`` for NSF).
+        time_features: Size of the sinusoidal time embedding (zuko's context), even.
+        validate_args: Check in :meth:`transform`, :meth:`forward` and :meth:`inverse` that the times ``t``
+            are finite and in [0, 1] (reads their values: a GPU synchronisation). Not part of the saved
+            config; a loaded transporter validates.
+        **kwargs: More keyword arguments for the preset (e.g. ``bins`` for NSF, ``activation`` for its
+            masked MLPs); an argument the preset does not take is refused with a ``ValueError`` naming it.
 
     A transporter built from a preset can be saved with :meth:`save_pretrained` (its ``kwargs`` must then be
     JSON values); one built from a user ``flow`` cannot, since no config describes an arbitrary flow.
@@ -60,26 +86,45 @@ class ZukoTransporter(Pretrained, Transporter):
         transforms: int = 2,
         hidden_features: Sequence[int] = (64, 64),
         time_features: int = 16,
+        validate_args: bool = True,
         **kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(features, int) or features < 1:
+        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
             raise ValueError(f"features: expected a positive integer, got {features!r}")
+        check_time_features("time_features", time_features)
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
+        self.validate_args = bool(validate_args)
         # The preset's constructor arguments, kept to rebuild it (config_dict); None for a user flow.
         self.preset_config: dict[str, Any] | None = None
         if flow is None:
-            presets = {"nsf": zuko.flows.NSF, "maf": zuko.flows.MAF}
-            if preset not in presets:
-                raise ValueError(f"preset: expected one of {sorted(presets)}, got {preset!r}")
-            flow = presets[preset](
-                features,
-                context=time_features,
-                transforms=transforms,
-                hidden_features=tuple(hidden_features),
-                **kwargs,
-            )
+            if preset not in _PRESETS:
+                raise ValueError(f"preset: expected one of {sorted(_PRESETS)}, got {preset!r}")
+            check_count("transforms", transforms)
+            if isinstance(hidden_features, (str, bytes)) or not isinstance(hidden_features, Sequence):
+                raise ValueError(f"hidden_features: expected a sequence of positive integers, got {hidden_features!r}")
+            for width in hidden_features:
+                check_count("hidden_features", width)
+            known = _preset_arguments(preset)
+            unknown = sorted(set(kwargs) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"kwargs: ZukoTransporter with preset {preset!r} takes no argument(s) {unknown} (known: {known})"
+                )
+            try:
+                flow = _PRESETS[preset][0](
+                    features,
+                    context=time_features,
+                    transforms=transforms,
+                    hidden_features=tuple(hidden_features),
+                    **kwargs,
+                )
+            except (TypeError, ValueError) as e:  # a value zuko cannot use: say which trajflow class got it
+                raise ValueError(
+                    f"kwargs: ZukoTransporter with preset {preset!r} could not build its flow from "
+                    f"{sorted(kwargs)}: {e}"
+                ) from e
             self.preset_config = {
                 "features": features,
                 "preset": preset,
@@ -88,6 +133,10 @@ class ZukoTransporter(Pretrained, Transporter):
                 "time_features": time_features,
                 **kwargs,
             }
+        elif kwargs:
+            raise ValueError(
+                f"kwargs: ZukoTransporter with a user flow takes no preset arguments, got {sorted(kwargs)}"
+            )
         if isinstance(flow, Flow):
             flow = flow.transform
         if not isinstance(flow, LazyTransform):
@@ -103,19 +152,27 @@ class ZukoTransporter(Pretrained, Transporter):
             )
         return dict(self.preset_config)
 
-
     def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
+        """zuko's transform at times ``t`` (shape ``batch``); with ``validate_args``, ``t`` must be finite and
+        in [0, 1] (a ``ValueError`` naming ``t`` otherwise)."""
         self.reject_cond(cond)
+        if self.validate_args:
+            check_times("t", t)
         # zuko broadcasts the context (*batch, E) against inputs (*sample, *batch, F).
         return self.flow(self.time(t))
 
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        u, ladj = self.transform(t, cond).call_and_ladj(x)
+        """``(u, ladj)`` for ``x`` ``(*batch, features)`` at times ``t`` ``batch`` (an empty batch gives empty
+        results)."""
+        transform = self.transform(t, cond)
+        if x.numel() == 0:  # zuko's reshapes cannot infer a size from zero elements
+            return x.clone(), upcast(x.new_zeros(x.shape[:-1]))
+        u, ladj = transform.call_and_ladj(x)
         return u, upcast(ladj)
 
-    def inverse(
-        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> Tensor:
-        return self.transform(t, cond).inv(u)
+    def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
+        """:math:`x = f_T^{-1}(u, t)`, of ``u``'s shape."""
+        transform = self.transform(t, cond)
+        return u.clone() if u.numel() == 0 else transform.inv(u)
