@@ -263,6 +263,86 @@ def test_validation_can_be_switched_off(model):
     assert torch.isnan(dist.log_prob(torch.full((1, 5, 2), float("nan")))).all()
 
 
+def test_a_huge_finite_level_gives_minus_infinity_never_nan(model):
+    # issue 16, item 8: a finite 1e30 gave a NaN log_prob (the predictor overflows on u_t = 1e30)
+    dist = model.distribution(time_grid(4, 0.02))
+    traj = dist.sample((3,))
+    for level in range(5):
+        huge = traj.clone()
+        huge[:, level] = 1e30
+        assert bool((dist.log_prob(huge) == -math.inf).all()), level
+    assert bool((dist.log_prob(torch.full_like(traj, 1e30)) == -math.inf).all())
+    assert bool(torch.isfinite(dist.log_prob(traj)).all())  # ordinary values are untouched
+
+
+def test_a_nan_from_the_networks_on_finite_input_is_refused_by_name():
+    class Overflowing(MLPPredictor):  # NaN for every input: nothing overflows to -inf to explain it
+        def forward(self, u_t, t, s, cond=None, drop_cond=None):
+            mu, sigma = super().forward(u_t, t, s, cond, drop_cond)
+            return mu * float("nan"), sigma
+
+    dist = trajflow.NTM(ZukoTransporter(2), Overflowing(2)).distribution(time_grid(2))
+    with pytest.raises(ValueError, match=r"traj: expected values the networks can evaluate in torch.float32"):
+        dist.log_prob(torch.zeros(2, 3, 2))
+    with pytest.raises(ValueError, match="traj: expected values the networks can evaluate"):
+        dist.pair_log_prob(torch.zeros(2, 3, 2), torch.tensor([1, 2]))
+    unchecked = trajflow.NTM(ZukoTransporter(2), Overflowing(2)).distribution(time_grid(2), validate_args=False)
+    assert torch.isnan(unchecked.log_prob(torch.zeros(2, 3, 2))).all()  # the flag changes checks only
+
+
+def test_inputs_of_another_dtype_are_cast_to_the_models(model):
+    # issue 16, item 13: a float64 trajectory gave "mat1 and mat2 must have the same dtype"
+    dist = model.distribution(time_grid(4), torch.tensor([0, 1]))
+    traj = dist.sample()
+    expected = dist.log_prob(traj)
+    assert torch.equal(dist.log_prob(traj.double()), expected)
+    assert dist.pair_log_prob(traj.double(), torch.tensor([1, 4])).dtype == torch.float32
+    assert dist.step(2, traj[:, 2].double()).log_prob(traj[:, 1]).shape == (2,)
+    assert dist.log_prob(traj.round().long()).dtype == torch.float32  # integers (e.g. pixel levels) too
+    with pytest.raises(ValueError, match="traj: expected a real-valued .* got dtype torch.bool"):
+        dist.log_prob(traj > 0)
+
+
+def test_an_empty_batch_gives_an_empty_result(model):
+    # issue 16, item 14: "cannot reshape tensor of 0 elements"
+    dist = model.distribution(time_grid(4))
+    assert dist.log_prob(torch.zeros(0, 5, 2)).shape == (0,)
+    prior, factors = dist.log_prob_factors(torch.zeros(0, 3, 5, 2))
+    assert prior.shape == (0, 3) and factors.shape == (0, 3, 4)
+    assert dist.pair_log_prob(torch.zeros(0, 5, 2), torch.ones(0, dtype=torch.long)).shape == (0,)
+    assert dist.sample((0,)).shape == (0, 5, 2)
+    with pytest.raises(ValueError, match=r"sample_shape: expected a tuple of integers >= 0"):
+        dist.sample((-1,))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "flow-matching", "velocity"])
+def test_predictors_refuse_times_outside_the_unit_interval_and_nan(kind):
+    # issue 16, item 9: the predictor's forward took t = 1.5 or NaN
+    from trajflow.predictors import FlowMatchingPredictor
+    from trajflow.velocity import MLPVelocity
+
+    make = {
+        "mlp": lambda **kw: MLPPredictor(2, width=8, depth=1, **kw),
+        "flow-matching": lambda **kw: FlowMatchingPredictor(MLPVelocity(2, width=8, depth=1), **kw),
+        "velocity": lambda **kw: MLPVelocity(2, width=8, depth=1, **kw),
+    }[kind]
+    net, u = make(), torch.randn(3, 2)
+    call = (lambda n, t, s: n(u, t, s)) if kind != "velocity" else (lambda n, t, s: n(u, t))
+    good, bad, nan = torch.full((3,), 0.5), torch.tensor([0.5, 1.5, 0.5]), torch.tensor([0.5, float("nan"), 0.5])
+    with pytest.raises(ValueError, match=r"t: expected times in \[0.0, 1.0\]"):
+        call(net, bad, good * 0.5)
+    with pytest.raises(ValueError, match="t: expected finite values"):
+        call(net, nan, good * 0.5)
+    if kind != "velocity":
+        with pytest.raises(ValueError, match="s: expected finite values"):
+            call(net, good, nan)
+    if kind == "flow-matching":  # its velocity model checks t too; switch both off
+        net = FlowMatchingPredictor(MLPVelocity(2, width=8, depth=1, validate_args=False), validate_args=False)
+    else:
+        net = make(validate_args=False)
+    call(net, bad, good * 0.5)  # the flag changes checks only
+
+
 # -- training losses ------------------------------------------------------------------------------------------
 
 

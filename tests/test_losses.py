@@ -85,3 +85,28 @@ def test_factor_weight_errors():
         trajflow.TrajectoryNLL(steps=2, factor_weights=[1, float("nan")])
     with pytest.raises(ValueError, match="factor_weights: expected None, a list of weights or 'velocity'"):
         trajflow.TrajectoryNLL(steps=2, factor_weights="fm")
+
+
+def test_a_single_t_min_is_a_fixed_t_min(model):
+    # issue 16, item 15: TrajectoryNLL(t_min=0.02) gave "cannot unpack non-iterable float"
+    fixed = trajflow.TrajectoryNLL(t_min=0.02)
+    assert fixed.t_min == (0.02, 0.02)
+    groups = fixed.draw(model, torch.randn(8, 2), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(groups[0].dist.grid[..., 0], torch.full((8,), 0.02))
+    for bad in (1.5, (0.1, 0.05), "0.02", (0.0, 0.01, 0.02)):
+        with pytest.raises(ValueError, match="t_min: expected"):
+            trajflow.TrajectoryNLL(t_min=bad)
+
+
+def test_an_empty_batch_is_refused_by_name(model):
+    # issue 16, item 14: "cannot reshape tensor of 0 elements" (and the mean of nothing would be NaN)
+    with pytest.raises(ValueError, match=r"x0: expected a non-empty batch .* got shape \(0, 2\)"):
+        trajflow.TrajectoryNLL()(model, torch.zeros(0, 2))
+
+
+def test_float64_data_is_cast_to_the_models_dtype(model):
+    # issue 16, item 13: a float64 batch gave "mat1 and mat2 must have the same dtype"
+    x0, loss = torch.randn(16, 2), trajflow.TrajectoryNLL(steps=4)
+    single = loss(model, x0, generator=torch.Generator().manual_seed(3))
+    double = loss(model, x0.double(), generator=torch.Generator().manual_seed(3))
+    assert double.dtype == torch.float32 and torch.equal(single, double)

@@ -84,6 +84,25 @@ def _module_device(*modules: torch.nn.Module) -> torch.device | None:
     return None
 
 
+def _module_dtype(*modules: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the first floating-point parameter of ``modules`` (``None`` when they have none)."""
+    for m in modules:
+        for p in m.parameters():
+            if p.is_floating_point():
+                return p.dtype
+    return None
+
+
+def _check_sample_shape(sample_shape: object) -> torch.Size:
+    """``sample_shape`` as a ``torch.Size``, or a ``ValueError`` unless it is a sequence of integers >= 0."""
+    ok = isinstance(sample_shape, (tuple, list, torch.Size)) and all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sample_shape
+    )
+    if not ok:
+        raise ValueError(f"sample_shape: expected a tuple of integers >= 0 (e.g. (16,)), got {sample_shape!r}")
+    return torch.Size(sample_shape)  # type: ignore[arg-type]
+
+
 class TrajectoryDistribution(LikelihoodBounds, Distribution):
     r"""The exact density of whole trajectories :math:`(x_{t_0}, \dots, x_{t_T})` under an NTM.
 
@@ -99,10 +118,22 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         drop_cond: Optional bool mask (broadcast to the batch) of examples whose condition is replaced by
             the predictor's learned null condition (guidance dropout during training).
         validate_args: Check the values of the grid and of the inputs of :meth:`log_prob`, :meth:`step`,
-            :meth:`pair_log_prob` and :meth:`elbo` (finiteness, ranges). Shapes are always checked.
+            :meth:`pair_log_prob` and :meth:`elbo` (finiteness, ranges), and that a log-density computed
+            from finite inputs is not NaN (see below). Shapes and dtypes are always checked.
             Defaults to ``True`` whatever torch's global flag (which importing zuko turns off); pass
             ``False`` in hot loops whose inputs are known to be good: these checks read values, a GPU
             synchronisation each.
+
+    Inputs of :meth:`log_prob`, :meth:`log_prob_factors`, :meth:`pair_log_prob` and :meth:`step` may be of
+    any real dtype: they are cast to the dtype of the networks' parameters (e.g. float64 data for a float32
+    model); bool and complex tensors are refused. An empty batch (a zero in the leading shape) gives an
+    empty result without calling the networks.
+
+    Huge finite inputs: a term of :meth:`log_prob` that overflows to :math:`-\infty` (e.g. a level of
+    magnitude 1e30, whose squared standardised value exceeds the float range) makes the log-density
+    :math:`-\infty`, its correctly rounded value, since every other term is bounded above; NaNs that the
+    networks give for such inputs elsewhere in the sum do not change that. A NaN that remains (nothing
+    overflowed to :math:`-\infty`) is refused under ``validate_args`` with a ``ValueError`` naming ``traj``.
 
     Example:
         >>> import trajflow
@@ -154,6 +185,7 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
             ) from e
 
         device = _module_device(predictor, transporter) or grid.device
+        self._dtype = _module_dtype(predictor, transporter)
         self.transporter = transporter
         self.predictor = predictor
         self.grid = grid.to(device)
@@ -193,6 +225,7 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
             )
         new.drop_cond = None if self.drop_cond is None else self.drop_cond.expand(batch_shape)
         new.guidance, new.data_shape, new.process = self.guidance, self.data_shape, self.process
+        new._dtype = self._dtype
         super(TrajectoryDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -300,6 +333,32 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
                 f"(full shape {tuple(value.shape)})"
             ) from e
 
+    def _as_input(self, name: str, value: Tensor) -> Tensor:
+        """``value`` in the networks' dtype (any real dtype is accepted; bool and complex are refused)."""
+        if value.dtype == torch.bool or value.is_complex():
+            raise ValueError(
+                f"{name}: expected a real-valued (floating-point or integer) tensor, got dtype {value.dtype}"
+            )
+        dtype = self._dtype or (value.dtype if value.is_floating_point() else torch.get_default_dtype())
+        if value.dtype == dtype:
+            return value
+        cast = value.to(dtype)
+        if self._validate_args:  # finite as given, but perhaps not in the model's dtype (1e300 in float32)
+            check_finite(f"{name} (cast to {dtype})", cast)
+        return cast
+
+    def _check_computed(self, name: str, result: Tensor, value: Tensor) -> Tensor:
+        """Refuse NaN in a log-density computed from (checked, finite) ``value``: the networks overflowed."""
+        nan = torch.isnan(result)
+        if bool(nan.any()):
+            largest = float(value.detach().abs().max()) if value.numel() else 0.0
+            raise ValueError(
+                f"{name}: expected values the networks can evaluate in {value.dtype}, got finite values up to "
+                f"|x| = {largest:.3g} for which they return NaN ({int(nan.sum())} of {nan.numel()} log-densities: "
+                "an overflow on huge values, or non-finite weights); rescale the data, or use a float64 model"
+            )
+        return result
+
     # -- densities --------------------------------------------------------------------------------------------
 
     def log_prob_factors(self, value: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,10 +366,23 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
 
         Returns:
             ``log N(x_{t_T}; 0, I)`` of shape ``lead`` and :math:`\log p(x_{t_{k-1}} | x_{t_k})` for
-            ``k = 1..T`` stacked as shape ``(*lead, T)``, in float32.
+            ``k = 1..T`` stacked as shape ``(*lead, T)``, in float32 (or wider). Under ``validate_args`` a
+            NaN term (the networks overflowed on huge finite values) is refused with a ``ValueError``.
         """
+        prior, factors = self._log_prob_terms(value)
+        if self._validate_args:
+            self._check_computed("traj", factors, value)
+            self._check_computed("traj", prior, value)
+        return prior, factors
+
+    def _log_prob_terms(self, value: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`log_prob_factors` without the check of its result."""
         lead = self._check_value("traj", value, self.event_shape)
+        value = self._as_input("traj", value)
         T, dd = self.steps, self._data_dim
+        if lead.numel() == 0:
+            dtype = torch.promote_types(value.dtype, torch.float32)
+            return value.new_zeros(lead, dtype=dtype), value.new_zeros(*lead, T, dtype=dtype)
         x = value.expand(*lead, *self.event_shape)
         level = len(lead)
         times = self._times(lead)  # (*lead, T+1)
@@ -325,9 +397,21 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         return prior, factors
 
     def log_prob(self, value: Tensor) -> Tensor:
-        r"""Exact :math:`\log p(x_{t_0}, \dots, x_{t_T})` of trajectories ``(*lead, T + 1, *data)``."""
-        prior, factors = self.log_prob_factors(value)
-        return prior + factors.sum(-1)
+        r"""Exact :math:`\log p(x_{t_0}, \dots, x_{t_T})` of trajectories ``(*lead, T + 1, *data)``.
+
+        Returns shape ``lead`` broadcast with the batch; :math:`-\infty` where a term overflowed to
+        :math:`-\infty` (see the class docstring), never NaN for finite input under ``validate_args``.
+        """
+        prior, factors = self._log_prob_terms(value)
+        total = prior + factors.sum(-1)
+        # Each term is bounded above (Gaussian log-densities with a floored scale, bounded log-determinants),
+        # so one term below the float range puts the sum there too, whatever NaN another term holds.
+        ninf = (prior == -math.inf) | (factors == -math.inf).any(-1)
+        pinf = (prior == math.inf) | (factors == math.inf).any(-1)
+        total = torch.where(ninf & ~pinf, torch.full_like(total, -math.inf), total)
+        if self._validate_args:
+            self._check_computed("traj", total, value)
+        return total
 
     def pair_log_prob(self, value: Tensor, k: Tensor) -> Tensor:
         r""":math:`\log p(x_{t_{k-1}} | x_{t_k})` for one step ``k`` per trajectory (pair-wise training).
@@ -337,14 +421,24 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
             k: Step indices in ``1..T``, an integer tensor broadcastable to ``lead``.
 
         Returns:
-            The log-densities, shape ``lead``; only two levels per trajectory go through the networks.
+            The log-densities, shape ``lead``; only two levels per trajectory go through the networks. Under
+            ``validate_args`` a NaN (the networks overflowed on huge finite values) is refused with a
+            ``ValueError`` naming ``traj``.
         """
         lead = self._check_value("traj", value, self.event_shape)
+        value = self._as_input("traj", value)
         T, dd = self.steps, self._data_dim
         k = check_tensor("k", k).to(device=value.device)
-        if k.is_floating_point() or (self._validate_args and (bool((k < 1).any()) or bool((k > T).any()))):
+        if k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
+            raise ValueError(f"k: expected integer step indices in 1..{T}, got dtype {k.dtype}")
+        if self._validate_args and (bool((k < 1).any()) or bool((k > T).any())):
             raise ValueError(f"k: expected integer step indices in 1..{T}, got {k.tolist()}")
-        k = k.long().expand(lead)
+        try:
+            k = k.long().expand(lead)
+        except RuntimeError as e:
+            raise ValueError(f"k: expected a shape that broadcasts to {tuple(lead)}, got {tuple(k.shape)}") from e
+        if lead.numel() == 0:
+            return value.new_zeros(lead, dtype=torch.promote_types(value.dtype, torch.float32))
         x = value.expand(*lead, *self.event_shape)
         times = self._times(lead)
         idx = k.reshape(*lead, 1, *([1] * dd)).expand(*lead, 1, *self.data_shape)
@@ -358,7 +452,8 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         u_t = torch.where(top, x_t, both[1])  # the transporter is skipped at t = 1
         mu, sigma = self._predict(u_t, t, s, inner=0)
         z = (upcast(u_s) - upcast(mu)) / sigma
-        return _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
+        result = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
+        return self._check_computed("traj", result, value) if self._validate_args else result
 
     def step(self, k: int, x_tk: Tensor) -> NormalizingFlow:
         r"""The conditional flow :math:`p(x_{t_{k-1}} | x_{t_k})` for ``k = 1..T`` as a torch ``Distribution``.
@@ -372,6 +467,7 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         """
         k = check_step_index(k, self.steps)
         lead = self._check_value("x_tk", x_tk, self.data_shape)
+        x_tk = self._as_input("x_tk", x_tk)
         x = x_tk.expand(*lead, *self.data_shape)
         times = self._times(lead)
         t, s = times[..., k], times[..., k - 1]
@@ -394,11 +490,9 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
         ``sum log sigma`` per factor ``(*lead, T)``. All noise comes from ``generator`` (torch's global
         generator when ``None``)."""
-        lead = torch.Size(sample_shape) + self.batch_shape
+        lead = _check_sample_shape(sample_shape) + self.batch_shape
         times = self._times(lead)
-        u = torch.randn(
-            (*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype
-        )
+        u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
         latents, noises, log_sigmas = [u], [], []
         for k in range(self.steps, 0, -1):
             mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)

@@ -7,6 +7,7 @@ of trajectories drawn from the Markov forward process, reported per dimension.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .checks import check_finite, check_tensor
+from .checks import check_finite, check_number, check_tensor
 from .conditioning import Condition, map_cond
 from .process import TRAIN_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 
@@ -67,8 +68,9 @@ class TrajectoryNLL:
 
     Arguments:
         steps: The number of steps :math:`T`, or a set of them to draw per example (e.g. ``(4, 8, 16)``).
-        t_min: The range of the per-example :math:`t_{\min}`; default :data:`~trajflow.process.TRAIN_T_MIN`,
-            (0, 0.05) as in NTM.
+        t_min: The range ``(low, high)`` of the per-example :math:`t_{\min}`, with
+            ``0 <= low <= high < 1``; default :data:`~trajflow.process.TRAIN_T_MIN`, (0, 0.05) as in NTM. A
+            single number is a fixed :math:`t_{\min}` (stored as the range ``(t_min, t_min)``).
         shift: The grid's shift factor (see :func:`trajflow.time_grid`).
         mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D` (end-to-end);
             ``"pair"``: one random factor per example, divided by :math:`D` (pair-wise). Both are unbiased
@@ -102,6 +104,10 @@ class TrajectoryNLL:
             the draws: each example's :math:`T` is still uniform (exactly so when the batch size is a
             multiple of the number of :math:`T`).
 
+    Inputs: ``x0`` is a non-empty batch ``(B, *data)`` of any real dtype, cast to the model's parameter dtype
+    (e.g. float64 data for a float32 model); an empty batch has no mean loss and is refused with a
+    ``ValueError`` naming ``x0``.
+
     Example:
         >>> import trajflow
         >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2),
@@ -112,7 +118,7 @@ class TrajectoryNLL:
     """
 
     steps: int | Sequence[int] = 4
-    t_min: tuple[float, float] = TRAIN_T_MIN
+    t_min: tuple[float, float] | float = TRAIN_T_MIN
     shift: float = 1.0
     mode: str = "trajectory"
     cond_drop: float = 0.1
@@ -120,16 +126,28 @@ class TrajectoryNLL:
     validate_args: bool = True
 
     def __post_init__(self) -> None:
-        steps = (self.steps,) if isinstance(self.steps, int) else tuple(self.steps)
-        if not steps or any(not isinstance(s, int) or s < 1 for s in steps):
+        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+        steps = (self.steps,) if is_int(self.steps) else self.steps
+        collection = isinstance(steps, (tuple, list, set, frozenset, range))
+        if not collection or not steps or any(not is_int(s) or s < 1 for s in steps):
             raise ValueError(f"steps: expected a positive integer or a set of them, got {self.steps!r}")
+        steps = tuple(steps)
         if self.mode not in ("trajectory", "pair"):
             raise ValueError(f"mode: expected 'trajectory' or 'pair', got {self.mode!r}")
-        if not 0.0 <= self.cond_drop < 1.0:
+        check_number("shift", self.shift, positive=True)
+        if check_number("cond_drop", self.cond_drop, low=0.0) >= 1.0:
             raise ValueError(f"cond_drop: expected a probability in [0, 1), got {self.cond_drop}")
-        lo, hi = self.t_min
+        if not isinstance(self.validate_args, bool):
+            raise ValueError(f"validate_args: expected a bool, got {self.validate_args!r}")
+        t_min = self.t_min
+        if isinstance(t_min, numbers.Real) and not isinstance(t_min, bool):
+            t_min = (t_min, t_min)  # a fixed t_min
+        if not (isinstance(t_min, (tuple, list)) and len(t_min) == 2):
+            raise ValueError(f"t_min: expected a number or a range (low, high), got {self.t_min!r}")
+        lo, hi = (check_number("t_min", v) for v in t_min)
         if not 0.0 <= lo <= hi < 1.0:
             raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
+        self.t_min = (lo, hi)
         self._steps = steps
         self._weights: Tensor | None = None
         if isinstance(self.factor_weights, str):
@@ -138,7 +156,11 @@ class TrajectoryNLL:
                     f"factor_weights: expected None, a list of weights or 'velocity', got {self.factor_weights!r}"
                 )
         elif self.factor_weights is not None:
-            w = tuple(float(v) for v in self.factor_weights)
+            if isinstance(self.factor_weights, (str, bytes)) or not isinstance(self.factor_weights, Sequence):
+                raise ValueError(
+                    f"factor_weights: expected None, a list of weights or 'velocity', got {self.factor_weights!r}"
+                )
+            w = tuple(check_number("factor_weights", v) for v in self.factor_weights)
             if len(steps) != 1 or len(w) != steps[0]:
                 want = steps[0] if len(steps) == 1 else "a single T"
                 raise ValueError(
@@ -182,6 +204,14 @@ class TrajectoryNLL:
         check_tensor("x0", x0)
         if x0.dim() != len(event) + 1 or x0.shape[1:] != event:
             raise ValueError(f"x0: expected shape (batch, {', '.join(map(str, event))}), got {tuple(x0.shape)}")
+        if x0.shape[0] == 0:
+            raise ValueError(
+                f"x0: expected a non-empty batch (the loss is a mean over it), got shape {tuple(x0.shape)}"
+            )
+        if x0.dtype == torch.bool or x0.is_complex():
+            raise ValueError(f"x0: expected a real-valued (floating-point or integer) tensor, got dtype {x0.dtype}")
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+        x0 = x0.to(dtype)  # draws and trajectories in the model's dtype, whatever the data's
         if validate:
             check_finite("x0", x0)
         ced = model.predictor.cond_event_dims
