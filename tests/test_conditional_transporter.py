@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+from importlib.util import find_spec
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import trajflow
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
 from trajflow.transporters import IdentityTransporter, NflowsTransporter, ZukoTransporter
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 SETTINGS = settings(deadline=None, max_examples=5, derandomize=True)
 SHAPE = (1, 4, 4)
@@ -193,13 +196,25 @@ def test_bad_conditions_raise_clear_errors() -> None:
         TransformerTransporterConfig(SHAPE, 2, num_classes=2, text_features=3)
 
 
-def test_other_transporters_and_the_protocol() -> None:
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "zuko",
+        pytest.param(
+            "nflows",
+            marks=pytest.mark.skipif(
+                find_spec("nflows") is None, reason="needs nflows: pip install 'trajflow[nflows]'"
+            ),
+        ),
+    ],
+)
+def test_other_transporters_and_the_protocol(kind: str) -> None:
     x, t = torch.randn(3, 2), torch.rand(3)
     y = torch.zeros(3, dtype=torch.long)
     u, ladj = IdentityTransporter(2)(x, t, y, torch.ones(3, dtype=torch.bool))  # ignored
     assert torch.equal(u, x) and bool((ladj == 0).all())
     assert not IdentityTransporter(2).is_conditional
-    for f in (ZukoTransporter(2), NflowsTransporter(2, preset="maf")):
+    for f in (ZukoTransporter(2) if kind == "zuko" else NflowsTransporter(2, preset="maf"),):
         assert not f.is_conditional
         f(x, t, None, torch.ones(3, dtype=torch.bool))  # None is accepted, drop_cond ignored
         with pytest.raises(ValueError, match=r"cond: .*unconditional.*expected cond=None"):
@@ -295,7 +310,6 @@ def test_t2i_transporter_condition() -> None:
         on.transporter_config((3, 32, 32))
     with pytest.raises(ValueError, match="model.transporter_condition: only the 'transformer'"):
         ModelConfig(transporter_condition=True, transporter="identity")
-
 
 
 def test_identity_check_and_distillation_with_a_conditional_transporter() -> None:

@@ -8,8 +8,6 @@ import json
 import pytest
 import torch
 import zuko
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 from trajflow import NTM, time_grid
@@ -38,6 +36,10 @@ from trajflow.transporters import (
     ZukoTransporter,
 )
 from trajflow.velocity import MLPVelocity
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("safetensors")
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -38,6 +36,10 @@ from trajflow.data.text_image import (
     sample_scene,
     scene_labels,
 )
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 COUNTS = {"a": 1, "two": 2, "three": 3, "four": 4}
 
@@ -202,10 +204,7 @@ def test_emoji_renders_captions_and_caches(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [ds.cache_path.name]
     assert all(isinstance(c, str) and c.strip() for c in ds.captions)
     item = ds[10]
-    assert (
-        item["image"].shape == (3, 32, 32)
-        and -1 <= float(item["image"].min()) <= float(item["image"].max()) <= 1
-    )
+    assert item["image"].shape == (3, 32, 32) and -1 <= float(item["image"].min()) <= float(item["image"].max()) <= 1
     # Not blank: an emoji on white differs from plain white somewhere.
     assert float(item["image"].min()) < 0.5
     t0 = time.perf_counter()
@@ -329,16 +328,12 @@ def test_metadata_folder(tmp_path):
     with pytest.warns(RuntimeWarning):
         ds = MetadataImageFolder(tmp_path, transform=8, caption_column="caption")
     assert len(ds) == 5
-    assert (
-        ds.stats["missing_caption"] == 2 and ds.stats["missing_image"] == 1 and ds.stats["bad_metadata"] == 2
-    )
+    assert ds.stats["missing_caption"] == 2 and ds.stats["missing_image"] == 1 and ds.stats["bad_metadata"] == 2
     with pytest.warns(RuntimeWarning, match="cannot decode"):
         caps = sorted(ds[i]["caption"] for i in range(len(ds)))
     assert "corrupt" not in caps and set(caps) == {"blue", "red 0", "red 1", "red 2"}
     assert ds.stats["corrupt_image"] == 1 and ds.skipped == 6
-    with pytest.raises(
-        ValueError, match="caption_column: expected a key present in metadata.jsonl, got 'text'"
-    ):
+    with pytest.raises(ValueError, match="caption_column: expected a key present in metadata.jsonl, got 'text'"):
         MetadataImageFolder(tmp_path)
 
 
@@ -416,9 +411,7 @@ def test_tar_shards_stream_and_skip(tmp_path):
 
 def test_tar_shards_split_across_two_workers(tmp_path):
     keys = _shards(tmp_path)
-    ds = TarShards(
-        str(tmp_path / "shard-{000..003}.tar"), transform=8, shuffle=True, shuffle_buffer=3, seed=1
-    )
+    ds = TarShards(str(tmp_path / "shard-{000..003}.tar"), transform=8, shuffle=True, shuffle_buffer=3, seed=1)
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_text_image)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -434,11 +427,7 @@ def test_tar_shards_split_by_rank_and_by_sample(tmp_path):
     assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == sorted(keys)
     # One shard, two workers: "auto" falls back to splitting samples, still each once.
     one = TarShards(str(tmp_path / "shard-000.tar"), transform=4)
-    seen = [
-        k
-        for b in DataLoader(one, batch_size=2, num_workers=2, collate_fn=collate_text_image)
-        for k in b["key"]
-    ]
+    seen = [k for b in DataLoader(one, batch_size=2, num_workers=2, collate_fn=collate_text_image) for k in b["key"]]
     assert sorted(seen) == sorted(k for k in keys if k.startswith("s0/"))
     with pytest.raises(ValueError, match="rank: expected an integer in 0..1, got 2"):
         TarShards(pattern, rank=2, world_size=2)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from trajflow.predictors.transformer import (
     TransformerPredictor,
@@ -13,9 +11,12 @@ from trajflow.predictors.transformer import (
     TransformerVelocity,
 )
 
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
 SHAPE = (2, 4, 4)
 TEXT = 6
-
 
 
 def config(kind: str, patch: int = 2, **kwargs: object) -> TransformerPredictorConfig:

@@ -6,15 +6,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from trajflow.nn.patches import patch_grid, patchify, unpatchify
 from trajflow.nn.transformer import KVCache, RotaryEmbedding2D, Transformer, apply_rotary
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 
-SETTINGS = settings(deadline=None, max_examples=4, derandomize=True)
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
+SETTINGS = settings(deadline=None, max_examples=4, derandomize=True)
 
 
 def make(

@@ -4,11 +4,13 @@ from importlib.util import find_spec
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 
 import trajflow
 from trajflow.transporters import IdentityTransporter, NflowsTransporter, ZukoTransporter
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 FEATURES = 3
 
@@ -44,7 +46,8 @@ def _kinds(*kinds: str) -> list:
 
 KINDS = _kinds("zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity")
 TRANSPORTERS = {
-    k: _make(k) for k in ("zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity")
+    k: _make(k)
+    for k in ("zuko-nsf", "zuko-maf", "nflows-maf", "nflows-rqs", "identity")
     if HAVE_NFLOWS or not k.startswith("nflows")
 }
 
@@ -142,3 +145,38 @@ def test_step_flow_ladj_and_inverse(kind, x, k):
     # A normalizing flow's density: log N(z) + log|det J|.
     base = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum()
     assert torch.allclose(step.log_prob(x), base + ladj, atol=1e-6)
+
+
+def test_zuko_transporter_refuses_times_outside_the_unit_interval_and_nan():
+    # issue 16, item 9: f(x, t=1.5) and f(x, t=nan) were accepted (NaN out for NaN in)
+    f, x = ZukoTransporter(2, hidden_features=(8,)), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"t: expected times in \[0.0, 1.0\]"):
+        f(x, torch.tensor([0.1, 1.5, 0.2]))
+    with pytest.raises(ValueError, match="t: expected finite values"):
+        f.inverse(x, torch.tensor([0.1, float("nan"), 0.2]))
+    with pytest.raises(ValueError, match="t: expected finite values"):
+        f.transform(torch.tensor([float("nan")]))
+    unchecked = ZukoTransporter(2, hidden_features=(8,), validate_args=False)
+    assert unchecked(x, torch.tensor([0.1, 1.5, 0.2]))[0].shape == (3, 2)  # the flag changes checks only
+
+
+def test_an_unknown_zuko_argument_names_the_trajflow_class_and_the_key():
+    # issue 16, item 16: the error named zuko's MaskedMLP
+    with pytest.raises(
+        ValueError, match=r"kwargs: ZukoTransporter with preset 'nsf' takes no argument\(s\) \['colour'\]"
+    ):
+        ZukoTransporter(2, colour="red")
+    with pytest.raises(ValueError, match=r"kwargs: ZukoTransporter with preset 'maf' .*\['bins'\]"):
+        ZukoTransporter(2, preset="maf", bins=4)  # bins is NSF's
+    assert ZukoTransporter(2, bins=4, activation=torch.nn.ELU, hidden_features=(8,)).preset_config["bins"] == 4
+    with pytest.raises(ValueError, match="hidden_features: expected"):
+        ZukoTransporter(2, hidden_features=(8, 0))
+    with pytest.raises(ValueError, match="time_features: expected an even integer"):
+        ZukoTransporter(2, time_features=3)
+
+
+def test_an_empty_batch_goes_through_the_zuko_transporter():
+    f = ZukoTransporter(2, hidden_features=(8,))
+    u, ladj = f(torch.zeros(0, 2), torch.zeros(0))
+    assert u.shape == (0, 2) and ladj.shape == (0,)
+    assert f.inverse(torch.zeros(0, 2), torch.zeros(0)).shape == (0, 2)
