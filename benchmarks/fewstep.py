@@ -89,7 +89,7 @@ class FewStepConfig:
     methods: tuple[str, ...] = ("fm", "ntm-fm", "ntm-fm-gaussian", "progressive-distillation", "meanflow")
     # evaluation
     curve_points: int = 10
-    curve_samples: int = 1000
+    curve_samples: int = 500
     final_samples: int = 2000
     real_samples: int = 5000
     nll_samples: int = 500
@@ -413,7 +413,7 @@ def finetune(
         g = gen(model, 10_000 + seed)  # the same noise at every point
         with torch.no_grad() if not row.ntm else torch.enable_grad():
             x = sample(model, cfg.curve_samples, g).cpu()
-        out = {"frechet_distance": metrics.frechet_distance(x), "curve_steps": steps}
+        out = {"frechet_distance": metrics.frechet_distance(x), "curve_steps": steps, "samples": len(x)}
         if row.ntm:
             out["nll_factors"] = nll_factors(model, nll_x, gen(model, 7))
         return out
