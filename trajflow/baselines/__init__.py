@@ -1,6 +1,7 @@
 """The baselines NTM is measured against, on the same data and budget.
 
-* :mod:`~trajflow.baselines.flow_matching`: flow matching (loss, Euler and Heun ODE samplers);
+* :mod:`~trajflow.baselines.flow_matching`: flow matching (loss, Euler and Heun ODE samplers, exact
+  log-density and bits/dim by the probability-flow ODE);
 * :mod:`~trajflow.baselines.meanflow`: MeanFlow (average velocity, one- and few-step sampling), fine-tuned
   from a flow-matching teacher;
 * :mod:`~trajflow.baselines.progressive_distillation`: progressive distillation of a flow-matching teacher
@@ -11,7 +12,13 @@
 * :mod:`~trajflow.baselines.pixel_categorical`: per-pixel histograms, the exact no-training bits/dim floor.
 """
 
-from .flow_matching import FlowMatchingLoss, euler_sample, heun_sample
+from .flow_matching import (
+    FlowMatchingLoss,
+    euler_sample,
+    flow_matching_bits_per_dim,
+    flow_matching_log_prob,
+    heun_sample,
+)
 from .gaussian_step import gaussian_step_model
 from .meanflow import MeanFlowLoss, MeanFlowVelocity, meanflow_sample
 from .pixel_categorical import PixelCategorical, pixel_categorical_bits_per_dim
@@ -22,6 +29,8 @@ __all__ = [
     "FlowMatchingLoss",
     "euler_sample",
     "heun_sample",
+    "flow_matching_log_prob",
+    "flow_matching_bits_per_dim",
     "MeanFlowVelocity",
     "MeanFlowLoss",
     "meanflow_sample",
