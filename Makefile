@@ -1,6 +1,6 @@
 # make demo   - set up a virtual environment (CPU torch) and run the toy job
 # make test   - set up the same environment and run the test suite and the docstring examples
-# make lint   - ruff
+# make lint   - ruff (lint and format check; make test runs it first)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.trajflow-installed
@@ -16,11 +16,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests --doctest-modules trajflow
 
 lint: $(STAMP)
 	$(BIN)/ruff check trajflow tests benchmarks examples
+	$(BIN)/ruff format --check trajflow tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) outputs

@@ -35,9 +35,7 @@ from trajflow.transporters.transformer import TransformerTransporter, Transforme
 RESULTS = Path(__file__).resolve().parent / "results" / "kv_cache.json"
 
 
-def timed(
-    fn: Callable[[], torch.Tensor], device: torch.device, repeats: int
-) -> tuple[list[float], torch.Tensor]:
+def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[list[float], torch.Tensor]:
     """Wall-clock seconds of ``repeats`` calls (after one warm-up call), and the last output."""
     out = fn()  # warm-up: allocator, kernel selection
     times = []
@@ -53,9 +51,7 @@ def timed(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image", type=int, nargs=3, default=[4, 16, 16], metavar=("C", "H", "W"))
     parser.add_argument("--patch", type=int, default=2)
@@ -124,10 +120,20 @@ def main(argv: list[str] | None = None) -> dict:
         {**common, "method": "kv-cache", "metric": "speedup", "value": naive / kv, "baseline": "naive"},
         {**common, "method": "kv-cache", "metric": "max_abs_diff_vs_naive", "value": diff},
         {**common, "method": "kv-cache", "metric": "max_abs_roundtrip_error", "value": err},
-        {**common, "method": f"static-{static_method}", "metric": "inverse_seconds", "value": static,
-         "all": static_times},
-        {**common, "method": f"static-{static_method}", "metric": "speedup", "value": kv / static,
-         "baseline": "kv-cache"},
+        {
+            **common,
+            "method": f"static-{static_method}",
+            "metric": "inverse_seconds",
+            "value": static,
+            "all": static_times,
+        },
+        {
+            **common,
+            "method": f"static-{static_method}",
+            "metric": "speedup",
+            "value": kv / static,
+            "baseline": "kv-cache",
+        },
         {**common, "method": f"static-{static_method}", "metric": "max_abs_diff_vs_kv_cache", "value": static_diff},
     ]
     result = write_results(args.out, "kv_cache", rows, device=device, extra={"torch": torch.__version__})

@@ -80,8 +80,15 @@ def test_generate_seeds_a_generator_per_batch_and_leaves_the_global_rng(monkeypa
         {
             "name": "tiny",
             "data": {"name": "shapes", "resolution": 16},
-            "model": {"kind": "ntm", "patch_size": 4, "width": 16, "depth": 1, "heads": 2, "time_features": 8,
-                      "transporter_layers": 1},
+            "model": {
+                "kind": "ntm",
+                "patch_size": 4,
+                "width": 16,
+                "depth": 1,
+                "heads": 2,
+                "time_features": 8,
+                "transporter_layers": 1,
+            },
             "text": {"encoder": "hashing", "max_length": 12},
         }
     )

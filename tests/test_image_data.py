@@ -60,9 +60,7 @@ def test_unit_range_round_trips(levels):
     d = dequantize(k.repeat(50), levels, generator=torch.Generator().manual_seed(0))
     assert float(d.min()) >= -1 and float(d.max()) < 1
     assert torch.equal(from_unit_range(d, levels), k.repeat(50))
-    assert torch.equal(
-        from_unit_range(torch.tensor([-5.0, 5.0]), levels), torch.tensor([0, levels - 1]).byte()
-    )
+    assert torch.equal(from_unit_range(torch.tensor([-5.0, 5.0]), levels), torch.tensor([0, levels - 1]).byte())
 
 
 def test_conversion_errors():
@@ -90,9 +88,7 @@ def test_digits_split_and_levels():
     all_images = torch.from_numpy(sk().images.astype(np.uint8))
     assert torch.equal(torch.cat([train.images, test.images])[:, 0].sort(0).values, all_images.sort(0).values)
     x = test.to_unit_range()
-    assert (
-        x.shape == test.images.shape and x.dtype == torch.float32 and -1 < float(x.min()) < float(x.max()) < 1
-    )
+    assert x.shape == test.images.shape and x.dtype == torch.float32 and -1 < float(x.min()) < float(x.max()) < 1
     assert test.bin_width == pytest.approx(2 / 17)
 
 
@@ -104,9 +100,7 @@ def test_dataset_views_and_bits_per_dim():
     rnd = ds.subset(100, generator=torch.Generator().manual_seed(0))
     assert len(rnd) == 100 and not torch.equal(rnd.images, sub.images)
     assert len(ds.subset(10**6)) == len(ds)
-    assert len(ds.select(slice(10, 20))) == 10 and len(ds.select(ds.labels == 3)) == int(
-        (ds.labels == 3).sum()
-    )
+    assert len(ds.select(slice(10, 20))) == 10 and len(ds.select(ds.labels == 3)) == int((ds.labels == 3).sum())
     image, label = ds.unit_range()[5]
     assert image.dtype == torch.float32 and torch.equal(image, to_unit_range(ds.images[5], 17))
     assert int(label) == int(ds.labels[5])
@@ -182,9 +176,7 @@ def test_fashion_mnist_missing_root(tmp_path):
 def test_idx_reader_rejects_bad_files(tmp_path):
     root = tmp_path
     with gzip.open(root / "t10k-images-idx3-ubyte.gz", "wb") as f:
-        f.write(
-            bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big")
-        )
+        f.write(bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (2).to_bytes(4, "big") + (2).to_bytes(4, "big"))
         f.write(bytes(range(8)))
     with gzip.open(root / "t10k-labels-idx1-ubyte.gz", "wb") as f:
         f.write(bytes([0, 0, 8, 1]) + (2).to_bytes(4, "big") + bytes([1, 9]))

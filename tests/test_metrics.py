@@ -42,9 +42,7 @@ def test_energy_1d_normal_shift_closed_form():
     # For N(0,1) vs N(m,1) in 1-D: 2 E|m + sqrt2 Z| - 2 E|sqrt2 Z|, with E|N(m, s^2)| folded-normal mean.
     m = 1.0
     s = math.sqrt(2.0)
-    folded = s * math.sqrt(2 / math.pi) * math.exp(-(m**2) / (2 * s**2)) + m * math.erf(
-        m / (s * math.sqrt(2))
-    )
+    folded = s * math.sqrt(2 / math.pi) * math.exp(-(m**2) / (2 * s**2)) + m * math.erf(m / (s * math.sqrt(2)))
     expected = 2 * folded - 2 * s * math.sqrt(2 / math.pi)
     x = torch.randn(4000, 1, generator=_gen(1))
     y = torch.randn(4000, 1, generator=_gen(2)) + m
@@ -92,9 +90,7 @@ def test_sw_normal_shift_closed_form():
     # With the same points shifted, sorting commutes with the shift, so each direction gives (theta . m)^2
     # exactly and the only randomness left is the choice of directions.
     x = x[:20]
-    assert sliced_wasserstein(x, x + m, projections=20000, generator=_gen(3)) == pytest.approx(
-        expected, rel=0.03
-    )
+    assert sliced_wasserstein(x, x + m, projections=20000, generator=_gen(3)) == pytest.approx(expected, rel=0.03)
 
 
 def test_sw_unequal_sizes_exact():
@@ -122,9 +118,7 @@ def test_frechet_diagonal_gaussians_closed_form():
     m1, m2 = torch.tensor([0.0, 1.0, -1.0], dtype=f64), torch.tensor([1.0, 1.0, 2.0], dtype=f64)
     v1, v2 = torch.tensor([1.0, 4.0, 0.25], dtype=f64), torch.tensor([2.0, 1.0, 1.0], dtype=f64)
     expected = float((m1 - m2).square().sum() + (v1 + v2 - 2 * (v1 * v2).sqrt()).sum())
-    assert frechet_distance_from_stats(m1, torch.diag(v1), m2, torch.diag(v2)) == pytest.approx(
-        expected, rel=1e-12
-    )
+    assert frechet_distance_from_stats(m1, torch.diag(v1), m2, torch.diag(v2)) == pytest.approx(expected, rel=1e-12)
     # From samples: whitened noise makes the sample moments exactly the target ones.
     n = 500
     z = torch.randn(n, 3, generator=_gen(7), dtype=torch.float64)
@@ -141,9 +135,7 @@ def test_frechet_full_covariance_against_eig_formula():
     # tr((S1 S2)^(1/2)) = sum of sqrt of the (real, positive) eigenvalues of S1 S2.
     trace_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp(min=0).sqrt().sum()
     expected = float(torch.trace(s1) + torch.trace(s2) - 2 * trace_sqrt)
-    assert frechet_distance_from_stats(torch.zeros(3), s1, torch.zeros(3), s2) == pytest.approx(
-        expected, rel=1e-9
-    )
+    assert frechet_distance_from_stats(torch.zeros(3), s1, torch.zeros(3), s2) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_identical_zero_and_stats():
@@ -192,9 +184,7 @@ def test_bad_inputs_name_the_argument(fn, names, bad, match):
         fn(GOOD, bad)
 
 
-@pytest.mark.parametrize(
-    "fn, name", [(energy_distance, "y"), (sliced_wasserstein, "y"), (frechet_distance, "feats_y")]
-)
+@pytest.mark.parametrize("fn, name", [(energy_distance, "y"), (sliced_wasserstein, "y"), (frechet_distance, "feats_y")])
 def test_width_mismatch(fn, name):
     with pytest.raises(ValueError, match=f"{name}: expected the same feature width"):
         fn(torch.zeros(4, 2), torch.zeros(4, 3))

@@ -119,8 +119,9 @@ def test_noise_map_change_of_variables_gives_the_trajectory_density():
     # log p(traj) = log N(noise; 0, I) + log |det d noise / d traj|: the step flows and log_prob agree.
     prior = flow_prior()
     traj = prior.sample(generator=torch.Generator().manual_seed(4))  # (T + 1, 2)
-    jac = torch.autograd.functional.jacobian(lambda x: noise_from_trajectory(prior, x.reshape(traj.shape)).flatten(),
-                                             traj.flatten())
+    jac = torch.autograd.functional.jacobian(
+        lambda x: noise_from_trajectory(prior, x.reshape(traj.shape)).flatten(), traj.flatten()
+    )
     noise = noise_from_trajectory(prior, traj)
     std = torch.distributions.Normal(0.0, 1.0)
     expected = std.log_prob(noise).sum() + torch.linalg.slogdet(jac).logabsdet
@@ -278,13 +279,17 @@ def test_example_script_smoke_and_reload(tmp_path):
     spec.loader.exec_module(example)
     metrics = example.main(["--smoke", "--noise-space", "--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    assert saved["methods"].keys() == metrics["methods"].keys() == {
-        "importance (reference)",
-        "SVI AutoNormal (trajectory)",
-        "NUTS (trajectory)",
-        "SVI AutoNormal (noise)",
-        "NUTS (noise)",
-    }
+    assert (
+        saved["methods"].keys()
+        == metrics["methods"].keys()
+        == {
+            "importance (reference)",
+            "SVI AutoNormal (trajectory)",
+            "NUTS (trajectory)",
+            "SVI AutoNormal (noise)",
+            "NUTS (noise)",
+        }
+    )
     for entry in saved["methods"].values():
         assert all(math.isfinite(v) for v in entry.values())
     assert saved["methods"]["importance (reference)"]["energy_distance_to_reference"] == 0.0

@@ -206,8 +206,11 @@ def test_static_kv_cache_mask_and_errors() -> None:
         StaticKVCache(0, position)
     attn = tfm.Attention(8, heads=2)
     with pytest.raises(ValueError, match="key_mask"):
-        attn(torch.randn(1, 1, 8), cache=StaticKVCache(2, torch.zeros(1, dtype=torch.long)),
-             key_mask=torch.ones(1, 2, dtype=torch.bool))
+        attn(
+            torch.randn(1, 1, 8),
+            cache=StaticKVCache(2, torch.zeros(1, dtype=torch.long)),
+            key_mask=torch.ones(1, 2, dtype=torch.bool),
+        )
 
 
 def test_grouped_attention_fallback_matches_enable_gqa(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,8 +24,15 @@ def _model(validate_args: bool, *, text: bool = True, conditional_transporter: b
     t_cond = cond if conditional_transporter else {}
     transporter = TransformerTransporter(
         TransformerTransporterConfig(
-            SHAPE, 2, width=16, heads=2, layers_per_block=1, blocks=1, time_features=8,
-            validate_args=validate_args, **t_cond,
+            SHAPE,
+            2,
+            width=16,
+            heads=2,
+            layers_per_block=1,
+            blocks=1,
+            time_features=8,
+            validate_args=validate_args,
+            **t_cond,
         )
     )
     predictor = TransformerPredictor(
@@ -84,8 +91,12 @@ def test_the_loss_path_reads_no_values_with_validation_off(
         return  # with validation on, a set of T is drawn per example (another draw)
     # the same draws give the same loss with validation on (the checks change nothing but the checking)
     checked = TrajectoryNLL(steps=steps, mode=mode, factor_weights=weights, t_min=(0.0, 0.05))
-    same = checked(_model(True, text=text, conditional_transporter=conditional_transporter), x0, cond,
-                   generator=torch.Generator().manual_seed(0))
+    same = checked(
+        _model(True, text=text, conditional_transporter=conditional_transporter),
+        x0,
+        cond,
+        generator=torch.Generator().manual_seed(0),
+    )
     torch.testing.assert_close(value.detach(), same.detach())
 
 

@@ -111,4 +111,3 @@ def test_training_checkpoints_load_with_load_t2i_and_export_to_pretrained(tmp_pa
     again = T2IModel.from_pretrained(folder, config=config)  # the run's own config
     assert all(torch.equal(a, b) for a, b in zip(bundle.model.state_dict().values(), again.model.state_dict().values()))
     assert torch.equal(bundle.generate(PROMPTS, seed=1), again.generate(PROMPTS, seed=1))
-

@@ -47,15 +47,11 @@ def _as_samples(name: str, value: object, *, min_rows: int = 1) -> Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, Tensor):
-        raise ValueError(
-            f"{name}: expected a torch.Tensor or numpy array of shape (n, d), got {type(value).__name__}"
-        )
+        raise ValueError(f"{name}: expected a torch.Tensor or numpy array of shape (n, d), got {type(value).__name__}")
     if value.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D tensor of shape (n, d), got shape {tuple(value.shape)}")
     if value.shape[0] < min_rows or value.shape[1] < 1:
-        raise ValueError(
-            f"{name}: expected at least {min_rows} row(s) and 1 column, got shape {tuple(value.shape)}"
-        )
+        raise ValueError(f"{name}: expected at least {min_rows} row(s) and 1 column, got shape {tuple(value.shape)}")
     if value.dtype == torch.bool or value.is_complex():
         raise ValueError(f"{name}: expected real numbers, got dtype {value.dtype}")
     value = value.to(torch.float64)
@@ -65,9 +61,7 @@ def _as_samples(name: str, value: object, *, min_rows: int = 1) -> Tensor:
 
 def _same_width(x: Tensor, y: Tensor, names: tuple[str, str]) -> None:
     if x.shape[1] != y.shape[1]:
-        raise ValueError(
-            f"{names[1]}: expected the same feature width as {names[0]} ({x.shape[1]}), got {y.shape[1]}"
-        )
+        raise ValueError(f"{names[1]}: expected the same feature width as {names[0]} ({x.shape[1]}), got {y.shape[1]}")
 
 
 def _mean_pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
@@ -199,9 +193,7 @@ def sliced_wasserstein(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     y = y.to(x.device)
-    theta = torch.randn(
-        x.shape[1], projections, generator=generator, device=generator.device, dtype=torch.float64
-    )
+    theta = torch.randn(x.shape[1], projections, generator=generator, device=generator.device, dtype=torch.float64)
     theta = (theta / theta.norm(dim=0, keepdim=True)).to(x.device)
     sw2 = _w2_squared_1d(x @ theta, y @ theta).mean()
     value = float(sw2)

@@ -96,10 +96,7 @@ def _looks_like_path(name: str) -> bool:
     # Hub names are "name" or "org/name"; anything else with a separator, or starting with ".", "~" or "/",
     # is meant as a folder.
     return (
-        os.path.isabs(name)
-        or name.startswith((".", "~"))
-        or name.count("/") > 1
-        or (os.sep != "/" and os.sep in name)
+        os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
     )
 
 
@@ -135,9 +132,7 @@ class TextEncoder:
         local_files_only: bool = True,
     ) -> None:
         if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(
-                f"max_length: expected an integer >= 2 (room for the special tokens), got {max_length!r}"
-            )
+            raise ValueError(f"max_length: expected an integer >= 2 (room for the special tokens), got {max_length!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
         transformers = _transformers()
@@ -149,14 +144,10 @@ class TextEncoder:
             if os.path.exists(expanded):
                 source = expanded
             elif _looks_like_path(source):
-                raise FileNotFoundError(
-                    f"model: expected an existing model folder, got {source!r} (not found)"
-                )
+                raise FileNotFoundError(f"model: expected an existing model folder, got {source!r} (not found)")
         try:
             with _quiet_loading(transformers):
-                tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    source, local_files_only=local_files_only
-                )
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
                 net = transformers.AutoModel.from_pretrained(source, local_files_only=local_files_only)
         except (OSError, ValueError) as e:
             raise OSError(
@@ -209,9 +200,7 @@ class TextEncoder:
     # ----------------------------------------------------------------------------------------------- encode
     def _forward(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         """One forward pass: right-padded features with the pads zeroed (float32), and the bool mask."""
-        tok = self.tokenizer(
-            captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        tok = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         tok = {k: v.to(self.device) for k, v in tok.items()}
         with torch.no_grad():
             h = self.model(**tok).last_hidden_state.float()
@@ -222,9 +211,7 @@ class TextEncoder:
     def _forward_chunked(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         if len(captions) <= self.batch_size:
             return self._forward(captions)
-        parts = [
-            self._forward(captions[i : i + self.batch_size]) for i in range(0, len(captions), self.batch_size)
-        ]
+        parts = [self._forward(captions[i : i + self.batch_size]) for i in range(0, len(captions), self.batch_size)]
         length = max(m.shape[1] for _, m in parts)
         feats = torch.cat([F.pad(f, (0, 0, 0, length - f.shape[1])) for f, _ in parts])
         mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in parts])
@@ -254,11 +241,7 @@ class TextEncoder:
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError(
                 f"captions: expected a list of strings, got {type(captions).__name__}"
-                + (
-                    ""
-                    if isinstance(captions, str)
-                    else f" holding {sorted({type(c).__name__ for c in captions})}"
-                )
+                + ("" if isinstance(captions, str) else f" holding {sorted({type(c).__name__ for c in captions})}")
             )
         captions = list(captions)
         if not captions:
@@ -335,9 +318,7 @@ class TextEncoder:
                 f"which holds other objects and is not read ({e.__class__.__name__})"
             ) from None
         if not isinstance(payload, dict) or payload.get("format") != _CACHE_FORMAT:
-            raise ValueError(
-                f"path: expected a TextEncoder cache file (format {_CACHE_FORMAT}), got {str(path)!r}"
-            )
+            raise ValueError(f"path: expected a TextEncoder cache file (format {_CACHE_FORMAT}), got {str(path)!r}")
         if payload["fingerprint"] != self._fingerprint():
             raise ValueError(
                 f"path: expected a cache written by this model with max_length={self.max_length}, "

@@ -79,9 +79,7 @@ def to_pyro(dist: Distribution) -> Distribution:
     elif isinstance(dist, NormalizingFlow):
         cls = PyroStepFlow
     else:
-        raise ValueError(
-            f"dist: expected a trajflow TrajectoryDistribution or a step flow, got {type(dist).__name__}"
-        )
+        raise ValueError(f"dist: expected a trajflow TrajectoryDistribution or a step flow, got {type(dist).__name__}")
     new = copy.copy(dist)
     new.__class__ = cls
     return new

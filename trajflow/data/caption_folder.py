@@ -57,9 +57,7 @@ def _make_transform(transform: int | Transform | None) -> Transform:
     if transform is None or isinstance(transform, int):
         return ImageTransform(transform)
     if not callable(transform):
-        raise ValueError(
-            f"transform: expected an int size, a callable or None, got {type(transform).__name__}"
-        )
+        raise ValueError(f"transform: expected an int size, a callable or None, got {type(transform).__name__}")
     return transform
 
 
@@ -90,9 +88,7 @@ class _CaptionedFiles(Dataset):
         self._status = torch.zeros(len(records), dtype=torch.uint8).share_memory_()
         self._lazy_skipped: list[str] = []
         if not records:
-            raise ValueError(
-                f"{type(self).__name__}: expected at least one usable sample, found none ({self.stats})"
-            )
+            raise ValueError(f"{type(self).__name__}: expected at least one usable sample, found none ({self.stats})")
         if validate == "scan":
             for i in range(len(records)):
                 self._try(i)

@@ -122,14 +122,10 @@ def _colour(background: Any) -> tuple[int, int, int]:
         try:
             return tuple(ImageColor.getrgb(background))[:3]
         except ValueError as e:
-            raise ValueError(
-                f"background: expected a colour name or an (r, g, b) tuple, got {background!r}"
-            ) from e
+            raise ValueError(f"background: expected a colour name or an (r, g, b) tuple, got {background!r}") from e
     if len(background) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in background):
         return tuple(int(v) for v in background)
-    raise ValueError(
-        f"background: expected a colour name or an (r, g, b) tuple of 0..255, got {background!r}"
-    )
+    raise ValueError(f"background: expected a colour name or an (r, g, b) tuple of 0..255, got {background!r}")
 
 
 class EmojiDataset(Dataset):
@@ -250,9 +246,7 @@ class EmojiDataset(Dataset):
             if self.limit is not None and len(images) >= self.limit:
                 break
         if not images:
-            raise ValueError(
-                f"font_path: expected a font that draws emoji, got {str(font_path)!r} (none rendered)"
-            )
+            raise ValueError(f"font_path: expected a font that draws emoji, got {str(font_path)!r} (none rendered)")
         return np.stack(images), np.array(chars), np.array(captions)
 
     def __len__(self) -> int:

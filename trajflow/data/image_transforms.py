@@ -29,9 +29,7 @@ from trajflow.data.images import to_unit_range
 __all__ = ["load_rgb", "pil_to_tensor", "ImageTransform"]
 
 
-def load_rgb(
-    source: str | os.PathLike | bytes | IO[bytes], background: tuple[int, int, int] = (255, 255, 255)
-):
+def load_rgb(source: str | os.PathLike | bytes | IO[bytes], background: tuple[int, int, int] = (255, 255, 255)):
     """Open and fully decode an image as RGB; raises whatever PIL raises on a corrupt or truncated file.
 
     ``load()`` is called here, not left to the first pixel access, so that a truncated file fails inside the

@@ -136,9 +136,7 @@ def sample_scene(
     """
     names = slot_names(grid)
     if not 1 <= max_objects <= len(names):
-        raise ValueError(
-            f"max_objects: expected an integer in 1..{len(names)} for grid={grid}, got {max_objects}"
-        )
+        raise ValueError(f"max_objects: expected an integer in 1..{len(names)} for grid={grid}, got {max_objects}")
     if max_groups < 1:
         raise ValueError(f"max_groups: expected an integer >= 1, got {max_groups}")
     bg = str(backgrounds[rng.integers(len(backgrounds))])
@@ -152,9 +150,7 @@ def sample_scene(
             f"background, got {max_groups}"
         )
     # Split n objects into n_groups non-empty groups: choose n_groups - 1 distinct cut points in 1..n-1.
-    cuts = (
-        sorted(rng.choice(np.arange(1, n), size=n_groups - 1, replace=False).tolist()) if n_groups > 1 else []
-    )
+    cuts = sorted(rng.choice(np.arange(1, n), size=n_groups - 1, replace=False).tolist()) if n_groups > 1 else []
     counts = np.diff([0, *cuts, n]).tolist()
     kinds: list[tuple[str, str, str]] = []
     while len(kinds) < n_groups:
@@ -306,9 +302,7 @@ def scene_labels(scene: dict[str, Any], vocabulary: dict[str, list[str]]) -> Ten
 
 def _check_subset(name: str, given: Sequence[str], allowed: dict[str, Any]) -> tuple[str, ...]:
     if isinstance(given, str) or len(given) == 0 or any(g not in allowed for g in given):
-        raise ValueError(
-            f"{name}: expected a non-empty sequence of names from {list(allowed)}, got {given!r}"
-        )
+        raise ValueError(f"{name}: expected a non-empty sequence of names from {list(allowed)}, got {given!r}")
     if len(set(given)) != len(given):
         raise ValueError(f"{name}: expected distinct names, got {given!r}")
     return tuple(given)
@@ -388,15 +382,11 @@ class ShapesDataset(Dataset):
         self.backgrounds = _check_subset("backgrounds", backgrounds, BACKGROUNDS)
         for bg in self.backgrounds:
             if len([c for c in self.colours if c != bg]) == 0:
-                raise ValueError(
-                    f"colours: expected a colour other than the background {bg!r}, got {colours!r}"
-                )
+                raise ValueError(f"colours: expected a colour other than the background {bg!r}, got {colours!r}")
         # Enough distinct (shape, colour, size) kinds for max_groups groups, or sample_scene would loop.
         n_kinds = len(self.shapes) * (len(self.colours) - 1) * len(self.sizes)
         if min(max_groups, max_objects) > max(n_kinds, 1):
-            raise ValueError(
-                f"max_groups: expected at most {n_kinds} distinct kinds of object, got {max_groups}"
-            )
+            raise ValueError(f"max_groups: expected at most {n_kinds} distinct kinds of object, got {max_groups}")
         self.length = length
         self.resolution = resolution
         self.seed = int(seed)

@@ -159,9 +159,7 @@ class TarShards(IterableDataset):
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
             shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise FileNotFoundError(
-                f"shards: {len(missing)} of {len(urls)} shard files do not exist: {shown}"
-            )
+            raise FileNotFoundError(f"shards: {len(missing)} of {len(urls)} shard files do not exist: {shown}")
         if rank is None or world_size is None:
             import torch.distributed as dist
 

@@ -95,9 +95,7 @@ def collate_text_image(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = batch[0].keys()
     for item in batch[1:]:
         if item.keys() != keys:
-            raise ValueError(
-                f"batch: expected every item to have keys {sorted(keys)}, got {sorted(item.keys())}"
-            )
+            raise ValueError(f"batch: expected every item to have keys {sorted(keys)}, got {sorted(item.keys())}")
     out: dict[str, Any] = {}
     for k in keys:
         values = [item[k] for item in batch]

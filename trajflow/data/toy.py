@@ -110,9 +110,7 @@ def _pinwheel(n: int, g: torch.Generator | None, device: torch.device) -> tuple[
     # exponentially with the radial coordinate, which bends the arms into a pinwheel.
     arms, radial_std, tangential_std, rate = 5, 0.3, 0.05, 0.25
     arm = _randint(arms, n, g, device)
-    z = _randn(n, g, device, 2) * torch.tensor(
-        [radial_std, tangential_std], dtype=torch.float64, device=device
-    )
+    z = _randn(n, g, device, 2) * torch.tensor([radial_std, tangential_std], dtype=torch.float64, device=device)
     z[:, 0] += 1.0
     angle = arm.to(torch.float64) * (2 * math.pi / arms) + rate * torch.exp(z[:, 0])
     c, s = torch.cos(angle), torch.sin(angle)
@@ -191,9 +189,7 @@ class ToyDensity:
 TOY_DENSITIES: dict[str, ToyDensity] = {
     d.name: d
     for d in [
-        ToyDensity(
-            "eight_gaussians", _gaussians_on_circle, 0, "8 Gaussians (std 0.2) on a circle of radius 2.5"
-        ),
+        ToyDensity("eight_gaussians", _gaussians_on_circle, 0, "8 Gaussians (std 0.2) on a circle of radius 2.5"),
         ToyDensity("two_moons", _two_moons, 0, "two interleaved half circles"),
         ToyDensity("checkerboard", _checkerboard, 0, "8 uniform squares of a 4x4 board on [-3, 3]^2"),
         ToyDensity("spirals", _spirals, 0, "two interleaved spirals"),

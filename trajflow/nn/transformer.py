@@ -60,6 +60,7 @@ def check_attention_dims(width: int, heads: int, kv_heads: int | None, time_feat
     if time_features < 2 or time_features % 2:
         raise ValueError(f"time_features: expected an even integer >= 2, got {time_features}")
 
+
 class RotaryEmbedding2D(nn.Module):
     r"""2-D rotary embedding: ``positions (L, 2) -> (cos, sin)``, each ``(L, head_dim / 2)`` float32.
 
@@ -313,9 +314,7 @@ class TransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads, kv_heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width)
-        )
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
     def forward(
         self,

@@ -158,11 +158,7 @@ class TransformerBackbone(nn.Module):
                 raise ValueError(f"cond: expected a tensor of class indices, got {type(cond).__name__}")
             if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
                 raise ValueError(f"cond: expected integer class indices (torch.long), got dtype {cond.dtype}")
-            if (
-                cfg.validate_args
-                and cond.numel()
-                and not bool(((cond >= 0) & (cond < cfg.num_classes)).all())
-            ):
+            if cfg.validate_args and cond.numel() and not bool(((cond >= 0) & (cond < cfg.num_classes)).all()):
                 raise ValueError(
                     f"cond: expected class indices in [0, {cfg.num_classes - 1}], "
                     f"got values in [{int(cond.min())}, {int(cond.max())}]"
@@ -170,8 +166,7 @@ class TransformerBackbone(nn.Module):
             return
         if not isinstance(cond, tuple) or len(cond) != 2:
             raise ValueError(
-                f"cond: expected a tuple (features (N, L, {cfg.text_features}), mask (N, L)), "
-                f"got {type(cond).__name__}"
+                f"cond: expected a tuple (features (N, L, {cfg.text_features}), mask (N, L)), got {type(cond).__name__}"
             )
         features, mask = cond
         check_tensor("cond", features)
@@ -200,9 +195,7 @@ class TransformerBackbone(nn.Module):
             # Zero the padding before the projection so that no value of it (not even NaN) can reach the
             # attention sums or the projection's weight gradient.
             features = features.to(device)
-            features = torch.where(
-                keep[..., None], features, torch.zeros((), dtype=features.dtype, device=device)
-            )
+            features = torch.where(keep[..., None], features, torch.zeros((), dtype=features.dtype, device=device))
             text = self.text_proj(features)  # (N, L_text, width)
             tokens = torch.cat([null.to(text.dtype), text], dim=1)  # (N, 1 + L_text, width)
             return tokens, torch.cat([dropped[:, None], keep], dim=1)  # (N, 1 + L_text)
@@ -275,9 +268,7 @@ def _validate_cond(backbone: TransformerBackbone, cond: Condition | None, n: int
     backbone.check_condition(cond)  # kind-specific messages first
     batch = cond_batch_shape(cond, event_dims)
     if n is not None and batch != (n,):
-        raise ValueError(
-            f"cond: expected batch shape ({n},) (one condition per data point), got {tuple(batch)}"
-        )
+        raise ValueError(f"cond: expected batch shape ({n},) (one condition per data point), got {tuple(batch)}")
     return batch
 
 
@@ -321,9 +312,7 @@ class TransformerPredictor(Pretrained, Predictor):
         """Validate ``cond`` (kind, dtype, class range, text width, mask shape); return its batch shape."""
         return _validate_cond(self.backbone, cond)
 
-    def _check(
-        self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None, drop_cond: Tensor | None
-    ) -> None:
+    def _check(self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None, drop_cond: Tensor | None) -> None:
         check_images("u_t", u_t, self.event_shape, flat=True)
         n = u_t.shape[0]
         _check_time("t", t, n, self.config.validate_args)
@@ -403,9 +392,7 @@ class TransformerVelocity(Pretrained, VelocityModel):
         """Validate ``cond`` as :meth:`TransformerPredictor.check_cond` does; return its batch shape."""
         return _validate_cond(self.backbone, cond)
 
-    def hidden(
-        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> Tensor:
+    def hidden(self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """The backbone's final-normed hidden states of the image tokens, ``(N, L, width)``."""
         check_images("x_t", x_t, self.event_shape, flat=True)
         n = x_t.shape[0]

@@ -60,9 +60,7 @@ class Transporter(nn.Module, ABC):
         :math:`\log |\det \partial u / \partial x|` of shape ``batch``."""
 
     @abstractmethod
-    def inverse(
-        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> Tensor:
+    def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         r""":math:`x = f_T^{-1}(u, t[, y])` of shape ``u.shape``."""
 
     def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:

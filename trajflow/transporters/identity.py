@@ -39,7 +39,6 @@ class IdentityTransporter(Pretrained, Transporter):
         """``{"event_shape": [...]}``: all :meth:`from_config` needs (the map has no parameters)."""
         return {"event_shape": list(self.event_shape)}
 
-
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -47,8 +46,6 @@ class IdentityTransporter(Pretrained, Transporter):
         batch = x.shape[: x.dim() - self.event_dim]
         return x, upcast(x.new_zeros(batch))
 
-    def inverse(
-        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> Tensor:
+    def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u``; ``cond`` and ``drop_cond`` are ignored."""
         return u

@@ -129,9 +129,7 @@ class NflowsTransporter(Transporter):
         u, ladj = self.nflows_transform(flat, context=ctx)
         return u.reshape(x.shape), upcast(ladj).reshape(batch)
 
-    def inverse(
-        self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> Tensor:
+    def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         self.reject_cond(cond)
         flat, ctx = u.reshape(-1, u.shape[-1]), self.time(t.reshape(-1)).to(u.dtype)
         x, _ = self.nflows_transform.inverse(flat, context=ctx)

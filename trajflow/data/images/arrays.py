@@ -26,9 +26,7 @@ def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
             raise ValueError(f"{what}: layout {layout!r} needs a 4-D array, got shape {array.shape}")
         return array[:, None]
     if array.ndim != 4:
-        raise ValueError(
-            f"{what}: expected a 3-D (NHW) or 4-D (NHWC / NCHW) image array, got shape {array.shape}"
-        )
+        raise ValueError(f"{what}: expected a 3-D (NHW) or 4-D (NHWC / NCHW) image array, got shape {array.shape}")
     if layout is None:
         last, second = array.shape[3] in _CHANNEL_COUNTS, array.shape[1] in _CHANNEL_COUNTS
         if last == second:
@@ -108,13 +106,9 @@ def load_image_array(
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
-            image_key = next(
-                (k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None
-            )
+            image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
             if image_key is None:
-                raise ValueError(
-                    f"{path}: cannot tell which array holds the images among {keys}; name it 'images'"
-                )
+                raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
             array = z[image_key]
             label_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
             file_labels = z[label_key] if label_key is not None else None

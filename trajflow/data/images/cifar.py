@@ -36,9 +36,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     with open(path, "rb") as f:
         batch = _load_pickle(f, encoding="bytes")
     if not isinstance(batch, dict):
-        raise ValueError(
-            f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}"
-        )
+        raise ValueError(f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}")
     # The official files use bytes keys (pickled by Python 2); accept str keys from re-pickled copies.
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
@@ -47,8 +45,7 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(batch["labels"], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
         raise ValueError(
-            f"{path}: expected uint8 data (N, 3072) and N labels, "
-            f"got {data.dtype} {data.shape} and {labels.shape}"
+            f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {data.shape} and {labels.shape}"
         )
     # Each row is the 1024 red, then green, then blue values of a 32x32 image in row-major order.
     return data.reshape(-1, 3, 32, 32), labels

@@ -80,12 +80,8 @@ class ImageDataset(Dataset):
             raise ValueError(f"labels: expected an integer tensor of shape ({n},), got {got}")
         labels = labels.to(torch.int64)
         if n and int(images.max()) >= levels:
-            raise ValueError(
-                f"images: values must be < levels={levels}, got a maximum of {int(images.max())}"
-            )
-        if num_classes < 0 or (
-            n and num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)
-        ):
+            raise ValueError(f"images: values must be < levels={levels}, got a maximum of {int(images.max())}")
+        if num_classes < 0 or (n and num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)):
             raise ValueError(f"labels: expected values in 0..{num_classes - 1} (num_classes={num_classes})")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
@@ -179,9 +175,7 @@ class ImageDataset(Dataset):
             return self.select(slice(0, n))
         return self.select(torch.randperm(len(self), generator=generator)[:n].sort().values)
 
-    def _with(
-        self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Any] | None = None
-    ) -> ImageDataset:
+    def _with(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Any] | None = None) -> ImageDataset:
         return ImageDataset(
             images,
             labels,
@@ -225,6 +219,4 @@ def _dataset_from_numpy(
         images = images.copy()
     x = torch.from_numpy(images)
     y = None if labels is None else torch.from_numpy(np.asarray(labels, dtype=np.int64).copy())
-    return ImageDataset(
-        x, y, levels=levels, num_classes=num_classes, name=name, split=split, class_names=class_names
-    )
+    return ImageDataset(x, y, levels=levels, num_classes=num_classes, name=name, split=split, class_names=class_names)

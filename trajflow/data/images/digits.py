@@ -51,9 +51,7 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "load_digits reads the file bundled with scikit-learn: pip install scikit-learn"
-        ) from err
+        raise ImportError("load_digits reads the file bundled with scikit-learn: pip install scikit-learn") from err
     bunch = _sk_load_digits()
     images = bunch.images
     if images.min() < 0 or images.max() > 16 or not np.array_equal(images, np.round(images)):

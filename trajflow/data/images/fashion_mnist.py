@@ -44,9 +44,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
 
 
-def load_fashion_mnist(
-    split: str = "train", root: str | os.PathLike[str] = FASHION_MNIST_ROOT
-) -> ImageDataset:
+def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] = FASHION_MNIST_ROOT) -> ImageDataset:
     """Fashion-MNIST, 28x28, 1 channel, 256 levels, 10 classes: train 60000 images, test 10000.
 
     Read from the official IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` in ``root``, which

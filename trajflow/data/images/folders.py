@@ -18,9 +18,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in _IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.parts)
+        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
     )
 
 
@@ -66,13 +64,9 @@ def load_image_folder(
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"size: expected a positive int or (H, W), got {size!r}")
 
-    class_dirs = sorted(
-        d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d)
-    )
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
     loose = [
-        p
-        for p in root.iterdir()
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
     ]
     if class_dirs and loose:
         raise ValueError(

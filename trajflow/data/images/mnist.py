@@ -47,9 +47,7 @@ def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
         scaled = x * x.dtype.type(256)
         pixels = np.rint(scaled)
         if x.ndim != 2 or x.shape[1] != 784 or not np.array_equal(scaled, pixels) or pixels.max() > 255:
-            raise ValueError(
-                f"MNIST {key}: expected exact uint8/256 pixels of shape (N, 784), the file differs"
-            )
+            raise ValueError(f"MNIST {key}: expected exact uint8/256 pixels of shape (N, 784), the file differs")
         out[key] = (pixels.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64))
     train = (
         np.concatenate([out["train"][0], out["valid"][0]]),

@@ -98,4 +98,3 @@ def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, in
     if config.model.kind == "ntm-fm" or config.model.predictor == "posterior":
         return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
     return NTM(transporter, TransformerPredictor(pc))
-

@@ -147,9 +147,7 @@ class T2IModel:
         """
         saved = read_pretrained_config(directory)
         if saved["class"] != cls.__name__:
-            raise ValueError(
-                f"directory: {str(directory)!r} holds a pretrained {saved['class']}, not a {cls.__name__}"
-            )
+            raise ValueError(f"directory: {str(directory)!r} holds a pretrained {saved['class']}, not a {cls.__name__}")
         if config is not None:
             expected = config.to_dict() if isinstance(config, T2IConfig) else dict(config)
             check_config(expected, saved["config"], source=f"the pretrained folder {str(directory)!r}")
@@ -159,9 +157,7 @@ class T2IModel:
         return bundle
 
 
-def _assemble(
-    config: T2IConfig, source: Path, device: str | torch.device, encoder: Any, vae: VAE | None
-) -> T2IModel:
+def _assemble(config: T2IConfig, source: Path, device: str | torch.device, encoder: Any, vae: VAE | None) -> T2IModel:
     """A bundle around an untrained network built from ``config`` (the caller loads the weights)."""
     device = torch.device(device)
     encoder = encoder if encoder is not None else build_text_encoder(config.text, device)

@@ -95,4 +95,3 @@ def init_ntm_from_fm(
     velocity = fm.model.train()
     transporter = build_transporter(config, data_shape, velocity.config.text_features).to(device)
     return init_from_flow_matching(velocity, transporter, c_min=m.c_min)
-

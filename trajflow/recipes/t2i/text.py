@@ -97,4 +97,3 @@ def build_text_encoder(config: TextConfig, device: str | torch.device = "cpu") -
     from ...text_encoder import TextEncoder
 
     return TextEncoder(config.model_path, max_length=config.max_length, device=device, cache=config.cache != "none")
-

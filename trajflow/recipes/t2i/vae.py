@@ -87,4 +87,3 @@ def data_shape(config: T2IConfig, vae: VAE | None = None) -> tuple[int, int, int
                 f"factor {vae.factor}), got {patch}"
             )
     return shape
-
