@@ -557,6 +557,18 @@ def teacher_rows(cfg: FewStepConfig, state: dict[str, Any], work: Path) -> dict[
         if path.exists():
             text = json.dumps(out, indent=1)
             atomic_write(path, lambda fh: fh.write(text.encode()))
+    if "ntm-init" not in out:
+        # The NTM at initialisation is the teacher's Gaussian posterior sampler (NTM §3.3): the fine-tuning's
+        # starting point, read like the end points.
+        row = ntm_row(state["teacher"], cfg, RECIPE)
+        out["ntm-init"] = {}
+        for name, (steps, sample) in row.samplers.items():
+            with torch.enable_grad():
+                x = sample(row.model.eval(), cfg.final_samples, gen(row.model, 20_000)).cpu()
+            out["ntm-init"][name] = {"steps": steps, **state["metrics"].all(x)}
+        if path.exists():
+            text = json.dumps(out, indent=1)
+            atomic_write(path, lambda fh: fh.write(text.encode()))
     if path.exists():
         return out
     teacher, metrics = state["teacher"], state["metrics"]
@@ -647,8 +659,22 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
             **{k: v for k, v in bpd.items() if k != "value"},
         }
     )
+    for variant, res in teacher["ntm-init"].items():
+        for metric in FINAL_METRICS:
+            rows.append(
+                {
+                    **base,
+                    "method": "ntm-fm",
+                    "variant": variant,
+                    "steps": res["steps"],
+                    "metric": metric,
+                    "value": res[metric],
+                    "seed": 0,
+                    "budget": "init",
+                }
+            )
     for name, res in teacher.items():
-        if name in ("reader", "real", "bits_per_dim"):
+        if name in ("reader", "real", "bits_per_dim", "ntm-init"):
             continue
         method = "fm-heun" if name.startswith("heun") else "fm-euler"
         for metric in (*FINAL_METRICS, "confidence"):
