@@ -1,4 +1,5 @@
-"""Sample distances: known values, closed forms, estimator options and input errors."""
+"""Sample distances: known values, closed forms, estimator options and input errors; the histogram distance
+sees the fine structure that the sample distances miss."""
 
 import math
 
@@ -11,6 +12,8 @@ from trajflow.metrics import (
     frechet_distance,
     frechet_distance_from_stats,
     gaussian_stats,
+    histogram_2d,
+    histogram_distance,
     sliced_wasserstein,
 )
 
@@ -151,6 +154,74 @@ def test_metrics_accept_numpy():
     assert energy_distance(x, x + 1) > 0
     assert sliced_wasserstein(x, x + 1) > 0
     assert frechet_distance(x, x + 1) == pytest.approx(2.0, rel=1e-9)
+
+
+# --- histogram distance ---------------------------------------------------------------------------------
+
+EDGES = torch.tensor([0.0, 0.5, 1.0])
+UNIFORM = torch.full((2, 2), 0.25)
+
+
+def test_histogram_2d_half_open_bins_and_outside():
+    x = torch.tensor([[0.0, 0.0], [0.5, 0.49], [0.99, 0.5], [1.0, 0.2], [-0.1, 0.2], [0.2, 7.0]])
+    # [0, 0.5) and [0.5, 1): an inner edge counts in the bin above it, the last edge and beyond in none.
+    assert histogram_2d(x, EDGES).tolist() == [[1 / 6, 0.0], [1 / 6, 1 / 6]]
+    assert histogram_2d(x.numpy(), EDGES.numpy()).dtype == torch.float64
+
+
+def test_histogram_distance_hand_values():
+    x = torch.tensor([[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]])
+    assert histogram_distance(x, UNIFORM, EDGES) == 0.0
+    assert histogram_distance(x[:2], UNIFORM, EDGES) == pytest.approx(0.5)  # all of it on the bottom row
+    assert histogram_distance(x + 5.0, UNIFORM, EDGES) == pytest.approx(1.0)  # all of it outside the grid
+    # A distribution with half its mass outside the grid: the outside is one more cell.
+    half = torch.full((2, 2), 0.125)
+    assert histogram_distance(torch.cat([x, x + 5.0]), half, EDGES) == pytest.approx(0.0)
+    assert histogram_distance(x, half, EDGES) == pytest.approx(0.5)
+    assert histogram_distance(x.double().numpy(), UNIFORM.numpy(), EDGES.numpy()) == 0.0
+
+
+def test_histogram_distance_sees_a_blur_that_energy_distance_misses():
+    """The point of the metric (issue 16, item 12): a blur of N(0, 0.3^2), larger than the spirals' own noise
+    (std 0.1), leaves the energy distance inside its sampling noise but multiplies the histogram distance."""
+    from trajflow.data.toy import toy_density
+
+    density, n, g = toy_density("spirals"), 5000, _gen(0)
+    edges = torch.linspace(-4.5, 4.5, 37)
+    p = density.bin_masses(edges)
+    x, test = density.sample(n, generator=g), density.sample(n, generator=g)
+    blurred = x + 0.3 * torch.randn(n, 2, generator=g)
+    # A sample of the density itself sits at the sampling floor, sum_k sqrt(p_k / (2 pi n)) (about 0.1 here).
+    floor = float((p / (2 * math.pi * n)).sqrt().sum())
+    clean_tv, blurred_tv = histogram_distance(x, p, edges), histogram_distance(blurred, p, edges)
+    assert 0.85 * floor < clean_tv < 1.15 * floor, (clean_tv, floor)
+    assert blurred_tv > 3 * clean_tv and blurred_tv - clean_tv > 0.25, (blurred_tv, clean_tv)
+    # The energy distance barely moves: within the data-vs-data noise of 5,000 points (about 1e-3).
+    clean_ed = energy_distance(x, test, unbiased=True)
+    blurred_ed = energy_distance(blurred, test, unbiased=True)
+    assert abs(clean_ed) < 0.002 and abs(blurred_ed - clean_ed) < 0.002, (clean_ed, blurred_ed)
+
+
+@pytest.mark.parametrize(
+    "samples, bin_probs, edges, match",
+    [
+        (torch.zeros(4, 3), UNIFORM, EDGES, "samples: expected 2 columns"),
+        (torch.zeros(4), UNIFORM, EDGES, "samples: expected a 2-D"),
+        (torch.tensor([[0.0, float("nan")]]), UNIFORM, EDGES, "samples: expected finite"),
+        (torch.zeros(4, 2), UNIFORM, torch.tensor([0.0, 1.0, 0.5]), "edges: expected strictly ascending"),
+        (torch.zeros(4, 2), UNIFORM, torch.tensor([0.0]), "edges: expected a 1-D tensor of at least 2"),
+        (torch.zeros(4, 2), UNIFORM, torch.tensor([0.0, float("inf"), 2.0]), "edges: expected finite"),
+        (torch.zeros(4, 2), UNIFORM, [0.0, 0.5, 1.0], "edges: expected a torch.Tensor"),
+        (torch.zeros(4, 2), torch.full((3, 3), 0.1), EDGES, r"bin_probs: expected shape \(2, 2\)"),
+        (torch.zeros(4, 2), torch.full((2, 2), 0.3), EDGES, "bin_probs: expected non-negative .* at most 1"),
+        (torch.zeros(4, 2), torch.tensor([[0.5, -0.1], [0.1, 0.1]]), EDGES, "bin_probs: expected non-negative"),
+        (torch.zeros(4, 2), torch.tensor([[0.5, float("nan")], [0.1, 0.1]]), EDGES, "bin_probs: expected finite"),
+        (torch.zeros(4, 2), [[0.25, 0.25], [0.25, 0.25]], EDGES, "bin_probs: expected a torch.Tensor"),
+    ],
+)
+def test_histogram_distance_bad_inputs_name_the_argument(samples, bin_probs, edges, match):
+    with pytest.raises(ValueError, match=match):
+        histogram_distance(samples, bin_probs, edges)
 
 
 # --- input errors ---------------------------------------------------------------------------------------

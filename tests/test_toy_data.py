@@ -1,11 +1,15 @@
-"""Toy 2-D densities: shapes, dtype, determinism, scale, labels, registry errors."""
+"""Toy 2-D densities: shapes, dtype, determinism, scale, labels, registry errors; exact bin masses and the
+checkerboard's support."""
 
+import math
 import time
 
 import pytest
 import torch
 
+import trajflow.data.toy as toy
 from trajflow.data import TOY_DENSITIES, ToyDensity, toy_density
+from trajflow.metrics import histogram_distance
 
 NAMES = sorted(TOY_DENSITIES)
 REQUIRED = {"eight_gaussians", "two_moons", "checkerboard", "spirals", "pinwheel", "rings", "class_mixture"}
@@ -102,3 +106,93 @@ def test_vectorised_speed():
         toy_density(name).sample(100_000, generator=torch.Generator().manual_seed(0))
     # "well under a second" each; generous for a shared 2-core CI machine.
     assert (time.perf_counter() - t0) / len(NAMES) < 1.0
+
+
+# --- exact bin masses and support -------------------------------------------------------------------------
+
+EDGES = torch.linspace(-4.5, 4.5, 37)  # the toy job's grid (trajflow.recipes.toy.HISTOGRAM_EDGES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bin_masses_match_a_large_sample(name):
+    """The exact (closed-form or quadrature) masses agree with 400k samples up to their sampling floor, so a
+    wrong geometry or a coarse quadrature would show."""
+    d = toy_density(name)
+    assert d.exact_bin_masses
+    p = d.bin_masses(EDGES)
+    assert p.shape == (36, 36) and p.dtype == torch.float64 and bool((p >= 0).all())
+    assert 0.999 < float(p.sum()) <= 1.0 + 1e-9  # pinwheel's rare tails leave a little mass outside the grid
+    n = 400_000
+    x = d.sample(n, generator=torch.Generator().manual_seed(1))
+    floor = float((p / (2 * math.pi * n)).sqrt().sum())  # a perfect match's expected distance, about 0.01
+    assert histogram_distance(x, p, EDGES) < 1.1 * floor
+
+
+def test_bin_masses_closed_forms():
+    # Checkerboard on a grid aligned with its squares: 1/8 of the mass over 36 bins per dark square, 0 elsewhere.
+    d = toy_density("checkerboard")
+    centres = (EDGES[1:] + EDGES[:-1]) / 2
+    dark = d.in_support(torch.cartesian_prod(centres, centres)).reshape(36, 36)
+    assert int(dark.sum()) == 8 * 36
+    assert torch.allclose(d.bin_masses(EDGES), dark.double() / 288, rtol=0, atol=1e-15)
+    # Eight Gaussians on one bin per half plane: the symmetric mixture puts 1/4 in each quadrant.
+    q = toy_density("eight_gaussians").bin_masses(torch.tensor([-50.0, 0.0, 50.0]))
+    assert torch.allclose(q, torch.full((2, 2), 0.25, dtype=torch.float64), atol=1e-12)
+    # Rings: the mass within a circle-bounding square of the innermost ring is at least that ring's 1/4.
+    r = toy_density("rings").bin_masses(torch.tensor([-1.0, 1.0]))
+    assert 0.25 < float(r.sum()) < 0.3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["two_moons", "spirals", "rings", "pinwheel"])
+def test_bin_mass_quadrature_converged(name, monkeypatch):
+    """The documented accuracy: 4x the quadrature nodes moves the masses by less than 5e-5 in total variation."""
+    p = toy_density(name).bin_masses(EDGES)
+    monkeypatch.setattr(toy, "_NODES", 4 * toy._NODES)
+    finer = toy_density(name).bin_masses(EDGES)
+    assert 0.5 * float((p - finer).abs().sum()) < 5e-5
+
+
+def test_bin_masses_without_a_cdf_come_from_samples():
+    sampled = ToyDensity("board", TOY_DENSITIES["checkerboard"]._sampler)
+    assert not sampled.exact_bin_masses and not sampled.bounded_support
+    p = sampled.bin_masses(EDGES)
+    # 2^22 samples: a Monte-Carlo error of about 0.003 in total variation, against the exact masses.
+    assert 0.5 * float((p - toy_density("checkerboard").bin_masses(EDGES)).abs().sum()) < 0.006
+
+
+@pytest.mark.parametrize(
+    "edges, match",
+    [
+        (torch.tensor([1.0, 0.0]), "edges: expected strictly ascending"),
+        (torch.zeros(2, 2), "edges: expected a 1-D tensor"),
+        (torch.tensor([0.0, float("nan")]), "edges: expected finite"),
+        ((0.0, 1.0), "edges: expected a torch.Tensor"),
+    ],
+)
+def test_bin_masses_bad_edges(edges, match):
+    with pytest.raises(ValueError, match=match):
+        toy_density("rings").bin_masses(edges)
+
+
+def test_checkerboard_support():
+    d = toy_density("checkerboard")
+    assert d.bounded_support and not toy_density("spirals").bounded_support
+    x = d.sample(20_000, generator=torch.Generator().manual_seed(0))
+    assert bool(d.in_support(x).all())
+    # Shifted by one square, the sample lands on the light squares (and off the board): none inside but on
+    # the shared edges, a set of measure zero.
+    assert float(d.in_support(x + torch.tensor([1.5, 0.0])).double().mean()) < 1e-3
+    # Closed squares: corners and edges of a dark square count.
+    edge_points = torch.tensor([[-3.0, -3.0], [-1.5, -2.0], [3.0, 3.0], [3.01, 3.0], [0.0, 0.0]])
+    assert d.in_support(edge_points).tolist() == [True, True, True, False, True]
+    assert d.in_support(edge_points.double()).dtype == torch.bool
+
+
+def test_in_support_errors():
+    with pytest.raises(ValueError, match="'spirals' has no bounded support.*checkerboard"):
+        toy_density("spirals").in_support(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"x: expected a tensor of shape \(n, 2\)"):
+        toy_density("checkerboard").in_support(torch.zeros(3))
+    with pytest.raises(ValueError, match="x: expected a torch.Tensor"):
+        toy_density("checkerboard").in_support([[0.0, 0.0]])

@@ -16,7 +16,10 @@ from safetensors.torch import load_file
 
 import trajflow.recipes.toy as toy
 from trajflow.cli import main
+from trajflow.data.toy import toy_density
 from trajflow.recipes.toy import ToyConfig, build_model, run_toy, train_method
+from trajflow.recipes.toy.evaluate import distances
+from trajflow.recipes.toy.figure import _scores_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,6 +62,11 @@ def test_cli_writes_figure_and_metrics_for_every_method(tmp_path: Path) -> None:
         for key in ("energy_distance", "sliced_wasserstein", "train_seconds", "train_iters", "params"):
             assert isinstance(entry[key], (int, float)), key
         assert entry["train_iters"] == 3
+        # The fine-structure scores (issue 16, item 12): 3 training steps leave every model far from the
+        # data, which a second data sample (the reference: the sampling floor) is not.
+        assert metrics["reference"]["histogram_tv"] < entry["histogram_tv"] <= 1.0
+        assert 0.0 <= entry["support_share"] < metrics["reference"]["support_share"] == 1.0
+    assert {"histogram_tv", "support_share"} <= set(metrics["units"])
     for label in ("ntm", "gaussian"):
         assert {"elbo_nats_per_dim", "trajectory_nll_nats_per_dim"} <= set(metrics["methods"][label])
     assert "nll_nats_per_dim" in metrics["methods"]["nsf"]
@@ -74,6 +82,7 @@ def test_cli_writes_figure_and_metrics_for_every_method(tmp_path: Path) -> None:
     # The rows of the benchmark format come out of the same metrics.
     rows = toy.metrics_to_rows(metrics)
     assert {(r["method"], r["steps"]) for r in rows} >= {("ntm", 4), ("fm-euler", 4), ("fm-euler", 100), ("nsf", None)}
+    assert {(r["method"], r["metric"]) for r in rows} >= {("data", "histogram_tv"), ("ntm", "support_share")}
 
 
 def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
@@ -83,7 +92,7 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert (out / "toy_spirals.png").is_file()
     assert set(json.loads((out / "metrics.json").read_text())["methods"]) == {"fm-euler-4", "fm-euler-100"}
-    assert "energy dist" in done.stdout  # the summary table
+    assert "energy dist" in done.stdout and "hist TV" in done.stdout  # the summary table
 
 
 def test_resume_with_another_budget_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -268,3 +277,24 @@ def test_the_thread_count_is_fixed_recorded_and_a_resume_with_another_warns(
     finally:
         torch.set_num_threads(previous)
     assert result.metrics["threads"] == 2 and result.metrics["config"]["threads"] == 2
+
+
+def test_distances_see_fine_structure_and_the_support_only_where_there_is_one() -> None:
+    """The toy job's distances add the histogram distance to the exact density on its fixed grid, and the
+    share in the support only for a density with a bounded one."""
+    g = torch.Generator().manual_seed(0)
+    spirals, board = toy_density("spirals"), toy_density("checkerboard")
+    x, test = spirals.sample(2000, generator=g), spirals.sample(2000, generator=g)
+    clean = distances(x, test, "spirals")
+    assert set(clean) == {"energy_distance", "sliced_wasserstein", "histogram_tv"}
+    blurred = distances(x + 0.3 * torch.randn(2000, 2, generator=g), test, "spirals")
+    assert blurred["histogram_tv"] > 2 * clean["histogram_tv"]
+    b = board.sample(2000, generator=g)
+    assert distances(b, b, "checkerboard")["support_share"] == 1.0
+    assert distances(b + 0.75, b, "checkerboard")["support_share"] < 0.5
+
+
+def test_figure_titles_show_the_fine_structure_scores() -> None:
+    entry = {"energy_distance": 0.00012, "histogram_tv": 0.0734, "support_share": 0.9871}
+    assert _scores_text(entry) == "ED 0.0001, TV 0.073\n98.7% in the support"
+    assert _scores_text({"energy_distance": 0.5, "histogram_tv": 0.25}) == "ED 0.5000, TV 0.250"

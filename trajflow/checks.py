@@ -16,6 +16,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,6 +31,7 @@ __all__ = [
     "check_grid",
     "check_times",
     "check_step_index",
+    "check_edges",
 ]
 
 
@@ -103,6 +105,33 @@ def check_step_index(k: object, steps: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= steps:
         raise ValueError(f"k: expected an integer step index in 1..{steps}, got {k!r}")
     return k
+
+
+def check_edges(name: str, value: object) -> Tensor:
+    """Raise unless ``value`` is a 1-D tensor (or numpy array) of at least 2 finite, strictly ascending bin
+    edges; returns it as a float64 CPU tensor.
+
+    Example:
+        >>> check_edges("edges", torch.tensor([0.0, 0.5, 1.0])).dtype
+        torch.float64
+        >>> check_edges("edges", torch.tensor([0.0, 0.0]))
+        Traceback (most recent call last):
+        ...
+        ValueError: edges: expected strictly ascending bin edges, got [0.0, 0.0]
+    """
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    check_tensor(name, value)
+    if value.dim() != 1 or value.shape[0] < 2:
+        raise ValueError(f"{name}: expected a 1-D tensor of at least 2 bin edges, got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise ValueError(f"{name}: expected real numbers, got dtype {value.dtype}")
+    value = value.detach().to("cpu", torch.float64)
+    check_finite(name, value)
+    if not bool((value[1:] > value[:-1]).all()):
+        shown = value.tolist() if value.numel() <= 8 else f"{value[:8].tolist()}..."
+        raise ValueError(f"{name}: expected strictly ascending bin edges, got {shown}")
+    return value
 
 
 def check_count(name: str, value: object, low: int = 1) -> int:

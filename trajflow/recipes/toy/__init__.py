@@ -15,8 +15,9 @@ the same wall-clock seconds, see :class:`ToyConfig`), each through :class:`trajf
 * ``nsf``: a single zuko neural spline flow fitted by maximum likelihood (exact NLL).
 
 then evaluates every method on held-out data (ELBO / exact NLL in nats per dimension) and on samples
-(energy distance and sliced Wasserstein-2 to held-out data, :mod:`trajflow.metrics`), and writes a figure
-and ``metrics.json``. Each method keeps the Trainer's resumable checkpoints in its own folder.
+(energy distance and sliced Wasserstein-2 to held-out data, and the total variation of a fine histogram
+against the density's exact bin masses, :mod:`trajflow.metrics`), and writes a figure and ``metrics.json``.
+Each method keeps the Trainer's resumable checkpoints in its own folder.
 
 Modules: :mod:`~.config` (:class:`ToyConfig`), :mod:`~.methods` (model and objective per method),
 :mod:`~.data` (the training points as a dataset), :mod:`~.train` (one method through the Trainer),
