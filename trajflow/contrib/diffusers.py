@@ -30,6 +30,12 @@ folder of another class or without ``config.json`` is refused naming the file), 
 also as a part of an NTM built on it by :func:`trajflow.finetune.init_from_flow_matching` (import this module
 before ``NTM.from_pretrained`` reads such a folder: it registers the adapters' names).
 
+The sampler pipeline :class:`NTMDiffusersPipeline` goes from prompts to images with the pipeline's own pieces:
+its text encoders (:class:`DiffusersPromptEncoder`), an NTM's steps in latent space with the clipped Gaussian
+guidance, and its VAE in float32 (:class:`PipelineVAE`); beside it the FM baseline, the flow-matching model
+sampled by diffusers' ``FlowMatchEulerDiscreteScheduler`` as its pipeline does (:func:`scheduler_sample`).
+``examples/finetune_diffusers/`` fine-tunes such an NTM from a local checkpoint.
+
 diffusers is imported only when an adapter is built (``pip install diffusers``).
 
 Example:
@@ -53,8 +59,9 @@ References:
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -906,3 +913,743 @@ class Flux2Velocity(_TextTransformerVelocity):
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1).reshape(n, c, h, w)  # == _unpack_latents_with_ids for raster ids
+
+
+# -- the sampler pipeline: prompts -> the pipeline's text encoders -> NTM steps (or diffusers' scheduler) -> VAE ---
+
+#: The diffusers pipelines whose conventions :class:`NTMDiffusersPipeline` reproduces, and the adapter of each.
+PIPELINE_ADAPTERS: dict[str, type[_TextTransformerVelocity]] = {
+    "StableDiffusion3Pipeline": SD3Velocity,
+    "FluxPipeline": FluxVelocity,
+    "Flux2KleinPipeline": Flux2Velocity,
+    "Flux2Pipeline": Flux2Velocity,
+}
+
+#: What turns prompts into the condition an adapter takes: ``encode_prompt(list_of_prompts) -> cond`` with
+#: ``cond`` ``(prompt_embeds (N, L, D), pooled_embeds (N, P))`` (SD3, FLUX.1) or ``prompt_embeds (N, L, D)``
+#: (FLUX.2). :class:`DiffusersPromptEncoder` is the diffusers pipeline's own; any callable of this form works
+#: (e.g. one returning embeddings computed beforehand).
+PromptEncoder = Callable[[list[str]], Condition]
+
+
+def _pipeline_folder(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The local pipeline folder and its ``model_index.json``; a ValueError naming the path or file otherwise."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(
+            f"path: expected a local diffusers pipeline folder (model_index.json, text encoders, vae, scheduler, "
+            f"transformer), got {str(folder)!r}, which is not a folder; nothing is downloaded from a hub"
+        )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(
+            f"path: expected a diffusers pipeline folder with a model_index.json, but {str(index)!r} does not exist "
+            "(a folder holding one model takes the adapters' from_diffusers instead)"
+        )
+    try:
+        record = json.loads(index.read_text())
+        if not isinstance(record, dict):
+            raise ValueError("not a JSON object")
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"path: {str(index)!r} is not a diffusers model index (a JSON object): {e}") from e
+    return folder, record
+
+
+def load_diffusers_pipeline(
+    path: str | os.PathLike,
+    *,
+    transformer: nn.Module | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Any:
+    """A diffusers pipeline read from the **local** folder ``path`` (``local_files_only=True``).
+
+    Its transformer is not loaded unless one is passed (``transformer=``): the NTM or the adapter holds the
+    network, and the pipeline object is wanted for its text encoders, tokenizers, VAE and scheduler (a
+    pipeline whose ``encode_prompt`` reads the transformer's config, SD3 without T5, needs it passed).
+
+    Arguments:
+        path: A folder written by a diffusers pipeline's ``save_pretrained`` (``model_index.json`` and one
+            subfolder per component).
+        transformer: The pipeline's transformer to put in, or None (not loaded).
+        torch_dtype: The dtype of the loaded components, as diffusers' ``from_pretrained``.
+        device: Where the components go.
+    """
+    folder, record = _pipeline_folder(path)
+    pipeline_class = _diffusers_class("DiffusionPipeline")
+    kwargs: dict[str, Any] = {"transformer": transformer} if "transformer" in record else {}
+    if torch_dtype is not None:  # diffusers >= 0.36 names it dtype (torch_dtype is deprecated there)
+        from diffusers.utils import deprecation_utils
+
+        kwargs["dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"] = torch_dtype
+    pipe = pipeline_class.from_pretrained(str(folder), local_files_only=True, **kwargs)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe
+
+
+class DiffusersPromptEncoder:
+    r"""Prompts -> the adapter's condition through the diffusers pipeline's own ``encode_prompt``.
+
+    Calls ``pipe.encode_prompt`` as the pipeline's ``__call__`` does for one image per prompt and no guidance
+    (the null condition is encoded as its own prompt, ``""`` by default), so the embeddings are a diffusers
+    user's: ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and T5, or zeros without T5) and ``FluxPipeline``
+    (CLIP and T5) give ``(prompt_embeds, pooled_prompt_embeds)``; ``Flux2KleinPipeline`` / ``Flux2Pipeline``
+    (Qwen3 / Mistral) give ``prompt_embeds``. The text encoders run in their own dtype with autocast off; the
+    embeddings come back in that dtype, without gradients.
+
+    Arguments:
+        pipe: A diffusers pipeline of one of the classes of :data:`PIPELINE_ADAPTERS` (see
+            :func:`load_diffusers_pipeline`).
+        max_sequence_length: The T5 / Qwen / Mistral token count, or None for the pipeline's default (SD3 256,
+            FLUX 512); prompts are padded to it, so every condition has the same length.
+        device: Where the embeddings are computed, by default the pipeline's execution device.
+
+    Example:
+        >>> encode = DiffusersPromptEncoder(load_diffusers_pipeline("/models/sd3"))  # doctest: +SKIP
+        >>> prompt_embeds, pooled = encode(["a photo of a cat"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, pipe: Any, *, max_sequence_length: int | None = None, device: str | torch.device | None = None
+    ) -> None:
+        name = type(pipe).__name__
+        if name not in PIPELINE_ADAPTERS:
+            raise ValueError(
+                f"pipe: expected one of the diffusers pipelines {sorted(PIPELINE_ADAPTERS)}, got {name} (pass your own "
+                "encode_prompt callable for another one)"
+            )
+        if max_sequence_length is not None and (
+            isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1
+        ):
+            raise ValueError(f"max_sequence_length: expected a positive integer or None, got {max_sequence_length!r}")
+        self.pipe = pipe
+        self.pipeline = name
+        self.max_sequence_length = max_sequence_length
+        self.device = None if device is None else torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, prompts: str | Sequence[str]) -> Condition:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
+        device = self.device or self.pipe._execution_device
+        kwargs: dict[str, Any] = {"device": device}
+        if self.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = self.max_sequence_length
+        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+            if self.pipeline == "StableDiffusion3Pipeline":
+                embeds, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, **kwargs
+                )
+                return embeds, pooled
+            if self.pipeline == "FluxPipeline":
+                embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, **kwargs)
+                return embeds, pooled
+            embeds, _ = self.pipe.encode_prompt(prompt=prompts, **kwargs)  # FLUX.2: no pooled embedding
+            return embeds
+
+
+class PipelineVAE(nn.Module):
+    r"""A diffusers pipeline's VAE as its pipeline maps latents to images and back, in **float32**.
+
+    The VAE is cast to float32 and frozen here, and runs with autocast off whatever the model's precision: an
+    fp16 VAE decode gives NaNs or black images. Two layouts:
+
+    * ``"scaled"`` (``AutoencoderKL``: SD3, FLUX.1 and most others): the latent is
+      ``(z - shift_factor) * scaling_factor`` with ``z`` the VAE's latent; ``decode`` applies
+      ``z = latent / scaling_factor + shift_factor`` (``StableDiffusion3Pipeline`` / ``FluxPipeline``, after
+      unpacking) before ``vae.decode``.
+    * ``"flux2"`` (``AutoencoderKLFlux2``): the latent is the VAE's latent 2x2-patchified (``(4 C, H / 2, W / 2)``,
+      ``Flux2Pipeline._patchify_latents``) and normalised by the VAE's batch-norm statistics,
+      ``(z - running_mean) / sqrt(running_var + batch_norm_eps)``; ``decode`` inverts both
+      (``Flux2KleinPipeline.__call__``).
+
+    ``encode`` takes images in ``[-1, 1]`` and returns the latents of the posterior mean (deterministic), or of
+    a posterior sample with ``generator``. ``decode`` returns images in ``[-1, 1]`` (not clipped);
+    :meth:`to_unit` maps them to ``[0, 1]`` as ``VaeImageProcessor.postprocess`` does.
+
+    Arguments:
+        vae: The pipeline's ``AutoencoderKL`` or ``AutoencoderKLFlux2``.
+        layout: ``"scaled"`` or ``"flux2"``; by default from the VAE's class.
+    """
+
+    def __init__(self, vae: nn.Module, *, layout: str | None = None) -> None:
+        super().__init__()
+        if not isinstance(vae, nn.Module) or not hasattr(vae, "config") or not hasattr(vae, "decode"):
+            raise ValueError(f"vae: expected a diffusers autoencoder (AutoencoderKL, ...), got {type(vae).__name__}")
+        layout = layout or ("flux2" if type(vae).__name__ == "AutoencoderKLFlux2" else "scaled")
+        if layout not in ("scaled", "flux2"):
+            raise ValueError(f"layout: expected 'scaled' or 'flux2', got {layout!r}")
+        if layout == "flux2" and not isinstance(getattr(vae, "bn", None), nn.BatchNorm2d):
+            raise ValueError(
+                f"vae: the 'flux2' layout needs an AutoencoderKLFlux2 (with a bn), got {type(vae).__name__}"
+            )
+        if any(p.dtype != torch.float32 for p in vae.parameters()):
+            vae = vae.to(torch.float32)
+        self.vae = vae.eval().requires_grad_(False)
+        config = vae.config
+        self.layout = layout
+        self.vae_scale_factor = 2 ** (len(config.block_out_channels) - 1)  # pixels per VAE latent, as the pipelines
+        channels = int(config.latent_channels)
+        self.scaling_factor = float(getattr(config, "scaling_factor", None) or 1.0)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.channels = channels if layout == "scaled" else 4 * channels
+        self.factor = self.vae_scale_factor if layout == "scaled" else 2 * self.vae_scale_factor  # pixels per latent
+
+    def train(self, mode: bool = True) -> PipelineVAE:
+        """The VAE stays in eval mode (its batch-norm statistics are the latent normalisation)."""
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def latent_shape(self, height: int, width: int | None = None) -> torch.Size:
+        """``(C, H / f, W / f)`` of the latents of ``height x width`` px images (``f``: :attr:`factor`)."""
+        width = height if width is None else width
+        for name, side in (("height", height), ("width", width)):
+            if isinstance(side, bool) or not isinstance(side, int) or side < 1 or side % self.factor:
+                raise ValueError(
+                    f"{name}: expected a positive multiple of {self.factor} (the pipeline's pixels per latent), "
+                    f"got {side!r}"
+                )
+        return torch.Size((self.channels, height // self.factor, width // self.factor))
+
+    def _bn(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(like)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Images ``(N, 3, H, W)`` in ``[-1, 1]`` -> latents ``(N, C, H / f, W / f)``, float32."""
+        check_tensor("images", images)
+        if images.dim() != 4 or images.shape[1] != self.vae.config.in_channels:
+            raise ValueError(
+                f"images: expected (N, {self.vae.config.in_channels}, H, W), got shape {tuple(images.shape)}"
+            )
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            dist = self.vae.encode(images.float()).latent_dist
+            z = dist.mean if generator is None else dist.sample(generator)
+            if self.layout == "scaled":
+                return (z - self.shift_factor) * self.scaling_factor
+            n, c, h, w = z.shape  # Flux2Pipeline._patchify_latents, then the batch-norm normalisation
+            z = z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, 4 * c, h // 2, w // 2)
+            mean, std = self._bn(z)
+            return (z - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents ``(N, C, h, w)`` -> images ``(N, 3, h f, w f)`` in ``[-1, 1]`` (unclipped), float32."""
+        check_tensor("latents", latents)
+        if latents.dim() != 4 or latents.shape[1] != self.channels:
+            raise ValueError(f"latents: expected (N, {self.channels}, h, w), got shape {tuple(latents.shape)}")
+        with torch.autocast(device_type=latents.device.type, enabled=False):
+            z = latents.float()
+            if self.layout == "scaled":
+                z = z / self.scaling_factor + self.shift_factor
+            else:
+                mean, std = self._bn(z)
+                n, c, h, w = z.shape  # Flux2Pipeline._unpatchify_latents
+                z = (z * std + mean).reshape(n, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+                z = z.reshape(n, c // 4, 2 * h, 2 * w)
+            return self.vae.decode(z, return_dict=False)[0].float()
+
+    @staticmethod
+    def to_unit(images: Tensor) -> Tensor:
+        """``[-1, 1]`` -> ``[0, 1]``, clipped (``VaeImageProcessor.denormalize``)."""
+        return (images / 2 + 0.5).clamp(0, 1)
+
+
+def set_pipeline_timesteps(
+    scheduler: Any,
+    steps: int,
+    *,
+    pipeline: str | None = None,
+    image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    r"""Set ``scheduler``'s timesteps as the diffusers pipeline ``pipeline`` sets them; returns them.
+
+    ``StableDiffusion3Pipeline`` (and ``pipeline=None``): the scheduler's own spacing (``set_timesteps(steps)``),
+    with ``calculate_shift(image_seq_len, ...)`` as ``mu`` when its config has ``use_dynamic_shifting``.
+    ``FluxPipeline``: sigmas ``linspace(1, 1 / steps, steps)`` (none with ``use_flow_sigmas``) and
+    ``mu = calculate_shift(image_seq_len, ...)``. ``Flux2KleinPipeline`` / ``Flux2Pipeline``: the same sigmas
+    and ``mu = compute_empirical_mu(image_seq_len, steps)``. The shift functions are diffusers' own. ``sigmas``
+    overrides the spacing (as the pipelines' ``sigmas=`` argument); ``image_seq_len`` is the number of image
+    tokens the transformer sees (SD3: ``(H / p) (W / p)``; FLUX.1: packed ``H W / 4``; FLUX.2: ``H' W'``).
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps: expected a positive number of steps, got {steps}")
+    if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
+        raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
+    if getattr(scheduler.config, "invert_sigmas", False):
+        raise ValueError(
+            "scheduler: invert_sigmas schedulers (Mochi) are not flow-matching samplers of this convention"
+        )
+    config = scheduler.config
+    kwargs: dict[str, Any] = {}
+    flux = pipeline is not None and pipeline.startswith("Flux")
+    if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
+        import numpy as np
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    if pipeline in ("Flux2KleinPipeline", "Flux2Pipeline"):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        kwargs["mu"] = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+    elif pipeline == "FluxPipeline" or config.get("use_dynamic_shifting", None):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+    if sigmas is not None:  # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+    return scheduler.timesteps
+
+
+def _cat_cond(a: Condition, b: Condition) -> Condition:
+    return tuple(torch.cat([x, y]) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.cat([a, b])
+
+
+def _repeat_cond(cond: Condition, k: int) -> Condition:
+    if k == 1:
+        return cond
+    if isinstance(cond, tuple):
+        return tuple(c.repeat_interleave(k, dim=0) for c in cond)
+    return cond.repeat_interleave(k, dim=0)
+
+
+def _cond_rows(cond: Condition) -> int:
+    return int((cond[0] if isinstance(cond, tuple) else cond).shape[0])
+
+
+@torch.no_grad()
+def scheduler_sample(
+    velocity: nn.Module,
+    noise: Tensor,
+    steps: int,
+    *,
+    cond: Condition | None = None,
+    negative_cond: Condition | None = None,
+    guidance_scale: float = 1.0,
+    scheduler: Any = None,
+    pipeline: str | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> Tensor:
+    r"""Flow-matching sampling through diffusers' ``FlowMatchEulerDiscreteScheduler``: "FM at ``steps`` steps".
+
+    The loop of the diffusers pipeline ``pipeline`` (timesteps from :func:`set_pipeline_timesteps`), with the
+    network called through its adapter at :math:`t = \sigma` (the adapter's ``timestep = 1000 t`` is then the
+    scheduler's ``timesteps = sigmas * 1000``, the same float32 product) and the output handed to
+    ``scheduler.step`` unchanged. Classifier-free guidance is diffusers': with ``guidance_scale > 1``,
+    ``v = v_u + guidance_scale (v_c - v_u)`` from one batched call on ``[negative, positive]`` as
+    ``StableDiffusion3Pipeline`` does, where ``v_u`` reads ``negative_cond`` (the pipeline encodes its
+    ``negative_prompt``, ``""`` by default) or, without one, the adapter's null condition. trajflow's weight
+    ``w`` (:func:`~trajflow.baselines.flow_matching.euler_sample`) is ``guidance_scale - 1``. The latents stay
+    float32 (the adapters return float32 velocities); a diffusers pipeline holds them in the text encoder's
+    dtype, which is the same loop in float32.
+
+    Arguments:
+        velocity: The adapter (:class:`SD3Velocity`, ...), or any trajflow velocity model.
+        noise: The initial latents :math:`x_1` ``(N, *event_shape)`` in the adapter's layout.
+        steps: The number of scheduler steps (network calls without guidance).
+        cond: The condition ``(N, ...)``, or None.
+        negative_cond: The negative condition ``(N, ...)`` of guidance, or None (the adapter's null).
+        guidance_scale: diffusers' guidance scale (1: no guidance).
+        scheduler: A ``FlowMatchEulerDiscreteScheduler`` (copied, not changed), by default one with diffusers'
+            defaults (``shift=1``, 1000 training timesteps).
+        pipeline: Whose timestep rule to follow (see :func:`set_pipeline_timesteps`).
+        sigmas: Explicit sigmas (descending from 1, without the final 0), overriding the rule.
+
+    Returns:
+        The latents :math:`x_0` ``(N, *event_shape)``.
+    """
+    import copy
+
+    if scheduler is None:
+        scheduler = _diffusers_class("FlowMatchEulerDiscreteScheduler")()
+    else:
+        scheduler = copy.deepcopy(scheduler)
+    event_shape = torch.Size(velocity.event_shape)
+    check_images("noise", noise, event_shape, flat=True)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    n = noise.shape[0]
+    patch = int(getattr(velocity, "patch_size", 1) or 1)
+    tokens = event_shape[-2] * event_shape[-1] // patch**2 if len(event_shape) == 3 else event_shape[0]
+    timesteps = set_pipeline_timesteps(
+        scheduler, steps, pipeline=pipeline, image_seq_len=tokens, sigmas=sigmas, device=noise.device
+    )
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    cfg = guidance_scale > 1 and cond is not None  # diffusers' do_classifier_free_guidance
+    if cfg:
+        if negative_cond is None:
+            both, drop = _cat_cond(cond, cond), torch.arange(2 * n, device=noise.device) < n
+        else:
+            both, drop = _cat_cond(negative_cond, cond), None
+    x = noise.float()
+    for i, timestep in enumerate(timesteps):
+        t = scheduler.sigmas[i].to(noise.device, torch.float32).expand(n)
+        if cfg:
+            v = velocity(torch.cat([x, x]), torch.cat([t, t]), both, drop)[0]
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        else:
+            v = velocity(x, t, cond)[0]
+        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    return x
+
+
+def _backbone_dtype(module: nn.Module | None) -> torch.dtype | None:
+    for p in module.parameters() if module is not None else ():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+class NTMDiffusersPipeline:
+    r"""Text to image with an NTM in a diffusers model's latent space, and the FM baseline as diffusers runs it.
+
+    ``pipe(prompts)``: prompts -> the pipeline's own text encoders (``encode_prompt``) -> ``steps`` NTM steps in
+    latent space with the clipped Gaussian classifier-free guidance (:func:`trajflow.guidance.guided_gaussian`,
+    weight ``guidance``; the null condition is the adapter's, fixed when the NTM was built) -> the VAE decoder
+    in float32 (:class:`PipelineVAE`). ``pipe.flow_matching(prompts, steps=N)``: the same prompts through the
+    flow-matching model ``velocity`` sampled by diffusers' ``FlowMatchEulerDiscreteScheduler`` as the diffusers
+    pipeline does (:func:`scheduler_sample`: its timesteps, its shift, its CFG with the ``negative_prompt``),
+    decoded by the same VAE.
+
+    Noise. Both draw their initial latents :math:`x_1` first from ``generator`` as
+    :meth:`prepare_latents` does (``randn((N, *event_shape))``, float32, on the pipeline's device), so the NTM
+    and the FM baseline given generators of one seed start from the same latents; the NTM then draws one more
+    Gaussian per step from the same generator. The same seed gives the same images.
+
+    Precision. With ``autocast_dtype="auto"`` the NTM samples under autocast in the backbone's dtype when that is
+    bfloat16 or float16 (load the transformer with ``torch_dtype=torch.bfloat16``; the NTM's own small parts
+    may stay float32), else without autocast; the latents and the VAE are float32 throughout, and the images
+    come back float32. The FM baseline runs without autocast, as diffusers does (the adapter casts the latents
+    to the network's dtype and returns float32).
+
+    Arguments:
+        model: The NTM (:func:`trajflow.finetune.init_from_flow_matching` on an adapter, or one saved by
+            ``examples/finetune_diffusers/train.py``), or None for the FM baseline alone.
+        vae: A :class:`PipelineVAE`, or the pipeline's diffusers VAE (wrapped here).
+        encode_prompt: ``encode_prompt(list_of_prompts) -> cond`` (:data:`PromptEncoder`, e.g.
+            :class:`DiffusersPromptEncoder`), or None: then pass conditions (``cond=``) instead of prompts.
+        velocity: The flow-matching adapter of the FM baseline (the pretrained model, e.g.
+            ``SD3Velocity.from_diffusers(path, subfolder="transformer")``), or None.
+        scheduler: The pipeline's ``FlowMatchEulerDiscreteScheduler`` (its ``shift`` and dynamic shifting are
+            the pipeline's), or None for diffusers' defaults.
+        pipeline: The diffusers pipeline class name whose timestep rule the FM baseline follows
+            (:data:`PIPELINE_ADAPTERS`), or None (SD3's rule).
+        negative_prompt: The FM baseline's negative prompt (diffusers' default ``""``).
+        autocast_dtype: ``"auto"``, a dtype, or None (no autocast) for the NTM's sampling.
+
+    Example:
+        >>> pipe = NTMDiffusersPipeline.from_local("/models/sd3-medium", "runs/sd3/model",
+        ...                                        torch_dtype=torch.bfloat16, device="cuda")  # doctest: +SKIP
+        >>> g = torch.Generator("cuda").manual_seed(0)  # doctest: +SKIP
+        >>> images = pipe(["a photo of a cat"], steps=4, guidance=1.0, generator=g)  # doctest: +SKIP
+        >>> images.shape, images.dtype  # doctest: +SKIP
+        (torch.Size([1, 3, 512, 512]), torch.float32)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None,
+        vae: PipelineVAE | nn.Module,
+        encode_prompt: PromptEncoder | None = None,
+        *,
+        velocity: nn.Module | None = None,
+        scheduler: Any = None,
+        pipeline: str | None = None,
+        negative_prompt: str = "",
+        autocast_dtype: torch.dtype | str | None = "auto",
+    ) -> None:
+        if model is None and velocity is None:
+            raise ValueError("model, velocity: expected an NTM, a flow-matching velocity model or both, got neither")
+        if model is not None and not hasattr(model, "sample"):
+            raise ValueError(f"model: expected a trajflow NTM, got {type(model).__name__}")
+        if encode_prompt is not None and not callable(encode_prompt):
+            raise ValueError(
+                f"encode_prompt: expected a callable prompts -> condition, got {type(encode_prompt).__name__}"
+            )
+        if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
+            raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
+        if autocast_dtype not in ("auto", None, torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtype: expected 'auto', None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+            )
+        self.model = model
+        self.velocity = velocity
+        self.vae = vae if isinstance(vae, PipelineVAE) else PipelineVAE(vae)
+        self.encode_prompt = encode_prompt
+        self.scheduler = scheduler
+        self.pipeline = pipeline
+        self.negative_prompt = negative_prompt
+        self.autocast_dtype = autocast_dtype
+        shapes = {tuple(m.event_shape) for m in (model, velocity) if m is not None}
+        if len(shapes) != 1:
+            raise ValueError(f"model, velocity: expected one latent shape, got {sorted(shapes)}")
+        self.event_shape = torch.Size(shapes.pop())
+        if len(self.event_shape) != 3 or self.event_shape[0] != self.vae.channels:
+            raise ValueError(
+                f"vae: the model's latents {tuple(self.event_shape)} do not fit the VAE's {self.vae.channels} latent "
+                f"channels ({self.vae.layout} layout)"
+            )
+
+    # -- loading -------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_local(
+        cls,
+        path: str | os.PathLike,
+        model: nn.Module | str | os.PathLike | None = None,
+        *,
+        teacher: bool | None = None,
+        resolution: int | tuple[int, int] | None = None,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+        negative_prompt: str = "",
+        autocast_dtype: torch.dtype | str | None = "auto",
+    ) -> NTMDiffusersPipeline:
+        """The pipeline of the **local** diffusers pipeline folder ``path`` (nothing is downloaded).
+
+        Reads the pipeline's text encoders, tokenizers, VAE and scheduler (:func:`load_diffusers_pipeline`;
+        ``model_index.json`` names the pipeline class, one of :data:`PIPELINE_ADAPTERS`), and the NTM ``model``
+        (an NTM, or a folder written by its ``save_pretrained``, whose diffusers network is then cast to
+        ``torch_dtype``: the NTM's own parts and the VAE stay float32). With ``teacher`` (default: when there is no
+        ``model``) it also loads the pipeline's transformer through its adapter as the FM baseline's
+        ``velocity``, with the encoded ``negative_prompt`` as its null condition and the latent size of
+        ``resolution`` px (default: the transformer config's ``sample_size``, SD3 only).
+        """
+        folder, record = _pipeline_folder(path)
+        name = record.get("_class_name")
+        if name not in PIPELINE_ADAPTERS:
+            raise ValueError(
+                f"path: {str(folder / 'model_index.json')!r} describes a diffusers {name}, expected one of "
+                f"{sorted(PIPELINE_ADAPTERS)}"
+            )
+        device = torch.device(device)
+        pipe = load_diffusers_pipeline(folder, torch_dtype=torch_dtype, device=device)
+        encoder = DiffusersPromptEncoder(pipe, max_sequence_length=max_sequence_length, device=device)
+        vae = PipelineVAE(pipe.vae).to(device)
+        if isinstance(model, (str, os.PathLike)):
+            from ..model import NTM
+
+            model = NTM.from_pretrained(model, device=device).eval()
+            backbone = getattr(getattr(model.predictor, "velocity", None), "model", None)
+            if torch_dtype is not None and backbone is not None and _backbone_dtype(backbone) != torch_dtype:
+                backbone.to(torch_dtype)  # the diffusers network; the transporter and the head stay float32
+        velocity = None
+        if teacher if teacher is not None else model is None:
+            size = None
+            if resolution is not None:
+                h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+                size = list(vae.latent_shape(h, w)[1:])
+            null = encoder([negative_prompt])
+            velocity = PIPELINE_ADAPTERS[name].from_diffusers(
+                folder, subfolder="transformer", torch_dtype=torch_dtype, sample_size=size, null_cond=null
+            )
+            velocity = velocity.to(device).eval()
+        return cls(
+            model,
+            vae,
+            encoder,
+            velocity=velocity,
+            scheduler=pipe.scheduler,
+            pipeline=name,
+            negative_prompt=negative_prompt,
+            autocast_dtype=autocast_dtype,
+        )
+
+    # -- the pieces ----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        for module in (self.model, self.velocity):
+            for p in module.parameters() if module is not None else ():
+                return p.device
+        return torch.device("cpu")
+
+    def prepare_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """The initial latents :math:`x_1` of ``n`` images: ``randn((n, *event_shape))`` float32, by ``generator``."""
+        return torch.randn((n, *self.event_shape), generator=generator, device=self.device, dtype=torch.float32)
+
+    def encode(self, prompts: str | Sequence[str], num_images_per_prompt: int = 1) -> Condition:
+        """The condition of ``prompts``, each repeated ``num_images_per_prompt`` times (adjacent, as diffusers)."""
+        if self.encode_prompt is None:
+            raise ValueError("prompts: this pipeline has no encode_prompt; pass cond=... (the embeddings) instead")
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        cond = self.encode_prompt(prompts)
+        return _repeat_cond(_to(cond, self.device), num_images_per_prompt)
+
+    def _condition(
+        self, prompts: str | Sequence[str] | None, cond: Condition | None, num_images_per_prompt: int
+    ) -> tuple[Condition | None, int | None]:
+        if (
+            not isinstance(num_images_per_prompt, int)
+            or isinstance(num_images_per_prompt, bool)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(f"num_images_per_prompt: expected a positive integer, got {num_images_per_prompt!r}")
+        if (prompts is None) == (cond is None):
+            raise ValueError("prompts, cond: expected exactly one of them (prompt strings or their embeddings)")
+        if prompts is not None:
+            cond = self.encode(prompts, num_images_per_prompt)
+        else:
+            cond = _repeat_cond(_to(cond, self.device), num_images_per_prompt)
+        return cond, _cond_rows(cond)
+
+    def _output(self, latents: Tensor, output_type: str) -> Any:
+        if output_type == "latent":
+            return latents
+        images = self.vae.to_unit(self.vae.decode(latents))
+        if output_type == "pt":
+            return images
+        from PIL import Image
+
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p) for p in pixels]
+
+    def _autocast(self) -> Any:
+        dtype = self.autocast_dtype
+        if dtype == "auto":
+            backbone = getattr(getattr(self.model, "predictor", None), "velocity", None)
+            dtype = _backbone_dtype(backbone)
+            dtype = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        return torch.autocast(device_type=self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        cond: Condition | None = None,
+        steps: int = 4,
+        guidance: float = 0.0,
+        t_min: float | None = None,
+        shift: float = 1.0,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        denoise: bool = False,
+        output_type: str = "pt",
+    ) -> Any:
+        r"""NTM samples of ``prompts`` (or of the embeddings ``cond``), decoded.
+
+        Arguments:
+            prompts: A prompt or a list of them.
+            cond: The condition instead of prompts (``(prompt_embeds, pooled)`` or ``prompt_embeds``).
+            steps, t_min, shift: The NTM's time grid (:meth:`trajflow.NTM.sample`; ``t_min`` default 0.02, the
+                sampling level inside the training range).
+            guidance: The clipped Gaussian guidance weight :math:`w` (0: none).
+            generator: Draws all the noise (on the pipeline's device).
+            num_images_per_prompt: Images per prompt, adjacent in the output.
+            denoise: Clean :math:`x_{t_{\min}}` with the trajectory's score (NTM Algorithm 3,
+                :func:`trajflow.denoise.sample_denoised`; backpropagates through the model once).
+            output_type: ``"pt"`` (float32 ``(N, 3, H, W)`` in [0, 1]), ``"pil"`` (a list of PIL images) or
+                ``"latent"`` (the float32 latents, undecoded).
+        """
+        if self.model is None:
+            raise ValueError("model: this pipeline holds no NTM (use flow_matching, or pass model=...)")
+        if output_type not in ("pt", "pil", "latent"):
+            raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
+        cond, _ = self._condition(prompts, cond, num_images_per_prompt)
+        from ..process import SAMPLE_T_MIN, time_grid
+
+        grid = time_grid(steps, SAMPLE_T_MIN if t_min is None else t_min, shift, device=self.device)
+        with self._autocast():
+            if denoise:
+                from ..denoise import sample_denoised
+
+                with torch.enable_grad():
+                    latents = sample_denoised(
+                        self.model.distribution(grid, cond, guidance=guidance), generator=generator
+                    )
+                latents = latents.detach()
+            else:
+                latents = self.model.sample(cond=cond, grid=grid, guidance=guidance, generator=generator)
+        return self._output(latents.float(), output_type)
+
+    @torch.no_grad()
+    def flow_matching(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        cond: Condition | None = None,
+        negative_cond: Condition | None = None,
+        steps: int = 28,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: Tensor | None = None,
+        sigmas: Sequence[float] | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pt",
+    ) -> Any:
+        r"""The FM baseline: ``velocity`` sampled by diffusers' scheduler as its pipeline does, decoded.
+
+        Arguments:
+            prompts, cond, num_images_per_prompt, output_type: As :meth:`__call__`.
+            negative_cond: The negative condition (with ``cond``); with prompts it is the encoded
+                ``negative_prompt``.
+            steps: Scheduler steps ("FM at ``steps`` steps").
+            guidance_scale: diffusers' guidance scale (1: none; trajflow's :math:`w` is ``guidance_scale - 1``).
+            generator: Draws the initial latents (:meth:`prepare_latents`), unless ``latents`` are given.
+            latents: The initial latents :math:`x_1` ``(N, *event_shape)``.
+            sigmas: Explicit sigmas instead of the pipeline's rule (see :func:`scheduler_sample`).
+        """
+        if self.velocity is None:
+            raise ValueError(
+                "velocity: this pipeline holds no flow-matching model (pass velocity=..., or teacher=True)"
+            )
+        if output_type not in ("pt", "pil", "latent"):
+            raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
+        use_negative = prompts is not None and guidance_scale > 1 and self.encode_prompt is not None
+        cond, n = self._condition(prompts, cond, num_images_per_prompt)
+        if use_negative:
+            negative_cond = self.encode([self.negative_prompt] * n)
+        elif negative_cond is not None:
+            negative_cond = _repeat_cond(_to(negative_cond, self.device), num_images_per_prompt)
+        if latents is None:
+            latents = self.prepare_latents(n, generator)
+        x = scheduler_sample(
+            self.velocity,
+            latents.to(self.device),
+            steps,
+            cond=cond,
+            negative_cond=negative_cond,
+            guidance_scale=guidance_scale,
+            scheduler=self.scheduler,
+            pipeline=self.pipeline,
+            sigmas=sigmas,
+        )
+        return self._output(x, output_type)
+
+
+def _to(cond: Condition, device: torch.device) -> Condition:
+    return tuple(c.to(device) for c in cond) if isinstance(cond, tuple) else cond.to(device)
+
+
+__all__ += [
+    "PIPELINE_ADAPTERS",
+    "PromptEncoder",
+    "load_diffusers_pipeline",
+    "DiffusersPromptEncoder",
+    "PipelineVAE",
+    "set_pipeline_timesteps",
+    "scheduler_sample",
+    "NTMDiffusersPipeline",
+]
