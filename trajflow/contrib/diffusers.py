@@ -1448,10 +1448,11 @@ class NTMDiffusersPipeline:
         if isinstance(model, (str, os.PathLike)):
             from ..model import NTM
 
-            model = NTM.from_pretrained(model, device=device).eval()
+            model = NTM.from_pretrained(model).eval()  # on the CPU: cast before it reaches the device
             backbone = getattr(getattr(model.predictor, "velocity", None), "model", None)
             if torch_dtype is not None and backbone is not None and _backbone_dtype(backbone) != torch_dtype:
                 backbone.to(torch_dtype)  # the diffusers network; the transporter and the head stay float32
+            model = model.to(device)
         velocity = None
         if teacher if teacher is not None else model is None:
             size = None
