@@ -199,6 +199,7 @@ RECIPE: dict[str, Any] = {
     "freeze_backbone": False,
     "factor_weights": None,
     "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
+    "predictor": {},  # FlowMatchingPredictor keywords, e.g. {"delta_bound": 0.05}: sigma_P pinned near C
 }
 
 
@@ -260,10 +261,10 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
     velocity = copy.deepcopy(teacher).train().requires_grad_(not recipe["freeze_backbone"])
     if gaussian:
         transporter = IdentityTransporter(velocity.event_shape)
-        model, reference = init_from_flow_matching(velocity, transporter)
+        model, reference = init_from_flow_matching(velocity, transporter, **recipe.get("predictor", {}))
     else:
         tkw = {"patch_size": cfg.patch_size, **recipe["transporter"]}
-        model, reference = init_from_flow_matching(velocity, transporter_kwargs=tkw)
+        model, reference = init_from_flow_matching(velocity, transporter_kwargs=tkw, **recipe.get("predictor", {}))
     nll = TrajectoryNLL(
         steps=4,
         t_min=tuple(recipe["t_min"]),
