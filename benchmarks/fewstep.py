@@ -506,6 +506,7 @@ def finetune(
         "method": method,
         "seed": seed,
         "tag": tag,
+        "variant": variant,
         "train_seconds": train_seconds,
         "train_steps": steps_done,
         "wall_seconds": time.perf_counter() - t_start,
@@ -840,7 +841,7 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
         f"FD/KID/precision/recall on {payload['config']['final_samples']} samples against "
         f"{payload['config']['real_samples']} test images; mean ± std over seeds {list(payload['config']['seeds'])}.",
         "",
-        "| method | variant | steps | budget | FD | KID x1000 | precision | recall |",
+        "| method | variant | steps | budget | FD | KID | precision | recall |",
         "|---|---|---|---|---|---|---|---|",
     ]
     keys = []
@@ -858,11 +859,52 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             sel["variant"] = variant
         fd = find(metric="frechet_distance", **sel)
         kid = find(metric="kid", **sel)
-        kid_txt = "-" if kid is None else fmt({**kid, "value": 1000 * kid["value"], "std": 1000 * kid.get("std", 0)}, 2)
+        kid_txt = fmt(kid, 2)
         lines.append(
             f"| {method} | {variant or ''} | {steps if steps is not None else ''} | {budget} | {fmt(fd)} | {kid_txt} | "
             f"{fmt(find(metric='precision', **sel), 3)} | {fmt(find(metric='recall', **sel), 3)} |"
         )
+    # -- recipe variants (one seed each) beside the main recipe's seed 0
+    variants = payload.get("variants", {})
+    if variants:
+        lines += [
+            "",
+            f"NTM recipe variants (seed 0, the same {payload['config']['budget_seconds']:.0f} s; the change is what "
+            "differs from `RECIPE`; NLL per factor on test trajectories at t_min 0.02, k = 1 the last step):",
+            "",
+            "| variant | recipe change | FD raw | FD score-denoised | NLL k=1 / 2 / 3 / 4 (nats/dim) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, recipe in [(None, payload["recipe"]), *variants.items()]:
+            changed = {k: v for k, v in recipe.items() if payload["recipe"].get(k) != v}
+            sel = {"method": "ntm-fm", "seed": 0, "budget": "equal-time", "run_variant": name}
+            raw = [
+                r
+                for r in rows
+                if r.get("variant") == "raw"
+                and r["metric"] == "frechet_distance"
+                and not r.get("curve")
+                and all(r.get(k) == v for k, v in sel.items())
+            ]
+            den = [
+                r
+                for r in rows
+                if r.get("variant") == "score-denoised"
+                and r["metric"] == "frechet_distance"
+                and not r.get("curve")
+                and all(r.get(k) == v for k, v in sel.items())
+            ]
+            nll = sorted(
+                (r["factor"], r["value"])
+                for r in rows
+                if r["metric"] == "nll_nats_per_dim"
+                and not r.get("curve")
+                and all(r.get(k) == v for k, v in sel.items())
+            )
+            lines.append(
+                f"| {name or 'RECIPE (the main rows)'} | `{json.dumps(changed) if name else ''}` | "
+                f"{raw[0]['value']:.1f} | {den[0]['value']:.1f} | {' / '.join(f'{v:.3f}' for _, v in nll)} |"
+            )
     table = "\n".join(lines)
     md = ROOT / "docs" / "fewstep.md"
     text = md.read_text() if md.exists() else f"# Few-step generation\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
@@ -923,6 +965,15 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             shutil.copy(png, DOCS / png.name)
 
 
+def run_variant(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with its ``variant`` (read from its tag ``<method>-<variant>-s<seed>`` if the record predates
+    the key)."""
+    if "variant" not in record:
+        middle = record["tag"][len(record["method"]) : -len(f"-s{record['seed']}")]
+        record["variant"] = middle.lstrip("-") or None
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -962,7 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # -- the results file: every finished run of this config (variant runs too, tagged with their variant)
-    records = [json.loads(p.read_text()) for p in sorted((work / "runs").glob("*.json"))]
+    records = [run_variant(json.loads(p.read_text())) for p in sorted((work / "runs").glob("*.json"))]
     main_runs = [r for r in records if not r.get("variant") and r["seed"] in cfg.seeds and r["method"] in cfg.methods]
     expected = len(cfg.seeds) * len(cfg.methods)
     if len(main_runs) < expected:
