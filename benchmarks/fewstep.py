@@ -876,7 +876,8 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             "|---|---|---|---|---|",
         ]
         for name, recipe in [(None, payload["recipe"]), *variants.items()]:
-            changed = {k: v for k, v in recipe.items() if payload["recipe"].get(k) != v}
+            main_recipe = json.loads(json.dumps(payload["recipe"]))  # JSON-normal: tuples are lists
+            changed = {k: v for k, v in recipe.items() if main_recipe.get(k) != v}
             sel = {"method": "ntm-fm", "seed": 0, "budget": "equal-time", "run_variant": name}
             raw = [
                 r
