@@ -715,18 +715,7 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
                 )
                 continue
             if name == "nll_factors":
-                for k, v in enumerate(res, start=1):
-                    rows.append(
-                        {
-                            **common,
-                            "method": rec["method"],
-                            "steps": 4,
-                            "metric": "nll_nats_per_dim",
-                            "factor": k,
-                            "value": v,
-                            "t_min": T_MIN,
-                        }
-                    )
+                rows += factor_rows(common, rec["method"], res)
                 continue
             method, variant = ROW_NAMES[(rec["method"], name)]
             for metric in FINAL_METRICS:
@@ -757,22 +746,28 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
                     **({"round_teacher_steps": point["round_teacher_steps"]} if "round_teacher_steps" in point else {}),
                 }
             )
-            for k, v in enumerate(point.get("nll_factors", []), start=1):
-                rows.append(
-                    {
-                        **common,
-                        "method": rec["method"],
-                        "steps": 4,
-                        "metric": "nll_nats_per_dim",
-                        "factor": k,
-                        "value": v,
-                        "at_seconds": point["at_seconds"],
-                        "curve": True,
-                        "t_min": T_MIN,
-                    }
-                )
+            rows += factor_rows(
+                common, rec["method"], point.get("nll_factors", []), at_seconds=point["at_seconds"], curve=True
+            )
     rows += mean_rows([r for r in rows if r["budget"] == "equal-time" and not r.get("curve")])
     return rows
+
+
+def factor_rows(common: dict[str, Any], method: str, factors: list[float], **extra: Any) -> list[dict[str, Any]]:
+    """One ``nll_nats_per_dim`` row per step factor (``factor`` 1 is the last step, to ``T_MIN``)."""
+    return [
+        {
+            **common,
+            "method": method,
+            "steps": 4,
+            "metric": "nll_nats_per_dim",
+            "factor": k,
+            "value": v,
+            "t_min": T_MIN,
+            **extra,
+        }
+        for k, v in enumerate(factors, start=1)
+    ]
 
 
 CURVE_SAMPLER = {
