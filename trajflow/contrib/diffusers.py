@@ -720,7 +720,28 @@ def _guidance_setting(config: Any, guidance: float | None, default: float, name:
     return float(guidance)
 
 
-class FluxVelocity(_TextTransformerVelocity):
+class _FluxFamily(_TextTransformerVelocity):
+    """What FLUX.1 and FLUX.2 share: a latent ``sample_size`` and an optional distilled guidance embedding."""
+
+    sample_size: tuple[int, int]
+    guidance: float | None
+
+    @property
+    def transformer(self) -> nn.Module:
+        """The wrapped FLUX transformer."""
+        return self.model
+
+    def settings(self) -> dict[str, Any]:
+        return {"sample_size": list(self.sample_size), "guidance": self.guidance, **super().settings()}
+
+    def _guidance(self, n: int, device: torch.device) -> Tensor | None:
+        """The guidance embedding's input, as the pipelines pass it: ``torch.full([1], scale).expand(N)``, float32."""
+        if self.guidance is None:
+            return None
+        return torch.full((n,), self.guidance, device=device, dtype=torch.float32)
+
+
+class FluxVelocity(_FluxFamily):
     r"""A diffusers ``FluxTransformer2DModel`` (FLUX.1) as a text-conditional velocity model.
 
     The conversion (diffusers 0.42, ``pipeline_flux.py``, ``FluxPipeline``):
@@ -793,20 +814,10 @@ class FluxVelocity(_TextTransformerVelocity):
         ids[..., 2] = torch.arange(width // 2)[None, :]
         self.register_buffer("img_ids", ids.reshape(-1, 3), persistent=False)
 
-    @property
-    def transformer(self) -> nn.Module:
-        """The wrapped ``FluxTransformer2DModel``."""
-        return self.model
-
-    def settings(self) -> dict[str, Any]:
-        return {"sample_size": list(self.sample_size), "guidance": self.guidance, **super().settings()}
-
     def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
         n = x.shape[0]
         tokens = patchify(x, 2)  # == FluxPipeline._pack_latents: (N, C, H, W) -> (N, H W / 4, 4 C)
-        guidance = None
-        if self.guidance is not None:  # FluxPipeline.__call__: torch.full([1], guidance_scale).expand(N), float32
-            guidance = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+        guidance = self._guidance(n, x.device)
         out = self.model(
             hidden_states=tokens,
             encoder_hidden_states=prompt,
@@ -821,7 +832,7 @@ class FluxVelocity(_TextTransformerVelocity):
         return unpatchify(out, 2, self.event_shape)  # == FluxPipeline._unpack_latents
 
 
-class Flux2Velocity(_TextTransformerVelocity):
+class Flux2Velocity(_FluxFamily):
     r"""A diffusers ``Flux2Transformer2DModel`` (FLUX.2 dev / klein) as a text-conditional velocity model.
 
     The conversion (diffusers 0.42, ``pipeline_flux2_klein.py``, ``Flux2KleinPipeline``; ``Flux2Pipeline`` is
@@ -885,23 +896,13 @@ class Flux2Velocity(_TextTransformerVelocity):
         ids = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1))
         self.register_buffer("img_ids", ids, persistent=False)
 
-    @property
-    def transformer(self) -> nn.Module:
-        """The wrapped ``Flux2Transformer2DModel``."""
-        return self.model
-
-    def settings(self) -> dict[str, Any]:
-        return {"sample_size": list(self.sample_size), "guidance": self.guidance, **super().settings()}
-
     def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
         n, c, h, w = x.shape
         tokens = x.reshape(n, c, h * w).permute(0, 2, 1)  # == Flux2KleinPipeline._pack_latents
         # Flux2KleinPipeline._prepare_text_ids: cartesian_prod(t=[0], h=[0], w=[0], l) -> (L, 4)
         zero = torch.zeros(1, dtype=torch.long)
         txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(prompt.shape[1])).to(x.device)
-        guidance = None
-        if self.guidance is not None:  # Flux2Pipeline.__call__: torch.full([1], guidance_scale).expand(N)
-            guidance = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+        guidance = self._guidance(n, x.device)
         out = self.model(
             hidden_states=tokens,
             encoder_hidden_states=prompt,
