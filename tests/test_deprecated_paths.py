@@ -12,14 +12,6 @@ import pytest
 
 MOVED = {
     # old module -> (new module, the names the old module exported before the move)
-    "trajflow.flow_matching": (
-        "trajflow.baselines.flow_matching",
-        {"VelocityModel", "MLPVelocity", "FlowMatchingLoss", "euler_sample", "heun_sample", "guided_velocity"},
-    ),
-    "trajflow.predictors.flow_matching": (
-        "trajflow.predictors.from_velocity",
-        {"FlowMatchingPredictor", "CallableVelocity"},
-    ),
     "trajflow.t2i": (
         "trajflow.recipes.t2i",
         {"T2I_DATASETS", "DataConfig", "ModelConfig", "TextConfig", "SampleConfig", "T2IConfig"}
