@@ -63,7 +63,9 @@ class TrajectoryNLL:
     r"""The exact trajectory NLL of an NTM in nats per dimension.
 
     For each example: draw :math:`t_{\min} \sim U[\text{t\_min}]` (and :math:`T` from ``steps`` when it
-    is a set: multi-T training), build the grid, draw the forward trajectory, and evaluate
+    is a set: multi-T training; the batch is split into equal groups, one per :math:`T`, over a random
+    permutation, so each example's :math:`T` is uniform and the group sizes need no read from the device),
+    build the grid, draw the forward trajectory, and evaluate
     :math:`-\log p(x_{t_0}, \dots, x_{t_T})`.
 
     Arguments:
@@ -98,11 +100,8 @@ class TrajectoryNLL:
         validate_args: Check the values of the inputs (``x0`` finite) and of the grids. These checks read
             tensor values, a host-device synchronisation each on a GPU; with ``False`` the loss (draws,
             forward and backward) makes none, given networks built with ``validate_args=False`` too.
-            Shapes are always checked. With a set of ``steps`` and validation off, each batch is split into
-            equal groups (sizes differing by at most one) over a random permutation instead of drawing
-            every example's :math:`T` independently, so that the group sizes are known without reading
-            the draws: each example's :math:`T` is still uniform (exactly so when the batch size is a
-            multiple of the number of :math:`T`).
+            Shapes are always checked. The flag changes the checks, never the draws: the loss is the same,
+            bit for bit, with it on or off.
 
     Inputs: ``x0`` is a non-empty batch ``(B, *data)`` of any real dtype, cast to the model's parameter dtype
     (e.g. float64 data for a float32 model); an empty batch has no mean loss and is refused with a
@@ -221,7 +220,7 @@ class TrajectoryNLL:
         n, device = x0.shape[0], x0.device
         process = MarkovInterpolant(event_dim=len(event))
         groups = []
-        for T, index in self._groups(n, device, generator, validate):
+        for T, index in self._groups(n, device, generator):
             m = n if index is None else index.numel()
             t0 = sample_t_min((m,), *self.t_min, generator=generator, device=device)
             grid = time_grid(T, t0, self.shift, device=device, validate=validate)  # (m, T+1)
@@ -239,19 +238,20 @@ class TrajectoryNLL:
         return groups
 
     def _groups(
-        self, n: int, device: torch.device, generator: torch.Generator | None, validate: bool
+        self, n: int, device: torch.device, generator: torch.Generator | None
     ) -> list[tuple[int, Tensor | None]]:
-        """``(T, index)`` per group of examples; ``index`` ``None`` means every example (one ``T``)."""
+        """``(T, index)`` per group of examples; ``index`` ``None`` means every example (one ``T``).
+
+        With a set of ``steps``, the batch is split into equal groups (sizes differing by at most one) over a
+        random permutation: the group sizes never depend on the draws, so nothing is read back from the
+        device, and each example's :math:`T` is uniform over ``steps``. The same draws whether validation is
+        on or off (validation changes the checks, never the algorithm).
+        """
         if len(self._steps) == 1:
-            return [(self._steps[0], None)]  # no grouping: nothing to read back from the device
-        if not validate:
-            # Sync-free: equal groups over a random permutation (the group sizes never depend on the draws).
-            perm = torch.randperm(n, device=device, generator=generator)
-            bounds = [i * n // len(self._steps) for i in range(len(self._steps) + 1)]
-            return [(T, perm[a:b]) for T, a, b in zip(self._steps, bounds[:-1], bounds[1:]) if b > a]
-        choice = torch.randint(len(self._steps), (n,), device=device, generator=generator)
-        groups = [(T, (choice == i).nonzero().squeeze(-1)) for i, T in enumerate(self._steps)]
-        return [(T, index) for T, index in groups if index.numel()]
+            return [(self._steps[0], None)]
+        perm = torch.randperm(n, device=device, generator=generator)
+        bounds = [i * n // len(self._steps) for i in range(len(self._steps) + 1)]
+        return [(T, perm[a:b]) for T, a, b in zip(self._steps, bounds[:-1], bounds[1:]) if b > a]
 
     def group_nll(self, group: TrajectoryGroup) -> Tensor:
         """The NLL in nats/dim of each trajectory of a group, ``(m,)`` (see ``mode``)."""
