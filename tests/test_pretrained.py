@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from trajflow.pretrained import Pretrained, build_part, part_config, read_pretrained_config
+from trajflow.checkpoint import Pretrained, build_part, part_config, read_pretrained_config
 
 pytest.importorskip("safetensors")
 
@@ -144,7 +144,7 @@ def _edit_config(folder, edit) -> None:
 
 def test_the_weights_sha256_is_recorded_and_a_flipped_byte_is_refused(tmp_path):
     from trajflow import NTM
-    from trajflow.pretrained import file_sha256
+    from trajflow.checkpoint import file_sha256
 
     _tiny_ntm().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"

@@ -11,6 +11,7 @@ import zuko
 from torch import nn
 
 from trajflow import NTM, time_grid
+from trajflow.checkpoint import read_pretrained_config
 from trajflow.denoise import (
     LearnedDenoiser,
     MLPDenoiser,
@@ -28,7 +29,6 @@ from trajflow.predictors import (
     TransformerPredictorConfig,
     TransformerVelocity,
 )
-from trajflow.pretrained import read_pretrained_config
 from trajflow.transporters import (
     IdentityTransporter,
     TransformerTransporter,

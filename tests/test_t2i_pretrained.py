@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from trajflow.checkpoint import load_safetensors
-from trajflow.pretrained import PRETRAINED_FORMAT, Pretrained
+from trajflow.checkpoint import PRETRAINED_FORMAT, Pretrained, load_safetensors
 from trajflow.recipes.t2i import HashingTextEncoder, T2IConfig, T2IModel, build_model, load_t2i, train_t2i
 
 pytest.importorskip("safetensors")

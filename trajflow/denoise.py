@@ -39,14 +39,22 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_json, load_model_weights
+from .checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    Pretrained,
+    check_config,
+    dataclass_from_dict,
+    load_json,
+    load_model_weights,
+    read_pretrained_config,
+)
 from .checks import check_event_shape, check_finite
 from .conditioning import Condition, EventDims, align_cond, cond_batch_shape
 from .distribution import TrajectoryDistribution
 from .losses import guidance_dropout
 from .model import NTM
 from .predictors.transformer import TransformerPredictorConfig, TransformerVelocity
-from .pretrained import Pretrained, dataclass_from_dict, read_pretrained_config
 from .process import SAMPLE_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 from .velocity import MLPVelocity
 
@@ -463,7 +471,7 @@ def save_denoiser(denoiser: LearnedDenoiser, directory: str | os.PathLike) -> Pa
 
 
 def load_denoiser(directory: str | os.PathLike, *, into: LearnedDenoiser | None = None) -> LearnedDenoiser:
-    """Load a denoiser saved by :meth:`~trajflow.pretrained.Pretrained.save_pretrained` (or :func:`save_denoiser`).
+    """Load a denoiser saved by :meth:`~trajflow.checkpoint.Pretrained.save_pretrained` (or :func:`save_denoiser`).
 
     Folders written before the pretrained format (``config.json`` without ``"format"``) load too.
 

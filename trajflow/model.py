@@ -2,7 +2,7 @@ r"""The Normalizing Trajectory Model: a shared transporter plus a deep predictor
 
 ``NTM`` owns the two networks and builds a :class:`~trajflow.distribution.TrajectoryDistribution` for a
 time grid and a condition. Training losses live in :mod:`trajflow.losses`. A trained model is saved and
-rebuilt with :meth:`NTM.save_pretrained` / :meth:`NTM.from_pretrained` (:mod:`trajflow.pretrained`).
+rebuilt with :meth:`NTM.save_pretrained` / :meth:`NTM.from_pretrained` (:mod:`trajflow.checkpoint`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import Pretrained, build_part, check_config_keys, part_config
 from .conditioning import Condition
 from .distribution import TrajectoryDistribution, check_compatible
 from .predictors.base import Predictor
-from .pretrained import Pretrained, build_part, check_config_keys, part_config
 from .process import SAMPLE_T_MIN, time_grid
 from .transporters.base import Transporter
 
@@ -54,7 +54,7 @@ class NTM(Pretrained, nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """``{"transporter": ..., "predictor": ...}``, each part's ``{"class", "config"}``
-        (:func:`~trajflow.pretrained.part_config`); a part that cannot be rebuilt from a config gives a
+        (:func:`~trajflow.checkpoint.part_config`); a part that cannot be rebuilt from a config gives a
         ``TypeError`` naming it."""
         return {
             "transporter": part_config(self.transporter, "transporter"),
@@ -68,7 +68,7 @@ class NTM(Pretrained, nn.Module):
         Raises:
             ValueError: A part is missing, a field other than ``transporter`` and ``predictor`` is present
                 (named), or a part's record does not build (the part named, see
-                :func:`~trajflow.pretrained.build_part`).
+                :func:`~trajflow.checkpoint.build_part`).
         """
         check_config_keys(cls, config, known=("transporter", "predictor"))
         for key in ("transporter", "predictor"):

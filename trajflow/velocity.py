@@ -13,12 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import Pretrained
 from .checks import check_time_features, check_times
 from .conditioning import Condition, EventDims
 from .nn.condition import ConditionEmbedding
 from .nn.embeddings import SinusoidalEmbedding
 from .nn.mlp import ResidualMLP
-from .pretrained import Pretrained
 
 __all__ = ["VelocityModel", "MLPVelocity", "guided_velocity"]
 
@@ -85,7 +85,7 @@ class MLPVelocity(Pretrained, VelocityModel):
         self.depth, self.time_features = depth, time_features
 
     def config_dict(self) -> dict[str, Any]:
-        """The constructor's arguments (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        """The constructor's arguments (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
         return {
             "features": self.event_shape[0],
             "num_classes": self.num_classes,

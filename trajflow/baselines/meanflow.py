@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..checkpoint import Pretrained, dataclass_from_dict
 from ..checks import check_count, check_event_shape, check_finite
 from ..conditioning import Condition
 from ..losses import guidance_dropout
@@ -37,7 +38,6 @@ from ..predictors.transformer import (
     _check_time,
     _validate_cond,
 )
-from ..pretrained import Pretrained, dataclass_from_dict
 from ..process import time_grid
 
 __all__ = ["MeanFlowVelocity", "MeanFlowLoss", "meanflow_jvp", "meanflow_sample"]
@@ -78,7 +78,7 @@ class MeanFlowVelocity(Pretrained, nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
         return asdict(self.config)
 
     @classmethod

@@ -26,7 +26,7 @@ diffusers pipeline. Each is a :class:`DiffusersVelocity`: it loads a diffusers f
 (:meth:`~DiffusersVelocity.from_diffusers`, ``local_files_only=True``, nothing is fetched from a hub; a
 folder of another class or without ``config.json`` is refused naming the file), writes one back
 (:meth:`~DiffusersVelocity.save_diffusers`), and saves with trajflow's own
-:meth:`~trajflow.pretrained.Pretrained.save_pretrained` (the network's diffusers config in ``config.json``),
+:meth:`~trajflow.checkpoint.Pretrained.save_pretrained` (the network's diffusers config in ``config.json``),
 also as a part of an NTM built on it by :func:`trajflow.finetune.init_from_flow_matching` (import this module
 before ``NTM.from_pretrained`` reads such a folder: it registers the adapters' names).
 
@@ -68,10 +68,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import Pretrained
 from ..checks import check_tensor, check_times
 from ..conditioning import Condition
 from ..nn.patches import check_images, patchify, unpatchify
-from ..pretrained import Pretrained
 from ..velocity import VelocityModel
 
 if TYPE_CHECKING:

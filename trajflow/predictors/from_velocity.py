@@ -39,13 +39,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import Pretrained, build_part, check_config_keys, part_config
 from ..checks import check_number, check_tensor, check_time_features, check_times
 from ..conditioning import Condition, EventDims, cond_batch_shape, map_cond
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import patchify, unpatchify
 from ..nn.scale import soft_clip
 from ..numerics import upcast
-from ..pretrained import Pretrained, build_part, check_config_keys, part_config
 from ..process import MarkovInterpolant
 from ..velocity import VelocityModel
 from .base import Predictor
@@ -378,7 +378,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         nn.init.zeros_(self.head.bias)
 
     def config_dict(self) -> dict[str, Any]:
-        """The velocity model as a part (:func:`~trajflow.pretrained.part_config`) and the resolved settings.
+        """The velocity model as a part (:func:`~trajflow.checkpoint.part_config`) and the resolved settings.
 
         A velocity model that cannot be rebuilt from a config (a :class:`CallableVelocity` wraps arbitrary
         code) gives a ``TypeError`` naming ``velocity``.

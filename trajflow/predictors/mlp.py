@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import Pretrained
 from ..checks import check_number, check_time_features, check_times
 from ..conditioning import Condition
 from ..nn.condition import ConditionEmbedding
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.mlp import ResidualMLP
 from ..nn.scale import positive_scale
-from ..pretrained import Pretrained
 from .base import Predictor
 
 
@@ -75,7 +75,7 @@ class MLPPredictor(Pretrained, Predictor):
         self.width, self.depth, self.time_features = width, depth, time_features
 
     def config_dict(self) -> dict[str, Any]:
-        """The constructor's arguments (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        """The constructor's arguments (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
         return {
             "features": self.event_shape[0],
             "num_classes": self.num_classes,

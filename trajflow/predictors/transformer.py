@@ -36,13 +36,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import Pretrained, dataclass_from_dict
 from ..checks import check_tensor, check_times
 from ..conditioning import Condition, check_text_condition, cond_batch_shape, condition_event_dims
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
-from ..pretrained import Pretrained, dataclass_from_dict
 from ..velocity import VelocityModel
 from .base import Predictor
 
@@ -301,7 +301,7 @@ class TransformerPredictor(Pretrained, Predictor):
         nn.init.zeros_(self.head.bias)
 
     def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
         return asdict(self.config)
 
     @classmethod
@@ -381,7 +381,7 @@ class TransformerVelocity(Pretrained, VelocityModel):
         nn.init.zeros_(self.head.bias)
 
     def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.pretrained.Pretrained.save_pretrained`)."""
+        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
         return asdict(self.config)
 
     @classmethod

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..checkpoint import Pretrained
 from ..conditioning import Condition
 from ..numerics import upcast
-from ..pretrained import Pretrained
 from .base import Transporter
 
 

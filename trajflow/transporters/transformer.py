@@ -50,12 +50,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import Pretrained, dataclass_from_dict
 from ..checks import check_tensor, check_times
 from ..conditioning import Condition, align_cond, check_text_condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import check_images, patch_grid, patchify, unpatchify
 from ..nn.transformer import RotaryEmbedding2D
-from ..pretrained import Pretrained, dataclass_from_dict
 from .affine_blocks import AffineFlowBlock, TransformerTransporterConfig, TransporterCondition
 from .base import Transporter
 
@@ -117,7 +117,7 @@ class TransformerTransporter(Pretrained, Transporter):
 
     def config_dict(self) -> dict[str, Any]:
         """The fields of :attr:`config` (a :class:`TransformerTransporterConfig`); see
-        :meth:`~trajflow.pretrained.Pretrained.save_pretrained`. ``inverse_method`` is a run-time choice and is
+        :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`. ``inverse_method`` is a run-time choice and is
         not saved."""
         return asdict(self.config)
 

@@ -14,11 +14,11 @@ from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.lazy import Flow, LazyTransform
 from zuko.nn import MaskedMLP
 
+from ..checkpoint import Pretrained
 from ..checks import check_count, check_time_features, check_times
 from ..conditioning import Condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..numerics import upcast
-from ..pretrained import Pretrained
 from .base import Transporter
 
 __all__ = ["ZukoTransporter"]

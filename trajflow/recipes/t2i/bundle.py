@@ -1,7 +1,7 @@
 r"""A trained text-to-image model with everything needed to sample it (:class:`T2IModel`), read from a training
 checkpoint (:func:`load_t2i`) or a pretrained folder (:meth:`T2IModel.from_pretrained`).
 
-A pretrained folder is the :mod:`trajflow.pretrained` format, readable without running code::
+A pretrained folder is the :mod:`trajflow.checkpoint` format, readable without running code::
 
     DIR/config.json        {"format": "trajflow-pretrained/1", "class": "T2IModel", "config": <the T2IConfig>}
     DIR/model.safetensors  the network's weights (those the bundle holds: the EMA when it was loaded so)
@@ -24,13 +24,14 @@ from torch import Tensor, nn
 from ...checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
+    PRETRAINED_FORMAT,
     check_config,
     load_json,
     load_model_weights,
+    read_pretrained_config,
     resolve_checkpoint,
     save_model,
 )
-from ...pretrained import PRETRAINED_FORMAT, read_pretrained_config
 from .build import build_model
 from .config import T2IConfig
 from .sample import DEFAULT_DENOISE_T_MIN, generate

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...pretrained import dataclass_from_dict
+from ...checkpoint import dataclass_from_dict
 from ...process import SAMPLE_T_MIN, TRAIN_T_MIN
 from ...train import TrainerConfig
 

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...checkpoint import save_json
-from ...pretrained import dataclass_from_dict
+from ...checkpoint import dataclass_from_dict, save_json
 from ...train import Trainer, TrainerConfig
 from .build import build_dataset
 from .bundle import load_t2i, load_t2i_config

@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ...checkpoint import dataclass_from_dict
 from ...checks import check_count
 from ...data.toy import TOY_DENSITIES, toy_density
-from ...pretrained import dataclass_from_dict
 
 __all__ = ["METHODS", "RESUME_IGNORED", "DIMS", "ToyConfig", "auto_threads"]
 

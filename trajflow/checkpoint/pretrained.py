@@ -41,20 +41,18 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import inspect
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, MODEL_FILE, check_config, load_safetensors, save_json, save_safetensors
+from .configs import check_config, check_config_keys, json_checked
+from .files import CONFIG_FILE, MODEL_FILE, file_sha256, load_safetensors, save_json, save_safetensors
 
 __all__ = [
     "Pretrained",
@@ -62,9 +60,6 @@ __all__ = [
     "read_pretrained_config",
     "part_config",
     "build_part",
-    "dataclass_from_dict",
-    "check_config_keys",
-    "file_sha256",
     "load_pretrained_weights",
 ]
 
@@ -74,7 +69,6 @@ PRETRAINED_FORMAT = "trajflow-pretrained/1"
 _RECORD_FIELDS = ("format", "class", "config", "weights_sha256")
 
 P = TypeVar("P", bound="Pretrained")
-D = TypeVar("D")
 
 # class name -> class, for every subclass of Pretrained (filled by __init_subclass__)
 _REGISTRY: dict[str, type[Pretrained]] = {}
@@ -120,7 +114,7 @@ class Pretrained:
         (created if needed); returns it."""
         if not isinstance(self, nn.Module):
             raise TypeError(f"{type(self).__name__}: save_pretrained needs an nn.Module")
-        config = _json_checked(self.config_dict(), type(self).__name__)
+        config = json_checked(self.config_dict(), type(self).__name__)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         # The metadata also keeps safetensors 0.8 readable for a model without parameters: an empty file
@@ -175,15 +169,6 @@ class Pretrained:
             raise ValueError(f"directory: the config in {where!r} does not build a {saved['class']}: {e}") from e
         load_pretrained_weights(directory, model, sha256=saved.get("weights_sha256"))
         return model.to(device)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, as 64 hex digits (read in 1 MiB blocks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, sha256: str | None = None) -> None:
@@ -285,7 +270,7 @@ def part_config(module: nn.Module, name: str) -> dict[str, Any]:
     if not isinstance(module, Pretrained):
         raise TypeError(
             f"{name}: a {type(module).__name__} cannot be saved with save_pretrained (it does not implement "
-            f"trajflow.pretrained.Pretrained); save its state_dict and rebuild it in code instead"
+            f"trajflow.checkpoint.Pretrained); save its state_dict and rebuild it in code instead"
         )
     try:
         config = module.config_dict()
@@ -293,7 +278,7 @@ def part_config(module: nn.Module, name: str) -> dict[str, Any]:
         # A Pretrained class may still hold something no config can describe (a user-supplied flow);
         # say which part of the composite model it is.
         raise TypeError(f"{name}: {e}") from e
-    return {"class": type(module).__name__, "config": _json_checked(config, name)}
+    return {"class": type(module).__name__, "config": json_checked(config, name)}
 
 
 def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
@@ -315,64 +300,3 @@ def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
         return cls.from_config(record["config"])  # type: ignore[return-value]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from e
-
-
-def check_config_keys(cls: type, config: Mapping[str, Any], *, known: Sequence[str] | None = None) -> None:
-    """Raise a ``ValueError`` naming ``cls`` and every field of ``config`` it does not take.
-
-    ``known`` lists the fields; by default the keyword arguments of ``cls``'s constructor (no check when it
-    takes ``**kwargs``: the class checks those itself).
-
-    Example:
-        >>> class Box:
-        ...     def __init__(self, width: int = 1): ...
-        >>> check_config_keys(Box, {"width": 2, "colour": "red"})
-        Traceback (most recent call last):
-        ...
-        ValueError: config: Box has no field(s) ['colour'] (known: ['width'])
-    """
-    if not isinstance(config, Mapping):
-        raise ValueError(f"config: expected a mapping of {cls.__name__}'s fields, got {type(config).__name__}")
-    if known is None:
-        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        known = [p.name for p in params if p.kind in kinds]
-    unknown = sorted(str(k) for k in set(config) - set(known))
-    if unknown:
-        raise ValueError(f"config: {cls.__name__} has no field(s) {unknown} (known: {sorted(known)})")
-
-
-def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: str) -> D:
-    """``config_class(**config)`` for a config dataclass, refusing fields it does not have by name.
-
-    Fields missing from ``config`` take their defaults (a folder written before a field was added still
-    loads); unknown ones are an error rather than silently dropped.
-
-    Example:
-        >>> @dataclasses.dataclass
-        ... class Size:
-        ...     width: int = 4
-        >>> dataclass_from_dict(Size, {"width": 8}, "config")
-        Size(width=8)
-        >>> dataclass_from_dict(Size, {"width": 8, "depth": 2}, "config")
-        Traceback (most recent call last):
-        ...
-        ValueError: config: Size has no field(s) ['depth'] (known: ['width'])
-    """
-    known = [f.name for f in dataclasses.fields(config_class)]  # type: ignore[arg-type]
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ValueError(f"{name}: {config_class.__name__} has no field(s) {unknown} (known: {known})")
-    return config_class(**config)
-
-
-def _json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """``config`` as plain JSON (tuples become lists), or a ``TypeError`` naming the field that is not."""
-    for key, value in config.items():
-        try:
-            json.dumps(value)
-        except TypeError as e:
-            raise TypeError(f"{name}: config field {key!r} is a {type(value).__name__}, which JSON cannot hold") from e
-    return json.loads(json.dumps(dict(config)))

@@ -1,0 +1,144 @@
+"""Configs read back from folders: comparing them field by field, and refusing fields a class does not have.
+
+:func:`check_config` compares a saved ``config.json`` with the config that is about to use it and raises a
+``ValueError`` naming every field that differs, so that a checkpoint is never silently loaded into a
+differently-shaped (or differently-trained) model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["config_differences", "check_config", "check_config_keys", "dataclass_from_dict", "json_checked"]
+
+D = TypeVar("D")
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        if not obj and prefix:
+            out[prefix[:-1]] = {}
+        return out
+    # Lists and tuples compare as JSON lists (a config read back from JSON has lists where it had tuples).
+    if isinstance(obj, tuple):
+        obj = list(obj)
+    return {prefix[:-1]: obj}
+
+
+def config_differences(
+    expected: Mapping[str, Any], found: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> list[tuple[str, Any, Any]]:
+    """``[(dotted field, value in found, value in expected)]`` for every field that differs.
+
+    Nested dicts are compared field by field; a field missing on one side shows as ``<missing>``.
+    ``ignore`` lists dotted fields, or prefixes ending in ``.``, to leave out (log cadence, output paths).
+
+    Example:
+        >>> config_differences({"model": {"width": 64, "depth": 2}}, {"model": {"width": 32, "depth": 2}})
+        [('model.width', 32, 64)]
+    """
+    a, b = _flatten(json.loads(json.dumps(expected))), _flatten(json.loads(json.dumps(found)))
+    skip = tuple(ignore)
+
+    def ignored(key: str) -> bool:
+        return any(key == s or (s.endswith(".") and key.startswith(s)) for s in skip)
+
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if ignored(key):
+            continue
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if va != vb:
+            diffs.append((key, vb, va))
+    return diffs
+
+
+def check_config(
+    expected: Mapping[str, Any],
+    found: Mapping[str, Any],
+    *,
+    ignore: Iterable[str] = (),
+    source: str = "the checkpoint",
+) -> None:
+    """Raise a ``ValueError`` naming every differing field unless ``found`` matches ``expected``.
+
+    Example:
+        >>> try:
+        ...     check_config({"model": {"width": 64}}, {"model": {"width": 32}})
+        ... except ValueError as e:
+        ...     print(str(e).split("; ")[1])
+        differing fields: model.width (checkpoint: 32, now: 64)
+    """
+    diffs = config_differences(expected, found, ignore=ignore)
+    if diffs:
+        shown = ", ".join(f"{k} (checkpoint: {vf!r}, now: {ve!r})" for k, vf, ve in diffs[:12])
+        more = f" and {len(diffs) - 12} more" if len(diffs) > 12 else ""
+        raise ValueError(f"config: {source} was written with a different config; differing fields: {shown}{more}")
+
+
+def check_config_keys(cls: type, config: Mapping[str, Any], *, known: Sequence[str] | None = None) -> None:
+    """Raise a ``ValueError`` naming ``cls`` and every field of ``config`` it does not take.
+
+    ``known`` lists the fields; by default the keyword arguments of ``cls``'s constructor (no check when it
+    takes ``**kwargs``: the class checks those itself).
+
+    Example:
+        >>> class Box:
+        ...     def __init__(self, width: int = 1): ...
+        >>> check_config_keys(Box, {"width": 2, "colour": "red"})
+        Traceback (most recent call last):
+        ...
+        ValueError: config: Box has no field(s) ['colour'] (known: ['width'])
+    """
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config: expected a mapping of {cls.__name__}'s fields, got {type(config).__name__}")
+    if known is None:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        known = [p.name for p in params if p.kind in kinds]
+    unknown = sorted(str(k) for k in set(config) - set(known))
+    if unknown:
+        raise ValueError(f"config: {cls.__name__} has no field(s) {unknown} (known: {sorted(known)})")
+
+
+def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: str) -> D:
+    """``config_class(**config)`` for a config dataclass, refusing fields it does not have by name.
+
+    Fields missing from ``config`` take their defaults (a folder written before a field was added still
+    loads); unknown ones are an error rather than silently dropped.
+
+    Example:
+        >>> @dataclasses.dataclass
+        ... class Size:
+        ...     width: int = 4
+        >>> dataclass_from_dict(Size, {"width": 8}, "config")
+        Size(width=8)
+        >>> dataclass_from_dict(Size, {"width": 8, "depth": 2}, "config")
+        Traceback (most recent call last):
+        ...
+        ValueError: config: Size has no field(s) ['depth'] (known: ['width'])
+    """
+    known = [f.name for f in dataclasses.fields(config_class)]  # type: ignore[arg-type]
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"{name}: {config_class.__name__} has no field(s) {unknown} (known: {known})")
+    return config_class(**config)
+
+
+def json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``config`` as plain JSON (tuples become lists), or a ``TypeError`` naming the field that is not."""
+    for key, value in config.items():
+        try:
+            json.dumps(value)
+        except TypeError as e:
+            raise TypeError(f"{name}: config field {key!r} is a {type(value).__name__}, which JSON cannot hold") from e
+    return json.loads(json.dumps(dict(config)))

@@ -1,0 +1,247 @@
+r"""Training checkpoints: one step folder per save, committed atomically, and the model weights in them.
+
+Layout written by :class:`~trajflow.train.Trainer` (one folder per saved step)::
+
+    OUT/checkpoints/step-0000500/
+        config.json          the run's full config (what built the model, the data and the optimiser)
+        model.safetensors    the model's parameters and persistent buffers
+        ema.safetensors      the EMA weights (float32), with the update count in the header
+        optimizer.safetensors   optimizer state (tensors, with the rest of the state as JSON in the header)
+        scheduler.safetensors   learning-rate scheduler state (the same format, no tensors)
+        rng-rank0.safetensors   python / numpy / torch (CPU, CUDA) / generator states, one file per rank
+        trainer.json         step, epoch and position in the epoch, world size, torch threads
+        manifest.json        the step, and every other file's size and sha256 (written last)
+    OUT/checkpoints/latest   the name of the newest complete step folder
+
+Atomicity, in two layers:
+
+* every file is written with :func:`~trajflow.checkpoint.atomic_write`, so a reader never sees half a file;
+* a step folder is assembled under a hidden staging name (``.step-0000500.tmp``) and renamed to
+  ``step-0000500`` only when every file is in it (:meth:`CheckpointDir.commit`). A crash at any point
+  leaves the previous step folder, and the ``latest`` pointer to it, untouched; staging folders are
+  ignored by readers and removed by the next save.
+
+Each folder's ``manifest.json`` (:mod:`trajflow.checkpoint.manifest`) is checked before a run resumes from it;
+:meth:`CheckpointDir.newest_intact` falls back to the newest checkpoint that passes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from .configs import check_config
+from .files import (
+    CONFIG_FILE,
+    EMA_FILE,
+    MODEL_FILE,
+    atomic_write,
+    fsync_dir,
+    load_json,
+    load_safetensors,
+    save_json,
+    save_safetensors,
+)
+from .manifest import MANIFEST_FILE, DamagedCheckpointError, step_of, verify_checkpoint, write_manifest
+
+__all__ = ["CheckpointDir", "resolve_checkpoint", "save_model", "load_model_weights"]
+
+_LATEST = "latest"
+
+
+class CheckpointDir:
+    """A folder of step checkpoints ``step-0000500/``, committed atomically, keeping the newest ``keep``.
+
+    Arguments:
+        root: The folder (created on the first save).
+        keep: How many complete checkpoints to keep (``None``: all).
+
+    Example:
+        >>> import tempfile
+        >>> ckpts = CheckpointDir(tempfile.mkdtemp(), keep=2)
+        >>> for step in (10, 20, 30):
+        ...     staging = ckpts.staging(step)
+        ...     _ = save_json(staging / "trainer.json", {"step": step})
+        ...     _ = ckpts.commit(staging, step)
+        >>> [s for s, _ in ckpts.steps()], ckpts.latest().name
+        ([20, 30], 'step-0000030')
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int | None = 3) -> None:
+        if keep is not None and (not isinstance(keep, int) or keep < 1):
+            raise ValueError(f"keep: expected a positive integer or None, got {keep!r}")
+        self.root = Path(root)
+        self.keep = keep
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step-{step:07d}"
+
+    def steps(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as ``(step, folder)``, oldest first (staging folders are not listed)."""
+        if not self.root.is_dir():
+            return []
+        found = [(step_of(p.name), p) for p in self.root.iterdir()]
+        return sorted((step, p) for step, p in found if step is not None and p.is_dir())
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or ``None``.
+
+        The ``latest`` pointer is only a convenience for people and scripts: the newest complete step folder
+        is what counts, so a pointer left behind by a crash between the rename and its update is harmless.
+        """
+        steps = self.steps()
+        return steps[-1][1] if steps else None
+
+    def staging(self, step: int) -> Path:
+        """An empty hidden folder to assemble checkpoint ``step`` in (left-overs of a crash are removed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for p in self.root.glob(".step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        path = self.root / f".{self.name(step)}.tmp"
+        path.mkdir()
+        return path
+
+    def pointed(self) -> Path | None:
+        """The step folder the ``latest`` pointer names, if it names an existing one."""
+        try:
+            name = (self.root / _LATEST).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+        path = self.root / name
+        return path if step_of(name) is not None and path.is_dir() else None
+
+    def newest_intact(self) -> tuple[Path | None, list[tuple[Path, str]]]:
+        """The newest checkpoint that passes :func:`verify_checkpoint`, and the newer ones that do not.
+
+        Returns:
+            ``(folder or None, [(damaged folder, what is wrong), ...])``, the damaged ones newest first. ``None``
+            with an empty list: there is no checkpoint at all.
+        """
+        damaged = []
+        for _, path in reversed(self.steps()):
+            try:
+                verify_checkpoint(path)
+            except DamagedCheckpointError as e:
+                damaged.append((path, str(e)))
+                continue
+            return path, damaged
+        return None, damaged
+
+    def commit(self, staging: Path, step: int) -> Path:
+        """Record the manifest of a complete staging folder, move it into place as ``step-XXXXXXX``, update
+        ``latest``, prune.
+
+        Files in ``staging`` were fsync-ed as they were written (:func:`atomic_write`); the manifest
+        (:func:`write_manifest`) is written last, and the folder's entries are flushed before the rename so
+        that the renamed folder is complete after a power loss too.
+        """
+        write_manifest(staging, step)
+        fsync_dir(staging)
+        final = self.root / self.name(step)
+        if final.exists():  # saving the same step twice (e.g. a final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        fsync_dir(self.root)
+        atomic_write(self.root / _LATEST, lambda fh: fh.write((final.name + "\n").encode()))
+        self.prune(protect=(final,))
+        return final
+
+    def prune(self, protect: Iterable[Path] = ()) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints, never one in ``protect`` nor the one the
+        ``latest`` pointer names (folders of a higher step left by another run must not push out the
+        checkpoint just written)."""
+        if self.keep is None:
+            return
+        keep = {Path(p).resolve() for p in protect}
+        pointed = self.pointed()
+        if pointed is not None:
+            keep.add(pointed.resolve())
+        others = [path for _, path in self.steps() if path.resolve() not in keep]
+        for path in others[: max(len(others) - max(self.keep - len(keep), 0), 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The step folder that ``path`` designates: a step folder itself, a ``checkpoints`` folder (its newest
+    step), or a run folder holding ``checkpoints/`` (its newest step), or a folder with a model export
+    (``config.json`` + ``model.safetensors``).
+
+    Raises ``FileNotFoundError`` saying what was looked for.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint: {str(p)!r} does not exist")
+    if (p / CONFIG_FILE).is_file() and ((p / MODEL_FILE).is_file() or (p / EMA_FILE).is_file()):
+        return p
+    for root in (p, p / "checkpoints"):
+        latest = CheckpointDir(root, keep=None).latest()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"checkpoint: expected a step folder (config.json + model.safetensors), a checkpoints folder or a run "
+        f"folder with checkpoints/, got {str(p)!r} with none of these"
+    )
+
+
+def save_model(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    config: Mapping[str, Any],
+    *,
+    ema_state: Mapping[str, Tensor] | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` (and ``ema.safetensors``) into ``directory`` atomically
+    (each file); for a whole-folder guarantee use :class:`CheckpointDir`."""
+    directory = Path(directory)
+    save_safetensors(directory / MODEL_FILE, model.state_dict(), metadata)
+    if ema_state is not None:
+        save_safetensors(directory / EMA_FILE, ema_state, metadata)
+    save_json(directory / CONFIG_FILE, dict(config))
+    return directory
+
+
+def load_model_weights(
+    directory: str | os.PathLike,
+    model: nn.Module,
+    *,
+    expected_config: Mapping[str, Any] | None = None,
+    ignore: Iterable[str] = (),
+    ema: bool = False,
+) -> dict[str, str]:
+    """Load ``model.safetensors`` (or the EMA weights, ``ema=True``) of a checkpoint into ``model``.
+
+    With ``expected_config``, the checkpoint's ``config.json`` is compared first and a ``ValueError`` names
+    every differing field (see :func:`check_config`). EMA files hold only the averaged parameters;
+    buffers come from ``model.safetensors``. Returns the file's metadata.
+
+    A folder with a ``manifest.json`` (a Trainer's step folder) has the files read here checked against it
+    first (:func:`verify_checkpoint`): a corrupt or edited file raises :class:`DamagedCheckpointError`, a
+    ``ValueError`` naming it.
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST_FILE).is_file():
+        read = [MODEL_FILE, *([CONFIG_FILE] if expected_config is not None else []), *([EMA_FILE] if ema else [])]
+        verify_checkpoint(directory, [n for n in read if (directory / n).is_file()])
+    if expected_config is not None:
+        found = load_json(directory / CONFIG_FILE)
+        check_config(expected_config, found, ignore=ignore, source=f"the checkpoint {str(directory)!r}")
+    state, meta = load_safetensors(directory / MODEL_FILE)
+    if ema:
+        if not (directory / EMA_FILE).is_file():
+            raise FileNotFoundError(f"ema: the checkpoint {str(directory)!r} holds no {EMA_FILE}")
+        averaged, meta = load_safetensors(directory / EMA_FILE)
+        state.update(averaged)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint: the weights in {str(directory)!r} do not fit the model: missing {list(missing)[:5]}, "
+            f"unexpected {list(unexpected)[:5]}"
+        )
+    return meta
