@@ -1,4 +1,4 @@
-# make demo   - set up a virtual environment (CPU torch) and run the toy job
+# make demo   - set up a virtual environment (CPU torch) and run the toy lab (examples/toy/train.py)
 # make test   - set up the same environment and run the test suite and the docstring examples
 # make lint   - ruff (lint and format check; make test runs it first)
 VENV ?= .venv
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements/data.txt scripts/setup.sh
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/trajflow toy --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
+	$(BIN)/python examples/toy/train.py --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
 
 test: lint
 	$(BIN)/python -m pytest tests --doctest-modules trajflow

@@ -36,5 +36,4 @@ collect_ignore = [path for path, packages in _NEEDS.items() if _missing(packages
 # no examples of their own; importing them for doctest collection would only raise their warnings.
 collect_ignore += [
     "trajflow/t2i.py",
-    "trajflow/toy.py",
 ]

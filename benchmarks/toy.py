@@ -1,11 +1,11 @@
 """Toy benchmark: NTM against flow matching, the Gaussian-step model and a single NSF on 2-D densities.
 
-For every density and seed, :func:`trajflow.recipes.toy.run_toy` trains the four models (each through
-:class:`trajflow.train.Trainer`) on the same MLP, the same data points and the same number of optimizer
-steps, and measures sample distances (energy distance, sliced Wasserstein), the total variation between a
-fine histogram of the samples and the density's exact bin masses (and, on the checkerboard, the share of
-samples inside its squares), and likelihoods (NTM's and the Gaussian-step model's -ELBO, the NSF's exact
-NLL) on held-out data. Rows go to ``benchmarks/results/toy.json``
+For every density and seed, :func:`examples.toy.train.run_toy` (the job of ``examples/toy/train.py``) trains
+the four models (each through :class:`trajflow.train.Trainer`) on the same MLP, the same data points and the
+same number of optimizer steps, and measures sample distances (energy distance, sliced Wasserstein), the
+total variation between a fine histogram of the samples and the density's exact bin masses (and, on the
+checkerboard, the share of samples inside its squares), and likelihoods (NTM's and the Gaussian-step model's
+-ELBO, the NSF's exact NLL) on held-out data. Rows go to ``benchmarks/results/toy.json``
 (format: ``benchmarks/_common.py``) or ``--out``, written after every run so that an interrupted benchmark
 keeps what it measured and ``--resume`` skips it.
 
@@ -30,14 +30,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # for the examples package (the toy lab)
 
 from _common import RESULTS, ROOT, command_line, read_results, source_state, write_results  # noqa: E402
 
+from examples.toy.config import ToyConfig  # noqa: E402
+from examples.toy.train import run_toy  # noqa: E402
 from trajflow.data.toy import TOY_DENSITIES  # noqa: E402
-from trajflow.recipes.toy import ToyConfig, metrics_to_rows, run_toy  # noqa: E402
 
 #: The densities the targets are stated on.
 TARGET_DENSITIES = ("checkerboard", "eight_gaussians", "spirals")
@@ -71,6 +75,45 @@ TABLE_ROWS = (
     ("single NSF", "nsf", None),
     ("data vs data", "data", None),
 )
+
+
+def metrics_to_rows(metrics: dict[str, Any], *, task: str | None = None, seed: int | None = None) -> list[dict]:
+    """Flatten a ``metrics.json`` into rows of the benchmark results format (one metric per row).
+
+    Every row has ``task``, ``method``, ``steps``, ``metric``, ``value`` and ``seed``, plus ``train_seconds``,
+    ``train_iters``, ``params``, ``sample_seconds`` and the CPU ``threads``. The data-vs-data reference
+    distances come out with ``method="data"``.
+    """
+    task = task or metrics["density"]
+    seed = metrics["config"]["seed"] if seed is None else seed
+    rows = []
+    names = (
+        "energy_distance",
+        "sliced_wasserstein",
+        "histogram_tv",
+        "support_share",
+        "elbo_nats_per_dim",
+        "trajectory_nll_nats_per_dim",
+        "nll_nats_per_dim",
+    )
+    entries: Iterable[dict[str, Any]] = [metrics["reference"], *metrics["methods"].values()]
+    for e in entries:
+        extra = {k: e[k] for k in ("train_seconds", "train_iters", "params", "sample_seconds") if k in e}
+        extra["threads"] = metrics["threads"]
+        for name in names:
+            if name in e:
+                rows.append(
+                    {
+                        "task": task,
+                        "method": e["method"],
+                        "steps": e["steps"],
+                        "metric": name,
+                        "value": e[name],
+                        "seed": seed,
+                        **extra,
+                    }
+                )
+    return rows
 
 
 def parse_value(text: str):

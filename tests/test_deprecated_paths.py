@@ -19,12 +19,6 @@ MOVED = {
         | {"TextToImageObjective", "generate", "save_image_grid", "init_ntm_from_fm", "DistillConfig"}
         | {"DistillResult", "distill_t2i", "train_t2i", "T2IModel", "load_t2i", "apply_overrides"},
     ),
-    "trajflow.toy": (
-        "trajflow.recipes.toy",
-        {"METHODS", "ToyConfig", "TrainRecord", "ToyResult", "build_model", "train_method", "train_ntm"}
-        | {"train_gaussian", "train_flow_matching", "train_nsf", "evaluate_method", "run_toy", "plot_toy"}
-        | {"metrics_to_rows", "auto_threads"},
-    ),
 }
 
 

@@ -1,10 +1,11 @@
-"""The toy job end to end: ``trajflow toy`` writes its figure and metrics, resumes, and rejects bad input.
+"""The toy lab end to end: ``examples/toy/train.py`` writes its figure and metrics, resumes, and rejects bad input.
 
 A method interrupted part-way and resumed through the Trainer ends with the same weights as an uninterrupted
 one, and its checkpoints are the library's format (config.json + safetensors)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,14 +15,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import trajflow.recipes.toy as toy
-from trajflow.cli import main
+from examples.toy.config import METHODS, ToyConfig
+from examples.toy.evaluate import distances
+from examples.toy.figure import _scores_text
+from examples.toy.model import build_model
+from examples.toy.train import main, run_toy, train_method, trainer_config
 from trajflow.data.toy import toy_density
-from trajflow.recipes.toy import ToyConfig, build_model, run_toy, train_method
-from trajflow.recipes.toy.evaluate import distances
-from trajflow.recipes.toy.figure import _scores_text
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metrics_to_rows(metrics: dict) -> list[dict]:
+    """``benchmarks/toy.py``'s flattening of a ``metrics.json`` into rows of the results format."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark imports its _common
+    try:
+        spec = importlib.util.spec_from_file_location("bench_toy", ROOT / "benchmarks" / "toy.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module.metrics_to_rows(metrics)
 
 
 def tiny(iters: int = 3) -> list[str]:
@@ -53,7 +66,7 @@ def _tiny_config(**kw) -> ToyConfig:
 
 def test_cli_writes_figure_and_metrics_for_every_method(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    assert main(["toy", "--density", "checkerboard", "--out", str(out), *TINY]) == 0
+    assert main(["--density", "checkerboard", "--out", str(out), *TINY]) == 0
     png = out / "toy_checkerboard.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -73,21 +86,22 @@ def test_cli_writes_figure_and_metrics_for_every_method(tmp_path: Path) -> None:
     assert metrics["methods"]["fm-euler-100"]["steps"] == 100
     assert "energy_distance" in metrics["reference"]
     # Checkpoints: the Trainer's, one folder per method, plus the config that made them.
-    for method in toy.METHODS:
+    for method in METHODS:
         [ckpt] = (out / method / "checkpoints").glob("step-*")
         assert ckpt.name == "step-0000003"
         assert {"config.json", "model.safetensors", "ema.safetensors"} <= {p.name for p in ckpt.iterdir()}
     assert not list(out.rglob("*.pt.tmp")) and not list((out / "ntm" / "checkpoints").glob(".*"))
     assert json.loads((out / "config.json").read_text())["density"] == "checkerboard"
     # The rows of the benchmark format come out of the same metrics.
-    rows = toy.metrics_to_rows(metrics)
+    rows = _metrics_to_rows(metrics)
     assert {(r["method"], r["steps"]) for r in rows} >= {("ntm", 4), ("fm-euler", 4), ("fm-euler", 100), ("nsf", None)}
     assert {(r["method"], r["metric"]) for r in rows} >= {("data", "histogram_tv"), ("ntm", "support_share")}
 
 
-def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
+def test_the_script_runs_from_a_shell(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "trajflow", "toy", "--density", "spirals", "--out", str(out), "--methods", "fm"]
+    script = str(ROOT / "examples" / "toy" / "train.py")
+    cmd = [sys.executable, script, "--density", "spirals", "--out", str(out), "--methods", "fm"]
     done = subprocess.run([*cmd, *TINY], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (out / "toy_spirals.png").is_file()
@@ -97,7 +111,7 @@ def test_python_dash_m_runs_the_same_command(tmp_path: Path) -> None:
 
 def test_resume_with_another_budget_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
-    args = ["toy", "--out", str(out), "--methods", "nsf"]
+    args = ["--out", str(out), "--methods", "nsf"]
     assert main([*args, *tiny(3)]) == 0
     capsys.readouterr()
     # The budget sets the learning-rate schedule, so a resumed run must keep it; the error names the field.
@@ -125,7 +139,7 @@ def test_resume_refuses_a_different_training_config(tmp_path: Path) -> None:
 
 
 def test_existing_run_without_resume_is_a_clear_cli_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = ["toy", "--out", str(tmp_path), "--methods", "fm", *TINY]
+    args = ["--out", str(tmp_path), "--methods", "fm", *TINY]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2
@@ -147,18 +161,16 @@ def test_bad_arguments_give_a_clear_error(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["toy", "--out", str(tmp_path), *argv])
+        main(["--out", str(tmp_path), *argv])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "metrics.json").exists()
 
 
-def test_missing_out_and_subcommand_are_errors(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit):
-        main(["toy"])
-    assert "--out" in capsys.readouterr().err
+def test_missing_out_is_an_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main([])
+    assert "--out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -245,13 +257,13 @@ def test_run_toy_resumes_an_interrupted_method(tmp_path: Path) -> None:
 # -- issue 16: checkpoint intervals, the thread count -------------------------------------------------------
 def test_cli_sets_the_checkpoint_interval_in_steps_and_minutes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
-    args = ["toy", "--out", str(out), "--methods", "fm", *tiny(5), "--checkpoint-every", "2"]
+    args = ["--out", str(out), "--methods", "fm", *tiny(5), "--checkpoint-every", "2"]
     assert main([*args, "--checkpoint-minutes", "0.5"]) == 0
     # keep_checkpoints=2: the step-2 folder was written, then pruned after step 4.
     assert sorted(p.name for p in (out / "fm" / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000005"]
     saved = json.loads((out / "config.json").read_text())
     assert (saved["checkpoint_every"], saved["checkpoint_minutes"]) == (2, 0.5)
-    assert toy.trainer_config(ToyConfig(checkpoint_minutes=0.5)).checkpoint_minutes == 0.5
+    assert trainer_config(ToyConfig(checkpoint_minutes=0.5)).checkpoint_minutes == 0.5
     with pytest.raises(SystemExit):
         main([*args, "--checkpoint-minutes", "0"])
     assert "argument --checkpoint-minutes: expected a positive" in capsys.readouterr().err

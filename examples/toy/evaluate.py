@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...baselines.flow_matching import euler_sample
-from ...baselines.single_flow import count_parameters
-from ...data.toy import toy_density
-from ...metrics import energy_distance, histogram_distance, sliced_wasserstein
-from ...process import MarkovInterpolant, time_grid
-from .config import DIMS, METHODS, ToyConfig
+from examples.toy.config import DIMS, METHODS, ToyConfig
+from trajflow.baselines.flow_matching import euler_sample
+from trajflow.baselines.single_flow import count_parameters
+from trajflow.data.toy import toy_density
+from trajflow.metrics import energy_distance, histogram_distance, sliced_wasserstein
+from trajflow.process import MarkovInterpolant, time_grid
 
 __all__ = [
     "evaluate_method",

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ...data.toy import toy_density
-from .config import ToyConfig
+from examples.toy.config import ToyConfig
+from trajflow.data.toy import toy_density
 
 __all__ = ["ToyTrainingSet", "whole_batch", "SECONDS_POOL_BATCHES"]
 

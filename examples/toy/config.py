@@ -8,9 +8,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ...checkpoint import dataclass_from_dict
-from ...checks import check_count
-from ...data.toy import TOY_DENSITIES, toy_density
+from trajflow.checkpoint import dataclass_from_dict
+from trajflow.checks import check_count
+from trajflow.data.toy import TOY_DENSITIES, toy_density
 
 __all__ = ["METHODS", "RESUME_IGNORED", "DIMS", "ToyConfig", "auto_threads"]
 
@@ -45,7 +45,7 @@ class ToyConfig:
     points (one fixed-seed sample of ``iters * batch_size`` points, each used once) and the same
     learning-rate schedule; with ``seconds`` the cheaper baselines take more steps.
 
-    Every method trains through :class:`trajflow.train.Trainer`; :func:`trajflow.recipes.toy.trainer_config`
+    Every method trains through :class:`trajflow.train.Trainer`; :func:`examples.toy.train.trainer_config`
     maps these fields onto its :class:`~trajflow.train.TrainerConfig` (``iters`` -> ``steps``, ``seconds``
     -> ``time_budget``, ``warmup`` -> ``warmup_steps``, and ``batch_size``, ``lr``, ``min_lr_ratio``,
     ``weight_decay``, ``grad_clip``, ``ema_decay``, ``seed``, ``checkpoint_every``, ``checkpoint_minutes``,

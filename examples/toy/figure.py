@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ...checkpoint import atomic_write
-from ...process import time_grid
+from trajflow.checkpoint import atomic_write
+from trajflow.process import time_grid
 
 if TYPE_CHECKING:
-    from .job import ToyResult
+    from examples.toy.train import ToyResult
 
 __all__ = ["plot_toy"]
 

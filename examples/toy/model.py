@@ -1,4 +1,4 @@
-"""The model and the training objective of every toy method (see :data:`~trajflow.recipes.toy.METHODS`)."""
+"""The model and the training objective of every toy method (see :data:`~examples.toy.config.METHODS`)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import torch
 import zuko
 from torch import Tensor, nn
 
-from ...baselines.flow_matching import FlowMatchingLoss
-from ...losses import TrajectoryNLL
-from ...model import NTM
-from ...predictors import MLPPredictor
-from ...transporters import IdentityTransporter, ZukoTransporter
-from ...velocity import MLPVelocity
-from .config import DIMS, METHODS, ToyConfig
+from examples.toy.config import DIMS, METHODS, ToyConfig
+from trajflow.baselines.flow_matching import FlowMatchingLoss
+from trajflow.losses import TrajectoryNLL
+from trajflow.model import NTM
+from trajflow.predictors import MLPPredictor
+from trajflow.transporters import IdentityTransporter, ZukoTransporter
+from trajflow.velocity import MLPVelocity
 
 __all__ = ["build_model", "ToyObjective"]
 
