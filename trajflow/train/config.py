@@ -4,7 +4,7 @@ and what it returns (:class:`TrainResult`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -106,53 +106,12 @@ class TrainerConfig:
     lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for prefix, scale in dict(self.lr_scales).items():
-            if not isinstance(prefix, str) or not (
-                isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0
-            ):
-                raise ValueError(
-                    f"train.lr_scales: expected a mapping of parameter-name prefixes to positive numbers, got "
-                    f"{prefix!r}: {scale!r}"
-                )
+        _check_lr_scales(self.lr_scales)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"train.{name}: expected a positive integer, got {v!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(
-                f"train.warmup_steps: expected an integer in 0..steps={self.steps}, got {self.warmup_steps!r}"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"train.lr: expected a positive learning rate, got {self.lr!r}")
-        budget = self.time_budget
-        numeric = isinstance(budget, (int, float)) and not isinstance(budget, bool)
-        if budget is not None and not (numeric and math.isfinite(budget) and budget > 0):
-            raise ValueError(
-                f"train.time_budget: expected a positive number of seconds or null, got {self.time_budget!r}"
-            )
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"train.min_lr_ratio: expected a fraction in [0, 1], got {self.min_lr_ratio!r}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {self.betas!r}")
-        for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name}: expected a non-negative number, got {getattr(self, name)!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay: expected a number in [0, 1) (0 disables), got {self.ema_decay!r}")
-        if self.mixed_precision not in _MIXED_PRECISION:
-            raise ValueError(
-                f"train.mixed_precision: expected one of {_MIXED_PRECISION} (fp16 would need loss scaling and "
-                f"is not supported), got {self.mixed_precision!r}"
-            )
-        minutes = self.checkpoint_minutes
-        numeric = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
-        if minutes is not None and not (numeric and math.isfinite(minutes) and minutes > 0):
-            raise ValueError(
-                f"train.checkpoint_minutes: expected a positive number of minutes or null, got {minutes!r}"
-            )
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"train.num_workers: expected a non-negative integer, got {self.num_workers!r}")
+        for name, ok, expected in _FIELD_CHECKS:  # in this order: warmup_steps is checked against valid steps
+            value = getattr(self, name)
+            if not ok(value, self):
+                raise ValueError(f"train.{name}: expected {expected.format(steps=self.steps)}, got {value!r}")
 
     def run_progress(self, step: int, train_seconds: float) -> float:
         """How much of the run is done after ``step`` optimizer steps and ``train_seconds`` of training, in [0, 1].
@@ -174,6 +133,52 @@ class TrainerConfig:
         if self.time_budget is not None:
             done = max(done, train_seconds / self.time_budget)
         return min(max(done, 0.0), 1.0)
+
+
+def _check_lr_scales(lr_scales: Mapping[str, float]) -> None:
+    for prefix, scale in dict(lr_scales).items():
+        if not isinstance(prefix, str) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(
+                f"train.lr_scales: expected a mapping of parameter-name prefixes to positive numbers, got "
+                f"{prefix!r}: {scale!r}"
+            )
+
+
+def _positive_int(v: Any, cfg: TrainerConfig) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_or_none(v: Any, cfg: TrainerConfig) -> bool:
+    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return v is None or (numeric and math.isfinite(v) and v > 0)
+
+
+def _betas(v: Any, cfg: TrainerConfig) -> bool:
+    return len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
+
+
+_COUNTS = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
+
+# (field, check(value, config), what is expected) for every field but lr_scales, checked in order by
+# TrainerConfig.__post_init__; a failed check raises "train.<field>: expected <what>, got <value>".
+_FIELD_CHECKS: tuple[tuple[str, Callable[[Any, TrainerConfig], bool], str], ...] = (
+    *((name, _positive_int, "a positive integer") for name in _COUNTS),
+    ("warmup_steps", lambda v, cfg: isinstance(v, int) and 0 <= v <= cfg.steps, "an integer in 0..steps={steps}"),
+    ("lr", lambda v, cfg: v > 0, "a positive learning rate"),
+    ("time_budget", _positive_or_none, "a positive number of seconds or null"),
+    ("min_lr_ratio", lambda v, cfg: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
+    ("betas", _betas, "two numbers in [0, 1)"),
+    ("weight_decay", lambda v, cfg: not v < 0, "a non-negative number"),
+    ("grad_clip", lambda v, cfg: not v < 0, "a non-negative number"),
+    ("ema_decay", lambda v, cfg: 0.0 <= v < 1.0, "a number in [0, 1) (0 disables)"),
+    (
+        "mixed_precision",
+        lambda v, cfg: v in _MIXED_PRECISION,
+        f"one of {_MIXED_PRECISION} (fp16 would need loss scaling and is not supported)",
+    ),
+    ("checkpoint_minutes", _positive_or_none, "a positive number of minutes or null"),
+    ("num_workers", lambda v, cfg: isinstance(v, int) and v >= 0, "a non-negative integer"),
+)
 
 
 class Objective(Protocol):

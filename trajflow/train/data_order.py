@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-__all__ = ["mix_seed", "ResumableSampler", "to_device"]
+if TYPE_CHECKING:
+    from .config import TrainerConfig
+
+__all__ = ["mix_seed", "ResumableSampler", "to_device", "endless_batches"]
 
 
 def mix_seed(*values: int) -> int:
@@ -74,3 +77,72 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)) and batch and any(isinstance(v, Tensor) for v in batch):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def endless_batches(
+    dataset: Dataset, collate_fn: Callable | None, position: dict[str, int], config: TrainerConfig, accelerator: Any
+) -> Iterator[Any]:
+    """Endless batches of this process from ``position`` = {epoch, batch_in_epoch} on; updates ``position``.
+
+    A map-style dataset is read in :class:`ResumableSampler` order from the consumed part of the epoch on; a
+    stream (``IterableDataset``) is re-opened at the epoch start and the consumed batches are re-read and
+    dropped. With several processes, every one moves to the next epoch as soon as one runs dry.
+
+    Raises:
+        ValueError: A process would get fewer than ``batch_size`` examples per epoch, or a whole epoch yields
+            no complete batch.
+    """
+    iterable = isinstance(dataset, IterableDataset)
+    while True:
+        epoch, skip = position["epoch"], position["batch_in_epoch"]
+        it = _epoch_batches(dataset, collate_fn, epoch, skip, config, accelerator)
+        while True:
+            batch = next(it, None)
+            if iterable and accelerator.num_processes > 1:
+                # Streams may give ranks different numbers of batches; every rank moves to the next epoch
+                # as soon as one runs dry, or the others would wait forever in the gradient all-reduce.
+                have = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
+                if float(accelerator.gather(have).min()) == 0.0:
+                    batch = None
+            if batch is None:
+                break
+            position["batch_in_epoch"] += 1
+            yield batch
+        if position["batch_in_epoch"] == skip and skip == 0:
+            raise ValueError("dataset: yielded no complete batch in a whole epoch (is it empty or too small?)")
+        position["epoch"] += 1
+        position["batch_in_epoch"] = 0
+
+
+def _epoch_batches(
+    dataset: Dataset, collate_fn: Callable | None, epoch: int, skip: int, config: TrainerConfig, accelerator: Any
+) -> Iterator[Any]:
+    """The batches of ``epoch`` after the first ``skip`` (an iterator over a fresh DataLoader)."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    # A generator for the DataLoader's own draws (worker base seeds): without it, creating the
+    # iterator would consume the global RNG at a point that differs between a run and its resumption.
+    loader_gen = torch.Generator().manual_seed(mix_seed(config.seed, epoch, rank, 2))
+    common = dict(
+        batch_size=config.batch_size,
+        drop_last=True,
+        num_workers=config.num_workers,
+        collate_fn=collate_fn,
+        generator=loader_gen,
+        pin_memory=accelerator.device.type == "cuda",
+    )
+    if isinstance(dataset, IterableDataset):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        it = iter(DataLoader(dataset, **common))
+        for _ in range(skip):  # streams cannot seek: re-read and drop the consumed batches
+            next(it, None)
+        return it
+    sampler = ResumableSampler(len(dataset), seed=config.seed, shuffle=config.shuffle, rank=rank, world_size=world_size)
+    per_rank = len(sampler)
+    if per_rank < config.batch_size:
+        raise ValueError(
+            f"dataset: expected at least batch_size={config.batch_size} examples per process, got "
+            f"{per_rank} (dataset of {len(dataset)} over {world_size} processes)"
+        )
+    sampler.set_position(epoch, skip * config.batch_size)
+    return iter(DataLoader(dataset, sampler=sampler, **common))

@@ -8,7 +8,7 @@ a fresh run may not overwrite, the log cut back to the resumed step, and the sta
   steps done again after a resumption are logged once.
 * The optimizer, scheduler and random states are safetensors + JSON (:func:`~trajflow.checkpoint.save_state`);
   the pickles of older checkpoints are read with ``weights_only=True`` and a refused one is named
-  (:func:`read_state`).
+  (:func:`read_state`); :func:`restore_states` puts them all back into a run about to resume.
 """
 
 from __future__ import annotations
@@ -27,18 +27,22 @@ import torch
 
 from ..checkpoint import (
     CONFIG_FILE,
+    EMA_FILE,
     TRAINER_FILE,
     CheckpointDir,
     DamagedCheckpointError,
     atomic_write,
     check_config,
     load_json,
+    load_safetensors,
     load_state,
     load_torch,
     resolve_checkpoint,
     verify_checkpoint,
 )
+from ..ema import EMA
 from .config import RESUME_IGNORED_FIELDS
+from .random_state import restore_rng_state
 
 __all__ = [
     "LOG_FILE",
@@ -47,6 +51,7 @@ __all__ = [
     "check_resume",
     "cut_log",
     "read_state",
+    "restore_states",
     "check_threads",
 ]
 
@@ -199,3 +204,39 @@ def check_threads(info: dict[str, Any], ckpt: Path, device: torch.device) -> Non
             RuntimeWarning,
             stacklevel=3,
         )
+
+
+def restore_states(
+    ckpt: Path,
+    wrapped: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    ema: EMA | None,
+    generator: torch.Generator,
+    *,
+    rank: int,
+    fsdp: bool,
+) -> None:
+    """Load the optimizer, scheduler, EMA and random states of ``ckpt`` (the weights are already in).
+
+    ``wrapped`` and ``optimizer`` are as accelerate prepared them; with ``fsdp`` the full optimizer state is
+    loaded into the sharded one. The random states (of process ``rank``) come last, so that nothing between
+    here and the first step consumes a random number.
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(
+            wrapped,
+            optimizer.optimizer,
+            read_state(ckpt, "optimizer"),
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )
+    else:
+        # Loaded on the CPU; load_state_dict moves each state tensor to its parameter's device.
+        optimizer.load_state_dict(read_state(ckpt, "optimizer"))
+    scheduler.load_state_dict(read_state(ckpt, "scheduler"))
+    if ema is not None:
+        averaged, meta = load_safetensors(ckpt / EMA_FILE)
+        ema.load_state_dict(averaged, meta)
+    restore_rng_state(read_state(ckpt, f"rng-rank{rank}"), generator)

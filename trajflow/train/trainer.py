@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..checkpoint import (
@@ -29,14 +28,15 @@ from ..checkpoint import (
     save_safetensors,
     save_state,
 )
-from ..checks import accepts_keyword, check_count
+from ..checks import check_count
 from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
 from .config import Objective, TrainerConfig, TrainResult
-from .data_order import ResumableSampler, mix_seed, to_device
+from .data_order import endless_batches, mix_seed, to_device
 from .interval_log import IntervalLog
-from .random_state import capture_rng_state, restore_rng_state
-from .run_folder import LOG_FILE, check_fresh_start, check_resume, checkpoint_to_resume, cut_log, read_state
+from .loop import Evaluate, FitState, LearningCurve, ObjectiveModule, progress_bar
+from .random_state import capture_rng_state
+from .run_folder import LOG_FILE, check_fresh_start, check_resume, checkpoint_to_resume, cut_log, restore_states
 
 __all__ = ["Trainer"]
 
@@ -44,31 +44,6 @@ __all__ = ["Trainer"]
 _clock = time.perf_counter
 # The clock of ``checkpoint_minutes`` (wall-clock time, checkpoints and evaluations included), for tests likewise.
 _wall_clock = time.monotonic
-
-
-# ============================================================================================== model wrapper
-class _ObjectiveModule(nn.Module):
-    """The model and its objective as one module, so that DDP/FSDP see the whole loss as ``forward``.
-
-    DDP prepares its gradient reduction in ``forward`` and FSDP gathers shards there; NTM's losses call
-    ``model.distribution``, ``model.transporter`` and so on, never ``model.forward``, so the wrapper's
-    ``forward`` is what those wrappers must see. The objective is kept out of the module tree (it may hold
-    frozen networks, e.g. a VAE, that must not be trained, synchronised or saved).
-    """
-
-    def __init__(self, model: nn.Module, objective: Objective) -> None:
-        super().__init__()
-        self.model = model
-        self.__dict__["objective"] = objective
-        self.takes_progress = accepts_keyword(objective, "progress")  # read once, not on every step
-
-    def forward(
-        self, batch: Any, generator: torch.Generator, step: int, progress: float
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        extra = {"progress": progress} if self.takes_progress else {}
-        out = self.objective(self.model, batch, generator, step, **extra)
-        loss, logs = (out, {}) if isinstance(out, Tensor) else (out[0], dict(out[1]))
-        return loss, logs
 
 
 def _param_groups(
@@ -155,78 +130,15 @@ class Trainer:
         if self.is_main:
             tqdm.write(" ".join(str(a) for a in args))
 
-    # ------------------------------------------------------------------------------------------ data
-    def _batches(self, dataset: Dataset, collate_fn: Callable | None, state: dict[str, int]) -> Iterator[Any]:
-        """Endless batches from ``state`` = {epoch, batch_in_epoch} on; updates ``state`` as it goes."""
-        cfg = self.config
-        iterable = isinstance(dataset, IterableDataset)
-        while True:
-            epoch, skip = state["epoch"], state["batch_in_epoch"]
-            # A generator for the DataLoader's own draws (worker base seeds): without it, creating the
-            # iterator would consume the global RNG at a point that differs between a run and its resumption.
-            loader_gen = torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, self.rank, 2))
-            common = dict(
-                batch_size=cfg.batch_size,
-                drop_last=True,
-                num_workers=cfg.num_workers,
-                collate_fn=collate_fn,
-                generator=loader_gen,
-                pin_memory=self.device.type == "cuda",
-            )
-            if iterable:
-                if hasattr(dataset, "set_epoch"):
-                    dataset.set_epoch(epoch)
-                it = iter(DataLoader(dataset, **common))
-                for _ in range(skip):  # streams cannot seek: re-read and drop the consumed batches
-                    next(it, None)
-            else:
-                sampler = ResumableSampler(
-                    len(dataset), seed=cfg.seed, shuffle=cfg.shuffle, rank=self.rank, world_size=self.world_size
-                )
-                per_rank = len(sampler)
-                if per_rank < cfg.batch_size:
-                    raise ValueError(
-                        f"dataset: expected at least batch_size={cfg.batch_size} examples per process, got "
-                        f"{per_rank} (dataset of {len(dataset)} over {self.world_size} processes)"
-                    )
-                sampler.set_position(epoch, skip * cfg.batch_size)
-                it = iter(DataLoader(dataset, sampler=sampler, **common))
-            while True:
-                batch = next(it, None)
-                if iterable and self.world_size > 1:
-                    # Streams may give ranks different numbers of batches; every rank moves to the next epoch
-                    # as soon as one runs dry, or the others would wait forever in the gradient all-reduce.
-                    have = torch.tensor([0.0 if batch is None else 1.0], device=self.device)
-                    if float(self.accelerator.gather(have).min()) == 0.0:
-                        batch = None
-                if batch is None:
-                    break
-                state["batch_in_epoch"] += 1
-                yield batch
-            if state["batch_in_epoch"] == skip and skip == 0:
-                raise ValueError("dataset: yielded no complete batch in a whole epoch (is it empty or too small?)")
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _save(
-        self,
-        step: int,
-        state: dict[str, int],
-        wrapped: nn.Module,
-        optimizer: Any,
-        scheduler: Any,
-        ema: EMA | None,
-        generator: torch.Generator,
-        run_config: Mapping[str, Any],
-    ) -> Path:
-        """Write checkpoint ``step`` (every rank calls this: FSDP gathers shards collectively)."""
-        acc = self.accelerator
+    def _save(self, run: FitState) -> Path:
+        """Write checkpoint ``run.step`` (every rank calls this: FSDP gathers shards collectively)."""
+        acc, step, wrapped, ema = self.accelerator, run.step, run.wrapped, run.ema
         staging = self.checkpoints.root / f".{CheckpointDir.name(step)}.tmp"
         if self.is_main:
             staging = self.checkpoints.staging(step)
         acc.wait_for_everyone()
-        save_state(staging / f"rng-rank{self.rank}.safetensors", capture_rng_state(generator))
+        save_state(staging / f"rng-rank{self.rank}.safetensors", capture_rng_state(run.generator))
         model_state = acc.get_state_dict(wrapped)  # full tensors on the main process (FSDP: gathered)
         ema_state = ema.state_dict() if ema is not None else None  # collective under FSDP
         if self._is_fsdp:
@@ -234,11 +146,11 @@ class Trainer:
 
             opt_state = get_optimizer_state_dict(
                 wrapped,
-                optimizer.optimizer,
+                run.optimizer.optimizer,
                 options=StateDictOptions(full_state_dict=True, cpu_offload=True),
             )
         else:
-            opt_state = optimizer.state_dict() if self.is_main else None
+            opt_state = run.optimizer.state_dict() if self.is_main else None
         if self.is_main:
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
@@ -247,10 +159,10 @@ class Trainer:
             if ema_state is not None:
                 save_safetensors(staging / EMA_FILE, ema_state, {**meta, **ema.metadata()})
             save_state(staging / "optimizer.safetensors", opt_state)
-            save_state(staging / "scheduler.safetensors", scheduler.state_dict())
-            info = {**state, "step": step, "world_size": self.world_size, "threads": torch.get_num_threads()}
+            save_state(staging / "scheduler.safetensors", run.scheduler.state_dict())
+            info = {**run.position, "step": step, "world_size": self.world_size, "threads": torch.get_num_threads()}
             save_json(staging / TRAINER_FILE, info)
-            save_json(staging / CONFIG_FILE, dict(run_config))
+            save_json(staging / CONFIG_FILE, dict(run.run_config))
         acc.wait_for_everyone()
         final = self.checkpoints.root / CheckpointDir.name(step)
         if self.is_main:
@@ -288,7 +200,7 @@ class Trainer:
         collate_fn: Callable | None = None,
         resume: bool | str | Path = False,
         stop_at: int | None = None,
-        evaluate: Callable[[nn.Module, dict[str, float]], Mapping[str, float] | None] | None = None,
+        evaluate: Evaluate | None = None,
         evaluate_points: int = 10,
     ) -> TrainResult:
         """Train ``model`` for ``config.steps`` optimizer steps (or until ``stop_at``, or until the time budget is
@@ -329,23 +241,37 @@ class Trainer:
                 checkpoint is intact (:class:`~trajflow.checkpoint.DamagedCheckpointError`).
             FileExistsError: ``resume`` is false and ``out_dir`` already holds a run.
         """
-        if not isinstance(model, nn.Module) or not callable(objective):
-            got = f"{type(model).__name__} and {type(objective).__name__}"
-            raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
-        if stop_at is not None:
-            stop_at = check_count("stop_at", stop_at)
-        if evaluate is not None and not callable(evaluate):
-            raise TypeError(
-                f"evaluate: expected a callable (model, point) -> dict or None, got {type(evaluate).__name__}"
-            )
-        evaluate_points = check_count("evaluate_points", evaluate_points)
-        cfg, acc = self.config, self.accelerator
-        run_config = {**dict(run_config or {}), "train": dataclasses.asdict(cfg)}
+        stop_at, evaluate_points = _check_fit_arguments(model, objective, stop_at, evaluate, evaluate_points)
+        run_config = {**dict(run_config or {}), "train": dataclasses.asdict(self.config)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
         self.check_out_dir(resume)
+        ckpt, info = self._resume_point(model, run_config, resume)
+        run = self._start(
+            model, objective, dataset, collate_fn, run_config, ckpt, info, stop_at, evaluate, evaluate_points
+        )
+        if evaluate is not None and run.train_time == 0.0 and run.step == 0:
+            self._evaluate(run)
+        run.wrapped.train()
+        while run.step < run.end:
+            grad_norm = self._step(run)
+            self._log(run, grad_norm)
+            self._checkpoint_if_due(run)
+            # the learning curve: evaluate each time another share of the run has passed
+            if run.curve.due(self._progress(run), final=run.step == run.end):
+                self._evaluate(run)
+        run.bar.close()
+        run.log.close()
+        return run.result()
 
-        # -- where to start: a checkpoint's weights go into the plain model before wrapping, so that DDP
-        #    broadcasts them and FSDP shards them
+    def _resume_point(
+        self, model: nn.Module, run_config: dict[str, Any], resume: bool | str | Path
+    ) -> tuple[Path | None, dict[str, Any]]:
+        """The checkpoint to resume from (or ``None``) and its ``trainer.json``; loads its weights into ``model``
+        and writes the run's ``config.json``.
+
+        The weights go into the plain model before it is wrapped, so that DDP broadcasts them and FSDP shards
+        them.
+        """
         ckpt = checkpoint_to_resume(self.checkpoints, resume, self.print)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
@@ -356,153 +282,121 @@ class Trainer:
             if resume and (dropped := cut_log(self.out_dir / LOG_FILE, int(info["step"]))):
                 self.print(f"resume: dropped {dropped} records after step {info['step']} from {LOG_FILE}")
             save_json(self.out_dir / CONFIG_FILE, run_config)
+        return ckpt, info
 
-        # -- optimizer, schedule, EMA and the objective's noise generator (one stream per process). The
-        #    scheduler is not prepared: accelerate would step it once per process, and this loop counts
-        #    optimizer steps.
+    def _start(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        dataset: Dataset,
+        collate_fn: Callable | None,
+        run_config: dict[str, Any],
+        ckpt: Path | None,
+        info: dict[str, Any],
+        stop_at: int | None,
+        evaluate: Evaluate | None,
+        evaluate_points: int,
+    ) -> FitState:
+        """The optimizer, schedule, EMA and the objective's noise generator (one stream per process), restored
+        from ``ckpt`` when there is one, and the loop's bookkeeping: data position, step, time, logs, the
+        learning curve.
+
+        The scheduler is not prepared: accelerate would step it once per process, and this loop counts
+        optimizer steps.
+        """
+        cfg, acc = self.config, self.accelerator
         groups = _param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
         scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-        wrapped, optimizer = acc.prepare(_ObjectiveModule(model, objective), optimizer)
+        wrapped, optimizer = acc.prepare(ObjectiveModule(model, objective), optimizer)
         inner = acc.unwrap_model(wrapped).model
         ema = EMA(inner, cfg.ema_decay) if cfg.ema_decay > 0 else None
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, self.rank, 3))
         if ckpt is not None:
-            self._restore(ckpt, wrapped, optimizer, scheduler, ema, generator)
-
-        # -- bookkeeping: data position, step, time, logs
-        state = {"epoch": int(info["epoch"]), "batch_in_epoch": int(info["batch_in_epoch"])}
-        step = start = int(info["step"])
-        end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-        batches = self._batches(dataset, collate_fn, state)
+            restore_states(ckpt, wrapped, optimizer, scheduler, ema, generator, rank=self.rank, fsdp=self._is_fsdp)
+        position = {"epoch": int(info["epoch"]), "batch_in_epoch": int(info["batch_in_epoch"])}
+        step, train_time = int(info["step"]), float(info.get("train_seconds", 0.0))
         log = IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
         log.last_loss = float(info.get("loss", float("nan")))  # what a resumed, already finished run returns
-        params = [p for p in wrapped.parameters() if p.requires_grad]
-        train_time = resumed_time = float(info.get("train_seconds", 0.0))  # carried across resumptions
-        # Progress in steps, or in seconds of the budget when the run is timed (its step cap is never reached).
-        bar = tqdm(
-            total=cfg.time_budget or cfg.steps,
-            initial=min(train_time, cfg.time_budget) if cfg.time_budget else step,
-            disable=not (cfg.progress and self.is_main),
-            desc="train",
-            unit="s" if cfg.time_budget else "it",
-            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
-            if cfg.time_budget
-            else None,
-            dynamic_ncols=True,
-        )
-        timed_lr = CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None
-        last_ckpt = ckpt
-        last_save = _wall_clock()
-
-        evaluations: list[dict[str, float]] = []
-
-        def progress_now() -> float:
-            return cfg.run_progress(step, train_time)
-
-        def run_evaluation() -> None:
-            point = {"step": float(step), "train_seconds": train_time, "progress": progress_now()}
-            with ema.average_parameters(inner) if ema is not None else nullcontext(inner):
-                inner.eval()
-                point.update(evaluate(inner, dict(point)) or {})
-                inner.train()
-            evaluations.append(point)
-
-        next_point = math.floor(progress_now() * evaluate_points + 1e-9) + 1  # the next 1/evaluate_points mark
-        if evaluate is not None and train_time == 0.0 and step == 0:
-            run_evaluation()
-
-        wrapped.train()
-        while step < end:
-            t0 = _clock()
-            # The share of the run done before this step (steps and seconds both come back on resume).
-            progress = cfg.run_progress(step, train_time)
-            # -- forward and backward, one micro-batch at a time; only the last one synchronises gradients
-            for micro in range(cfg.grad_accum):
-                batch = to_device(next(batches), self.device)
-                sync = acc.no_sync(wrapped) if micro < cfg.grad_accum - 1 and self.world_size > 1 else nullcontext()
-                with sync, acc.autocast():
-                    loss, logs = wrapped(batch, generator, step, progress)
-                acc.backward(loss / cfg.grad_accum)
-                log.add(loss, logs, cfg.grad_accum)
-
-            # -- the update: clip, step, schedule (by steps, or by the share of the run with a time budget), EMA
-            grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if timed_lr is not None:
-                done = cfg.run_progress(step + 1, train_time + _clock() - t0)
-                for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                    group["lr"] = base * timed_lr(done * cfg.steps)
-            if ema is not None:
-                ema.update(inner)
-            step += 1
-            dt = _clock() - t0
-            train_time += dt
-            log.tick(dt)
-            bar.update(min(dt, max(cfg.time_budget - bar.n, 0.0)) if cfg.time_budget else 1)
-            if cfg.time_budget and train_time >= cfg.time_budget:
-                end = step  # the budget is spent: log, checkpoint and stop here
-
-            # -- log (mean over the interval and the processes) and checkpoint
-            if step % cfg.log_every == 0 or step == end:
-                record = log.flush(step, state["epoch"], optimizer.param_groups[0]["lr"], grad_norm, last_ckpt)
-                bar.set_postfix(
-                    {log.loss_name: f"{record[log.loss_name]:.4f}", "lr": f"{record['lr']:.2e}"}, refresh=False
-                )
-            if step % cfg.checkpoint_every == 0 or step == end or self._checkpoint_due(step, last_save):
-                state["train_seconds"], state["loss"] = train_time, log.last_loss
-                last_ckpt = self._save(step, state, wrapped, optimizer, scheduler, ema, generator, run_config)
-                last_save = _wall_clock()
-            # -- the learning curve: evaluate each time another share of the run has passed
-            if evaluate is not None and (progress_now() * evaluate_points >= next_point - 1e-9 or step == end):
-                run_evaluation()
-                next_point = math.floor(progress_now() * evaluate_points + 1e-9) + 1
-        bar.close()
-        log.close()
-        return TrainResult(
-            step=step,
-            epoch=state["epoch"],
-            loss=log.last_loss,
-            images_per_s=log.global_batch * max(step - start, 0) / max(train_time - resumed_time, 1e-9),
-            train_seconds=train_time,
-            checkpoint=last_ckpt,
-            history=log.history,
+        return FitState(
+            wrapped=wrapped,
+            inner=inner,
+            optimizer=optimizer,
+            scheduler=scheduler,
             ema=ema,
-            evaluations=evaluations,
+            generator=generator,
+            batches=endless_batches(dataset, collate_fn, position, cfg, acc),
+            position=position,
+            log=log,
+            bar=progress_bar(cfg, step, train_time, show=cfg.progress and self.is_main),
+            curve=LearningCurve(evaluate, evaluate_points, cfg.run_progress(step, train_time)),
+            run_config=run_config,
+            step=step,
+            end=cfg.steps if stop_at is None else min(cfg.steps, stop_at),
+            train_time=train_time,
+            timed_lr=CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None,
+            last_save=_wall_clock(),
             resumed_from=ckpt,
-            start_step=start,
         )
 
-    def _restore(
-        self,
-        ckpt: Path,
-        wrapped: nn.Module,
-        optimizer: Any,
-        scheduler: Any,
-        ema: EMA | None,
-        generator: torch.Generator,
-    ) -> None:
-        """Load the optimizer, scheduler, EMA and random states of ``ckpt`` (the weights are already in)."""
-        if self._is_fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def _progress(self, run: FitState) -> float:
+        """The share of the run done so far (steps and seconds both come back on resume)."""
+        return self.config.run_progress(run.step, run.train_time)
 
-            set_optimizer_state_dict(
-                wrapped,
-                optimizer.optimizer,
-                read_state(ckpt, "optimizer"),
-                options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
-            )
-        else:
-            # Loaded on the CPU; load_state_dict moves each state tensor to its parameter's device.
-            optimizer.load_state_dict(read_state(ckpt, "optimizer"))
-        scheduler.load_state_dict(read_state(ckpt, "scheduler"))
-        if ema is not None:
-            averaged, meta = load_safetensors(ckpt / EMA_FILE)
-            ema.load_state_dict(averaged, meta)
-        # Last of all, so that nothing between here and the first step consumes a random number.
-        restore_rng_state(read_state(ckpt, f"rng-rank{self.rank}"), generator)
+    def _step(self, run: FitState) -> Tensor | None:
+        """One optimizer step: forward and backward over ``grad_accum`` micro-batches (only the last one
+        synchronises gradients), then clip, step, schedule (by steps, or by the share of the run with a time
+        budget) and the EMA. Returns the gradient norm before clipping (``None`` without clipping)."""
+        cfg, acc = self.config, self.accelerator
+        t0 = _clock()
+        progress = self._progress(run)  # the share of the run done before this step
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(run.batches), self.device)
+            last = micro == cfg.grad_accum - 1
+            sync = acc.no_sync(run.wrapped) if not last and self.world_size > 1 else nullcontext()
+            with sync, acc.autocast():
+                loss, logs = run.wrapped(batch, run.generator, run.step, progress)
+            acc.backward(loss / cfg.grad_accum)
+            run.log.add(loss, logs, cfg.grad_accum)
+        grad_norm = acc.clip_grad_norm_(run.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.timed_lr is not None:
+            done = cfg.run_progress(run.step + 1, run.train_time + _clock() - t0)
+            for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
+                group["lr"] = base * run.timed_lr(done * cfg.steps)
+        if run.ema is not None:
+            run.ema.update(run.inner)
+        run.step += 1
+        dt = _clock() - t0
+        run.train_time += dt
+        run.log.tick(dt)
+        run.bar.update(min(dt, max(cfg.time_budget - run.bar.n, 0.0)) if cfg.time_budget else 1)
+        if cfg.time_budget and run.train_time >= cfg.time_budget:
+            run.end = run.step  # the budget is spent: log, checkpoint and stop here
+        return grad_norm
+
+    def _log(self, run: FitState, grad_norm: Tensor | None) -> None:
+        """Every ``log_every`` steps and at the end: one record, the mean over the interval and the processes."""
+        if run.step % self.config.log_every and run.step != run.end:
+            return
+        lr = run.optimizer.param_groups[0]["lr"]
+        record = run.log.flush(run.step, run.position["epoch"], lr, grad_norm, run.last_ckpt)
+        postfix = {run.log.loss_name: f"{record[run.log.loss_name]:.4f}", "lr": f"{record['lr']:.2e}"}
+        run.bar.set_postfix(postfix, refresh=False)
+
+    def _checkpoint_if_due(self, run: FitState) -> None:
+        """The checkpoint policy: every ``checkpoint_every`` steps, at the end, and when ``checkpoint_minutes``
+        have passed since the last save."""
+        cfg = self.config
+        if run.step % cfg.checkpoint_every == 0 or run.step == run.end or self._checkpoint_due(run.step, run.last_save):
+            run.position["train_seconds"], run.position["loss"] = run.train_time, run.log.last_loss
+            run.last_ckpt = self._save(run)
+            run.last_save = _wall_clock()
+
+    def _evaluate(self, run: FitState) -> None:
+        run.curve.record(run.inner, run.ema, run.step, run.train_time, self._progress(run))
 
     def _tensorboard(self) -> Any:
         if not (self.config.tensorboard and self.is_main):
@@ -513,3 +407,17 @@ class Trainer:
             self.print("tensorboard: not installed (pip install tensorboard); logging to log.jsonl only")
             return None
         return SummaryWriter(str(self.out_dir / "tb"))
+
+
+def _check_fit_arguments(
+    model: Any, objective: Any, stop_at: Any, evaluate: Any, evaluate_points: Any
+) -> tuple[int | None, int]:
+    """``stop_at`` and ``evaluate_points`` checked; raises ``TypeError`` / ``ValueError`` naming the argument."""
+    if not isinstance(model, nn.Module) or not callable(objective):
+        got = f"{type(model).__name__} and {type(objective).__name__}"
+        raise TypeError(f"model, objective: expected an nn.Module and a callable Objective, got {got}")
+    if stop_at is not None:
+        stop_at = check_count("stop_at", stop_at)
+    if evaluate is not None and not callable(evaluate):
+        raise TypeError(f"evaluate: expected a callable (model, point) -> dict or None, got {type(evaluate).__name__}")
+    return stop_at, check_count("evaluate_points", evaluate_points)
