@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import Tensor
@@ -218,22 +216,6 @@ def test_denoiser_checkpoints(tmp_path):
         load_denoiser(tmp_path / "tf", into=g)
     with pytest.raises(FileNotFoundError, match="expected a pretrained folder"):
         load_denoiser(tmp_path / "missing")
-
-
-def test_denoiser_folders_of_the_old_format_still_load(tmp_path):
-    # save_denoiser wrote {"class", "config"} without a "format" before the pretrained format existed.
-    g = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
-    for p in g.parameters():
-        p.data.normal_()
-    g.save_pretrained(tmp_path)
-    record = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({"class": record["class"], "config": record["config"]}))
-    u, t = torch.randn(4, 2), torch.full((4,), 0.02)
-    torch.testing.assert_close(load_denoiser(tmp_path)(u, t), g(u, t))
-    into = MLPDenoiser(MLPDenoiserConfig(features=2, width=16, depth=1))
-    torch.testing.assert_close(load_denoiser(tmp_path, into=into)(u, t), g(u, t))
-    with pytest.raises(ValueError, match=r"width \(checkpoint: 16, now: 8\)"):
-        load_denoiser(tmp_path, into=MLPDenoiser(MLPDenoiserConfig(features=2, width=8, depth=1)))
 
 
 def test_bad_inputs():

@@ -1,0 +1,166 @@
+r"""Learned denoisers :math:`g_\phi(u_{t_0}, t_0, y) \to x_0` (NTM §3.4): the base class, a residual MLP for
+vectors and a non-causal transformer for images, each saved and rebuilt as a pretrained folder."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..checkpoint import (
+    Pretrained,
+    dataclass_from_dict,
+)
+from ..checks import check_event_shape
+from ..conditioning import Condition, EventDims, cond_batch_shape
+from ..predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from ..velocity import MLPVelocity
+
+__all__ = ["LearnedDenoiser", "MLPDenoiserConfig", "MLPDenoiser", "TransformerDenoiser"]
+
+
+class LearnedDenoiser(Pretrained, nn.Module, ABC):
+    r"""Base class of learned denoisers :math:`g_\phi(u_{t_0}, t_0, y) \to x_0`.
+
+    Calls are flat: ``u`` ``(N, *event_shape)`` (the cleanest latent of the predictor chain), ``t0``
+    ``(N,)``, ``cond`` ``None`` or a flat condition, ``drop_cond`` ``None`` or ``(N,)`` bool. The output
+    has ``u``'s shape. Subclasses hold their hyper-parameters in a dataclass ``config`` of class
+    :attr:`config_class`, which is what :meth:`save_pretrained` writes;
+    ``LearnedDenoiser.from_pretrained(dir)`` rebuilds whichever denoiser class wrote ``dir``.
+
+    Example:
+        >>> import tempfile
+        >>> g = MLPDenoiser(MLPDenoiserConfig(features=2, width=8, depth=1))
+        >>> again = LearnedDenoiser.from_pretrained(g.save_pretrained(tempfile.mkdtemp()))
+        >>> type(again).__name__, again.config == g.config
+        ('MLPDenoiser', True)
+    """
+
+    event_shape: torch.Size
+    cond_event_dims: EventDims | None = None
+    config: Any
+    #: The dataclass of :attr:`config`.
+    config_class: ClassVar[type]
+
+    def config_dict(self) -> dict[str, Any]:
+        """The fields of :attr:`config`."""
+        return asdict(self.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LearnedDenoiser:
+        config_class = getattr(cls, "config_class", None)
+        if config_class is None:
+            raise NotImplementedError(f"{cls.__name__}: set config_class (the dataclass of its config)")
+        return cls(dataclass_from_dict(config_class, config, "config"))  # type: ignore[call-arg]
+
+    @abstractmethod
+    def forward(
+        self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor: ...
+
+    def check_cond(self, cond: Condition | None) -> torch.Size:
+        """Validate ``cond``; return its batch shape (``()`` for None)."""
+        if cond is None:
+            return torch.Size()
+        if self.cond_event_dims is None:
+            raise ValueError("cond: this denoiser is unconditional, expected cond=None")
+        return cond_batch_shape(cond, self.cond_event_dims)
+
+
+@dataclass
+class MLPDenoiserConfig:
+    """Hyper-parameters of :class:`MLPDenoiser` (the fields of :class:`~trajflow.predictors.MLPPredictor`)."""
+
+    features: int
+    num_classes: int | None = None
+    cond_features: int = 0
+    width: int = 256
+    depth: int = 3
+    time_features: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("features", "width", "depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+
+
+class MLPDenoiser(LearnedDenoiser):
+    r"""A residual-MLP denoiser for vectors: :math:`g(u, t_0, y) = u + \mathrm{head}(h)`, head zero-initialised.
+
+    Example:
+        >>> g = MLPDenoiser(MLPDenoiserConfig(features=2, width=32))
+        >>> g(torch.randn(5, 2), torch.full((5,), 0.02)).shape
+        torch.Size([5, 2])
+    """
+
+    config_class = MLPDenoiserConfig
+
+    def __init__(self, config: MLPDenoiserConfig) -> None:
+        super().__init__()
+        self.config = config
+        # The same network as the flow-matching baseline, read as a residual x0 - u; zero-initialised so
+        # that g starts as the identity.
+        self.net = MLPVelocity(
+            config.features,
+            num_classes=config.num_classes,
+            cond_features=config.cond_features,
+            width=config.width,
+            depth=config.depth,
+            time_features=config.time_features,
+        )
+        nn.init.zeros_(self.net.head.weight)
+        nn.init.zeros_(self.net.head.bias)
+        self.event_shape = self.net.event_shape
+        self.cond_event_dims = self.net.cond_event_dims
+
+    def check_cond(self, cond: Condition | None) -> torch.Size:
+        batch = super().check_cond(cond)
+        if cond is not None:
+            self.net.condition.check(cond)  # type: ignore[arg-type]
+        return batch
+
+    def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
+        """``u`` ``(N, features)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, features)``."""
+        check_event_shape("u", u, self.event_shape)
+        delta, _ = self.net(u, t0, cond, drop_cond)  # type: ignore[arg-type]
+        return u + delta
+
+
+class TransformerDenoiser(LearnedDenoiser):
+    r"""A non-causal transformer denoiser for images (NTM §3.4): full attention over patch tokens, 2-D RoPE.
+
+    Reuses :class:`~trajflow.predictors.transformer.TransformerBackbone` (one embedded time, :math:`t_0`;
+    class or text tokens prefixed to the sequence, as in the predictor) with a zero-initialised head, so
+    :math:`g(u) = u` at initialisation. NTM does not give its size; 8 layers at the model width is
+    STARFlow-V's choice for its learnable denoiser (method.md §8).
+
+    Arguments:
+        config: A :class:`~trajflow.predictors.transformer.TransformerPredictorConfig` (``scale_bound`` unused).
+
+    Example:
+        >>> cfg = TransformerPredictorConfig((1, 4, 4), patch_size=2, width=16, depth=1, heads=2)
+        >>> TransformerDenoiser(cfg)(torch.randn(3, 1, 4, 4), torch.full((3,), 0.02)).shape
+        torch.Size([3, 1, 4, 4])
+    """
+
+    config_class = TransformerPredictorConfig
+
+    def __init__(self, config: TransformerPredictorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.net = TransformerVelocity(config)  # zero-initialised head: g starts as the identity
+        self.event_shape = self.net.event_shape
+        self.cond_event_dims = self.net.cond_event_dims
+
+    def check_cond(self, cond: Condition | None) -> torch.Size:
+        return self.net.check_cond(cond)
+
+    def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
+        """``u`` ``(N, C, H, W)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, C, H, W)``."""
+        delta, _ = self.net(u, t0, cond, drop_cond)  # checks shapes, times and the condition
+        return u + delta.to(u.dtype)
