@@ -31,9 +31,3 @@ def _missing(packages: tuple[str, ...]) -> bool:
 
 
 collect_ignore = [path for path, packages in _NEEDS.items() if _missing(packages)]
-
-# The old import paths (deprecation shims, tested in tests/test_deprecated_paths.py) have
-# no examples of their own; importing them for doctest collection would only raise their warnings.
-collect_ignore += [
-    "trajflow/t2i.py",
-]

@@ -1,13 +1,13 @@
 r"""Text-to-image at equal training time: NTM at 4 steps against flow matching at 4 and 50 Euler steps.
 
-Every method of a task trains, with :func:`trajflow.recipes.t2i.train_t2i`, from the same config file for the same
-**wall-clock budget** (``budget_seconds``), on the same data, text encoder (frozen MiniLM), batch size,
-optimiser, schedule shape, EMA and seed:
+Every method of a task trains, with :func:`examples.t2i.train.train_t2i`, from its recipe, a config file in
+``examples/t2i/configs``, for the same **wall-clock budget** (``budget_seconds``), on the same data, text encoder
+(frozen MiniLM), batch size, optimiser, schedule shape, EMA and seed:
 
-* ``fm-euler``: a :class:`~trajflow.predictors.transformer.TransformerVelocity` trained with flow matching,
+* ``fm-euler``: a :class:`~trajflow.velocity.TransformerVelocity` trained with flow matching,
   sampled with 4 and 50 Euler steps;
-* ``ntm``: an NTM trained from scratch with the recipe of the task (see ``docs/t2i.md`` for how it was
-  chosen), sampled with 4 steps;
+* ``ntm``: an NTM trained from scratch with the recipe of the task (``shapes_cpu_ntm.json`` on the CPU; see
+  ``docs/t2i.md`` for how it was chosen), sampled with 4 steps;
 * ``ntm-fm``: the paper's text-to-image recipe (NTM §3.3): flow matching for ``pretrain_fraction`` of the
   budget, then an NTM initialised from it (identity transporter + the velocity model's Gaussian posterior,
   mean-alignment loss) fine-tuned for the rest. Its ``train_seconds`` is the sum of both stages.
@@ -21,9 +21,9 @@ under a changing load its runs missed the budget by up to 2.5x). Rows record the
 Evaluation, per trained model and number of sampling steps: the classifier-free guidance weight is chosen
 from ``guidance_grid`` by the compositional score on ``n_val_prompts`` **validation** prompts (a scene seed
 apart from the test prompts), then the test prompts (``n_prompts``, scene seed
-:data:`~trajflow.evaluation.PROMPT_SEED`) are generated once and scored:
+:data:`~examples.t2i.evaluation.PROMPT_SEED`) are generated once and scored:
 
-* ``compositional_score`` (GenEval-style, :mod:`trajflow.evaluation.compositional`), with its breakdown
+* ``compositional_score`` (GenEval-style, :mod:`examples.t2i.evaluation.compositional`), with its breakdown
   ``colour_accuracy`` / ``shape_accuracy`` / ``position_accuracy`` / ``count_accuracy``; the same reader's
   score of the real images is method ``real`` (the ceiling);
 * ``frechet_distance`` on the reader's per-cell features (comparable only within this file);
@@ -32,7 +32,7 @@ apart from the test prompts), then the test prompts (``n_prompts``, scene seed
 Each seed gives its own rows (``seed`` 0, 1, 2); rows with ``"seed": "mean"`` give the mean over seeds with
 ``std`` (sample standard deviation), ``min`` and ``max``. Every row carries ``"budget": "equal-time"``.
 ``details.json`` in ``--work`` keeps the per-level diagnosis of every sampler
-(:func:`~trajflow.evaluation.evaluate_shapes_levels`), the guidance sweeps and the training logs.
+(:func:`~examples.t2i.evaluation.evaluate_shapes_levels`), the guidance sweeps and the training logs.
 
 Usage::
 
@@ -60,17 +60,21 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # for the examples package (the t2i lab)
 from _common import RESULTS, ROOT, command_line, source_state, write_results  # noqa: E402
 
-from trajflow.checkpoint import save_json  # noqa: E402
-from trajflow.evaluation import (  # noqa: E402
+from examples.t2i.config import T2IConfig, apply_overrides  # noqa: E402
+from examples.t2i.evaluation import (  # noqa: E402
     PROMPT_SEED,
     evaluate_shapes_levels,
     evaluate_shapes_model,
     load_or_train_shapes_reader,
     shapes_prompts,
 )
-from trajflow.recipes.t2i import T2IConfig, apply_overrides, load_t2i, save_image_grid, train_t2i  # noqa: E402
+from examples.t2i.model import load_t2i  # noqa: E402
+from examples.t2i.sampling import save_image_grid  # noqa: E402
+from examples.t2i.train import train_t2i  # noqa: E402
+from trajflow.checkpoint import save_json  # noqa: E402
 
 CONFIGS = ROOT / "examples" / "t2i" / "configs"
 #: Scene seed of the validation prompts on which the guidance weight is chosen (apart from the test prompts).
@@ -79,27 +83,39 @@ BUDGET = "equal-time"
 SCORES = ("compositional_score", "colour_accuracy", "shape_accuracy", "position_accuracy", "count_accuracy")
 
 
+def read_config(name: str) -> dict[str, Any]:
+    """The JSON of the config file ``name`` of ``examples/t2i/configs``."""
+    return json.loads((CONFIGS / name).read_text())
+
+
 @dataclass
 class Method:
-    """One row family: a model kind with its recipe overrides, the sampling steps it is scored at, and (for
-    ``ntm-fm``) the share of the budget spent on flow-matching pre-training."""
+    """One row family: a recipe (a config file of ``examples/t2i/configs``, with ``overrides`` for an ablation:
+    one change to it), the sampling steps it is scored at, and (for ``ntm-fm``) the flow-matching recipe it is
+    pre-trained with and the share of the budget that pre-training takes."""
 
     name: str
-    kind: str
+    config: str
     overrides: list[str] = field(default_factory=list)
     sample_steps: tuple[int, ...] = (4,)
+    pretrain_config: str | None = None
     pretrain_fraction: float = 0.0
-    pretrain_overrides: list[str] = field(default_factory=list)
     variant: str | None = None
 
     @property
     def label(self) -> str:
         return self.name if self.variant is None else f"{self.name}-{self.variant}"
 
+    @property
+    def kind(self) -> str:
+        """The recipe's ``model.kind`` (``"ntm"``, ``"fm"`` or ``"ntm-fm"``)."""
+        return read_config(self.config)["model"]["kind"]
+
 
 @dataclass
 class Task:
-    """A config file, overrides for every method, and the evaluation size."""
+    """The data every method of a task trains and is scored on (that of the config file ``config``; each
+    method's recipe must train on the same), overrides for every method, and the evaluation size."""
 
     name: str
     config: str
@@ -122,54 +138,52 @@ class BenchConfig:
     results_name: str = "t2i"
 
 
-# The NTM from-scratch recipe of the CPU task (docs/t2i.md, "What was tried"): pair-wise training (one
-# factor per example, so an NTM step costs about as much as a flow-matching step), the posterior
-# parameterisation of the predictor, a cleanest training level t_min ~ U[0.02, 0.05] (sampled at 0.02), a
-# transporter whose blocks may scale a token by at most about e^{+-1} (so that the inverse does not amplify
-# the predictor's errors at the cleanest level), and the exact (unweighted) trajectory NLL.
-NTM_BASE = [
-    'model.mode="pair"',
-    'model.predictor="posterior"',
-    "model.t_min=[0.02,0.05]",
-    "sample.t_min=0.02",
-    "model.transporter_scale_bound=1.0",
+# The recipes are config files (examples/t2i/configs), so that one training run of a method is
+# `python examples/t2i/train.py --config <its file>`; this file adds only the budget, the seed and the name.
+#
+# The NTM from-scratch recipe of the CPU task, shapes_cpu_ntm.json (docs/t2i.md, "What was tried"): the smoke
+# config with pair-wise training (one factor per example, so an NTM step costs about as much as a flow-matching
+# step), the posterior parameterisation of the predictor, a cleanest training level t_min ~ U[0.02, 0.05]
+# (sampled at 0.02), a transporter whose blocks may scale a token by at most about e^{+-1} (so that the inverse
+# does not amplify the predictor's errors at the cleanest level), and the exact (unweighted) trajectory NLL.
+#
+# NTM initialised from flow matching (NTM §3.3), shapes_cpu_ntm_fm.json: the same training levels and
+# transporter bound, lr 3e-4, lambda = 2.5 cosine-decayed over the fine-tuning run. With no
+# model.aux_decay_steps, lambda follows the run's progress, here the share of the fine-tuning stage's
+# train.time_budget spent (train.steps is only the STEP_CAP). Results written before that fix kept lambda at
+# about 2.5 for the whole run (it decayed over the 1,000,000-step cap). Its model.init_from is replaced by the
+# flow-matching run the benchmark pre-trains (shapes_cpu_smoke_fm.json, for pretrain_fraction of the budget).
+METHODS = [
+    Method("fm-euler", "shapes_cpu_smoke_fm.json", sample_steps=(4, 50)),
+    Method("ntm", "shapes_cpu_ntm.json"),
+    Method("ntm-fm", "shapes_cpu_ntm_fm.json", pretrain_config="shapes_cpu_smoke_fm.json", pretrain_fraction=0.75),
 ]
-NTM_RECIPE = NTM_BASE
+GPU_METHODS = [
+    Method("fm-euler", "shapes_32_gpu_fm.json", sample_steps=(4, 50)),
+    Method("ntm", "shapes_32_gpu_ntm.json"),
+    Method("ntm-fm", "shapes_32_gpu_ntm_fm.json", pretrain_config="shapes_32_gpu_fm.json", pretrain_fraction=0.75),
+]
+
 # Step factors weighted 1:2:4:8 from the last step to the first (the step from noise, where the caption's
 # layout and colours are decided, weighs most): the recipe of the first equal-time runs. The ablation at exact
 # equal time (t2i_ablations.json) found it worse than the unweighted NLL, so it is kept only as an ablation.
-NTM_WEIGHTED = NTM_BASE + ["model.factor_weights=[1,2,4,8]"]
-# NTM initialised from flow matching (NTM §3.3): lambda = 2.5 cosine-decayed over the fine-tuning run. With no
-# model.aux_decay_steps, lambda follows the run's progress, here the share of the fine-tuning stage's
-# train.time_budget spent (train.steps is only the STEP_CAP). Results written before that fix kept lambda at
-# about 2.5 for the whole run (it decayed over the 1,000,000-step cap).
-NTM_FM_RECIPE = [
-    'model.mode="pair"',
-    "model.t_min=[0.02,0.05]",
-    "sample.t_min=0.02",
-    "model.transporter_scale_bound=1.0",
-    "train.lr=3e-4",
-]
+WEIGHTED = ["model.factor_weights=[1,2,4,8]"]
 
-METHODS = [
-    Method("fm-euler", "fm", sample_steps=(4, 50)),
-    Method("ntm", "ntm", NTM_RECIPE),
-    Method("ntm-fm", "ntm-fm", NTM_FM_RECIPE, pretrain_fraction=0.75),
-]
-
-# The ablations of docs/t2i.md: one seed, the weighted recipe of the time (NTM_WEIGHTED) with one thing changed,
-# against the same baselines in the same run and budget. (Multi-T cannot take the 4-weight list, so it is
-# compared with the unweighted recipe, which is NTM_RECIPE since.)
+# The ablations of docs/t2i.md: one seed, the weighted recipe of the time (shapes_cpu_ntm.json + WEIGHTED) with
+# one thing changed, against the same baselines in the same run and budget. (Multi-T cannot take the 4-weight
+# list, so it is compared with the unweighted recipe, which is shapes_cpu_ntm.json since.)
 ABLATIONS = [
-    Method("fm-euler", "fm", sample_steps=(4, 50)),
-    Method("fm-euler", "fm", ["model.depth=7"], sample_steps=(4, 50), variant="equal-params"),
-    Method("ntm", "ntm", NTM_WEIGHTED),
-    Method("ntm", "ntm", NTM_BASE, variant="unweighted"),
-    Method("ntm", "ntm", NTM_BASE + ["model.steps=[2,4,8]"], variant="unweighted-multi-T-2-4-8"),
-    Method("ntm", "ntm", NTM_WEIGHTED + ['model.predictor="residual"'], variant="residual-predictor"),
-    Method("ntm", "ntm", NTM_WEIGHTED + ["model.transporter_scale_bound=6.0"], variant="scale-bound-6"),
-    Method("ntm", "ntm", NTM_WEIGHTED + ["model.transporter_condition=true"], variant="conditional-transporter"),
-    Method("ntm", "ntm", NTM_WEIGHTED + ['model.transporter="identity"'], variant="gaussian-step"),
+    Method("fm-euler", "shapes_cpu_smoke_fm.json", sample_steps=(4, 50)),
+    Method("fm-euler", "shapes_cpu_smoke_fm.json", ["model.depth=7"], sample_steps=(4, 50), variant="equal-params"),
+    Method("ntm", "shapes_cpu_ntm.json", WEIGHTED),
+    Method("ntm", "shapes_cpu_ntm.json", variant="unweighted"),
+    Method("ntm", "shapes_cpu_ntm.json", ["model.steps=[2,4,8]"], variant="unweighted-multi-T-2-4-8"),
+    Method("ntm", "shapes_cpu_ntm.json", WEIGHTED + ['model.predictor="residual"'], variant="residual-predictor"),
+    Method("ntm", "shapes_cpu_ntm.json", WEIGHTED + ["model.transporter_scale_bound=6.0"], variant="scale-bound-6"),
+    Method(
+        "ntm", "shapes_cpu_ntm.json", WEIGHTED + ["model.transporter_condition=true"], variant="conditional-transporter"
+    ),
+    Method("ntm", "shapes_cpu_ntm.json", WEIGHTED + ['model.transporter="identity"'], variant="gaussian-step"),
 ]
 
 BENCH_CONFIGS: dict[str, BenchConfig] = {
@@ -197,7 +211,10 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     # headline's 210 s, two at a time on 2 CPU cores (about 14 minutes).
     "cpu-weights": BenchConfig(
         tasks=[Task("shapes-16px", "shapes_cpu_smoke.json", ["sample.grid_prompts=0", "train.progress=false"])],
-        methods=[Method("ntm", "ntm", NTM_RECIPE), Method("ntm", "ntm", NTM_WEIGHTED, variant="weighted-1-2-4-8")],
+        methods=[
+            Method("ntm", "shapes_cpu_ntm.json"),
+            Method("ntm", "shapes_cpu_ntm.json", WEIGHTED, variant="weighted-1-2-4-8"),
+        ],
         budget_seconds=210.0,
         threads=1,
         workers=2,
@@ -207,7 +224,7 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     # One GPU; not run yet (no GPU was lent to the sessions that wrote this file).
     "gpu": BenchConfig(
         tasks=[Task("shapes-32px", "shapes_32_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024)],
-        methods=METHODS,
+        methods=GPU_METHODS,
         budget_seconds=900.0,
     ),
 }
@@ -249,21 +266,23 @@ def train_for(base: dict, overrides: list[str], seconds: float, out: Path, name:
     }
 
 
-def train_method(method: Method, base: dict, overrides: list[str], budget: float, work: Path) -> dict[str, Any]:
-    """Train one method within ``budget`` seconds (``ntm-fm``: pre-training + fine-tuning together)."""
-    if method.pretrain_fraction <= 0:
-        ovr = overrides + [f"model.kind={json.dumps(method.kind)}"] + method.overrides
-        return train_for(base, ovr, budget, work / method.name, method.name)
+def train_method(method: Method, overrides: list[str], budget: float, work: Path) -> dict[str, Any]:
+    """Train one method within ``budget`` seconds (``ntm-fm``: pre-training + fine-tuning together);
+    ``overrides`` are the task's and the seed."""
+    if method.pretrain_config is None:
+        return train_for(
+            read_config(method.config), overrides + method.overrides, budget, work / method.name, method.name
+        )
     pre = train_for(
-        base,
-        overrides + ['model.kind="fm"'] + method.pretrain_overrides,
+        read_config(method.pretrain_config),
+        overrides,
         budget * method.pretrain_fraction,
         work / f"{method.name}-pretrain",
         f"{method.name}-pretrain",
     )
-    ovr = overrides + [f"model.kind={json.dumps(method.kind)}", f"model.init_from={json.dumps(pre['checkpoint'])}"]
+    ovr = overrides + [f"model.init_from={json.dumps(pre['checkpoint'])}"] + method.overrides
     rest = budget * (1 - method.pretrain_fraction)
-    fine = train_for(base, ovr + method.overrides, rest, work / method.name, method.name)
+    fine = train_for(read_config(method.config), ovr, rest, work / method.name, method.name)
     return {
         **fine,
         "train_seconds": pre["train_seconds"] + fine["train_seconds"],
@@ -295,12 +314,12 @@ def run_job(task: Task, bench: BenchConfig, work: Path, seed: int, method: Metho
     if bench.threads:
         torch.set_num_threads(bench.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    base = json.loads((CONFIGS / task.config).read_text())
+    data = read_config(task.config)["data"]
     overrides = list(task.overrides) + [f"train.seed={seed}"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reader, _ = load_or_train_shapes_reader(work / "evaluators", base["data"], device=device)
+    reader, _ = load_or_train_shapes_reader(work / "evaluators", data, device=device)
     print(f"[{task.name} seed {seed}] training {method.label} for {budget:.0f} s", flush=True)
-    info = train_method(method, base, overrides, budget, work / f"{task.name}-seed{seed}" / method.label)
+    info = train_method(method, overrides, budget, work / f"{task.name}-seed{seed}" / method.label)
     bundle = load_t2i(info["checkpoint"], device=device)
     n_params = sum(p.numel() for p in bundle.model.parameters())
     common = {
@@ -494,7 +513,11 @@ def main(argv: list[str] | None = None) -> int:
     details: dict[str, Any] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for task in bench.tasks:
-        data = json.loads((CONFIGS / task.config).read_text())["data"]
+        data = read_config(task.config)["data"]
+        for m in bench.methods:  # equal data: every recipe of the task trains on the data it is scored on
+            for name in filter(None, (m.config, m.pretrain_config)):
+                if read_config(name)["data"] != data:
+                    raise ValueError(f"{m.label}: {name} trains on other data than {task.config}, the task's")
         # The reader is trained once here (cached), so that the seeds' workers only load it.
         reader, report = load_or_train_shapes_reader(work / "evaluators", data, device=device, progress=True)
         captions, real, _ = shapes_prompts(data, task.n_prompts)
@@ -540,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(wall, 1),
         "budget": BUDGET,
         "budget_seconds_per_method": budget,
-        "methods": {m.label: {"kind": m.kind, "overrides": m.overrides, "pretrain_fraction": m.pretrain_fraction}
+        "methods": {m.label: {"kind": m.kind, "config": m.config, "overrides": m.overrides,
+                              "pretrain_config": m.pretrain_config, "pretrain_fraction": m.pretrain_fraction}
                     for m in bench.methods},
         "threads": bench.threads or torch.get_num_threads(),
         "workers": bench.workers,

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributions import Independent, Normal
 
 from trajflow import MarkovInterpolant, TrajectoryNLL, time_grid
+from trajflow.conditioning import check_cond
 from trajflow.finetune import (
     FinetuneLoss,
     MeanAlignmentLoss,
@@ -21,10 +22,10 @@ from trajflow.finetune import (
     init_from_flow_matching,
     zero_init_zuko_,
 )
-from trajflow.predictors.from_velocity import CallableVelocity, FlowMatchingPredictor
-from trajflow.predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from trajflow.predictors.from_velocity import FlowMatchingPredictor
+from trajflow.predictors.transformer import TransformerPredictorConfig
 from trajflow.transporters import ZukoTransporter
-from trajflow.velocity import MLPVelocity
+from trajflow.velocity import CallableVelocity, MLPVelocity, TransformerVelocity
 
 
 def _randomise_(module: nn.Module, scale: float = 0.3) -> nn.Module:
@@ -245,8 +246,8 @@ def test_callable_conditions_and_null_cond():
     velocity = CallableVelocity(Cond(), (2,), cond_event_dims=0, null_cond=torch.tensor(0))
     v, _ = velocity(x, t, torch.tensor([1, 2, 3]), torch.tensor([True, False, False]))
     assert seen[-1].tolist() == [0, 2, 3] and torch.equal(v[0], torch.zeros(2))
-    with pytest.raises(ValueError, match="unconditional"):
-        CallableVelocity(Cond(), (2,)).check_cond(torch.tensor([1]))
+    with pytest.raises(ValueError, match="cond: CallableVelocity is unconditional, expected cond=None"):
+        check_cond(CallableVelocity(Cond(), (2,)), torch.tensor([1]))
 
 
 def test_plain_function_warns_and_frozen_copy_is_independent():
@@ -363,11 +364,10 @@ def test_t2i_benchmark_decays_the_alignment_weight_over_the_time_budget():
     """benchmarks/t2i.py trains ntm-fm with a time budget and a 1,000,000-step cap: lambda must decay by budget."""
     pytest.importorskip("accelerate")
     import importlib.util
-    import json
     import sys
     from pathlib import Path
 
-    from trajflow.recipes.t2i import TextToImageObjective
+    from examples.t2i.objective import TextToImageObjective
 
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root / "benchmarks"))
@@ -377,10 +377,9 @@ def test_t2i_benchmark_decays_the_alignment_weight_over_the_time_budget():
         sys.modules["bench_t2i"] = bench  # dataclasses look their module up
         spec.loader.exec_module(bench)
         task = bench.BENCH_CONFIGS["cpu"].tasks[0]
-        base = json.loads((bench.CONFIGS / task.config).read_text())
         method = next(m for m in bench.METHODS if m.kind == "ntm-fm")
-        overrides = task.overrides + ['model.kind="ntm-fm"', 'model.init_from="fm-run"'] + method.overrides
-        cfg = bench._config(base, overrides, 52.5, "ntm-fm")
+        overrides = task.overrides + ['model.init_from="fm-run"'] + method.overrides
+        cfg = bench._config(bench.read_config(method.config), overrides, 52.5, "ntm-fm")
     finally:
         sys.path.remove(str(root / "benchmarks"))
         sys.modules.pop("bench_t2i", None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import trajflow
-from trajflow.evaluation.levels import euler_level_estimates, ntm_level_estimates
+from examples.t2i.evaluation.levels import euler_level_estimates, ntm_level_estimates
 from trajflow.predictors import FlowMatchingPredictor
 from trajflow.transporters import IdentityTransporter
 from trajflow.velocity import MLPVelocity

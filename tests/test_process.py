@@ -131,8 +131,8 @@ def test_one_home_for_the_t_min_defaults():
     """Training draws t_min from TRAIN_T_MIN; sampling, denoising and the t2i recipe use SAMPLE_T_MIN inside it."""
     import inspect
 
+    from examples.t2i.evaluation.levels import ntm_level_estimates
     from trajflow.denoise import DistillationLoss, fast_sample
-    from trajflow.evaluation.levels import ntm_level_estimates
     from trajflow.likelihood import elbo_bits_per_dim
     from trajflow.process import SAMPLE_T_MIN, TRAIN_T_MIN
 
@@ -153,8 +153,8 @@ def test_one_home_for_the_t_min_defaults():
     again = model.sample((3,), steps=2, grid=time_grid(2, SAMPLE_T_MIN), generator=torch.Generator().manual_seed(0))
     assert torch.equal(traj[:, 0], again)
     pytest.importorskip("accelerate")  # the t2i recipe imports the trainer
-    from trajflow.recipes.t2i import DEFAULT_DENOISE_T_MIN, generate
-    from trajflow.recipes.t2i.config import ModelConfig, SampleConfig
+    from examples.t2i.config import ModelConfig, SampleConfig
+    from examples.t2i.sampling import DEFAULT_DENOISE_T_MIN, generate
 
     assert ModelConfig().t_min == TRAIN_T_MIN and SampleConfig().t_min == DEFAULT_DENOISE_T_MIN == SAMPLE_T_MIN
     assert default(generate, "t_min") == SAMPLE_T_MIN

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trajflow.evaluation import (
+from examples.t2i.evaluation import (
     FeatureNetConfig,
     ShapesReaderConfig,
     load_or_train_shapes_reader,
@@ -21,7 +21,7 @@ from trajflow.evaluation import (
     train_shapes_reader,
     train_text_image_features,
 )
-from trajflow.evaluation.evaluator_cache import CACHE_VERSION, REPORT_FILE, entry_dir
+from examples.t2i.evaluation.evaluator_cache import CACHE_VERSION, REPORT_FILE, entry_dir
 
 pytest.importorskip("accelerate")
 pytest.importorskip("safetensors")
@@ -66,7 +66,7 @@ def test_shapes_reader_cached_and_reloaded_reads_the_same(tmp_path):
 
 
 def test_an_interrupted_reader_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    from trajflow.evaluation.shapes_reader import ShapesReaderLoss
+    from examples.t2i.evaluation.shapes_reader import ShapesReaderLoss
 
     whole, _ = load_or_train_shapes_reader(tmp_path / "whole", DATA, READER)
     real_call, seen = ShapesReaderLoss.__call__, []

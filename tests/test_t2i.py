@@ -3,6 +3,7 @@ fail clearly; the compositional scorer and the example scripts work."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -11,21 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from trajflow.checkpoint import load_safetensors
-from trajflow.evaluation import (
+from examples.t2i.config import T2IConfig
+from examples.t2i.evaluation import (
     ShapesReaderConfig,
     compositional_scores,
     evaluate_shapes_model,
     load_or_train_shapes_reader,
 )
-from trajflow.recipes.t2i import (
-    VAE,
-    HashingTextEncoder,
-    T2IConfig,
-    build_text_encoder,
-    load_t2i,
-    train_t2i,
-)
+from examples.t2i.model import load_t2i
+from examples.t2i.text import HashingTextEncoder, build_text_encoder
+from examples.t2i.train import train_t2i
+from examples.t2i.vae import VAE
+from trajflow.checkpoint import load_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,10 +236,8 @@ def test_reader_cache_and_evaluation(tmp_path):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"t2i_{name}", ROOT / "examples" / "t2i" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script ``examples/t2i/<name>.py`` as the module it also is (its ``main`` takes the argument list)."""
+    return importlib.import_module(f"examples.t2i.{name}")
 
 
 def test_example_scripts(tmp_path, capsys):

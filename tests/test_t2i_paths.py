@@ -4,6 +4,7 @@ sampling through the raw, full and fast paths."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import warnings
@@ -12,21 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from examples.t2i.config import T2IConfig
+from examples.t2i.distill import DistillConfig, distill_t2i
+from examples.t2i.model import build_model, init_ntm_from_fm, load_t2i
+from examples.t2i.objective import TextToImageObjective
+from examples.t2i.text import build_text_encoder
+from examples.t2i.train import train_t2i
 from trajflow import MarkovInterpolant
 from trajflow.checkpoint import load_safetensors
 from trajflow.denoise import load_denoiser
 from trajflow.finetune import MeanAlignmentLoss, check_identity
-from trajflow.recipes.t2i import (
-    DistillConfig,
-    T2IConfig,
-    TextToImageObjective,
-    build_model,
-    build_text_encoder,
-    distill_t2i,
-    init_ntm_from_fm,
-    load_t2i,
-    train_t2i,
-)
 
 pytest.importorskip("accelerate")  # every test here trains through the Trainer (safetensors checkpoints)
 pytest.importorskip("safetensors")
@@ -221,7 +217,5 @@ def test_ntm_fm_config_errors(tmp_path, fm_run):
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"t2i_paths_{name}", ROOT / "examples" / "t2i" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script ``examples/t2i/<name>.py`` as the module it also is (its ``main`` takes the argument list)."""
+    return importlib.import_module(f"examples.t2i.{name}")

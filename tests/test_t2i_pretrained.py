@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from examples.t2i.config import T2IConfig
+from examples.t2i.model import T2IModel, build_model, load_t2i
+from examples.t2i.text import HashingTextEncoder
+from examples.t2i.train import train_t2i
 from trajflow.checkpoint import PRETRAINED_FORMAT, Pretrained, load_safetensors
-from trajflow.recipes.t2i import HashingTextEncoder, T2IConfig, T2IModel, build_model, load_t2i, train_t2i
 
 pytest.importorskip("safetensors")
 

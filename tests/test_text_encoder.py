@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from trajflow import text_encoder as te  # noqa: E402
-from trajflow.text_encoder import TextEncoder  # noqa: E402
+from examples.t2i import text as te  # noqa: E402
+from examples.t2i.text import TextEncoder  # noqa: E402
 
 needs_model = pytest.mark.skipif(
     __import__("importlib").util.find_spec(te.DEFAULT_TEXT_MODEL_PACKAGE) is None,

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from trajflow.data.images import from_unit_range, to_unit_range
-from trajflow.data.text_image import (
+from examples.t2i.data import (
     BACKGROUNDS,
     COLOURS,
     NOTO_EMOJI_FONT,
@@ -36,6 +35,7 @@ from trajflow.data.text_image import (
     sample_scene,
     scene_labels,
 )
+from trajflow.data.images import from_unit_range, to_unit_range
 
 pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
 from hypothesis import given, settings  # noqa: E402
@@ -352,7 +352,7 @@ def test_image_transform():
     # Transparent pixels are composited onto white, not left as their hidden colour.
     buf = io.BytesIO()
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(buf, "PNG")
-    from trajflow.data.text_image import load_rgb
+    from examples.t2i.data import load_rgb
 
     assert load_rgb(buf.getvalue()).getpixel((0, 0)) == (255, 255, 255)
 

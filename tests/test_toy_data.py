@@ -110,7 +110,7 @@ def test_vectorised_speed():
 
 # --- exact bin masses and support -------------------------------------------------------------------------
 
-EDGES = torch.linspace(-4.5, 4.5, 37)  # the toy job's grid (trajflow.recipes.toy.HISTOGRAM_EDGES)
+EDGES = torch.linspace(-4.5, 4.5, 37)  # the toy job's grid (examples/toy/evaluate.py's HISTOGRAM_EDGES)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -30,16 +30,23 @@ import torch
 
 from trajflow.checkpoint import save_json
 from trajflow.denoise import load_denoiser
-from trajflow.evaluation import (
+
+if __package__ in (None, ""):  # run as a script: the repository root holds the ``examples`` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.t2i.data import build_dataset  # noqa: E402
+from examples.t2i.evaluation import (  # noqa: E402
     dataset_pairs,
     evaluate_shapes_model,
     evaluate_text_image_model,
     load_or_train_shapes_reader,
     load_or_train_text_image_features,
+    shapes_prompts,
     torchmetrics_clip_score,
     torchmetrics_fid,
 )
-from trajflow.recipes.t2i import build_dataset, load_t2i, save_image_grid
+from examples.t2i.model import load_t2i  # noqa: E402
+from examples.t2i.sampling import save_image_grid  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -171,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _shapes_real(bundle, n: int) -> torch.Tensor:
-    from trajflow.evaluation import shapes_prompts
-
     return shapes_prompts(bundle.config.to_dict()["data"], n)[1]
 
 

@@ -28,7 +28,12 @@ from pathlib import Path
 import torch
 
 from trajflow.denoise import load_denoiser
-from trajflow.recipes.t2i import load_t2i, save_image_grid
+
+if __package__ in (None, ""):  # run as a script: the repository root holds the ``examples`` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from examples.t2i.model import load_t2i  # noqa: E402
+from examples.t2i.sampling import save_image_grid  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -322,7 +322,7 @@ class ShapesDataset(Dataset):
     - ``labels``: ``(num_slots, 3)`` long tensor from :func:`scene_labels` (0 = empty slot);
     - ``background``: the background colour's name.
 
-    ``objects`` varies in length, so batch items with :func:`trajflow.data.text_image.collate_text_image`.
+    ``objects`` varies in length, so batch items with :func:`examples.t2i.data.collate_text_image`.
 
     Args:
         length: number of items.

@@ -29,8 +29,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from trajflow.data.image_transforms import ImageTransform, load_rgb
-from trajflow.data.skips import SkipCounter, warn_skip
+from examples.t2i.data.images import ImageTransform, load_rgb
+from examples.t2i.data.skips import SkipCounter, warn_skip
 
 __all__ = ["expand_braces", "TarShards"]
 

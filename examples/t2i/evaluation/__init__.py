@@ -1,18 +1,18 @@
 """Evaluation of generated images without downloaded weights.
 
-* :mod:`trajflow.evaluation.compositional`: a GenEval-style compositional score for the procedural shapes
+* :mod:`examples.t2i.evaluation.compositional`: a GenEval-style compositional score for the procedural shapes
   data, read by a small classifier trained on the generator's ground truth
-  (:mod:`trajflow.evaluation.shapes_reader`; cached, with its held-out accuracy reported so the score can be
+  (:mod:`examples.t2i.evaluation.shapes_reader`; cached, with its held-out accuracy reported so the score can be
   interpreted).
-* :mod:`trajflow.evaluation.features`: feature networks trained locally for Fréchet distances (a
+* :mod:`examples.t2i.evaluation.features`: feature networks trained locally for Fréchet distances (a
   contrastive image-text network for any text-image data; for shapes, the reader's features), and FID /
   CLIP score through ``torchmetrics`` only when the user has the weights on disk.
 
 Both networks train with :class:`trajflow.train.Trainer` and are cached in its checkpoint format
-(:mod:`trajflow.evaluation.evaluator_cache`).
+(:mod:`examples.t2i.evaluation.evaluator_cache`).
 """
 
-from .compositional import (
+from examples.t2i.evaluation.compositional import (
     PROMPT_SEED,
     ShapesReader,
     ShapesReaderConfig,
@@ -26,7 +26,7 @@ from .compositional import (
     shapes_prompts,
     train_shapes_reader,
 )
-from .features import (
+from examples.t2i.evaluation.features import (
     ContrastiveLoss,
     FeatureNetConfig,
     ImageEncoder,

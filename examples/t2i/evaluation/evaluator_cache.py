@@ -1,7 +1,7 @@
 """Evaluation networks trained once with :class:`~trajflow.train.Trainer` and cached in its checkpoint format.
 
-The shapes reader (:mod:`~trajflow.evaluation.compositional`) and the text-image features
-(:mod:`~trajflow.evaluation.features`) are small networks trained on the data they evaluate. Both train through
+The shapes reader (:mod:`~examples.t2i.evaluation.compositional`) and the text-image features
+(:mod:`~examples.t2i.evaluation.features`) are small networks trained on the data they evaluate. Both train through
 the one training loop, and a trained network is cached as that loop's output folder, keyed by a digest of
 everything that defines it (the data, the network's config and :data:`CACHE_VERSION`)::
 
@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..checkpoint import CONFIG_FILE, load_json, load_model_weights, resolve_checkpoint, save_json
-from ..train import Objective, Trainer, TrainerConfig, TrainResult, capture_rng_state, restore_rng_state
+from trajflow.checkpoint import CONFIG_FILE, load_json, load_model_weights, resolve_checkpoint, save_json
+from trajflow.train import Objective, Trainer, TrainerConfig, TrainResult, capture_rng_state, restore_rng_state
 
 __all__ = [
     "CACHE_VERSION",

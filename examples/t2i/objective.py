@@ -11,10 +11,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .build import dataset_captions
-from .config import T2IConfig
-from .text import HashingTextEncoder
-from .vae import VAE
+from examples.t2i.config import T2IConfig
+from examples.t2i.data import dataset_captions
+from examples.t2i.text import HashingTextEncoder
+from examples.t2i.vae import VAE
+from trajflow.baselines.flow_matching import FlowMatchingLoss
+from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss
+from trajflow.losses import TrajectoryNLL
 
 __all__ = ["TextToImageObjective"]
 
@@ -39,7 +42,7 @@ class TextToImageObjective:
         data_shape: ``(C, H, W)`` the model sees.
         vae: Encode images to latents first.
         reference: ``"ntm-fm"`` only: the frozen velocity model of
-            :func:`~trajflow.recipes.t2i.init_from_fm.init_ntm_from_fm` (it stays here, outside the trained
+            :func:`~examples.t2i.model.init_ntm_from_fm` (it stays here, outside the trained
             module: no optimizer, EMA or checkpoint sees it).
     """
 
@@ -52,10 +55,6 @@ class TextToImageObjective:
         *,
         reference: nn.Module | None = None,
     ):
-        from ...baselines.flow_matching import FlowMatchingLoss
-        from ...finetune import FinetuneLoss, MeanAlignmentLoss
-        from ...losses import TrajectoryNLL
-
         m = config.model
         self.encoder, self.vae, self.cache = encoder, vae, config.text.cache
         self._seen: set[str] = set()

@@ -1,5 +1,8 @@
-r"""A trained text-to-image model with everything needed to sample it (:class:`T2IModel`), read from a training
-checkpoint (:func:`load_t2i`) or a pretrained folder (:meth:`T2IModel.from_pretrained`).
+r"""The text-to-image model of the lab: the untrained network a :class:`~examples.t2i.config.T2IConfig`
+builds (:func:`build_model`, :func:`build_transporter`), an NTM initialised from a flow-matching run
+(:func:`init_ntm_from_fm`, NTM §3.3), and a trained model with everything needed to sample it
+(:class:`T2IModel`), read from a training checkpoint (:func:`load_t2i`) or a pretrained folder
+(:meth:`T2IModel.from_pretrained`).
 
 A pretrained folder is the :mod:`trajflow.checkpoint` format, readable without running code::
 
@@ -21,7 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...checkpoint import (
+from examples.t2i.config import T2IConfig
+from examples.t2i.sampling import DEFAULT_DENOISE_T_MIN, generate
+from examples.t2i.text import build_text_encoder
+from examples.t2i.vae import VAE, data_shape
+from trajflow.checkpoint import (
     CONFIG_FILE,
     EMA_FILE,
     PRETRAINED_FORMAT,
@@ -32,15 +39,136 @@ from ...checkpoint import (
     resolve_checkpoint,
     save_model,
 )
-from .build import build_model
-from .config import T2IConfig
-from .sample import DEFAULT_DENOISE_T_MIN, generate
-from .text import build_text_encoder
-from .vae import VAE, data_shape
+from trajflow.finetune import init_from_flow_matching
+from trajflow.model import NTM
+from trajflow.predictors.from_velocity import FlowMatchingPredictor
+from trajflow.predictors.transformer import TransformerPredictor
+from trajflow.transporters import IdentityTransporter
+from trajflow.transporters.transformer import TransformerTransporter
+from trajflow.velocity import TransformerVelocity
 
-__all__ = ["T2IModel", "load_t2i", "load_t2i_config"]
+__all__ = ["build_transporter", "build_model", "init_ntm_from_fm", "T2IModel", "load_t2i", "load_t2i_config"]
 
 
+# -- the network --------------------------------------------------------------------------------------------
+def build_transporter(
+    config: T2IConfig, data_shape: tuple[int, int, int], text_features: int | None = None
+) -> nn.Module:
+    """NTM's transporter: the TarFlow-style :class:`~trajflow.transporters.TransformerTransporter`, or the
+    identity for ``model.transporter == "identity"`` (the Gaussian-step model of NTM App. A.2).
+    ``text_features``: the caption features' width, for ``model.transporter_condition``."""
+    if config.model.transporter == "identity":
+        return IdentityTransporter(tuple(data_shape))
+    return TransformerTransporter(config.transporter_config(data_shape, text_features))
+
+
+def build_model(config: T2IConfig, text_features: int, data_shape: tuple[int, int, int]) -> nn.Module:
+    """An :class:`~trajflow.NTM` (transformer transporter + text-conditioned transformer predictor) or, for
+    ``model.kind == "fm"``, a :class:`~trajflow.velocity.TransformerVelocity` of the same
+    width and depth as that predictor.
+
+    ``model.kind == "ntm-fm"`` gives the architecture of an NTM initialised from flow matching (transformer
+    transporter + :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor` around a
+    ``TransformerVelocity``) with fresh weights, for loading checkpoints;
+    :func:`init_ntm_from_fm` builds it from the flow-matching run for
+    training.
+
+    Example:
+        >>> cfg = T2IConfig.from_dict({"data": {"resolution": 16}, "model": {"patch_size": 4, "width": 32,
+        ...     "depth": 1, "heads": 2, "time_features": 16, "transporter_layers": 1}})
+        >>> type(build_model(cfg, 8, (3, 16, 16))).__name__
+        'NTM'
+    """
+    pc = config.predictor_config(text_features, data_shape)
+    if config.model.kind == "fm":
+        return TransformerVelocity(pc)
+    transporter = build_transporter(config, data_shape, text_features)
+    if config.model.kind == "ntm-fm" or config.model.predictor == "posterior":
+        return NTM(transporter, FlowMatchingPredictor(TransformerVelocity(pc), c_min=config.model.c_min))
+    return NTM(transporter, TransformerPredictor(pc))
+
+
+# -- an NTM initialised from a flow-matching run (NTM §3.3) ---------------------------------------------------
+#: Fields of a flow-matching run that must equal those of an ``"ntm-fm"`` config initialised from it (they
+#: fix the velocity network's shape, its inputs and the space it models).
+_FM_INIT_FIELDS = (
+    "data.resolution",
+    "vae",
+    "model.patch_size",
+    "model.width",
+    "model.depth",
+    "model.heads",
+    "model.kv_heads",
+    "model.time_features",
+    "text.encoder",
+    "text.model_path",
+    "text.max_length",
+    "text.hashing_dim",
+)
+
+
+def _field(d: Mapping[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        d = d[key]
+    return d
+
+
+def init_ntm_from_fm(
+    config: T2IConfig,
+    encoder: Any,
+    data_shape: tuple[int, int, int],
+    *,
+    vae: VAE | None = None,
+    device: str | torch.device = "cpu",
+):
+    """An ``"ntm-fm"`` model initialised from the flow-matching run ``config.model.init_from`` (NTM §3.3).
+
+    Loads that run with :func:`load_t2i` (EMA weights when it saved them), wraps its
+    :class:`~trajflow.velocity.TransformerVelocity` with
+    :func:`~trajflow.finetune.init_from_flow_matching` and an identity-at-init transporter built from
+    ``config`` (zero-initialised heads). Every step of the returned NTM is then the flow-matching model's
+    Gaussian posterior sampler.
+
+    Returns:
+        :class:`~trajflow.finetune.FlowMatchingInit` ``(model, reference)``: the NTM (same architecture as
+        :func:`build_model` gives for this config) and a frozen copy of the
+        velocity model, for :class:`~trajflow.finetune.MeanAlignmentLoss`. Keep the reference out of the
+        trained module.
+
+    Raises:
+        ValueError: ``config.model.kind`` is not ``"ntm-fm"``; the run at ``init_from`` is not a
+            flow-matching run; or it differs from ``config`` in a field that shapes the velocity network or
+            its inputs (every such field is named, with both values).
+    """
+    m = config.model
+    if m.kind != "ntm-fm":
+        raise ValueError(f"model.kind: init_ntm_from_fm needs 'ntm-fm', got {m.kind!r}")
+    fm_config, ckpt = load_t2i_config(m.init_from)  # type: ignore[arg-type]
+    if fm_config.model.kind != "fm":
+        raise ValueError(
+            f"model.init_from: expected a flow-matching run (model.kind 'fm'), but {str(ckpt)!r} holds a "
+            f"{fm_config.model.kind!r} model"
+        )
+    ours, theirs = config.to_dict(), fm_config.to_dict()
+    diff = [
+        f"{f} (flow-matching run: {_field(theirs, f)!r}, this config: {_field(ours, f)!r})"
+        for f in _FM_INIT_FIELDS
+        if _field(ours, f) != _field(theirs, f)
+    ]
+    if diff:
+        raise ValueError(
+            f"model.init_from: the flow-matching run {str(ckpt)!r} does not match this config; differing "
+            "fields: " + "; ".join(diff)
+        )
+    fm = load_t2i(ckpt, device=device, encoder=encoder, vae=vae)
+    if tuple(fm.data_shape) != tuple(data_shape):
+        raise ValueError(f"model.init_from: the flow-matching run models {fm.data_shape}, this config {data_shape}")
+    velocity = fm.model.train()
+    transporter = build_transporter(config, data_shape, velocity.config.text_features).to(device)
+    return init_from_flow_matching(velocity, transporter, c_min=m.c_min)
+
+
+# -- a trained model, ready to sample ---------------------------------------------------------------------------
 @dataclass
 class T2IModel:
     """A trained text-to-image model with everything needed to sample it (see :func:`load_t2i`).

@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..conditioning import Condition
-from ..process import SAMPLE_T_MIN, MarkovInterpolant, time_grid
-from ..velocity import guided_velocity
+from trajflow.conditioning import Condition
+from trajflow.process import SAMPLE_T_MIN, MarkovInterpolant, time_grid
+from trajflow.velocity import guided_velocity
 
 __all__ = ["ntm_level_estimates", "euler_level_estimates"]
 

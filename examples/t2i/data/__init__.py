@@ -1,6 +1,8 @@
-"""Text-image datasets in one place, and the collate function that batches any of them.
+"""The text-image data of the t2i lab: the datasets, the one a :class:`~examples.t2i.config.DataConfig` names
+(:func:`build_dataset`, with :func:`dataset_captions` for the text cache) and the collate function that
+batches any of them.
 
-Every text-image dataset in trajflow yields dicts with at least ``"image"`` (a ``(3, H, W)`` tensor) and
+Every text-image dataset here yields dicts with at least ``"image"`` (a ``(3, H, W)`` tensor) and
 ``"caption"`` (a string); extra keys carry ground truth or provenance:
 
 =============================  ===================================================  ==========================
@@ -28,11 +30,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
-from trajflow.data.caption_folder import IMAGE_EXTENSIONS, CaptionFolder, MetadataImageFolder
-from trajflow.data.emoji_set import NOTO_EMOJI_FONT, EmojiDataset, default_cache_dir, emoji_entries
-from trajflow.data.image_transforms import ImageTransform, load_rgb, pil_to_tensor
-from trajflow.data.shapes import (
+from examples.t2i.config import DataConfig
+from examples.t2i.data.caption_folder import IMAGE_EXTENSIONS, CaptionFolder, MetadataImageFolder
+from examples.t2i.data.emoji import NOTO_EMOJI_FONT, EmojiDataset, default_cache_dir, emoji_entries
+from examples.t2i.data.images import ImageTransform, load_rgb, pil_to_tensor
+from examples.t2i.data.shapes import (
     BACKGROUNDS,
     COLOURS,
     DEFAULT_SHAPES,
@@ -45,10 +49,12 @@ from trajflow.data.shapes import (
     scene_labels,
     slot_names,
 )
-from trajflow.data.skips import SkipCounter
-from trajflow.data.tar_shards import TarShards, expand_braces
+from examples.t2i.data.skips import SkipCounter
+from examples.t2i.data.tar_shards import TarShards, expand_braces
 
 __all__ = [
+    "build_dataset",
+    "dataset_captions",
     "collate_text_image",
     # re-exported from the modules that define them
     "ShapesDataset",
@@ -76,6 +82,44 @@ __all__ = [
     "pil_to_tensor",
     "SkipCounter",
 ]
+
+
+def build_dataset(config: DataConfig, *, seed: int | None = None, length: int | None = None) -> Dataset:
+    """The dataset a :class:`DataConfig` names; ``seed``/``length`` override the shapes generator's
+    (evaluation draws held-out scenes this way)."""
+    res = config.resolution
+    if config.name == "shapes":
+        kwargs: dict[str, Any] = {}
+        for name in ("shapes", "colours", "sizes", "backgrounds"):
+            if getattr(config, name) is not None:
+                kwargs[name] = tuple(getattr(config, name))
+        return ShapesDataset(
+            length=config.length if length is None else length,
+            resolution=res,
+            seed=config.seed if seed is None else seed,
+            grid=config.grid,
+            max_objects=config.max_objects,
+            max_groups=config.max_groups,
+            **kwargs,
+        )
+    if config.name == "emoji":
+        return EmojiDataset(resolution=res, skin_tones=config.emoji_skin_tones, limit=config.emoji_limit)
+    transform = ImageTransform(res, crop=config.crop, hflip=config.hflip)
+    if config.name == "caption_folder":
+        return CaptionFolder(config.path, transform)
+    if config.name == "metadata_folder":
+        return MetadataImageFolder(config.path, transform, caption_column=config.caption_column)
+    return TarShards(config.path, transform, shuffle=True, shuffle_buffer=config.shuffle_buffer, seed=config.seed)
+
+
+def dataset_captions(dataset: Dataset) -> list[str] | None:
+    """Every caption of a map-style dataset, read cheaply where the dataset allows it (no image decoding);
+    ``None`` for streams and datasets that can only give captions with their images."""
+    if isinstance(dataset, ShapesDataset):
+        return [dataset.caption(dataset.scene(i)) for i in range(len(dataset))]
+    if isinstance(dataset, EmojiDataset):
+        return list(dataset.captions)
+    return None
 
 
 def collate_text_image(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 r"""A GenEval-style compositional score for the procedural shapes data, read by a classifier trained on its truth.
 
 GenEval (Ghosh et al., 2023) asks an object detector whether a generated image shows the objects, counts,
-colours and positions its prompt asked for. For :class:`~trajflow.data.text_image.ShapesDataset` prompts the
+colours and positions its prompt asked for. For :class:`~examples.t2i.data.ShapesDataset` prompts the
 generator knows the exact scene behind every caption, so a small CNN trained on rendered scenes and their
-ground truth (:func:`~trajflow.data.text_image.scene_labels`) can play the detector: :class:`ShapesReader`
+ground truth (:func:`~examples.t2i.data.scene_labels`) can play the detector: :class:`ShapesReader`
 predicts, for every cell of the scene grid, whether it is empty and otherwise the object's shape, colour and
 size. :func:`compositional_scores` then compares its reading of a generated image with the prompt's scene:
 
@@ -16,7 +16,7 @@ size. :func:`compositional_scores` then compares its reading of a generated imag
   ``counting`` (a repeated kind: "two red circles"), ``colour_attribution`` (two kinds of different colours,
   each with its own colour right).
 
-The reader (:mod:`~trajflow.evaluation.shapes_reader`) is trained once per data configuration and cached. To
+The reader (:mod:`~examples.t2i.evaluation.shapes_reader`) is trained once per data configuration and cached. To
 make the score interpretable it is reported together with the reader's accuracy on **held-out real images**:
 the score of real images is the ceiling a perfect generator would reach.
 """
@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .shapes_reader import (
+from examples.t2i.evaluation.levels import euler_level_estimates, ntm_level_estimates
+from examples.t2i.evaluation.shapes_reader import (
     ShapesReader,
     ShapesReaderConfig,
     ShapesReaderLoss,
@@ -39,6 +40,9 @@ from .shapes_reader import (
     shapes_dataset,
     train_shapes_reader,
 )
+from trajflow.metrics import frechet_distance
+from trajflow.model import NTM
+from trajflow.process import time_grid
 
 __all__ = [
     "ShapesReaderConfig",
@@ -139,15 +143,13 @@ def evaluate_shapes_model(
     between the reader's features of the generated and of the real images of the same prompts.
 
     Arguments:
-        bundle: A :class:`~trajflow.recipes.t2i.T2IModel` trained on shapes.
+        bundle: A :class:`~examples.t2i.model.T2IModel` trained on shapes.
         reader: The :class:`ShapesReader` for that data.
 
     Returns:
         ``(metrics, images, captions)``; metrics hold the :func:`compositional_scores`, ``frechet_distance``,
         ``sample_seconds`` and ``sample_images_per_s``.
     """
-    from ..metrics import frechet_distance
-
     captions, real, labels = shapes_prompts(bundle.config.to_dict()["data"], n_prompts, seed=prompt_seed)
     t0 = time.perf_counter()
     images = bundle.generate(
@@ -172,17 +174,13 @@ def evaluate_shapes_levels(
     seed: int = 0,
     prompt_seed: int = PROMPT_SEED,
 ) -> list[dict[str, Any]]:
-    """Score the sampler's clean-image estimate after every step (:mod:`trajflow.evaluation.levels`).
+    """Score the sampler's clean-image estimate after every step (:mod:`examples.t2i.evaluation.levels`).
 
     Returns one dict per step, from the first (from noise) to the last: ``level`` (``T`` .. 1), ``t`` (the
     step's start time) and the :func:`compositional_scores` of the estimates for the held-out prompts. A
     prompt whose composition is already right at an early level was decided there; the last level is the
     mean of the final step. Works for NTM (any predictor) and flow-matching bundles.
     """
-    from ..model import NTM
-    from ..process import time_grid
-    from .levels import euler_level_estimates, ntm_level_estimates
-
     cfg = bundle.config
     steps = cfg.sample.steps if steps is None else steps
     guidance = cfg.sample.guidance if guidance is None else guidance

@@ -9,7 +9,7 @@ network trained locally on the data itself:
   folders, shards); its image embedding gives the Fréchet features, and the cosine between an image and its
   caption is a CLIP-score stand-in (``alignment``). Its held-out retrieval accuracy is reported, so that a
   reader can tell how much it has learned.
-* for the shapes data, :class:`~trajflow.evaluation.compositional.ShapesReader` (trained on the ground truth)
+* for the shapes data, :class:`~examples.t2i.evaluation.compositional.ShapesReader` (trained on the ground truth)
   gives per-cell features that see exactly the factors the prompts control.
 
 Numbers from these networks compare models **evaluated with the same network** (same cache key); they are not
@@ -35,9 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from ..checkpoint import check_config
-from ..train import TrainerConfig
-from .evaluator_cache import (
+from examples.t2i.evaluation.evaluator_cache import (
     CACHE_VERSION,
     cached_config,
     entry_dir,
@@ -47,6 +45,9 @@ from .evaluator_cache import (
     noise_augment,
     save_report,
 )
+from trajflow.checkpoint import check_config
+from trajflow.metrics import frechet_distance
+from trajflow.train import TrainerConfig
 
 __all__ = [
     "FeatureNetConfig",
@@ -265,7 +266,7 @@ def load_or_train_text_image_features(
 ) -> tuple[TextImageFeatures, dict[str, Any]]:
     """:func:`train_text_image_features` once per ``key`` (a JSON-able description of the data and text
     encoder) and ``config``, cached in ``cache_dir`` as the Trainer's output folder ``features-<digest>/`` (see
-    :mod:`~trajflow.evaluation.evaluator_cache`). ``make_pairs()`` is only called when training is needed.
+    :mod:`~examples.t2i.evaluation.evaluator_cache`). ``make_pairs()`` is only called when training is needed.
 
     An entry whose checkpoint was written for another key or config raises a ``ValueError`` naming the
     differing fields.
@@ -300,8 +301,6 @@ def frechet_distance_of(extract: Callable[[Tensor], Tensor], real: Tensor, fake:
         >>> frechet_distance_of(lambda im: im.flatten(1)[:, :4], x, x) < 1e-6
         True
     """
-    from ..metrics import frechet_distance
-
     return frechet_distance(extract(real).double(), extract(fake).double())
 
 
@@ -310,7 +309,7 @@ def _local_path(path: str | os.PathLike | None, what: str, flag: str) -> Path:
     if path is None:
         raise ValueError(
             f"{what}: needs weights on disk, passed as {flag} PATH; trajflow never downloads them (use the locally "
-            f"trained features of trajflow.evaluation.features instead when you have none)"
+            f"trained features of examples.t2i.evaluation.features instead when you have none)"
         )
     p = Path(path).expanduser()
     if not p.exists():
@@ -425,8 +424,6 @@ def evaluate_text_image_model(
 ) -> tuple[dict[str, Any], Tensor]:
     """Generate one image per caption and compare with the real images of the same captions: Fréchet distance on
     ``net``'s features and the image-caption alignment of generated vs real images."""
-    from ..metrics import frechet_distance
-
     t0 = time.perf_counter()
     images = bundle.generate(
         captions, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size, progress=progress

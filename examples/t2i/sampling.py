@@ -1,5 +1,5 @@
 """Sampling a text-to-image model: :func:`generate` (NTM's raw, full and fast paths, or flow matching's ODE)
-and :func:`save_image_grid` (one PNG of many samples)."""
+and :func:`save_image_grid` (one PNG of many samples). The command line over them is ``sample.py``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ...checkpoint import atomic_write
-from ...process import SAMPLE_T_MIN
-from ...train import mix_seed
-from .vae import VAE
+from examples.t2i.vae import VAE
+from trajflow.baselines.flow_matching import euler_sample, heun_sample
+from trajflow.checkpoint import atomic_write
+from trajflow.data.images import from_unit_range
+from trajflow.denoise import fast_sample, sample_denoised
+from trajflow.model import NTM
+from trajflow.process import SAMPLE_T_MIN, time_grid
+from trajflow.train import mix_seed
 
 __all__ = ["SAMPLE_PATHS", "DEFAULT_DENOISE_T_MIN", "generate", "save_image_grid"]
 
@@ -56,7 +61,7 @@ def generate(
     * ``"full"``: :func:`~trajflow.denoise.sample_denoised`, the KV-cached inverse at every level and
       trajectory score denoising (Algorithm 3; the score is the conditional model's);
     * ``"fast"``: :func:`~trajflow.denoise.fast_sample`, no inverse: the learned ``denoiser`` maps the
-      cleanest latent to the image (train it with :func:`~trajflow.recipes.t2i.distill.distill_t2i` at the
+      cleanest latent to the image (train it with :func:`~examples.t2i.distill.distill_t2i` at the
       same ``steps`` and ``t_min``).
 
     Denoising needs ``t_min > 0`` (0.02 in NTM): at ``t_min = 0`` the full path returns the raw sample
@@ -64,11 +69,6 @@ def generate(
     Batch ``i`` draws its noise from seed ``(seed, i)``, so a result depends on ``seed`` and ``batch_size``
     only.
     """
-    from ...baselines.flow_matching import euler_sample, heun_sample
-    from ...denoise import fast_sample, sample_denoised
-    from ...model import NTM
-    from ...process import time_grid
-
     if sampler not in ("euler", "heun"):
         raise ValueError(f"sampler: expected 'euler' or 'heun', got {sampler!r}")
     if path not in SAMPLE_PATHS:
@@ -128,10 +128,6 @@ def generate(
 def save_image_grid(images: Tensor, path: str | Path, *, nrow: int | None = None, min_tile: int = 64) -> Path:
     """Write ``(N, 3, H, W)`` images in ``[-1, 1]`` as one PNG grid (tiles upscaled by an integer factor, nearest
     neighbour, to at least ``min_tile`` px so that 16 px samples stay visible); atomic."""
-    from PIL import Image
-
-    from ...data.images import from_unit_range
-
     n = images.shape[0]
     if n == 0:
         raise ValueError("images: expected at least one image, got none")

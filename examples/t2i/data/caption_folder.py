@@ -33,8 +33,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from trajflow.data.image_transforms import ImageTransform, load_rgb
-from trajflow.data.skips import warn_skip
+from examples.t2i.data.images import ImageTransform, load_rgb
+from examples.t2i.data.skips import warn_skip
 
 __all__ = ["IMAGE_EXTENSIONS", "CaptionFolder", "MetadataImageFolder"]
 

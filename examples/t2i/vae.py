@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import T2IConfig
+from examples.t2i.config import T2IConfig
 
 __all__ = ["VAE", "data_shape"]
 
