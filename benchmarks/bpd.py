@@ -67,9 +67,10 @@ from trajflow.baselines import (
 )
 from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
 from trajflow.likelihood import DequantizedObjective, elbo_bits_per_dim
-from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
+from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
 from trajflow.train import Trainer, TrainerConfig, TrainResult
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
+from trajflow.velocity import TransformerVelocity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
 from _common import RESULTS, ROOT, command_line, read_results, source_state, write_results  # noqa: E402

@@ -6,7 +6,7 @@ a. **Training throughput**, NTM against flow matching on the same predictor: a c
    :class:`~trajflow.predictors.transformer.TransformerPredictor` of width 768 x 12 layers over 256 tokens
    (4 x 32 x 32 latents, patch 2), trained with :class:`~trajflow.TrajectoryNLL` (T = 4) under a
    :class:`~trajflow.transporters.TransformerTransporter` of 2 blocks x 4 causal layers (width 768), against
-   a :class:`~trajflow.predictors.transformer.TransformerVelocity` of the same width and depth trained with
+   a :class:`~trajflow.velocity.TransformerVelocity` of the same width and depth trained with
    :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`. Batch 256 images per optimizer step (NTM: 4
    micro-batches of 64, accumulated, since it runs T levels per image), bf16 autocast, ``torch.compile`` of
    each network, fused AdamW. Reports images/s, their ratio and each model's MFU.
@@ -89,14 +89,11 @@ from trajflow.baselines.flow_matching import FlowMatchingLoss  # noqa: E402
 from trajflow.denoise import TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
 from trajflow.losses import TrajectoryNLL  # noqa: E402
 from trajflow.model import NTM  # noqa: E402
-from trajflow.predictors.transformer import (  # noqa: E402
-    TransformerPredictor,
-    TransformerPredictorConfig,
-    TransformerVelocity,
-)
+from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig  # noqa: E402
 from trajflow.process import time_grid  # noqa: E402
 from trajflow.recipes.t2i import T2IConfig, build_model  # noqa: E402
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig  # noqa: E402
+from trajflow.velocity import TransformerVelocity  # noqa: E402
 
 SMOKE_OUT = ROOT / "runs" / "bench-gpu-smoke" / "speed.json"
 SYNC_RESERVE_SECONDS = 20.0  # --time-budget: what (d) leaves for (e)

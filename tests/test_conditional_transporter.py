@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import trajflow
+from trajflow.conditioning import check_cond, check_drop_cond
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
 from trajflow.transporters import IdentityTransporter, NflowsTransporter, ZukoTransporter
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
@@ -161,37 +162,34 @@ def test_unconditional_config_has_the_old_parameters() -> None:
 
 
 def test_bad_conditions_raise_clear_errors() -> None:
+    """The transporter trusts its callers; the edges check its condition with check_cond (its cond_spec)."""
     f = make("text")
-    x, t = torch.randn(2, *SHAPE, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
     features, mask = random_cond("text", 2, 0)
-    with pytest.raises(ValueError, match=r"cond: this transporter is conditional.*got None"):
-        f(x, t)
-    with pytest.raises(ValueError, match=r"cond: this transporter is conditional.*got None"):
-        f.inverse(x, t)
-    with pytest.raises(ValueError, match=r"cond: expected text features of width 3.*got features of shape \(2, 3, 5\)"):
-        f(x, t, (torch.randn(2, 3, 5, dtype=torch.float64), mask))
+    with pytest.raises(ValueError, match=r"cond: expected text features \(\*batch, L, 3\), got shape \(2, 3, 5\)"):
+        check_cond(f, (torch.randn(2, 3, 5, dtype=torch.float64), mask))
     with pytest.raises(ValueError, match=r"cond: expected batch shape \(2,\).*got \(3,\)"):
-        f(x, t, (torch.randn(3, 3, TEXT, dtype=torch.float64), torch.ones(3, 3, dtype=torch.bool)))
-    with pytest.raises(ValueError, match=r"cond: expected a tuple \(features.*got a single tensor \(no mask\)"):
-        f(x, t, features)
+        check_cond(f, (torch.randn(3, 3, TEXT, dtype=torch.float64), torch.ones(3, 3, dtype=torch.bool)), (2,))
+    with pytest.raises(ValueError, match=r"cond: expected a tuple \(text features.*got a single tensor"):
+        check_cond(f, features)
     with pytest.raises(ValueError, match=r"cond: expected a mask of shape \(2, 3\).*got \(2, 4\)"):
-        f(x, t, (features, torch.ones(2, 4, dtype=torch.bool)))
-    with pytest.raises(ValueError, match=r"cond: .*drop_cond must be all True"):
-        f(x, t, None, torch.tensor([True, False]))
+        check_cond(f, (features, torch.ones(2, 4, dtype=torch.bool)))
     with pytest.raises(ValueError, match=r"drop_cond: expected a bool tensor of shape \(2,\)"):
-        f(x, t, (features, mask), torch.ones(3, dtype=torch.bool))
-    for method in ("static", "naive"):
-        with pytest.raises(ValueError, match=r"cond: expected text features of width 3"), torch.no_grad():
-            f.inverse(x, t, (torch.randn(2, 3, 5, dtype=torch.float64), mask), method=method)
+        check_drop_cond(torch.ones(3, dtype=torch.bool), (2,))
+    assert check_cond(f, None) == ()  # the null context everywhere
     c = make("class")
-    with pytest.raises(ValueError, match=r"cond: expected class indices of shape \(2,\).*got \(3,\)"):
-        c(x, t, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"cond: expected batch shape \(2,\).*got \(3,\)"):
+        check_cond(c, torch.zeros(3, dtype=torch.long), (2,))
     with pytest.raises(ValueError, match=r"cond: expected class indices in \[0, 3\]"):
-        c(x, t, torch.tensor([0, 7]))
+        check_cond(c, torch.tensor([0, 7]))
     with pytest.raises(ValueError, match=r"cond: expected integer class indices"):
-        c(x, t, torch.zeros(2))
-    with pytest.raises(ValueError, match=r"cond: .*unconditional"):
-        make(None)(x, t, torch.zeros(2, dtype=torch.long))
+        check_cond(c, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"cond: TransformerTransporter is unconditional"):
+        check_cond(make(None), torch.zeros(2, dtype=torch.long))
+    # at the edge: a distribution with the conditional transporter refuses a condition it cannot take
+    model = ntm("class")
+    grid = trajflow.time_grid(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cond: expected class indices in \[0, 3\]"):
+        model.distribution(grid, torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="num_classes, text_features"):
         TransformerTransporterConfig(SHAPE, 2, num_classes=2, text_features=3)
 
@@ -216,11 +214,9 @@ def test_other_transporters_and_the_protocol(kind: str) -> None:
     assert not IdentityTransporter(2).is_conditional
     for f in (ZukoTransporter(2) if kind == "zuko" else NflowsTransporter(2, preset="maf"),):
         assert not f.is_conditional
-        f(x, t, None, torch.ones(3, dtype=torch.bool))  # None is accepted, drop_cond ignored
-        with pytest.raises(ValueError, match=r"cond: .*unconditional.*expected cond=None"):
-            f(x, t, y)
-        with pytest.raises(ValueError, match=r"cond: .*unconditional"):
-            f.inverse(x, t, y)
+        u, _ = f(x, t, None, torch.ones(3, dtype=torch.bool))  # unconditional: cond and drop_cond are ignored
+        torch.testing.assert_close(f(x, t, y)[0], u)
+        torch.testing.assert_close(f.inverse(u, t, y), f.inverse(u, t))
 
 
 # ------------------------------------------------------------------------------------- in the distribution
@@ -299,7 +295,7 @@ def test_transporter_and_predictor_must_take_the_same_condition() -> None:
 
 
 def test_t2i_transporter_condition() -> None:
-    from trajflow.recipes.t2i import ModelConfig, T2IConfig
+    from examples.t2i.config import ModelConfig, T2IConfig
 
     off = T2IConfig()
     assert off.transporter_config((3, 32, 32), 8).text_features is None

@@ -9,7 +9,8 @@ import torch
 diffusers = pytest.importorskip("diffusers", minversion="0.30", reason="the UNet adapter's tests need diffusers")
 
 from trajflow import NTM, time_grid  # noqa: E402
-from trajflow.baselines.flow_matching import euler_sample  # noqa: E402
+from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample  # noqa: E402
+from trajflow.conditioning import check_cond  # noqa: E402
 from trajflow.contrib.diffusers import UNet2DVelocity  # noqa: E402
 from trajflow.finetune import init_from_flow_matching  # noqa: E402
 from trajflow.predictors import FlowMatchingPredictor  # noqa: E402
@@ -141,10 +142,11 @@ def test_class_labels_with_the_last_index_as_null():
     guided = guided_velocity(velocity, x, t, labels, w)
     cond_v = unet(x, 1000 * t, class_labels=labels).sample
     torch.testing.assert_close(guided, (1 + w) * cond_v - w * null, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"cond: expected class labels in 0\.\.2 \(label 3 is the reserved null"):
-        velocity(x, t, torch.tensor([0, 3, 1]))
+    # checked where the condition enters (the flow-matching loss, the samplers, an NTM's distribution)
+    with pytest.raises(ValueError, match=r"cond: expected class labels in \[0, 2\] \(label 3 is the reserved null"):
+        euler_sample(velocity, x, 2, cond=torch.tensor([0, 3, 1]))
     with pytest.raises(ValueError, match=r"cond: expected integer class labels"):
-        velocity(x, t, labels.float())
+        check_cond(velocity, labels.float())
 
 
 def test_bad_input_is_refused_at_the_edge(unet):
@@ -160,10 +162,8 @@ def test_bad_input_is_refused_at_the_edge(unet):
         velocity(x, torch.rand(3))
     with pytest.raises(ValueError, match=r"t: expected times in \[0.0, 1.0\]"):
         velocity(x, torch.tensor([0.5, 2.0]))
-    with pytest.raises(ValueError, match=r"cond: this UNet is unconditional"):
-        velocity(x, t, torch.tensor([0, 1]))
-    with pytest.raises(ValueError, match=r"drop_cond: expected a bool tensor of shape \(2,\)"):
-        velocity(x, t, None, torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"cond: UNet2DVelocity is unconditional"):
+        FlowMatchingLoss()(velocity, x, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match=r"unet: expected a diffusers UNet2DModel, got Linear"):
         UNet2DVelocity(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"sample_size: expected a positive \(H, W\) divisible by .* 2, got 7"):

@@ -10,7 +10,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trajflow.baselines import FlowMatchingLoss, MeanFlowLoss, MeanFlowVelocity, meanflow_sample
 from trajflow.baselines.meanflow import meanflow_jvp
-from trajflow.predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from trajflow.predictors.transformer import TransformerPredictorConfig
+from trajflow.velocity import TransformerVelocity
 
 
 def teacher(text: bool = False, dtype: torch.dtype = torch.float32) -> TransformerVelocity:

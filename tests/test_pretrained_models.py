@@ -22,12 +22,10 @@ from trajflow.denoise import (
 )
 from trajflow.finetune import init_from_flow_matching
 from trajflow.predictors import (
-    CallableVelocity,
     FlowMatchingPredictor,
     MLPPredictor,
     TransformerPredictor,
     TransformerPredictorConfig,
-    TransformerVelocity,
 )
 from trajflow.transporters import (
     IdentityTransporter,
@@ -35,7 +33,7 @@ from trajflow.transporters import (
     TransformerTransporterConfig,
     ZukoTransporter,
 )
-from trajflow.velocity import MLPVelocity
+from trajflow.velocity import CallableVelocity, MLPVelocity, TransformerVelocity
 
 pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
 from hypothesis import given, settings  # noqa: E402

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from trajflow.baselines import ProgressiveDistillationLoss, distillation_rounds, euler_sample
-from trajflow.predictors.transformer import TransformerPredictorConfig, TransformerVelocity
+from trajflow.predictors.transformer import TransformerPredictorConfig
 from trajflow.process import time_grid
-from trajflow.velocity import MLPVelocity, VelocityModel
+from trajflow.velocity import MLPVelocity, TransformerVelocity, VelocityModel
 
 
 def teacher(kind: str = "mlp") -> VelocityModel:
@@ -34,6 +34,7 @@ class ExactStudent(VelocityModel):
     def __init__(self, loss: ProgressiveDistillationLoss) -> None:
         super().__init__()
         self.loss, self.event_shape = loss, loss.teacher.event_shape
+        self.cond_event_dims = loss.teacher.cond_event_dims  # it takes the teacher's condition
 
     def forward(self, x_t: Tensor, t: Tensor, cond=None, drop_cond=None) -> tuple[Tensor, Tensor]:
         student_times = self.loss.grid[0::2]  # (N + 1,)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trajflow.predictors.transformer import (
-    TransformerPredictor,
-    TransformerPredictorConfig,
-    TransformerVelocity,
-)
+from trajflow import NTM, time_grid
+from trajflow.baselines.flow_matching import FlowMatchingLoss
+from trajflow.conditioning import check_cond, check_drop_cond
+from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
+from trajflow.transporters import IdentityTransporter
+from trajflow.velocity import TransformerVelocity
 
 pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install 'trajflow[dev]'")
 from hypothesis import given, settings  # noqa: E402
@@ -166,8 +167,8 @@ def test_velocity_model() -> None:
     v_null, _ = vel(x, t)
     v_drop, _ = vel(x, t, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool))
     torch.testing.assert_close(v_drop, v_null, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match=r"cond: expected class indices in \[0, 2\]"):
-        vel(x, t, torch.tensor([0, 1, 3]))
+    with pytest.raises(ValueError, match=r"cond: expected class indices in \[0, 2\]"):  # at the loss's edge
+        FlowMatchingLoss()(vel, x, torch.tensor([0, 1, 3]))
 
 
 def test_gradients_reach_the_backbone() -> None:
@@ -195,30 +196,35 @@ def test_bad_inputs() -> None:
         pred(u, t, s[:1])
     with pytest.raises(ValueError, match=r"t: expected times in"):
         pred(u, t + 1.0, s)
+    # the condition is checked where it enters (check_cond, which the distribution and the losses call)
     with pytest.raises(ValueError, match=r"cond: expected integer class indices"):
-        pred(u, t, s, torch.tensor([0.0, 1.0]))
+        check_cond(pred, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"cond: expected class indices in \[0, 2\], got values in \[-1, 1"):
-        pred(u, t, s, torch.tensor([-1, 1]))
+        check_cond(pred, torch.tensor([-1, 1]))
     with pytest.raises(ValueError, match=r"cond: expected batch shape \(2,\)"):
-        pred(u, t, s, torch.tensor([0, 1, 2]))
+        check_cond(pred, torch.tensor([0, 1, 2]), (2,))
     with pytest.raises(ValueError, match=r"drop_cond: expected a bool tensor of shape \(2,\)"):
-        pred(u, t, s, torch.tensor([0, 1]), torch.tensor([1, 0]))
+        check_drop_cond(torch.tensor([1, 0]), (2,))
 
 
 def test_bad_text_cond() -> None:
     pred = TransformerPredictor(config("text"))
     u, t, s = inputs(2)
     features, mask = text_cond(2)
-    with pytest.raises(ValueError, match=r"cond: expected text features of width 6"):
-        pred(u, t, s, (torch.randn(2, 4, 5), mask))
-    with pytest.raises(ValueError, match=r"cond: expected a mask of shape \(2, 4\)"):
-        pred(u, t, s, (features, mask[:, :3]))
-    with pytest.raises(ValueError, match=r"cond: expected a tuple"):
-        pred(u, t, s, features)
+    with pytest.raises(ValueError, match=r"cond: expected text features \(\*batch, L, 6\), got shape \(2, 4, 5\)"):
+        check_cond(pred, (torch.randn(2, 4, 5), mask))
+    with pytest.raises(ValueError, match=r"cond: expected a mask of shape \(2, 4\) matching the text features"):
+        check_cond(pred, (features, mask[:, :3]))
+    with pytest.raises(ValueError, match=r"cond: expected a tuple \(text features .*got a single tensor"):
+        check_cond(pred, features)
     with pytest.raises(ValueError, match=r"cond: expected a bool"):
-        pred(u, t, s, (features, mask.float()))
-    with pytest.raises(ValueError, match=r"cond: this model is unconditional"):
-        TransformerPredictor(config("none"))(u, t, s, torch.tensor([0, 1]))
+        check_cond(pred, (features, mask.float()))
+    with pytest.raises(ValueError, match=r"cond: TransformerPredictor is unconditional, expected cond=None"):
+        check_cond(TransformerPredictor(config("none")), torch.tensor([0, 1]))
+    # and at the edge: a distribution on this predictor refuses the same condition
+    model = NTM(IdentityTransporter(SHAPE), pred)
+    with pytest.raises(ValueError, match=r"cond: expected text features \(\*batch, L, 6\)"):
+        model.distribution(time_grid(2), (torch.randn(2, 4, 5), mask))
 
 
 def test_bad_config() -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "check_finite",
     "check_grid",
     "check_times",
+    "check_flat_times",
     "check_step_index",
     "check_edges",
 ]
@@ -72,6 +73,17 @@ def check_times(name: str, t: Tensor, *, low: float = 0.0, high: float = 1.0) ->
         raise ValueError(
             f"{name}: expected times in [{low}, {high}], got values in [{float(t.min()):.6g}, {float(t.max()):.6g}]"
         )
+    return t
+
+
+def check_flat_times(name: str, t: object, n: int, validate: bool = True) -> Tensor:
+    """Raise unless ``t`` is a tensor of shape ``(n,)`` (one time per data point of a flat batch) and, with
+    ``validate``, its entries are finite and in [0, 1] (which reads them: a GPU synchronisation)."""
+    check_tensor(name, t)
+    if t.shape != (n,):
+        raise ValueError(f"{name}: expected shape ({n},) (one time per data point), got {tuple(t.shape)}")
+    if validate:
+        check_times(name, t)
     return t
 
 

@@ -1,13 +1,22 @@
 """Conditions: a tensor (class index, vector) or a tuple of tensors (text features and their mask).
 
-A predictor says how many trailing dims form one condition (``cond_event_dims``: an int for a tensor, a
-tuple of ints for a tuple), and the leading dims are the condition's batch shape. These helpers move
-conditions around without knowing what they mean.
+A network says how many trailing dims form one condition (``cond_event_dims``: an int for a tensor, a
+tuple of ints for a tuple), and the leading dims are the condition's batch shape. Where it knows more (the
+number of classes, the widths), it declares a :class:`CondSpec` as ``cond_spec``, in the way of
+torch.distributions' ``arg_constraints``.
+
+**One check, at the edge.** :func:`check_cond` is the library's one condition validator: the public entry
+points (the constructors of :class:`~trajflow.TrajectoryDistribution` and of the losses' draws, sampling)
+call it once, with the network that will see the condition, and raise a ``ValueError`` naming ``cond``,
+what was expected and what was given. The networks themselves trust their callers and check nothing.
+:func:`check_drop_cond` checks the guidance-dropout mask likewise. The other helpers move conditions around
+without knowing what they mean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -18,39 +27,28 @@ EventDims = int | tuple[int, ...]
 __all__ = [
     "Condition",
     "EventDims",
+    "CondPart",
+    "CondSpec",
+    "check_cond",
+    "check_drop_cond",
     "cond_batch_shape",
     "map_cond",
     "align_cond",
     "cat_cond",
-    "check_text_condition",
-    "condition_event_dims",
 ]
 
 
 def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
+    """``cond``'s tensors with their event dims; ``cond`` was checked at the edge (:func:`check_cond`)."""
     if isinstance(cond, Tensor):
-        if not isinstance(event_dims, int):
-            raise ValueError(f"cond: expected a tuple of {len(event_dims)} tensors, got a single tensor")
-        return [(cond, event_dims)]
-    if not isinstance(cond, tuple) or not all(isinstance(c, Tensor) for c in cond):
-        raise ValueError(f"cond: expected a tensor or a tuple of tensors, got {type(cond).__name__}")
-    if isinstance(event_dims, int) or len(event_dims) != len(cond):
-        raise ValueError(f"cond: expected {event_dims} event dims per part, got a tuple of {len(cond)} tensors")
-    return list(zip(cond, event_dims))
+        return [(cond, event_dims)]  # type: ignore[list-item]
+    return list(zip(cond, event_dims))  # type: ignore[arg-type]
 
 
 def cond_batch_shape(cond: Condition, event_dims: EventDims) -> torch.Size:
-    """The batch shape of ``cond``: the dims left of its event dims (taken from the first tensor)."""
-    pairs = _pairs(cond, event_dims)
-    shapes = []
-    for c, ed in pairs:
-        if c.dim() < ed:
-            raise ValueError(f"cond: expected at least {ed} dims, got shape {tuple(c.shape)}")
-        shapes.append(c.shape[: c.dim() - ed])
-    for s in shapes[1:]:
-        if s != shapes[0]:
-            raise ValueError(f"cond: the parts disagree on the batch shape: {[tuple(s) for s in shapes]}")
-    return torch.Size(shapes[0])
+    """The batch shape of a (checked) ``cond``: the dims left of its event dims, from its first tensor."""
+    c, ed = _pairs(cond, event_dims)[0]
+    return c.shape[: c.dim() - ed]
 
 
 def map_cond(fn: Callable[[Tensor, int], Tensor], cond: Condition, event_dims: EventDims) -> Condition:
@@ -81,37 +79,191 @@ def cat_cond(a: Condition, b: Condition) -> Condition:
     return tuple(torch.cat([x, y]) for x, y in zip(a, b))
 
 
-def check_text_condition(features: Tensor, mask: Tensor, width: int, batch: torch.Size | None = None) -> None:
-    """Check a text condition ``(features (*batch, L, width), mask (*batch, L))`` (shapes and dtypes only,
-    never values, so no device synchronisation); ``batch`` also checks the leading shape."""
-    lead = len(batch) if batch is not None else None
-    if (features.dim() < 2 if lead is None else features.dim() != lead + 2) or features.shape[-1] != width:
-        want = "(N, L" if batch is None else f"(*batch, L) with batch {tuple(batch)}, i.e. (*batch, L"
-        raise ValueError(
-            f"cond: expected text features of width {width}, shape {want}, {width}), got features of shape "
-            f"{tuple(features.shape)}"
-        )
-    if batch is not None and features.shape[:lead] != batch:
-        raise ValueError(
-            f"cond: expected batch shape {tuple(batch)} (one condition per data point), got "
-            f"{tuple(features.shape[:lead])} (features of shape {tuple(features.shape)})"
-        )
-    if not features.is_floating_point():
-        raise ValueError(f"cond: expected floating-point text features, got dtype {features.dtype}")
-    if mask.shape != features.shape[:-1]:
-        raise ValueError(
-            f"cond: expected a mask of shape {tuple(features.shape[:-1])} matching the features "
-            f"{tuple(features.shape)}, got {tuple(mask.shape)}"
-        )
-    if mask.is_floating_point() or mask.is_complex():
-        raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {mask.dtype}")
+# -- the one check -----------------------------------------------------------------------------------------
 
 
-def condition_event_dims(num_classes: int | None, text_features: int | None) -> EventDims | None:
-    """Trailing dims of one condition of a network config: 0 (class index), ``(2, 1)`` (text features,
-    mask) or ``None`` (unconditional)."""
-    if num_classes is not None:
-        return 0
-    if text_features is not None:
-        return (2, 1)
+@dataclass(frozen=True)
+class CondPart:
+    """One tensor of a condition.
+
+    Attributes:
+        what: Its name in messages, e.g. ``"class indices"``, ``"text features"``, ``"a mask"``.
+        shape: Its event shape: an int is a fixed size, a str a length shared by the parts that name it
+            (the ``L`` of text features and their mask), ``None`` any size.
+        dtype: ``"float"``, ``"integer"`` (not bool), ``"mask"`` (bool or integer 0/1) or ``"any"``.
+        num_classes: For integer parts: the values lie in ``[0, num_classes)`` (checked with ``validate``).
+        finite: The values must be finite (checked with ``validate``); text features need not be, as their
+            padding never reaches the network.
+    """
+
+    what: str
+    shape: tuple[int | str | None, ...] = ()
+    dtype: str = "any"
+    num_classes: int | None = None
+    finite: bool = False
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.what} (*batch{', ' + dims if dims else ''})"
+
+
+@dataclass(frozen=True)
+class CondSpec:
+    """The condition a network takes: one tensor (one part) or a tuple of tensors (several parts).
+
+    Attributes:
+        parts: The tensors, in order.
+        null: Whether ``cond=None`` (the null condition everywhere) is allowed.
+        hint: Added to the messages about values and about a missing condition (e.g. a reserved label).
+    """
+
+    parts: tuple[CondPart, ...]
+    null: bool = True
+    hint: str = ""
+
+    @property
+    def event_dims(self) -> EventDims:
+        """Trailing dims of one condition, as ``cond_event_dims`` gives them."""
+        dims = tuple(len(p.shape) for p in self.parts)
+        return dims[0] if len(dims) == 1 else dims
+
+    def describe(self) -> str:
+        if len(self.parts) == 1:
+            return self.parts[0].describe()
+        return f"a tuple ({', '.join(p.describe() for p in self.parts)})"
+
+    @classmethod
+    def of(
+        cls, *, num_classes: int | None = None, features: int = 0, text_features: int | None = None
+    ) -> CondSpec | None:
+        """The spec of a class index in ``[0, num_classes)``, a vector of width ``features`` or text
+        ``(features (*batch, L, text_features), mask (*batch, L))``; ``None`` when none is given
+        (unconditional)."""
+        if num_classes is not None:
+            return cls((CondPart("class indices", (), "integer", num_classes),))
+        if features:
+            return cls((CondPart("vector condition", (features,), "float", finite=True),))
+        if text_features is not None:
+            return cls((CondPart("text features", ("L", text_features), "float"), CondPart("a mask", ("L",), "mask")))
+        return None
+
+    @classmethod
+    def generic(cls, event_dims: EventDims) -> CondSpec:
+        """A condition known only by its event dims (e.g. of a user's network)."""
+        dims = (event_dims,) if isinstance(event_dims, int) else tuple(event_dims)
+        return cls(tuple(CondPart("condition", (None,) * d) for d in dims))
+
+
+def cond_spec_of(module: object) -> CondSpec | None:
+    """``module.cond_spec``, or a generic spec from its ``cond_event_dims``; ``None``: unconditional."""
+    spec = getattr(module, "cond_spec", None)
+    if spec is None and getattr(module, "cond_event_dims", None) is not None:
+        spec = CondSpec.generic(module.cond_event_dims)  # type: ignore[attr-defined]
+    return spec
+
+
+def _dtype_error(c: Tensor, part: CondPart) -> str | None:
+    real_int = not (c.is_floating_point() or c.is_complex() or c.dtype == torch.bool)
+    if part.dtype == "float" and not c.is_floating_point():
+        return f"cond: expected floating-point {part.what}, got dtype {c.dtype}"
+    if part.dtype == "integer" and not real_int:
+        return f"cond: expected integer {part.what} (torch.long), got dtype {c.dtype}"
+    if part.dtype == "mask" and (c.is_floating_point() or c.is_complex()):
+        return f"cond: expected a bool (or integer 0/1) mask, got dtype {c.dtype}"
     return None
+
+
+def check_cond(
+    module: object, cond: object, batch: torch.Size | tuple[int, ...] | None = None, *, validate: bool = True
+) -> torch.Size:
+    """Raise a ``ValueError`` naming ``cond`` unless it is a condition ``module`` takes; return its batch shape.
+
+    The one condition check of the library, called once where a condition enters (see the module docstring).
+
+    Arguments:
+        module: The network that will see ``cond``: its ``cond_spec`` (or ``cond_event_dims``) says what it
+            takes; neither means unconditional.
+        cond: The condition, or ``None`` (the null condition everywhere, where the spec allows it).
+        batch: If given, the batch shape ``cond`` must have (one condition per data point).
+        validate: Also check values (class ranges, finite features); these read the tensors, a device
+            synchronisation on a GPU. Types and shapes are always checked.
+
+    Example:
+        >>> from trajflow.predictors import MLPPredictor
+        >>> check_cond(MLPPredictor(2, num_classes=3), torch.tensor([0, 2]))
+        torch.Size([2])
+        >>> check_cond(MLPPredictor(2, num_classes=3), torch.tensor([0, 3]))
+        Traceback (most recent call last):
+        ...
+        ValueError: cond: expected class indices in [0, 2], got values in [0, 3]
+    """
+    spec = cond_spec_of(module)
+    name = type(module).__name__
+    if cond is None:
+        if spec is not None and not spec.null:
+            raise ValueError(f"cond: {name} is conditional, expected {spec.describe()}, got None{spec.hint}")
+        return torch.Size()
+    if spec is None:
+        raise ValueError(f"cond: {name} is unconditional, expected cond=None, got {type(cond).__name__}")
+    n = len(spec.parts)
+    if n == 1 and not isinstance(cond, Tensor):
+        raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
+    if n > 1 and not (isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond)):
+        got = f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
+        got = "a single tensor" if isinstance(cond, Tensor) else got
+        raise ValueError(f"cond: expected {spec.describe()}, got {got}")
+    tensors = (cond,) if n == 1 else cond
+    sizes: dict[str, tuple[int, str]] = {}
+    leads = []
+    for c, part in zip(tensors, spec.parts):  # type: ignore[arg-type]
+        error = _dtype_error(c, part)
+        if error:
+            raise ValueError(error)
+        d = len(part.shape)
+        lead, event = c.shape[: c.dim() - d], c.shape[c.dim() - d :]
+        fixed = c.dim() >= d and all(isinstance(w, str) or w is None or w == g for w, g in zip(part.shape, event))
+        if not fixed:
+            raise ValueError(f"cond: expected {part.describe()}, got shape {tuple(c.shape)}")
+        for w, g in zip(part.shape, event):
+            if isinstance(w, str) and sizes.setdefault(w, (g, part.what))[0] != g:
+                first = sizes[w][1]
+                want = (*lead, *(sizes[v][0] if isinstance(v, str) else g2 for v, g2 in zip(part.shape, event)))
+                raise ValueError(
+                    f"cond: expected {part.what} of shape {tuple(want)} matching the {first}, got {tuple(c.shape)}"
+                )
+        leads.append(lead)
+    if any(lead != leads[0] for lead in leads):
+        raise ValueError(f"cond: the parts disagree on the batch shape: {[tuple(s.shape) for s in tensors]}")
+    if batch is not None and leads[0] != torch.Size(batch):
+        raise ValueError(
+            f"cond: expected batch shape {tuple(batch)} (one condition per data point), got {tuple(leads[0])}"
+        )
+    if validate:
+        for c, part in zip(tensors, spec.parts):  # type: ignore[arg-type]
+            k = part.num_classes
+            if k is not None and c.numel() and not bool(((c >= 0) & (c < k)).all()):
+                raise ValueError(
+                    f"cond: expected {part.what} in [0, {k - 1}]{spec.hint}, got values in "
+                    f"[{int(c.min())}, {int(c.max())}]"
+                )
+            if part.finite and not bool(torch.isfinite(c).all()):
+                bad = int((~torch.isfinite(c)).sum())
+                raise ValueError(f"cond: expected finite {part.what}, got {bad} NaN/inf entries")
+    return leads[0]
+
+
+def check_drop_cond(drop_cond: object, batch: torch.Size | tuple[int, ...] | None = None) -> Tensor | None:
+    """Raise a ``ValueError`` naming ``drop_cond`` unless it is ``None`` or a bool tensor (of shape ``batch``,
+    if given): the guidance-dropout mask, True where the null condition replaces ``cond``."""
+    if drop_cond is None:
+        return None
+    ok = isinstance(drop_cond, Tensor) and drop_cond.dtype == torch.bool
+    if not ok or (batch is not None and drop_cond.shape != torch.Size(batch)):
+        want = "a bool tensor" if batch is None else f"a bool tensor of shape {tuple(batch)}"
+        got = (
+            f"{drop_cond.dtype} of shape {tuple(drop_cond.shape)}"
+            if isinstance(drop_cond, Tensor)
+            else type(drop_cond).__name__
+        )
+        raise ValueError(f"drop_cond: expected {want}, got {got}")
+    return drop_cond

@@ -36,7 +36,7 @@ from zuko.transforms import ComposedTransform
 
 from .bounds import LikelihoodBounds
 from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
-from .conditioning import Condition, align_cond, cat_cond, map_cond
+from .conditioning import Condition, align_cond, cat_cond, check_cond, check_drop_cond, map_cond
 from .guidance import guided_gaussian
 from .numerics import upcast
 from .predictors.base import Predictor
@@ -167,13 +167,12 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
             raise ValueError("guidance: classifier-free guidance needs a conditional predictor")
         if guidance > 0 and cond is None:
             raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
-        cond_batch = predictor.check_cond(cond)
-        if transporter.is_conditional and cond is not None:
-            transporter.check_cond(cond, None, cond_batch)  # the transporter's own messages (width, kind)
-        if drop_cond is not None:
-            check_tensor("drop_cond", drop_cond)
-            if drop_cond.dtype != torch.bool:
-                raise ValueError(f"drop_cond: expected a bool tensor, got dtype {drop_cond.dtype}")
+        # The one check of the condition, here where it enters (validate_args=False: shapes and types only).
+        values = validate_args is not False
+        cond_batch = check_cond(predictor, cond, validate=values)
+        if transporter.is_conditional:
+            check_cond(transporter, cond, cond_batch, validate=values)
+        check_drop_cond(drop_cond)
         try:
             batch_shape = torch.broadcast_shapes(
                 grid.shape[:-1], cond_batch, drop_cond.shape if drop_cond is not None else ()
@@ -248,20 +247,19 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
 
     def _transporter_args(
         self, lead: torch.Size, inner: int, device: torch.device, flat: bool = True
-    ) -> tuple[Condition | Tensor | None, ...]:
-        """The transporter's extra arguments ``(cond, drop_cond)`` for inputs of leading shape ``lead``.
+    ) -> tuple[Condition | None, Tensor | None]:
+        """The transporter's condition arguments ``(cond, drop_cond)`` for inputs of leading shape ``lead``.
 
         ``lead = (*sample, *batch, *inner dims)`` as in :meth:`_predict`. Flattened to ``lead.numel()``
-        (``flat``) or of batch shape ``lead``. ``()`` for an unconditional transporter (called as
-        ``f(x, t)``, so transporters written before conditions existed still work); the null context
-        everywhere (``drop_cond`` all True) when the distribution has no condition. Never guided.
+        (``flat``) or of batch shape ``lead``. ``(None, None)`` for an unconditional transporter, and
+        ``cond=None`` (the null context) when the distribution has no condition. Never guided.
         """
         if not self.transporter.is_conditional:
-            return ()
+            return None, None
         n = lead.numel()
         shape = torch.Size((n,)) if flat else lead
         if self.cond is None:
-            return None, torch.ones(shape, dtype=torch.bool, device=device)
+            return None, None
         cond = align_cond(self.cond, self.transporter.cond_event_dims, lead, inner)  # type: ignore[arg-type]
         if not flat:
             cond = map_cond(
@@ -279,14 +277,14 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         ``L = (*sample, *batch, *inner dims)``: the condition (if the transporter sees it) is broadcast over
         the sample dims on the left and the ``inner`` dims on the right (e.g. the level axis).
         """
-        args = self._transporter_args(t.shape, inner, x.device)
-        u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1), *args)
+        cond, drop = self._transporter_args(t.shape, inner, x.device)
+        u, ladj = self.transporter(x.reshape(-1, *self.data_shape), t.reshape(-1), cond, drop)
         return u.reshape(x.shape), upcast(ladj).reshape(t.shape)
 
     def _inverse(self, u: Tensor, t: Tensor, inner: int = 0) -> Tensor:
         """``f_T^{-1}`` on ``u`` of shape ``(*L, *data)`` at times ``t`` of shape ``L`` (see :meth:`_transport`)."""
-        args = self._transporter_args(t.shape, inner, u.device)
-        x = self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1), *args)
+        cond, drop = self._transporter_args(t.shape, inner, u.device)
+        x = self.transporter.inverse(u.reshape(-1, *self.data_shape), t.reshape(-1), cond, drop)
         return x.reshape(u.shape)
 
     def _predict(self, u_t: Tensor, t: Tensor, s: Tensor, inner: int) -> tuple[Tensor, Tensor]:
@@ -473,9 +471,9 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         t, s = times[..., k], times[..., k - 1]
         u_t = x if k == self.steps else self._transport(x, t)[0]
         mu, sigma = self._predict(u_t, t, s, inner=0)
-        args = self._transporter_args(lead, 0, x.device, flat=False)
+        cond, drop = self._transporter_args(lead, 0, x.device, flat=False)
         transform = ComposedTransform(
-            self.transporter.transform(s, *args),
+            self.transporter.transform(s, cond, drop),
             AffineTransform(upcast(mu), sigma, event_dim=self._data_dim).inv,
         )
         zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device, dtype=sigma.dtype)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_finite, check_number, check_tensor
-from .conditioning import Condition, map_cond
+from .conditioning import Condition, check_cond, map_cond
 from .process import TRAIN_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 
 if TYPE_CHECKING:  # the distribution imports predictors, whose FM wrapper imports this module
@@ -214,9 +214,7 @@ class TrajectoryNLL:
         if validate:
             check_finite("x0", x0)
         ced = model.predictor.cond_event_dims
-        if cond is not None:
-            if model.predictor.check_cond(cond) != x0.shape[:1]:
-                raise ValueError(f"cond: expected batch shape {tuple(x0.shape[:1])} to match x0")
+        check_cond(model, cond, x0.shape[:1], validate=validate)
         n, device = x0.shape[0], x0.device
         process = MarkovInterpolant(event_dim=len(event))
         groups = []

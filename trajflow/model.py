@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import Pretrained, build_part, check_config_keys, part_config
-from .conditioning import Condition
+from .conditioning import Condition, CondSpec, cond_spec_of
 from .distribution import TrajectoryDistribution, check_compatible
 from .predictors.base import Predictor
 from .process import SAMPLE_T_MIN, time_grid
@@ -35,7 +35,7 @@ class NTM(Pretrained, nn.Module):
     A model whose parts are library classes built from their configs (every transporter except
     :class:`~trajflow.transporters.NflowsTransporter` and a :class:`~trajflow.transporters.ZukoTransporter` of
     a user flow; every predictor except a :class:`~trajflow.predictors.FlowMatchingPredictor` of a
-    :class:`~trajflow.predictors.CallableVelocity`) is saved with :meth:`save_pretrained` and rebuilt with
+    :class:`~trajflow.velocity.CallableVelocity`) is saved with :meth:`save_pretrained` and rebuilt with
     :meth:`from_pretrained`.
 
     Example:
@@ -82,7 +82,7 @@ class NTM(Pretrained, nn.Module):
 
         Raises:
             TypeError: A part cannot be rebuilt from a config (the message names it), e.g. a
-                :class:`~trajflow.predictors.CallableVelocity` inside the predictor.
+                :class:`~trajflow.velocity.CallableVelocity` inside the predictor.
 
         Example:
             >>> import tempfile, trajflow
@@ -129,6 +129,12 @@ class NTM(Pretrained, nn.Module):
             True
         """
         return super().from_pretrained(directory, config=config, device=device)
+
+    @property
+    def cond_spec(self) -> CondSpec | None:
+        """The condition the model takes: its predictor's (a conditional transporter takes the same kind; the
+        distribution checks the condition against both)."""
+        return cond_spec_of(self.predictor)
 
     @property
     def event_shape(self) -> torch.Size:

@@ -4,7 +4,7 @@ r"""Initialise an NTM from a flow-matching model stored at a local path, then fi
    save it as an "external" checkpoint: ``velocity.safetensors`` + ``velocity_config.json``.
 2. Load the checkpoint back *without* trajflow's classes in the loop's view: a loader returns a plain
    ``nn.Module`` called as ``fn(x_t, t, cond) -> (v, hidden)``, which
-   :class:`trajflow.predictors.from_velocity.CallableVelocity` adapts to trajflow's calling convention.
+   :class:`trajflow.velocity.CallableVelocity` adapts to trajflow's calling convention.
 3. :func:`trajflow.finetune.init_from_flow_matching` builds the NTM (identity transporter + FM predictor)
    and a frozen reference copy; the script checks that every step of the NTM equals the FM model's
    Gaussian posterior sampler at initialisation.
@@ -35,8 +35,7 @@ from trajflow.data.toy import toy_density
 from trajflow.denoise import sample_denoised
 from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching
 from trajflow.metrics import energy_distance
-from trajflow.predictors.from_velocity import CallableVelocity
-from trajflow.velocity import MLPVelocity
+from trajflow.velocity import CallableVelocity, MLPVelocity
 
 
 def pretrain_and_save(out: Path, density: str, iters: int, width: int, depth: int) -> None:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_count, check_event_shape, check_finite
-from ..conditioning import Condition
+from ..conditioning import Condition, check_cond
 from ..likelihood import bits_per_dim, check_discrete, check_levels, dequantize
 from ..losses import guidance_dropout
 from ..numerics import upcast
@@ -75,6 +75,8 @@ class FlowMatchingLoss:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         check_event_shape("x0", x0, model.event_shape)
+        # values (class ranges) only where the model validates its inputs: they cost a GPU synchronisation
+        check_cond(model, cond, x0.shape[:1], validate=getattr(model, "validate_args", True))
         n = x0.shape[0]
         t = torch.rand(n, device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
@@ -112,6 +114,7 @@ def euler_sample(
     """
     check_event_shape("noise", noise, model.event_shape)
     check_finite("noise", noise)
+    check_cond(model, cond, noise.shape[:1])
     ts = _times(steps, shift, noise.device)
     x = noise
     for t, s in zip(ts[:-1], ts[1:]):
@@ -136,6 +139,7 @@ def heun_sample(
     """
     check_event_shape("noise", noise, model.event_shape)
     check_finite("noise", noise)
+    check_cond(model, cond, noise.shape[:1])
     ts = _times(steps, shift, noise.device)
     x = noise
     n = x.shape[0]
@@ -260,6 +264,7 @@ def flow_matching_log_prob(
             f"got {x0.dtype} of shape {tuple(x0.shape)}"
         )
     check_finite("x0", x0)
+    check_cond(model, cond, x0.shape[:1])
     steps = check_count("steps", steps)
     if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
         raise ValueError(f"t_min: expected a time in [0, 1), got {t_min!r}")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_event_shape, check_tensor
-from ..conditioning import Condition
+from ..conditioning import Condition, check_cond
 from ..losses import guidance_dropout
 from ..numerics import upcast
 from ..process import time_grid
@@ -155,6 +155,8 @@ class ProgressiveDistillationLoss:
                 f"got {tuple(student.event_shape)}"
             )
         check_event_shape("x0", x0, student.event_shape)
+        # the teacher's condition, which the student takes too (its targets are the teacher's)
+        check_cond(self.teacher, cond, x0.shape[:1], validate=getattr(self.teacher, "validate_args", True))
         n, device = x0.shape[0], x0.device
         index = torch.randint(1, self.student_steps + 1, (n,), device=device, generator=generator)  # (N,)
         eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)

@@ -70,7 +70,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import Pretrained
 from ..checks import check_tensor, check_times
-from ..conditioning import Condition
+from ..conditioning import Condition, CondPart, CondSpec
 from ..nn.patches import check_images, patchify, unpatchify
 from ..velocity import VelocityModel
 
@@ -218,7 +218,7 @@ class UNet2DVelocity(DiffusersVelocity):
     ``v = unet(x_t, timestep=num_train_timesteps * t, class_labels=...).sample`` (float32, or ``x_t``'s dtype
     if wider) and ``hidden`` the feature map the UNet's output convolution ``conv_out`` reads (after its
     ``conv_norm_out`` and activation: the final-normed states, as
-    :class:`~trajflow.predictors.transformer.TransformerVelocity` returns), ``(N, C', H, W)`` at full
+    :class:`~trajflow.velocity.TransformerVelocity` returns), ``(N, C', H, W)`` at full
     resolution with ``C' = block_out_channels[0]``, as tokens ``(N, H W, C')`` in raster order (patch size 1,
     :func:`trajflow.nn.patches.patchify`) in the UNet's dtype (``x_t`` is cast to it). The attributes
     ``hidden_features = C'``, ``hidden_layout = "tokens"`` and ``patch_size = 1`` are what
@@ -305,6 +305,12 @@ class UNet2DVelocity(DiffusersVelocity):
         self.num_classes: int | None = None if embeds is None else embeds - 1
         self.null_class: int | None = self.num_classes  # the last class index
         self.cond_event_dims = None if embeds is None else 0
+        self.cond_spec = None
+        if embeds is not None:  # checked where the condition enters (trajflow.conditioning.check_cond)
+            self.cond_spec = CondSpec(
+                (CondPart("class labels", (), "integer", self.num_classes),),
+                hint=f" (label {self.null_class} is the reserved null class; use drop_cond)",
+            )
 
     @property
     def unet(self) -> UNet2DModel:
@@ -314,39 +320,13 @@ class UNet2DVelocity(DiffusersVelocity):
     def settings(self) -> dict[str, Any]:
         return {"sample_size": list(self.sample_size), **super().settings()}
 
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond`` (class labels ``(*batch,)``); return its batch shape (``()`` for None)."""
-        if cond is None:
-            return torch.Size()
-        if self.num_classes is None:
-            raise ValueError("cond: this UNet is unconditional (num_class_embeds=None), expected cond=None")
-        check_tensor("cond", cond)
-        if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
-            raise ValueError(f"cond: expected integer class labels, got dtype {cond.dtype}")
-        if self.validate_args and cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
-            raise ValueError(
-                f"cond: expected class labels in 0..{self.num_classes - 1} (label {self.null_class} is the "
-                f"reserved null class; use drop_cond), got values in {int(cond.min())}..{int(cond.max())}"
-            )
-        return cond.shape
-
     def _labels(self, cond: Condition | None, drop_cond: Tensor | None, n: int, device: torch.device) -> Tensor | None:
         """The UNet's ``class_labels`` ``(n,)``: ``cond`` with the null class where dropped (None: unconditional)."""
-        if drop_cond is not None:
-            check_tensor("drop_cond", drop_cond)
-            if drop_cond.dtype != torch.bool or drop_cond.shape != (n,):
-                raise ValueError(
-                    f"drop_cond: expected a bool tensor of shape ({n},), got {drop_cond.dtype} of shape "
-                    f"{tuple(drop_cond.shape)}"
-                )
-        batch = self.check_cond(cond)
         if self.null_class is None:
             return None
         null = torch.full((n,), self.null_class, dtype=torch.long, device=device)
         if cond is None:
             return null
-        if batch != (n,):
-            raise ValueError(f"cond: expected one label per image, shape ({n},), got {tuple(batch)}")
         labels = cond.to(device=device, dtype=torch.long)
         return labels if drop_cond is None else torch.where(drop_cond, null, labels)
 
@@ -431,10 +411,6 @@ class _TextTransformerVelocity(DiffusersVelocity):
 
     # -- the text condition ------------------------------------------------------------------------------------
 
-    @property
-    def _cond_form(self) -> str:
-        return "(prompt_embeds (N, L, D), pooled_embeds (N, P))" if self.pooled else "prompt_embeds (N, L, D)"
-
     def _parse_null(self, null_cond: Condition | None) -> tuple[Tensor | None, Tensor | None]:
         """``null_cond`` without batch dims (or with a batch of 1), checked: ``(prompt (L, D), pooled (P,))``."""
         if null_cond is None:
@@ -473,65 +449,22 @@ class _TextTransformerVelocity(DiffusersVelocity):
             return None
         return (self.null_prompt_embeds, self.null_pooled_embeds) if self.pooled else self.null_prompt_embeds
 
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond`` (shapes and dtypes only: no device synchronisation); return its batch shape.
-
-        ``cond=None`` is the null condition: allowed only when one was given at construction (``null_cond``).
-        """
-        if cond is None:
-            if self.null_prompt_embeds is None:
-                raise ValueError(
-                    f"cond: this {self.diffusers_class} is text-conditional, expected {self._cond_form}, got None "
-                    "(for unconditional calls pass null_cond=... at construction, e.g. the empty prompt's embeddings)"
-                )
-            return torch.Size()
+    @property
+    def cond_spec(self) -> CondSpec:
+        """The text condition (checked where it enters, by :func:`trajflow.conditioning.check_cond`):
+        ``prompt_embeds (N, L, D)`` (and ``pooled_embeds (N, P)``); ``None`` only with a ``null_cond``."""
+        parts = (CondPart("prompt embeddings", (None, self.text_features), "float"),)
         if self.pooled:
-            if not isinstance(cond, tuple) or len(cond) != 2 or not all(isinstance(c, Tensor) for c in cond):
-                raise ValueError(f"cond: expected a pair {self._cond_form}, got {type(cond).__name__}")
-            prompt, pooled = cond
-        else:
-            if not isinstance(cond, Tensor):
-                raise ValueError(f"cond: expected a tensor {self._cond_form}, got {type(cond).__name__}")
-            prompt, pooled = cond, None
-        if prompt.dim() < 3 or prompt.shape[-1] != self.text_features or not prompt.is_floating_point():
-            raise ValueError(
-                f"cond: expected prompt embeddings (N, L, {self.text_features}) (the network's joint_attention_dim), "
-                f"got {prompt.dtype} of shape {tuple(prompt.shape)}"
-            )
-        if pooled is not None:
-            if not pooled.is_floating_point():
-                raise ValueError(
-                    f"cond: expected floating-point pooled embeddings (N, {self.pooled_features}) as the second part, "
-                    f"got {pooled.dtype} (this network takes no attention mask)"
-                )
-            if pooled.dim() < 2 or pooled.shape[-1] != self.pooled_features:
-                raise ValueError(
-                    f"cond: expected pooled embeddings (N, {self.pooled_features}) (the network's "
-                    f"pooled_projection_dim), got shape {tuple(pooled.shape)}"
-                )
-            if pooled.shape[:-1] != prompt.shape[:-2]:
-                raise ValueError(
-                    f"cond: the prompt embeddings {tuple(prompt.shape)} and the pooled embeddings "
-                    f"{tuple(pooled.shape)} disagree on the batch shape"
-                )
-        return torch.Size(prompt.shape[:-2])
+            parts += (CondPart("pooled embeddings", (self.pooled_features,), "float"),)
+        hint = " (for unconditional calls pass null_cond=... at construction, e.g. the empty prompt's embeddings)"
+        return CondSpec(parts, null=self.null_prompt_embeds is not None, hint=hint)
 
     def _text(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
         """The network's ``(prompt_embeds (n, L, D), pooled (n, P) or None)``, null rows where dropped."""
-        if drop_cond is not None:
-            check_tensor("drop_cond", drop_cond)
-            if drop_cond.dtype != torch.bool or drop_cond.shape != (n,):
-                raise ValueError(
-                    f"drop_cond: expected a bool tensor of shape ({n},), got {drop_cond.dtype} of shape "
-                    f"{tuple(drop_cond.shape)}"
-                )
-        batch = self.check_cond(cond)
-        if cond is None:  # the null condition everywhere (check_cond made sure there is one)
+        if cond is None:  # the null condition everywhere (the edge made sure there is one)
             prompt = self.null_prompt_embeds.expand(n, -1, -1)
             pooled = None if self.null_pooled_embeds is None else self.null_pooled_embeds.expand(n, -1)
             return prompt, pooled
-        if batch != (n,):
-            raise ValueError(f"cond: expected one condition per latent, batch shape ({n},), got {tuple(batch)}")
         prompt, pooled = cond if isinstance(cond, tuple) else (cond, None)
         if drop_cond is None:
             return prompt, pooled

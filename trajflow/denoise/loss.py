@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_event_shape, check_finite
-from ..conditioning import Condition
+from ..conditioning import Condition, check_cond
 from ..losses import guidance_dropout
 from ..model import NTM
 from ..process import SAMPLE_T_MIN, MarkovInterpolant, sample_t_min, time_grid
@@ -70,8 +70,7 @@ class DistillationLoss:
             raise ValueError(f"x0: expected shape (batch, {', '.join(map(str, event))}), got {tuple(x0.shape)}")
         check_finite("x0", x0)
         n, device = x0.shape[0], x0.device
-        if cond is not None and teacher.predictor.check_cond(cond) != x0.shape[:1]:
-            raise ValueError(f"cond: expected batch shape {tuple(x0.shape[:1])} to match x0")
+        check_cond(teacher, cond, x0.shape[:1])
         t0 = sample_t_min((n,), *self.t_min, generator=generator, device=device)
         grid = time_grid(self.steps, t0, self.shift, device=device)  # (B, T + 1)
         drop = guidance_dropout(n, self.cond_drop if cond is not None else 0.0, device, generator)

@@ -16,9 +16,9 @@ from ..checkpoint import (
     dataclass_from_dict,
 )
 from ..checks import check_event_shape
-from ..conditioning import Condition, EventDims, cond_batch_shape
-from ..predictors.transformer import TransformerPredictorConfig, TransformerVelocity
-from ..velocity import MLPVelocity
+from ..conditioning import Condition, CondSpec, EventDims
+from ..predictors.transformer import TransformerPredictorConfig
+from ..velocity import MLPVelocity, TransformerVelocity
 
 __all__ = ["LearnedDenoiser", "MLPDenoiserConfig", "MLPDenoiser", "TransformerDenoiser"]
 
@@ -42,6 +42,7 @@ class LearnedDenoiser(Pretrained, nn.Module, ABC):
 
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
+    cond_spec: CondSpec | None = None
     config: Any
     #: The dataclass of :attr:`config`.
     config_class: ClassVar[type]
@@ -61,14 +62,6 @@ class LearnedDenoiser(Pretrained, nn.Module, ABC):
     def forward(
         self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> Tensor: ...
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond``; return its batch shape (``()`` for None)."""
-        if cond is None:
-            return torch.Size()
-        if self.cond_event_dims is None:
-            raise ValueError("cond: this denoiser is unconditional, expected cond=None")
-        return cond_batch_shape(cond, self.cond_event_dims)
 
 
 @dataclass
@@ -116,13 +109,8 @@ class MLPDenoiser(LearnedDenoiser):
         nn.init.zeros_(self.net.head.weight)
         nn.init.zeros_(self.net.head.bias)
         self.event_shape = self.net.event_shape
+        self.cond_spec = self.net.cond_spec
         self.cond_event_dims = self.net.cond_event_dims
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        batch = super().check_cond(cond)
-        if cond is not None:
-            self.net.condition.check(cond)  # type: ignore[arg-type]
-        return batch
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, features)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, features)``."""
@@ -155,10 +143,8 @@ class TransformerDenoiser(LearnedDenoiser):
         self.config = config
         self.net = TransformerVelocity(config)  # zero-initialised head: g starts as the identity
         self.event_shape = self.net.event_shape
+        self.cond_spec = self.net.cond_spec
         self.cond_event_dims = self.net.cond_event_dims
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        return self.net.check_cond(cond)
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, C, H, W)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, C, H, W)``."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..conditioning import Condition, align_cond
+from ..conditioning import Condition, align_cond, check_cond
 from ..distribution import TrajectoryDistribution
 from ..model import NTM
 from ..process import SAMPLE_T_MIN, time_grid
@@ -78,6 +78,7 @@ def fast_sample(
             f"denoiser: its event shape {tuple(denoiser.event_shape)} differs from the model's "
             f"{tuple(model.event_shape)}"
         )
+    check_cond(denoiser, cond)
     if grid is None:
         grid = time_grid(steps, t_min, shift, device=model.device)
     dist = model.distribution(grid, cond, guidance=guidance)
@@ -89,8 +90,6 @@ def fast_sample(
     t0 = dist.grid[..., 0].expand(lead).reshape(-1)  # (N,)
     flat_cond = None
     if cond is not None:
-        if denoiser.cond_event_dims is None:
-            raise ValueError("cond: the denoiser is unconditional, expected cond=None")
         flat_cond = align_cond(cond, denoiser.cond_event_dims, lead)
     x0 = denoiser(u0.to(next(denoiser.parameters()).dtype), t0, flat_cond, None)
     return x0.reshape(*lead, *model.event_shape)

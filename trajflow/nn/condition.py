@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_count, check_finite
+from ..checks import check_count
+from ..conditioning import CondSpec
 
 
 class ConditionEmbedding(nn.Module):
     """``cond -> (N, features)``: a class index (``num_classes``) or a vector (``cond_features``).
 
     Where ``drop`` is True, or ``cond`` is None, the learned null embedding replaces the condition, so
-    one network gives both the conditional and the unconditional model (classifier-free guidance).
+    one network gives both the conditional and the unconditional model (classifier-free guidance). The
+    condition is checked where it enters the library (:func:`~trajflow.conditioning.check_cond` with
+    :attr:`cond_spec`), not here.
 
     Arguments:
         features: Output size.
@@ -41,30 +44,14 @@ class ConditionEmbedding(nn.Module):
         return self.num_classes is not None or self.cond_features > 0
 
     @property
-    def cond_event_dims(self) -> int | None:
-        if self.num_classes is not None:
-            return 0
-        return 1 if self.cond_features else None
+    def cond_spec(self) -> CondSpec | None:
+        """The condition this embedding takes (see :func:`trajflow.conditioning.check_cond`)."""
+        return CondSpec.of(num_classes=self.num_classes, features=self.cond_features)
 
-    def check(self, cond: Tensor) -> None:
-        """Raise a clear error for a condition of the wrong kind, width or range."""
-        if self.num_classes is not None:
-            if cond.is_floating_point() or cond.dtype == torch.bool:
-                raise ValueError(f"cond: expected integer class indices, got dtype {cond.dtype}")
-            if cond.numel() and (int(cond.min()) < 0 or int(cond.max()) >= self.num_classes):
-                raise ValueError(
-                    f"cond: expected class indices in 0..{self.num_classes - 1}, got values in "
-                    f"{int(cond.min())}..{int(cond.max())}"
-                )
-        elif self.cond_features:
-            if cond.dim() < 1 or cond.shape[-1] != self.cond_features:
-                raise ValueError(
-                    f"cond: expected a condition of width {self.cond_features} (shape (*batch, "
-                    f"{self.cond_features})), got shape {tuple(cond.shape)}"
-                )
-            if not cond.is_floating_point():
-                raise ValueError(f"cond: expected a float vector condition, got dtype {cond.dtype}")
-            check_finite("cond", cond)
+    @property
+    def cond_event_dims(self) -> int | None:
+        spec = self.cond_spec
+        return None if spec is None else spec.event_dims  # type: ignore[return-value]
 
     def forward(self, cond: Tensor | None, drop: Tensor | None, n: int) -> Tensor:
         """Embeddings ``(n, features)`` for a flat condition ``(n, ...)`` and drop mask ``(n,)``."""

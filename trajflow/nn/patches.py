@@ -16,7 +16,19 @@ from torch import Tensor
 
 from ..checks import check_tensor
 
-__all__ = ["patchify", "unpatchify", "patch_grid", "check_images", "check_image_config", "PatchedImageConfig"]
+__all__ = [
+    "patchify",
+    "unpatchify",
+    "patch_grid",
+    "check_images",
+    "check_image_config",
+    "PatchedImageConfig",
+    "default_layout",
+    "token_dim",
+    "num_tokens",
+    "to_tokens",
+    "from_tokens",
+]
 
 
 def patchify(x: Tensor, patch_size: int) -> Tensor:
@@ -119,3 +131,36 @@ class PatchedImageConfig:
     def num_tokens(self) -> int:
         """Tokens per image, ``(H / p)(W / p)``."""
         return self.image_shape[1] * self.image_shape[2] // self.patch_size**2
+
+
+# -- data of any event shape as tokens: images as patches, sequences (L, C) as they are ------------------
+
+
+def default_layout(event_shape: torch.Size) -> str:
+    """``"flat"`` hidden states ``(N, F)`` for vectors, ``"tokens"`` ``(N, L, F)`` for images/sequences."""
+    return "flat" if len(event_shape) == 1 else "tokens"
+
+
+def token_dim(event_shape: torch.Size, patch_size: int) -> int:
+    """Channels per token: ``C p^2`` for ``(C, H, W)`` images, ``C`` for ``(L, C)`` sequences."""
+    if len(event_shape) == 3:
+        return event_shape[0] * patch_size**2
+    if len(event_shape) == 2:
+        return event_shape[1]
+    raise ValueError(f"hidden_layout: 'tokens' needs a (L, C) or (C, H, W) event shape, got {tuple(event_shape)}")
+
+
+def num_tokens(event_shape: torch.Size, patch_size: int) -> int:
+    if len(event_shape) == 3:
+        return event_shape[1] * event_shape[2] // patch_size**2
+    return event_shape[0]
+
+
+def to_tokens(x: Tensor, event_shape: torch.Size, patch_size: int) -> Tensor:
+    """``(N, *event) -> (N, L, token_dim)``."""
+    return patchify(x, patch_size) if len(event_shape) == 3 else x
+
+
+def from_tokens(tokens: Tensor, event_shape: torch.Size, patch_size: int) -> Tensor:
+    """``(N, L, token_dim) -> (N, *event)``; the inverse of :func:`to_tokens`."""
+    return unpatchify(tokens, patch_size, event_shape) if len(event_shape) == 3 else tokens

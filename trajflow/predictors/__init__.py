@@ -1,9 +1,9 @@
 """Predictors: the deep networks giving the Gaussian :math:`(\\mu_P, \\sigma_P)` of each NTM step."""
 
 from .base import Predictor
-from .from_velocity import CallableVelocity, FlowMatchingPredictor
+from .from_velocity import FlowMatchingPredictor
 from .mlp import MLPPredictor
-from .transformer import TransformerBackbone, TransformerPredictor, TransformerPredictorConfig, TransformerVelocity
+from .transformer import TransformerBackbone, TransformerPredictor, TransformerPredictorConfig
 
 __all__ = [
     "Predictor",
@@ -11,7 +11,5 @@ __all__ = [
     "TransformerPredictor",
     "TransformerPredictorConfig",
     "TransformerBackbone",
-    "TransformerVelocity",
     "FlowMatchingPredictor",
-    "CallableVelocity",
 ]

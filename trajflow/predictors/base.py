@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Condition, EventDims, cond_batch_shape
+from ..conditioning import Condition, CondSpec, EventDims
 
 __all__ = ["Predictor"]
 
@@ -29,10 +29,14 @@ class Predictor(nn.Module, ABC):
         event_shape: Shape of one data point (of :math:`u`).
         cond_event_dims: Trailing dims that form one condition (0 for a class index, 1 for a vector, a
             tuple for a tuple condition), or ``None`` for an unconditional predictor.
+        cond_spec: What the condition is (kinds, widths, number of classes), where the predictor knows it;
+            the edges check conditions against it (:func:`~trajflow.conditioning.check_cond`), so that
+            :meth:`forward` need not.
     """
 
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
+    cond_spec: CondSpec | None = None
 
     @abstractmethod
     def forward(
@@ -44,14 +48,3 @@ class Predictor(nn.Module, ABC):
         drop_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         r"""``(mu, sigma)``, each of shape ``u_t.shape``; ``sigma > 0``, in float32."""
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate a batched condition and return its batch shape (``()`` for ``None``).
-
-        Subclasses refine this with the expected widths and dtypes.
-        """
-        if cond is None:
-            return torch.Size()
-        if self.cond_event_dims is None:
-            raise ValueError("cond: this predictor is unconditional, expected cond=None")
-        return cond_batch_shape(cond, self.cond_event_dims)

@@ -21,8 +21,8 @@ proper flow for every grid, and for :math:`C \geq c_{\min}` (any :math:`s \gtrsi
 the posterior above. ``c_min=0`` switches the floor off; then ``s = 0`` raises a :class:`ValueError`
 (train with ``TrajectoryNLL(t_min=(low > 0, high))`` in that case).
 
-:class:`CallableVelocity` adapts an external velocity model (any callable ``fn(x_t, t, cond)``) to the
-:class:`~trajflow.velocity.VelocityModel` calling convention.
+:class:`~trajflow.velocity.CallableVelocity` adapts an external velocity model (any callable
+``fn(x_t, t, cond)``) to the :class:`~trajflow.velocity.VelocityModel` calling convention.
 
 References:
     | Normalizing Trajectory Models (Gu et al., 2026), §3.3, Eqs. 3.6-3.8, App. A.3.
@@ -32,25 +32,23 @@ References:
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..checkpoint import Pretrained, build_part, check_config_keys, part_config
-from ..checks import check_number, check_tensor, check_time_features, check_times
-from ..conditioning import Condition, EventDims, cond_batch_shape, map_cond
+from ..checks import check_number, check_time_features, check_times
+from ..conditioning import Condition, CondSpec, cond_spec_of
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import patchify, unpatchify
+from ..nn.patches import default_layout, from_tokens, num_tokens, token_dim
 from ..nn.scale import soft_clip
 from ..numerics import upcast
 from ..process import MarkovInterpolant
-from ..velocity import VelocityModel
 from .base import Predictor
 
-__all__ = ["FlowMatchingPredictor", "CallableVelocity"]
+__all__ = ["FlowMatchingPredictor"]
 
 
 def _attr_chain(module: nn.Module, *names: str) -> object | None:
@@ -64,226 +62,6 @@ def _attr_chain(module: nn.Module, *names: str) -> object | None:
     return None
 
 
-def _default_layout(event_shape: torch.Size) -> str:
-    """``"flat"`` hidden states ``(N, F)`` for vectors, ``"tokens"`` ``(N, L, F)`` for images/sequences."""
-    return "flat" if len(event_shape) == 1 else "tokens"
-
-
-def _token_dim(event_shape: torch.Size, patch_size: int) -> int:
-    """Channels per token: ``C p^2`` for ``(C, H, W)`` images, ``C`` for ``(L, C)`` sequences."""
-    if len(event_shape) == 3:
-        return event_shape[0] * patch_size**2
-    if len(event_shape) == 2:
-        return event_shape[1]
-    raise ValueError(f"hidden_layout: 'tokens' needs a (L, C) or (C, H, W) event shape, got {tuple(event_shape)}")
-
-
-def _num_tokens(event_shape: torch.Size, patch_size: int) -> int:
-    if len(event_shape) == 3:
-        return event_shape[1] * event_shape[2] // patch_size**2
-    return event_shape[0]
-
-
-def _to_tokens(x: Tensor, event_shape: torch.Size, patch_size: int) -> Tensor:
-    """``(N, *event) -> (N, L, token_dim)``."""
-    return patchify(x, patch_size) if len(event_shape) == 3 else x
-
-
-def _from_tokens(tokens: Tensor, event_shape: torch.Size, patch_size: int) -> Tensor:
-    """``(N, L, token_dim) -> (N, *event)``; the inverse of :func:`_to_tokens`."""
-    return unpatchify(tokens, patch_size, event_shape) if len(event_shape) == 3 else tokens
-
-
-class CallableVelocity(VelocityModel):
-    r"""Adapter: an external velocity model ``fn(x_t, t, cond)`` as a trajflow velocity model.
-
-    ``fn`` must follow trajflow's convention: :math:`x_t = (1 - t) x_0 + t \epsilon` with
-    :math:`t \in [0, 1]` (1 is noise) and :math:`v = \epsilon - x_0`. Wrap models with another time
-    scale or sign inside ``fn``. Calls are flat: ``x_t`` ``(N, *event_shape)``, ``t`` ``(N,)``.
-
-    * ``hidden_features`` given: ``fn`` returns ``(v, hidden)`` with ``hidden`` ``(N, hidden_features)``
-      (``hidden_layout="flat"``) or ``(N, L, hidden_features)`` per token (``"tokens"``; ``L`` patch tokens
-      of size ``patch_size`` for images, in the raster order of :func:`trajflow.nn.patches.patchify`).
-    * ``hidden_features=None``: ``fn`` returns ``v`` only. The adapter then makes its own hidden states,
-      a small learnable layer ``SiLU(W [x_t, emb(t)])`` of width ``feature_width`` (per token for images),
-      on which the predictor puts its zero-initialised head.
-
-    Pass an :class:`torch.nn.Module` as ``fn`` to fine-tune it: its parameters are registered here (and
-    copied by :func:`copy.deepcopy`, which makes the frozen reference of the mean-alignment loss). A plain
-    function keeps whatever it closes over frozen and shared (a warning says so).
-
-    It cannot be saved with ``save_pretrained`` (no config describes arbitrary code): saving a model that
-    holds one raises a ``TypeError`` naming the part; save the state dict and rebuild ``fn`` in code.
-
-    Arguments:
-        fn: The velocity model.
-        event_shape: Shape of one data point.
-        hidden_features: Width of the hidden states ``fn`` returns, or ``None`` if it returns ``v`` only.
-        cond_event_dims: Trailing dims of one condition (0 class index, 1 vector, a tuple for tuples), or
-            ``None`` for an unconditional model.
-        hidden_layout: ``"flat"`` or ``"tokens"``; defaults to flat for vectors, tokens otherwise.
-        patch_size: Patch side of the token layout of images.
-        null_cond: One condition (no batch dims) given to ``fn`` where ``drop_cond`` is True or ``cond`` is
-            None; without it, ``fn`` receives ``cond=None`` for an all-null batch and a partly dropped
-            batch raises.
-        time_features: Size of the time embedding of the adapter's own hidden states.
-        feature_width: Width of the adapter's own hidden states.
-
-    Example:
-        >>> class External(nn.Module):  # any model with its own calling convention
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = nn.Linear(2, 2)
-        ...     def forward(self, x, t, cond):
-        ...         return self.net(x)
-        >>> velocity = CallableVelocity(External(), (2,))
-        >>> v, h = velocity(torch.randn(3, 2), torch.rand(3))
-        >>> v.shape, h.shape
-        (torch.Size([3, 2]), torch.Size([3, 128]))
-    """
-
-    def __init__(
-        self,
-        fn: Callable[..., Tensor | tuple[Tensor, Tensor]],
-        event_shape: int | Sequence[int],
-        hidden_features: int | None = None,
-        cond_event_dims: EventDims | None = None,
-        *,
-        hidden_layout: str | None = None,
-        patch_size: int = 1,
-        null_cond: Condition | None = None,
-        time_features: int = 32,
-        feature_width: int = 128,
-    ) -> None:
-        super().__init__()
-        if not callable(fn):
-            raise ValueError(f"fn: expected a callable velocity model, got {type(fn).__name__}")
-        if isinstance(event_shape, int):
-            event_shape = (event_shape,)
-        self.event_shape = torch.Size(event_shape)
-        if len(self.event_shape) == 0 or min(self.event_shape) < 1:
-            raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
-        self.hidden_layout = hidden_layout or _default_layout(self.event_shape)
-        if self.hidden_layout not in ("flat", "tokens"):
-            raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {self.hidden_layout!r}")
-        if len(self.event_shape) == 3:
-            _, h, w = self.event_shape
-            if patch_size < 1 or h % patch_size or w % patch_size:
-                raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
-        self.patch_size = patch_size
-        self.cond_event_dims = cond_event_dims
-        self.null_cond = null_cond
-        if isinstance(fn, nn.Module):
-            self.fn = fn
-        else:
-            warnings.warn(
-                "CallableVelocity: fn is not an nn.Module, so its parameters are not registered: the "
-                "backbone stays frozen and is shared with any deep copy (the mean-alignment reference)",
-                stacklevel=2,
-            )
-            object.__setattr__(self, "fn", fn)  # not a submodule
-        self.returns_hidden = hidden_features is not None
-        if hidden_features is not None:
-            if not isinstance(hidden_features, int) or hidden_features < 1:
-                raise ValueError(f"hidden_features: expected a positive integer or None, got {hidden_features!r}")
-            self.hidden_features = hidden_features
-        else:
-            self.time = SinusoidalEmbedding(time_features)
-            in_features = (
-                self.event_shape.numel() if self.hidden_layout == "flat" else _token_dim(self.event_shape, patch_size)
-            )
-            self.features = nn.Sequential(nn.Linear(in_features + time_features, feature_width), nn.SiLU())
-            self.hidden_features = feature_width
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """The batch shape of ``cond`` (``()`` for None); raises for a condition of an unconditional model."""
-        if cond is None:
-            return torch.Size()
-        if self.cond_event_dims is None:
-            raise ValueError("cond: this velocity model is unconditional (cond_event_dims=None), expected cond=None")
-        return cond_batch_shape(cond, self.cond_event_dims)
-
-    def _cond_for_fn(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> Condition | None:
-        """Replace dropped rows by ``null_cond`` (or pass ``None`` for an all-null batch)."""
-        if self.null_cond is None:
-            if drop_cond is not None and bool(drop_cond.any()):
-                if bool(drop_cond.all()):
-                    return None
-                raise ValueError(
-                    "drop_cond: this CallableVelocity has no null_cond, so it cannot drop the condition "
-                    "of some examples only; pass null_cond=... (one condition without batch dims)"
-                )
-            return cond
-        ced = self.cond_event_dims if self.cond_event_dims is not None else 0
-        null = map_cond(lambda c, ed: c.expand(n, *c.shape), self.null_cond, ced)
-        if cond is None:
-            return null
-        if drop_cond is None:
-            return cond
-
-        def pick(pair: tuple[Tensor, Tensor], ed: int) -> Tensor:
-            c, z = pair
-            return torch.where(drop_cond.reshape(n, *([1] * ed)).to(c.device), z.to(c), c)
-
-        if isinstance(cond, Tensor):
-            return pick((cond, null), ced)  # type: ignore[arg-type]
-        return tuple(pick((c, z), ed) for c, z, ed in zip(cond, null, ced))  # type: ignore[arg-type]
-
-    def forward(
-        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(v, hidden)``: ``v`` of ``x_t``'s shape and ``hidden`` ``(N, F)`` or ``(N, L, F)``."""
-        n = x_t.shape[0]
-        out = self.fn(x_t, t, self._cond_for_fn(cond, drop_cond, n))
-        if isinstance(out, Tensor):
-            if self.returns_hidden:
-                raise ValueError(
-                    f"velocity model output: expected (v, hidden) since hidden_features={self.hidden_features}, "
-                    f"got a single tensor of shape {tuple(out.shape)}; pass hidden_features=None for a "
-                    "model that returns v only"
-                )
-            v, hidden = out, None
-        elif isinstance(out, (tuple, list)) and len(out) == 2:
-            if not self.returns_hidden:
-                raise ValueError(
-                    "velocity model output: expected v only since hidden_features=None, got a pair; pass "
-                    "hidden_features=<width of hidden> to use the model's own hidden states"
-                )
-            v, hidden = out
-        else:
-            raise ValueError(
-                f"velocity model output: expected a tensor v or a pair (v, hidden), got {type(out).__name__}"
-            )
-        check_tensor("velocity model output", v)
-        if v.shape != x_t.shape:
-            raise ValueError(
-                f"velocity model output: expected v of shape {tuple(x_t.shape)} (N, *event_shape) with "
-                f"event_shape={tuple(self.event_shape)}, got {tuple(v.shape)}"
-            )
-        if hidden is None:
-            return v, self._own_hidden(x_t, t)
-        check_tensor("velocity model hidden", hidden)
-        if self.hidden_layout == "flat":
-            want: tuple[int, ...] = (n, self.hidden_features)
-        else:
-            want = (n, _num_tokens(self.event_shape, self.patch_size), self.hidden_features)
-        if tuple(hidden.shape) != want:
-            raise ValueError(
-                f"velocity model hidden: expected shape {want} ({self.hidden_layout} layout, "
-                f"hidden_features={self.hidden_features}), got {tuple(hidden.shape)}"
-            )
-        return v, hidden
-
-    def _own_hidden(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """``SiLU(W [x_t, emb(t)])``: ``(N, feature_width)`` or ``(N, L, feature_width)``."""
-        temb = self.time(t).to(x_t.dtype)  # (N, time_features)
-        if self.hidden_layout == "flat":
-            return self.features(torch.cat([x_t.flatten(1), temb], dim=-1))
-        tokens = _to_tokens(x_t, self.event_shape, self.patch_size)  # (N, L, D)
-        temb = temb[:, None].expand(-1, tokens.shape[1], -1)
-        return self.features(torch.cat([tokens, temb], dim=-1))
-
-
 class FlowMatchingPredictor(Pretrained, Predictor):
     r"""The NTM predictor :math:`(\mu_P, \sigma_P)` of a flow-matching velocity model (NTM Eqs. 3.6-3.8).
 
@@ -293,7 +71,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
     Arguments:
         velocity: A velocity model ``(x_t, t, cond, drop_cond) -> (v, hidden)`` with ``event_shape`` and
             ``cond_event_dims`` attributes: :class:`~trajflow.velocity.MLPVelocity`,
-            :class:`~trajflow.predictors.transformer.TransformerVelocity` or :class:`CallableVelocity`.
+            :class:`~trajflow.velocity.TransformerVelocity` or :class:`~trajflow.velocity.CallableVelocity`.
             It is used (and trained) as is; make a frozen copy first if you need one.
         hidden_features: Width of ``hidden``; read from the velocity model (``hidden_features``, ``width``
             or ``config.width``) when omitted.
@@ -360,7 +138,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
                 f"(hidden_features / width / config.width); pass hidden_features=..., got {hidden_features!r}"
             )
         self.hidden_features = hidden_features
-        layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or _default_layout(self.event_shape)
+        layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or default_layout(self.event_shape)
         if layout not in ("flat", "tokens"):
             raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {layout!r}")
         self.hidden_layout = layout
@@ -371,7 +149,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         self.time_features = int(time_features)
         if self.time_features:
             self.time = SinusoidalEmbedding(self.time_features)
-        out = self.event_shape.numel() if layout == "flat" else _token_dim(self.event_shape, self.patch_size)
+        out = self.event_shape.numel() if layout == "flat" else token_dim(self.event_shape, self.patch_size)
         self.num_outputs = 2 if self.delta_mean else 1
         self.head = nn.Linear(hidden_features + 2 * self.time_features, self.num_outputs * out)
         nn.init.zeros_(self.head.weight)
@@ -403,16 +181,10 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         settings = {k: v for k, v in config.items() if k != "velocity"}
         return cls(build_part(config["velocity"], "velocity"), **settings)
 
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond`` with the velocity model's own checks where it has them; return its batch shape."""
-        checker = getattr(self.velocity, "check_cond", None)
-        if callable(checker):
-            return checker(cond)
-        batch = super().check_cond(cond)
-        condition = getattr(self.velocity, "condition", None)
-        if cond is not None and condition is not None and hasattr(condition, "check"):
-            condition.check(cond)
-        return batch
+    @property
+    def cond_spec(self) -> CondSpec | None:
+        """The velocity model's condition (its ``cond_spec``, or one known by its ``cond_event_dims``)."""
+        return cond_spec_of(self.velocity)
 
     def posterior_scale(self, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(A, B, max(C, c_min))`` of shape ``t.shape``; raises for ``C = 0`` when ``c_min = 0``."""
@@ -437,9 +209,9 @@ class FlowMatchingPredictor(Pretrained, Predictor):
                 f"velocity model hidden: expected {shape} with N={n}, F={self.hidden_features} "
                 f"({layout} layout), got {tuple(hidden.shape)}"
             )
-        if layout == "tokens" and hidden.shape[1] != _num_tokens(self.event_shape, self.patch_size):
+        if layout == "tokens" and hidden.shape[1] != num_tokens(self.event_shape, self.patch_size):
             raise ValueError(
-                f"velocity model hidden: expected {_num_tokens(self.event_shape, self.patch_size)} tokens for "
+                f"velocity model hidden: expected {num_tokens(self.event_shape, self.patch_size)} tokens for "
                 f"event shape {tuple(self.event_shape)} with patch_size={self.patch_size}, got "
                 f"{hidden.shape[1]} (shape {tuple(hidden.shape)})"
             )
@@ -453,7 +225,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         if layout == "flat":
             return raw.reshape(n, self.num_outputs, *self.event_shape)
         parts = raw.chunk(self.num_outputs, dim=-1)  # (N, L, D) each
-        return torch.stack([_from_tokens(p, self.event_shape, self.patch_size) for p in parts], dim=1)
+        return torch.stack([from_tokens(p, self.event_shape, self.patch_size) for p in parts], dim=1)
 
     def forward(
         self,

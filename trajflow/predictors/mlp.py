@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from ..checkpoint import Pretrained
 from ..checks import check_number, check_time_features, check_times
-from ..conditioning import Condition
 from ..nn.condition import ConditionEmbedding
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.mlp import ResidualMLP
@@ -64,6 +63,7 @@ class MLPPredictor(Pretrained, Predictor):
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
         self.condition = ConditionEmbedding(time_features, num_classes=num_classes, cond_features=cond_features)
+        self.cond_spec = self.condition.cond_spec
         self.cond_event_dims = self.condition.cond_event_dims
         self.backbone = ResidualMLP(features, 3 * time_features, width, depth)
         self.head = nn.Linear(width, 2 * features)
@@ -85,12 +85,6 @@ class MLPPredictor(Pretrained, Predictor):
             "time_features": self.time_features,
             "scale_bound": self.scale_bound,
         }
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        batch = super().check_cond(cond)
-        if cond is not None:
-            self.condition.check(cond)
-        return batch
 
     def hidden(
         self, u_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None, drop_cond: Tensor | None = None

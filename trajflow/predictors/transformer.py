@@ -9,7 +9,7 @@ the image tokens, ``(N, L, width)``, on which models put their zero-initialised 
 * :class:`TransformerPredictor`: NTM's deep predictor, a head to ``(delta, raw_sigma)`` per token with
   :math:`\mu_P = u_t + \delta` and :math:`\sigma_P = ` ``positive_scale(raw_sigma)``, so at init
   :math:`\mu_P = u_t, \sigma_P = 1`.
-* :class:`TransformerVelocity`: the flow-matching baseline on the same trunk, a head to the velocity
+* :class:`~trajflow.velocity.TransformerVelocity`: the flow-matching baseline on the same trunk, a head to the velocity
   ``v`` (zero at init); it also returns the hidden states, so an NTM predictor can be put on a pretrained
   velocity model (method.md section 3.4).
 
@@ -37,21 +37,20 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import Pretrained, dataclass_from_dict
-from ..checks import check_tensor, check_times
-from ..conditioning import Condition, check_text_condition, cond_batch_shape, condition_event_dims
+from ..checks import check_flat_times
+from ..conditioning import Condition, CondSpec
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
 from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
-from ..velocity import VelocityModel
 from .base import Predictor
 
-__all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPredictor", "TransformerVelocity"]
+__all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPredictor"]
 
 
 @dataclass
 class TransformerPredictorConfig(PatchedImageConfig):
-    r"""Hyper-parameters of :class:`TransformerPredictor` and :class:`TransformerVelocity`.
+    r"""Hyper-parameters of :class:`TransformerPredictor` and :class:`~trajflow.velocity.TransformerVelocity`.
 
     Attributes:
         image_shape: ``(C, H, W)`` of one data point.
@@ -101,9 +100,15 @@ class TransformerPredictorConfig(PatchedImageConfig):
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
 
     @property
+    def cond_spec(self) -> CondSpec | None:
+        """The condition: class indices, text ``(features, mask)`` or ``None`` (unconditional)."""
+        return CondSpec.of(num_classes=self.num_classes, text_features=self.text_features)
+
+    @property
     def cond_event_dims(self) -> int | tuple[int, int] | None:
         """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        return condition_event_dims(self.num_classes, self.text_features)
+        spec = self.cond_spec
+        return None if spec is None else spec.event_dims  # type: ignore[return-value]
 
 
 class TransformerBackbone(nn.Module):
@@ -142,36 +147,6 @@ class TransformerBackbone(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.rope = RotaryEmbedding2D(width // config.heads, config.rope_base)
         self.register_buffer("positions", patch_grid(h, w, config.patch_size), persistent=False)  # (L, 2)
-
-    def check_condition(self, cond: Condition | None) -> None:
-        """Raise a :class:`ValueError` naming ``cond`` unless it fits this backbone's condition kind.
-
-        The batch shape is checked by the caller.
-        """
-        cfg = self.config
-        if cond is None:
-            return
-        if cfg.cond_event_dims is None:
-            raise ValueError("cond: this model is unconditional, expected cond=None")
-        if cfg.num_classes is not None:
-            if not isinstance(cond, Tensor):
-                raise ValueError(f"cond: expected a tensor of class indices, got {type(cond).__name__}")
-            if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
-                raise ValueError(f"cond: expected integer class indices (torch.long), got dtype {cond.dtype}")
-            if cfg.validate_args and cond.numel() and not bool(((cond >= 0) & (cond < cfg.num_classes)).all()):
-                raise ValueError(
-                    f"cond: expected class indices in [0, {cfg.num_classes - 1}], "
-                    f"got values in [{int(cond.min())}, {int(cond.max())}]"
-                )
-            return
-        if not isinstance(cond, tuple) or len(cond) != 2:
-            raise ValueError(
-                f"cond: expected a tuple (features (N, L, {cfg.text_features}), mask (N, L)), got {type(cond).__name__}"
-            )
-        features, mask = cond
-        check_tensor("cond", features)
-        check_tensor("cond", mask)
-        check_text_condition(features, mask, cfg.text_features)
 
     def _prefix(
         self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device
@@ -239,39 +214,6 @@ class TransformerBackbone(nn.Module):
         return self.norm(h[:, h.shape[1] - tokens.shape[1] :])  # image tokens only
 
 
-def _check_drop(drop_cond: Tensor | None, n: int) -> None:
-    if drop_cond is None:
-        return
-    check_tensor("drop_cond", drop_cond)
-    if drop_cond.dtype != torch.bool or drop_cond.shape != (n,):
-        raise ValueError(
-            f"drop_cond: expected a bool tensor of shape ({n},), got {drop_cond.dtype} of shape "
-            f"{tuple(drop_cond.shape)}"
-        )
-
-
-def _check_time(name: str, t: Tensor, n: int, validate: bool) -> None:
-    check_tensor(name, t)
-    if t.shape != (n,):
-        raise ValueError(f"{name}: expected shape ({n},) (one time per data point), got {tuple(t.shape)}")
-    if validate:
-        check_times(name, t)
-
-
-def _validate_cond(backbone: TransformerBackbone, cond: Condition | None, n: int | None = None) -> torch.Size:
-    """Check ``cond`` against ``backbone``'s condition kind (and batch size ``n``); return its batch shape."""
-    if cond is None:
-        return torch.Size()
-    event_dims = backbone.config.cond_event_dims
-    if event_dims is None:
-        raise ValueError("cond: this model is unconditional, expected cond=None")
-    backbone.check_condition(cond)  # kind-specific messages first
-    batch = cond_batch_shape(cond, event_dims)
-    if n is not None and batch != (n,):
-        raise ValueError(f"cond: expected batch shape ({n},) (one condition per data point), got {tuple(batch)}")
-    return batch
-
-
 class TransformerPredictor(Pretrained, Predictor):
     r"""NTM's deep predictor :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)` for images.
 
@@ -294,6 +236,7 @@ class TransformerPredictor(Pretrained, Predictor):
         super().__init__()
         self.config = config
         self.event_shape = torch.Size(config.image_shape)
+        self.cond_spec = config.cond_spec
         self.cond_event_dims = config.cond_event_dims
         self.backbone = TransformerBackbone(config, num_times=2)
         self.head = nn.Linear(config.width, 2 * config.token_dim)
@@ -308,17 +251,11 @@ class TransformerPredictor(Pretrained, Predictor):
     def from_config(cls, config: Mapping[str, Any]) -> TransformerPredictor:
         return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
 
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond`` (kind, dtype, class range, text width, mask shape); return its batch shape."""
-        return _validate_cond(self.backbone, cond)
-
-    def _check(self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None, drop_cond: Tensor | None) -> None:
+    def _check(self, u_t: Tensor, t: Tensor, s: Tensor) -> None:
         check_images("u_t", u_t, self.event_shape, flat=True)
         n = u_t.shape[0]
-        _check_time("t", t, n, self.config.validate_args)
-        _check_time("s", s, n, self.config.validate_args)
-        _validate_cond(self.backbone, cond, n)
-        _check_drop(drop_cond, n)
+        check_flat_times("t", t, n, self.config.validate_args)
+        check_flat_times("s", s, n, self.config.validate_args)
 
     def hidden(
         self,
@@ -329,7 +266,7 @@ class TransformerPredictor(Pretrained, Predictor):
         drop_cond: Tensor | None = None,
     ) -> Tensor:
         """The backbone's final-normed hidden states of the image tokens, ``(N, L, width)``."""
-        self._check(u_t, t, s, cond, drop_cond)
+        self._check(u_t, t, s)
         return self.backbone(u_t, [t, s], cond, drop_cond)
 
     def forward(
@@ -348,63 +285,3 @@ class TransformerPredictor(Pretrained, Predictor):
         mu = u_t.to(dtype) + unpatchify(delta, p, shape).to(dtype)
         sigma = unpatchify(positive_scale(raw, self.config.scale_bound), p, shape).to(dtype)
         return mu, sigma
-
-
-class TransformerVelocity(Pretrained, VelocityModel):
-    r"""Flow-matching velocity model ``v(x_t, t, y)`` for images on :class:`TransformerBackbone`.
-
-    A :class:`~trajflow.velocity.VelocityModel`, so it trains with the library's flow-matching loss
-    and can seed a :class:`~trajflow.predictors.from_velocity.FlowMatchingPredictor`.
-
-    ``forward(x_t, t, cond=None, drop_cond=None)`` returns ``(v, hidden)``: ``v`` of ``x_t``'s shape
-    (float32; zero at init, the head is zero-initialised) and the hidden states ``(N, L, width)``, on which
-    a fine-tuned NTM predictor can put its own zero-initialised head.
-
-    Arguments:
-        config: A :class:`TransformerPredictorConfig` (``scale_bound`` is not used).
-
-    Example:
-        >>> cfg = TransformerPredictorConfig((1, 4, 4), patch_size=2, width=16, depth=1, heads=2)
-        >>> v, h = TransformerVelocity(cfg)(torch.randn(3, 1, 4, 4), torch.rand(3))
-        >>> v.shape, h.shape
-        (torch.Size([3, 1, 4, 4]), torch.Size([3, 4, 16]))
-    """
-
-    def __init__(self, config: TransformerPredictorConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.event_shape = torch.Size(config.image_shape)
-        self.cond_event_dims = config.cond_event_dims
-        self.backbone = TransformerBackbone(config, num_times=1)
-        self.head = nn.Linear(config.width, config.token_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TransformerVelocity:
-        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
-
-    def check_cond(self, cond: Condition | None) -> torch.Size:
-        """Validate ``cond`` as :meth:`TransformerPredictor.check_cond` does; return its batch shape."""
-        return _validate_cond(self.backbone, cond)
-
-    def hidden(self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
-        """The backbone's final-normed hidden states of the image tokens, ``(N, L, width)``."""
-        check_images("x_t", x_t, self.event_shape, flat=True)
-        n = x_t.shape[0]
-        _check_time("t", t, n, self.config.validate_args)
-        _validate_cond(self.backbone, cond, n)
-        _check_drop(drop_cond, n)
-        return self.backbone(x_t, [t], cond, drop_cond)
-
-    def forward(
-        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """``(v, hidden)``: velocity of ``x_t``'s shape and hidden states ``(N, L, width)``."""
-        h = self.hidden(x_t, t, cond, drop_cond)
-        v = unpatchify(self.head(h), self.config.patch_size, self.event_shape)
-        return v.to(torch.promote_types(x_t.dtype, torch.float32)), h

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Condition, condition_event_dims
+from ..conditioning import Condition, CondSpec
 from ..nn.patches import PatchedImageConfig
 from ..nn.scale import positive_scale
 from ..nn.transformer import Rope, Transformer, check_attention_dims
@@ -80,9 +80,15 @@ class TransformerTransporterConfig(PatchedImageConfig):
             )
 
     @property
+    def cond_spec(self) -> CondSpec | None:
+        """The condition: class indices, text ``(features, mask)`` or ``None`` (unconditional)."""
+        return CondSpec.of(num_classes=self.num_classes, text_features=self.text_features)
+
+    @property
     def cond_event_dims(self) -> int | tuple[int, int] | None:
         """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        return condition_event_dims(self.num_classes, self.text_features)
+        spec = self.cond_spec
+        return None if spec is None else spec.event_dims  # type: ignore[return-value]
 
 
 class TransporterCondition(nn.Module):

@@ -9,12 +9,14 @@ Implementations provide :meth:`Transporter.forward` and :meth:`Transporter.inver
 has a generic default. ``x`` always has shape ``(*batch, *event_shape)`` and ``t`` has shape ``batch``
 (already broadcast; one time per data point).
 
-**Conditions.** Every method also takes an optional condition ``cond`` (batch shape ``batch``, e.g. class
-indices ``batch`` or text ``(features (*batch, L, D), mask (*batch, L))``) and ``drop_cond`` (bool,
-``batch``; True where the null context replaces ``cond``, classifier-free guidance dropout). Only a
-transporter whose :attr:`Transporter.is_conditional` is True uses them, as :math:`f_T(x, t, y)`; ``y`` is a
-constant of the flow on ``x``, so log-determinants stay exact. The others ignore them or reject a
-condition with a :class:`ValueError` naming ``cond`` (see each class).
+**Conditions.** Every method takes an optional condition ``cond`` (batch shape ``batch``, e.g. class
+indices ``batch`` or text ``(features (*batch, L, D), mask (*batch, L))``; ``None`` is the null context
+everywhere) and ``drop_cond`` (bool, ``batch``; True where the null context replaces ``cond``,
+classifier-free guidance dropout), and is always called with both. Only a transporter whose
+:attr:`Transporter.is_conditional` is True uses them, as :math:`f_T(x, t, y)`; ``y`` is a constant of the
+flow on ``x``, so log-determinants stay exact. The others ignore them. The condition is checked where it
+enters the library (:class:`~trajflow.TrajectoryDistribution`, with
+:func:`~trajflow.conditioning.check_cond` and :attr:`Transporter.cond_spec`), not here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from ..checks import check_event_shape, check_tensor
-from ..conditioning import Condition, EventDims, align_cond, cond_batch_shape
+from ..conditioning import Condition, CondSpec, EventDims, align_cond
 
 __all__ = ["Transporter", "TransporterTransform"]
 
@@ -42,6 +44,9 @@ class Transporter(nn.Module, ABC):
     #: Trailing dims of one condition (0: class index, ``(2, 1)``: text features and mask), or ``None``
     #: for a transporter that does not see the condition.
     cond_event_dims: EventDims | None = None
+    #: What the condition is, for a conditional transporter that knows it (checked at the edges by
+    #: :func:`trajflow.conditioning.check_cond`; the transporter itself trusts its callers).
+    cond_spec: CondSpec | None = None
 
     @property
     def event_dim(self) -> int:
@@ -70,31 +75,6 @@ class Transporter(nn.Module, ABC):
         ``cond`` (batch shape ``batch``) and ``drop_cond`` (``batch``) are broadcast over ``sample`` likewise.
         """
         return TransporterTransform(self, t, cond, drop_cond)
-
-    def check_cond(self, cond: Condition | None, drop_cond: Tensor | None, batch: torch.Size) -> None:
-        """Raise a :class:`ValueError` naming ``cond`` unless it suits this transporter for data of batch
-        shape ``batch``. The default: an unconditional transporter rejects a condition; a conditional one
-        needs ``cond`` of batch shape ``batch`` (or ``None`` with a ``drop_cond``). Subclasses check more."""
-        if not self.is_conditional:
-            self.reject_cond(cond)
-            return
-        if cond is None:
-            if drop_cond is None:
-                raise ValueError("cond: this transporter is conditional, expected a condition, got None")
-            return
-        got = cond_batch_shape(cond, self.cond_event_dims)  # type: ignore[arg-type]
-        if got != torch.Size(batch):
-            raise ValueError(
-                f"cond: expected batch shape {tuple(batch)} (one condition per data point), got {tuple(got)}"
-            )
-
-    def reject_cond(self, cond: Condition | None) -> None:
-        """Raise a :class:`ValueError` naming ``cond`` unless it is ``None`` (for unconditional transporters)."""
-        if cond is not None:
-            raise ValueError(
-                f"cond: {type(self).__name__} does not see the condition (it is unconditional), expected "
-                f"cond=None, got {type(cond).__name__}"
-            )
 
     def check_input(self, name: str, x: Tensor, t: Tensor) -> None:
         """Raise a clear error unless ``x`` is ``(*batch, *event_shape)`` and ``t`` is ``batch``."""
@@ -150,16 +130,13 @@ class TransporterTransform(Transform):
         cond = drop = None
         if self.cond is not None and self.transporter.cond_event_dims is not None:
             cond = align_cond(self.cond, self.transporter.cond_event_dims, batch)
-        elif self.cond is not None:
-            cond = self.cond  # an unconditional transporter rejects it (or ignores it) itself
         if self.drop_cond is not None:
             drop = self.drop_cond.to(x.device).expand(batch).reshape(-1)
         return x.reshape(-1, *event), t.reshape(-1), cond, drop, batch
 
     def call_and_ladj(self, x: Tensor) -> tuple[Tensor, Tensor]:
         flat, t, cond, drop, batch = self._flat(x)
-        args = () if cond is None and drop is None else (cond, drop)  # f(x, t) for unconditional ones
-        u, ladj = self.transporter(flat, t, *args)
+        u, ladj = self.transporter(flat, t, cond, drop)
         return u.reshape(x.shape), ladj.reshape(batch)
 
     def _call(self, x: Tensor) -> Tensor:
@@ -167,8 +144,7 @@ class TransporterTransform(Transform):
 
     def _inverse(self, u: Tensor) -> Tensor:
         flat, t, cond, drop, _ = self._flat(u)
-        args = () if cond is None and drop is None else (cond, drop)
-        return self.transporter.inverse(flat, t, *args).reshape(u.shape)
+        return self.transporter.inverse(flat, t, cond, drop).reshape(u.shape)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         return self.call_and_ladj(x)[1]

@@ -68,8 +68,7 @@ class NflowsTransporter(Transporter):
         time_features: Size of the sinusoidal time embedding.
         bins: Spline bins of the ``"rqs"`` preset.
 
-    It is unconditional: ``cond`` must be ``None`` (a :class:`ValueError` naming ``cond`` otherwise) and
-    ``drop_cond`` is ignored.
+    It is unconditional: ``cond`` and ``drop_cond`` are ignored.
 
     Example:
         >>> f = NflowsTransporter(features=2, preset="maf")
@@ -123,14 +122,12 @@ class NflowsTransporter(Transporter):
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        self.reject_cond(cond)
         batch = x.shape[:-1]
         flat, ctx = x.reshape(-1, x.shape[-1]), self.time(t.reshape(-1)).to(x.dtype)
         u, ladj = self.nflows_transform(flat, context=ctx)
         return u.reshape(x.shape), upcast(ladj).reshape(batch)
 
     def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
-        self.reject_cond(cond)
         flat, ctx = u.reshape(-1, u.shape[-1]), self.time(t.reshape(-1)).to(u.dtype)
         x, _ = self.nflows_transform.inverse(flat, context=ctx)
         return x.reshape(u.shape)

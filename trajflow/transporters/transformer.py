@@ -51,8 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import Pretrained, dataclass_from_dict
-from ..checks import check_tensor, check_times
-from ..conditioning import Condition, align_cond, check_text_condition
+from ..checks import check_times
+from ..conditioning import Condition, align_cond
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import check_images, patch_grid, patchify, unpatchify
 from ..nn.transformer import RotaryEmbedding2D
@@ -78,11 +78,11 @@ class TransformerTransporter(Pretrained, Transporter):
     :meth:`~trajflow.TrajectoryDistribution.decode`) use that path.
 
     With a conditional config (``num_classes`` or ``text_features``), ``forward(x, t, cond, drop_cond)`` and
-    ``inverse(u, t, cond, drop_cond)`` need the condition: class indices ``batch`` (long), or text
+    ``inverse(u, t, cond, drop_cond)`` take the condition: class indices ``batch`` (long), or text
     ``(features (*batch, L, text_features), mask (*batch, L))`` (mask True on real tokens), and optionally
-    ``drop_cond`` ``batch`` (bool, True = null context). ``cond=None`` is accepted only with a
-    ``drop_cond`` that drops every example (the null context everywhere). Every inverse method uses the
-    context. Unconditional configs reject a ``cond`` that is not None and ignore ``drop_cond``.
+    ``drop_cond`` ``batch`` (bool, True = null context); ``cond=None`` is the null context everywhere. Every
+    inverse method uses the context. Unconditional configs ignore both. The condition is checked where it
+    enters (:class:`~trajflow.TrajectoryDistribution`, against :attr:`cond_spec`), not here.
 
     Arguments:
         config: A :class:`TransformerTransporterConfig`.
@@ -111,6 +111,7 @@ class TransformerTransporter(Pretrained, Transporter):
         self.rope = RotaryEmbedding2D(config.width // config.heads, config.rope_base)
         self.register_buffer("positions", patch_grid(h, w, config.patch_size), persistent=False)  # (L, 2)
         self.blocks = nn.ModuleList(AffineFlowBlock(config, flip=i % 2 == 1) for i in range(config.blocks))
+        self.cond_spec = config.cond_spec
         self.cond_event_dims = config.cond_event_dims
         if self.cond_event_dims is not None:
             self.condition = TransporterCondition(config)
@@ -125,66 +126,6 @@ class TransformerTransporter(Pretrained, Transporter):
     def from_config(cls, config: Mapping[str, Any]) -> TransformerTransporter:
         return cls(dataclass_from_dict(TransformerTransporterConfig, config, "config"))
 
-    def _describe_cond(self) -> str:
-        cfg = self.config
-        if cfg.num_classes is not None:
-            return f"class indices (torch.long, values in [0, {cfg.num_classes - 1}])"
-        return f"a tuple (features (*batch, L, {cfg.text_features}), mask (*batch, L))"
-
-    def check_cond(self, cond: Condition | None, drop_cond: Tensor | None, batch: torch.Size) -> None:
-        """Raise a :class:`ValueError` naming ``cond`` (or ``drop_cond``) unless they fit this transporter.
-
-        ``batch`` is the data's batch shape; ``cond``'s batch shape and ``drop_cond``'s shape must equal it.
-        """
-        batch = torch.Size(batch)
-        if not self.is_conditional:
-            self.reject_cond(cond)
-            return
-        cfg = self.config
-        if drop_cond is not None:
-            check_tensor("drop_cond", drop_cond)
-            if drop_cond.dtype != torch.bool or drop_cond.shape != batch:
-                raise ValueError(
-                    f"drop_cond: expected a bool tensor of shape {tuple(batch)}, got {drop_cond.dtype} of shape "
-                    f"{tuple(drop_cond.shape)}"
-                )
-        if cond is None:
-            if drop_cond is None:
-                raise ValueError(
-                    f"cond: this transporter is conditional, expected {self._describe_cond()} of batch shape "
-                    f"{tuple(batch)}, got None (pass drop_cond=torch.ones({tuple(batch)}, dtype=torch.bool) for "
-                    "the null context)"
-                )
-            if cfg.validate_args and drop_cond.numel() and not bool(drop_cond.all()):
-                raise ValueError(
-                    f"cond: expected {self._describe_cond()} for the {int((~drop_cond).sum())} examples that "
-                    "drop_cond keeps, got None (cond=None means the null context: drop_cond must be all True)"
-                )
-            return
-        if cfg.num_classes is not None:
-            if not isinstance(cond, Tensor):
-                raise ValueError(f"cond: expected {self._describe_cond()}, got {type(cond).__name__}")
-            if cond.is_floating_point() or cond.is_complex() or cond.dtype == torch.bool:
-                raise ValueError(f"cond: expected integer class indices (torch.long), got dtype {cond.dtype}")
-            if cond.shape != batch:
-                raise ValueError(
-                    f"cond: expected class indices of shape {tuple(batch)} (one per data point), got "
-                    f"{tuple(cond.shape)}"
-                )
-            if cfg.validate_args and cond.numel() and not bool(((cond >= 0) & (cond < cfg.num_classes)).all()):
-                raise ValueError(
-                    f"cond: expected class indices in [0, {cfg.num_classes - 1}], got values in "
-                    f"[{int(cond.min())}, {int(cond.max())}]"
-                )
-            return
-        if not isinstance(cond, tuple) or len(cond) != 2 or not all(isinstance(c, Tensor) for c in cond):
-            got = "a single tensor (no mask)" if isinstance(cond, Tensor) else type(cond).__name__
-            if isinstance(cond, tuple):
-                got = f"a tuple of {len(cond)} item(s)"
-            raise ValueError(f"cond: expected {self._describe_cond()}, got {got}")
-        features, mask = cond
-        check_text_condition(features, mask, cfg.text_features, batch)
-
     def _prepare(
         self, name: str, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor | None, torch.Size]:
@@ -195,7 +136,6 @@ class TransformerTransporter(Pretrained, Transporter):
         if self.config.validate_args:
             check_times("t", t)
         batch = x.shape[:-3]
-        self.check_cond(cond, drop_cond, batch)
         tokens = patchify(x.reshape(-1, *self.event_shape), self.config.patch_size)  # (N, L, D)
         ctx = None
         if self.is_conditional:

@@ -48,8 +48,7 @@ class ZukoTransporter(Pretrained, Transporter):
     :meth:`transform` returns zuko's own :class:`~torch.distributions.Transform` (data to base, with a
     fused ``call_and_ladj``), so a step of the trajectory is a genuine zuko flow.
 
-    It is unconditional: ``cond`` must be ``None`` (a :class:`ValueError` naming ``cond`` otherwise) and
-    ``drop_cond`` is ignored.
+    It is unconditional: ``cond`` and ``drop_cond`` are ignored.
 
     Arguments:
         features: Dimension of the data vectors.
@@ -155,7 +154,6 @@ class ZukoTransporter(Pretrained, Transporter):
     def transform(self, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Transform:
         """zuko's transform at times ``t`` (shape ``batch``); with ``validate_args``, ``t`` must be finite and
         in [0, 1] (a ``ValueError`` naming ``t`` otherwise)."""
-        self.reject_cond(cond)
         if self.validate_args:
             check_times("t", t)
         # zuko broadcasts the context (*batch, E) against inputs (*sample, *batch, F).

@@ -1,42 +1,20 @@
-r"""Velocity models :math:`v_\theta(x_t, t, y)`: the network interface flow matching trains and NTM initialises from.
-
-A velocity model predicts :math:`\epsilon - x_0` at :math:`x_t = (1 - t) x_0 + t \epsilon`. The flow-matching
-baseline (:mod:`trajflow.baselines.flow_matching`) trains and integrates one; an NTM predictor can be built
-around one (:class:`~trajflow.predictors.FlowMatchingPredictor`).
-"""
+r"""A residual-MLP velocity model for vectors."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import Pretrained
-from .checks import check_time_features, check_times
-from .conditioning import Condition, EventDims
-from .nn.condition import ConditionEmbedding
-from .nn.embeddings import SinusoidalEmbedding
-from .nn.mlp import ResidualMLP
+from ..checkpoint import Pretrained
+from ..checks import check_time_features, check_times
+from ..nn.condition import ConditionEmbedding
+from ..nn.embeddings import SinusoidalEmbedding
+from ..nn.mlp import ResidualMLP
+from .base import VelocityModel
 
-__all__ = ["VelocityModel", "MLPVelocity", "guided_velocity"]
-
-
-class VelocityModel(nn.Module, ABC):
-    """Base class of velocity models ``(x_t, t, cond, drop_cond) -> (v, hidden)``.
-
-    Calls are flat: ``x_t`` is ``(N, *event_shape)``, ``t`` is ``(N,)``; ``hidden`` holds the backbone's
-    last hidden states (used to initialise an NTM predictor from this model).
-    """
-
-    event_shape: torch.Size
-    cond_event_dims: EventDims | None = None
-
-    @abstractmethod
-    def forward(
-        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]: ...
+__all__ = ["MLPVelocity"]
 
 
 class MLPVelocity(Pretrained, VelocityModel):
@@ -76,6 +54,7 @@ class MLPVelocity(Pretrained, VelocityModel):
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
         self.condition = ConditionEmbedding(time_features, num_classes=num_classes, cond_features=cond_features)
+        self.cond_spec = self.condition.cond_spec
         self.cond_event_dims = self.condition.cond_event_dims
         self.backbone = ResidualMLP(features, 2 * time_features, width, depth)
         self.head = nn.Linear(width, features)
@@ -105,18 +84,3 @@ class MLPVelocity(Pretrained, VelocityModel):
         c = torch.cat([self.time(t), self.condition(cond, drop_cond, x_t.shape[0])], dim=-1)
         h = self.backbone(x_t, c.to(x_t.dtype))
         return self.head(h), h
-
-
-def guided_velocity(model: VelocityModel, x: Tensor, t: Tensor, cond: Condition | None, guidance: float) -> Tensor:
-    r""":math:`(1 + w) v_c - w v_u`, with both branches in one batched call when :math:`w > 0`."""
-    if guidance <= 0 or cond is None:
-        return model(x, t, cond)[0]
-    n = x.shape[0]
-    if isinstance(cond, Tensor):
-        cond2 = torch.cat([cond, cond])
-    else:
-        cond2 = tuple(torch.cat([c, c]) for c in cond)
-    drop = torch.arange(2 * n, device=x.device) >= n  # the second half takes the null condition
-    v, _ = model(torch.cat([x, x]), torch.cat([t, t]), cond2, drop)
-    v_c, v_u = v.chunk(2)
-    return (1 + guidance) * v_c - guidance * v_u

@@ -1,0 +1,199 @@
+r"""Adapter: any external velocity model ``fn(x_t, t, cond)`` as a trajflow velocity model."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..checks import check_tensor
+from ..conditioning import Condition, EventDims, map_cond
+from ..nn.embeddings import SinusoidalEmbedding
+from ..nn.patches import default_layout, num_tokens, to_tokens, token_dim
+from .base import VelocityModel
+
+__all__ = ["CallableVelocity"]
+
+
+class CallableVelocity(VelocityModel):
+    r"""Adapter: an external velocity model ``fn(x_t, t, cond)`` as a trajflow velocity model.
+
+    ``fn`` must follow trajflow's convention: :math:`x_t = (1 - t) x_0 + t \epsilon` with
+    :math:`t \in [0, 1]` (1 is noise) and :math:`v = \epsilon - x_0`. Wrap models with another time
+    scale or sign inside ``fn``. Calls are flat: ``x_t`` ``(N, *event_shape)``, ``t`` ``(N,)``.
+
+    * ``hidden_features`` given: ``fn`` returns ``(v, hidden)`` with ``hidden`` ``(N, hidden_features)``
+      (``hidden_layout="flat"``) or ``(N, L, hidden_features)`` per token (``"tokens"``; ``L`` patch tokens
+      of size ``patch_size`` for images, in the raster order of :func:`trajflow.nn.patches.patchify`).
+    * ``hidden_features=None``: ``fn`` returns ``v`` only. The adapter then makes its own hidden states,
+      a small learnable layer ``SiLU(W [x_t, emb(t)])`` of width ``feature_width`` (per token for images),
+      on which the predictor puts its zero-initialised head.
+
+    Pass an :class:`torch.nn.Module` as ``fn`` to fine-tune it: its parameters are registered here (and
+    copied by :func:`copy.deepcopy`, which makes the frozen reference of the mean-alignment loss). A plain
+    function keeps whatever it closes over frozen and shared (a warning says so).
+
+    It cannot be saved with ``save_pretrained`` (no config describes arbitrary code): saving a model that
+    holds one raises a ``TypeError`` naming the part; save the state dict and rebuild ``fn`` in code.
+
+    Arguments:
+        fn: The velocity model.
+        event_shape: Shape of one data point.
+        hidden_features: Width of the hidden states ``fn`` returns, or ``None`` if it returns ``v`` only.
+        cond_event_dims: Trailing dims of one condition (0 class index, 1 vector, a tuple for tuples), or
+            ``None`` for an unconditional model.
+        hidden_layout: ``"flat"`` or ``"tokens"``; defaults to flat for vectors, tokens otherwise.
+        patch_size: Patch side of the token layout of images.
+        null_cond: One condition (no batch dims) given to ``fn`` where ``drop_cond`` is True or ``cond`` is
+            None; without it, ``fn`` receives ``cond=None`` for an all-null batch and a partly dropped
+            batch raises.
+        time_features: Size of the time embedding of the adapter's own hidden states.
+        feature_width: Width of the adapter's own hidden states.
+
+    Example:
+        >>> class External(nn.Module):  # any model with its own calling convention
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = nn.Linear(2, 2)
+        ...     def forward(self, x, t, cond):
+        ...         return self.net(x)
+        >>> velocity = CallableVelocity(External(), (2,))
+        >>> v, h = velocity(torch.randn(3, 2), torch.rand(3))
+        >>> v.shape, h.shape
+        (torch.Size([3, 2]), torch.Size([3, 128]))
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Tensor | tuple[Tensor, Tensor]],
+        event_shape: int | Sequence[int],
+        hidden_features: int | None = None,
+        cond_event_dims: EventDims | None = None,
+        *,
+        hidden_layout: str | None = None,
+        patch_size: int = 1,
+        null_cond: Condition | None = None,
+        time_features: int = 32,
+        feature_width: int = 128,
+    ) -> None:
+        super().__init__()
+        if not callable(fn):
+            raise ValueError(f"fn: expected a callable velocity model, got {type(fn).__name__}")
+        if isinstance(event_shape, int):
+            event_shape = (event_shape,)
+        self.event_shape = torch.Size(event_shape)
+        if len(self.event_shape) == 0 or min(self.event_shape) < 1:
+            raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+        self.hidden_layout = hidden_layout or default_layout(self.event_shape)
+        if self.hidden_layout not in ("flat", "tokens"):
+            raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {self.hidden_layout!r}")
+        if len(self.event_shape) == 3:
+            _, h, w = self.event_shape
+            if patch_size < 1 or h % patch_size or w % patch_size:
+                raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
+        self.patch_size = patch_size
+        self.cond_event_dims = cond_event_dims
+        self.null_cond = null_cond
+        if isinstance(fn, nn.Module):
+            self.fn = fn
+        else:
+            warnings.warn(
+                "CallableVelocity: fn is not an nn.Module, so its parameters are not registered: the "
+                "backbone stays frozen and is shared with any deep copy (the mean-alignment reference)",
+                stacklevel=2,
+            )
+            object.__setattr__(self, "fn", fn)  # not a submodule
+        self.returns_hidden = hidden_features is not None
+        if hidden_features is not None:
+            if not isinstance(hidden_features, int) or hidden_features < 1:
+                raise ValueError(f"hidden_features: expected a positive integer or None, got {hidden_features!r}")
+            self.hidden_features = hidden_features
+        else:
+            self.time = SinusoidalEmbedding(time_features)
+            in_features = (
+                self.event_shape.numel() if self.hidden_layout == "flat" else token_dim(self.event_shape, patch_size)
+            )
+            self.features = nn.Sequential(nn.Linear(in_features + time_features, feature_width), nn.SiLU())
+            self.hidden_features = feature_width
+
+    def _cond_for_fn(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> Condition | None:
+        """Replace dropped rows by ``null_cond`` (or pass ``None`` for an all-null batch)."""
+        if self.null_cond is None:
+            if drop_cond is not None and bool(drop_cond.any()):
+                if bool(drop_cond.all()):
+                    return None
+                raise ValueError(
+                    "drop_cond: this CallableVelocity has no null_cond, so it cannot drop the condition "
+                    "of some examples only; pass null_cond=... (one condition without batch dims)"
+                )
+            return cond
+        ced = self.cond_event_dims if self.cond_event_dims is not None else 0
+        null = map_cond(lambda c, ed: c.expand(n, *c.shape), self.null_cond, ced)
+        if cond is None:
+            return null
+        if drop_cond is None:
+            return cond
+
+        def pick(pair: tuple[Tensor, Tensor], ed: int) -> Tensor:
+            c, z = pair
+            return torch.where(drop_cond.reshape(n, *([1] * ed)).to(c.device), z.to(c), c)
+
+        if isinstance(cond, Tensor):
+            return pick((cond, null), ced)  # type: ignore[arg-type]
+        return tuple(pick((c, z), ed) for c, z, ed in zip(cond, null, ced))  # type: ignore[arg-type]
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(v, hidden)``: ``v`` of ``x_t``'s shape and ``hidden`` ``(N, F)`` or ``(N, L, F)``."""
+        n = x_t.shape[0]
+        out = self.fn(x_t, t, self._cond_for_fn(cond, drop_cond, n))
+        if isinstance(out, Tensor):
+            if self.returns_hidden:
+                raise ValueError(
+                    f"velocity model output: expected (v, hidden) since hidden_features={self.hidden_features}, "
+                    f"got a single tensor of shape {tuple(out.shape)}; pass hidden_features=None for a "
+                    "model that returns v only"
+                )
+            v, hidden = out, None
+        elif isinstance(out, (tuple, list)) and len(out) == 2:
+            if not self.returns_hidden:
+                raise ValueError(
+                    "velocity model output: expected v only since hidden_features=None, got a pair; pass "
+                    "hidden_features=<width of hidden> to use the model's own hidden states"
+                )
+            v, hidden = out
+        else:
+            raise ValueError(
+                f"velocity model output: expected a tensor v or a pair (v, hidden), got {type(out).__name__}"
+            )
+        check_tensor("velocity model output", v)
+        if v.shape != x_t.shape:
+            raise ValueError(
+                f"velocity model output: expected v of shape {tuple(x_t.shape)} (N, *event_shape) with "
+                f"event_shape={tuple(self.event_shape)}, got {tuple(v.shape)}"
+            )
+        if hidden is None:
+            return v, self._own_hidden(x_t, t)
+        check_tensor("velocity model hidden", hidden)
+        if self.hidden_layout == "flat":
+            want: tuple[int, ...] = (n, self.hidden_features)
+        else:
+            want = (n, num_tokens(self.event_shape, self.patch_size), self.hidden_features)
+        if tuple(hidden.shape) != want:
+            raise ValueError(
+                f"velocity model hidden: expected shape {want} ({self.hidden_layout} layout, "
+                f"hidden_features={self.hidden_features}), got {tuple(hidden.shape)}"
+            )
+        return v, hidden
+
+    def _own_hidden(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """``SiLU(W [x_t, emb(t)])``: ``(N, feature_width)`` or ``(N, L, feature_width)``."""
+        temb = self.time(t).to(x_t.dtype)  # (N, time_features)
+        if self.hidden_layout == "flat":
+            return self.features(torch.cat([x_t.flatten(1), temb], dim=-1))
+        tokens = to_tokens(x_t, self.event_shape, self.patch_size)  # (N, L, D)
+        temb = temb[:, None].expand(-1, tokens.shape[1], -1)
+        return self.features(torch.cat([tokens, temb], dim=-1))
