@@ -59,7 +59,6 @@ from trajflow.baselines import (
     FlowMatchingLoss,
     SingleFlow,
     SingleFlowNLL,
-    count_parameters,
     euler_sample,
     gaussian_step_model,
     matched_single_flow,
@@ -67,6 +66,7 @@ from trajflow.baselines import (
 )
 from trajflow.data.images import ImageDataset, from_unit_range, load_image_dataset
 from trajflow.likelihood import DequantizedObjective, elbo_bits_per_dim
+from trajflow.nn import count_parameters
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
 from trajflow.train import Trainer, TrainerConfig, TrainResult
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig

@@ -13,12 +13,12 @@ from trajflow.baselines import (
     PixelCategorical,
     SingleFlow,
     SingleFlowNLL,
-    count_parameters,
     gaussian_step_model,
     matched_single_flow,
     pixel_categorical_bits_per_dim,
 )
 from trajflow.likelihood import dequantize
+from trajflow.nn import count_parameters
 from trajflow.predictors import MLPPredictor
 from trajflow.transporters import IdentityTransporter, ZukoTransporter
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig

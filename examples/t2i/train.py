@@ -29,7 +29,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
-from trajflow.baselines.single_flow import count_parameters
+from trajflow.nn import count_parameters
 from trajflow.train import Trainer, TrainResult
 
 if __package__ in (None, ""):  # run as a script: the repository root holds the ``examples`` package

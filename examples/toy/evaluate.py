@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from examples.toy.config import DIMS, METHODS, ToyConfig
 from trajflow.baselines.flow_matching import euler_sample
-from trajflow.baselines.single_flow import count_parameters
 from trajflow.data.toy import toy_density
 from trajflow.metrics import energy_distance, histogram_distance, sliced_wasserstein
+from trajflow.nn import count_parameters
 from trajflow.process import MarkovInterpolant, time_grid
 
 __all__ = [

@@ -21,7 +21,7 @@ def build_model(method: str, cfg: ToyConfig) -> nn.Module:
     """The untrained model of ``method`` (one of :data:`METHODS`), initialised from ``cfg.seed``.
 
     Example:
-        >>> from trajflow.baselines import count_parameters
+        >>> from trajflow.nn import count_parameters
         >>> model = build_model("fm", ToyConfig(width=16, depth=1))
         >>> type(model).__name__, count_parameters(model) > 0
         ('MLPVelocity', True)

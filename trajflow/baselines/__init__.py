@@ -23,7 +23,7 @@ from .gaussian_step import gaussian_step_model
 from .meanflow import MeanFlowLoss, MeanFlowVelocity, meanflow_sample
 from .pixel_categorical import PixelCategorical, pixel_categorical_bits_per_dim
 from .progressive_distillation import ProgressiveDistillationLoss, distillation_rounds
-from .single_flow import SingleFlow, SingleFlowNLL, count_parameters, matched_single_flow
+from .single_flow import SingleFlow, SingleFlowNLL, matched_single_flow
 
 __all__ = [
     "FlowMatchingLoss",
@@ -39,7 +39,6 @@ __all__ = [
     "SingleFlow",
     "SingleFlowNLL",
     "matched_single_flow",
-    "count_parameters",
     "gaussian_step_model",
     "PixelCategorical",
     "pixel_categorical_bits_per_dim",

@@ -36,23 +36,14 @@ from torch import Tensor, nn
 
 from ..checks import check_event_shape
 from ..likelihood import flow_bits_per_dim
+from ..nn.parameters import count_parameters
 from ..numerics import upcast
 from ..transporters.base import Transporter
 from ..transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 
-__all__ = ["SingleFlow", "SingleFlowNLL", "matched_single_flow", "count_parameters"]
+__all__ = ["SingleFlow", "SingleFlowNLL", "matched_single_flow"]
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """The number of scalars in ``module``'s parameters (trainable or not).
-
-    Example:
-        >>> count_parameters(torch.nn.Linear(3, 2))
-        8
-    """
-    return sum(p.numel() for p in module.parameters())
 
 
 class SingleFlow(nn.Module):
@@ -181,7 +172,7 @@ def matched_single_flow(
 
     Arguments:
         config: The stack to deepen or shorten.
-        target: The parameter count to match (e.g. an NTM's, :func:`count_parameters`).
+        target: The parameter count to match (e.g. an NTM's, :func:`~trajflow.nn.count_parameters`).
         blocks, layers_per_block: The candidate depths.
         tolerance: The largest relative miss accepted.
 

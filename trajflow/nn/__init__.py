@@ -2,6 +2,7 @@
 
 from .embeddings import SinusoidalEmbedding
 from .mlp import ResidualMLP
+from .parameters import count_parameters
 from .patches import check_images, patch_grid, patchify, unpatchify
 from .scale import positive_scale, soft_clip
 from .transformer import (
@@ -18,6 +19,7 @@ from .transformer import (
 __all__ = [
     "SinusoidalEmbedding",
     "ResidualMLP",
+    "count_parameters",
     "positive_scale",
     "soft_clip",
     "patchify",
