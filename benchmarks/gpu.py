@@ -83,15 +83,17 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run as a script
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # for the examples package (the t2i lab)
 from _common import RESULTS, ROOT, device_string, write_results  # noqa: E402
 
+from examples.t2i.config import T2IConfig  # noqa: E402
+from examples.t2i.model import build_model  # noqa: E402
 from trajflow.baselines.flow_matching import FlowMatchingLoss  # noqa: E402
 from trajflow.denoise import TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
 from trajflow.losses import TrajectoryNLL  # noqa: E402
 from trajflow.model import NTM  # noqa: E402
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig  # noqa: E402
 from trajflow.process import time_grid  # noqa: E402
-from trajflow.recipes.t2i import T2IConfig, build_model  # noqa: E402
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig  # noqa: E402
 from trajflow.velocity import TransformerVelocity  # noqa: E402
 

@@ -74,7 +74,10 @@ def test_without_a_generator_the_global_rng_is_used_as_before(model):
 
 
 def test_generate_seeds_a_generator_per_batch_and_leaves_the_global_rng(monkeypatch):
-    from trajflow.recipes.t2i import HashingTextEncoder, T2IConfig, build_model, generate
+    from examples.t2i.config import T2IConfig
+    from examples.t2i.model import build_model
+    from examples.t2i.sampling import generate
+    from examples.t2i.text import HashingTextEncoder
 
     cfg = T2IConfig.from_dict(
         {

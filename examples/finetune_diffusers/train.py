@@ -40,6 +40,9 @@ from typing import Any
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: the repository root holds the ``examples`` package (its data sets)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 # -- configuration --------------------------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
@@ -207,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path("runs") / config["name"]
 
     # The imports that need the extras come here, so that --help works without them.
+    from examples.t2i.data import CaptionFolder
     from trajflow import TrajectoryNLL
     from trajflow.contrib.diffusers import (
         PIPELINE_ADAPTERS,
@@ -214,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         PipelineVAE,
         load_diffusers_pipeline,
     )
-    from trajflow.data.caption_folder import CaptionFolder
     from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching
     from trajflow.train import Trainer, TrainerConfig
 
