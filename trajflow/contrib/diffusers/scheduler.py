@@ -1,0 +1,168 @@
+"""The FM baseline: the flow-matching model sampled by diffusers' ``FlowMatchEulerDiscreteScheduler`` as its
+pipeline does."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...conditioning import Condition
+from ...nn.patches import check_images
+from .base import _diffusers_class
+from .loading import PIPELINE_ADAPTERS
+
+__all__ = ["set_pipeline_timesteps", "scheduler_sample"]
+
+
+def set_pipeline_timesteps(
+    scheduler: Any,
+    steps: int,
+    *,
+    pipeline: str | None = None,
+    image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    r"""Set ``scheduler``'s timesteps as the diffusers pipeline ``pipeline`` sets them; returns them.
+
+    ``StableDiffusion3Pipeline`` (and ``pipeline=None``): the scheduler's own spacing (``set_timesteps(steps)``),
+    with ``calculate_shift(image_seq_len, ...)`` as ``mu`` when its config has ``use_dynamic_shifting``.
+    ``FluxPipeline``: sigmas ``linspace(1, 1 / steps, steps)`` (none with ``use_flow_sigmas``) and
+    ``mu = calculate_shift(image_seq_len, ...)``. ``Flux2KleinPipeline`` / ``Flux2Pipeline``: the same sigmas
+    and ``mu = compute_empirical_mu(image_seq_len, steps)``. The shift functions are diffusers' own. ``sigmas``
+    overrides the spacing (as the pipelines' ``sigmas=`` argument); ``image_seq_len`` is the number of image
+    tokens the transformer sees (SD3: ``(H / p) (W / p)``; FLUX.1: packed ``H W / 4``; FLUX.2: ``H' W'``).
+    """
+    steps = int(steps)
+    if steps < 1:
+        raise ValueError(f"steps: expected a positive number of steps, got {steps}")
+    if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
+        raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
+    if getattr(scheduler.config, "invert_sigmas", False):
+        raise ValueError(
+            "scheduler: invert_sigmas schedulers (Mochi) are not flow-matching samplers of this convention"
+        )
+    config = scheduler.config
+    kwargs: dict[str, Any] = {}
+    flux = pipeline is not None and pipeline.startswith("Flux")
+    if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
+        import numpy as np
+
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    if pipeline in ("Flux2KleinPipeline", "Flux2Pipeline"):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        kwargs["mu"] = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
+    elif pipeline == "FluxPipeline" or config.get("use_dynamic_shifting", None):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        kwargs["mu"] = calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
+        )
+    if sigmas is not None:  # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device, **kwargs)
+    else:
+        scheduler.set_timesteps(steps, device=device, **kwargs)
+    return scheduler.timesteps
+
+
+def _cat_cond(a: Condition, b: Condition) -> Condition:
+    return tuple(torch.cat([x, y]) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.cat([a, b])
+
+
+def _repeat_cond(cond: Condition, k: int) -> Condition:
+    if k == 1:
+        return cond
+    if isinstance(cond, tuple):
+        return tuple(c.repeat_interleave(k, dim=0) for c in cond)
+    return cond.repeat_interleave(k, dim=0)
+
+
+def _cond_rows(cond: Condition) -> int:
+    return int((cond[0] if isinstance(cond, tuple) else cond).shape[0])
+
+
+@torch.no_grad()
+def scheduler_sample(
+    velocity: nn.Module,
+    noise: Tensor,
+    steps: int,
+    *,
+    cond: Condition | None = None,
+    negative_cond: Condition | None = None,
+    guidance_scale: float = 1.0,
+    scheduler: Any = None,
+    pipeline: str | None = None,
+    sigmas: Sequence[float] | None = None,
+) -> Tensor:
+    r"""Flow-matching sampling through diffusers' ``FlowMatchEulerDiscreteScheduler``: "FM at ``steps`` steps".
+
+    The loop of the diffusers pipeline ``pipeline`` (timesteps from :func:`set_pipeline_timesteps`), with the
+    network called through its adapter at :math:`t = \sigma` (the adapter's ``timestep = 1000 t`` is then the
+    scheduler's ``timesteps = sigmas * 1000``, the same float32 product) and the output handed to
+    ``scheduler.step`` unchanged. Classifier-free guidance is diffusers': with ``guidance_scale > 1``,
+    ``v = v_u + guidance_scale (v_c - v_u)`` from one batched call on ``[negative, positive]`` as
+    ``StableDiffusion3Pipeline`` does, where ``v_u`` reads ``negative_cond`` (the pipeline encodes its
+    ``negative_prompt``, ``""`` by default) or, without one, the adapter's null condition. trajflow's weight
+    ``w`` (:func:`~trajflow.baselines.flow_matching.euler_sample`) is ``guidance_scale - 1``. The latents stay
+    float32 (the adapters return float32 velocities); a diffusers pipeline holds them in the text encoder's
+    dtype, which is the same loop in float32.
+
+    Arguments:
+        velocity: The adapter (:class:`SD3Velocity`, ...), or any trajflow velocity model.
+        noise: The initial latents :math:`x_1` ``(N, *event_shape)`` in the adapter's layout.
+        steps: The number of scheduler steps (network calls without guidance).
+        cond: The condition ``(N, ...)``, or None.
+        negative_cond: The negative condition ``(N, ...)`` of guidance, or None (the adapter's null).
+        guidance_scale: diffusers' guidance scale (1: no guidance).
+        scheduler: A ``FlowMatchEulerDiscreteScheduler`` (copied, not changed), by default one with diffusers'
+            defaults (``shift=1``, 1000 training timesteps).
+        pipeline: Whose timestep rule to follow (see :func:`set_pipeline_timesteps`).
+        sigmas: Explicit sigmas (descending from 1, without the final 0), overriding the rule.
+
+    Returns:
+        The latents :math:`x_0` ``(N, *event_shape)``.
+    """
+    import copy
+
+    if scheduler is None:
+        scheduler = _diffusers_class("FlowMatchEulerDiscreteScheduler")()
+    else:
+        scheduler = copy.deepcopy(scheduler)
+    event_shape = torch.Size(velocity.event_shape)
+    check_images("noise", noise, event_shape, flat=True)
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
+        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    n = noise.shape[0]
+    patch = int(getattr(velocity, "patch_size", 1) or 1)
+    tokens = event_shape[-2] * event_shape[-1] // patch**2 if len(event_shape) == 3 else event_shape[0]
+    timesteps = set_pipeline_timesteps(
+        scheduler, steps, pipeline=pipeline, image_seq_len=tokens, sigmas=sigmas, device=noise.device
+    )
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    cfg = guidance_scale > 1 and cond is not None  # diffusers' do_classifier_free_guidance
+    if cfg:
+        if negative_cond is None:
+            both, drop = _cat_cond(cond, cond), torch.arange(2 * n, device=noise.device) < n
+        else:
+            both, drop = _cat_cond(negative_cond, cond), None
+    x = noise.float()
+    for i, timestep in enumerate(timesteps):
+        t = scheduler.sigmas[i].to(noise.device, torch.float32).expand(n)
+        if cfg:
+            v = velocity(torch.cat([x, x]), torch.cat([t, t]), both, drop)[0]
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        else:
+            v = velocity(x, t, cond)[0]
+        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+    return x

@@ -1,0 +1,162 @@
+"""A flow-matching diffusers ``UNet2DModel`` as a velocity model (class labels as the condition)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from ...checks import check_tensor, check_times
+from ...conditioning import Condition, CondPart, CondSpec
+from ...nn.patches import check_images, patchify
+from .base import DiffusersVelocity
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+
+__all__ = ["UNet2DVelocity"]
+
+
+class UNet2DVelocity(DiffusersVelocity):
+    r"""A flow-matching diffusers ``UNet2DModel`` as a velocity model, hidden states included.
+
+    ``forward(x_t, t, cond=None, drop_cond=None)`` returns ``(v, hidden)`` with
+    ``v = unet(x_t, timestep=num_train_timesteps * t, class_labels=...).sample`` (float32, or ``x_t``'s dtype
+    if wider) and ``hidden`` the feature map the UNet's output convolution ``conv_out`` reads (after its
+    ``conv_norm_out`` and activation: the final-normed states, as
+    :class:`~trajflow.velocity.TransformerVelocity` returns), ``(N, C', H, W)`` at full
+    resolution with ``C' = block_out_channels[0]``, as tokens ``(N, H W, C')`` in raster order (patch size 1,
+    :func:`trajflow.nn.patches.patchify`) in the UNet's dtype (``x_t`` is cast to it). The attributes
+    ``hidden_features = C'``, ``hidden_layout = "tokens"`` and ``patch_size = 1`` are what
+    :class:`~trajflow.predictors.FlowMatchingPredictor` reads, so
+    :func:`trajflow.finetune.init_from_flow_matching` takes the adapter as it is. ``hidden`` is captured by a
+    forward pre-hook on ``conv_out`` that lives only for the call.
+
+    Conditions. A UNet with ``num_class_embeds = K`` (and no ``class_embed_type``) is class-conditional:
+    ``cond`` is a LongTensor of labels ``(N,)`` in ``0..K-2``, and **the last class index** ``K - 1`` **is
+    reserved as the null class** of classifier-free guidance: rows where ``drop_cond`` is True, and every row
+    when ``cond`` is None, get label ``K - 1``. So ``cond_event_dims = 0`` and ``num_classes = K - 1``; train
+    (or fine-tune) the UNet with guidance dropout to label ``K - 1`` for guidance to mean anything. An
+    unconditional UNet refuses a ``cond``. Other ``class_embed_type`` s (``"timestep"``, ``"identity"``) and
+    non-positional time embeddings are refused.
+
+    Arguments:
+        unet: A diffusers ``UNet2DModel`` trained as a flow-matching velocity model (see the module
+            docstring), with as many output as input channels.
+        sample_size: ``H`` or ``(H, W)`` of the images, by default the UNet's ``sample_size``; any size the
+            UNet's downsampling divides works (the UNet is convolutional).
+        num_train_timesteps: diffusers' timestep of :math:`t = 1`.
+        validate_args: Check ``t`` in [0, 1] and the class labels' range (a GPU synchronisation).
+
+    Example:
+        >>> from diffusers import UNet2DModel  # doctest: +SKIP
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    layers_per_block=1, norm_num_groups=4, num_class_embeds=11,
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...                    up_block_types=("UpBlock2D", "UpBlock2D"))  # doctest: +SKIP
+        >>> velocity = UNet2DVelocity(unet)  # doctest: +SKIP
+        >>> velocity.num_classes, velocity.null_class, velocity.hidden_features  # doctest: +SKIP
+        (10, 10, 8)
+        >>> v, hidden = velocity(torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 4, 9]))  # doctest: +SKIP
+    """
+
+    diffusers_class: ClassVar[str] = "UNet2DModel"
+    model_argument: ClassVar[str] = "unet"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        *,
+        sample_size: int | tuple[int, int] | list[int] | None = None,
+        num_train_timesteps: int = 1000,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(unet, num_train_timesteps=num_train_timesteps, validate_args=validate_args)
+        config = unet.config
+        if config.in_channels != config.out_channels:
+            raise ValueError(
+                f"unet: expected as many output as input channels (a velocity has the image's shape), got "
+                f"in_channels={config.in_channels}, out_channels={config.out_channels}"
+            )
+        if config.time_embedding_type != "positional":
+            raise ValueError(
+                f"unet: expected time_embedding_type='positional' (a flow-matching UNet called at "
+                f"{num_train_timesteps} t), got {config.time_embedding_type!r}"
+            )
+        if config.class_embed_type is not None:
+            raise ValueError(
+                f"unet: expected class_embed_type=None (labels through num_class_embeds), got "
+                f"{config.class_embed_type!r}"
+            )
+        size = config.sample_size if sample_size is None else sample_size
+        if size is None:
+            raise ValueError("sample_size: the UNet's config has no sample_size, expected an int or (H, W), got None")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        if min(height, width) < 1 or height % factor or width % factor:
+            raise ValueError(
+                f"sample_size: expected a positive (H, W) divisible by the UNet's downsampling factor {factor}, "
+                f"got {size!r}"
+            )
+        self.sample_size = (int(height), int(width))
+        self.event_shape = torch.Size((config.in_channels, height, width))
+        self.hidden_features = int(config.block_out_channels[0])
+        self.hidden_layout = "tokens"
+        self.patch_size = 1
+        embeds = config.num_class_embeds
+        if embeds is not None and embeds < 2:
+            raise ValueError(
+                f"unet: a class-conditional UNet needs num_class_embeds >= 2 (the last is the null class), got {embeds}"
+            )
+        self.num_classes: int | None = None if embeds is None else embeds - 1
+        self.null_class: int | None = self.num_classes  # the last class index
+        self.cond_event_dims = None if embeds is None else 0
+        self.cond_spec = None
+        if embeds is not None:  # checked where the condition enters (trajflow.conditioning.check_cond)
+            self.cond_spec = CondSpec(
+                (CondPart("class labels", (), "integer", self.num_classes),),
+                hint=f" (label {self.null_class} is the reserved null class; use drop_cond)",
+            )
+
+    @property
+    def unet(self) -> UNet2DModel:
+        """The wrapped ``UNet2DModel``."""
+        return self.model  # type: ignore[return-value]
+
+    def settings(self) -> dict[str, Any]:
+        return {"sample_size": list(self.sample_size), **super().settings()}
+
+    def _labels(self, cond: Condition | None, drop_cond: Tensor | None, n: int, device: torch.device) -> Tensor | None:
+        """The UNet's ``class_labels`` ``(n,)``: ``cond`` with the null class where dropped (None: unconditional)."""
+        if self.null_class is None:
+            return None
+        null = torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        if cond is None:
+            return null
+        labels = cond.to(device=device, dtype=torch.long)
+        return labels if drop_cond is None else torch.where(drop_cond, null, labels)
+
+    def forward(
+        self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(v, hidden)``: ``v`` of ``x_t``'s shape ``(N, C, H, W)`` and ``hidden`` ``(N, H W, C')``."""
+        check_images("x_t", x_t, self.event_shape, flat=True)
+        n = x_t.shape[0]
+        check_tensor("t", t)
+        if t.shape != (n,) or not t.is_floating_point():
+            raise ValueError(
+                f"t: expected a float tensor of shape ({n},) (one time per image), got {t.dtype} "
+                f"of shape {tuple(t.shape)}"
+            )
+        if self.validate_args:
+            check_times("t", t)
+        labels = self._labels(cond, drop_cond, n, x_t.device)
+        captured: list[Tensor] = []
+        handle = self.model.conv_out.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            v = self.model(x_t.to(self.model.dtype), self.timestep(t), class_labels=labels).sample
+        finally:
+            handle.remove()
+        hidden = patchify(captured[-1], 1)  # (N, C', H, W) -> (N, H W, C'), raster order
+        return v.to(torch.promote_types(x_t.dtype, torch.float32)), hidden
