@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/toy/train.py --density checkerboard --out outputs/toy-checkerboard --resume  # a rerun continues, never overwrites
 
 test: lint
-	$(BIN)/python -m pytest tests --doctest-modules trajflow
+	$(BIN)/python -m pytest tests --doctest-modules trajflow examples/toy examples/t2i
 
 lint: $(STAMP)
 	$(BIN)/ruff check trajflow tests benchmarks examples
