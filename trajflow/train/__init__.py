@@ -2,7 +2,7 @@ r"""The training loop: one CPU process, one GPU, or many GPUs/machines through H
 
 :class:`Trainer` knows nothing about NTM. It trains any ``nn.Module`` with an *objective*: a callable
 ``objective(model, batch, generator, step) -> loss`` (or ``(loss, {name: value})``) whose loss is a float32 scalar.
-The text-to-image recipe (:mod:`trajflow.recipes.t2i`) builds its objective from :class:`~trajflow.TrajectoryNLL`
+The text-to-image lab (``examples/t2i``) builds its objective from :class:`~trajflow.TrajectoryNLL`
 (NTM) or :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss` (the baseline), on the same backbone.
 
 What one optimizer step does (NTM Table 5 where it says, TarFlow/STARFlow defaults where it does not):
