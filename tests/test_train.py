@@ -125,6 +125,19 @@ def test_resume_from_other_config_names_fields(tmp_path):
     assert r.step == 7
 
 
+def test_the_caller_names_its_own_fields_that_may_change_on_resume(tmp_path):
+    """The trainer ignores only its own cadence fields; a caller's run_config fields need resume_ignore."""
+
+    def fit(sample, **kw):
+        run_config = {"model": {"width": 16}, "sample": {"guidance": sample}}
+        return Trainer(_config(), tmp_path).fit(Tiny(), noisy_objective, _data(), run_config=run_config, **kw)
+
+    fit(1.0, stop_at=2)
+    with pytest.raises(ValueError, match=r"sample\.guidance"):
+        fit(2.0, resume=True)
+    assert fit(2.0, resume=True, resume_ignore=("sample.",)).step == 7
+
+
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
     assert _fit(tmp_path, _config(steps=2), resume=True).step == 2
 

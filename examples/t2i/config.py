@@ -35,8 +35,13 @@ __all__ = [
     "TextConfig",
     "SampleConfig",
     "T2IConfig",
+    "RESUME_IGNORED",
     "apply_overrides",
 ]
+
+#: Fields of a run's config that may change when it resumes (besides the trainer's own): what is sampled and
+#: the run's name change nothing that is trained (``Trainer.fit(resume_ignore=...)``).
+RESUME_IGNORED: tuple[str, ...] = ("sample.", "name")
 
 #: Data sources of the text-to-image recipe (all read locally through :mod:`examples.t2i.data`).
 T2I_DATASETS: tuple[str, ...] = ("shapes", "emoji", "caption_folder", "metadata_folder", "tar_shards")

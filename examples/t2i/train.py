@@ -35,7 +35,7 @@ from trajflow.train import Trainer, TrainResult
 if __package__ in (None, ""):  # run as a script: the repository root holds the ``examples`` package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from examples.t2i.config import T2IConfig  # noqa: E402
+from examples.t2i.config import RESUME_IGNORED, T2IConfig  # noqa: E402
 from examples.t2i.data import build_dataset, collate_text_image  # noqa: E402
 from examples.t2i.model import build_model, init_ntm_from_fm, load_t2i  # noqa: E402
 from examples.t2i.objective import TextToImageObjective  # noqa: E402
@@ -89,6 +89,7 @@ def train_t2i(
         objective,
         dataset,
         run_config=config.to_dict(),
+        resume_ignore=RESUME_IGNORED,
         collate_fn=collate_text_image,
         resume=resume,
         stop_at=stop_at,

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainerConfig", "Objective", "TrainResult", "RESUME_IGNORED_FIELDS"]
 
-#: Config fields that may change between a checkpoint and its resumption: they change how often things are
-#: logged or saved and where, never what is computed. Everything else must match (see :func:`check_config`).
+#: The trainer's own config fields that may change between a checkpoint and its resumption: they change how
+#: often things are logged or saved and where, never what is computed. Everything else must match (see
+#: :func:`check_config`); a caller names its own such fields of ``run_config`` with ``Trainer.fit(resume_ignore=...)``.
 RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "train.log_every",
     "train.checkpoint_every",
@@ -27,8 +28,6 @@ RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "train.num_workers",
     "train.tensorboard",
     "train.progress",
-    "sample.",
-    "name",
 )
 
 _MIXED_PRECISION = ("no", "bf16")

@@ -19,7 +19,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,17 +128,25 @@ def checkpoint_to_resume(
     return ckpt
 
 
-def check_resume(ckpt: Path, run_config: Mapping[str, Any], world_size: int, device: torch.device) -> dict[str, Any]:
+def check_resume(
+    ckpt: Path,
+    run_config: Mapping[str, Any],
+    world_size: int,
+    device: torch.device,
+    ignore: Sequence[str] = (),
+) -> dict[str, Any]:
     """Check that ``ckpt`` may continue this run and return its ``trainer.json``.
 
     Raises:
-        ValueError: the checkpoint's config differs outside :data:`RESUME_IGNORED_FIELDS` (naming every field),
-            or it was written by another number of processes (the data order depends on it).
+        ValueError: the checkpoint's config differs outside :data:`RESUME_IGNORED_FIELDS` and the caller's
+            ``ignore`` (naming every field), or it was written by another number of processes (the data order
+            depends on it).
 
     Warns (``RuntimeWarning``) when its torch thread count differs on the CPU (:func:`check_threads`).
     """
     source = f"the checkpoint {str(ckpt)!r}"
-    check_config(run_config, load_json(ckpt / CONFIG_FILE), ignore=RESUME_IGNORED_FIELDS, source=source)
+    ignored = (*RESUME_IGNORED_FIELDS, *ignore)
+    check_config(run_config, load_json(ckpt / CONFIG_FILE), ignore=ignored, source=source)
     info = load_json(ckpt / TRAINER_FILE)
     if info["world_size"] != world_size:
         raise ValueError(

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,7 @@ class Trainer:
         accelerator: An ``accelerate.Accelerator`` to use instead of building one from ``config``.
 
     The accelerator (and with it ``torch.distributed``) is set up here, so build datasets that read the
-    process rank (e.g. :class:`~trajflow.data.text_image.TarShards`) after creating the trainer. Global seeds
+    process rank (e.g. the t2i lab's ``TarShards``) after creating the trainer. Global seeds
     are set here too (from ``config.seed``, the same on every process so that every rank initialises the same
     model).
     """
@@ -197,6 +197,7 @@ class Trainer:
         dataset: Dataset,
         *,
         run_config: Mapping[str, Any] | None = None,
+        resume_ignore: Sequence[str] = (),
         collate_fn: Callable | None = None,
         resume: bool | str | Path = False,
         stop_at: int | None = None,
@@ -216,6 +217,9 @@ class Trainer:
             dataset: A map-style dataset (any order, resumable exactly) or an ``IterableDataset``.
             run_config: Everything that defines the run (model, data, ...); saved as ``config.json`` with the
                 trainer's own config under ``"train"``, and compared on resume.
+            resume_ignore: Fields of ``run_config`` that may change between a checkpoint and its resumption
+                (dotted paths; one ending in ``.`` names a whole section, e.g. ``"sample."``), besides the
+                trainer's own :data:`~trajflow.train.RESUME_IGNORED_FIELDS`.
             collate_fn: The DataLoader's collate function.
             resume: ``True``: continue from the newest intact checkpoint in ``out_dir`` (or start afresh if
                 there is none); a path: continue from that step folder, or the newest intact one of that run;
@@ -245,7 +249,7 @@ class Trainer:
         run_config = {**dict(run_config or {}), "train": dataclasses.asdict(self.config)}
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
         self.check_out_dir(resume)
-        ckpt, info = self._resume_point(model, run_config, resume)
+        ckpt, info = self._resume_point(model, run_config, resume, tuple(resume_ignore))
         run = self._start(
             model, objective, dataset, collate_fn, run_config, ckpt, info, stop_at, evaluate, evaluate_points
         )
@@ -264,7 +268,7 @@ class Trainer:
         return run.result()
 
     def _resume_point(
-        self, model: nn.Module, run_config: dict[str, Any], resume: bool | str | Path
+        self, model: nn.Module, run_config: dict[str, Any], resume: bool | str | Path, ignore: tuple[str, ...]
     ) -> tuple[Path | None, dict[str, Any]]:
         """The checkpoint to resume from (or ``None``) and its ``trainer.json``; loads its weights into ``model``
         and writes the run's ``config.json``.
@@ -275,7 +279,7 @@ class Trainer:
         ckpt = checkpoint_to_resume(self.checkpoints, resume, self.print)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
-            info = check_resume(ckpt, run_config, self.world_size, self.device)
+            info = check_resume(ckpt, run_config, self.world_size, self.device, ignore)
             model.load_state_dict(load_safetensors(ckpt / MODEL_FILE)[0])
             self.print(f"resume: continuing from {ckpt} (step {info['step']})")
         if self.is_main:
