@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from examples.t2i.config import DataConfig
 from examples.t2i.data.caption_folder import IMAGE_EXTENSIONS, CaptionFolder, MetadataImageFolder
-from examples.t2i.data.emoji import NOTO_EMOJI_FONT, EmojiDataset, default_cache_dir, emoji_entries
+from examples.t2i.data.emoji_set import NOTO_EMOJI_FONT, EmojiDataset, default_cache_dir, emoji_entries
 from examples.t2i.data.images import ImageTransform, load_rgb, pil_to_tensor
 from examples.t2i.data.shapes import (
     BACKGROUNDS,
