@@ -291,6 +291,7 @@ def distill_t2i(
     return DistillResult(denoiser, out_dir, result.history, result.train_seconds, result.step, result.checkpoint)
 
 
+# -- the command line ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="NTM run folder or step folder (the frozen teacher)")

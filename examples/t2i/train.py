@@ -106,6 +106,7 @@ def train_t2i(
     return result
 
 
+# -- the command line ------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a JSON config (examples/t2i/configs/*.json)")
