@@ -7,29 +7,45 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+__all__ = ["IntervalLog", "tensorboard_writer"]
 
-__all__ = ["IntervalLog"]
+
+def tensorboard_writer(folder: Path, say: Any = print) -> Any:
+    """A TensorBoard ``SummaryWriter`` writing into ``folder``, or ``None`` (and a message through ``say``)
+    where tensorboard is not installed (an optional dependency, hence imported here)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        say("tensorboard: not installed (pip install tensorboard); logging to log.jsonl only")
+        return None
+    return SummaryWriter(str(folder))
 
 
 class IntervalLog:
     """Losses and extra scalars summed on the device over a log interval, flushed as one ``log.jsonl`` record.
 
     Summing on the device and reducing only at a flush keeps the step itself free of host synchronisation.
+
+    Arguments:
+        accelerator: The run's ``accelerate.Accelerator`` (device, processes, the reduction at a flush).
+        path: The ``log.jsonl`` file, written by the main process.
+        loss_name: The key of the loss in the records.
+        batch_per_process: Examples per optimizer step on one process.
+        writer: A TensorBoard writer for the main process (:func:`tensorboard_writer`), or ``None``.
     """
 
-    def __init__(self, trainer: Trainer, loss_name: str, batch_per_process: int) -> None:
-        self.trainer, self.loss_name = trainer, loss_name
-        self.global_batch = batch_per_process * trainer.world_size  # examples per optimizer step, all processes
-        self.path = trainer.out_dir / "log.jsonl"
-        self.writer = trainer._tensorboard()
-        self.loss = torch.zeros((), device=trainer.device, dtype=torch.float64)
+    def __init__(
+        self, accelerator: Any, path: Path, loss_name: str, batch_per_process: int, writer: Any = None
+    ) -> None:
+        self.accelerator, self.path, self.loss_name, self.writer = accelerator, path, loss_name, writer
+        self.is_main = accelerator.is_main_process
+        self.global_batch = batch_per_process * accelerator.num_processes  # examples per step, all processes
+        self.loss = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         self.logs: dict[str, Tensor] = {}
         self.steps, self.seconds = 0, 0.0
         self.last_loss = float("nan")  # until the first flush: the checkpoint's, on resume (see Trainer.fit)
@@ -45,7 +61,7 @@ class IntervalLog:
         self.seconds += seconds
 
     def flush(self, step: int, epoch: int, lr: float, grad_norm: Tensor | None, last_ckpt: Path | None) -> dict:
-        acc = self.trainer.accelerator
+        acc = self.accelerator
         self.last_loss = float(acc.reduce(self.loss, "mean")) / self.steps
         if not math.isfinite(self.last_loss):
             raise FloatingPointError(
@@ -64,7 +80,7 @@ class IntervalLog:
         for k, v in self.logs.items():
             record[k] = float(acc.reduce(v, "mean")) / self.steps
         self.history.append(record)
-        if self.trainer.is_main:
+        if self.is_main:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
             if self.writer is not None:

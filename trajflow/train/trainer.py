@@ -33,7 +33,7 @@ from ..ema import EMA
 from ..schedules import CosineWarmup, cosine_with_warmup
 from .config import Objective, TrainerConfig, TrainResult
 from .data_order import endless_batches, mix_seed, to_device
-from .interval_log import IntervalLog
+from .interval_log import IntervalLog, tensorboard_writer
 from .loop import Evaluate, FitState, LearningCurve, ObjectiveModule, progress_bar
 from .random_state import capture_rng_state
 from .run_folder import LOG_FILE, check_fresh_start, check_resume, checkpoint_to_resume, cut_log, restore_states
@@ -320,7 +320,9 @@ class Trainer:
             restore_states(ckpt, wrapped, optimizer, scheduler, ema, generator, rank=self.rank, fsdp=self._is_fsdp)
         position = {"epoch": int(info["epoch"]), "batch_in_epoch": int(info["batch_in_epoch"])}
         step, train_time = int(info["step"]), float(info.get("train_seconds", 0.0))
-        log = IntervalLog(self, getattr(objective, "loss_name", "loss"), cfg.batch_size * cfg.grad_accum)
+        writer = tensorboard_writer(self.out_dir / "tb", self.print) if cfg.tensorboard and self.is_main else None
+        loss_name = getattr(objective, "loss_name", "loss")
+        log = IntervalLog(self.accelerator, self.out_dir / LOG_FILE, loss_name, cfg.batch_size * cfg.grad_accum, writer)
         log.last_loss = float(info.get("loss", float("nan")))  # what a resumed, already finished run returns
         return FitState(
             wrapped=wrapped,
@@ -401,16 +403,6 @@ class Trainer:
 
     def _evaluate(self, run: FitState) -> None:
         run.curve.record(run.inner, run.ema, run.step, run.train_time, self._progress(run))
-
-    def _tensorboard(self) -> Any:
-        if not (self.config.tensorboard and self.is_main):
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            self.print("tensorboard: not installed (pip install tensorboard); logging to log.jsonl only")
-            return None
-        return SummaryWriter(str(self.out_dir / "tb"))
 
 
 def _check_fit_arguments(
