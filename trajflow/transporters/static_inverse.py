@@ -35,17 +35,38 @@ from __future__ import annotations
 import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ..nn.patches import unpatchify
 
-if TYPE_CHECKING:
-    from .transformer import TransformerTransporter
+__all__ = ["StaticCacheInverse", "graphed_inverse", "check_no_grad"]
 
-__all__ = ["StaticCacheInverse", "graphed_inverse"]
+
+class StaticDecoder(Protocol):
+    """What the graphed inverse needs of a transporter (a
+    :class:`~trajflow.transporters.transformer.TransformerTransporter`): its argument preparation and its
+    fixed-shape decode, without importing the transporter's module (which imports this one)."""
+
+    config: Any
+    event_shape: torch.Size
+
+    def _prepare(
+        self, name: str, x: Tensor, t: Tensor, cond: Any = None, drop_cond: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None, torch.Size]: ...
+
+    def decode_static(self, z: Tensor, emb: Tensor, ctx: Tensor | None = None) -> Tensor: ...
+
+
+def check_no_grad(u: Tensor, t: Tensor, method: str) -> None:
+    """Raise if a gradient is asked of a static-cache inverse (in-place cache writes; sampling only)."""
+    if torch.is_grad_enabled() and (u.requires_grad or t.requires_grad):
+        raise ValueError(
+            f"u: method={method!r} has no gradient (in-place static cache), but u or t requires grad; "
+            "use method='kv-cache' to differentiate through the inverse, or run under torch.no_grad()"
+        )
 
 
 @dataclass
@@ -84,7 +105,7 @@ class StaticCacheInverse:
             under grad mode (the graph has no backward).
     """
 
-    def __init__(self, transporter: TransformerTransporter, *, warmup: int = 2) -> None:
+    def __init__(self, transporter: StaticDecoder, *, warmup: int = 2) -> None:
         if warmup < 1:
             raise ValueError(f"warmup: expected at least 1 eager run before a capture, got {warmup}")
         self._transporter = weakref.ref(transporter)  # no reference cycle through the registry below
@@ -92,7 +113,7 @@ class StaticCacheInverse:
         self._graphs: dict[tuple, _Captured] = {}
 
     @property
-    def transporter(self) -> TransformerTransporter:
+    def transporter(self) -> StaticDecoder:
         f = self._transporter()
         if f is None:
             raise RuntimeError("StaticCacheInverse: its transporter has been garbage-collected")
@@ -108,22 +129,20 @@ class StaticCacheInverse:
         self._graphs.clear()
 
     def __call__(self, u: Tensor, t: Tensor, cond=None, drop_cond: Tensor | None = None) -> Tensor:
-        from .transformer import _check_no_grad  # noqa: PLC0415 (circular at import time)
-
         f = self.transporter
         if u.device.type != "cuda":
             raise ValueError(
                 f"u: a CUDA graph inverse needs a CUDA tensor, got one on {u.device}; "
                 "use method='static' (same fixed-shape decode, eager) or 'kv-cache' on this device"
             )
-        _check_no_grad(u, t, "graph")
+        check_no_grad(u, t, "graph")
         # checks, patchify, time features, condition context: outside the graph
         z, emb, ctx, _ = f._prepare("u", u, t, cond, drop_cond)
         with torch.no_grad():
             out = self._replay(f, z, emb, ctx)
         return unpatchify(out, f.config.patch_size, f.event_shape).reshape(u.shape)
 
-    def _replay(self, f: TransformerTransporter, z: Tensor, emb: Tensor, ctx: Tensor | None = None) -> Tensor:
+    def _replay(self, f: StaticDecoder, z: Tensor, emb: Tensor, ctx: Tensor | None = None) -> Tensor:
         device = z.device
         autocast = torch.is_autocast_enabled("cuda")
         autocast_dtype = torch.get_autocast_dtype("cuda") if autocast else None
@@ -144,7 +163,7 @@ class StaticCacheInverse:
 
     def _capture(
         self,
-        f: TransformerTransporter,
+        f: StaticDecoder,
         z: Tensor,
         emb: Tensor,
         ctx: Tensor | None,
@@ -177,7 +196,7 @@ class StaticCacheInverse:
 _REGISTRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def graphed_inverse(transporter: TransformerTransporter) -> StaticCacheInverse:
+def graphed_inverse(transporter: StaticDecoder) -> StaticCacheInverse:
     """The :class:`StaticCacheInverse` that ``transporter.inverse(u, t, method="graph")`` uses (made once)."""
     helper = _REGISTRY.get(transporter)
     if helper is None:

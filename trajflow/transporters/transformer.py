@@ -58,6 +58,7 @@ from ..nn.patches import check_images, patch_grid, patchify, unpatchify
 from ..nn.transformer import RotaryEmbedding2D
 from .affine_blocks import AffineFlowBlock, TransformerTransporterConfig, TransporterCondition
 from .base import Transporter
+from .static_inverse import check_no_grad, graphed_inverse
 
 __all__ = ["TransformerTransporterConfig", "TransformerTransporter", "TransporterCondition", "INVERSE_METHODS"]
 
@@ -217,11 +218,9 @@ class TransformerTransporter(Pretrained, Transporter):
             return self._invert(u, t, False, cond, drop_cond)
         if method == "naive":
             return self._invert(u, t, True, cond, drop_cond)
-        from .static_inverse import graphed_inverse  # noqa: PLC0415 (the helper imports this module)
-
         if method == "graph":
             return graphed_inverse(self)(u, t, cond, drop_cond)
-        _check_no_grad(u, t, method)
+        check_no_grad(u, t, method)
         z, emb, ctx, _ = self._prepare("u", u, t, cond, drop_cond)
         with torch.no_grad():
             z = self.decode_static(z, emb, ctx)
@@ -232,12 +231,3 @@ class TransformerTransporter(Pretrained, Transporter):
     ) -> Tensor:
         """The same as :meth:`inverse`, recomputing the full causal pass at every token (a reference)."""
         return self._invert(u, t, True, cond, drop_cond)
-
-
-def _check_no_grad(u: Tensor, t: Tensor, method: str) -> None:
-    """Raise if a gradient is asked of a static-cache inverse (in-place cache writes; sampling only)."""
-    if torch.is_grad_enabled() and (u.requires_grad or t.requires_grad):
-        raise ValueError(
-            f"u: method={method!r} has no gradient (in-place static cache), but u or t requires grad; "
-            "use method='kv-cache' to differentiate through the inverse, or run under torch.no_grad()"
-        )
