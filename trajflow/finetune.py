@@ -42,6 +42,7 @@ from .predictors.from_velocity import FlowMatchingPredictor
 from .process import MarkovInterpolant
 from .schedules import CosineWarmup
 from .transporters.base import Transporter
+from .transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 from .transporters.zuko import ZukoTransporter
 
 __all__ = [
@@ -112,8 +113,6 @@ def identity_transporter(event_shape: int | Sequence[int], **kwargs: Any) -> Tra
             raise ValueError(f"preset: only 'maf' starts as the exact identity, got {kwargs['preset']!r}")
         return zero_init_zuko_(ZukoTransporter(shape[0], **kwargs))
     if len(shape) == 3:
-        from .transporters.transformer import TransformerTransporter, TransformerTransporterConfig
-
         return TransformerTransporter(TransformerTransporterConfig(shape, **kwargs))  # zero heads: identity
     raise ValueError(f"event_shape: expected (features,) or (C, H, W), got {shape}")
 

@@ -7,9 +7,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from ...conditioning import Condition
+from ...denoise import sample_denoised
+from ...model import NTM
+from ...process import SAMPLE_T_MIN, time_grid
 from .loading import PIPELINE_ADAPTERS, DiffusersPromptEncoder, PromptEncoder, _pipeline_folder, load_diffusers_pipeline
 from .scheduler import _cond_rows, _repeat_cond, scheduler_sample
 from .vae import PipelineVAE
@@ -152,8 +156,6 @@ class NTMDiffusersPipeline:
         encoder = DiffusersPromptEncoder(pipe, max_sequence_length=max_sequence_length, device=device)
         vae = PipelineVAE(pipe.vae).to(device)
         if isinstance(model, (str, os.PathLike)):
-            from ...model import NTM
-
             model = NTM.from_pretrained(model).eval()  # on the CPU: cast before it reaches the device
             backbone = getattr(getattr(model.predictor, "velocity", None), "model", None)
             if torch_dtype is not None and backbone is not None and _backbone_dtype(backbone) != torch_dtype:
@@ -225,8 +227,6 @@ class NTMDiffusersPipeline:
         images = self.vae.to_unit(self.vae.decode(latents))
         if output_type == "pt":
             return images
-        from PIL import Image
-
         pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(p) for p in pixels]
 
@@ -275,13 +275,9 @@ class NTMDiffusersPipeline:
         if output_type not in ("pt", "pil", "latent"):
             raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
         cond, _ = self._condition(prompts, cond, num_images_per_prompt)
-        from ...process import SAMPLE_T_MIN, time_grid
-
         grid = time_grid(steps, SAMPLE_T_MIN if t_min is None else t_min, shift, device=self.device)
         with self._autocast():
             if denoise:
-                from ...denoise import sample_denoised
-
                 with torch.enable_grad():
                     latents = sample_denoised(
                         self.model.distribution(grid, cond, guidance=guidance), generator=generator

@@ -3,10 +3,12 @@ pipeline does."""
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -50,8 +52,6 @@ def set_pipeline_timesteps(
     kwargs: dict[str, Any] = {}
     flux = pipeline is not None and pipeline.startswith("Flux")
     if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
-        import numpy as np
-
         sigmas = np.linspace(1.0, 1 / steps, steps)
     if pipeline in ("Flux2KleinPipeline", "Flux2Pipeline"):
         from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
@@ -131,8 +131,6 @@ def scheduler_sample(
     Returns:
         The latents :math:`x_0` ``(N, *event_shape)``.
     """
-    import copy
-
     if scheduler is None:
         scheduler = _diffusers_class("FlowMatchEulerDiscreteScheduler")()
     else:

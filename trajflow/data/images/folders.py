@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .dataset import ImageDataset, _dataset_from_numpy
 
@@ -52,8 +53,6 @@ def load_image_folder(
         >>> ds.images.shape, ds.class_names
         (torch.Size([2, 3, 8, 8]), ('cat', 'dog'))
     """
-    from PIL import Image
-
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected a folder of PNG/JPEG images)")
