@@ -34,10 +34,10 @@ from torch.distributions import AffineTransform, Distribution, Independent, Norm
 from zuko.distributions import NormalizingFlow
 from zuko.transforms import ComposedTransform
 
-from .bounds import LikelihoodBounds
 from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
 from .conditioning import Condition, align_cond, cat_cond, check_cond, check_drop_cond, map_cond
 from .guidance import guided_gaussian
+from .likelihood.bounds import LikelihoodBounds
 from .numerics import upcast
 from .predictors.base import Predictor
 from .process import MarkovInterpolant

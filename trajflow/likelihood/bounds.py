@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import check_count
+from ..checks import check_count
 
 __all__ = ["LikelihoodBounds"]
 
