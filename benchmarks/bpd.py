@@ -68,6 +68,7 @@ from trajflow.data.images import ImageDataset, from_unit_range, load_image_datas
 from trajflow.likelihood import DequantizedObjective, elbo_bits_per_dim
 from trajflow.nn import count_parameters
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig
+from trajflow.process import sequence_shift
 from trajflow.train import Trainer, TrainerConfig, TrainResult
 from trajflow.transporters.transformer import TransformerTransporter, TransformerTransporterConfig
 from trajflow.velocity import TransformerVelocity
@@ -152,7 +153,7 @@ CONFIGS: dict[str, BpdConfig] = {
         warmup=2_000,
         eval_samples=4,
         eval_batch=500,
-        shift=trajflow.sequence_shift(196),
+        shift=sequence_shift(196),
     ),
 }
 

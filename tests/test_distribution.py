@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 import trajflow
 from trajflow import MarkovInterpolant, time_grid
+from trajflow.guidance import guided_gaussian
 from trajflow.predictors import MLPPredictor, Predictor
 from trajflow.transporters import IdentityTransporter, ZukoTransporter
 
@@ -199,7 +200,7 @@ def test_guided_gaussian_is_the_tilted_density():
     sigma_c = torch.rand(5, generator=g, dtype=torch.float64) + 0.2
     sigma_u = sigma_c + torch.rand(5, generator=g, dtype=torch.float64)  # sigma_c < sigma_u: no clipping
     w = 2.5
-    mu, sigma = trajflow.guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, w)
+    mu, sigma = guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, w)
     x = torch.randn(50, 5, generator=g, dtype=torch.float64)
     N = torch.distributions.Normal
     tilted = (1 + w) * N(mu_c, sigma_c).log_prob(x) - w * N(mu_u, sigma_u).log_prob(x)
@@ -208,7 +209,7 @@ def test_guided_gaussian_is_the_tilted_density():
     precision = 1 / sigma**2
     assert torch.allclose(precision, (1 + w) / sigma_c**2 - w / sigma_u**2)
     # When sigma_c > sigma_u the ratio is clipped: guidance never widens the conditional.
-    _, sigma = trajflow.guided_gaussian(mu_c, sigma_u, mu_u, sigma_c, w)
+    _, sigma = guided_gaussian(mu_c, sigma_u, mu_u, sigma_c, w)
     assert bool((sigma <= sigma_u + 1e-12).all())
 
 

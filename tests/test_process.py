@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import trajflow
-from trajflow import MarkovInterpolant, sequence_shift, time_grid
+from trajflow import MarkovInterpolant, time_grid
+from trajflow.process import sample_t_min, sequence_shift
 
 
 def test_time_grid_uniform_and_shifted():
@@ -19,7 +20,7 @@ def test_time_grid_uniform_and_shifted():
 
 
 def test_time_grid_per_example_t_min():
-    t_min = trajflow.sample_t_min((6,), 0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    t_min = sample_t_min((6,), 0.0, 0.05, generator=torch.Generator().manual_seed(0))
     g = time_grid(8, t_min)
     assert g.shape == (6, 9)
     assert torch.equal(g[:, 0], t_min) and bool((g[:, 1:] > g[:, :-1]).all()) and bool((g[:, -1] == 1).all())

@@ -188,7 +188,7 @@ class NTM(Pretrained, nn.Module):
             steps, t_min, shift: The grid (see :func:`trajflow.time_grid`), unless ``grid`` is given. The
                 default ``t_min`` is :data:`~trajflow.process.SAMPLE_T_MIN` (0.02, NTM's sampling level, inside
                 the training range): the sample is then :math:`x_{0.02}`, slightly noised data that
-                :func:`~trajflow.sample_denoised` can clean. ``t_min=0`` gives
+                :func:`~trajflow.denoise.sample_denoised` can clean. ``t_min=0`` gives
                 :math:`x_0`: the edge of the default training range, and a level a model trained with
                 :math:`t_{\min} > 0` never saw.
             guidance: Classifier-free guidance weight.

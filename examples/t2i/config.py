@@ -134,7 +134,7 @@ class ModelConfig:
             ``transporter == "transformer"``.
         steps: NTM's trajectory length ``T`` in training (a list draws one per example: multi-T).
         t_min: range of the per-example cleanest time (:data:`~trajflow.process.TRAIN_T_MIN`, NTM's U[0, 0.05]).
-        shift: time-grid shift; ``None`` uses :func:`trajflow.sequence_shift` of the token count.
+        shift: time-grid shift; ``None`` uses :func:`trajflow.process.sequence_shift` of the token count.
         mode: ``"trajectory"`` (all T factors; NTM Algorithm 1) or ``"pair"``.
         factor_weights: weights of the T step factors of the loss: ``None`` (the exact NLL), a list (a single
             ``steps``) or ``"velocity"`` (flow matching's emphasis across levels); see
@@ -390,7 +390,7 @@ class T2IConfig:
         )
 
     def shift_for(self, data_shape: tuple[int, int, int]) -> float:
-        """The time-grid shift: ``model.shift`` or :func:`trajflow.sequence_shift` of the token count."""
+        """The time-grid shift: ``model.shift`` or :func:`trajflow.process.sequence_shift` of the token count."""
         if self.model.shift is not None:
             return float(self.model.shift)
         _, h, w = data_shape

@@ -104,7 +104,7 @@ def dequantize(
     kept strictly below the box's upper edge in ``dtype``: in float32, :math:`255 + u` rounds up to 256 for
     :math:`u > 1 - 2^{-17}`, which would put a point on the next box's edge.
 
-    This is trajflow's one dequantisation: ``trajflow.dequantize``, ``trajflow.data.dequantize`` and
+    This is trajflow's one dequantisation: ``trajflow.likelihood.dequantize``, ``trajflow.data.dequantize`` and
     ``trajflow.data.images.dequantize`` are this function, and :meth:`~trajflow.data.ImageDataset.dequantize`
     calls it with the dataset's ``levels``.
 
