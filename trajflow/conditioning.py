@@ -31,7 +31,7 @@ __all__ = [
     "CondSpec",
     "check_cond",
     "check_drop_cond",
-    "cond_batch_shape",
+    "cond_spec_of",
     "map_cond",
     "align_cond",
     "cat_cond",
@@ -43,12 +43,6 @@ def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
     if isinstance(cond, Tensor):
         return [(cond, event_dims)]  # type: ignore[list-item]
     return list(zip(cond, event_dims))  # type: ignore[arg-type]
-
-
-def cond_batch_shape(cond: Condition, event_dims: EventDims) -> torch.Size:
-    """The batch shape of a (checked) ``cond``: the dims left of its event dims, from its first tensor."""
-    c, ed = _pairs(cond, event_dims)[0]
-    return c.shape[: c.dim() - ed]
 
 
 def map_cond(fn: Callable[[Tensor, int], Tensor], cond: Condition, event_dims: EventDims) -> Condition:
@@ -162,15 +156,57 @@ def cond_spec_of(module: object) -> CondSpec | None:
     return spec
 
 
-def _dtype_error(c: Tensor, part: CondPart) -> str | None:
-    real_int = not (c.is_floating_point() or c.is_complex() or c.dtype == torch.bool)
+# The steps of check_cond, one concern each (they raise its messages).
+
+
+def _tensors(cond: object, spec: CondSpec) -> tuple[Tensor, ...]:
+    """``cond``'s tensors, one per part of ``spec``, or a ``ValueError`` when its structure differs."""
+    n = len(spec.parts)
+    if n == 1:
+        if not isinstance(cond, Tensor):
+            raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
+        return (cond,)
+    if isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond):
+        return cond
+    got = f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
+    raise ValueError(f"cond: expected {spec.describe()}, got {'a single tensor' if isinstance(cond, Tensor) else got}")
+
+
+def _check_dtype(c: Tensor, part: CondPart) -> None:
+    floating = c.is_floating_point() or c.is_complex()
     if part.dtype == "float" and not c.is_floating_point():
-        return f"cond: expected floating-point {part.what}, got dtype {c.dtype}"
-    if part.dtype == "integer" and not real_int:
-        return f"cond: expected integer {part.what} (torch.long), got dtype {c.dtype}"
-    if part.dtype == "mask" and (c.is_floating_point() or c.is_complex()):
-        return f"cond: expected a bool (or integer 0/1) mask, got dtype {c.dtype}"
-    return None
+        raise ValueError(f"cond: expected floating-point {part.what}, got dtype {c.dtype}")
+    if part.dtype == "integer" and (floating or c.dtype == torch.bool):
+        raise ValueError(f"cond: expected integer {part.what} (torch.long), got dtype {c.dtype}")
+    if part.dtype == "mask" and floating:
+        raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {c.dtype}")
+
+
+def _batch_of(c: Tensor, part: CondPart, lengths: dict[str, tuple[int, str]]) -> torch.Size:
+    """The batch shape of one part, after checking its event shape; ``lengths`` holds the named lengths
+    (``"L"``) seen so far, with the part that set them."""
+    d = len(part.shape)
+    lead, event = c.shape[: c.dim() - d], c.shape[c.dim() - d :]
+    if c.dim() < d or any(isinstance(w, int) and w != g for w, g in zip(part.shape, event)):
+        raise ValueError(f"cond: expected {part.describe()}, got shape {tuple(c.shape)}")
+    for w, g in zip(part.shape, event):
+        if isinstance(w, str) and lengths.setdefault(w, (g, part.what))[0] != g:
+            want = (*lead, *(lengths[v][0] if isinstance(v, str) else e for v, e in zip(part.shape, event)))
+            raise ValueError(
+                f"cond: expected {part.what} of shape {want} matching the {lengths[w][1]}, got {tuple(c.shape)}"
+            )
+    return lead
+
+
+def _check_values(c: Tensor, part: CondPart, hint: str) -> None:
+    """Class ranges and finiteness: these read the values (a device synchronisation on a GPU)."""
+    k = part.num_classes
+    if k is not None and c.numel() and not bool(((c >= 0) & (c < k)).all()):
+        raise ValueError(
+            f"cond: expected {part.what} in [0, {k - 1}]{hint}, got values in [{int(c.min())}, {int(c.max())}]"
+        )
+    if part.finite and not bool(torch.isfinite(c).all()):
+        raise ValueError(f"cond: expected finite {part.what}, got {int((~torch.isfinite(c)).sum())} NaN/inf entries")
 
 
 def check_cond(
@@ -185,7 +221,7 @@ def check_cond(
             takes; neither means unconditional.
         cond: The condition, or ``None`` (the null condition everywhere, where the spec allows it).
         batch: If given, the batch shape ``cond`` must have (one condition per data point).
-        validate: Also check values (class ranges, finite features); these read the tensors, a device
+        validate: Also check values (class ranges, finite vectors); these read the tensors, a device
             synchronisation on a GPU. Types and shapes are always checked.
 
     Example:
@@ -205,50 +241,21 @@ def check_cond(
         return torch.Size()
     if spec is None:
         raise ValueError(f"cond: {name} is unconditional, expected cond=None, got {type(cond).__name__}")
-    n = len(spec.parts)
-    if n == 1 and not isinstance(cond, Tensor):
-        raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
-    if n > 1 and not (isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond)):
-        got = f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
-        got = "a single tensor" if isinstance(cond, Tensor) else got
-        raise ValueError(f"cond: expected {spec.describe()}, got {got}")
-    tensors = (cond,) if n == 1 else cond
-    sizes: dict[str, tuple[int, str]] = {}
+    tensors = _tensors(cond, spec)
+    lengths: dict[str, tuple[int, str]] = {}
     leads = []
-    for c, part in zip(tensors, spec.parts):  # type: ignore[arg-type]
-        error = _dtype_error(c, part)
-        if error:
-            raise ValueError(error)
-        d = len(part.shape)
-        lead, event = c.shape[: c.dim() - d], c.shape[c.dim() - d :]
-        fixed = c.dim() >= d and all(isinstance(w, str) or w is None or w == g for w, g in zip(part.shape, event))
-        if not fixed:
-            raise ValueError(f"cond: expected {part.describe()}, got shape {tuple(c.shape)}")
-        for w, g in zip(part.shape, event):
-            if isinstance(w, str) and sizes.setdefault(w, (g, part.what))[0] != g:
-                first = sizes[w][1]
-                want = (*lead, *(sizes[v][0] if isinstance(v, str) else g2 for v, g2 in zip(part.shape, event)))
-                raise ValueError(
-                    f"cond: expected {part.what} of shape {tuple(want)} matching the {first}, got {tuple(c.shape)}"
-                )
-        leads.append(lead)
+    for c, part in zip(tensors, spec.parts):
+        _check_dtype(c, part)
+        leads.append(_batch_of(c, part, lengths))
     if any(lead != leads[0] for lead in leads):
-        raise ValueError(f"cond: the parts disagree on the batch shape: {[tuple(s.shape) for s in tensors]}")
+        raise ValueError(f"cond: the parts disagree on the batch shape: {[tuple(c.shape) for c in tensors]}")
     if batch is not None and leads[0] != torch.Size(batch):
         raise ValueError(
             f"cond: expected batch shape {tuple(batch)} (one condition per data point), got {tuple(leads[0])}"
         )
     if validate:
-        for c, part in zip(tensors, spec.parts):  # type: ignore[arg-type]
-            k = part.num_classes
-            if k is not None and c.numel() and not bool(((c >= 0) & (c < k)).all()):
-                raise ValueError(
-                    f"cond: expected {part.what} in [0, {k - 1}]{spec.hint}, got values in "
-                    f"[{int(c.min())}, {int(c.max())}]"
-                )
-            if part.finite and not bool(torch.isfinite(c).all()):
-                bad = int((~torch.isfinite(c)).sum())
-                raise ValueError(f"cond: expected finite {part.what}, got {bad} NaN/inf entries")
+        for c, part in zip(tensors, spec.parts):
+            _check_values(c, part, spec.hint)
     return leads[0]
 
 
