@@ -30,80 +30,23 @@ import math
 
 import torch
 from torch import Tensor
-from torch.distributions import AffineTransform, Distribution, Independent, Normal, constraints
-from zuko.distributions import NormalizingFlow
-from zuko.transforms import ComposedTransform
+from torch.distributions import Distribution, constraints
 
-from .checks import check_event_shape, check_finite, check_grid, check_step_index, check_tensor
-from .conditioning import Condition, align_cond, cat_cond, check_cond, check_drop_cond, map_cond
-from .guidance import guided_gaussian
-from .likelihood.bounds import LikelihoodBounds
-from .numerics import upcast
-from .predictors.base import Predictor
-from .process import MarkovInterpolant
-from .transporters.base import Transporter
+from ..checks import check_event_shape, check_finite, check_grid, check_tensor
+from ..conditioning import Condition, align_cond, cat_cond, check_cond, check_drop_cond, map_cond
+from ..guidance import guided_gaussian
+from ..likelihood.bounds import LikelihoodBounds
+from ..numerics import upcast
+from ..predictors.base import Predictor
+from ..process import MarkovInterpolant
+from ..transporters.base import Transporter
+from .chain import ReverseChain
+from .common import _module_device, _module_dtype, _std_normal_log_prob, _sum_event, check_compatible
 
-__all__ = ["TrajectoryDistribution", "check_compatible"]
-
-_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+__all__ = ["TrajectoryDistribution"]
 
 
-def _std_normal_log_prob(z: Tensor, event_dim: int) -> Tensor:
-    """``log N(z; 0, I)`` summed over the ``event_dim`` rightmost dims, in float32."""
-    z = upcast(z)
-    return (-0.5 * z.square() - _HALF_LOG_2PI).flatten(z.dim() - event_dim).sum(-1)
-
-
-def _sum_event(x: Tensor, event_dim: int) -> Tensor:
-    return x.flatten(x.dim() - event_dim).sum(-1) if event_dim else x
-
-
-def check_compatible(transporter: Transporter, predictor: Predictor) -> None:
-    """Raise unless the transporter and the predictor are trajflow modules with the same event shape."""
-    if not isinstance(transporter, Transporter):
-        raise ValueError(f"transporter: expected a trajflow Transporter, got {type(transporter).__name__}")
-    if not isinstance(predictor, Predictor):
-        raise ValueError(f"predictor: expected a trajflow Predictor, got {type(predictor).__name__}")
-    if torch.Size(transporter.event_shape) != torch.Size(predictor.event_shape):
-        raise ValueError(
-            f"transporter/predictor: their event shapes disagree: the transporter maps "
-            f"{tuple(transporter.event_shape)} but the predictor expects {tuple(predictor.event_shape)}"
-        )
-    if transporter.is_conditional and transporter.cond_event_dims != predictor.cond_event_dims:
-        raise ValueError(
-            f"transporter/predictor: the transporter is conditional with cond_event_dims "
-            f"{transporter.cond_event_dims!r} but the predictor takes {predictor.cond_event_dims!r}; both must "
-            "take the same kind of condition (class indices: 0; text (features, mask): (2, 1))"
-        )
-
-
-def _module_device(*modules: torch.nn.Module) -> torch.device | None:
-    for m in modules:
-        for p in m.parameters():
-            return p.device
-    return None
-
-
-def _module_dtype(*modules: torch.nn.Module) -> torch.dtype | None:
-    """The dtype of the first floating-point parameter of ``modules`` (``None`` when they have none)."""
-    for m in modules:
-        for p in m.parameters():
-            if p.is_floating_point():
-                return p.dtype
-    return None
-
-
-def _check_sample_shape(sample_shape: object) -> torch.Size:
-    """``sample_shape`` as a ``torch.Size``, or a ``ValueError`` unless it is a sequence of integers >= 0."""
-    ok = isinstance(sample_shape, (tuple, list, torch.Size)) and all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in sample_shape
-    )
-    if not ok:
-        raise ValueError(f"sample_shape: expected a tuple of integers >= 0 (e.g. (16,)), got {sample_shape!r}")
-    return torch.Size(sample_shape)  # type: ignore[arg-type]
-
-
-class TrajectoryDistribution(LikelihoodBounds, Distribution):
+class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     r"""The exact density of whole trajectories :math:`(x_{t_0}, \dots, x_{t_T})` under an NTM.
 
     Arguments:
@@ -452,120 +395,3 @@ class TrajectoryDistribution(LikelihoodBounds, Distribution):
         z = (upcast(u_s) - upcast(mu)) / sigma
         result = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
         return self._check_computed("traj", result, value) if self._validate_args else result
-
-    def step(self, k: int, x_tk: Tensor) -> NormalizingFlow:
-        r"""The conditional flow :math:`p(x_{t_{k-1}} | x_{t_k})` for ``k = 1..T`` as a torch ``Distribution``.
-
-        Its transform (data to base, zuko's convention) is the transporter at :math:`t_{k-1}` followed by
-        the affine standardisation :math:`(u - \mu_P) / \sigma_P`, over a standard normal base.
-
-        Arguments:
-            k: The step index, ``1 <= k <= T``.
-            x_tk: The state at :math:`t_k`, shape ``(*lead, *data)`` broadcastable with the batch.
-        """
-        k = check_step_index(k, self.steps)
-        lead = self._check_value("x_tk", x_tk, self.data_shape)
-        x_tk = self._as_input("x_tk", x_tk)
-        x = x_tk.expand(*lead, *self.data_shape)
-        times = self._times(lead)
-        t, s = times[..., k], times[..., k - 1]
-        u_t = x if k == self.steps else self._transport(x, t)[0]
-        mu, sigma = self._predict(u_t, t, s, inner=0)
-        cond, drop = self._transporter_args(lead, 0, x.device, flat=False)
-        transform = ComposedTransform(
-            self.transporter.transform(s, cond, drop),
-            AffineTransform(upcast(mu), sigma, event_dim=self._data_dim).inv,
-        )
-        zeros = torch.zeros(*lead, *self.data_shape, device=sigma.device, dtype=sigma.dtype)
-        base = Independent(Normal(zeros, torch.ones_like(zeros)), self._data_dim)
-        return NormalizingFlow(transform, base)
-
-    # -- sampling ---------------------------------------------------------------------------------------------
-
-    def _chain(
-        self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
-        ``sum log sigma`` per factor ``(*lead, T)``. All noise comes from ``generator`` (torch's global
-        generator when ``None``)."""
-        lead = _check_sample_shape(sample_shape) + self.batch_shape
-        times = self._times(lead)
-        u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
-        latents, noises, log_sigmas = [u], [], []
-        for k in range(self.steps, 0, -1):
-            mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)
-            z = torch.randn(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
-            u = upcast(mu) + sigma * z
-            latents.append(u)
-            noises.append(z)
-            log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))
-        level = len(lead)
-        return (
-            torch.stack(latents[::-1], dim=level),
-            torch.stack(noises[::-1], dim=level),
-            torch.stack(log_sigmas[::-1], dim=-1),
-        )
-
-    def rsample_latents(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        r"""Run the predictor chain in transporter space (NTM Algorithm 2, steps 1-2).
-
-        ``generator`` (a :class:`torch.Generator` on the model's device) draws all the noise, so the same
-        seed gives the same latents and torch's global generator is left untouched; ``None`` uses the
-        global generator, as torch's distributions do.
-
-        Returns:
-            ``(u, z)``: the latents :math:`(u_{t_0}, \dots, u_{t_T})` of shape
-            ``(*sample_shape, *batch_shape, T + 1, *data)`` (with :math:`u_{t_T} = x_{t_T}`) and the
-            standard normal draws ``(*sample_shape, *batch_shape, T, *data)`` that made them
-            (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter.
-        """
-        latents, z, _ = self._chain(sample_shape, generator)
-        return latents, z
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Invert the transporter at every level below T, batched across levels (Algorithm 2, step 3).
-
-        ``latents`` of shape ``(*lead, T + 1, *data)`` -> the trajectory in data space, same shape.
-        """
-        check_event_shape("latents", latents, self.event_shape)
-        level = latents.dim() - self._data_dim - 1
-        lead = latents.shape[:level]
-        T = self.steps
-        x_lo = self._inverse(latents.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)
-        return torch.cat([x_lo, latents.narrow(level, T, 1)], dim=level)
-
-    def rsample(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """Trajectories generated from noise towards data, ``(*sample_shape, *batch_shape, T + 1, *data)``.
-
-        ``generator``: the :class:`torch.Generator` that draws the noise (see :meth:`rsample_latents`).
-        """
-        latents, _ = self.rsample_latents(sample_shape, generator=generator)
-        return self.decode(latents)
-
-    def sample(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
-    ) -> Tensor:
-        """:meth:`rsample` without gradients (torch's ``sample``), with an optional ``generator``."""
-        with torch.no_grad():
-            return self.rsample(sample_shape, generator=generator)
-
-    def rsample_and_log_prob(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it).
-
-        The density reuses the chain's draws and scales; only one parallel transporter pass is added for
-        the log-determinants. ``generator``: as in :meth:`rsample_latents`.
-        """
-        latents, z, log_sigma = self._chain(sample_shape, generator)
-        traj = self.decode(latents)
-        level = traj.dim() - self._data_dim - 1
-        lead, T, dd = traj.shape[:level], self.steps, self._data_dim
-        _, ladj = self._transport(traj.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)
-        factors = _std_normal_log_prob(z, dd) - log_sigma + ladj
-        prior = _std_normal_log_prob(traj.narrow(level, T, 1).squeeze(level), dd)
-        return traj, prior + factors.sum(-1)
