@@ -39,6 +39,52 @@ def guidance_dropout(n: int, p: float, device: torch.device, generator: torch.Ge
     return torch.rand(n, device=device, generator=generator) < p
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _steps_set(steps: object) -> tuple[int, ...]:
+    """``steps`` (an int or a set of them) as a tuple, or a ``ValueError`` naming ``steps``."""
+    values = (steps,) if _is_int(steps) else steps
+    collection = isinstance(values, (tuple, list, set, frozenset, range))
+    if not collection or not values or any(not _is_int(s) or s < 1 for s in values):  # type: ignore[union-attr]
+        raise ValueError(f"steps: expected a positive integer or a set of them, got {steps!r}")
+    return tuple(values)  # type: ignore[arg-type]
+
+
+def _t_min_range(t_min: object) -> tuple[float, float]:
+    """``t_min`` (a number or a range) as ``(low, high)`` with ``0 <= low <= high < 1``."""
+    if isinstance(t_min, numbers.Real) and not isinstance(t_min, bool):
+        t_min_range: object = (t_min, t_min)  # a fixed t_min
+    else:
+        t_min_range = t_min
+    if not (isinstance(t_min_range, (tuple, list)) and len(t_min_range) == 2):
+        raise ValueError(f"t_min: expected a number or a range (low, high), got {t_min!r}")
+    lo, hi = (check_number("t_min", v) for v in t_min_range)
+    if not 0.0 <= lo <= hi < 1.0:
+        raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {t_min}")
+    return lo, hi
+
+
+def _fixed_weights(factor_weights: object, steps: tuple[int, ...], given_steps: object) -> Tensor | None:
+    """A list of factor weights checked and normalised to mean 1 (float64); ``None`` for ``None`` or
+    ``"velocity"`` (computed per grid); a ``ValueError`` naming ``factor_weights`` otherwise."""
+    if factor_weights is None or (isinstance(factor_weights, str) and factor_weights == "velocity"):
+        return None
+    if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
+        raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
+    w = tuple(check_number("factor_weights", v) for v in factor_weights)
+    if len(steps) != 1 or len(w) != steps[0]:
+        want = steps[0] if len(steps) == 1 else "a single T"
+        raise ValueError(
+            f"factor_weights: expected one weight per step factor ({want} with steps={given_steps!r}), "
+            f"got {len(w)} weights"
+        )
+    if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
+    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+
+
 @dataclass
 class TrajectoryGroup:
     """Training trajectories of the examples of a batch that share one number of steps ``T``.
@@ -125,12 +171,6 @@ class TrajectoryNLL:
     validate_args: bool = True
 
     def __post_init__(self) -> None:
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        steps = (self.steps,) if is_int(self.steps) else self.steps
-        collection = isinstance(steps, (tuple, list, set, frozenset, range))
-        if not collection or not steps or any(not is_int(s) or s < 1 for s in steps):
-            raise ValueError(f"steps: expected a positive integer or a set of them, got {self.steps!r}")
-        steps = tuple(steps)
         if self.mode not in ("trajectory", "pair"):
             raise ValueError(f"mode: expected 'trajectory' or 'pair', got {self.mode!r}")
         check_number("shift", self.shift, positive=True)
@@ -138,37 +178,9 @@ class TrajectoryNLL:
             raise ValueError(f"cond_drop: expected a probability in [0, 1), got {self.cond_drop}")
         if not isinstance(self.validate_args, bool):
             raise ValueError(f"validate_args: expected a bool, got {self.validate_args!r}")
-        t_min = self.t_min
-        if isinstance(t_min, numbers.Real) and not isinstance(t_min, bool):
-            t_min = (t_min, t_min)  # a fixed t_min
-        if not (isinstance(t_min, (tuple, list)) and len(t_min) == 2):
-            raise ValueError(f"t_min: expected a number or a range (low, high), got {self.t_min!r}")
-        lo, hi = (check_number("t_min", v) for v in t_min)
-        if not 0.0 <= lo <= hi < 1.0:
-            raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
-        self.t_min = (lo, hi)
-        self._steps = steps
-        self._weights: Tensor | None = None
-        if isinstance(self.factor_weights, str):
-            if self.factor_weights != "velocity":
-                raise ValueError(
-                    f"factor_weights: expected None, a list of weights or 'velocity', got {self.factor_weights!r}"
-                )
-        elif self.factor_weights is not None:
-            if isinstance(self.factor_weights, (str, bytes)) or not isinstance(self.factor_weights, Sequence):
-                raise ValueError(
-                    f"factor_weights: expected None, a list of weights or 'velocity', got {self.factor_weights!r}"
-                )
-            w = tuple(check_number("factor_weights", v) for v in self.factor_weights)
-            if len(steps) != 1 or len(w) != steps[0]:
-                want = steps[0] if len(steps) == 1 else "a single T"
-                raise ValueError(
-                    f"factor_weights: expected one weight per step factor ({want} with steps={self.steps!r}), "
-                    f"got {len(w)} weights"
-                )
-            if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
-                raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
-            self._weights = torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+        self._steps = _steps_set(self.steps)
+        self.t_min = _t_min_range(self.t_min)
+        self._weights = _fixed_weights(self.factor_weights, self._steps, self.steps)
 
     def weights(self, grid: Tensor) -> Tensor | None:
         """The factor weights for grids ``(m, T + 1)``: ``(m, T)`` with mean 1 per row (``None``: unweighted)."""
