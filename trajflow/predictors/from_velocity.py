@@ -62,6 +62,45 @@ def _attr_chain(module: nn.Module, *names: str) -> object | None:
     return None
 
 
+def _check_settings(velocity: object, c_min: object, delta_bound: object, time_features: object) -> None:
+    """The checks of :class:`FlowMatchingPredictor`'s arguments that need nothing read from the model."""
+    if not isinstance(velocity, nn.Module) or not hasattr(velocity, "event_shape"):
+        raise ValueError(
+            f"velocity: expected a velocity nn.Module with an event_shape (wrap other callables in "
+            f"CallableVelocity), got {type(velocity).__name__}"
+        )
+    if not (isinstance(c_min, (int, float)) and math.isfinite(c_min) and c_min >= 0):
+        raise ValueError(f"c_min: expected a finite number >= 0, got {c_min!r}")
+    check_number("delta_bound", delta_bound, positive=True)
+    if not isinstance(time_features, int) or isinstance(time_features, bool) or time_features < 0:
+        raise ValueError(f"time_features: expected 0 or an even integer >= 2, got {time_features!r}")
+    if time_features:
+        check_time_features("time_features", time_features)
+
+
+def _hidden_form(
+    velocity: nn.Module,
+    event_shape: torch.Size,
+    hidden_features: int | None,
+    hidden_layout: str | None,
+    patch_size: int | None,
+) -> tuple[int, str, int]:
+    """``(hidden_features, hidden_layout, patch_size)`` of the velocity model's ``hidden``: as given, else read
+    from the model, else the defaults (flat for vectors, patch size 1)."""
+    if hidden_features is None:
+        hidden_features = _attr_chain(velocity, "hidden_features", "width")  # type: ignore[assignment]
+    if not isinstance(hidden_features, int) or hidden_features < 1:
+        raise ValueError(
+            f"hidden_features: could not read a positive width from {type(velocity).__name__} "
+            f"(hidden_features / width / config.width); pass hidden_features=..., got {hidden_features!r}"
+        )
+    layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or default_layout(event_shape)
+    if layout not in ("flat", "tokens"):
+        raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {layout!r}")
+    patch = int(patch_size or _attr_chain(velocity, "patch_size") or 1)  # type: ignore[arg-type]
+    return hidden_features, layout, patch
+
+
 class FlowMatchingPredictor(Pretrained, Predictor):
     r"""The NTM predictor :math:`(\mu_P, \sigma_P)` of a flow-matching velocity model (NTM Eqs. 3.6-3.8).
 
@@ -114,44 +153,26 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(velocity, nn.Module) or not hasattr(velocity, "event_shape"):
-            raise ValueError(
-                f"velocity: expected a velocity nn.Module with an event_shape (wrap other callables in "
-                f"CallableVelocity), got {type(velocity).__name__}"
-            )
-        if not (isinstance(c_min, (int, float)) and math.isfinite(c_min) and c_min >= 0):
-            raise ValueError(f"c_min: expected a finite number >= 0, got {c_min!r}")
-        check_number("delta_bound", delta_bound, positive=True)
-        if not isinstance(time_features, int) or isinstance(time_features, bool) or time_features < 0:
-            raise ValueError(f"time_features: expected 0 or an even integer >= 2, got {time_features!r}")
-        if time_features:
-            check_time_features("time_features", time_features)
+        _check_settings(velocity, c_min, delta_bound, time_features)
         self.validate_args = bool(validate_args)
         self.velocity = velocity
         self.event_shape = torch.Size(velocity.event_shape)
         self.cond_event_dims = getattr(velocity, "cond_event_dims", None)
-        if hidden_features is None:
-            hidden_features = _attr_chain(velocity, "hidden_features", "width")  # type: ignore[assignment]
-        if not isinstance(hidden_features, int) or hidden_features < 1:
-            raise ValueError(
-                f"hidden_features: could not read a positive width from {type(velocity).__name__} "
-                f"(hidden_features / width / config.width); pass hidden_features=..., got {hidden_features!r}"
-            )
-        self.hidden_features = hidden_features
-        layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or default_layout(self.event_shape)
-        if layout not in ("flat", "tokens"):
-            raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {layout!r}")
-        self.hidden_layout = layout
-        self.patch_size = int(patch_size or _attr_chain(velocity, "patch_size") or 1)  # type: ignore[arg-type]
+        self.hidden_features, self.hidden_layout, self.patch_size = _hidden_form(
+            velocity, self.event_shape, hidden_features, hidden_layout, patch_size
+        )
         self.c_min = float(c_min)
         self.delta_mean = bool(delta_mean)
         self.delta_bound = float(delta_bound)
         self.time_features = int(time_features)
         if self.time_features:
             self.time = SinusoidalEmbedding(self.time_features)
-        out = self.event_shape.numel() if layout == "flat" else token_dim(self.event_shape, self.patch_size)
+        if self.hidden_layout == "flat":
+            out = self.event_shape.numel()
+        else:
+            out = token_dim(self.event_shape, self.patch_size)
         self.num_outputs = 2 if self.delta_mean else 1
-        self.head = nn.Linear(hidden_features + 2 * self.time_features, self.num_outputs * out)
+        self.head = nn.Linear(self.hidden_features + 2 * self.time_features, self.num_outputs * out)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
