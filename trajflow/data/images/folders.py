@@ -54,6 +54,26 @@ def load_image_folder(
         (torch.Size([2, 3, 8, 8]), ('cat', 'dog'))
     """
     root = Path(path)
+    size = _check_arguments(root, size, channels)
+    files, class_names = _labelled_files(root)
+    opened = _open_8bit(files)
+    if channels is None:
+        channels = 1 if all(im.mode in ("L", "1") for im in opened) else 3
+    images = _pixels(files, opened, channels, size)
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return _dataset_from_numpy(
+        images,
+        labels,
+        levels=256,
+        num_classes=len(class_names) if class_names else 0,
+        name=name or root.name,
+        split="",
+        class_names=class_names,
+    )
+
+
+def _check_arguments(root: Path, size: int | tuple[int, int] | None, channels: int | None) -> tuple[int, int] | None:
+    """Raise unless ``root`` is a folder and ``size`` / ``channels`` are valid; ``size`` as ``(H, W)`` or None."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder (expected a folder of PNG/JPEG images)")
     if channels not in (None, 1, 3):
@@ -62,11 +82,25 @@ def load_image_folder(
         size = (size, size)
     if size is not None and (len(size) != 2 or min(size) < 1):
         raise ValueError(f"size: expected a positive int or (H, W), got {size!r}")
+    return size
 
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
-    loose = [
+
+def _class_dirs(root: Path) -> list[Path]:
+    """The visible subfolders of ``root`` that hold images, sorted by name."""
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
+
+
+def _loose_images(root: Path) -> list[Path]:
+    """The visible image files directly in ``root``."""
+    return [
         p for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
     ]
+
+
+def _labelled_files(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...] | None]:
+    """``[(file, label)]`` in reading order and the class names (``None``: an unlabelled folder)."""
+    class_dirs = _class_dirs(root)
+    loose = _loose_images(root)
     if class_dirs and loose:
         raise ValueError(
             f"{root}: has both class subfolders ({[d.name for d in class_dirs]}) and loose images "
@@ -80,7 +114,11 @@ def load_image_folder(
         class_names = None
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
+    return files, class_names
 
+
+def _open_8bit(files: list[tuple[Path, int]]) -> list[Image.Image]:
+    """Every file read into memory; a file that is not 8-bit is refused by name."""
     opened = []
     for file, _ in files:
         with Image.open(file) as im:
@@ -88,8 +126,13 @@ def load_image_folder(
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 raise ValueError(f"{file}: mode {im.mode!r} is not 8-bit; convert it to 8-bit first")
             opened.append(im.copy())
-    if channels is None:
-        channels = 1 if all(im.mode in ("L", "1") for im in opened) else 3
+    return opened
+
+
+def _pixels(
+    files: list[tuple[Path, int]], opened: list[Image.Image], channels: int, size: tuple[int, int] | None
+) -> np.ndarray:
+    """The images as one uint8 array ``(N, C, H, W)``, converted to ``channels`` and resized to ``size``."""
     arrays = []
     for (file, _), im in zip(files, opened, strict=True):
         im = im.convert("L" if channels == 1 else "RGB")
@@ -103,14 +146,4 @@ def load_image_folder(
             )
         arrays.append(a)
     images = np.stack(arrays)
-    images = images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return _dataset_from_numpy(
-        images,
-        labels,
-        levels=256,
-        num_classes=len(class_names) if class_names else 0,
-        name=name or root.name,
-        split="",
-        class_names=class_names,
-    )
+    return images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)
