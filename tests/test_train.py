@@ -667,28 +667,19 @@ class _Evil:
         return (Path.touch, (Path(self.path),))
 
 
-def test_checkpoint_states_hold_no_pickle_and_a_crafted_legacy_pickle_is_refused(tmp_path):
-    import shutil
-
+def test_checkpoint_states_hold_no_pickle_and_pickled_states_are_not_read(tmp_path):
     from trajflow.checkpoint import MANIFEST_FILE, save_state
 
-    whole = _fit(tmp_path / "ref", _config(steps=4))
     _fit(tmp_path, _config(steps=4), stop_at=2)
     ckpt = tmp_path / "checkpoints" / "step-0000002"
     assert not list(ckpt.glob("*.pt"))
-    # Checkpoints written before the safetensors states (torch.save pickles, no manifest) still resume exactly.
-    for stem in ("optimizer", "scheduler", "rng-rank0"):
-        torch.save(load_state(ckpt / f"{stem}.safetensors"), ckpt / f"{stem}.pt")
-        (ckpt / f"{stem}.safetensors").unlink()
-    (ckpt / MANIFEST_FILE).unlink()
-    legacy = tmp_path / "legacy"
-    shutil.copytree(tmp_path, legacy)
-    _assert_same(whole.checkpoint, _fit(tmp_path, _config(steps=4), resume=True).checkpoint)
-    # ... but a pickle that would run code is refused, naming the file, and runs nothing.
+    # A checkpoint of the pickled format (before 0.3.0) is refused, naming the file: no pickle is ever loaded.
     sentinel = tmp_path / "pwned"
-    torch.save({"state": _Evil(sentinel), "param_groups": []}, legacy / "checkpoints" / "step-0000002" / "optimizer.pt")
-    with pytest.raises(ValueError, match=r"optimizer\.pt' holds a pickle that torch.load\(weights_only=True\) refuses"):
-        _fit(legacy, _config(steps=4), resume=True)
+    torch.save({"state": _Evil(sentinel), "param_groups": []}, ckpt / "optimizer.pt")
+    (ckpt / "optimizer.safetensors").unlink()
+    (ckpt / MANIFEST_FILE).unlink()
+    with pytest.raises(ValueError, match=r"optimizer\.safetensors' is missing \(a checkpoint written before"):
+        _fit(tmp_path, _config(steps=4), resume=True)
     assert not sentinel.exists()
     with pytest.raises(TypeError, match=r"state: expected tensors, .* got function at state\.f"):
         save_state(tmp_path / "x.safetensors", {"f": lambda: 0})

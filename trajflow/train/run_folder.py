@@ -6,9 +6,9 @@ a fresh run may not overwrite, the log cut back to the resumed step, and the sta
   with a warning naming each damaged one (:func:`checkpoint_to_resume`).
 * ``log.jsonl`` keeps only the records up to the step the run resumes from (:func:`cut_log`), so that the
   steps done again after a resumption are logged once.
-* The optimizer, scheduler and random states are safetensors + JSON (:func:`~trajflow.checkpoint.save_state`);
-  the pickles of older checkpoints are read with ``weights_only=True`` and a refused one is named
-  (:func:`read_state`); :func:`restore_states` puts them all back into a run about to resume.
+* The optimizer, scheduler and random states are safetensors + JSON (:func:`~trajflow.checkpoint.save_state`,
+  :func:`read_state`; the pickled ``.pt`` states of checkpoints before 0.3.0 are not read);
+  :func:`restore_states` puts them all back into a run about to resume.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,6 @@ from ..checkpoint import (
     load_json,
     load_safetensors,
     load_state,
-    load_torch,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -180,24 +178,17 @@ def cut_log(path: Path, step: int) -> int:
 
 def read_state(ckpt: Path, stem: str) -> Any:
     """The state ``stem`` (``optimizer``, ``scheduler``, ``rng-rank0``) of a checkpoint: ``stem.safetensors``
-    (:func:`~trajflow.checkpoint.save_state`), or ``stem.pt`` in a checkpoint written before that format.
+    (:func:`~trajflow.checkpoint.save_state`).
 
     Raises:
-        ValueError: naming the file, when a ``.pt`` holds a pickle that ``weights_only=True`` refuses (one that
-            would build other objects than tensors and plain containers, e.g. run code).
+        ValueError: naming the file, when it is missing (checkpoints written before trajflow 0.3.0 hold pickled
+            ``stem.pt`` states, which are not read) or is not a state file.
     """
     path = ckpt / f"{stem}.safetensors"
-    if path.is_file():
-        return load_state(path)
-    legacy = ckpt / f"{stem}.pt"
-    try:
-        return load_torch(legacy)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"checkpoint: {str(legacy)!r} holds a pickle that torch.load(weights_only=True) refuses (it would "
-            f"build objects other than tensors and plain containers); it is not read: {first}"
-        ) from None
+    if not path.is_file():
+        pickled = " (a checkpoint written before trajflow 0.3.0 holds pickled .pt states, which are not read)"
+        raise ValueError(f"checkpoint: {str(path)!r} is missing{pickled if (ckpt / f'{stem}.pt').exists() else ''}")
+    return load_state(path)
 
 
 def check_threads(info: dict[str, Any], ckpt: Path, device: torch.device) -> None:
