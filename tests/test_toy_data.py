@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-import trajflow.data.toy as toy
+import trajflow.data.toy.masses as toy_masses
 from trajflow.data import TOY_DENSITIES, ToyDensity, toy_density
 from trajflow.metrics import histogram_distance
 
@@ -148,7 +148,7 @@ def test_bin_masses_closed_forms():
 def test_bin_mass_quadrature_converged(name, monkeypatch):
     """The documented accuracy: 4x the quadrature nodes moves the masses by less than 5e-5 in total variation."""
     p = toy_density(name).bin_masses(EDGES)
-    monkeypatch.setattr(toy, "_NODES", 4 * toy._NODES)
+    monkeypatch.setattr(toy_masses, "_NODES", 4 * toy_masses._NODES)
     finer = toy_density(name).bin_masses(EDGES)
     assert 0.5 * float((p - finer).abs().sum()) < 5e-5
 
