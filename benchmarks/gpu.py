@@ -1,6 +1,6 @@
 r"""GPU speed benchmark of trajflow's image models (issue 10): one command, under 9 minutes on one H100/H200.
 
-Sections (``--sections``, default all):
+Sections (``--sections``, default all; they run in the order a, b, c, f, d, e):
 
 a. **Training throughput**, NTM against flow matching on the same predictor: a class-conditional
    :class:`~trajflow.predictors.transformer.TransformerPredictor` of width 768 x 12 layers over 256 tokens
@@ -22,6 +22,19 @@ d. **Stability**: N bf16 training steps (1,000 on GPU) of the text-to-image NTM 
    losses or gradient norms (checked on device, read once at the end) and reports the peak memory.
 e. **Host synchronisations**: one training step of (d) under ``torch.cuda.set_sync_debug_mode("error")``
    (pass, or the error's message), then under ``"warn"`` to list every synchronising call (GPU only).
+f. **SD3 fine-tuning throughput** (issue 17): an NTM fine-tuned from a random diffusers
+   ``SD3Transformer2DModel`` of 488,378,432 parameters (13 joint blocks, 16 heads x 64 = width 1024, prompt
+   embeddings 4096 wide, pooled 2048, 16 x 64 x 64 latents = 1024 image tokens at patch 2, i.e. 512 px images,
+   + 77 + 256 = 333 text tokens) through :class:`trajflow.contrib.diffusers.SD3Velocity`, with the recipe of
+   ``examples/finetune_diffusers`` (its ``configs/sd3_medium_512.json``:
+   :func:`~trajflow.finetune.init_from_flow_matching` with the identity transporter, the posterior mean and a
+   delta-sigma head; :class:`~trajflow.finetune.FinetuneLoss` = pair-mode trajectory NLL + mean alignment
+   against a frozen bf16 copy; gradient checkpointing, AdamW lr 1e-5, clip 1.0), against flow matching
+   (:class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`) on the same backbone. Random latents and
+   prompt embeddings (no text encoder, no VAE), batch 32, bf16 autocast, no compile; 2 warm-up and 5 timed
+   steps each. Methods ``ntm-fm`` and ``fm``: ``train_images_per_s``, ``peak_memory_gib``
+   (``torch.cuda.max_memory_allocated``: weights, gradients, AdamW states, the frozen copy, activations) and
+   ``ntm-fm``'s ``throughput_ratio_vs_fm``. Needs diffusers: without it one ``section_skipped`` row.
 
 FLOP count (per image, one training step = forward + backward = 3 forward passes), for one pass of a
 transformer with ``P`` per-token parameters (every ``nn.Linear`` applied to tokens: attention, MLP, input
@@ -41,15 +54,18 @@ batch x tokens^2 x width"); causal attention is counted in full, as there. Then:
 t = 1; a causal block sees tokens 0..L-2). MFU = FLOPs per image x images/s / peak, with the peak of
 ``--peak-tflops`` (default 790 TFLOP/s, the peak the reference figures use, so the shares compare).
 
-``--repeats N`` times N training steps in (a) and N calls in (b) and (c) instead of the defaults (10, 3, 3).
-``--time-budget S`` bounds the run for a hard outer timeout (``benchmarks/gpu_run.sh``): no section starts once
-S seconds have passed (a ``section_skipped`` row instead), and (d) stops early, keeping 20 s for (e) and
-recording the steps it did (``train_steps``, ``planned_steps``, ``stopped_early``). ``--incremental`` writes the
-results file after every section, so a run killed from outside keeps the finished sections' rows.
+``--repeats N`` times N training steps in (a) and N calls in (b) and (c) instead of the defaults (10, 3, 3);
+(f) keeps its own 5 steps. ``--time-budget S`` bounds the run for a hard outer timeout
+(``benchmarks/gpu_run.sh``): no section starts once S seconds have passed (a ``section_skipped`` row instead),
+(d) stops early, keeping 20 s for (e) and recording the steps it did (``train_steps``, ``planned_steps``,
+``stopped_early``), and (f), which runs before the elastic (d), does not start its second method (``fm``) once
+fewer than those 20 s are left. ``--incremental`` writes the results file after every section, so a run
+killed from outside keeps the finished sections' rows.
 
 ``--smoke`` runs the same code at tiny sizes on the CPU in under 2 minutes: no compile, no CUDA graph (the
 static cache runs eagerly in the ``static-graph`` rows, marked ``graph: false``), section (e) is recorded
-as skipped. Its numbers are a rehearsal of the code, not measurements.
+as skipped, (f) fine-tunes a 2-layer SD3 transformer of width 16 on 16 x 8 x 8 latents and 8 text tokens
+(seconds). Its numbers are a rehearsal of the code, not measurements.
 
 Writes ``benchmarks/results/speed.json`` (``--smoke``: ``runs/bench-gpu-smoke/speed.json``; ``--out``
 overrides) through :mod:`_common`; every row also carries ``device`` and ``torch``.
@@ -59,6 +75,7 @@ Usage::
     python benchmarks/gpu.py                  # one GPU, ~9 minutes
     python benchmarks/gpu.py --smoke          # CPU rehearsal, < 2 minutes
     python benchmarks/gpu.py --sections b,c   # some sections only
+    python benchmarks/gpu.py --sections f     # the SD3 fine-tuning throughput only (issue 17)
     python benchmarks/gpu.py --repeats 3 --time-budget 210 --incremental --out OUT/speed.json  # gpu_run.sh
 """
 
@@ -66,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import resource
 import statistics
@@ -90,6 +108,7 @@ from examples.t2i.config import T2IConfig  # noqa: E402
 from examples.t2i.model import build_model  # noqa: E402
 from trajflow.baselines.flow_matching import FlowMatchingLoss  # noqa: E402
 from trajflow.denoise import TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
+from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching  # noqa: E402
 from trajflow.losses import TrajectoryNLL  # noqa: E402
 from trajflow.model import NTM  # noqa: E402
 from trajflow.predictors.transformer import TransformerPredictor, TransformerPredictorConfig  # noqa: E402
@@ -100,6 +119,7 @@ from trajflow.velocity import TransformerVelocity  # noqa: E402
 SMOKE_OUT = ROOT / "runs" / "bench-gpu-smoke" / "speed.json"
 SYNC_RESERVE_SECONDS = 20.0  # --time-budget: what (d) leaves for (e)
 T2I_CONFIGS = ROOT / "examples" / "t2i" / "configs"
+FINETUNE_CONFIGS = ROOT / "examples" / "finetune_diffusers" / "configs"  # (f): the fine-tuning recipe
 FLOP_FORMULA = (
     "per image, training (fwd+bwd): pass(P, layers, n, w) = 6*P*n + 12*layers*n^2*w; "
     "FM = pass(P_velocity, depth, L+1, w); "
@@ -146,6 +166,21 @@ class Sizes:
     t2i_batch: int = 128
     long_steps: int = 1000
     long_compile: bool = False  # eager: ~2 minutes for 1,000 steps; compiling would add its own minutes
+    # (f): a random SD3Transformer2DModel of 488,378,432 parameters (13 joint blocks of width 16 x 64 = 1024),
+    # SD3's text widths (4096-wide prompt embeddings, 2048-wide pooled), 16 x 64 x 64 latents (512 px images)
+    sd3_label: str = "0.5b"
+    sd3_layers: int = 13
+    sd3_heads: int = 16
+    sd3_head_dim: int = 64
+    sd3_joint_dim: int = 4096
+    sd3_pooled_dim: int = 2048
+    sd3_latent: tuple[int, int, int] = (16, 64, 64)
+    sd3_text_tokens: int | None = None  # None: CLIP's 77 + the recipe's T5 max_sequence_length (256) = 333
+    sd3_batch: int = 32
+    sd3_warmup: int = 2
+    sd3_steps: int = 5
+    sd3_recipe: str = "sd3_medium_512.json"  # examples/finetune_diffusers/configs/
+    sd3_transporter: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's transporter
 
 
 GPU = Sizes()
@@ -182,6 +217,18 @@ SMOKE = Sizes(
     t2i_batch=4,
     long_steps=20,
     long_compile=False,
+    sd3_label="tiny",
+    sd3_layers=2,
+    sd3_heads=2,
+    sd3_head_dim=8,
+    sd3_joint_dim=16,
+    sd3_pooled_dim=16,
+    sd3_latent=(16, 8, 8),
+    sd3_text_tokens=8,
+    sd3_batch=4,
+    sd3_warmup=1,
+    sd3_steps=2,
+    sd3_transporter={"width": 16, "heads": 2, "layers_per_block": 1},
 )
 
 
@@ -676,6 +723,170 @@ def section_syncs(b: Bench, setup: tuple[nn.Module, Callable, str] | None) -> No
     )
 
 
+def sd3_recipe(s: Sizes) -> dict[str, Any]:
+    """The fine-tuning recipe of ``examples/finetune_diffusers`` (its SD3 config): model, loss and train sections,
+    with the smoke run's smaller transporter."""
+    recipe = json.loads((FINETUNE_CONFIGS / s.sd3_recipe).read_text())
+    recipe["model"]["transporter"] = {**recipe["model"]["transporter"], **s.sd3_transporter}
+    return recipe
+
+
+def sd3_transformer(s: Sizes) -> nn.Module:
+    """A random ``diffusers.SD3Transformer2DModel`` of the sizes of (f) (float32, on the CPU)."""
+    import diffusers
+
+    width = s.sd3_heads * s.sd3_head_dim
+    return diffusers.SD3Transformer2DModel(
+        sample_size=s.sd3_latent[1],
+        patch_size=2,
+        in_channels=s.sd3_latent[0],
+        out_channels=s.sd3_latent[0],
+        num_layers=s.sd3_layers,
+        attention_head_dim=s.sd3_head_dim,
+        num_attention_heads=s.sd3_heads,
+        joint_attention_dim=s.sd3_joint_dim,
+        caption_projection_dim=width,
+        pooled_projection_dim=s.sd3_pooled_dim,
+    )
+
+
+def section_sd3(b: Bench, reserve: float = 0.0) -> None:
+    """(f) Fine-tuning throughput of an NTM from a random ``SD3Transformer2DModel`` (the recipe of
+    ``examples/finetune_diffusers``) against flow matching on the same backbone. With a deadline
+    (``--time-budget``) the second method is not started once fewer than ``reserve`` seconds are left."""
+    s, device = b.sizes, b.device
+    try:
+        import diffusers  # noqa: F401 (an optional extra: gpu_run.sh installs it from .whl)
+    except ImportError as e:
+        b.add(
+            "section (f) SD3 fine-tuning throughput",
+            "skipped",
+            None,
+            "section_skipped",
+            1.0,
+            reason=f"diffusers is not importable ({e}): pip install diffusers",
+        )
+        return
+    from trajflow.contrib.diffusers import SD3Velocity
+
+    recipe = sd3_recipe(s)
+    m, loss_cfg, train_cfg = recipe["model"], recipe["loss"], recipe["train"]
+    text_tokens = s.sd3_text_tokens or 77 + recipe["text"]["max_sequence_length"]  # CLIP's 77 + T5's tokens
+    latent = s.sd3_latent
+    image_tokens = (latent[1] // 2) * (latent[2] // 2)  # SD3's patch size 2
+    width = s.sd3_heads * s.sd3_head_dim
+    n = s.sd3_batch
+    g = torch.Generator(device=device).manual_seed(0)
+    x0 = torch.randn(n, *latent, device=device, generator=g)
+    cond = (
+        torch.randn(n, text_tokens, s.sd3_joint_dim, device=device, generator=g),
+        torch.randn(n, s.sd3_pooled_dim, device=device, generator=g),
+    )
+    null = (torch.randn(text_tokens, s.sd3_joint_dim), torch.randn(s.sd3_pooled_dim))  # the empty prompt's stand-in
+    params = None
+    results: dict[str, float] = {}
+    task = ""
+    for method in ("ntm-fm", "fm"):
+        if results and b.deadline is not None and time.perf_counter() >= b.deadline - reserve:
+            b.add(
+                task,
+                method,
+                None,
+                "section_skipped",
+                1.0,
+                reason=f"--time-budget: fewer than {reserve:g} s left",
+            )
+            continue
+        start = time.perf_counter()
+        torch.manual_seed(0)
+        backbone = sd3_transformer(s)
+        params = sum(p.numel() for p in backbone.parameters())
+        task = (
+            f"sd3-{s.sd3_label}-finetune: random SD3Transformer2DModel {s.sd3_layers} layers x width {width} "
+            f"({params:,} parameters), latents {'x'.join(map(str, latent))} ({image_tokens} tokens) + "
+            f"{text_tokens} text tokens, batch {n}, bf16 autocast, gradient checkpointing, AdamW"
+        )
+        if m["gradient_checkpointing"]:
+            backbone.enable_gradient_checkpointing()
+        velocity = SD3Velocity(backbone.to(device), null_cond=null, validate_args=False).to(device)
+        reference = None
+        if method == "ntm-fm":
+            model, reference = init_from_flow_matching(
+                velocity, transporter_kwargs=dict(m["transporter"]), delta_mean=False, c_min=m["c_min"],
+                validate_args=False,
+            )  # fmt: skip
+            reference = reference.to(device=device, dtype=torch.bfloat16)  # frozen: as the example holds it
+            nll = TrajectoryNLL(
+                steps=loss_cfg["steps"], t_min=tuple(loss_cfg["t_min"]), shift=loss_cfg["shift"],
+                mode=loss_cfg["mode"], cond_drop=loss_cfg["cond_drop"], validate_args=False,
+            )  # fmt: skip
+            finetune = FinetuneLoss(
+                nll, MeanAlignmentLoss(reference), aux_weight=loss_cfg["aux_weight"], decay_fraction=1.0
+            )
+
+            def loss_fn(model: nn.Module, x: Tensor, c: Any, finetune: FinetuneLoss = finetune) -> Tensor:
+                return finetune(model, (x, c), None, 0, progress=0.0)[0]  # lambda at its start: 2.5
+
+            steps: int | None = loss_cfg["steps"]
+        else:
+            model, loss_fn, steps = velocity, FlowMatchingLoss(cond_drop=loss_cfg["cond_drop"]), None
+        model.to(device).train()
+        opt = torch.optim.AdamW(
+            model.parameters(),
+            lr=train_cfg["lr"],
+            weight_decay=train_cfg.get("weight_decay", 0.0),
+            fused=device.type == "cuda",
+        )
+        step = train_step(model, loss_fn, opt, [(x0, cond)], device, clip=train_cfg.get("grad_clip"))
+        build_s = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        times, (loss, _) = timed(step, device, s.sd3_steps, warmup=s.sd3_warmup)
+        warm_s = time.perf_counter() - start - sum(times)
+        step_s = statistics.median(times)
+        ips = n / step_s
+        results[method] = ips
+        common = dict(
+            batch=n,
+            params=params,
+            model_params=sum(p.numel() for p in model.parameters()),
+            tokens=image_tokens,
+            text_tokens=text_tokens,
+            recipe=f"examples/finetune_diffusers/configs/{s.sd3_recipe}",
+        )
+        b.add(
+            task,
+            method,
+            steps,
+            "train_images_per_s",
+            ips,
+            step_seconds=step_s,
+            all=times,
+            warmup_steps=s.sd3_warmup,
+            warmup_seconds=warm_s,
+            build_seconds=build_s,
+            loss=float(loss),
+            sd3_config={k: v for k, v in backbone.config.items() if not k.startswith("_")},
+            **common,
+        )
+        memory_note = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (CPU)"
+        b.add(task, method, steps, "peak_memory_gib", peak_memory_gib(device), note=memory_note, **common)
+        del model, opt, step, velocity, backbone, reference, loss_fn
+        free(device)
+    if len(results) == 2:
+        b.add(
+            task,
+            "ntm-fm",
+            loss_cfg["steps"],
+            "throughput_ratio_vs_fm",
+            results["ntm-fm"] / results["fm"],
+            baseline="fm",
+            batch=n,
+            params=params,
+        )
+
+
 # ------------------------------------------------------------------------------------------------- main
 
 
@@ -683,7 +894,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (< 2 minutes), a rehearsal")
     parser.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
-    parser.add_argument("--sections", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument(
+        "--sections", default="a,b,c,d,e,f", help="comma-separated subset of a,b,c,d,e,f (run in the order a,b,c,f,d,e)"
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,
@@ -736,9 +949,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
-    unknown = sorted(set(sections) - set("abcde"))
+    unknown = sorted(set(sections) - set("abcdef"))
     if unknown:
-        parser.error(f"--sections: unknown {unknown}, expected a subset of a,b,c,d,e")
+        parser.error(f"--sections: unknown {unknown}, expected a subset of a,b,c,d,e,f")
     out = args.out or (SMOKE_OUT if args.smoke else RESULTS / "speed.json")
 
     total = time.perf_counter()
@@ -751,6 +964,8 @@ def main(argv: list[str] | None = None) -> dict:
         ("a", "training throughput and MFU", lambda: section_train(b, args.peak_tflops, args.ntm_pair)),
         ("b", "transporter inverse", lambda: section_inverse(b)),
         ("c", "4-step sampling", lambda: section_sample(b)),
+        # (f) before (d): (d) is the elastic section that fills what is left of --time-budget
+        ("f", "SD3 fine-tuning throughput", None),
         ("d", "bf16 training stability", None),
         ("e", "host synchronisations", None),
     ]
@@ -787,6 +1002,8 @@ def main(argv: list[str] | None = None) -> dict:
                 setup = section_long(b, reserve=SYNC_RESERVE_SECONDS if "e" in sections else 0.0)
             elif key == "e":
                 section_syncs(b, setup)
+            elif key == "f":
+                section_sd3(b, reserve=SYNC_RESERVE_SECONDS if "e" in sections else 0.0)
             else:
                 fn()
         except Exception as e:  # noqa: BLE001 (one failing section must not cost the others' numbers)

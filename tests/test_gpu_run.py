@@ -93,6 +93,9 @@ def test_smoke_rehearsal_continues_after_failed_parts(tmp_path: Path) -> None:
     assert speed["sizes"]["train_steps"] == speed["sizes"]["sample_repeats"] == 2  # --repeats 2
     assert {"nonfinite_steps", "sync_free", "inverse_images_per_s", "mfu"} <= {r["metric"] for r in speed["rows"]}
     assert all("device" in r and "torch" in r for r in speed["rows"])
+    if importlib.util.find_spec("diffusers") is not None:  # section (f), issue 17's SD3 fine-tuning throughput
+        assert {"ntm-fm", "fm"} <= {r["method"] for r in speed["rows"] if r["task"].startswith("sd3-")}
+        assert "sd3 ntm-fm" in status["speed"]["detail"]
 
     # fewstep's work folder: seeded from the cache (teacher/final and the reader's weights only), then packed
     assert "seeded" in log and not (out / "fewstep").exists()
@@ -119,6 +122,7 @@ def test_gpu_plan_fits_eleven_minutes(tmp_path: Path) -> None:
     assert "tests/test_static_cache.py" in static and "on_cuda" not in static  # the CUDA-graph tests included
     speed = re.search(r"  speed: (.*)", log).group(1)
     assert "benchmarks/gpu.py --repeats 3 --time-budget 210 --incremental" in speed
+    assert "--sections" not in speed  # gpu.py's default: a-f, (f) the SD3 fine-tuning throughput
     assert f"--out {out}/speed.json" in speed and "--smoke" not in speed
     fewstep = re.search(r"  fewstep: (.*)", log).group(1)
     assert fewstep.endswith(f"benchmarks/fewstep.py --config gpu --work {out}/fewstep --out {out}/fewstep.json")
