@@ -529,6 +529,7 @@ def finetune(
         "variant": variant,
         "train_seconds": train_seconds,
         "train_steps": steps_done,
+        "budget_seconds": cfg.budget_seconds,
         "wall_seconds": time.perf_counter() - t_start,
         "curve": curve,
         "final": final,
@@ -882,15 +883,16 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     if variants:
         lines += [
             "",
-            f"NTM recipe variants (the same {payload['config']['budget_seconds']:.0f} s; the change is what differs "
-            "from `RECIPE`; NLL per factor on test trajectories at t_min 0.02, k = 1 the last step; mean ± std where "
-            "a variant ran several seeds):",
+            "NTM recipe variants (recipe: the change from `RECIPE` or `T2I_RECIPE`, whichever is closer; train s: the "
+            "fine-tuning seconds; NLL per "
+            "factor on test trajectories at t_min 0.02, k = 1 the last step; mean ± std where a variant ran several "
+            "seeds):",
             "",
-            "| variant | method | seeds | recipe change | FD raw | FD score-denoised | NLL k=1 / 2 / 3 / 4 (nats/dim) "
-            "|",
-            "|---|---|---|---|---|---|---|",
+            "| variant | method | seeds | train s | recipe | FD raw | FD score-denoised "
+            "| NLL k=1 / 2 / 3 / 4 (nats/dim) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        main_recipe = _json_normal(payload["recipe"])
+        bases = {"RECIPE": _json_normal(payload["recipe"]), "T2I_RECIPE": _json_normal(payload["t2i_recipe"])}
         for method, name, recipe in [
             ("ntm-fm", None, payload["recipe"]),
             ("ntm-fm-gaussian", None, payload.get("default_recipes", {}).get("ntm-fm-gaussian")),
@@ -898,7 +900,11 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
         ]:
             if recipe is None:
                 continue
-            changed = {k: v for k, v in _json_normal(recipe).items() if main_recipe.get(k) != v}
+            diffs = {
+                base: {k: v for k, v in _json_normal(recipe).items() if ref.get(k) != v} for base, ref in bases.items()
+            }
+            base = min(diffs, key=lambda b: len(diffs[b]))
+            changed = f"{base} + {json.dumps(diffs[base])}" if diffs[base] else base
             sel = {"method": method, "seed": "mean", "budget": "equal-time", "run_variant": name}
             raw = find(metric="frechet_distance", variant="raw", **sel)
             if raw is None:
@@ -912,7 +918,8 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
                 and all(r.get(k) == v for k, v in sel.items())
             )
             lines.append(
-                f"| {name or '(main rows)'} | {method} | {len(raw['seeds'])} | `{json.dumps(changed)}` | "
+                f"| {name or '(main rows)'} | {method} | {len(raw['seeds'])} | {raw['train_seconds']:.0f} | "
+                f"`{changed}` | "
                 f"{fmt(raw)} | {fmt(den)} | {' / '.join(f'{v:.3f}' for _, v in nll)} |"
             )
     table = "\n".join(lines)
@@ -974,22 +981,24 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     vcurves: dict[tuple, dict[float, list[float]]] = {}
     for r in rows:
-        if r.get("curve") and r["metric"] == "frechet_distance" and r["method"].startswith("ntm-fm"):
+        ntm = r["method"].startswith("ntm-fm")
+        fm4 = r["method"] == "fm-euler" and not r.get("run_variant")  # the reference: FM continued, Euler 4
+        if r.get("curve") and r["metric"] == "frechet_distance" and (ntm or fm4):
             key = (r["method"], r.get("run_variant") or "(main rows)")
-            at = round(r["at_seconds"] / payload["config"]["budget_seconds"], 1)
+            at = round(r["at_seconds"] / payload["config"]["budget_seconds"], 1) * payload["config"]["budget_seconds"]
             vcurves.setdefault(key, {}).setdefault(at, []).append(r["value"])
     for (method, name), pts in sorted(vcurves.items()):
         xs = sorted(pts)
-        style = "-" if name == "(main rows)" else "--"
+        style = ":" if method == "fm-euler" else "-" if name == "(main rows)" else "--"
         label = f"{method} {name} ({len(pts[xs[0]])} seed{'s' if len(pts[xs[0]]) > 1 else ''})"
-        ax.plot([x * 100 for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], style, marker=".", label=label)
+        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], style, marker=".", label=label)
     for ref in ("euler-4", "euler-50"):
         r = find(method="fm-euler", steps=int(ref.split("-")[1]), budget="teacher", metric="frechet_distance")
         if r:
             ax.axhline(r["value"], ls=":", color="grey")
             ax.annotate(f"teacher FM {ref}", (0, r["value"]), fontsize=8, va="bottom")
     ax.set(
-        xlabel="% of the fine-tuning budget",
+        xlabel="fine-tuning seconds",
         ylabel=f"FD ({payload['config']['curve_samples']} samples, 4 steps, raw)",
         title="NTM recipe variants",
         yscale="log",
@@ -1016,19 +1025,25 @@ def _json_normal(value: Any) -> Any:
     return floats(json.loads(json.dumps(value)))
 
 
-def run_variant(record: dict[str, Any]) -> dict[str, Any]:
+def run_variant(record: dict[str, Any], budget_seconds: float) -> dict[str, Any]:
     """The record with its ``variant``: None for the main rows, else the name of the recipe variant.
 
-    A run of an NTM method belongs to the main rows when its recipe is its method's current default
-    (``DEFAULT_RECIPES``), whatever name it ran under (``ran_as`` keeps that name); a run under another recipe is
-    a variant, and one that ran unnamed as the default of its time is named ``t2i-recipe`` (it ran under
-    ``T2I_RECIPE``). Records older than the ``variant`` key read it from their tag ``<method>-<variant>-s<seed>``.
+    A run of an NTM method belongs to the main rows when it trained for ``budget_seconds`` under its method's
+    current default recipe (``DEFAULT_RECIPES``), whatever name it ran under (``ran_as`` keeps that name); a run
+    under another recipe or budget is a variant, and one that ran unnamed as the default of its time is named
+    ``t2i-recipe`` (it ran under ``T2I_RECIPE``). Records older than the ``variant`` key read it from their tag
+    ``<method>-<variant>-s<seed>``; records older than ``budget_seconds`` give their training seconds (the
+    Trainer stops within one step of the budget, so within 5% of it here).
     """
     if "variant" not in record:
         middle = record["tag"][len(record["method"]) : -len(f"-s{record['seed']}")]
         record["variant"] = middle.lstrip("-") or None
+    record.setdefault("budget_seconds", record["train_seconds"])
+    same_budget = abs(record["budget_seconds"] - budget_seconds) <= 0.05 * budget_seconds
     default = DEFAULT_RECIPES.get(record["method"])
-    if default is not None and record.get("recipe") is not None:
+    if default is not None and record.get("recipe") is not None and same_budget:
+        # keys added to the recipe later were at T2I_RECIPE's values before they existed
+        record["recipe"] = {**T2I_RECIPE, **record["recipe"]}
         if _json_normal(record["recipe"]) == _json_normal(default):
             record["ran_as"], record["variant"] = record["variant"], None
         elif record["variant"] is None:
@@ -1078,7 +1093,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # -- the results file: every finished run of this config (variant runs too, tagged with their variant)
-    records = [run_variant(json.loads(p.read_text())) for p in sorted((work / "runs").glob("*.json"))]
+    records = [
+        run_variant(json.loads(p.read_text()), cfg.budget_seconds) for p in sorted((work / "runs").glob("*.json"))
+    ]
     main_runs = [r for r in records if not r.get("variant") and r["seed"] in cfg.seeds and r["method"] in cfg.methods]
     seen: dict[tuple[str, int], str] = {}
     for r in main_runs:
@@ -1098,6 +1115,7 @@ def main(argv: list[str] | None = None) -> None:
         "config": dataclasses.asdict(cfg),
         "recipe": RECIPE,
         "default_recipes": DEFAULT_RECIPES,
+        "t2i_recipe": T2I_RECIPE,
         "variants": {r["variant"]: (r["method"], r["recipe"]) for r in variants},
         "reader": state["reader_info"],
     }
