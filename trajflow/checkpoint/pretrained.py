@@ -186,38 +186,46 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
     """
     path = Path(directory) / MODEL_FILE
     if sha256 is not None:
-        found = file_sha256(path)
-        if found != sha256:
-            raise ValueError(
-                f"directory: {str(path)!r} does not match the sha256 that {CONFIG_FILE} records (expected "
-                f"{sha256}, got {found}): the file is damaged or was replaced"
-            )
+        _check_sha256(path, sha256)
     try:
         state, _ = load_safetensors(path)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
         raise ValueError(f"directory: {str(path)!r} is not a readable safetensors file: {e}") from e
+    _check_fit(path, state, model)
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ValueError(f"directory: {str(path)!r} holds {bad} NaN/inf value(s) in {k}; expected finite weights")
+    model.load_state_dict(state)
+
+
+def _check_sha256(path: Path, sha256: str) -> None:
+    found = file_sha256(path)
+    if found != sha256:
+        raise ValueError(
+            f"directory: {str(path)!r} does not match the sha256 that {CONFIG_FILE} records (expected "
+            f"{sha256}, got {found}): the file is damaged or was replaced"
+        )
+
+
+def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise unless the weights in ``path`` (``state``) have exactly ``model``'s tensor names and shapes."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
+    builds = f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} builds"
     if missing or unexpected:
         raise ValueError(
-            f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} "
-            f"builds: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+            f"{builds}: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
             f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
         )
     mismatched = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
     if mismatched:
         first = mismatched[0]
         raise ValueError(
-            f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} "
-            f"builds: {first} has shape {tuple(state[first].shape)} in the file, the model expects "
+            f"{builds}: {first} has shape {tuple(state[first].shape)} in the file, the model expects "
             f"{tuple(expected[first].shape)} (the first of {len(mismatched)} mismatched tensor(s))"
         )
-    for k, v in state.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            bad = int((~torch.isfinite(v)).sum())
-            raise ValueError(f"directory: {str(path)!r} holds {bad} NaN/inf value(s) in {k}; expected finite weights")
-    model.load_state_dict(state)
 
 
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -236,6 +244,13 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"directory: expected a pretrained folder with {CONFIG_FILE} and {MODEL_FILE}, got {str(path)!r}"
         )
+    record = _read_record(path)
+    _check_record_fields(record, str(path / CONFIG_FILE))
+    return record
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """``path/config.json`` as a dict of the pretrained format (what a training step folder's is not)."""
     where = str(path / CONFIG_FILE)
     try:
         record = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -247,6 +262,11 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
             f"directory: {str(path)!r} is not a {PRETRAINED_FORMAT} folder (format: {found!r}); a training "
             f"checkpoint step folder is loaded with trajflow.checkpoint.load_model_weights instead"
         )
+    return record
+
+
+def _check_record_fields(record: dict[str, Any], where: str) -> None:
+    """Raise unless the record has only its known fields, of their types."""
     unknown = sorted(set(record) - set(_RECORD_FIELDS))
     if unknown:
         raise ValueError(f"directory: {where!r} has unknown field(s) {unknown} (known: {list(_RECORD_FIELDS)})")
@@ -258,7 +278,6 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     sha = record.get("weights_sha256")
     if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
         raise ValueError(f"directory: {where!r} expected 'weights_sha256' to be 64 hex digits, got {sha!r}")
-    return record
 
 
 def part_config(module: nn.Module, name: str) -> dict[str, Any]:

@@ -232,12 +232,7 @@ def load_model_weights(
     if expected_config is not None:
         found = load_json(directory / CONFIG_FILE)
         check_config(expected_config, found, ignore=ignore, source=f"the checkpoint {str(directory)!r}")
-    state, meta = load_safetensors(directory / MODEL_FILE)
-    if ema:
-        if not (directory / EMA_FILE).is_file():
-            raise FileNotFoundError(f"ema: the checkpoint {str(directory)!r} holds no {EMA_FILE}")
-        averaged, meta = load_safetensors(directory / EMA_FILE)
-        state.update(averaged)
+    state, meta = _weights(directory, ema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -245,3 +240,15 @@ def load_model_weights(
             f"unexpected {list(unexpected)[:5]}"
         )
     return meta
+
+
+def _weights(directory: Path, ema: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The model's weights in a checkpoint (with the EMA's averages over its parameters when ``ema``) and the
+    metadata of the file read last."""
+    state, meta = load_safetensors(directory / MODEL_FILE)
+    if ema:
+        if not (directory / EMA_FILE).is_file():
+            raise FileNotFoundError(f"ema: the checkpoint {str(directory)!r} holds no {EMA_FILE}")
+        averaged, meta = load_safetensors(directory / EMA_FILE)
+        state.update(averaged)
+    return state, meta
