@@ -4,7 +4,7 @@ its weight decayed over the run (NTM §3.3, method.md 3.4, step 3)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -102,6 +102,26 @@ def _unpack_batch(batch: Any) -> tuple[Tensor, Condition | None]:
     raise ValueError(f"batch: expected a tensor x0 or a pair (x0, cond), got {got}")
 
 
+def _count_or_none(v: object) -> bool:
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+
+
+def _share_or_none(v: object) -> bool:
+    numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return v is None or (numeric and math.isfinite(v) and 0 < v <= 1)  # type: ignore[operator]
+
+
+# (field, check, what is expected, whether a failure shows the value's type rather than the value), checked in
+# order by FinetuneLoss.__post_init__.
+_FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
+    ("nll", lambda v: isinstance(v, TrajectoryNLL), "a TrajectoryNLL", True),
+    ("align", lambda v: isinstance(v, MeanAlignmentLoss), "a MeanAlignmentLoss", True),
+    ("aux_weight", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0", False),
+    ("decay_steps", _count_or_none, "a positive integer or None", False),
+    ("decay_fraction", _share_or_none, "a share of the run in (0, 1] or None", False),
+)
+
+
 @dataclass
 class FinetuneLoss:
     r"""Fine-tuning objective: :math:`\mathcal{L}_{NTM} + \lambda \, \mathcal{L}_{aux}` (NTM Algorithm 1).
@@ -159,27 +179,17 @@ class FinetuneLoss:
     loss_name: ClassVar[str] = "finetune_loss"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nll, TrajectoryNLL):
-            raise ValueError(f"nll: expected a TrajectoryNLL, got {type(self.nll).__name__}")
-        if not isinstance(self.align, MeanAlignmentLoss):
-            raise ValueError(f"align: expected a MeanAlignmentLoss, got {type(self.align).__name__}")
-        if not (math.isfinite(self.aux_weight) and self.aux_weight >= 0):
-            raise ValueError(f"aux_weight: expected a finite number >= 0, got {self.aux_weight!r}")
         if self.decay_steps is ...:
             self.decay_steps = None if self.decay_fraction is not None else DEFAULT_DECAY_STEPS
-        if self.decay_steps is not None and (
-            not isinstance(self.decay_steps, int) or isinstance(self.decay_steps, bool) or self.decay_steps < 1
-        ):
-            raise ValueError(f"decay_steps: expected a positive integer or None, got {self.decay_steps!r}")
-        f = self.decay_fraction
-        if f is not None and (
-            isinstance(f, bool) or not isinstance(f, (int, float)) or not (math.isfinite(f) and 0 < f <= 1)
-        ):
-            raise ValueError(f"decay_fraction: expected a share of the run in (0, 1] or None, got {f!r}")
-        if self.decay_steps is not None and f is not None:
+        for name, ok, expected, by_type in _FIELD_CHECKS:  # in this order, each naming its field
+            value = getattr(self, name)
+            if not ok(value):
+                shown = type(value).__name__ if by_type else repr(value)
+                raise ValueError(f"{name}: expected {expected}, got {shown}")
+        if self.decay_steps is not None and self.decay_fraction is not None:
             raise ValueError(
                 f"decay_steps, decay_fraction: expected one decay schedule, got decay_steps={self.decay_steps!r} "
-                f"and decay_fraction={f!r}; decay by steps or by a share of the run, not both"
+                f"and decay_fraction={self.decay_fraction!r}; decay by steps or by a share of the run, not both"
             )
 
     def lambda_at(self, step: int = 0, progress: float | None = None) -> float:
