@@ -350,12 +350,25 @@ class Trainer:
         return self.config.run_progress(run.step, run.train_time)
 
     def _step(self, run: FitState) -> Tensor | None:
-        """One optimizer step: forward and backward over ``grad_accum`` micro-batches (only the last one
-        synchronises gradients), then clip, step, schedule (by steps, or by the share of the run with a time
-        budget) and the EMA. Returns the gradient norm before clipping (``None`` without clipping)."""
-        cfg, acc = self.config, self.accelerator
+        """One optimizer step (:meth:`_accumulate`, then :meth:`_update`) and its bookkeeping: step count,
+        training time, log, progress bar, and the end of a time budget. Returns the gradient norm before
+        clipping (``None`` without clipping)."""
+        cfg = self.config
         t0 = _clock()
-        progress = self._progress(run)  # the share of the run done before this step
+        self._accumulate(run, self._progress(run))  # the share of the run done before this step
+        grad_norm = self._update(run, t0)
+        run.step += 1
+        dt = _clock() - t0
+        run.train_time += dt
+        run.log.tick(dt)
+        run.bar.update(min(dt, max(cfg.time_budget - run.bar.n, 0.0)) if cfg.time_budget else 1)
+        if cfg.time_budget and run.train_time >= cfg.time_budget:
+            run.end = run.step  # the budget is spent: log, checkpoint and stop here
+        return grad_norm
+
+    def _accumulate(self, run: FitState, progress: float) -> None:
+        """Forward and backward over ``grad_accum`` micro-batches; only the last one synchronises gradients."""
+        cfg, acc = self.config, self.accelerator
         for micro in range(cfg.grad_accum):
             batch = to_device(next(run.batches), self.device)
             last = micro == cfg.grad_accum - 1
@@ -364,6 +377,11 @@ class Trainer:
                 loss, logs = run.wrapped(batch, run.generator, run.step, progress)
             acc.backward(loss / cfg.grad_accum)
             run.log.add(loss, logs, cfg.grad_accum)
+
+    def _update(self, run: FitState, t0: float) -> Tensor | None:
+        """Clip, step, schedule (by steps, or by the share of the run with a time budget, counting this step's
+        time from ``t0``) and the EMA; returns the gradient norm before clipping."""
+        cfg, acc = self.config, self.accelerator
         grad_norm = acc.clip_grad_norm_(run.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
         run.optimizer.step()
         run.scheduler.step()
@@ -374,13 +392,6 @@ class Trainer:
                 group["lr"] = base * run.timed_lr(done * cfg.steps)
         if run.ema is not None:
             run.ema.update(run.inner)
-        run.step += 1
-        dt = _clock() - t0
-        run.train_time += dt
-        run.log.tick(dt)
-        run.bar.update(min(dt, max(cfg.time_budget - run.bar.n, 0.0)) if cfg.time_budget else 1)
-        if cfg.time_budget and run.train_time >= cfg.time_budget:
-            run.end = run.step  # the budget is spent: log, checkpoint and stop here
         return grad_norm
 
     def _log(self, run: FitState, grad_norm: Tensor | None) -> None:
