@@ -28,6 +28,24 @@ def _backbone_dtype(module: nn.Module | None) -> torch.dtype | None:
     return None
 
 
+def _check_arguments(
+    model: object, velocity: object, encode_prompt: object, pipeline: object, autocast_dtype: object
+) -> None:
+    """The checks of :class:`NTMDiffusersPipeline`'s arguments that need nothing built."""
+    if model is None and velocity is None:
+        raise ValueError("model, velocity: expected an NTM, a flow-matching velocity model or both, got neither")
+    if model is not None and not hasattr(model, "sample"):
+        raise ValueError(f"model: expected a trajflow NTM, got {type(model).__name__}")
+    if encode_prompt is not None and not callable(encode_prompt):
+        raise ValueError(f"encode_prompt: expected a callable prompts -> condition, got {type(encode_prompt).__name__}")
+    if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
+        raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
+    if autocast_dtype not in ("auto", None, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"autocast_dtype: expected 'auto', None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+        )
+
+
 class NTMDiffusersPipeline:
     r"""Text to image with an NTM in a diffusers model's latent space, and the FM baseline as diffusers runs it.
 
@@ -86,20 +104,7 @@ class NTMDiffusersPipeline:
         negative_prompt: str = "",
         autocast_dtype: torch.dtype | str | None = "auto",
     ) -> None:
-        if model is None and velocity is None:
-            raise ValueError("model, velocity: expected an NTM, a flow-matching velocity model or both, got neither")
-        if model is not None and not hasattr(model, "sample"):
-            raise ValueError(f"model: expected a trajflow NTM, got {type(model).__name__}")
-        if encode_prompt is not None and not callable(encode_prompt):
-            raise ValueError(
-                f"encode_prompt: expected a callable prompts -> condition, got {type(encode_prompt).__name__}"
-            )
-        if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
-            raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
-        if autocast_dtype not in ("auto", None, torch.bfloat16, torch.float16):
-            raise ValueError(
-                f"autocast_dtype: expected 'auto', None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
-            )
+        _check_arguments(model, velocity, encode_prompt, pipeline, autocast_dtype)
         self.model = model
         self.velocity = velocity
         self.vae = vae if isinstance(vae, PipelineVAE) else PipelineVAE(vae)

@@ -10,6 +10,18 @@ from ...checks import check_tensor
 __all__ = ["PipelineVAE"]
 
 
+def _checked_layout(vae: object, layout: str | None) -> str:
+    """The latent layout of ``vae`` (``layout``, else read from its class), checked against what it is."""
+    if not isinstance(vae, nn.Module) or not hasattr(vae, "config") or not hasattr(vae, "decode"):
+        raise ValueError(f"vae: expected a diffusers autoencoder (AutoencoderKL, ...), got {type(vae).__name__}")
+    layout = layout or ("flux2" if type(vae).__name__ == "AutoencoderKLFlux2" else "scaled")
+    if layout not in ("scaled", "flux2"):
+        raise ValueError(f"layout: expected 'scaled' or 'flux2', got {layout!r}")
+    if layout == "flux2" and not isinstance(getattr(vae, "bn", None), nn.BatchNorm2d):
+        raise ValueError(f"vae: the 'flux2' layout needs an AutoencoderKLFlux2 (with a bn), got {type(vae).__name__}")
+    return layout
+
+
 class PipelineVAE(nn.Module):
     r"""A diffusers pipeline's VAE as its pipeline maps latents to images and back, in **float32**.
 
@@ -36,15 +48,7 @@ class PipelineVAE(nn.Module):
 
     def __init__(self, vae: nn.Module, *, layout: str | None = None) -> None:
         super().__init__()
-        if not isinstance(vae, nn.Module) or not hasattr(vae, "config") or not hasattr(vae, "decode"):
-            raise ValueError(f"vae: expected a diffusers autoencoder (AutoencoderKL, ...), got {type(vae).__name__}")
-        layout = layout or ("flux2" if type(vae).__name__ == "AutoencoderKLFlux2" else "scaled")
-        if layout not in ("scaled", "flux2"):
-            raise ValueError(f"layout: expected 'scaled' or 'flux2', got {layout!r}")
-        if layout == "flux2" and not isinstance(getattr(vae, "bn", None), nn.BatchNorm2d):
-            raise ValueError(
-                f"vae: the 'flux2' layout needs an AutoencoderKLFlux2 (with a bn), got {type(vae).__name__}"
-            )
+        layout = _checked_layout(vae, layout)
         if any(p.dtype != torch.float32 for p in vae.parameters()):
             vae = vae.to(torch.float32)
         self.vae = vae.eval().requires_grad_(False)
