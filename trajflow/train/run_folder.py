@@ -96,22 +96,33 @@ def checkpoint_to_resume(
     """
     if not resume:
         return None
-    if resume is True:
-        folder = checkpoints
-    else:
-        path = Path(resume)
-        if path.is_dir() and re.match(r"^step-\d+$", path.name):
-            verify_checkpoint(path)  # the folder asked for, or none
-            return path
-        found = resolve_checkpoint(path)
-        if found == path:  # a folder with a model export
-            verify_checkpoint(path)
-            return path
-        folder = CheckpointDir(found.parent, keep=None)
+    folder = checkpoints
+    if resume is not True:
+        named, folder = _named_checkpoint(Path(resume))
+        if named is not None:
+            return named
+    return _newest_intact(folder, say)
+
+
+def _named_checkpoint(path: Path) -> tuple[Path | None, CheckpointDir]:
+    """``(the step folder or model export that path names, verified, or None; the folder to search otherwise)``."""
+    if path.is_dir() and re.match(r"^step-\d+$", path.name):
+        verify_checkpoint(path)  # the folder asked for, or none
+        return path, CheckpointDir(path.parent, keep=None)
+    found = resolve_checkpoint(path)
+    if found == path:  # a folder with a model export
+        verify_checkpoint(path)
+        return path, CheckpointDir(path.parent, keep=None)
+    return None, CheckpointDir(found.parent, keep=None)
+
+
+def _newest_intact(folder: CheckpointDir, say: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint of ``folder``, warning about each newer damaged one (``None``: none at all)."""
     ckpt, damaged = folder.newest_intact()
     for _, what in damaged:
         message = f"resume: skipping a damaged checkpoint: {what}"
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        # stacklevel: past this module and the Trainer's fit, to the code that called fit
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
         say(message)
     if ckpt is None and damaged:
         raise DamagedCheckpointError(
@@ -201,7 +212,7 @@ def check_threads(info: dict[str, Any], ckpt: Path, device: torch.device) -> Non
             f"CPU results depend on the thread count, so the resumed run will not be bit-exact with an "
             f"uninterrupted one (torch.set_num_threads({threads}) to match)",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the line of Trainer.fit that resumes
         )
 
 
