@@ -100,34 +100,14 @@ def load_image_array(
     """
     _check_levels(levels)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image array file (expected a .npy or .npz of uint8 images)")
-    file_labels = None
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
-            if image_key is None:
-                raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
-            array = z[image_key]
-            label_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
-            file_labels = z[label_key] if label_key is not None else None
-    elif path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
-    else:
-        raise ValueError(f"path: expected a .npy or .npz file, got {path.name!r}")
+    array, file_labels = _read_arrays(path)
     what = f"images in {path.name}"
     array = _check_8bit(np.asarray(array), what, levels)
     array = _to_nchw(array, layout, what)
     if labels is not None:
         file_labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if file_labels is not None:
-        file_labels = np.asarray(file_labels)
-        if not np.issubdtype(file_labels.dtype, np.integer) or file_labels.shape != (array.shape[0],):
-            raise ValueError(
-                f"labels: expected {array.shape[0]} integer labels, "
-                f"got {file_labels.dtype} of shape {file_labels.shape}"
-            )
+        file_labels = _checked_labels(np.asarray(file_labels), array.shape[0])
     if num_classes is None:
         num_classes = int(file_labels.max()) + 1 if file_labels is not None and file_labels.size else 0
     return _dataset_from_numpy(
@@ -138,3 +118,26 @@ def load_image_array(
         name=name or path.stem,
         split="",
     )
+
+
+def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images of a ``.npy`` / ``.npz`` file and the labels a ``.npz`` holds (``None`` without), unpickled."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image array file (expected a .npy or .npz of uint8 images)")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False), None
+    if path.suffix != ".npz":
+        raise ValueError(f"path: expected a .npy or .npz file, got {path.name!r}")
+    with np.load(path, allow_pickle=False) as z:
+        keys = list(z.keys())
+        image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+        if image_key is None:
+            raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
+        label_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
+        return z[image_key], (z[label_key] if label_key is not None else None)
+
+
+def _checked_labels(labels: np.ndarray, n: int) -> np.ndarray:
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+        raise ValueError(f"labels: expected {n} integer labels, got {labels.dtype} of shape {labels.shape}")
+    return labels

@@ -20,6 +20,39 @@ __all__ = ["ImageDataset"]
 _SPLITS = ("train", "test")
 
 
+def _check_images(images: object) -> None:
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+        got = (
+            f"{images.dtype} tensor of shape {tuple(images.shape)}"
+            if isinstance(images, Tensor)
+            else type(images).__name__
+        )
+        raise ValueError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {got}")
+
+
+def _checked_labels(labels: object, n: int) -> Tensor:
+    """``labels`` as int64 ``(n,)`` (zeros for ``None``), or a ``ValueError`` naming ``labels``."""
+    if labels is None:
+        labels = torch.zeros(n, dtype=torch.int64)
+    if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
+        got = (
+            f"shape {tuple(labels.shape)}, dtype {labels.dtype}"
+            if isinstance(labels, Tensor)
+            else type(labels).__name__
+        )
+        raise ValueError(f"labels: expected an integer tensor of shape ({n},), got {got}")
+    return labels.to(torch.int64)
+
+
+def _check_values(images: Tensor, labels: Tensor, levels: int, num_classes: int) -> None:
+    """Pixels below ``levels`` and labels in ``0..num_classes - 1`` (one read of their ranges each)."""
+    n = images.shape[0]
+    if n and int(images.max()) >= levels:
+        raise ValueError(f"images: values must be < levels={levels}, got a maximum of {int(images.max())}")
+    if num_classes < 0 or (n and num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)):
+        raise ValueError(f"labels: expected values in 0..{num_classes - 1} (num_classes={num_classes})")
+
+
 class ImageDataset(Dataset):
     """Integer images with labels, held in memory.
 
@@ -61,28 +94,9 @@ class ImageDataset(Dataset):
         transform: Callable[[Tensor], Any] | None = None,
     ) -> None:
         _check_levels(levels)
-        if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-            got = (
-                f"{images.dtype} tensor of shape {tuple(images.shape)}"
-                if isinstance(images, Tensor)
-                else (type(images).__name__)
-            )
-            raise ValueError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {got}")
-        n = images.shape[0]
-        if labels is None:
-            labels = torch.zeros(n, dtype=torch.int64)
-        if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
-            got = (
-                f"shape {tuple(labels.shape)}, dtype {labels.dtype}"
-                if isinstance(labels, Tensor)
-                else (type(labels).__name__)
-            )
-            raise ValueError(f"labels: expected an integer tensor of shape ({n},), got {got}")
-        labels = labels.to(torch.int64)
-        if n and int(images.max()) >= levels:
-            raise ValueError(f"images: values must be < levels={levels}, got a maximum of {int(images.max())}")
-        if num_classes < 0 or (n and num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)):
-            raise ValueError(f"labels: expected values in 0..{num_classes - 1} (num_classes={num_classes})")
+        _check_images(images)
+        labels = _checked_labels(labels, images.shape[0])
+        _check_values(images, labels, levels, num_classes)
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names: expected {num_classes} names, got {len(class_names)}")
         self.images = images
