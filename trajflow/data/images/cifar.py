@@ -77,14 +77,6 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
     parts = [_cifar_batch(root / n) for n in names]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    class_names: Sequence[str] = CIFAR10_CLASSES
-    meta = root / "batches.meta"
-    if meta.is_file():
-        with open(meta, "rb") as f:
-            info = _load_pickle(f, encoding="bytes")
-        names_in_file = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
-        if names_in_file is not None and len(names_in_file) == 10:
-            class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names_in_file]
     return _dataset_from_numpy(
         images,
         labels,
@@ -92,5 +84,16 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
         num_classes=10,
         name="cifar10",
         split=split,
-        class_names=class_names,
+        class_names=_class_names(root / "batches.meta"),
     )
+
+
+def _class_names(meta: Path) -> Sequence[str]:
+    """The class names in ``batches.meta`` when it holds ten, else the standard ones."""
+    if meta.is_file():
+        with open(meta, "rb") as f:
+            info = _load_pickle(f, encoding="bytes")
+        names_in_file = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
+        if names_in_file is not None and len(names_in_file) == 10:
+            return [n.decode() if isinstance(n, bytes) else str(n) for n in names_in_file]
+    return CIFAR10_CLASSES
