@@ -49,29 +49,36 @@ def set_pipeline_timesteps(
             "scheduler: invert_sigmas schedulers (Mochi) are not flow-matching samplers of this convention"
         )
     config = scheduler.config
-    kwargs: dict[str, Any] = {}
     flux = pipeline is not None and pipeline.startswith("Flux")
     if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
         sigmas = np.linspace(1.0, 1 / steps, steps)
-    if pipeline in ("Flux2KleinPipeline", "Flux2Pipeline"):
-        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
-
-        kwargs["mu"] = compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)
-    elif pipeline == "FluxPipeline" or config.get("use_dynamic_shifting", None):
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        kwargs["mu"] = calculate_shift(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.16),
-        )
+    kwargs = _shift_mu(config, pipeline, image_seq_len, steps)
     if sigmas is not None:  # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
         scheduler.set_timesteps(sigmas=list(sigmas), device=device, **kwargs)
     else:
         scheduler.set_timesteps(steps, device=device, **kwargs)
     return scheduler.timesteps
+
+
+def _shift_mu(config: Any, pipeline: str | None, image_seq_len: int, steps: int) -> dict[str, Any]:
+    """``{"mu": ...}``, the resolution-dependent shift the pipeline passes to ``set_timesteps``, or ``{}``."""
+    if pipeline in ("Flux2KleinPipeline", "Flux2Pipeline"):
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        return {"mu": compute_empirical_mu(image_seq_len=image_seq_len, num_steps=steps)}
+    if pipeline == "FluxPipeline" or config.get("use_dynamic_shifting", None):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        return {
+            "mu": calculate_shift(
+                image_seq_len,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16),
+            )
+        }
+    return {}
 
 
 def _cat_cond(a: Condition, b: Condition) -> Condition:
@@ -84,6 +91,23 @@ def _repeat_cond(cond: Condition, k: int) -> Condition:
     if isinstance(cond, tuple):
         return tuple(c.repeat_interleave(k, dim=0) for c in cond)
     return cond.repeat_interleave(k, dim=0)
+
+
+def _image_tokens(velocity: nn.Module) -> int:
+    """The number of image tokens the network sees (its ``image_seq_len``): patches of an image, else the length."""
+    event_shape = torch.Size(velocity.event_shape)
+    patch = int(getattr(velocity, "patch_size", 1) or 1)
+    return event_shape[-2] * event_shape[-1] // patch**2 if len(event_shape) == 3 else event_shape[0]
+
+
+def _guidance_batch(
+    cond: Condition, negative_cond: Condition | None, n: int, device: torch.device
+) -> tuple[Condition, Tensor | None]:
+    """The condition of one batched guided call on ``[negative, positive]`` and its ``drop_cond``: without a
+    ``negative_cond``, the negative half is ``cond`` dropped to the adapter's null condition."""
+    if negative_cond is None:
+        return _cat_cond(cond, cond), torch.arange(2 * n, device=device) < n
+    return _cat_cond(negative_cond, cond), None
 
 
 def _cond_rows(cond: Condition) -> int:
@@ -140,19 +164,14 @@ def scheduler_sample(
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
     n = noise.shape[0]
-    patch = int(getattr(velocity, "patch_size", 1) or 1)
-    tokens = event_shape[-2] * event_shape[-1] // patch**2 if len(event_shape) == 3 else event_shape[0]
     timesteps = set_pipeline_timesteps(
-        scheduler, steps, pipeline=pipeline, image_seq_len=tokens, sigmas=sigmas, device=noise.device
+        scheduler, steps, pipeline=pipeline, image_seq_len=_image_tokens(velocity), sigmas=sigmas, device=noise.device
     )
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
     cfg = guidance_scale > 1 and cond is not None  # diffusers' do_classifier_free_guidance
     if cfg:
-        if negative_cond is None:
-            both, drop = _cat_cond(cond, cond), torch.arange(2 * n, device=noise.device) < n
-        else:
-            both, drop = _cat_cond(negative_cond, cond), None
+        both, drop = _guidance_batch(cond, negative_cond, n, noise.device)
     x = noise.float()
     for i, timestep in enumerate(timesteps):
         t = scheduler.sigmas[i].to(noise.device, torch.float32).expand(n)
