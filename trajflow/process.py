@@ -56,6 +56,34 @@ def sequence_shift(num_tokens: int) -> float:
     return math.exp(mu)
 
 
+def _check_grid_arguments(steps: object, t_min: object, shift: object) -> None:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
+    real = isinstance(t_min, numbers.Real) and not isinstance(t_min, bool)
+    if not (real or (isinstance(t_min, Tensor) and t_min.is_floating_point())):
+        raise ValueError(f"t_min: expected a number or a floating-point tensor, got {t_min!r}")
+
+
+def _check_grid_values(t_min: Tensor, levels: Tensor, steps: int, shift: float, dtype: torch.dtype) -> None:
+    """``t_min`` in [0, 1] and below the first level, and levels that stay positive and distinct in ``dtype``."""
+    check_times("t_min", t_min)
+    # The levels as they will be stored: a tiny shift or a huge number of steps can round them together.
+    stored = levels.to(dtype)
+    if not bool((stored[1:] > stored[:-1]).all()) or not bool(stored[0] > 0):
+        blame = "shift" if shift != 1 else "steps"
+        raise ValueError(
+            f"{blame}: expected grid levels that stay positive and distinct in {dtype}, got steps={steps} "
+            f"and shift={shift!r}, whose first levels are {stored[:3].tolist()}"
+        )
+    if bool((t_min.to(dtype) >= stored[0]).any()):
+        raise ValueError(
+            f"t_min: expected values below the first level {float(levels[0]):.6g} of the grid "
+            f"(steps={steps}, shift={shift}), got max {float(t_min.max()):.6g}"
+        )
+
+
 def time_grid(
     steps: int,
     t_min: float | Tensor = 0.0,
@@ -83,33 +111,14 @@ def time_grid(
         >>> time_grid(4)
         tensor([0.0000, 0.2500, 0.5000, 0.7500, 1.0000])
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
-    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
-    real = isinstance(t_min, numbers.Real) and not isinstance(t_min, bool)
-    if not (real or (isinstance(t_min, Tensor) and t_min.is_floating_point())):
-        raise ValueError(f"t_min: expected a number or a floating-point tensor, got {t_min!r}")
+    _check_grid_arguments(steps, t_min, shift)
     # Built where t_min lives (no host-device copy for a per-example t_min on the GPU).
     t_min = torch.as_tensor(t_min, dtype=torch.float64)
     base = torch.arange(1, steps + 1, dtype=torch.float64, device=t_min.device) / steps
     levels = shift * base / (1 + (shift - 1) * base)
     levels[-1] = 1.0  # exact, whatever the rounding
     if validate:
-        check_times("t_min", t_min)
-        # The levels as they will be stored: a tiny shift or a huge number of steps can round them together.
-        stored = levels.to(dtype)
-        if not bool((stored[1:] > stored[:-1]).all()) or not bool(stored[0] > 0):
-            blame = "shift" if shift != 1 else "steps"
-            raise ValueError(
-                f"{blame}: expected grid levels that stay positive and distinct in {dtype}, got steps={steps} "
-                f"and shift={shift!r}, whose first levels are {stored[:3].tolist()}"
-            )
-    if validate and bool((t_min.to(dtype) >= levels.to(dtype)[0]).any()):
-        raise ValueError(
-            f"t_min: expected values below the first level {float(levels[0]):.6g} of the grid "
-            f"(steps={steps}, shift={shift}), got max {float(t_min.max()):.6g}"
-        )
+        _check_grid_values(t_min, levels, steps, shift, dtype)
     grid = torch.cat([t_min[..., None], levels.expand(*t_min.shape, steps)], dim=-1)
     return grid.to(dtype=dtype, device=device)
 
