@@ -220,8 +220,8 @@ class FlowMatchingPredictor(Pretrained, Predictor):
             )
         return A, B, C
 
-    def _delta(self, hidden: Tensor, t: Tensor, s: Tensor, n: int) -> Tensor:
-        """The head's output ``(N, num_outputs, *event)``, zero at initialisation."""
+    def _check_hidden(self, hidden: Tensor, n: int) -> None:
+        """Raise unless the velocity model's ``hidden`` has the layout, batch, width and tokens expected."""
         layout = self.hidden_layout
         want = 2 if layout == "flat" else 3
         if hidden.dim() != want or hidden.shape[0] != n or hidden.shape[-1] != self.hidden_features:
@@ -236,6 +236,11 @@ class FlowMatchingPredictor(Pretrained, Predictor):
                 f"event shape {tuple(self.event_shape)} with patch_size={self.patch_size}, got "
                 f"{hidden.shape[1]} (shape {tuple(hidden.shape)})"
             )
+
+    def _delta(self, hidden: Tensor, t: Tensor, s: Tensor, n: int) -> Tensor:
+        """The head's output ``(N, num_outputs, *event)``, zero at initialisation."""
+        layout = self.hidden_layout
+        self._check_hidden(hidden, n)
         feats = hidden
         if self.time_features:
             ts = torch.cat([self.time(t), self.time(s)], dim=-1).to(hidden.dtype)  # (N, 2 F_t)
