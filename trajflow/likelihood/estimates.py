@@ -183,12 +183,7 @@ def elbo_bits_per_dim(
     if bound not in (*BOUNDS, "both"):
         raise ValueError(f"bound: expected one of {(*BOUNDS, 'both')}, got {bound!r}")
     dist = _distribution_to_bound(model_or_dist, steps, cond, shift, t_min)
-    t0 = dist.grid[..., 0]
-    starts = ", ".join(f"{v:.6g}" for v in t0.unique().tolist())  # for messages (float32 grids: rounded)
-    if t_min is not None and not bool(((t0.double() - float(t_min)).abs() <= 1e-6).all()):  # float32 grids
-        raise ValueError(f"t_min: expected the distribution's grid start {starts} (or None), got {t_min!r}")
-    # At t_0 = 0 both readings of the bounds coincide; the plain one draws no x_(t_0) (same draws as before).
-    from_data = bool((t0 > 0).any())
+    starts, from_data = _grid_start(dist, t_min)
     data_shape = dist.data_shape
     if x_int.dim() < len(data_shape) or x_int.shape[x_int.dim() - len(data_shape) :] != data_shape:
         raise ValueError(
@@ -230,6 +225,17 @@ def _distribution_to_bound(
         t_min = TRAIN_T_MIN[0] if t_min is None else float(t_min)
         return model_or_dist.distribution(time_grid(steps, t_min, shift, device=model_or_dist.device), cond)
     raise ValueError(f"model_or_dist: expected an NTM or a TrajectoryDistribution, got {type(model_or_dist).__name__}")
+
+
+def _grid_start(dist: TrajectoryDistribution, t_min: float | None) -> tuple[str, bool]:
+    """The grid's start :math:`t_0` for messages, checked against ``t_min``, and whether the bound is on the data
+    through the decoder at :math:`t_0` (``from_data``: wherever :math:`t_0 > 0`)."""
+    t0 = dist.grid[..., 0]
+    starts = ", ".join(f"{v:.6g}" for v in t0.unique().tolist())  # for messages (float32 grids: rounded)
+    if t_min is not None and not bool(((t0.double() - float(t_min)).abs() <= 1e-6).all()):  # float32 grids
+        raise ValueError(f"t_min: expected the distribution's grid start {starts} (or None), got {t_min!r}")
+    # At t_0 = 0 both readings of the bounds coincide; the plain one draws no x_(t_0) (same draws as before).
+    return starts, bool((t0 > 0).any())
 
 
 def _warn_above_uniform(shown: Tensor, bound: str, levels: int, starts: str) -> None:
