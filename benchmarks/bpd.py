@@ -2,8 +2,8 @@ r"""Test-set bits/dim of an NTM against a single TarFlow-style flow and the Gaus
 
 Methods, all trained by maximum likelihood on uniformly dequantised data in [-1, 1) by
 :class:`trajflow.train.Trainer` (AdamW, warmup and cosine decay) for the **same wall-clock time** on the same
-device (the ``equal-time`` budget): the NTM trains first (for ``budget_seconds``, or for ``iters``
-iterations when that is 0) and its measured seconds become the ``TrainerConfig.time_budget`` of every other
+device (the ``equal-time`` budget): the NTM trains first (for ``time_budget`` seconds, or for ``max_steps``
+optimizer steps when that is 0) and its measured seconds become the ``TrainerConfig.time_budget`` of every other
 likelihood model of the same seed, whose learning-rate schedule then runs on elapsed time so that it
 completes whatever its speed. Each row records ``train_seconds``, ``train_iters``, ``params`` and
 ``time_ratio`` (its seconds over the NTM's).
@@ -77,8 +77,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _common when run
 from _common import RESULTS, ROOT, command_line, read_results, source_state, write_results  # noqa: E402
 
 TRAJECTORY_MODELS = ("ntm", "gaussian")
-# A time-budgeted run's `TrainerConfig.steps`: a cap no run reaches (the budget ends it) and the scale of its
-# warmup, which is therefore the same share of the budget as `warmup / iters` is of an iteration budget.
+# A time-budgeted run's `TrainerConfig.max_steps`: a cap no run reaches (the budget ends it) and the scale of its
+# warmup, which is therefore the same share of the budget as `warmup / max_steps` is of a step budget.
 TIMED_STEPS = 10**8
 
 
@@ -94,7 +94,7 @@ class BpdConfig:
     transporter_blocks: int  # the NTM's transporter: a shallow AR flow (NTM uses 2 blocks)
     transporter_layers: int  # layers per transporter block
     batch_size: int
-    iters: int
+    max_steps: int
     lr: float
     warmup: int
     eval_samples: int  # dequantisation draws per test image
@@ -104,7 +104,7 @@ class BpdConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     ntm_batch_size: int = 0  # > 0: the batch size of the NTM and the Gaussian-step model (tuned separately)
     ntm_lr: float = 0.0  # > 0: their peak learning rate
-    budget_seconds: float = 0.0  # > 0: the NTM trains for this many seconds (else for `iters`); others as long
+    time_budget: float = 0.0  # > 0: the NTM trains for this many seconds (else for `max_steps`); others as long
     ntm_mode: str = "trajectory"  # TrajectoryNLL mode of the NTM and Gaussian-step model: "trajectory" / "pair"
     val_images: int = 288  # images carved from train for --split validation (tuning never sees the test set)
     steps: int = 4
@@ -117,7 +117,7 @@ class BpdConfig:
 
 CONFIGS: dict[str, BpdConfig] = {
     # 8x8 digits as 16 tokens of 2x2 patches; ~0.35M parameters per likelihood model. The NTM trains for
-    # budget_seconds of wall-clock time (pair mode, batch 32: tuned on the validation split, docs/bpd.md),
+    # time_budget seconds of wall-clock time (pair mode, batch 32: tuned on the validation split, docs/bpd.md),
     # every other likelihood model for as long as the NTM of the same seed did. ~18 min on one core.
     "cpu": BpdConfig(
         tasks=("digits",),
@@ -128,17 +128,17 @@ CONFIGS: dict[str, BpdConfig] = {
         transporter_blocks=2,
         transporter_layers=1,
         batch_size=32,
-        iters=600,  # the warmup's share (50 / 600) and flow matching's iterations
+        max_steps=600,  # the warmup's share (50 / 600) and flow matching's steps
         lr=3e-3,
         warmup=50,
         eval_samples=4,
         eval_batch=355,
         iwae_samples=64,
         ntm_mode="pair",
-        budget_seconds=80.0,
+        time_budget=80.0,
     ),
     # 28x28 as 196 tokens of 2x2 patches; ~45M parameters per likelihood model. Not run in this repository
-    # yet: the budget (iterations) is a plan for one H100, not a measured time.
+    # yet: the budget (max_steps) is a plan for one H100, not a measured time.
     "gpu": BpdConfig(
         tasks=("mnist", "fashion-mnist"),
         patch_size=2,
@@ -148,7 +148,7 @@ CONFIGS: dict[str, BpdConfig] = {
         transporter_blocks=2,
         transporter_layers=2,
         batch_size=256,
-        iters=60_000,
+        max_steps=60_000,
         lr=3e-4,
         warmup=2_000,
         eval_samples=4,
@@ -158,7 +158,7 @@ CONFIGS: dict[str, BpdConfig] = {
 }
 
 # --smoke: the options (and config fields) that shrink any config to seconds on a CPU, every stage kept.
-SMOKE_OPTIONS: dict[str, Any] = {"max_iters": 2, "max_eval": 16}
+SMOKE_OPTIONS: dict[str, Any] = {"max_steps": 2, "max_eval": 16}
 SMOKE_FIELDS: dict[str, Any] = {
     "seeds": (0, 1),
     "batch_size": 4,
@@ -232,17 +232,17 @@ def lr_of(name: str, cfg: BpdConfig) -> float:
 
 
 def trainer_config(
-    name: str, cfg: BpdConfig, seed: int, device: torch.device, *, iters: int | None, seconds: float | None
+    name: str, cfg: BpdConfig, seed: int, device: torch.device, *, max_steps: int | None, time_budget: float | None
 ) -> TrainerConfig:
-    """``iters`` optimizer steps, or ``seconds`` of them (``time_budget``); linear warmup over the first
-    ``warmup / iters`` of the budget (at most 10%), then cosine decay to 1%; no EMA (the raw weights are
+    """``max_steps`` optimizer steps, or ``time_budget`` seconds of them; linear warmup over the first
+    ``warmup / cfg.max_steps`` of the budget (at most 10%), then cosine decay to 1%; no EMA (the raw weights are
     evaluated)."""
-    if (iters is None) == (seconds is None):
-        raise ValueError("trainer_config: give exactly one of iters and seconds")
-    steps = TIMED_STEPS if iters is None else iters
-    warmup_share = min(cfg.warmup, max(1, cfg.iters // 10)) / cfg.iters
+    if (max_steps is None) == (time_budget is None):
+        raise ValueError("trainer_config: give exactly one of max_steps and time_budget")
+    steps = TIMED_STEPS if max_steps is None else max_steps
+    warmup_share = min(cfg.warmup, max(1, cfg.max_steps // 10)) / cfg.max_steps
     return TrainerConfig(
-        steps=steps,
+        max_steps=steps,
         batch_size=batch_size_of(name, cfg),
         lr=lr_of(name, cfg),
         min_lr_ratio=0.01,
@@ -255,9 +255,9 @@ def trainer_config(
         log_every=cfg.log_every,
         checkpoint_every=steps,  # the final step only
         keep_checkpoints=1,
-        progress=sys.stderr.isatty() and seconds is None,  # a bar over TIMED_STEPS would say nothing
+        progress=sys.stderr.isatty() and time_budget is None,  # a bar over TIMED_STEPS would say nothing
         cpu=device.type == "cpu",
-        time_budget=seconds,
+        time_budget=time_budget,
     )
 
 
@@ -270,12 +270,13 @@ def train(
     device: torch.device,
     run_dir: Path,
     *,
-    iters: int | None = None,
-    seconds: float | None = None,
+    max_steps: int | None = None,
+    time_budget: float | None = None,
 ) -> TrainResult:
-    """Train ``model`` afresh in ``run_dir`` for ``iters`` steps or ``seconds`` of them (the equal-time budget)."""
+    """Train ``model`` afresh in ``run_dir`` for ``max_steps`` steps or ``time_budget`` seconds of them (the
+    equal-time budget)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed or appended one
-    trainer = Trainer(trainer_config(name, cfg, seed, device, iters=iters, seconds=seconds), run_dir)
+    trainer = Trainer(trainer_config(name, cfg, seed, device, max_steps=max_steps, time_budget=time_budget), run_dir)
     run_config = {"method": name, "task": train_set.name, "bpd": dataclasses.asdict(cfg)}
     return trainer.fit(model, objective(name, cfg, train_set.levels), train_set, run_config=run_config)
 
@@ -476,11 +477,11 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
     train_set, eval_set = split_data(task, args.split, cfg, args.max_eval)
     levels, shape = train_set.levels, train_set.image_shape
     eval_images = eval_set.images.to(device)
-    iters = cfg.iters if args.max_iters is None else min(cfg.iters, args.max_iters)
-    timed_ntm = cfg.budget_seconds > 0 and args.max_iters is None
+    max_steps = cfg.max_steps if args.max_steps is None else min(cfg.max_steps, args.max_steps)
+    timed_ntm = cfg.time_budget > 0 and args.max_steps is None
     print(
         f"{task}: {len(train_set)} train / {len(eval_set)} {args.split} images {shape}, {levels} levels, "
-        f"NTM {f'{cfg.budget_seconds:g} s' if timed_ntm else f'{iters} iters'} "
+        f"NTM {f'{cfg.time_budget:g} s' if timed_ntm else f'{max_steps} steps'} "
         f"({cfg.ntm_mode} mode), seeds {list(cfg.seeds)}"
     )
     common = {"split": args.split, "levels": levels, "test_images": len(eval_set)}
@@ -495,19 +496,19 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
             tf = models["tarflow"].transporter.config
             print(f"  tarflow: {tf.blocks} blocks x {tf.layers_per_block} layers, width {tf.width}")
         # the NTM's measured training seconds: the other methods' budget (the config's, without an NTM)
-        budget: float | None = cfg.budget_seconds if cfg.budget_seconds > 0 and "ntm" not in trained else None
+        budget: float | None = cfg.time_budget if cfg.time_budget > 0 and "ntm" not in trained else None
         for name in trained:
             model, run_dir = models[name], args.work / task / f"seed-{seed}" / name
             if name == "ntm" and timed_ntm:
-                result = train(name, model, train_set, cfg, seed, device, run_dir, seconds=cfg.budget_seconds)
+                result = train(name, model, train_set, cfg, seed, device, run_dir, time_budget=cfg.time_budget)
             elif name == "ntm" or budget is None:
-                result = train(name, model, train_set, cfg, seed, device, run_dir, iters=iters)
+                result = train(name, model, train_set, cfg, seed, device, run_dir, max_steps=max_steps)
             else:
-                result = train(name, model, train_set, cfg, seed, device, run_dir, seconds=budget)
+                result = train(name, model, train_set, cfg, seed, device, run_dir, time_budget=budget)
             if name == "ntm":
                 budget = result.train_seconds
             print(
-                f"  [{name}] trained {result.step} iters in {result.train_seconds:.0f} s, final loss {result.loss:.4f}",
+                f"  [{name}] trained {result.step} steps in {result.train_seconds:.0f} s, final loss {result.loss:.4f}",
                 flush=True,
             )
             if seed == cfg.seeds[0] and name in TRAJECTORY_MODELS and not args.no_samples:
@@ -526,10 +527,10 @@ def run_task(task: str, cfg: BpdConfig, args: argparse.Namespace, device: torch.
         if "fm" in models and seed == cfg.seeds[0] and not args.no_samples:
             # flow matching has no likelihood here: it is the 4-step sample-quality baseline of the grids
             run_dir = args.work / task / f"seed-{seed}" / "fm"
-            result = train("fm", models["fm"], train_set, cfg, seed, device, run_dir, iters=iters)
+            result = train("fm", models["fm"], train_set, cfg, seed, device, run_dir, max_steps=max_steps)
             path = args.samples_dir / f"{task}_fm_{cfg.steps}step.png"
             save_grid(sample_grid("fm", models["fm"], cfg, shape, seed), levels, path, cfg.grid_size, args.png_scale)
-            print(f"  [fm] trained {result.step} iters in {result.train_seconds:.0f} s; samples -> {path}")
+            print(f"  [fm] trained {result.step} steps in {result.train_seconds:.0f} s; samples -> {path}")
     return rows + aggregate(rows)
 
 
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set ntm_mode=pair --set lr=3e-3 (tuning)",
     )
-    parser.add_argument("--max-iters", type=int, help="cap the NTM's training iterations (smoke tests)")
+    parser.add_argument("--max-steps", type=int, help="cap max_steps, the NTM trained by steps (smoke tests)")
     parser.add_argument("--max-eval", type=int, help="evaluate on the first N images only (smoke tests)")
     parser.add_argument("--batch-size", type=int, help="override the training batch size (smoke tests)")
     parser.add_argument("--eval-samples", type=int, help="override the dequantisation draws per image (smoke tests)")

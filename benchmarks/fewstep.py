@@ -15,7 +15,7 @@ Stages, each cached under ``--work`` (a killed run resumes; finished runs are no
    5,000 training images with them.
 3. **Teacher.** :class:`~trajflow.predictors.transformer.TransformerVelocity` trained with flow matching.
 4. **Rows**, every one started from the teacher and trained by :class:`~trajflow.train.Trainer` for
-   ``budget_seconds`` (``"budget": "equal-time"``), for each seed:
+   ``time_budget`` seconds (``"budget": "equal-time"``), for each seed:
 
    * ``fm-euler`` / ``fm-heun``: flow matching continued; Euler at 4, 8 and 50 steps, Heun at 4 (7 calls).
    * ``ntm-fm``: :func:`trajflow.finetune.init_from_flow_matching` + :class:`trajflow.finetune.FinetuneLoss`
@@ -97,7 +97,7 @@ class FewStepConfig:
     teacher_batch: int = 64
     teacher_lr: float = 1e-3
     # fine-tuning rows
-    budget_seconds: float = 240.0
+    time_budget: float = 240.0
     batch_size: int = 64
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = ("fm", "ntm-fm", "ntm-fm-gaussian", "progressive-distillation", "meanflow")
@@ -120,7 +120,7 @@ CONFIGS: dict[str, FewStepConfig] = {
         depth=6,
         teacher_seconds=60.0,  # with the reader and 15 rows of 12 s, the 5 minutes of the GPU run script
         teacher_batch=256,
-        budget_seconds=12.0,
+        time_budget=12.0,
         batch_size=256,
         threads=16,
         reader=ReaderConfig(image_shape=(1, 28, 28)),
@@ -131,7 +131,7 @@ CONFIGS: dict[str, FewStepConfig] = {
         depth=1,
         heads=2,
         teacher_seconds=2.0,
-        budget_seconds=2.0,
+        time_budget=2.0,
         batch_size=16,
         teacher_batch=16,
         seeds=(0,),
@@ -178,10 +178,10 @@ def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Pa
     final = folder / "final"
     if not (final / "config.json").exists():
         tcfg = TrainerConfig(
-            steps=1_000_000,
+            max_steps=1_000_000,
             batch_size=cfg.teacher_batch,
             lr=cfg.teacher_lr,
-            warmup_steps=20_000,  # with a time budget: 2% of it (warmup_steps / steps of the budget)
+            warmup_steps=20_000,  # with a time budget: 2% of it (warmup_steps / max_steps of the budget)
             ema_decay=0.999,
             checkpoint_every=2000,
             log_every=200,
@@ -400,7 +400,7 @@ def trainer_config(
     cfg: FewStepConfig, seed: int, lr: float, seconds: float, lr_scales: dict[str, float] | None = None
 ) -> TrainerConfig:
     return TrainerConfig(
-        steps=1_000_000,
+        max_steps=1_000_000,
         batch_size=cfg.batch_size,
         lr=lr,
         warmup_steps=20_000,  # 2% of the budget (the schedule follows the elapsed share of time_budget)
@@ -423,7 +423,7 @@ def finetune(
     tag: str,
     variant: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune one row from the teacher for ``budget_seconds`` and read it; cached as ``runs/<tag>.json``."""
+    """Fine-tune one row from the teacher for ``time_budget`` seconds and read it; cached as ``runs/<tag>.json``."""
     record_path = work / "runs" / f"{tag}.json"
     if record_path.exists():
         return json.loads(record_path.read_text())
@@ -468,7 +468,7 @@ def finetune(
         for i, teacher_steps in enumerate(row.rounds):
             loss = ProgressiveDistillationLoss(copy.deepcopy(row.model), teacher_steps, cond_drop=0.0)
             objective = _Dequantized(lambda m, x, step, g, loss=loss: loss(m, x, generator=g), "pd_mse")
-            seconds = cfg.budget_seconds / len(row.rounds)
+            seconds = cfg.time_budget / len(row.rounds)
             trainer = Trainer(trainer_config(cfg, seed, row.lr, seconds), run_dir / f"round-{teacher_steps}")
             points = max(1, cfg.curve_points // len(row.rounds))
             log = run_dir.parent / f"{tag}-round-{teacher_steps}.curve.jsonl"
@@ -483,7 +483,7 @@ def finetune(
             elapsed += result.train_seconds
         train_seconds, steps_done = elapsed, None
     else:
-        trainer = Trainer(trainer_config(cfg, seed, row.lr, cfg.budget_seconds, row.lr_scales), run_dir)
+        trainer = Trainer(trainer_config(cfg, seed, row.lr, cfg.time_budget, row.lr_scales), run_dir)
         log = run_dir.parent / f"{tag}.curve.jsonl"
         result = trainer.fit(
             row.model,
@@ -529,7 +529,7 @@ def finetune(
         "variant": variant,
         "train_seconds": train_seconds,
         "train_steps": steps_done,
-        "budget_seconds": cfg.budget_seconds,
+        "budget_seconds": cfg.time_budget,  # records keep their key
         "wall_seconds": time.perf_counter() - t_start,
         "curve": curve,
         "final": final,
@@ -1065,7 +1065,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="*", default=None)
     ap.add_argument("--recipe", nargs="*", default=[], help="NTM recipe overrides key=json (a variant run)")
     ap.add_argument("--variant", default=None, help="name of the variant (its runs are tagged with it)")
-    ap.add_argument("--budget", type=float, default=None, help="override budget_seconds")
+    ap.add_argument("--budget", type=float, default=None, help="override time_budget")
     ap.add_argument("--smoke", action="store_true", help="--config smoke")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -1073,7 +1073,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     if args.budget:
-        cfg = dataclasses.replace(cfg, budget_seconds=args.budget)
+        cfg = dataclasses.replace(cfg, time_budget=args.budget)
     work = args.work or ROOT / "runs" / f"fewstep-{'smoke' if args.smoke else args.config}"
     source = source_state()
     state = prepare(cfg, work)
@@ -1093,9 +1093,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # -- the results file: every finished run of this config (variant runs too, tagged with their variant)
-    records = [
-        run_variant(json.loads(p.read_text()), cfg.budget_seconds) for p in sorted((work / "runs").glob("*.json"))
-    ]
+    records = [run_variant(json.loads(p.read_text()), cfg.time_budget) for p in sorted((work / "runs").glob("*.json"))]
     main_runs = [r for r in records if not r.get("variant") and r["seed"] in cfg.seeds and r["method"] in cfg.methods]
     seen: dict[tuple[str, int], str] = {}
     for r in main_runs:
@@ -1112,7 +1110,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (work / "fewstep.json" if args.smoke else RESULTS / "fewstep.json")
     extra = {
         "config_name": "smoke" if args.smoke else args.config,
-        "config": dataclasses.asdict(cfg),
+        # records keep their key budget_seconds (the tables and old records read it)
+        "config": {("budget_seconds" if k == "time_budget" else k): v for k, v in dataclasses.asdict(cfg).items()},
         "recipe": RECIPE,
         "default_recipes": DEFAULT_RECIPES,
         "t2i_recipe": T2I_RECIPE,

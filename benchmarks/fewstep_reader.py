@@ -123,7 +123,7 @@ def load_or_train_reader(
     weights = folder / "reader.safetensors"
     if not weights.exists():
         tcfg = TrainerConfig(
-            steps=cfg.steps,
+            max_steps=cfg.steps,
             batch_size=cfg.batch_size,
             lr=cfg.lr,
             warmup_steps=min(100, cfg.steps // 10),

@@ -1,8 +1,9 @@
 r"""Text-to-image at equal training time: NTM at 4 steps against flow matching at 4 and 50 Euler steps.
 
 Every method of a task trains, with :func:`examples.t2i.train.train_t2i`, from its recipe, a config file in
-``examples/t2i/configs``, for the same **wall-clock budget** (``budget_seconds``), on the same data, text encoder
-(frozen MiniLM), batch size, optimiser, schedule shape, EMA and seed:
+``examples/t2i/configs``, for the same **wall-clock budget** (``time_budget``; the rows record it as
+``budget_seconds``), on the same data, text encoder (frozen MiniLM), batch size, optimiser, schedule shape, EMA
+and seed:
 
 * ``fm-euler``: a :class:`~trajflow.velocity.TransformerVelocity` trained with flow matching,
   sampled with 4 and 50 Euler steps;
@@ -128,7 +129,7 @@ class Task:
 class BenchConfig:
     tasks: list[Task]
     methods: list[Method]
-    budget_seconds: float
+    time_budget: float
     seeds: tuple[int, ...] = (0, 1, 2)
     threads: int | None = None
     workers: int = 1
@@ -150,7 +151,7 @@ class BenchConfig:
 # NTM initialised from flow matching (NTM §3.3), shapes_cpu_ntm_fm.json: the same training levels and
 # transporter bound, lr 3e-4, lambda = 2.5 cosine-decayed over the fine-tuning run. With no
 # model.aux_decay_steps, lambda follows the run's progress, here the share of the fine-tuning stage's
-# train.time_budget spent (train.steps is only the STEP_CAP). Results written before that fix kept lambda at
+# train.time_budget spent (train.max_steps is only the STEP_CAP). Results written before that fix kept lambda at
 # about 2.5 for the whole run (it decayed over the 1,000,000-step cap). Its model.init_from is replaced by the
 # flow-matching run the benchmark pre-trains (shapes_cpu_smoke_fm.json, for pretrain_fraction of the budget).
 METHODS = [
@@ -191,7 +192,7 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     "cpu": BenchConfig(
         tasks=[Task("shapes-16px", "shapes_cpu_smoke.json", ["sample.grid_prompts=0", "train.progress=false"])],
         methods=METHODS,
-        budget_seconds=210.0,
+        time_budget=210.0,
         threads=1,
         workers=2,
     ),
@@ -199,7 +200,7 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     "cpu-ablations": BenchConfig(
         tasks=[Task("shapes-16px", "shapes_cpu_smoke.json", ["sample.grid_prompts=0", "train.progress=false"])],
         methods=ABLATIONS,
-        budget_seconds=200.0,
+        time_budget=200.0,
         seeds=(0,),
         threads=1,
         workers=2,
@@ -215,7 +216,7 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
             Method("ntm", "shapes_cpu_ntm.json"),
             Method("ntm", "shapes_cpu_ntm.json", WEIGHTED, variant="weighted-1-2-4-8"),
         ],
-        budget_seconds=210.0,
+        time_budget=210.0,
         threads=1,
         workers=2,
         write_grid=False,
@@ -225,7 +226,7 @@ BENCH_CONFIGS: dict[str, BenchConfig] = {
     "gpu": BenchConfig(
         tasks=[Task("shapes-32px", "shapes_32_gpu.json", ["sample.grid_prompts=0"], n_prompts=1024)],
         methods=GPU_METHODS,
-        budget_seconds=900.0,
+        time_budget=900.0,
     ),
 }
 
@@ -240,7 +241,7 @@ def _config(base: dict, overrides: list[str], seconds: float, name: str) -> T2IC
         apply_overrides(
             base,
             overrides
-            + [f"train.steps={STEP_CAP}", f"train.warmup_steps={WARMUP}", f"train.checkpoint_every={STEP_CAP}"]
+            + [f"train.max_steps={STEP_CAP}", f"train.warmup_steps={WARMUP}", f"train.checkpoint_every={STEP_CAP}"]
             + [f"train.time_budget={seconds}", f"name={json.dumps(name)}"],
         )
     )
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     bench = BENCH_CONFIGS[args.config]
     args.work = args.work or str(ROOT / "runs" / f"bench-{args.config}")
-    budget = bench.budget_seconds
+    budget = bench.time_budget
     out = Path(args.out) if args.out else RESULTS / f"{bench.results_name}.json"
     if args.smoke:
         bench = replace(bench, seeds=bench.seeds[:1], workers=1, guidance_grid=(0.0, 3.0), grid_prompts=2)

@@ -55,7 +55,7 @@ CONFIGS: dict[str, dict] = {
     "quick": {
         "densities": TARGET_DENSITIES,
         "seeds": (0,),
-        "overrides": {"iters": 500, "sample_size": 10_000, "test_size": 10_000},
+        "overrides": {"max_steps": 500, "sample_size": 10_000, "test_size": 10_000},
     },
     # The benchmark of docs/toy.md: the CLI job's default budget (1200 steps per method), 3 seeds.
     "full": {"densities": ALL_DENSITIES, "seeds": (0, 1, 2), "overrides": {"sample_size": 10_000, "test_size": 10_000}},
@@ -147,10 +147,10 @@ def build_configs(args: argparse.Namespace) -> tuple[list[str], list[int], dict]
         if key not in fields or not _:
             raise SystemExit(f"--set: expected FIELD=VALUE with a ToyConfig field, got {item!r}")
         overrides[key] = parse_value(value)
-    if args.iters is not None:
-        overrides["iters"], overrides["seconds"] = args.iters, None
-    if args.seconds is not None:
-        overrides["iters"], overrides["seconds"] = None, args.seconds
+    if args.max_steps is not None:
+        overrides["max_steps"], overrides["time_budget"] = args.max_steps, None
+    if args.time_budget is not None:
+        overrides["max_steps"], overrides["time_budget"] = None, args.time_budget
     return densities, seeds, overrides
 
 
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> None:
             cfg = ToyConfig(
                 **{"density": density, "seed": seed, "progress": not args.quiet, "device": args.device, **overrides}
             )
-            budget = cfg.iters if cfg.iters is not None else f"{cfg.seconds}s"
+            budget = cfg.max_steps if cfg.max_steps is not None else f"{cfg.time_budget}s"
             if (density, seed, budget) in done:
                 print(f"[toy] {density} seed {seed} budget {budget}: already in {out}, skipped")
                 continue
@@ -199,7 +199,9 @@ def run(args: argparse.Namespace) -> None:
                 device=args.device,
                 source=source,
                 # Density, seed and budget vary per row (see each row's task, seed and budget).
-                extra={"config": {**cfg.to_dict(), "density": None, "seed": None, "iters": None, "seconds": None}},
+                extra={
+                    "config": {**cfg.to_dict(), "density": None, "seed": None, "max_steps": None, "time_budget": None}
+                },
             )
             print(f"[toy] {density} seed {seed}: {time.perf_counter() - t0:.0f} s; {len(rows)} rows in {out}")
     print(f"[toy] total {time.perf_counter() - start:.0f} s")
@@ -387,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default="quick")
     p.add_argument("--densities", default=None, help="comma-separated densities (default: the config's)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's)")
-    p.add_argument("--iters", type=int, default=None, help="optimizer steps per method (overrides the config)")
-    p.add_argument("--seconds", type=float, default=None, help="training seconds per method instead of --iters")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps per method (overrides the config)")
+    p.add_argument("--time-budget", type=float, default=None, help="training seconds per method, not --max-steps")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a ToyConfig field")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS / "toy.json"), help="results file")

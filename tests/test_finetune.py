@@ -324,9 +324,9 @@ def test_finetune_loss_is_a_trainer_objective_and_lambda_follows_the_time_budget
 
     timed.loss_name = loss.loss_name
     data = TensorDataset(torch.randn(32, 2), torch.randint(3, (32,)))  # batches (x0, labels): conditional
-    # A time-budgeted run: `steps` is only a cap, 4 s of budget; lambda must follow the budget's share.
+    # A time-budgeted run: `max_steps` is only a cap, 4 s of budget; lambda must follow the budget's share.
     cfg = TrainerConfig(
-        steps=1_000_000, batch_size=8, warmup_steps=0, log_every=1, checkpoint_every=2, progress=False,
+        max_steps=1_000_000, batch_size=8, warmup_steps=0, log_every=1, checkpoint_every=2, progress=False,
         time_budget=4.0, lr=1e-3,
     )  # fmt: skip
     part = Trainer(cfg, tmp_path).fit(model, timed, data, stop_at=2)
@@ -339,7 +339,7 @@ def test_finetune_loss_is_a_trainer_objective_and_lambda_follows_the_time_budget
     assert history[-1]["aux"] > 0  # training moved the backbone away from the reference
     # The loss itself, untouched, is the objective too (the Trainer's call form, step-based decay).
     plain = FinetuneLoss(loss.nll, loss.align, decay_steps=4)
-    out = Trainer(TrainerConfig(steps=3, batch_size=8, warmup_steps=0, log_every=1, progress=False), tmp_path / "b")
+    out = Trainer(TrainerConfig(max_steps=3, batch_size=8, warmup_steps=0, log_every=1, progress=False), tmp_path / "b")
     result = out.fit(model, plain, data)
     assert [h["lambda"] for h in result.history] == pytest.approx([2.5, 2.5 * 0.5 * (1 + math.cos(math.pi / 4)), 1.25])
 
@@ -383,7 +383,7 @@ def test_t2i_benchmark_decays_the_alignment_weight_over_the_time_budget():
     finally:
         sys.path.remove(str(root / "benchmarks"))
         sys.modules.pop("bench_t2i", None)
-    assert cfg.train.steps == bench.STEP_CAP and cfg.train.time_budget == 52.5
+    assert cfg.train.max_steps == bench.STEP_CAP and cfg.train.time_budget == 52.5
     objective = TextToImageObjective(cfg, None, (3, 16, 16), reference=MLPVelocity(features=2, width=8, depth=1))
     lam = objective.loss.lambda_at
     # what the Trainer hands in after 300 steps and half the budget: half-way down the cosine (it was 2.5)

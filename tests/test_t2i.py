@@ -50,7 +50,7 @@ def tiny(kind: str = "ntm", encoder: str = "minilm", **train) -> dict:
         },
         "text": {"encoder": encoder, "max_length": 24},
         "train": {
-            "steps": 6,
+            "max_steps": 6,
             "batch_size": 8,
             "warmup_steps": 2,
             "log_every": 2,
@@ -164,6 +164,8 @@ def test_hashing_encoder_is_deterministic_and_word_aware():
         ({"modle": {}}, r"config: T2IConfig has no field\(s\) \['modle'\]"),
         ({"text": {"encoder": "t5"}}, r"text\.encoder"),
         ({"train": {"mixed_precision": "fp16"}}, r"train\.mixed_precision"),
+        # optimizer steps were train.steps before 0.3.0: the old key is named with its new name
+        ({"train": {"steps": 6}}, r"config\.train\.steps: renamed config\.train\.max_steps in trajflow 0\.3\.0"),
         ({"model": {"predictor": "gaussian"}}, r"model\.predictor: expected 'residual' or 'posterior'"),
         ({"model": {"transporter": "nsf"}}, r"model\.transporter: expected 'transformer' or 'identity'"),
         ({"model": {"factor_weights": [1, 2]}}, r"model\.factor_weights: expected one weight per step factor"),
@@ -257,7 +259,7 @@ def test_example_scripts(tmp_path, capsys):
 
     # The same --out again without --resume: refused, naming --resume; the run is left as it was.
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    assert train.main(["--config", str(cfg_file), "--out", str(out), "--set", "train.steps=3"]) == 2
+    assert train.main(["--config", str(cfg_file), "--out", str(out), "--set", "train.max_steps=3"]) == 2
     assert "already holds a run; pass --resume" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert (out / "checkpoints" / "step-0000006").is_dir()

@@ -49,7 +49,7 @@ def tiny(kind: str = "fm", **model) -> dict:
         },
         "text": {"encoder": "hashing", "max_length": 24},
         "train": {
-            "steps": 4,
+            "max_steps": 4,
             "batch_size": 8,
             "warmup_steps": 1,
             "log_every": 1,
@@ -138,7 +138,11 @@ def test_ntm_fm_trains_resumes_and_keeps_the_reference_out(tmp_path, fm_run, ntm
 
 def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
     result = distill_t2i(
-        ntm_fm_run, tmp_path / "den", iters=3, config=DistillConfig(batch_size=4, depth=1, log_every=1), progress=False
+        ntm_fm_run,
+        tmp_path / "den",
+        max_steps=3,
+        config=DistillConfig(batch_size=4, depth=1, log_every=1),
+        progress=False,
     )
     assert len(result.history) == 3 and all(torch.isfinite(torch.tensor(h["mse"])) for h in result.history)
     assert [h["step"] for h in result.history] == [1, 2, 3] and result.step == 3
@@ -164,7 +168,7 @@ def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
     with pytest.raises(ValueError, match="NTM"):
         load_t2i(fm_run).generate(PROMPTS[:1], path="full")
     with pytest.raises(ValueError, match="NTM run"):
-        distill_t2i(fm_run, tmp_path / "nope", iters=1, progress=False)
+        distill_t2i(fm_run, tmp_path / "nope", max_steps=1, progress=False)
     with pytest.raises(ValueError, match=r"distill: DistillConfig has no field\(s\) \['nope'\]"):
         DistillConfig.from_overrides(["nope=1"])
 
@@ -179,26 +183,26 @@ def test_distill_and_the_three_sampling_paths(tmp_path, ntm_fm_run, fm_run):
 
 def test_distillation_resumes_exactly_and_refuses_other_settings(tmp_path, ntm_fm_run, capsys):
     config = DistillConfig(batch_size=4, depth=1, log_every=1, checkpoint_every=2)
-    whole = distill_t2i(ntm_fm_run, tmp_path / "whole", iters=4, config=config, progress=False)
-    part = distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=config, progress=False, stop_at=2)
+    whole = distill_t2i(ntm_fm_run, tmp_path / "whole", max_steps=4, config=config, progress=False)
+    part = distill_t2i(ntm_fm_run, tmp_path / "part", max_steps=4, config=config, progress=False, stop_at=2)
     assert part.step == 2 and part.checkpoint.name == "step-0000002"
     # 24 examples / batch 4 = 6 batches an epoch: the resumed part continues the same epoch
-    resumed = distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=config, progress=False, resume=True)
+    resumed = distill_t2i(ntm_fm_run, tmp_path / "part", max_steps=4, config=config, progress=False, resume=True)
     assert resumed.step == 4 and [h["step"] for h in resumed.history] == [3, 4]
     assert [h["mse"] for h in part.history + resumed.history] == [h["mse"] for h in whole.history]
     a, b = whole.denoiser.state_dict(), load_denoiser(resumed.path).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     other = DistillConfig(batch_size=4, depth=1, log_every=1, checkpoint_every=2, lr=1e-3)
     with pytest.raises(ValueError, match=r"distill\.lr \(checkpoint: 0\.0003, now: 0\.001\)"):
-        distill_t2i(ntm_fm_run, tmp_path / "part", iters=4, config=other, progress=False, resume=True)
-    with pytest.raises(ValueError, match="iters: expected a positive integer"):
-        distill_t2i(ntm_fm_run, tmp_path / "x", iters=0, progress=False)
+        distill_t2i(ntm_fm_run, tmp_path / "part", max_steps=4, config=other, progress=False, resume=True)
+    with pytest.raises(ValueError, match="max_steps: expected a positive integer"):
+        distill_t2i(ntm_fm_run, tmp_path / "x", max_steps=0, progress=False)
 
     script = _script("distill")  # the command line: a run, then its continuation
     args = ["--checkpoint", str(ntm_fm_run), "--out", str(tmp_path / "cli"), "--set", "batch_size=4"]
     args += ["--set", "depth=1", "--device", "cpu"]
-    assert script.main([*args, "--iters", "2"]) == 0
-    assert script.main([*args, "--iters", "2", "--set", "lr=1e-3", "--resume"]) == 2  # other settings: refused
+    assert script.main([*args, "--max-steps", "2"]) == 0
+    assert script.main([*args, "--max-steps", "2", "--set", "lr=1e-3", "--resume"]) == 2  # other settings: refused
     assert "distill.lr" in capsys.readouterr().err
 
 
@@ -211,7 +215,7 @@ def test_ntm_fm_config_errors(tmp_path, fm_run):
         init_ntm_from_fm(cfg, encoder, (3, 16, 16))
     assert "model.depth" not in str(e.value)
     ntm = tmp_path / "ntm"
-    train_t2i(T2IConfig.from_dict({**tiny("ntm"), "train": {**tiny()["train"], "steps": 1}}), ntm)
+    train_t2i(T2IConfig.from_dict({**tiny("ntm"), "train": {**tiny()["train"], "max_steps": 1}}), ntm)
     with pytest.raises(ValueError, match="flow-matching run"):
         init_ntm_from_fm(T2IConfig.from_dict(tiny("ntm-fm", init_from=str(ntm))), encoder, (3, 16, 16))
 

@@ -29,7 +29,7 @@ def tiny(**model) -> dict:
         "model": {"patch_size": 4, "width": 32, "depth": 1, "heads": 2, "time_features": 16, "transporter_layers": 1}
         | model,
         "text": {"encoder": "hashing", "max_length": 24},
-        "train": {"steps": 2, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 100, "progress": False},
+        "train": {"max_steps": 2, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 100, "progress": False},
         "sample": {"steps": 3, "guidance": 2.0, "batch_size": 8, "grid_prompts": 0},
     }
 

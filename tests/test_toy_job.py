@@ -37,9 +37,9 @@ def _metrics_to_rows(metrics: dict) -> list[dict]:
     return module.metrics_to_rows(metrics)
 
 
-def tiny(iters: int = 3) -> list[str]:
+def tiny(max_steps: int = 3) -> list[str]:
     """A few optimizer steps and small evaluation sets: every run below takes seconds on one CPU core."""
-    return ["--iters", str(iters), "--batch-size", "64", "--eval-samples", "300", "--threads", "1", "--quiet"]
+    return ["--max-steps", str(max_steps), "--batch-size", "64", "--eval-samples", "300", "--threads", "1", "--quiet"]
 
 
 TINY = tiny()
@@ -48,7 +48,7 @@ LABELS = {"ntm", "gaussian", "fm-euler-4", "fm-euler-100", "nsf"}
 
 def _tiny_config(**kw) -> ToyConfig:
     base = dict(
-        iters=6,
+        max_steps=6,
         batch_size=32,
         test_size=100,
         sample_size=100,
@@ -116,7 +116,7 @@ def test_resume_with_another_budget_is_a_clear_error(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     # The budget sets the learning-rate schedule, so a resumed run must keep it; the error names the field.
     assert main([*args, *tiny(5), "--resume"]) == 2
-    assert "iters" in capsys.readouterr().err
+    assert "max_steps" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_reproduces_its_metrics(tmp_path: Path) -> None:
@@ -152,8 +152,8 @@ def test_existing_run_without_resume_is_a_clear_cli_error(tmp_path: Path, capsys
         (["--density", "not_a_density"], "invalid choice: 'not_a_density'"),
         (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
         (["--steps", "-3"], "argument --steps: expected an integer >= 1"),
-        (["--iters", "0"], "argument --iters: expected an integer >= 1"),
-        (["--iters", "5", "--seconds", "2"], "not allowed with argument"),
+        (["--max-steps", "0"], "argument --max-steps: expected an integer >= 1"),
+        (["--max-steps", "5", "--time-budget", "2"], "not allowed with argument"),
         (["--methods", "ntm,diffusion"], "argument --methods: expected a comma-separated subset"),
     ],
 )
@@ -178,8 +178,8 @@ def test_missing_out_is_an_error(capsys: pytest.CaptureFixture) -> None:
     [
         ({"density": "nope"}, "unknown toy density 'nope'; valid names"),
         ({"steps": 0}, "steps: expected an integer >= 1"),
-        ({"iters": None}, "exactly one training budget"),
-        ({"iters": 5, "seconds": 1.0}, "exactly one training budget"),
+        ({"max_steps": None}, "exactly one training budget"),
+        ({"max_steps": 5, "time_budget": 1.0}, "exactly one training budget"),
         ({"methods": ("ntm", "ddpm")}, "methods: expected a non-empty subset"),
         ({"t_min": 0.3}, "t_min"),
     ],
@@ -195,12 +195,25 @@ def test_from_dict_names_unknown_fields() -> None:
         ToyConfig.from_dict({"densty": "moons"})
 
 
-def test_seconds_budget(tmp_path: Path) -> None:
-    cfg = _tiny_config(iters=None, seconds=0.5, methods=("fm",))
+def test_keys_renamed_in_0_3_0_name_their_new_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    old = {k: v for k, v in ToyConfig().to_dict().items() if k not in ("max_steps", "time_budget")}
+    with pytest.raises(ValueError, match=r"config\.iters: renamed config\.max_steps in trajflow 0\.3\.0"):
+        ToyConfig.from_dict({**old, "iters": 1200, "seconds": None})
+    # A run folder written before 0.3.0, resumed: its config.json's old keys are named with their new names.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**old, "iters": 3, "seconds": None}))
+    assert main(["--out", str(out), "--methods", "nsf", *tiny(3), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "config.iters: renamed config.max_steps" in err and "config.seconds: renamed config.time_budget" in err
+
+
+def test_time_budget(tmp_path: Path) -> None:
+    cfg = _tiny_config(max_steps=None, time_budget=0.5, methods=("fm",))
     result = run_toy(cfg, tmp_path)
     entry = result.metrics["methods"]["fm-euler-4"]
     assert entry["train_iters"] >= 1 and 0.5 <= entry["train_seconds"] < 5.0
-    assert result.metrics["budget"] == {"seconds": 0.5}
+    assert result.metrics["budget"] == {"time_budget": 0.5}
 
 
 # -- interrupted and resumed methods ---------------------------------------------------------------------
@@ -210,9 +223,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(method: str, tmp_path: Pat
     reference, ref_record = train_method(method, cfg, tmp_path / "whole")
     # Killed after step 3: a step that is not a multiple of checkpoint_every, checkpointed as an interruption.
     _, first = train_method(method, cfg, tmp_path / "split", stop_at=3)
-    assert first.iters == 3
+    assert first.step == 3
     resumed, record = train_method(method, cfg, tmp_path / "split", resume=True)
-    assert record.resumed_from == 3 and record.iters == 6 == ref_record.iters
+    assert record.resumed_from == 3 and record.step == 6 == ref_record.step
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
     # And training did move the weights (the comparison above is not between two untouched models).
@@ -228,7 +241,7 @@ def test_checkpoints_are_config_json_and_safetensors(tmp_path: Path) -> None:
     assert record.checkpoint == folder / "step-0000004"
     config = json.loads((record.checkpoint / "config.json").read_text())
     assert config["method"] == "ntm" and config["toy"]["density"] == "checkerboard"
-    assert config["train"]["steps"] == 6 and config["train"]["batch_size"] == 32
+    assert config["train"]["max_steps"] == 6 and config["train"]["batch_size"] == 32
     weights = load_file(record.checkpoint / "model.safetensors")
     assert set(weights) == set(build_model("ntm", cfg).state_dict())
     # The returned model holds the EMA weights of that checkpoint.

@@ -18,10 +18,12 @@ from trajflow.checkpoint import (
     atomic_write,
     check_config,
     config_differences,
+    dataclass_from_dict,
     load_model_weights,
     load_safetensors,
     load_state,
     save_model,
+    write_manifest,
 )
 from trajflow.ema import EMA
 from trajflow.schedules import CosineWarmup, cosine_with_warmup
@@ -63,7 +65,14 @@ def _data(n: int = 20) -> TensorDataset:
 
 def _config(**kw) -> TrainerConfig:
     base = dict(
-        steps=7, batch_size=4, lr=1e-2, warmup_steps=2, log_every=2, checkpoint_every=100, ema_decay=0.9, progress=False
+        max_steps=7,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        log_every=2,
+        checkpoint_every=100,
+        ema_decay=0.9,
+        progress=False,
     )
     return TrainerConfig(**{**base, **kw})
 
@@ -107,9 +116,9 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_resume_with_grad_accum(tmp_path):
-    whole = _fit(tmp_path / "a", _config(steps=4, grad_accum=2))
-    _fit(tmp_path / "b", _config(steps=4, grad_accum=2), stop_at=1)
-    resumed = _fit(tmp_path / "b", _config(steps=4, grad_accum=2), resume=True)
+    whole = _fit(tmp_path / "a", _config(max_steps=4, grad_accum=2))
+    _fit(tmp_path / "b", _config(max_steps=4, grad_accum=2), stop_at=1)
+    resumed = _fit(tmp_path / "b", _config(max_steps=4, grad_accum=2), resume=True)
     _assert_same(whole.checkpoint, resumed.checkpoint)
 
 
@@ -123,6 +132,23 @@ def test_resume_from_other_config_names_fields(tmp_path):
     # Log and checkpoint cadence may change.
     r = _fit(tmp_path, _config(log_every=1, checkpoint_every=3), resume=True)
     assert r.step == 7
+
+
+def test_keys_renamed_in_0_3_0_are_refused_with_their_new_names(tmp_path):
+    """``train.steps`` (optimizer steps before 0.3.0) is ``train.max_steps``: a config or a checkpoint that still
+    says ``steps`` is refused with both names, not ignored."""
+    with pytest.raises(ValueError, match=r"config\.train\.steps: renamed config\.train\.max_steps in trajflow 0\.3\.0"):
+        dataclass_from_dict(TrainerConfig, {"steps": 10}, "config.train")
+    _fit(tmp_path, _config(), stop_at=2)
+    ckpt = CheckpointDir(tmp_path / "checkpoints").latest()
+    saved = json.loads((ckpt / "config.json").read_text())
+    saved["train"]["steps"] = saved["train"].pop("max_steps")
+    (ckpt / "config.json").write_text(json.dumps(saved))
+    write_manifest(ckpt, 2)  # as a checkpoint written so would record it
+    with pytest.raises(
+        ValueError, match=r"train\.steps: renamed train\.max_steps in trajflow 0\.3\.0 \(in the checkpoint"
+    ):
+        _fit(tmp_path, _config(), resume=True)
 
 
 def test_the_caller_names_its_own_fields_that_may_change_on_resume(tmp_path):
@@ -139,7 +165,7 @@ def test_the_caller_names_its_own_fields_that_may_change_on_resume(tmp_path):
 
 
 def test_resume_without_checkpoint_starts_fresh(tmp_path):
-    assert _fit(tmp_path, _config(steps=2), resume=True).step == 2
+    assert _fit(tmp_path, _config(max_steps=2), resume=True).step == 2
 
 
 def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -190,7 +216,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
 
 
 def test_keep_last_k(tmp_path):
-    r = _fit(tmp_path, _config(steps=6, checkpoint_every=1, keep_checkpoints=2))
+    r = _fit(tmp_path, _config(max_steps=6, checkpoint_every=1, keep_checkpoints=2))
     assert [s for s, _ in CheckpointDir(tmp_path / "checkpoints").steps()] == [5, 6]
     assert r.checkpoint.name == "step-0000006"
     files = sorted(p.name for p in r.checkpoint.iterdir())
@@ -209,7 +235,7 @@ def test_keep_last_k(tmp_path):
 
 
 def test_log_records_loss_and_extras(tmp_path):
-    r = _fit(tmp_path, _config(steps=4))
+    r = _fit(tmp_path, _config(max_steps=4))
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4]
     assert {"loss", "lr", "grad_norm", "images_per_s", "noise_scale"} <= set(lines[0])
@@ -220,7 +246,7 @@ def test_nan_loss_is_reported(tmp_path):
     def bad(model, batch, generator, step):
         return model(batch[0]).sum() * float("nan")
 
-    trainer = Trainer(_config(steps=2, log_every=1), tmp_path)
+    trainer = Trainer(_config(max_steps=2, log_every=1), tmp_path)
     with pytest.raises(FloatingPointError, match="loss: became nan by step 1"):
         trainer.fit(Tiny(), bad, _data())
 
@@ -335,8 +361,8 @@ def test_rng_state_round_trip():
     "kw, field",
     [
         ({"mixed_precision": "fp16"}, "train.mixed_precision"),
-        ({"steps": 0}, "train.steps"),
-        ({"warmup_steps": 50, "steps": 10}, "train.warmup_steps"),
+        ({"max_steps": 0}, "train.max_steps"),
+        ({"warmup_steps": 50, "max_steps": 10}, "train.warmup_steps"),
         ({"ema_decay": 1.0}, "train.ema_decay"),
         ({"betas": (0.9,)}, "train.betas"),
         ({"grad_clip": -1.0}, "train.grad_clip: expected a non-negative number, got -1.0"),
@@ -349,7 +375,7 @@ def test_trainer_config_errors(kw, field):
 
 def test_trainer_and_fit_name_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="config: expected a trajflow.train.TrainerConfig, got dict"):
-        Trainer({"steps": 4}, tmp_path)
+        Trainer({"max_steps": 4}, tmp_path)
     trainer = Trainer(_config(), tmp_path)
     with pytest.raises(TypeError, match="model, objective: expected an nn.Module .*, got function and Tiny"):
         trainer.fit(noisy_objective, Tiny(), _data())
@@ -416,12 +442,12 @@ def test_time_budget_stops_on_time_with_the_schedule_over_the_budget(tmp_path):
         return (model(x) - 1.0).square().mean()
 
     cfg = TrainerConfig(
-        steps=10_000, batch_size=4, warmup_steps=500, lr=1e-2, min_lr_ratio=0.1, log_every=1,
+        max_steps=10_000, batch_size=4, warmup_steps=500, lr=1e-2, min_lr_ratio=0.1, log_every=1,
         checkpoint_every=10_000, progress=False, time_budget=0.3, ema_decay=0.0,
     )  # fmt: skip
     data = TensorDataset(torch.randn(64, 2))
     result = Trainer(cfg, tmp_path).fit(torch.nn.Linear(2, 1), slow_objective, data)
-    assert 5 <= result.step < 100  # stopped by the budget, far before `steps`
+    assert 5 <= result.step < 100  # stopped by the budget, far before `max_steps`
     assert 0.3 <= result.train_seconds < 0.3 + 0.2
     assert result.checkpoint is not None and result.checkpoint.name == f"step-{result.step:07d}"
     lrs = [h["lr"] for h in result.history]
@@ -445,7 +471,7 @@ def test_objective_receives_the_optimizer_step_across_micro_batches_and_resumpti
         seen.append(step)
         return noisy_objective(model, batch, generator, step)
 
-    cfg = _config(steps=5, grad_accum=2, checkpoint_every=1)
+    cfg = _config(max_steps=5, grad_accum=2, checkpoint_every=1)
     Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), stop_at=3)
     assert seen == [0, 0, 1, 1, 2, 2]  # one value per optimizer step, the same for each of its micro-batches
     seen.clear()
@@ -454,7 +480,7 @@ def test_objective_receives_the_optimizer_step_across_micro_batches_and_resumpti
 
 
 def test_a_resumed_run_carries_its_seconds_and_loss(tmp_path):
-    cfg = _config(steps=4, checkpoint_every=2, log_every=2)
+    cfg = _config(max_steps=4, checkpoint_every=2, log_every=2)
     part = _fit(tmp_path, cfg, stop_at=2)
     whole = _fit(tmp_path, cfg, resume=True)
     assert whole.train_seconds > part.train_seconds > 0  # the seconds of both sessions, not the last one's
@@ -463,7 +489,7 @@ def test_a_resumed_run_carries_its_seconds_and_loss(tmp_path):
 
 
 def test_evaluate_gives_a_learning_curve_with_the_ema_weights_outside_training_time(tmp_path):
-    cfg = TrainerConfig(steps=20, batch_size=4, warmup_steps=0, ema_decay=0.9, checkpoint_every=100, progress=False)
+    cfg = TrainerConfig(max_steps=20, batch_size=4, warmup_steps=0, ema_decay=0.9, checkpoint_every=100, progress=False)
     model = Tiny()
     seen = []
 
@@ -485,10 +511,10 @@ def test_evaluate_gives_a_learning_curve_with_the_ema_weights_outside_training_t
 
 
 def test_run_progress_is_the_larger_share_of_steps_and_budget():
-    assert TrainerConfig(steps=100, warmup_steps=0).run_progress(25, 1e9) == 0.25  # no budget: steps only
-    timed = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
+    assert TrainerConfig(max_steps=100, warmup_steps=0).run_progress(25, 1e9) == 0.25  # no budget: steps only
+    timed = TrainerConfig(max_steps=1_000_000, warmup_steps=0, time_budget=60.0)
     assert timed.run_progress(10, 15.0) == 0.25 and timed.run_progress(10, 120.0) == 1.0
-    assert TrainerConfig(steps=10, warmup_steps=0, time_budget=1e6).run_progress(5, 1.0) == 0.5  # the cap binds
+    assert TrainerConfig(max_steps=10, warmup_steps=0, time_budget=1e6).run_progress(5, 1.0) == 0.5  # the cap binds
 
 
 def test_objective_receives_the_progress_of_a_time_budget_across_resumption(tmp_path, monkeypatch):
@@ -501,19 +527,19 @@ def test_objective_receives_the_progress_of_a_time_budget_across_resumption(tmp_
         seen.append((step, progress))
         return noisy_objective(model, batch, generator, step)
 
-    cfg = _config(steps=1_000_000, warmup_steps=0, grad_accum=2, checkpoint_every=2, time_budget=5.0)
+    cfg = _config(max_steps=1_000_000, warmup_steps=0, grad_accum=2, checkpoint_every=2, time_budget=5.0)
     Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), stop_at=3)
     result = Trainer(cfg, tmp_path).fit(Tiny(), objective, _data(), resume=True)
     assert result.step == 5 and result.train_seconds == 5.0  # the budget, not the step cap, ended the run
     shares = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8]  # the same for both micro-batches of a step
     assert seen == [(k // 2, p) for k, p in zip(range(10), shares)]  # resumed at step 3 with 3 s done: 0.6
     # An objective without a progress parameter is called as before.
-    Trainer(_config(steps=2), tmp_path / "plain").fit(Tiny(), noisy_objective, _data())
+    Trainer(_config(max_steps=2), tmp_path / "plain").fit(Tiny(), noisy_objective, _data())
 
 
 def test_fit_leaves_the_raw_weights_and_returns_the_ema_one_call_away(tmp_path):
     model = Tiny()
-    result = Trainer(_config(steps=6, checkpoint_every=6), tmp_path).fit(model, noisy_objective, _data())
+    result = Trainer(_config(max_steps=6, checkpoint_every=6), tmp_path).fit(model, noisy_objective, _data())
     raw = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt_ema, _ = load_safetensors(result.checkpoint / "ema.safetensors")
     result.ema.copy_to(model)  # the one call
@@ -522,13 +548,14 @@ def test_fit_leaves_the_raw_weights_and_returns_the_ema_one_call_away(tmp_path):
     for k, v in ckpt_ema.items():
         assert torch.equal(averaged[k], v)  # now the checkpoint's EMA weights
     assert (
-        Trainer(_config(steps=2, ema_decay=0.0), tmp_path / "no-ema").fit(Tiny(), noisy_objective, _data()).ema is None
+        Trainer(_config(max_steps=2, ema_decay=0.0), tmp_path / "no-ema").fit(Tiny(), noisy_objective, _data()).ema
+        is None
     )
 
 
 def test_lr_scales_give_parameter_groups_their_own_learning_rate(tmp_path):
     cfg = TrainerConfig(
-        steps=3,
+        max_steps=3,
         batch_size=4,
         lr=1e-2,
         warmup_steps=0,
@@ -551,12 +578,12 @@ def test_lr_scales_give_parameter_groups_their_own_learning_rate(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ issue 16
 def test_a_fresh_run_never_overwrites_a_run_and_pruning_keeps_the_newest_save(tmp_path):
-    _fit(tmp_path, _config(steps=3))
+    _fit(tmp_path, _config(max_steps=3))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(
         FileExistsError, match=r"out_dir: .* already holds a run \(checkpoints up to step-0000003.*resume=True"
     ):
-        _fit(tmp_path, _config(steps=2))
+        _fit(tmp_path, _config(max_steps=2))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # config and log untouched
     # Step folders of a higher step (another history) never push out the checkpoint just written.
     ckpts = CheckpointDir(tmp_path / "other", keep=2)
@@ -568,23 +595,23 @@ def test_a_fresh_run_never_overwrites_a_run_and_pruning_keeps_the_newest_save(tm
 def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(tmp_path):
     from trajflow.checkpoint import DamagedCheckpointError, verify_checkpoint
 
-    whole = _fit(tmp_path / "ref", _config(steps=4))
-    _fit(tmp_path, _config(steps=4, checkpoint_every=1), stop_at=3)
+    whole = _fit(tmp_path / "ref", _config(max_steps=4))
+    _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), stop_at=3)
     newest = tmp_path / "checkpoints" / "step-0000003"
     data = (newest / "model.safetensors").read_bytes()
     (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.warns(RuntimeWarning, match=r"step-0000003.* is damaged: model\.safetensors has \d+ bytes"):
-        resumed = _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+        resumed = _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), resume=True)
     assert resumed.resumed_from.name == "step-0000002" and resumed.step == 4
     _assert_same(whole.checkpoint, resumed.checkpoint)  # continued exactly from the intact one
     # A step folder asked for by name is not replaced by another; with none intact, resuming is refused.
     (newest / "model.safetensors").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one flipped bit
     with pytest.raises(DamagedCheckpointError, match=r"model\.safetensors does not match its sha256"):
-        _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=newest)
+        _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), resume=newest)
     for path in (tmp_path / "checkpoints").glob("step-*"):
         (path / "optimizer.safetensors").write_bytes(b"")
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match=r"resume: no intact checkpoint in .*0 bytes"):
-        _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+        _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), resume=True)
     with pytest.raises(DamagedCheckpointError, match="optimizer.safetensors"):
         verify_checkpoint(tmp_path / "checkpoints" / "step-0000004")
 
@@ -592,12 +619,12 @@ def test_a_damaged_checkpoint_is_named_and_skipped_for_the_newest_intact_one(tmp
 def test_an_edited_step_in_trainer_json_is_not_obeyed(tmp_path):
     from trajflow.checkpoint import DamagedCheckpointError, verify_checkpoint, write_manifest
 
-    _fit(tmp_path, _config(steps=4, checkpoint_every=1), stop_at=3)
+    _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), stop_at=3)
     newest = tmp_path / "checkpoints" / "step-0000003"
     info = json.loads((newest / "trainer.json").read_text())
     (newest / "trainer.json").write_text(json.dumps({**info, "step": 1}, indent=2, sort_keys=True) + "\n")  # same size
     with pytest.warns(RuntimeWarning, match=r"trainer\.json does not match its sha256"):
-        resumed = _fit(tmp_path, _config(steps=4, checkpoint_every=1), resume=True)
+        resumed = _fit(tmp_path, _config(max_steps=4, checkpoint_every=1), resume=True)
     assert resumed.resumed_from.name == "step-0000002"
     # Even with a manifest rewritten to match, the step must agree with the folder name and the weights.
     last = resumed.checkpoint
@@ -615,7 +642,7 @@ def test_checkpoints_every_so_many_minutes(tmp_path, monkeypatch):
         now[0] += 20.0  # a step takes 20 s of wall-clock time
         return noisy_objective(model, batch, generator, step)
 
-    cfg = _config(steps=7, checkpoint_every=100, checkpoint_minutes=1.0, keep_checkpoints=10)
+    cfg = _config(max_steps=7, checkpoint_every=100, checkpoint_minutes=1.0, keep_checkpoints=10)
     Trainer(cfg, tmp_path).fit(Tiny(), objective, _data())
     assert [s for s, _ in CheckpointDir(tmp_path / "checkpoints").steps()] == [3, 6, 7]
     assert TrainerConfig().checkpoint_minutes == 10.0
@@ -633,7 +660,7 @@ def test_the_log_is_cut_back_to_the_step_resumed_from(tmp_path):
             raise Killed
         return noisy_objective(model, batch, generator, step)
 
-    cfg = _config(steps=5, log_every=1, checkpoint_every=2)
+    cfg = _config(max_steps=5, log_every=1, checkpoint_every=2)
     with pytest.raises(Killed):
         Trainer(cfg, tmp_path).fit(Tiny(), dies_at_step_3, _data())  # logged steps 1-3, checkpointed step 2
     with open(tmp_path / "log.jsonl", "a") as fh:
@@ -645,12 +672,12 @@ def test_the_log_is_cut_back_to_the_step_resumed_from(tmp_path):
 
 def test_a_resume_with_another_thread_count_warns(tmp_path):
     threads = torch.get_num_threads()
-    _fit(tmp_path, _config(steps=3), stop_at=1)
+    _fit(tmp_path, _config(max_steps=3), stop_at=1)
     assert json.loads((tmp_path / "checkpoints" / "step-0000001" / "trainer.json").read_text())["threads"] == threads
     torch.set_num_threads(threads + 1)
     try:
         with pytest.warns(RuntimeWarning, match=rf"threads: .* {threads} torch threads and this run has {threads + 1}"):
-            _fit(tmp_path, _config(steps=3), resume=True)
+            _fit(tmp_path, _config(max_steps=3), resume=True)
     finally:
         torch.set_num_threads(threads)
 
@@ -670,7 +697,7 @@ class _Evil:
 def test_checkpoint_states_hold_no_pickle_and_pickled_states_are_not_read(tmp_path):
     from trajflow.checkpoint import MANIFEST_FILE, save_state
 
-    _fit(tmp_path, _config(steps=4), stop_at=2)
+    _fit(tmp_path, _config(max_steps=4), stop_at=2)
     ckpt = tmp_path / "checkpoints" / "step-0000002"
     assert not list(ckpt.glob("*.pt"))
     # A checkpoint of the pickled format (before 0.3.0) is refused, naming the file: no pickle is ever loaded.
@@ -679,7 +706,7 @@ def test_checkpoint_states_hold_no_pickle_and_pickled_states_are_not_read(tmp_pa
     (ckpt / "optimizer.safetensors").unlink()
     (ckpt / MANIFEST_FILE).unlink()
     with pytest.raises(ValueError, match=r"optimizer\.safetensors' is missing \(a checkpoint written before"):
-        _fit(tmp_path, _config(steps=4), resume=True)
+        _fit(tmp_path, _config(max_steps=4), resume=True)
     assert not sentinel.exists()
     with pytest.raises(TypeError, match=r"state: expected tensors, .* got function at state\.f"):
         save_state(tmp_path / "x.safetensors", {"f": lambda: 0})

@@ -8,7 +8,7 @@ The whole method is in the library; this script only wires it up:
   transporter);
 * training: :class:`trajflow.train.Trainer` on :class:`trajflow.TrajectoryNLL` with ``t_min=(0, 0)`` on
   fresh uniform dequantisations (:func:`trajflow.likelihood.dequantize`), so that the cleanest level is the
-  data itself; ``--seconds`` trains for a wall-clock budget (``TrainerConfig.time_budget``) instead;
+  data itself; ``--time-budget`` trains for a wall-clock budget (``TrainerConfig.time_budget``) instead;
 * evaluation: :func:`trajflow.likelihood.elbo_bits_per_dim` with ``bound="both"``: the importance-weighted
   bound (IWAE, K trajectories per image) and the ELBO on the same draws, upper bounds on the discrete NLL.
 
@@ -18,8 +18,8 @@ models with a parameter-matched single flow (:class:`trajflow.baselines.SingleFl
 
 Usage::
 
-    python examples/bpd/digits.py --iters 1000 --mode pair
-    python examples/bpd/digits.py --seconds 80 --iters 100000 --method gaussian   # 80 s, the schedule over them
+    python examples/bpd/digits.py --max-steps 1000 --mode pair
+    python examples/bpd/digits.py --time-budget 80 --max-steps 100000 --method gaussian   # 80 s, the schedule over them
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from trajflow.transporters.transformer import TransformerTransporter, Transforme
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=("ntm", "gaussian"), default="ntm")
-    parser.add_argument("--iters", type=int, default=300, help="optimizer steps (with --seconds: the most)")
-    parser.add_argument("--seconds", type=float, help="a wall-clock budget (TrainerConfig.time_budget)")
+    parser.add_argument("--max-steps", type=int, default=300, help="optimizer steps (with --time-budget: the most)")
+    parser.add_argument("--time-budget", type=float, help="a wall-clock budget in seconds (TrainerConfig.time_budget)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--mode", choices=("trajectory", "pair"), default="pair")
@@ -66,15 +66,15 @@ def main() -> None:
     objective = DequantizedObjective(nll, levels)  # a fresh dequantisation of each batch of uint8 images
 
     config = TrainerConfig(
-        steps=args.iters,
+        max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        warmup_steps=args.iters // 12,  # 8% of the steps, or of the seconds with a time budget
+        warmup_steps=args.max_steps // 12,  # 8% of the steps, or of the seconds with a time budget
         min_lr_ratio=0.01,
         ema_decay=0.0,
         log_every=50,
-        checkpoint_every=args.iters,  # the last step only
-        time_budget=args.seconds,
+        checkpoint_every=args.max_steps,  # the last step only
+        time_budget=args.time_budget,
     )
     # resume=True: a rerun into the same --out continues (or just reloads) its training instead of being refused
     result = Trainer(config, args.out).fit(model, objective, train, resume=True)

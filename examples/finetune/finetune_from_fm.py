@@ -38,20 +38,20 @@ from trajflow.metrics import energy_distance
 from trajflow.velocity import CallableVelocity, MLPVelocity
 
 
-def pretrain_and_save(out: Path, density: str, iters: int, width: int, depth: int) -> None:
+def pretrain_and_save(out: Path, density: str, max_steps: int, width: int, depth: int) -> None:
     """Step 1: flow matching on a toy density, saved as safetensors + a JSON config."""
     data = toy_density(density)
     model = MLPVelocity(2, width=width, depth=depth)
     loss_fn = FlowMatchingLoss(cond_drop=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
-    for i in range(iters):
+    for i in range(max_steps):
         loss = loss_fn(model, data.sample(512, generator=g))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (i + 1) % max(1, iters // 4) == 0:
-            print(f"flow matching: iter {i + 1}/{iters} loss {loss.item():.4f}")
+        if (i + 1) % max(1, max_steps // 4) == 0:
+            print(f"flow matching: step {i + 1}/{max_steps} loss {loss.item():.4f}")
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "velocity.safetensors"))
     config = {"features": 2, "width": width, "depth": depth, "density": density}
@@ -98,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory of the flow-matching checkpoint")
     parser.add_argument("--density", default="two_moons")
-    parser.add_argument("--fm-iters", type=int, default=2000)
-    parser.add_argument("--ntm-iters", type=int, default=600)
+    parser.add_argument("--fm-max-steps", type=int, default=2000)
+    parser.add_argument("--ntm-max-steps", type=int, default=600)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--skip-pretrain", action="store_true", help="load an existing checkpoint from --out")
@@ -107,7 +107,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     if not args.skip_pretrain:
-        pretrain_and_save(args.out, args.density, args.fm_iters, args.width, args.depth)
+        pretrain_and_save(args.out, args.density, args.fm_max_steps, args.width, args.depth)
     external, config = load_external(args.out)
     velocity = CallableVelocity(external, event_shape=(2,), hidden_features=config["width"])
     model, reference = init_from_flow_matching(velocity, transporter_kwargs={"transforms": 3})
@@ -134,19 +134,19 @@ def main() -> None:
 
     report("at initialisation")
     loss_fn = FinetuneLoss(
-        TrajectoryNLL(steps=4, cond_drop=0.0), MeanAlignmentLoss(reference), decay_steps=args.ntm_iters
+        TrajectoryNLL(steps=4, cond_drop=0.0), MeanAlignmentLoss(reference), decay_steps=args.ntm_max_steps
     )
     opt = torch.optim.Adam(model.parameters(), lr=5e-4)
     g = torch.Generator().manual_seed(2)
-    for step in range(args.ntm_iters):
+    for step in range(args.ntm_max_steps):
         total, parts = loss_fn(model, data.sample(256, generator=g), step=step)
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % max(1, args.ntm_iters // 4) == 0:
+        if (step + 1) % max(1, args.ntm_max_steps // 4) == 0:
             print(
-                f"fine-tune: iter {step + 1}/{args.ntm_iters} nll {float(parts['nll']):.3f} "
+                f"fine-tune: step {step + 1}/{args.ntm_max_steps} nll {float(parts['nll']):.3f} "
                 f"aux {float(parts['aux']):.4f} lambda {float(parts['lambda']):.2f}"
             )
     report("after fine-tuning")

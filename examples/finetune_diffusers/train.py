@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     # The imports that need the extras come here, so that --help works without them.
     from examples.t2i.data import CaptionFolder
     from trajflow import TrajectoryNLL
+    from trajflow.checkpoint import dataclass_from_dict
     from trajflow.contrib.diffusers import (
         PIPELINE_ADAPTERS,
         DiffusersPromptEncoder,
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from trajflow.train import Trainer, TrainerConfig
 
     # 1. The Trainer first: it sets up accelerate (device, processes) and the seeds.
-    train = TrainerConfig(**config["train"])
+    train = dataclass_from_dict(TrainerConfig, config["train"], "config.train")  # old keys named with new ones
     trainer = Trainer(train, out)
     trainer.check_out_dir(args.resume)
     device = trainer.device

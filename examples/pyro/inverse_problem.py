@@ -56,15 +56,15 @@ def train_ntm(model: trajflow.NTM, args: argparse.Namespace, out: Path) -> float
         return nll(model, batch[0], generator=generator)
 
     config = TrainerConfig(
-        steps=args.train_iters,
+        max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=3e-3,
         warmup_steps=0,
         min_lr_ratio=0.01,
         ema_decay=0.0,  # the cosine decay ends on a usable model
         seed=args.seed,
-        log_every=max(1, args.train_iters // 10),
-        checkpoint_every=args.train_iters,
+        log_every=max(1, args.max_steps // 10),
+        checkpoint_every=args.max_steps,
         progress=args.verbose,
         cpu=True,
     )
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--density", default="two_moons", help="a name of trajflow.data.toy.TOY_DENSITIES")
     parser.add_argument("--levels", type=int, default=4, help="trajectory steps T of the NTM")
-    parser.add_argument("--train-iters", type=int, default=1500, help="optimizer steps of the NTM")
+    parser.add_argument("--max-steps", type=int, default=1500, help="optimizer steps of the NTM")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--y", type=float, default=0.0, help="the observed value of x0[0]")
     parser.add_argument("--noise", type=float, default=0.2, help="std of the observation noise")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.train_iters, args.batch_size, args.svi_steps, args.particles = 20, 128, 20, 2
+        args.max_steps, args.batch_size, args.svi_steps, args.particles = 20, 128, 20, 2
         args.warmup, args.samples, args.tree_depth, args.draws = 10, 20, 3, 2000
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         train_loss = train_ntm(ntm, args, out)
         timings["train"] = time.perf_counter() - start
-        print(f"trained the NTM: {args.train_iters} steps, final loss {train_loss:.3f} nats/dim")
+        print(f"trained the NTM: {args.max_steps} steps, final loss {train_loss:.3f} nats/dim")
         ntm.save_pretrained(out / "model")
         save_json(out / "model" / "prior.json", {"density": args.density, "levels": args.levels})
     ntm.eval().requires_grad_(False)  # the prior is fixed: Pyro only learns the guide's parameters

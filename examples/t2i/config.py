@@ -116,7 +116,7 @@ class ModelConfig:
             EMA weights (when saved) initialise the model and a frozen copy is the mean-alignment reference.
         aux_weight: ``"ntm-fm"``: the mean-alignment weight lambda at step 0 (NTM: 2.5).
         aux_decay_steps: ``"ntm-fm"``: lambda decays by a cosine to 0 over this many optimizer steps. ``None``:
-            over the whole run, by its progress (the share of ``train.steps`` or of ``train.time_budget`` done,
+            over the whole run, by its progress (the share of ``train.max_steps`` or of ``train.time_budget`` done,
             see :meth:`~trajflow.train.TrainerConfig.run_progress`), so that a time-budgeted run decays over its
             budget.
         c_min: ``"ntm-fm"``: floor of the predictor's scale (see ``FlowMatchingPredictor``).
@@ -340,7 +340,7 @@ class T2IConfig:
 
     @classmethod
     def from_json(cls, path: str | Path, overrides: list[str] | None = None) -> T2IConfig:
-        """Read a JSON config, apply ``overrides`` (``"train.steps=100"``, see :func:`apply_overrides`)."""
+        """Read a JSON config, apply ``overrides`` (``"train.max_steps=100"``, see :func:`apply_overrides`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config: no such file {str(path)!r}")
@@ -401,8 +401,8 @@ def apply_overrides(d: Mapping[str, Any], overrides: list[str]) -> dict[str, Any
     """Set dotted fields of a nested dict from ``"a.b=value"`` strings (values parsed as JSON when they can be).
 
     Example:
-        >>> apply_overrides({"train": {"steps": 10}}, ["train.steps=3", "name=smoke", "vae=null"])
-        {'train': {'steps': 3}, 'name': 'smoke', 'vae': None}
+        >>> apply_overrides({"train": {"max_steps": 10}}, ["train.max_steps=3", "name=smoke", "vae=null"])
+        {'train': {'max_steps': 3}, 'name': 'smoke', 'vae': None}
     """
     out = json.loads(json.dumps(d))
     for item in overrides:

@@ -1,7 +1,7 @@
 """Distil a one-pass learned denoiser from a trained text-to-image NTM (NTM §3.4), for the fast sampling path.
 
     python examples/t2i/distill.py --checkpoint runs/shapes_cpu_smoke --out runs/shapes_cpu_smoke/denoiser \\
-        --iters 500 --t-min 0.02 --set batch_size=32 --set depth=2
+        --max-steps 500 --t-min 0.02 --set batch_size=32 --set depth=2
     python examples/t2i/sample.py --checkpoint runs/shapes_cpu_smoke --path fast \\
         --denoiser runs/shapes_cpu_smoke/denoiser --prompt "a large red circle at the top left"
 
@@ -161,7 +161,7 @@ def distill_t2i(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    iters: int,
+    max_steps: int,
     config: DistillConfig | None = None,
     ema: bool = True,
     device: str | torch.device = "cpu",
@@ -175,7 +175,7 @@ def distill_t2i(
     The NTM (``"ntm"`` or ``"ntm-fm"`` run; EMA weights by default) is frozen; real images and captions of the
     run's own dataset give forward trajectories whose score-denoised estimates are the targets
     (:class:`~trajflow.denoise.DistillationLoss`, NTM §3.4). The :class:`~trajflow.train.Trainer` trains the
-    denoiser for ``iters`` iterations with AdamW at the constant rate ``config.lr`` (no warmup, no EMA),
+    denoiser for ``max_steps`` optimizer steps with AdamW at the constant rate ``config.lr`` (no warmup, no EMA),
     checkpointing into ``out_dir/training``. Then the denoiser is written with
     :func:`~trajflow.denoise.save_denoiser` into ``out_dir`` (``config.json``, ``model.safetensors``) with a
     ``distill.json`` (the teacher, the settings and the loss history); sample with
@@ -184,7 +184,7 @@ def distill_t2i(
     Arguments:
         checkpoint: The teacher: a run or step folder of an NTM run.
         out_dir: Where the denoiser, ``distill.json`` and ``training/`` go.
-        iters: Optimizer iterations.
+        max_steps: Optimizer steps (before 0.3.0: ``iters``).
         config: The settings (:class:`DistillConfig`).
         ema: Distil the teacher's EMA weights (when it saved them).
         device: ``"cpu"``, or a GPU (``"cuda"``): where the Trainer runs.
@@ -196,11 +196,11 @@ def distill_t2i(
         stop_at: Stop (and checkpoint) after this iteration, as an interruption would.
 
     Raises:
-        ValueError: ``iters`` is not a positive integer, the teacher is not an NTM, or the device is not
+        ValueError: ``max_steps`` is not a positive integer, the teacher is not an NTM, or the device is not
             the one the Trainer runs on.
     """
-    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
-        raise ValueError(f"iters: expected a positive integer, got {iters!r}")
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ValueError(f"max_steps: expected a positive integer, got {max_steps!r}")
     dc = config or DistillConfig()
     device = torch.device(device)
     out_dir = Path(out_dir)
@@ -209,7 +209,7 @@ def distill_t2i(
         raise ValueError(f"checkpoint: distillation needs an NTM run, {str(folder)!r} is 'fm'")
     trainer = Trainer(
         TrainerConfig(
-            steps=iters,
+            max_steps=max_steps,
             batch_size=dc.batch_size or teacher_config.train.batch_size,
             lr=dc.lr,
             min_lr_ratio=1.0,  # a constant rate after no warmup
@@ -220,7 +220,7 @@ def distill_t2i(
             ema_decay=0.0,
             seed=dc.seed,
             log_every=dc.log_every,
-            checkpoint_every=dc.checkpoint_every or iters,
+            checkpoint_every=dc.checkpoint_every or max_steps,
             progress=progress,
             cpu=device.type == "cpu",
         ),
@@ -278,7 +278,7 @@ def distill_t2i(
             {
                 "checkpoint": str(bundle.checkpoint),
                 "ema": ema,
-                "iters": iters,
+                "max_steps": max_steps,
                 "step": result.step,
                 "steps": steps,
                 "config": dataclasses.asdict(dc),
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="NTM run folder or step folder (the frozen teacher)")
     p.add_argument("--out", required=True, help="output folder of the denoiser")
-    p.add_argument("--iters", type=int, required=True, help="optimizer iterations")
+    p.add_argument("--max-steps", type=int, required=True, help="optimizer steps")
     p.add_argument("--t-min", type=float, default=0.02, help="the cleanest time t_0 (sample at the same value)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a DistillConfig field")
     p.add_argument("--no-ema", action="store_true", help="distil the raw weights instead of the EMA")
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         result = distill_t2i(
             args.checkpoint,
             args.out,
-            iters=args.iters,
+            max_steps=args.max_steps,
             config=config,
             ema=not args.no_ema,
             device=args.device,
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     last = result.history[-1]["mse"] if result.history else float("nan")
-    print(f"done: iteration {result.step} of {args.iters} ({result.seconds:.1f} s), mse {last:.4g}")
+    print(f"done: step {result.step} of {args.max_steps} ({result.seconds:.1f} s), mse {last:.4g}")
     print(f"denoiser: {result.path}")
     return 0
 

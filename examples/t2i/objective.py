@@ -32,8 +32,8 @@ class TextToImageObjective:
     for classifier-free guidance. The text encoder and the VAE run without autocast (frozen, float32).
 
     lambda decays over ``model.aux_decay_steps`` optimizer steps when that is set, else over the whole run by
-    the progress the :class:`~trajflow.train.Trainer` hands in (the share of ``train.steps`` or of
-    ``train.time_budget`` done: a time-budgeted run, whose ``train.steps`` is only a cap, decays over its
+    the progress the :class:`~trajflow.train.Trainer` hands in (the share of ``train.max_steps`` or of
+    ``train.time_budget`` done: a time-budgeted run, whose ``train.max_steps`` is only a cap, decays over its
     budget). Both are restored on resume, so a resumed run uses the same lambda as an uninterrupted one.
 
     Arguments:

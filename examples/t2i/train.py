@@ -61,7 +61,7 @@ def train_t2i(
         out_dir: Output folder (``checkpoints/``, ``config.json``, ``log.jsonl``, ``samples/``).
         resume: See :meth:`Trainer.fit`; without it, an ``out_dir`` that already holds a run is refused
             (``FileExistsError``) before anything is built or written.
-        stop_at: Stop (and checkpoint) after this step; the schedule still ends at ``train.steps``.
+        stop_at: Stop (and checkpoint) after this step; the schedule still ends at ``train.max_steps``.
         encoder: A text encoder to reuse (tests share one); by default built from ``config.text``.
     """
     trainer = Trainer(config.train, out_dir)

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from trajflow.checkpoint import dataclass_from_dict
 from trajflow.checks import check_count
@@ -19,7 +19,7 @@ METHODS: tuple[str, ...] = ("ntm", "gaussian", "fm", "nsf")
 
 #: Config fields that may differ between a checkpoint and the run that resumes it: they change the
 #: evaluation, the machine or how often checkpoints are written, never what a training step computes.
-#: The budget (``iters`` / ``seconds``) is not among them: it sets the learning-rate schedule.
+#: The budget (``max_steps`` / ``time_budget``) is not among them: it sets the learning-rate schedule.
 RESUME_IGNORED: tuple[str, ...] = (
     "device",
     "threads",
@@ -40,14 +40,14 @@ DIMS = 2  # every toy density is 2-D
 class ToyConfig:
     """Everything that defines one toy run. Saved as ``config.json`` next to the checkpoints.
 
-    Budget: exactly one of ``iters`` (optimizer steps, the default) and ``seconds`` (wall-clock training time)
-    is set, and every method gets that same budget. With ``iters`` all methods see exactly the same data
-    points (one fixed-seed sample of ``iters * batch_size`` points, each used once) and the same
-    learning-rate schedule; with ``seconds`` the cheaper baselines take more steps.
+    Budget: exactly one of ``max_steps`` (optimizer steps, the default) and ``time_budget`` (wall-clock
+    training seconds) is set, and every method gets that same budget. With ``max_steps`` all methods see
+    exactly the same data points (one fixed-seed sample of ``max_steps * batch_size`` points, each used once)
+    and the same learning-rate schedule; with ``time_budget`` the cheaper baselines take more steps.
 
     Every method trains through :class:`trajflow.train.Trainer`; :func:`examples.toy.train.trainer_config`
-    maps these fields onto its :class:`~trajflow.train.TrainerConfig` (``iters`` -> ``steps``, ``seconds``
-    -> ``time_budget``, ``warmup`` -> ``warmup_steps``, and ``batch_size``, ``lr``, ``min_lr_ratio``,
+    maps these fields onto its :class:`~trajflow.train.TrainerConfig` (``max_steps`` and ``time_budget``
+    as they are, ``warmup`` -> ``warmup_steps``, and ``batch_size``, ``lr``, ``min_lr_ratio``,
     ``weight_decay``, ``grad_clip``, ``ema_decay``, ``seed``, ``checkpoint_every``, ``checkpoint_minutes``,
     ``progress`` as they are).
 
@@ -55,8 +55,9 @@ class ToyConfig:
         density: A name of :data:`trajflow.data.toy.TOY_DENSITIES` (conditional ones are used unconditionally).
         steps: Trajectory levels :math:`T` of NTM and the Gaussian-step model, and the few-step Euler budget
             of flow matching.
-        iters: Optimizer steps per method.
-        seconds: Wall-clock training seconds per method (instead of ``iters``).
+        max_steps: Optimizer steps per method (before 0.3.0: ``iters``).
+        time_budget: Wall-clock training seconds per method, instead of ``max_steps`` (before 0.3.0:
+            ``seconds``).
         batch_size: Fresh data points per optimizer step.
         lr: Peak learning rate (AdamW, betas (0.9, 0.99)), with linear warmup over ``warmup`` of the budget and a
             cosine decay to ``min_lr_ratio * lr``.
@@ -92,8 +93,8 @@ class ToyConfig:
 
     density: str = "checkerboard"
     steps: int = 4
-    iters: int | None = 1200
-    seconds: float | None = None
+    max_steps: int | None = 1200
+    time_budget: float | None = None
     batch_size: int = 512
     lr: float = 3e-3
     min_lr_ratio: float = 0.01
@@ -123,6 +124,9 @@ class ToyConfig:
     checkpoint_minutes: float | None = 1.0
     progress: bool = True
 
+    #: Keys of configs written before 0.3.0, refused with their new names (a run folder's ``config.json`` too).
+    renamed_fields: ClassVar[dict[str, str]] = {"iters": "max_steps", "seconds": "time_budget"}
+
     def __post_init__(self) -> None:
         if isinstance(self.methods, str):  # "ntm,fm" from a command line; tuple("fm") would split letters
             self.methods = tuple(m.strip() for m in self.methods.split(",") if m.strip())
@@ -130,15 +134,16 @@ class ToyConfig:
         if self.density not in TOY_DENSITIES:
             toy_density(self.density)  # raises the ValueError that lists the valid names
         check_count("steps", self.steps, 1)
-        if (self.iters is None) == (self.seconds is None):
+        if (self.max_steps is None) == (self.time_budget is None):
             raise ValueError(
-                f"iters, seconds: expected exactly one training budget, got iters={self.iters!r} and "
-                f"seconds={self.seconds!r}"
+                f"max_steps, time_budget: expected exactly one training budget, got max_steps={self.max_steps!r} "
+                f"and time_budget={self.time_budget!r}"
             )
-        if self.iters is not None:
-            check_count("iters", self.iters, 1)
-        if self.seconds is not None and not (isinstance(self.seconds, (int, float)) and self.seconds > 0):
-            raise ValueError(f"seconds: expected a positive number of seconds, got {self.seconds!r}")
+        if self.max_steps is not None:
+            check_count("max_steps", self.max_steps, 1)
+        budget = self.time_budget
+        if budget is not None and not (isinstance(budget, (int, float)) and budget > 0):
+            raise ValueError(f"time_budget: expected a positive number of seconds, got {budget!r}")
         for name, low in (
             ("batch_size", 1),
             ("width", 1),

@@ -12,14 +12,14 @@ from trajflow.data.toy import toy_density
 
 __all__ = ["ToyTrainingSet", "whole_batch", "SECONDS_POOL_BATCHES"]
 
-#: With a seconds budget the number of steps is unknown: the training set then holds this many batches and
+#: With a time budget the number of steps is unknown: the training set then holds this many batches and
 #: the Trainer goes over it again (reshuffled) when a method takes more steps.
 SECONDS_POOL_BATCHES = 2000
 
 
 class ToyTrainingSet(Dataset):
-    """A fixed-seed sample of ``cfg.density``: ``iters * batch_size`` points with an ``iters`` budget (each
-    point used once, as a fresh stream would), ``SECONDS_POOL_BATCHES * batch_size`` with a seconds budget.
+    """A fixed-seed sample of ``cfg.density``: ``max_steps * batch_size`` points with a ``max_steps`` budget
+    (each point used once, as a fresh stream would), ``SECONDS_POOL_BATCHES * batch_size`` with a ``time_budget``.
 
     The sample depends on ``cfg.density``, ``cfg.seed``, the budget and ``cfg.batch_size`` alone, so every
     method of a run trains on the same points. A whole batch is one tensor index (:meth:`__getitems__`, which
@@ -27,13 +27,13 @@ class ToyTrainingSet(Dataset):
     function.
 
     Example:
-        >>> data = ToyTrainingSet(ToyConfig(iters=3, batch_size=4))
+        >>> data = ToyTrainingSet(ToyConfig(max_steps=3, batch_size=4))
         >>> len(data), whole_batch(data.__getitems__([0, 5, 2])).shape
         (12, torch.Size([3, 2]))
     """
 
     def __init__(self, cfg: ToyConfig) -> None:
-        batches = cfg.iters if cfg.iters is not None else SECONDS_POOL_BATCHES
+        batches = cfg.max_steps if cfg.max_steps is not None else SECONDS_POOL_BATCHES
         # Drawn on the CPU so that the points do not depend on the device: (batches * batch_size, 2).
         self.points = toy_density(cfg.density).sample(
             batches * cfg.batch_size, generator=torch.Generator().manual_seed(cfg.seed)

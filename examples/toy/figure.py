@@ -86,9 +86,9 @@ def plot_toy(result: ToyResult, path: str | os.PathLike, *, bins: int = 160, lim
 
 
 def _budget_text(budget: dict[str, Any]) -> str:
-    if "iters" in budget:
-        return f"{budget['iters']} training steps each"
-    return f"{budget['seconds']:g} training seconds each"
+    if "max_steps" in budget:
+        return f"{budget['max_steps']} training steps each"
+    return f"{budget['time_budget']:g} training seconds each"
 
 
 def _scores_text(entry: dict[str, Any]) -> str:

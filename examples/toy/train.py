@@ -1,8 +1,8 @@
 r"""Train NTM and its baselines on a 2-D toy density, evaluate them, and write a figure and ``metrics.json``.
 
     python examples/toy/train.py --density checkerboard --out runs/checkerboard
-    python examples/toy/train.py --density spirals --out runs/spirals --seconds 30 --seed 1
-    python examples/toy/train.py --density spirals --out runs/spirals --seconds 30 --seed 1 --resume
+    python examples/toy/train.py --density spirals --out runs/spirals --time-budget 30 --seed 1
+    python examples/toy/train.py --density spirals --out runs/spirals --time-budget 30 --seed 1 --resume
 
 One job trains, on the same data points and for the same number of optimizer steps (or the same wall-clock
 seconds, see :class:`~examples.toy.config.ToyConfig`), each through :class:`trajflow.train.Trainer`:
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trajflow.checkpoint import check_config, load_json, load_model_weights, save_json
+from trajflow.checkpoint import check_config, check_renamed_fields, load_json, load_model_weights, save_json
 from trajflow.data.toy import TOY_DENSITIES, toy_density
 from trajflow.train import Trainer, TrainerConfig
 
@@ -59,7 +59,7 @@ from examples.toy.model import ToyObjective, build_model  # noqa: E402
 
 __all__ = ["TrainRecord", "trainer_config", "train_method", "ToyResult", "run_toy", "main"]
 
-#: With a seconds budget, the Trainer's ``steps`` is only a cap (and the scale of the warmup): the budget ends
+#: With a time budget, the Trainer's ``max_steps`` is only a cap (and the scale of the warmup): the budget ends
 #: the run long before.
 SECONDS_MAX_STEPS = 10_000_000
 #: Steps between log lines (and loss reads, which would synchronise a GPU every step).
@@ -71,16 +71,16 @@ class TrainRecord:
     """What training one method did.
 
     Attributes:
-        iters: Optimizer steps done in all.
-        seconds: Training seconds of the Trainer's last session (all sessions with a ``seconds`` budget).
+        step: Optimizer steps done in all.
+        train_seconds: Training seconds of the Trainer's last session (all sessions with a ``time_budget``).
         loss: The last logged training loss.
         resumed_from: The step this session started from (0: a fresh run).
         checkpoint: The Trainer's last checkpoint folder (``None`` for a run kept in memory).
         history: The Trainer's log records of this session.
     """
 
-    iters: int
-    seconds: float
+    step: int
+    train_seconds: float
     loss: float
     resumed_from: int = 0
     checkpoint: Path | None = None
@@ -91,13 +91,13 @@ def trainer_config(cfg: ToyConfig) -> TrainerConfig:
     """The :class:`~trajflow.train.TrainerConfig` of every method of ``cfg`` (see :class:`ToyConfig`).
 
     Example:
-        >>> t = trainer_config(ToyConfig(iters=1200))
-        >>> t.steps, t.warmup_steps, t.batch_size, t.betas
+        >>> t = trainer_config(ToyConfig(max_steps=1200))
+        >>> t.max_steps, t.warmup_steps, t.batch_size, t.betas
         (1200, 24, 512, (0.9, 0.99))
     """
-    steps = cfg.iters if cfg.iters is not None else SECONDS_MAX_STEPS
+    steps = cfg.max_steps if cfg.max_steps is not None else SECONDS_MAX_STEPS
     return TrainerConfig(
-        steps=steps,
+        max_steps=steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         min_lr_ratio=cfg.min_lr_ratio,
@@ -113,7 +113,7 @@ def trainer_config(cfg: ToyConfig) -> TrainerConfig:
         keep_checkpoints=2,
         progress=cfg.progress,
         cpu=cfg.device == "cpu",
-        time_budget=float(cfg.seconds) if cfg.seconds is not None else None,
+        time_budget=float(cfg.time_budget) if cfg.time_budget is not None else None,
     )
 
 
@@ -144,7 +144,7 @@ def train_method(
         method: One of :data:`~examples.toy.config.METHODS`.
         cfg: The run.
         out_dir: The run's folder.
-        resume: Continue from the method's newest checkpoint (bit-exact on the CPU with an ``iters`` budget);
+        resume: Continue from the method's newest checkpoint (bit-exact on the CPU with a ``max_steps`` budget);
             a finished method is loaded without training. The checkpoint's config must describe the same
             training (a ``ValueError`` names the fields that differ).
         model: Train this model instead of :func:`~examples.toy.model.build_model`'s.
@@ -155,15 +155,15 @@ def train_method(
         :class:`TrainRecord`.
 
     Example:
-        >>> cfg = ToyConfig(iters=2, batch_size=16, width=8, depth=1, progress=False)
+        >>> cfg = ToyConfig(max_steps=2, batch_size=16, width=8, depth=1, progress=False)
         >>> model, record = train_method("fm", cfg)
-        >>> record.iters, model.training
+        >>> record.step, model.training
         (2, False)
     """
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix=f"toy-{method}-") as tmp:
             model, record = train_method(method, cfg, tmp, resume=False, model=model, stop_at=stop_at)
-            return model, TrainRecord(record.iters, record.seconds, record.loss, 0, None, record.history)
+            return model, TrainRecord(record.step, record.train_seconds, record.loss, 0, None, record.history)
 
     folder = Path(out_dir) / method
     trainer = Trainer(trainer_config(cfg), folder)
@@ -217,7 +217,9 @@ def _prepare_out_dir(cfg: ToyConfig, out_dir: Path, resume: bool) -> None:
     """Write ``config.json``, or on resume check that the saved one describes the same training."""
     path = out_dir / "config.json"
     if resume and path.is_file():
-        check_config(cfg.to_dict(), load_json(path), ignore=RESUME_IGNORED, source=f"the run in {str(out_dir)!r}")
+        saved, source = load_json(path), f"the run in {str(out_dir)!r}"
+        check_renamed_fields(ToyConfig, saved, "config", source)  # a run written before 0.3.0
+        check_config(cfg.to_dict(), saved, ignore=RESUME_IGNORED, source=source)
     elif not resume and (
         any(out_dir.glob("*/checkpoints/step-*")) or any(p.stat().st_size for p in out_dir.glob("*/log.jsonl"))
     ):
@@ -249,7 +251,7 @@ def run_toy(cfg: ToyConfig, out_dir: str | os.PathLike | None = None, *, resume:
 
     Example:
         >>> import tempfile
-        >>> cfg = ToyConfig(iters=2, batch_size=64, test_size=200, sample_size=200, elbo_samples=1,
+        >>> cfg = ToyConfig(max_steps=2, batch_size=64, test_size=200, sample_size=200, elbo_samples=1,
         ...                 fm_steps_many=8, progress=False)
         >>> result = run_toy(cfg, tempfile.mkdtemp())
         >>> sorted(result.metrics["methods"])
@@ -278,8 +280,8 @@ def run_toy(cfg: ToyConfig, out_dir: str | os.PathLike | None = None, *, resume:
             eval_seconds = time.perf_counter() - t0
             for entry in entries.values():
                 entry.update(
-                    train_iters=record.iters,
-                    train_seconds=record.seconds,
+                    train_iters=record.step,
+                    train_seconds=record.train_seconds,
                     train_loss=record.loss,
                     eval_seconds=eval_seconds,
                 )
@@ -289,7 +291,7 @@ def run_toy(cfg: ToyConfig, out_dir: str | os.PathLike | None = None, *, resume:
         metrics = {
             "density": cfg.density,
             "steps": cfg.steps,
-            "budget": {"iters": cfg.iters} if cfg.iters is not None else {"seconds": cfg.seconds},
+            "budget": {"max_steps": cfg.max_steps} if cfg.max_steps is not None else {"time_budget": cfg.time_budget},
             "threads": threads,
             "device": str(device),
             # A second data sample against the test set: the noise level of the distances (what a perfect
@@ -369,16 +371,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
-        "--iters",
+        "--max-steps",
         type=positive_int,
         default=None,
-        help=f"optimizer steps per method, the same for every method (default: {defaults.iters})",
+        help=f"optimizer steps per method, the same for every method (default: {defaults.max_steps})",
     )
     budget.add_argument(
-        "--seconds",
+        "--time-budget",
         type=positive_float,
         default=None,
-        help="wall-clock training seconds per method, instead of --iters",
+        help="wall-clock training seconds per method, instead of --max-steps",
     )
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of everything (default: %(default)s)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)")
@@ -457,13 +459,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"argument --methods: expected a comma-separated subset of {','.join(METHODS)}, got {args.methods!r}"
         )
     defaults = ToyConfig()
-    iters = args.iters if args.iters is not None else (None if args.seconds is not None else defaults.iters)
+    max_steps = args.max_steps
+    if max_steps is None and args.time_budget is None:
+        max_steps = defaults.max_steps
     try:
         cfg = ToyConfig(
             density=args.density,
             steps=args.steps,
-            iters=iters,
-            seconds=args.seconds,
+            max_steps=max_steps,
+            time_budget=args.time_budget,
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,

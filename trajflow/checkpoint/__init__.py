@@ -16,7 +16,7 @@ optimizer's with :func:`save_state`), so reading a folder cannot run code. Every
 the one about to use it (:func:`check_config`, :mod:`~trajflow.checkpoint.configs`).
 """
 
-from .configs import check_config, check_config_keys, config_differences, dataclass_from_dict
+from .configs import check_config, check_config_keys, check_renamed_fields, config_differences, dataclass_from_dict
 from .files import (
     CONFIG_FILE,
     EMA_FILE,
@@ -64,6 +64,7 @@ __all__ = [
     "config_differences",
     "check_config",
     "check_config_keys",
+    "check_renamed_fields",
     "dataclass_from_dict",
     "CheckpointDir",
     "resolve_checkpoint",

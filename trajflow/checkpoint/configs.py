@@ -13,7 +13,14 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["config_differences", "check_config", "check_config_keys", "dataclass_from_dict", "json_checked"]
+__all__ = [
+    "config_differences",
+    "check_config",
+    "check_config_keys",
+    "check_renamed_fields",
+    "dataclass_from_dict",
+    "json_checked",
+]
 
 D = TypeVar("D")
 
@@ -114,7 +121,8 @@ def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: 
     """``config_class(**config)`` for a config dataclass, refusing fields it does not have by name.
 
     Fields missing from ``config`` take their defaults (a folder written before a field was added still
-    loads); unknown ones are an error rather than silently dropped.
+    loads); unknown ones are an error rather than silently dropped, and a field the class has renamed is
+    refused with its new name (:func:`check_renamed_fields`).
 
     Example:
         >>> @dataclasses.dataclass
@@ -127,6 +135,7 @@ def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: 
         ...
         ValueError: config: Size has no field(s) ['depth'] (known: ['width'])
     """
+    check_renamed_fields(config_class, config, name)
     known = [f.name for f in dataclasses.fields(config_class)]  # type: ignore[arg-type]
     unknown = sorted(set(config) - set(known))
     if unknown:
@@ -142,3 +151,27 @@ def json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:
         except TypeError as e:
             raise TypeError(f"{name}: config field {key!r} is a {type(value).__name__}, which JSON cannot hold") from e
     return json.loads(json.dumps(dict(config)))
+
+
+def check_renamed_fields(config_class: type, config: Mapping[str, Any], name: str, source: str = "") -> None:
+    """Raise a ``ValueError`` naming the old and the new key of every field of ``config`` that ``config_class``
+    has renamed (its ``renamed_fields`` class attribute, ``{old: new}``), so that an old key is neither
+    ignored nor refused without saying what it is called now.
+
+    ``name`` is the dotted place of ``config`` (``"config.train"``); ``source`` says where it was read from.
+
+    Example:
+        >>> from trajflow.train import TrainerConfig
+        >>> check_renamed_fields(TrainerConfig, {"steps": 100}, "config.train")
+        Traceback (most recent call last):
+        ...
+        ValueError: config.train.steps: renamed config.train.max_steps in trajflow 0.3.0; rename the key
+    """
+    renamed: Mapping[str, str] = getattr(config_class, "renamed_fields", {})
+    old = [k for k in config if k in renamed]
+    if old:
+        where = f" (in {source})" if source else ""
+        raise ValueError(
+            "; ".join(f"{name}.{k}: renamed {name}.{renamed[k]} in trajflow 0.3.0" for k in old)
+            + f"{where}; rename the key"
+        )

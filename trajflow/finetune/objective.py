@@ -135,8 +135,8 @@ class FinetuneLoss:
     * ``step / decay_steps``: a number of optimizer steps; or
     * ``progress / decay_fraction``: a share of the run, with ``progress`` in [0, 1] as the
       :class:`~trajflow.train.Trainer` hands it to objectives (:meth:`~trajflow.train.TrainerConfig.run_progress`:
-      the share of ``train.steps`` or of ``train.time_budget`` done, whichever is larger). Use this for a
-      time-budgeted run, whose ``steps`` is only a cap it never reaches.
+      the share of ``train.max_steps`` or of ``train.time_budget`` done, whichever is larger). Use this for a
+      time-budgeted run, whose ``max_steps`` is only a cap it never reaches.
 
     Give at most one of the two; with neither (``decay_steps=None``), :math:`\lambda` stays ``aux_weight``.
 

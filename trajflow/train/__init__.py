@@ -33,7 +33,7 @@ Example:
     ...     (x,) = batch
     ...     return (model(x) - 1.0).square().mean()
     >>> import tempfile
-    >>> cfg = TrainerConfig(steps=3, batch_size=4, warmup_steps=1, checkpoint_every=3, progress=False)
+    >>> cfg = TrainerConfig(max_steps=3, batch_size=4, warmup_steps=1, checkpoint_every=3, progress=False)
     >>> trainer = Trainer(cfg, tempfile.mkdtemp())
     >>> result = trainer.fit(torch.nn.Linear(2, 1), objective, TensorDataset(torch.randn(16, 2)))
     >>> result.step, result.checkpoint.name

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +38,9 @@ class TrainerConfig:
     """Hyper-parameters of :class:`Trainer`.
 
     Attributes:
-        steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
-            most steps the run may take, and the scale of ``warmup_steps`` (see there).
+        max_steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
+            most steps the run may take, and the scale of ``warmup_steps`` (see there). (Before 0.3.0:
+            ``steps``, which in trajflow now means only the trajectory length :math:`T`.)
         batch_size: Examples per process per micro-batch; the global batch is
             ``batch_size * grad_accum * num_processes``.
         grad_accum: Micro-batches accumulated per optimizer step.
@@ -68,8 +69,8 @@ class TrainerConfig:
         find_unused_parameters: DDP's flag, for models that leave some parameters out of some steps.
         time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``: data,
             forward, backward and update; not checkpoints or start-up) instead of a number of steps: the
-            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / steps`` of
-            it) and the run stops at the first step past the budget (or at ``steps``), with a checkpoint.
+            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / max_steps``
+            of it) and the run stops at the first step past the budget (or at ``max_steps``), with a checkpoint.
             For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
             bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
             Objectives whose terms follow a schedule read the same share through ``progress`` (see
@@ -79,7 +80,7 @@ class TrainerConfig:
             scales every group alike.
     """
 
-    steps: int = 10_000
+    max_steps: int = 10_000
     batch_size: int = 64
     grad_accum: int = 1
     lr: float = 1e-4
@@ -104,31 +105,35 @@ class TrainerConfig:
     time_budget: float | None = None
     lr_scales: dict[str, float] = field(default_factory=dict)
 
+    #: Keys of configs written before 0.3.0, refused with their new names (see
+    #: :func:`~trajflow.checkpoint.check_renamed_fields`): ``steps`` is the trajectory length T in trajflow.
+    renamed_fields: ClassVar[dict[str, str]] = {"steps": "max_steps"}
+
     def __post_init__(self) -> None:
         _check_lr_scales(self.lr_scales)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        for name, ok, expected in _FIELD_CHECKS:  # in this order: warmup_steps is checked against valid steps
+        for name, ok, expected in _FIELD_CHECKS:  # in this order: warmup_steps is checked against a valid max_steps
             value = getattr(self, name)
             if not ok(value, self):
-                raise ValueError(f"train.{name}: expected {expected.format(steps=self.steps)}, got {value!r}")
+                raise ValueError(f"train.{name}: expected {expected.format(max_steps=self.max_steps)}, got {value!r}")
 
     def run_progress(self, step: int, train_seconds: float) -> float:
         """How much of the run is done after ``step`` optimizer steps and ``train_seconds`` of training, in [0, 1].
 
-        ``max(step / steps, train_seconds / time_budget)`` (the second term only with a ``time_budget``),
+        ``max(step / max_steps, train_seconds / time_budget)`` (the second term only with a ``time_budget``),
         capped at 1: the share of whichever limit ends the run first. The :class:`Trainer` hands it to
         objectives that take a ``progress`` keyword (see :class:`Objective`) and, with a time budget, runs its
         learning-rate schedule on it. Both counts are restored on resume, so a resumed run continues from the
         same progress.
 
         Example:
-            >>> timed = TrainerConfig(steps=1_000_000, warmup_steps=0, time_budget=60.0)
+            >>> timed = TrainerConfig(max_steps=1_000_000, warmup_steps=0, time_budget=60.0)
             >>> timed.run_progress(step=10, train_seconds=15.0)
             0.25
-            >>> TrainerConfig(steps=100, warmup_steps=0).run_progress(step=25, train_seconds=1e9)
+            >>> TrainerConfig(max_steps=100, warmup_steps=0).run_progress(step=25, train_seconds=1e9)
             0.25
         """
-        done = step / self.steps
+        done = step / self.max_steps
         if self.time_budget is not None:
             done = max(done, train_seconds / self.time_budget)
         return min(max(done, 0.0), 1.0)
@@ -156,13 +161,17 @@ def _betas(v: Any, cfg: TrainerConfig) -> bool:
     return len(v) == 2 and all(0.0 <= b < 1.0 for b in v)
 
 
-_COUNTS = ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
+_COUNTS = ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints")
 
 # (field, check(value, config), what is expected) for every field but lr_scales, checked in order by
 # TrainerConfig.__post_init__; a failed check raises "train.<field>: expected <what>, got <value>".
 _FIELD_CHECKS: tuple[tuple[str, Callable[[Any, TrainerConfig], bool], str], ...] = (
     *((name, _positive_int, "a positive integer") for name in _COUNTS),
-    ("warmup_steps", lambda v, cfg: isinstance(v, int) and 0 <= v <= cfg.steps, "an integer in 0..steps={steps}"),
+    (
+        "warmup_steps",
+        lambda v, cfg: isinstance(v, int) and 0 <= v <= cfg.max_steps,
+        "an integer in 0..max_steps={max_steps}",
+    ),
     ("lr", lambda v, cfg: v > 0, "a positive learning rate"),
     ("time_budget", _positive_or_none, "a positive number of seconds or null"),
     ("min_lr_ratio", lambda v, cfg: 0.0 <= v <= 1.0, "a fraction in [0, 1]"),
@@ -192,9 +201,9 @@ class Objective(Protocol):
 
     ``progress`` is passed only to objectives whose signature has a ``progress`` parameter (or ``**kwargs``):
     the share of the run done before this step, :meth:`TrainerConfig.run_progress` =
-    ``max(step / steps, train_seconds / time_budget)`` in [0, 1], the same for every micro-batch of a step and
+    ``max(step / max_steps, train_seconds / time_budget)`` in [0, 1], the same for every micro-batch of a step and
     restored on resume. A schedule that follows it decays over the run whether the run is counted in steps
-    or in seconds (a time-budgeted run sets ``steps`` far beyond what it reaches, so ``step / steps`` alone
+    or in seconds (a time-budgeted run sets ``max_steps`` far beyond what it reaches, so ``step / max_steps`` alone
     stays near 0). Each process measures its own seconds, so under a time budget the processes' values may
     differ slightly. :class:`~trajflow.finetune.FinetuneLoss` (``decay_fraction``) and
     :class:`~trajflow.likelihood.DequantizedObjective` take it.

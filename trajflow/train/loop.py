@@ -85,7 +85,7 @@ class LearningCurve:
 def progress_bar(cfg: TrainerConfig, step: int, train_seconds: float, show: bool) -> tqdm:
     """Progress in steps, or in seconds of the budget when the run is timed (its step cap is never reached)."""
     return tqdm(
-        total=cfg.time_budget or cfg.steps,
+        total=cfg.time_budget or cfg.max_steps,
         initial=min(train_seconds, cfg.time_budget) if cfg.time_budget else step,
         disable=not show,
         desc="train",

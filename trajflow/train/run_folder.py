@@ -32,6 +32,7 @@ from ..checkpoint import (
     DamagedCheckpointError,
     atomic_write,
     check_config,
+    check_renamed_fields,
     load_json,
     load_safetensors,
     load_state,
@@ -39,7 +40,7 @@ from ..checkpoint import (
     verify_checkpoint,
 )
 from ..ema import EMA
-from .config import RESUME_IGNORED_FIELDS
+from .config import RESUME_IGNORED_FIELDS, TrainerConfig
 from .random_state import restore_rng_state
 
 __all__ = [
@@ -147,7 +148,8 @@ def check_resume(
     """Check that ``ckpt`` may continue this run and return its ``trainer.json``.
 
     Raises:
-        ValueError: the checkpoint's config differs outside :data:`RESUME_IGNORED_FIELDS` and the caller's
+        ValueError: the checkpoint's config has a ``train`` key renamed in 0.3.0 (naming the old and the new
+            key), or it differs outside :data:`RESUME_IGNORED_FIELDS` and the caller's
             ``ignore`` (naming every field), or it was written by another number of processes (the data order
             depends on it).
 
@@ -155,7 +157,9 @@ def check_resume(
     """
     source = f"the checkpoint {str(ckpt)!r}"
     ignored = (*RESUME_IGNORED_FIELDS, *ignore)
-    check_config(run_config, load_json(ckpt / CONFIG_FILE), ignore=ignored, source=source)
+    saved = load_json(ckpt / CONFIG_FILE)
+    check_renamed_fields(TrainerConfig, saved.get("train", {}), "train", source)
+    check_config(run_config, saved, ignore=ignored, source=source)
     info = load_json(ckpt / TRAINER_FILE)
     if info["world_size"] != world_size:
         raise ValueError(

@@ -204,7 +204,7 @@ class Trainer:
         evaluate: Evaluate | None = None,
         evaluate_points: int = 10,
     ) -> TrainResult:
-        """Train ``model`` for ``config.steps`` optimizer steps (or until ``stop_at``, or until the time budget is
+        """Train ``model`` for ``config.max_steps`` optimizer steps (or until ``stop_at``, or until the time budget is
         spent), checkpointing as it goes.
 
         When it returns, ``model`` holds the raw weights of the last optimizer step, **not** the EMA of them
@@ -230,7 +230,7 @@ class Trainer:
                 would; used by tests of resumption.
             evaluate: Called as ``evaluate(model, point)`` at the start of a fresh run and each time the run
                 passes another ``1 / evaluate_points`` of its length (of ``time_budget`` when timed, else of
-                ``steps``): a learning curve. ``model`` holds the EMA weights (the raw ones when there is no
+                ``max_steps``): a learning curve. ``model`` holds the EMA weights (the raw ones when there is no
                 EMA) and is in eval mode; ``point`` has ``step``, ``train_seconds`` and ``progress`` in [0, 1].
                 Its time is not training time. What it returns is added to ``point``, and the points are
                 :attr:`TrainResult.evaluations`. Points passed before a resumption are not repeated.
@@ -311,7 +311,7 @@ class Trainer:
         cfg, acc = self.config, self.accelerator
         groups = _param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-        scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         wrapped, optimizer = acc.prepare(ObjectiveModule(model, objective), optimizer)
         inner = acc.unwrap_model(wrapped).model
         ema = EMA(inner, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -338,9 +338,9 @@ class Trainer:
             curve=LearningCurve(evaluate, evaluate_points, cfg.run_progress(step, train_time)),
             run_config=run_config,
             step=step,
-            end=cfg.steps if stop_at is None else min(cfg.steps, stop_at),
+            end=cfg.max_steps if stop_at is None else min(cfg.max_steps, stop_at),
             train_time=train_time,
-            timed_lr=CosineWarmup(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio) if cfg.time_budget else None,
+            timed_lr=CosineWarmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio) if cfg.time_budget else None,
             last_save=_wall_clock(),
             resumed_from=ckpt,
         )
@@ -389,7 +389,7 @@ class Trainer:
         if run.timed_lr is not None:
             done = cfg.run_progress(run.step + 1, run.train_time + _clock() - t0)
             for group, base in zip(run.optimizer.param_groups, run.scheduler.base_lrs):
-                group["lr"] = base * run.timed_lr(done * cfg.steps)
+                group["lr"] = base * run.timed_lr(done * cfg.max_steps)
         if run.ema is not None:
             run.ema.update(run.inner)
         return grad_norm

@@ -98,7 +98,7 @@ def _caller_state_kept() -> Iterator[None]:
 
 
 def evaluator_trainer_config(
-    steps: int,
+    max_steps: int,
     batch_size: int,
     lr: float,
     seed: int,
@@ -112,7 +112,7 @@ def evaluator_trainer_config(
     after ``warmup_steps``, and a checkpoint every tenth of the steps (and every 10 minutes), the newest two kept,
     so that an interrupted training resumes (see :func:`fit_evaluator`)."""
     return TrainerConfig(
-        steps=steps,
+        max_steps=max_steps,
         batch_size=batch_size,
         lr=lr,
         warmup_steps=warmup_steps,
@@ -122,8 +122,8 @@ def evaluator_trainer_config(
         grad_clip=0.0,
         ema_decay=0.0,
         seed=seed,
-        log_every=min(50, steps),
-        checkpoint_every=max(1, steps // 10),
+        log_every=min(50, max_steps),
+        checkpoint_every=max(1, max_steps // 10),
         keep_checkpoints=2,
         progress=progress,
         cpu=device.type == "cpu",

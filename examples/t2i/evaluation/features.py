@@ -199,8 +199,10 @@ class ContrastiveLoss:
 def _trainer_config(cfg: FeatureNetConfig, n_train: int, progress: bool, device: torch.device) -> TrainerConfig:
     """AdamW (weight decay 1e-4), no warmup, a cosine decay to zero over ``epochs`` epochs."""
     batch = min(cfg.batch_size, n_train)
-    steps = cfg.epochs * max(1, n_train // batch)
-    return evaluator_trainer_config(steps, batch, cfg.lr, cfg.seed, weight_decay=1e-4, progress=progress, device=device)
+    max_steps = cfg.epochs * max(1, n_train // batch)
+    return evaluator_trainer_config(
+        max_steps, batch, cfg.lr, cfg.seed, weight_decay=1e-4, progress=progress, device=device
+    )
 
 
 def train_text_image_features(

@@ -200,9 +200,9 @@ class ShapesReaderLoss:
 
 def _trainer_config(cfg: ShapesReaderConfig, n_train: int, progress: bool, device: torch.device) -> TrainerConfig:
     """Adam (no weight decay), 10% warmup and a cosine decay to zero over ``epochs`` epochs."""
-    steps = max(cfg.epochs * (n_train // cfg.batch_size), 1)
+    max_steps = max(cfg.epochs * (n_train // cfg.batch_size), 1)
     return evaluator_trainer_config(
-        steps, cfg.batch_size, cfg.lr, cfg.seed, warmup_steps=steps // 10, progress=progress, device=device
+        max_steps, cfg.batch_size, cfg.lr, cfg.seed, warmup_steps=max_steps // 10, progress=progress, device=device
     )
 
 
