@@ -234,14 +234,29 @@ def check_cond(
         ValueError: cond: expected class indices in [0, 2], got values in [0, 3]
     """
     spec = cond_spec_of(module)
-    name = type(module).__name__
+    if cond is None or spec is None:
+        _check_presence(type(module).__name__, cond, spec)
+        return torch.Size()
+    tensors = _tensors(cond, spec)
+    lead = _batch_shape(tensors, spec, batch)
+    if validate:
+        for c, part in zip(tensors, spec.parts):
+            _check_values(c, part, spec.hint)
+    return lead
+
+
+def _check_presence(name: str, cond: object, spec: CondSpec | None) -> None:
+    """``cond=None`` for a network that needs a condition, or a condition for an unconditional one."""
     if cond is None:
         if spec is not None and not spec.null:
             raise ValueError(f"cond: {name} is conditional, expected {spec.describe()}, got None{spec.hint}")
-        return torch.Size()
+        return
     if spec is None:
         raise ValueError(f"cond: {name} is unconditional, expected cond=None, got {type(cond).__name__}")
-    tensors = _tensors(cond, spec)
+
+
+def _batch_shape(tensors: tuple[Tensor, ...], spec: CondSpec, batch: torch.Size | tuple[int, ...] | None) -> torch.Size:
+    """The parts' common batch shape after their dtypes and event shapes are checked (``batch``, if given)."""
     lengths: dict[str, tuple[int, str]] = {}
     leads = []
     for c, part in zip(tensors, spec.parts):
@@ -253,9 +268,6 @@ def check_cond(
         raise ValueError(
             f"cond: expected batch shape {tuple(batch)} (one condition per data point), got {tuple(leads[0])}"
         )
-    if validate:
-        for c, part in zip(tensors, spec.parts):
-            _check_values(c, part, spec.hint)
     return leads[0]
 
 

@@ -71,18 +71,46 @@ def _fixed_weights(factor_weights: object, steps: tuple[int, ...], given_steps: 
     ``"velocity"`` (computed per grid); a ``ValueError`` naming ``factor_weights`` otherwise."""
     if factor_weights is None or (isinstance(factor_weights, str) and factor_weights == "velocity"):
         return None
-    if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
-        raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
-    w = tuple(check_number("factor_weights", v) for v in factor_weights)
+    w = _weight_list(factor_weights)
+    _check_weight_count(w, steps, given_steps)
+    if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
+        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
+    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+
+
+def _check_weight_count(w: tuple[float, ...], steps: tuple[int, ...], given_steps: object) -> None:
+    """One weight per step factor of a single ``T``."""
     if len(steps) != 1 or len(w) != steps[0]:
         want = steps[0] if len(steps) == 1 else "a single T"
         raise ValueError(
             f"factor_weights: expected one weight per step factor ({want} with steps={given_steps!r}), "
             f"got {len(w)} weights"
         )
-    if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
-        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
-    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+
+
+def _weight_list(factor_weights: object) -> tuple[float, ...]:
+    """``factor_weights`` as a tuple of real numbers, or a ``ValueError`` naming it."""
+    if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
+        raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
+    return tuple(check_number("factor_weights", v) for v in factor_weights)
+
+
+def _checked_x0(model, x0: Tensor, validate: bool) -> Tensor:
+    """``x0`` checked against the model's event shape (non-empty, real-valued; finite with ``validate``) and in
+    the dtype of the model's parameters: draws and trajectories are in the model's dtype, whatever the data's."""
+    event = model.event_shape
+    check_tensor("x0", x0)
+    if x0.dim() != len(event) + 1 or x0.shape[1:] != event:
+        raise ValueError(f"x0: expected shape (batch, {', '.join(map(str, event))}), got {tuple(x0.shape)}")
+    if x0.shape[0] == 0:
+        raise ValueError(f"x0: expected a non-empty batch (the loss is a mean over it), got shape {tuple(x0.shape)}")
+    if x0.dtype == torch.bool or x0.is_complex():
+        raise ValueError(f"x0: expected a real-valued (floating-point or integer) tensor, got dtype {x0.dtype}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    x0 = x0.to(dtype)
+    if validate:
+        check_finite("x0", x0)
+    return x0
 
 
 @dataclass
@@ -211,41 +239,44 @@ class TrajectoryNLL:
         :attr:`validate_args` for this call.
         """
         validate = self.validate_args if validate is None else validate
-        event = model.event_shape
-        check_tensor("x0", x0)
-        if x0.dim() != len(event) + 1 or x0.shape[1:] != event:
-            raise ValueError(f"x0: expected shape (batch, {', '.join(map(str, event))}), got {tuple(x0.shape)}")
-        if x0.shape[0] == 0:
-            raise ValueError(
-                f"x0: expected a non-empty batch (the loss is a mean over it), got shape {tuple(x0.shape)}"
-            )
-        if x0.dtype == torch.bool or x0.is_complex():
-            raise ValueError(f"x0: expected a real-valued (floating-point or integer) tensor, got dtype {x0.dtype}")
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
-        x0 = x0.to(dtype)  # draws and trajectories in the model's dtype, whatever the data's
-        if validate:
-            check_finite("x0", x0)
-        ced = model.predictor.cond_event_dims
+        x0 = _checked_x0(model, x0, validate)
         check_cond(model, cond, x0.shape[:1], validate=validate)
         n, device = x0.shape[0], x0.device
-        process = MarkovInterpolant(event_dim=len(event))
-        groups = []
-        for T, index in self._groups(n, device, generator):
-            m = n if index is None else index.numel()
-            t0 = sample_t_min((m,), *self.t_min, generator=generator, device=device)
-            grid = time_grid(T, t0, self.shift, device=device, validate=validate)  # (m, T+1)
-            drop = guidance_dropout(m, self.cond_drop if cond is not None else 0.0, device, generator)
-            group_cond = cond if index is None else index_cond(cond, ced, index)
-            dist = model.distribution(grid, group_cond, drop_cond=drop, validate_args=validate)
-            x = x0 if index is None else x0[index]
-            traj = process.sample(x, grid, generator=generator, validate=validate)  # (m, T+1, *data)
-            if index is None:
-                index = torch.arange(n, device=device)
-            k = None
-            if self.mode == "pair":
-                k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
-            groups.append(TrajectoryGroup(index, T, dist, traj, k))
-        return groups
+        process = MarkovInterpolant(event_dim=len(model.event_shape))
+        return [
+            self._draw_group(model, x0, cond, process, T, index, generator, validate)
+            for T, index in self._groups(n, device, generator)
+        ]
+
+    def _draw_group(
+        self,
+        model,
+        x0: Tensor,
+        cond: Condition | None,
+        process: MarkovInterpolant,
+        T: int,
+        index: Tensor | None,
+        generator: torch.Generator | None,
+        validate: bool,
+    ) -> TrajectoryGroup:
+        r"""The trajectories of the examples ``index`` of ``x0`` (``None``: all) with ``T`` steps: their
+        :math:`t_{\min}`, grid, dropout, distribution, forward trajectory and (pair mode) factor, in that order
+        of draws."""
+        n, device = x0.shape[0], x0.device
+        m = n if index is None else index.numel()
+        t0 = sample_t_min((m,), *self.t_min, generator=generator, device=device)
+        grid = time_grid(T, t0, self.shift, device=device, validate=validate)  # (m, T+1)
+        drop = guidance_dropout(m, self.cond_drop if cond is not None else 0.0, device, generator)
+        group_cond = cond if index is None else index_cond(cond, model.predictor.cond_event_dims, index)
+        dist = model.distribution(grid, group_cond, drop_cond=drop, validate_args=validate)
+        x = x0 if index is None else x0[index]
+        traj = process.sample(x, grid, generator=generator, validate=validate)  # (m, T+1, *data)
+        if index is None:
+            index = torch.arange(n, device=device)
+        k = None
+        if self.mode == "pair":
+            k = torch.randint(1, T + 1, (m,), device=device, generator=generator)
+        return TrajectoryGroup(index, T, dist, traj, k)
 
     def _groups(
         self, n: int, device: torch.device, generator: torch.Generator | None

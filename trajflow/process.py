@@ -57,13 +57,17 @@ def sequence_shift(num_tokens: int) -> float:
 
 
 def _check_grid_arguments(steps: object, t_min: object, shift: object) -> None:
+    _check_steps_and_shift(steps, shift)
+    real = isinstance(t_min, numbers.Real) and not isinstance(t_min, bool)
+    if not (real or (isinstance(t_min, Tensor) and t_min.is_floating_point())):
+        raise ValueError(f"t_min: expected a number or a floating-point tensor, got {t_min!r}")
+
+
+def _check_steps_and_shift(steps: object, shift: object) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift > 0):
         raise ValueError(f"shift: expected a positive finite number, got {shift!r}")
-    real = isinstance(t_min, numbers.Real) and not isinstance(t_min, bool)
-    if not (real or (isinstance(t_min, Tensor) and t_min.is_floating_point())):
-        raise ValueError(f"t_min: expected a number or a floating-point tensor, got {t_min!r}")
 
 
 def _check_grid_values(t_min: Tensor, levels: Tensor, steps: int, shift: float, dtype: torch.dtype) -> None:

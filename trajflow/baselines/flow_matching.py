@@ -189,6 +189,44 @@ def _velocity_and_divergence(
     return v.detach(), div
 
 
+def _check_ode_points(model: VelocityModel, x0: Tensor, cond: Condition | None) -> None:
+    """Finite floating-point points ``(N, *event_shape)`` and their condition."""
+    check_event_shape("x0", x0, model.event_shape)
+    if x0.dim() != len(model.event_shape) + 1 or not x0.is_floating_point():
+        raise ValueError(
+            f"x0: expected a floating-point tensor of shape (N, *{tuple(model.event_shape)}), "
+            f"got {x0.dtype} of shape {tuple(x0.shape)}"
+        )
+    check_finite("x0", x0)
+    check_cond(model, cond, x0.shape[:1])
+
+
+def _check_ode_options(t_min: object, solver: object, divergence: object) -> None:
+    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
+        raise ValueError(f"t_min: expected a time in [0, 1), got {t_min!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+
+
+def _ode_step(
+    f: Callable[[Tensor, float], tuple[Tensor, Tensor]], solver: str, x: Tensor, ell: Tensor, t: float, s: float
+) -> tuple[Tensor, Tensor]:
+    """One step from ``t`` to ``s`` of the augmented state ``(x, ell)`` (Euler, Heun or classical RK4)."""
+    h = s - t
+    v1, d1 = f(x, t)
+    if solver == "euler":
+        return x + h * v1, ell + h * d1
+    if solver == "heun":
+        v2, d2 = f(x + h * v1, s)
+        return x + 0.5 * h * (v1 + v2), ell + 0.5 * h * (d1 + d2)
+    v2, d2 = f(x + 0.5 * h * v1, t + 0.5 * h)
+    v3, d3 = f(x + 0.5 * h * v2, t + 0.5 * h)
+    v4, d4 = f(x + h * v3, s)
+    return x + h / 6 * (v1 + 2 * v2 + 2 * v3 + v4), ell + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+
+
 def flow_matching_log_prob(
     model: VelocityModel,
     x0: Tensor,
@@ -257,21 +295,9 @@ def flow_matching_log_prob(
         >>> flow_matching_log_prob(model, torch.randn(3, 2), steps=4).shape
         torch.Size([3])
     """
-    check_event_shape("x0", x0, model.event_shape)
-    if x0.dim() != len(model.event_shape) + 1 or not x0.is_floating_point():
-        raise ValueError(
-            f"x0: expected a floating-point tensor of shape (N, *{tuple(model.event_shape)}), "
-            f"got {x0.dtype} of shape {tuple(x0.shape)}"
-        )
-    check_finite("x0", x0)
-    check_cond(model, cond, x0.shape[:1])
+    _check_ode_points(model, x0, cond)
     steps = check_count("steps", steps)
-    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
-        raise ValueError(f"t_min: expected a time in [0, 1), got {t_min!r}")
-    if solver not in SOLVERS:
-        raise ValueError(f"solver: expected one of {SOLVERS}, got {solver!r}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence: expected one of {DIVERGENCES}, got {divergence!r}")
+    _check_ode_options(t_min, solver, divergence)
     probes = check_count("probes", probes)
 
     x = upcast(x0.detach())  # (N, *event), the ODE state in the data's precision (float32 at least)
@@ -288,19 +314,7 @@ def flow_matching_log_prob(
     grid = torch.linspace(float(t_min), 1.0, steps + 1, dtype=torch.float64).tolist()
     ell = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)  # the integral of div v, (N,)
     for t, s in zip(grid[:-1], grid[1:]):
-        h = s - t
-        v1, d1 = f(x, t)
-        if solver == "euler":
-            x, ell = x + h * v1, ell + h * d1
-        elif solver == "heun":
-            v2, d2 = f(x + h * v1, s)
-            x, ell = x + 0.5 * h * (v1 + v2), ell + 0.5 * h * (d1 + d2)
-        else:  # classical RK4
-            v2, d2 = f(x + 0.5 * h * v1, t + 0.5 * h)
-            v3, d3 = f(x + 0.5 * h * v2, t + 0.5 * h)
-            v4, d4 = f(x + h * v3, s)
-            x = x + h / 6 * (v1 + 2 * v2 + 2 * v3 + v4)
-            ell = ell + h / 6 * (d1 + 2 * d2 + 2 * d3 + d4)
+        x, ell = _ode_step(f, solver, x, ell, t, s)
     x1 = x.reshape(x.shape[0], -1).double()  # (N, D)
     log_normal = -0.5 * x1.square().sum(1) - 0.5 * x1.shape[1] * math.log(2 * math.pi)
     return log_normal + ell

@@ -185,12 +185,30 @@ def matched_single_flow(
         >>> abs(count_parameters(TransformerTransporter(matched)) - 60_000) / 60_000 < 0.1
         True
     """
+    _check_match_arguments(config, target, tolerance)
+    miss, _, candidate, n = _closest_depth(config, target, blocks, layers_per_block)
+    if miss > tolerance:
+        raise ValueError(
+            f"target: no stack within {tolerance:.0%} of {target:,} parameters; the closest, {candidate.blocks} "
+            f"blocks x {candidate.layers_per_block} layers, has {n:,} ({miss:.1%} off)"
+        )
+    return candidate
+
+
+def _check_match_arguments(config: object, target: object, tolerance: float) -> None:
     if not isinstance(config, TransformerTransporterConfig):
         raise ValueError(f"config: expected a TransformerTransporterConfig, got {type(config).__name__}")
     if not isinstance(target, int) or isinstance(target, bool) or target < 1:
         raise ValueError(f"target: expected a positive number of parameters, got {target!r}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance: expected a non-negative fraction, got {tolerance!r}")
+
+
+def _closest_depth(
+    config: TransformerTransporterConfig, target: int, blocks: Iterable[int], layers_per_block: Iterable[int]
+) -> tuple[float, int, TransformerTransporterConfig, int]:
+    """``(relative miss, -blocks, candidate, parameters)`` of the candidate closest to ``target`` (ties: more
+    blocks), counted on the meta device."""
     best: tuple[float, int, TransformerTransporterConfig, int] | None = None
     for b in blocks:
         for layers in layers_per_block:
@@ -202,10 +220,4 @@ def matched_single_flow(
                 best = (*key, candidate, n)
     if best is None:
         raise ValueError("blocks, layers_per_block: expected at least one candidate depth each")
-    miss, _, candidate, n = best
-    if miss > tolerance:
-        raise ValueError(
-            f"target: no stack within {tolerance:.0%} of {target:,} parameters; the closest, {candidate.blocks} "
-            f"blocks x {candidate.layers_per_block} layers, has {n:,} ({miss:.1%} off)"
-        )
-    return candidate
+    return best

@@ -215,10 +215,7 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) 
     unexpected = [k for k in state if k not in expected]
     builds = f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} builds"
     if missing or unexpected:
-        raise ValueError(
-            f"{builds}: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
-            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
+        raise ValueError(f"{builds}: missing {_first_names(missing)}, unexpected {_first_names(unexpected)}")
     mismatched = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
     if mismatched:
         first = mismatched[0]
@@ -226,6 +223,11 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) 
             f"{builds}: {first} has shape {tuple(state[first].shape)} in the file, the model expects "
             f"{tuple(expected[first].shape)} (the first of {len(mismatched)} mismatched tensor(s))"
         )
+
+
+def _first_names(names: list[str]) -> str:
+    """The first five names, and ``...`` when there are more."""
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
 
 
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:

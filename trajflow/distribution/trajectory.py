@@ -46,6 +46,27 @@ from .common import _module_device, _module_dtype, _std_normal_log_prob, _sum_ev
 __all__ = ["TrajectoryDistribution"]
 
 
+def _check_guidance(guidance: object, predictor: Predictor, cond: Condition | None) -> None:
+    """A finite weight >= 0; a positive one needs a conditional predictor and a condition."""
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance: expected a finite number >= 0, got {guidance!r}")
+    if guidance > 0 and predictor.cond_event_dims is None:
+        raise ValueError("guidance: classifier-free guidance needs a conditional predictor")
+    if guidance > 0 and cond is None:
+        raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
+
+
+def _batch_shape(grid: Tensor, cond_batch: torch.Size, drop_cond: Tensor | None) -> torch.Size:
+    """The broadcast batch shape of the grid, the condition and the dropout mask."""
+    try:
+        return torch.broadcast_shapes(grid.shape[:-1], cond_batch, drop_cond.shape if drop_cond is not None else ())
+    except RuntimeError as e:
+        raise ValueError(
+            f"grid/cond/drop_cond: batch shapes do not broadcast: grid {tuple(grid.shape[:-1])}, "
+            f"cond {tuple(cond_batch)}, drop_cond {None if drop_cond is None else tuple(drop_cond.shape)}"
+        ) from e
+
+
 class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     r"""The exact density of whole trajectories :math:`(x_{t_0}, \dots, x_{t_T})` under an NTM.
 
@@ -104,27 +125,14 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     ) -> None:
         check_compatible(transporter, predictor)
         check_grid(grid, validate=validate_args is not False)  # the values only where validation is on
-        if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-            raise ValueError(f"guidance: expected a finite number >= 0, got {guidance!r}")
-        if guidance > 0 and predictor.cond_event_dims is None:
-            raise ValueError("guidance: classifier-free guidance needs a conditional predictor")
-        if guidance > 0 and cond is None:
-            raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
+        _check_guidance(guidance, predictor, cond)
         # The one check of the condition, here where it enters (validate_args=False: shapes and types only).
         values = validate_args is not False
         cond_batch = check_cond(predictor, cond, validate=values)
         if transporter.is_conditional:
             check_cond(transporter, cond, cond_batch, validate=values)
         check_drop_cond(drop_cond)
-        try:
-            batch_shape = torch.broadcast_shapes(
-                grid.shape[:-1], cond_batch, drop_cond.shape if drop_cond is not None else ()
-            )
-        except RuntimeError as e:
-            raise ValueError(
-                f"grid/cond/drop_cond: batch shapes do not broadcast: grid {tuple(grid.shape[:-1])}, "
-                f"cond {tuple(cond_batch)}, drop_cond {None if drop_cond is None else tuple(drop_cond.shape)}"
-            ) from e
+        batch_shape = _batch_shape(grid, cond_batch, drop_cond)
 
         device = _module_device(predictor, transporter) or grid.device
         self._dtype = _module_dtype(predictor, transporter)

@@ -69,6 +69,10 @@ class TransformerTransporterConfig(PatchedImageConfig):
             raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
         if self.text_features == 0:
             self.text_features = None
+        self._check_condition()
+
+    def _check_condition(self) -> None:
+        """At most one kind of condition: ``num_classes`` or ``text_features``, each a positive integer."""
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes!r}")
         if self.text_features is not None and (not isinstance(self.text_features, int) or self.text_features < 1):

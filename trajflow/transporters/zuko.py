@@ -42,6 +42,38 @@ def _preset_arguments(preset: str) -> list[str]:
     return sorted(names - _OWN_ARGUMENTS - {"adjacency"})
 
 
+def _preset_flow(
+    features: int,
+    preset: str,
+    transforms: int,
+    hidden_features: Sequence[int],
+    time_features: int,
+    kwargs: dict[str, Any],
+) -> Flow | LazyTransform:
+    """The zuko flow of ``preset`` with these arguments, each checked (a ``ValueError`` naming it)."""
+    if preset not in _PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(_PRESETS)}, got {preset!r}")
+    check_count("transforms", transforms)
+    if isinstance(hidden_features, (str, bytes)) or not isinstance(hidden_features, Sequence):
+        raise ValueError(f"hidden_features: expected a sequence of positive integers, got {hidden_features!r}")
+    for width in hidden_features:
+        check_count("hidden_features", width)
+    known = _preset_arguments(preset)
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        raise ValueError(
+            f"kwargs: ZukoTransporter with preset {preset!r} takes no argument(s) {unknown} (known: {known})"
+        )
+    try:
+        return _PRESETS[preset][0](
+            features, context=time_features, transforms=transforms, hidden_features=tuple(hidden_features), **kwargs
+        )
+    except (TypeError, ValueError) as e:  # a value zuko cannot use: say which trajflow class got it
+        raise ValueError(
+            f"kwargs: ZukoTransporter with preset {preset!r} could not build its flow from {sorted(kwargs)}: {e}"
+        ) from e
+
+
 class ZukoTransporter(Pretrained, Transporter):
     r"""A transporter :math:`f_T(x, t)` made of a zuko flow whose context is an embedding of :math:`t`.
 
@@ -98,32 +130,7 @@ class ZukoTransporter(Pretrained, Transporter):
         # The preset's constructor arguments, kept to rebuild it (config_dict); None for a user flow.
         self.preset_config: dict[str, Any] | None = None
         if flow is None:
-            if preset not in _PRESETS:
-                raise ValueError(f"preset: expected one of {sorted(_PRESETS)}, got {preset!r}")
-            check_count("transforms", transforms)
-            if isinstance(hidden_features, (str, bytes)) or not isinstance(hidden_features, Sequence):
-                raise ValueError(f"hidden_features: expected a sequence of positive integers, got {hidden_features!r}")
-            for width in hidden_features:
-                check_count("hidden_features", width)
-            known = _preset_arguments(preset)
-            unknown = sorted(set(kwargs) - set(known))
-            if unknown:
-                raise ValueError(
-                    f"kwargs: ZukoTransporter with preset {preset!r} takes no argument(s) {unknown} (known: {known})"
-                )
-            try:
-                flow = _PRESETS[preset][0](
-                    features,
-                    context=time_features,
-                    transforms=transforms,
-                    hidden_features=tuple(hidden_features),
-                    **kwargs,
-                )
-            except (TypeError, ValueError) as e:  # a value zuko cannot use: say which trajflow class got it
-                raise ValueError(
-                    f"kwargs: ZukoTransporter with preset {preset!r} could not build its flow from "
-                    f"{sorted(kwargs)}: {e}"
-                ) from e
+            flow = _preset_flow(features, preset, transforms, hidden_features, time_features, kwargs)
             self.preset_config = {
                 "features": features,
                 "preset": preset,

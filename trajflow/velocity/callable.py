@@ -17,6 +17,22 @@ from .base import VelocityModel
 __all__ = ["CallableVelocity"]
 
 
+def _checked_event_shape(event_shape: int | Sequence[int]) -> torch.Size:
+    if isinstance(event_shape, int):
+        event_shape = (event_shape,)
+    shape = torch.Size(event_shape)
+    if len(shape) == 0 or min(shape) < 1:
+        raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+    return shape
+
+
+def _check_patch_size(event_shape: torch.Size, patch_size: int) -> None:
+    if len(event_shape) == 3:
+        _, h, w = event_shape
+        if patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
+
+
 class CallableVelocity(VelocityModel):
     r"""Adapter: an external velocity model ``fn(x_t, t, cond)`` as a trajflow velocity model.
 
@@ -81,42 +97,42 @@ class CallableVelocity(VelocityModel):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"fn: expected a callable velocity model, got {type(fn).__name__}")
-        if isinstance(event_shape, int):
-            event_shape = (event_shape,)
-        self.event_shape = torch.Size(event_shape)
-        if len(self.event_shape) == 0 or min(self.event_shape) < 1:
-            raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+        self.event_shape = _checked_event_shape(event_shape)
         self.hidden_layout = hidden_layout or default_layout(self.event_shape)
         if self.hidden_layout not in ("flat", "tokens"):
             raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {self.hidden_layout!r}")
-        if len(self.event_shape) == 3:
-            _, h, w = self.event_shape
-            if patch_size < 1 or h % patch_size or w % patch_size:
-                raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
+        _check_patch_size(self.event_shape, patch_size)
         self.patch_size = patch_size
         self.cond_event_dims = cond_event_dims
         self.null_cond = null_cond
-        if isinstance(fn, nn.Module):
-            self.fn = fn
-        else:
-            warnings.warn(
-                "CallableVelocity: fn is not an nn.Module, so its parameters are not registered: the "
-                "backbone stays frozen and is shared with any deep copy (the mean-alignment reference)",
-                stacklevel=2,
-            )
-            object.__setattr__(self, "fn", fn)  # not a submodule
+        self._set_fn(fn)
         self.returns_hidden = hidden_features is not None
         if hidden_features is not None:
             if not isinstance(hidden_features, int) or hidden_features < 1:
                 raise ValueError(f"hidden_features: expected a positive integer or None, got {hidden_features!r}")
             self.hidden_features = hidden_features
         else:
-            self.time = SinusoidalEmbedding(time_features)
-            in_features = (
-                self.event_shape.numel() if self.hidden_layout == "flat" else token_dim(self.event_shape, patch_size)
-            )
-            self.features = nn.Sequential(nn.Linear(in_features + time_features, feature_width), nn.SiLU())
-            self.hidden_features = feature_width
+            self._add_features(time_features, feature_width)
+
+    def _set_fn(self, fn: Callable[..., Tensor | tuple[Tensor, Tensor]]) -> None:
+        """``fn`` as a submodule, or (not an ``nn.Module``) as a plain attribute, with a warning."""
+        if isinstance(fn, nn.Module):
+            self.fn = fn
+            return
+        warnings.warn(
+            "CallableVelocity: fn is not an nn.Module, so its parameters are not registered: the "
+            "backbone stays frozen and is shared with any deep copy (the mean-alignment reference)",
+            stacklevel=3,
+        )
+        object.__setattr__(self, "fn", fn)  # not a submodule
+
+    def _add_features(self, time_features: int, feature_width: int) -> None:
+        """The hidden state of a ``fn`` that returns none: a linear layer over the input and a time embedding."""
+        self.time = SinusoidalEmbedding(time_features)
+        flat = self.event_shape.numel()
+        in_features = flat if self.hidden_layout == "flat" else token_dim(self.event_shape, self.patch_size)
+        self.features = nn.Sequential(nn.Linear(in_features + time_features, feature_width), nn.SiLU())
+        self.hidden_features = feature_width
 
     def _cond_for_fn(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> Condition | None:
         """Replace dropped rows by ``null_cond`` (or pass ``None`` for an all-null batch)."""

@@ -83,25 +83,34 @@ class _TextTransformerVelocity(DiffusersVelocity):
             raise ValueError(
                 f"null_cond: expected {form} (one condition, no batch dim), got {type(null_cond).__name__}"
             )
-        prompt = parts[0].detach()
+        prompt = self._null_prompt(parts[0])
+        if not self.pooled:
+            return prompt, None
+        return prompt, self._null_pooled(parts[1])
+
+    def _null_prompt(self, given: Tensor) -> Tensor:
+        """The null prompt embeddings ``(L, D)`` (a batch of 1 dropped), checked and copied."""
+        prompt = given.detach()
         if prompt.dim() == 3 and prompt.shape[0] == 1:
             prompt = prompt[0]
         if prompt.dim() != 2 or prompt.shape[-1] != self.text_features or not prompt.is_floating_point():
             raise ValueError(
                 f"null_cond: expected prompt embeddings (L, {self.text_features}) (the network's joint_attention_dim), "
-                f"got {prompt.dtype} of shape {tuple(parts[0].shape)}"
+                f"got {prompt.dtype} of shape {tuple(given.shape)}"
             )
-        if not self.pooled:
-            return prompt.clone(), None
-        pooled = parts[1].detach()
+        return prompt.clone()
+
+    def _null_pooled(self, given: Tensor) -> Tensor:
+        """The null pooled embeddings ``(P,)`` (a batch of 1 dropped), checked and copied."""
+        pooled = given.detach()
         if pooled.dim() == 2 and pooled.shape[0] == 1:
             pooled = pooled[0]
         if pooled.shape != (self.pooled_features,) or not pooled.is_floating_point():
             raise ValueError(
                 f"null_cond: expected pooled embeddings ({self.pooled_features},) (the network's "
-                f"pooled_projection_dim), got {pooled.dtype} of shape {tuple(parts[1].shape)}"
+                f"pooled_projection_dim), got {pooled.dtype} of shape {tuple(given.shape)}"
             )
-        return prompt.clone(), pooled.clone()
+        return pooled.clone()
 
     @property
     def null_cond(self) -> Condition | None:

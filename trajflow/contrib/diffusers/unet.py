@@ -18,6 +18,39 @@ if TYPE_CHECKING:
 __all__ = ["UNet2DVelocity"]
 
 
+def _check_unet_config(config: Any, num_train_timesteps: int) -> None:
+    """A UNet usable as a velocity: as many output as input channels, positional time, no class_embed_type."""
+    if config.in_channels != config.out_channels:
+        raise ValueError(
+            f"unet: expected as many output as input channels (a velocity has the image's shape), got "
+            f"in_channels={config.in_channels}, out_channels={config.out_channels}"
+        )
+    if config.time_embedding_type != "positional":
+        raise ValueError(
+            f"unet: expected time_embedding_type='positional' (a flow-matching UNet called at "
+            f"{num_train_timesteps} t), got {config.time_embedding_type!r}"
+        )
+    if config.class_embed_type is not None:
+        raise ValueError(
+            f"unet: expected class_embed_type=None (labels through num_class_embeds), got {config.class_embed_type!r}"
+        )
+
+
+def _sample_size(config: Any, sample_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    """``(H, W)``: ``sample_size`` or the config's, divisible by the UNet's downsampling factor."""
+    size = config.sample_size if sample_size is None else sample_size
+    if size is None:
+        raise ValueError("sample_size: the UNet's config has no sample_size, expected an int or (H, W), got None")
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if min(height, width) < 1 or height % factor or width % factor:
+        raise ValueError(
+            f"sample_size: expected a positive (H, W) divisible by the UNet's downsampling factor {factor}, "
+            f"got {size!r}"
+        )
+    return height, width
+
+
 class UNet2DVelocity(DiffusersVelocity):
     r"""A flow-matching diffusers ``UNet2DModel`` as a velocity model, hidden states included.
 
@@ -74,37 +107,17 @@ class UNet2DVelocity(DiffusersVelocity):
     ) -> None:
         super().__init__(unet, num_train_timesteps=num_train_timesteps, validate_args=validate_args)
         config = unet.config
-        if config.in_channels != config.out_channels:
-            raise ValueError(
-                f"unet: expected as many output as input channels (a velocity has the image's shape), got "
-                f"in_channels={config.in_channels}, out_channels={config.out_channels}"
-            )
-        if config.time_embedding_type != "positional":
-            raise ValueError(
-                f"unet: expected time_embedding_type='positional' (a flow-matching UNet called at "
-                f"{num_train_timesteps} t), got {config.time_embedding_type!r}"
-            )
-        if config.class_embed_type is not None:
-            raise ValueError(
-                f"unet: expected class_embed_type=None (labels through num_class_embeds), got "
-                f"{config.class_embed_type!r}"
-            )
-        size = config.sample_size if sample_size is None else sample_size
-        if size is None:
-            raise ValueError("sample_size: the UNet's config has no sample_size, expected an int or (H, W), got None")
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        factor = 2 ** (len(config.block_out_channels) - 1)
-        if min(height, width) < 1 or height % factor or width % factor:
-            raise ValueError(
-                f"sample_size: expected a positive (H, W) divisible by the UNet's downsampling factor {factor}, "
-                f"got {size!r}"
-            )
+        _check_unet_config(config, num_train_timesteps)
+        height, width = _sample_size(config, sample_size)
         self.sample_size = (int(height), int(width))
         self.event_shape = torch.Size((config.in_channels, height, width))
         self.hidden_features = int(config.block_out_channels[0])
         self.hidden_layout = "tokens"
         self.patch_size = 1
-        embeds = config.num_class_embeds
+        self._set_classes(config.num_class_embeds)
+
+    def _set_classes(self, embeds: int | None) -> None:
+        """The classes of a class-conditional UNet (its last class embedding is the null class), or none."""
         if embeds is not None and embeds < 2:
             raise ValueError(
                 f"unet: a class-conditional UNet needs num_class_embeds >= 2 (the last is the null class), got {embeds}"

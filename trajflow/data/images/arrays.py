@@ -28,15 +28,18 @@ def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
     if array.ndim != 4:
         raise ValueError(f"{what}: expected a 3-D (NHW) or 4-D (NHWC / NCHW) image array, got shape {array.shape}")
     if layout is None:
-        last, second = array.shape[3] in _CHANNEL_COUNTS, array.shape[1] in _CHANNEL_COUNTS
-        if last == second:
-            raise ValueError(
-                f"{what}: cannot tell NHWC from NCHW for shape {array.shape}; pass layout='NHWC' or 'NCHW'"
-            )
-        layout = "NHWC" if last else "NCHW"
+        layout = _guess_layout(array, what)
     if layout == "NHW":
         raise ValueError(f"{what}: layout 'NHW' needs a 3-D array, got shape {array.shape}")
     return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
+
+
+def _guess_layout(array: np.ndarray, what: str) -> str:
+    """``"NHWC"`` or ``"NCHW"`` of a 4-D array, from which axis has a channel count (never both)."""
+    last, second = array.shape[3] in _CHANNEL_COUNTS, array.shape[1] in _CHANNEL_COUNTS
+    if last == second:
+        raise ValueError(f"{what}: cannot tell NHWC from NCHW for shape {array.shape}; pass layout='NHWC' or 'NCHW'")
+    return "NHWC" if last else "NCHW"
 
 
 def _check_8bit(array: np.ndarray, what: str, levels: int) -> np.ndarray:
@@ -129,12 +132,16 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if path.suffix != ".npz":
         raise ValueError(f"path: expected a .npy or .npz file, got {path.name!r}")
     with np.load(path, allow_pickle=False) as z:
-        keys = list(z.keys())
-        image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
-        if image_key is None:
-            raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
-        label_key = next((k for k in ("labels", "y", "targets") if k in keys), None)
+        image_key, label_key = _npz_keys(path, list(z.keys()))
         return z[image_key], (z[label_key] if label_key is not None else None)
+
+
+def _npz_keys(path: Path, keys: list[str]) -> tuple[str, str | None]:
+    """The keys of the images (``images``, ``x``, ``data`` or the only array) and of the labels, if any."""
+    image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+    if image_key is None:
+        raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
+    return image_key, next((k for k in ("labels", "y", "targets") if k in keys), None)
 
 
 def _checked_labels(labels: np.ndarray, n: int) -> np.ndarray:
