@@ -87,6 +87,12 @@ class TransformerPredictorConfig(PatchedImageConfig):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
         check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
+        self._check_condition()
+        if not self.scale_bound > 0:
+            raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
+
+    def _check_condition(self) -> None:
+        """At most one kind of condition: ``num_classes`` or ``text_features``, each positive."""
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes}")
         if self.text_features is not None and self.text_features < 1:
@@ -96,8 +102,6 @@ class TransformerPredictorConfig(PatchedImageConfig):
                 "num_classes, text_features: expected at most one kind of condition, got both "
                 f"num_classes={self.num_classes} and text_features={self.text_features}"
             )
-        if not self.scale_bound > 0:
-            raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
 
     @property
     def cond_spec(self) -> CondSpec | None:

@@ -141,34 +141,48 @@ class Trainer:
         save_state(staging / f"rng-rank{self.rank}.safetensors", capture_rng_state(run.generator))
         model_state = acc.get_state_dict(wrapped)  # full tensors on the main process (FSDP: gathered)
         ema_state = ema.state_dict() if ema is not None else None  # collective under FSDP
-        if self._is_fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt_state = get_optimizer_state_dict(
-                wrapped,
-                run.optimizer.optimizer,
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-            )
-        else:
-            opt_state = run.optimizer.state_dict() if self.is_main else None
+        opt_state = self._optimizer_state(run)  # collective under FSDP
         if self.is_main:
-            prefix = "model."
-            model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
-            meta = {"step": str(step)}
-            save_safetensors(staging / MODEL_FILE, model_state, meta)
-            if ema_state is not None:
-                save_safetensors(staging / EMA_FILE, ema_state, {**meta, **ema.metadata()})
-            save_state(staging / "optimizer.safetensors", opt_state)
-            save_state(staging / "scheduler.safetensors", run.scheduler.state_dict())
-            info = {**run.position, "step": step, "world_size": self.world_size, "threads": torch.get_num_threads()}
-            save_json(staging / TRAINER_FILE, info)
-            save_json(staging / CONFIG_FILE, dict(run.run_config))
+            self._write_step_files(staging, run, model_state, ema_state, opt_state)
         acc.wait_for_everyone()
         final = self.checkpoints.root / CheckpointDir.name(step)
         if self.is_main:
             final = self.checkpoints.commit(staging, step)
         acc.wait_for_everyone()
         return final
+
+    def _optimizer_state(self, run: FitState) -> dict[str, Any] | None:
+        """The optimizer's full state on the main process (``None`` elsewhere; gathered under FSDP)."""
+        if not self._is_fsdp:
+            return run.optimizer.state_dict() if self.is_main else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            run.wrapped,
+            run.optimizer.optimizer,
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+
+    def _write_step_files(
+        self,
+        staging: Path,
+        run: FitState,
+        model_state: dict[str, Tensor],
+        ema_state: dict[str, Tensor] | None,
+        opt_state: dict[str, Any] | None,
+    ) -> None:
+        """The files of checkpoint ``run.step`` in ``staging`` (main process): weights, EMA, optimizer,
+        scheduler, the trainer's position and the run's config."""
+        prefix, meta = "model.", {"step": str(run.step)}
+        model_state = {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}
+        save_safetensors(staging / MODEL_FILE, model_state, meta)
+        if ema_state is not None:
+            save_safetensors(staging / EMA_FILE, ema_state, {**meta, **run.ema.metadata()})
+        save_state(staging / "optimizer.safetensors", opt_state)
+        save_state(staging / "scheduler.safetensors", run.scheduler.state_dict())
+        info = {**run.position, "step": run.step, "world_size": self.world_size, "threads": torch.get_num_threads()}
+        save_json(staging / TRAINER_FILE, info)
+        save_json(staging / CONFIG_FILE, dict(run.run_config))
 
     def check_out_dir(self, resume: bool | str | Path = False) -> None:
         """Raise ``FileExistsError`` (naming ``resume``) when a fresh run (``resume`` false) would start in an

@@ -54,6 +54,21 @@ def _preset(name: str, features: int, context: int, transforms: int, hidden: int
     return CompositeTransform(layers)
 
 
+def _check_invertible(transform: nn.Module, naive_linear: type, batch_norm: type) -> None:
+    """Refuse the nflows layers that cannot serve in a transporter (``NaiveLinear``, ``BatchNorm``)."""
+    for m in transform.modules():
+        if isinstance(m, naive_linear):
+            raise ValueError(
+                "transform: nflows 0.14 NaiveLinear cannot be inverted on current torch (it calls the "
+                "removed torch.solve); use LULinear instead"
+            )
+        if isinstance(m, batch_norm):
+            raise ValueError(
+                "transform: nflows BatchNorm depends on the batch and inverts only in eval mode; "
+                "it cannot serve as a transporter"
+            )
+
+
 class NflowsTransporter(Transporter):
     r"""A transporter :math:`f_T(x, t)` made of an nflows transform with a time embedding as context.
 
@@ -104,17 +119,7 @@ class NflowsTransporter(Transporter):
             transform = _preset(preset, features, time_features, transforms, hidden_features, bins)
         if not isinstance(transform, NflowsTransform):
             raise ValueError(f"transform: expected an nflows Transform, got {type(transform).__name__}")
-        for m in transform.modules():
-            if isinstance(m, NaiveLinear):
-                raise ValueError(
-                    "transform: nflows 0.14 NaiveLinear cannot be inverted on current torch (it calls the "
-                    "removed torch.solve); use LULinear instead"
-                )
-            if isinstance(m, BatchNorm):
-                raise ValueError(
-                    "transform: nflows BatchNorm depends on the batch and inverts only in eval mode; "
-                    "it cannot serve as a transporter"
-                )
+        _check_invertible(transform, NaiveLinear, BatchNorm)
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
         self.nflows_transform = transform
