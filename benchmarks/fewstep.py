@@ -223,10 +223,13 @@ T2I_RECIPE: dict[str, Any] = {
 #: paper's ``no_delta_mean``, method.md 2.4); sigma_P is pinned within exp(+-0.05) of the posterior's C; the
 #: transporter learns at 10x the learning rate. Only the transporter can then pay the NLL, which is the part
 #: of the model the method adds: with the backbone or sigma_P free, the last step's over-confident factor is paid
-#: by moving the mean or widening sigma_P, and the samples get worse (the variants in docs/fewstep.md).
+#: by moving the mean or widening sigma_P, and the samples get worse. The last factor (0.25 -> t_min) weighs 0.1:
+#: at full weight its NLL (15 nats/dim at init against ~1 for the others) takes the transporter away from the
+#: coarse steps, and over seeds the FD is higher and more spread (the variants in docs/fewstep.md).
 RECIPE: dict[str, Any] = {
     **T2I_RECIPE,
     "freeze_backbone": True,
+    "factor_weights": [0.1, 1.0, 1.0, 1.0],
     "lr_scales": {"transporter.": 10.0},
     "predictor": {"delta_bound": 0.05},
 }
