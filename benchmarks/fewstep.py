@@ -20,8 +20,9 @@ Stages, each cached under ``--work`` (a killed run resumes; finished runs are no
    * ``fm-euler`` / ``fm-heun``: flow matching continued; Euler at 4, 8 and 50 steps, Heun at 4 (7 calls).
    * ``ntm-fm``: :func:`trajflow.finetune.init_from_flow_matching` + :class:`trajflow.finetune.FinetuneLoss`
      (the recipe in ``RECIPE``); 4 steps raw (``variant: "raw"``) and score-denoised (``"score-denoised"``).
-   * ``ntm-fm-gaussian``: the same with the identity transporter (only :math:`\sigma_P` and the backbone
-     learn): it isolates what the transporter adds.
+   * ``ntm-fm-gaussian``: the identity transporter under ``T2I_RECIPE`` (:math:`\sigma_P` and the backbone
+     learn), the Gaussian-step model fine-tuned by the same exact NLL. The same ``RECIPE`` with the identity
+     transporter is the variant that isolates the transporter (``--methods ntm-fm-gaussian --recipe ...``).
    * ``progressive-distillation``: Salimans & Ho (2022), 64 -> 32 -> 16 -> 8 -> 4 steps, the budget split
      evenly over the four rounds.
    * ``meanflow``: Geng et al. (2025) from the teacher (at r = t it is FM); 1, 2 and 4 steps.
