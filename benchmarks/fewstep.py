@@ -991,11 +991,12 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             key = (r["method"], r.get("run_variant") or "(main rows)")
             at = round(r["at_seconds"] / payload["config"]["budget_seconds"], 1) * payload["config"]["budget_seconds"]
             vcurves.setdefault(key, {}).setdefault(at, []).append(r["value"])
-    for (method, name), pts in sorted(vcurves.items()):
+    for i, ((method, name), pts) in enumerate(sorted(vcurves.items())):
         xs = sorted(pts)
         style = ":" if method == "fm-euler" else "-" if name == "(main rows)" else "--"
         label = f"{method} {name} ({len(pts[xs[0]])} seed{'s' if len(pts[xs[0]]) > 1 else ''})"
-        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], style, marker=".", label=label)
+        ys = [sum(pts[x]) / len(pts[x]) for x in xs]
+        ax.plot(xs, ys, style, marker=".", label=label, color=plt.cm.tab20(i % 20))  # more lines than tab10 has
     for ref in ("euler-4", "euler-50"):
         r = find(method="fm-euler", steps=int(ref.split("-")[1]), budget="teacher", metric="frechet_distance")
         if r:
