@@ -72,9 +72,9 @@ from trajflow.baselines import (  # noqa: E402
     meanflow_sample,
 )
 from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample, heun_sample  # noqa: E402
-from trajflow.checkpoint import atomic_write  # noqa: E402
+from trajflow.checkpoint import atomic_write, load_model_weights, resolve_checkpoint  # noqa: E402
 from trajflow.data.images import ImageDataset, load_mnist  # noqa: E402
-from trajflow.denoise import sample_denoised  # noqa: E402
+from trajflow.denoise import DistillationLoss, TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
 from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching  # noqa: E402
 from trajflow.likelihood import DequantizedObjective, dequantize, iwae_bits_per_dim  # noqa: E402
 from trajflow.predictors import TransformerPredictorConfig  # noqa: E402
@@ -417,6 +417,27 @@ def trainer_config(
     )
 
 
+# The curve points also go to a file as they come: a killed run resumes without them (the Trainer does not
+# repeat the points it passed), and they are read back from there.
+def logged(path: Path, read_curve: Any) -> Any:
+    """A Trainer ``evaluate`` callback: ``read_curve(model, point)``, appended to ``path`` as one JSON line."""
+
+    def run(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
+        out = read_curve(model, point)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(json.dumps({**point, **out}) + "\n")
+        return out
+
+    return run
+
+
+def logged_points(path: Path) -> list[dict[str, Any]]:
+    """The curve points ``logged`` wrote to ``path``, one per step, in step order."""
+    points = {p["step"]: p for p in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
+    return [points[k] for k in sorted(points)]
+
+
 def finetune(
     method: str,
     seed: int,
@@ -449,23 +470,6 @@ def finetune(
 
     run_dir = work / "train" / tag
     curve: list[dict[str, Any]] = []
-
-    # The curve points also go to a file as they come: a killed run resumes without them (the Trainer does
-    # not repeat the points it passed), and they are read back from there.
-    def logged(path: Path) -> Any:
-        def run(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
-            out = read_curve(model, point)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as fh:
-                fh.write(json.dumps({**point, **out}) + "\n")
-            return out
-
-        return run
-
-    def logged_points(path: Path) -> list[dict[str, Any]]:
-        points = {p["step"]: p for p in map(json.loads, path.read_text().splitlines())} if path.exists() else {}
-        return [points[k] for k in sorted(points)]
-
     t_start = time.perf_counter()
     if row.rounds:  # progressive distillation: the budget split evenly over the rounds
         elapsed = 0.0
@@ -477,7 +481,12 @@ def finetune(
             points = max(1, cfg.curve_points // len(row.rounds))
             log = run_dir.parent / f"{tag}-round-{teacher_steps}.curve.jsonl"
             result = trainer.fit(
-                row.model, objective, state["train"], resume=True, evaluate=logged(log), evaluate_points=points
+                row.model,
+                objective,
+                state["train"],
+                resume=True,
+                evaluate=logged(log, read_curve),
+                evaluate_points=points,
             )
             result.ema.copy_to(row.model)
             for p in logged_points(log):
@@ -494,7 +503,7 @@ def finetune(
             row.objective,
             state["train"],
             resume=True,
-            evaluate=logged(log),
+            evaluate=logged(log, read_curve),
             evaluate_points=cfg.curve_points,
         )
         result.ema.copy_to(row.model)
@@ -540,6 +549,73 @@ def finetune(
         "recipe": recipe if row.ntm else None,
     }
     save_grid(grid, work / "grids" / f"{tag}.png")
+    text = json.dumps(record, indent=1)
+    atomic_write(record_path, lambda fh: fh.write(text.encode()))
+    return record
+
+
+#: The learned denoiser trains after its NTM (NTM §3.4: post-training, the NTM frozen) for this share of the
+#: NTM's budget. Its row is the only one with more than the equal-time budget; the docs say so.
+DENOISER_SHARE = 0.25
+
+
+def distill_denoiser(rec: dict[str, Any], cfg: FewStepConfig, state: dict[str, Any], work: Path) -> dict[str, Any]:
+    r"""Distil a one-pass denoiser from the finished NTM run ``rec`` and read the fast sampler; cached as
+    ``denoisers/<tag>.json``.
+
+    The NTM is rebuilt under the run's recipe with the EMA weights of its last checkpoint and frozen. A
+    :class:`~trajflow.denoise.TransformerDenoiser` of the teacher's size (the identity at initialisation, so
+    it starts at the raw sampler's :math:`\hat u_{t_0}`) regresses the NTM's trajectory-score-denoised
+    targets on training images (:class:`~trajflow.denoise.DistillationLoss` at ``t_min = T_MIN``) for
+    ``DENOISER_SHARE * time_budget`` seconds. The samples (:func:`~trajflow.denoise.fast_sample`: the predictor
+    four times, the denoiser once, no transporter inverse) use the raw row's noise, so the two rows differ only
+    in the last map.
+    """
+    tag, seed = rec["tag"], rec["seed"]
+    record_path = work / "denoisers" / f"{tag}.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    torch.manual_seed(seed)
+    row = build_row(rec["method"], state["teacher"], cfg, rec["recipe"])
+    load_model_weights(resolve_checkpoint(work / "train" / tag), row.model, ema=True)
+    ntm = row.model.eval().requires_grad_(False)
+    denoiser = TransformerDenoiser(teacher_config(cfg)).to(ntm.device)
+    loss = DistillationLoss(ntm, steps=4, t_min=(T_MIN, T_MIN), cond_drop=0.0)
+    objective = _Dequantized(lambda m, x, step, g: loss(m, x, generator=g), "denoiser_mse")
+    metrics: SampleMetrics = state["metrics"]
+
+    def sample(model: nn.Module, n: int, noise_seed: int) -> Tensor:
+        return fast_sample(ntm, model, (n,), steps=4, t_min=T_MIN, generator=gen(ntm, noise_seed)).cpu()
+
+    def read_curve(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
+        x = sample(model, cfg.curve_samples, 10_000 + seed)  # the NTM curve's noise
+        return {"frechet_distance": metrics.frechet_distance(x), "curve_steps": 4, "samples": len(x)}
+
+    seconds = DENOISER_SHARE * cfg.time_budget
+    log = work / "denoisers" / f"{tag}.curve.jsonl"
+    trainer = Trainer(trainer_config(cfg, seed, 1e-4, seconds), work / "denoisers" / tag)
+    result = trainer.fit(
+        denoiser,
+        objective,
+        state["train"],
+        resume=True,
+        evaluate=logged(log, read_curve),
+        evaluate_points=cfg.curve_points,
+    )
+    result.ema.copy_to(denoiser)
+    t0 = time.perf_counter()
+    x = sample(denoiser.eval(), cfg.final_samples, 20_000 + seed)  # the NTM's end-point noise
+    final = {"steps": 4, "sample_seconds": time.perf_counter() - t0, **metrics.all(x)}
+    record = {
+        "tag": tag,
+        "seed": seed,
+        "train_seconds": result.train_seconds,
+        "train_steps": result.step,
+        "budget_seconds": seconds,
+        "curve": [{**p, "at_seconds": rec["train_seconds"] + p["train_seconds"]} for p in logged_points(log)],
+        "final": final,
+    }
+    save_grid(x[:64], work / "grids" / f"{tag}-learned-denoiser.png")
     text = json.dumps(record, indent=1)
     atomic_write(record_path, lambda fh: fh.write(text.encode()))
     return record
@@ -753,6 +829,8 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
                         "sample_seconds": res["sample_seconds"],
                     }
                 )
+        if "denoiser" in rec:
+            rows += denoiser_rows(common, rec["denoiser"], cfg)
         curve_method, curve_variant = ROW_NAMES[(rec["method"], CURVE_SAMPLER[rec["method"]])]
         for point in rec["curve"]:
             rows.append(
@@ -773,6 +851,29 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
                 common, rec["method"], point.get("nll_factors", []), at_seconds=point["at_seconds"], curve=True
             )
     rows += mean_rows([r for r in rows if r["budget"] == "equal-time" and not r.get("curve")])
+    return rows
+
+
+def denoiser_rows(common: dict[str, Any], den: dict[str, Any], cfg: FewStepConfig) -> list[dict[str, Any]]:
+    """The learned denoiser's end point and curve (``at_seconds`` counts the NTM's seconds before it)."""
+    common = {**common, "method": "ntm-fm", "variant": "learned-denoiser", "denoiser_seconds": den["train_seconds"]}
+    res = den["final"]
+    rows = [
+        {**common, "steps": 4, "metric": m, "value": res[m], "sample_seconds": res["sample_seconds"]}
+        for m in FINAL_METRICS
+    ]
+    for point in den["curve"]:
+        rows.append(
+            {
+                **common,
+                "steps": 4,
+                "metric": "frechet_distance",
+                "value": point["frechet_distance"],
+                "at_seconds": point["at_seconds"],
+                "curve": True,
+                "samples": cfg.curve_samples,
+            }
+        )
     return rows
 
 
@@ -1058,13 +1159,28 @@ def run_variant(record: dict[str, Any], budget_seconds: float) -> dict[str, Any]
     return record
 
 
+def all_records(work: Path, cfg: FewStepConfig) -> list[dict[str, Any]]:
+    """Every finished run under ``work``, classified by :func:`run_variant`."""
+    return [run_variant(json.loads(p.read_text()), cfg.time_budget) for p in sorted((work / "runs").glob("*.json"))]
+
+
+def main_records(work: Path, cfg: FewStepConfig, methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[dict]:
+    """The finished main-row runs of ``methods`` and ``seeds``."""
+    return [r for r in all_records(work, cfg) if not r["variant"] and r["method"] in methods and r["seed"] in seeds]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
     ap.add_argument("--work", type=Path, default=None)
-    ap.add_argument("--stage", default="all", choices=["prepare", "runs", "all"])
+    ap.add_argument(
+        "--stage",
+        default="all",
+        choices=["prepare", "runs", "denoisers", "all"],
+        help="denoisers: distil the learned denoiser of every finished main ntm-fm run of --seeds",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
     ap.add_argument("--methods", nargs="*", default=None)
@@ -1086,6 +1202,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage == "prepare":
         print(json.dumps(teacher_rows(cfg, state, work), indent=1))
         return
+    if args.stage == "denoisers":
+        for rec in main_records(work, cfg, methods=("ntm-fm",), seeds=args.seeds or cfg.seeds):
+            den = distill_denoiser(rec, cfg, state, work)
+            print(rec["tag"], "learned denoiser:", den["final"]["frechet_distance"])
+        return
     overrides = parse_overrides(args.recipe)
     for seed in args.seeds if args.seeds is not None else cfg.seeds:
         for method in args.methods or cfg.methods:
@@ -1098,8 +1219,12 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # -- the results file: every finished run of this config (variant runs too, tagged with their variant)
-    records = [run_variant(json.loads(p.read_text()), cfg.time_budget) for p in sorted((work / "runs").glob("*.json"))]
+    records = all_records(work, cfg)
     main_runs = [r for r in records if not r.get("variant") and r["seed"] in cfg.seeds and r["method"] in cfg.methods]
+    for r in main_runs:  # the learned denoiser's row, where its stage ran (the docs table shows the missing seeds)
+        den = work / "denoisers" / f"{r['tag']}.json"
+        if r["method"] == "ntm-fm" and den.exists():
+            r["denoiser"] = json.loads(den.read_text())
     seen: dict[tuple[str, int], str] = {}
     for r in main_runs:
         if (r["method"], r["seed"]) in seen:

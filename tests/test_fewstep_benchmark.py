@@ -33,6 +33,8 @@ def results(tmp_path_factory: pytest.TempPathFactory):
         sys.modules["bench_fewstep"] = module  # dataclasses look their module up
         spec.loader.exec_module(module)
         tmp = tmp_path_factory.mktemp("fewstep")
+        module.main(["--smoke", "--work", str(tmp / "work"), "--stage", "runs"])
+        module.main(["--smoke", "--work", str(tmp / "work"), "--stage", "denoisers"])
         module.main(["--smoke", "--work", str(tmp / "work"), "--out", str(tmp / "fewstep.json")])
         first = json.loads((tmp / "fewstep.json").read_text())
         # a second call finds every run cached and rewrites the same rows (a killed benchmark resumes)
@@ -55,11 +57,36 @@ def test_every_method_has_its_end_points_at_equal_time(results):
     assert {("fm-euler", 4), ("fm-euler", 8), ("fm-euler", 50), ("fm-heun", 4), ("ntm-fm", 4)} <= steps
     assert {("meanflow", 1), ("meanflow", 2), ("meanflow", 4), ("progressive-distillation", 4)} <= steps
     variants = {r.get("variant") for r in rows if r["method"] == "ntm-fm" and r["metric"] == "frechet_distance"}
-    assert variants == {"raw", "score-denoised"}
+    assert variants == {"raw", "score-denoised", "learned-denoiser"}
     budget = payload["config"]["budget_seconds"]
     for r in rows:  # every row trained for the budget (the timed run stops at the first step past it)
         if r["metric"] == "frechet_distance" and r["seed"] == 0:
             assert r["train_seconds"] >= 0.99 * budget, r
+
+
+def test_the_learned_denoiser_trains_after_its_ntm_with_a_curve(results):
+    module, payload, _ = results
+    budget = payload["config"]["budget_seconds"]
+    rows = [r for r in payload["rows"] if r.get("variant") == "learned-denoiser" and r["seed"] == 0]
+    end = [r for r in rows if not r.get("curve") and r["metric"] == "frechet_distance"]
+    assert len(end) == 1 and end[0]["denoiser_seconds"] >= 0.99 * module.DENOISER_SHARE * budget
+    curve = sorted(r["at_seconds"] for r in rows if r.get("curve"))
+    assert len(curve) >= 2 and curve[0] == pytest.approx(end[0]["train_seconds"])  # it starts where the NTM ended
+
+
+def test_runs_are_classified_by_recipe_and_budget(results):
+    module, _, _ = results
+    base = {"method": "ntm-fm", "seed": 0, "train_seconds": 240.0, "budget_seconds": 240.0}
+    main = module.run_variant({**base, "tag": "ntm-fm-x-s0", "variant": "x", "recipe": module.RECIPE}, 240.0)
+    assert main["variant"] is None and main["ran_as"] == "x"  # the default recipe at the budget: a main row
+    old = module.run_variant({**base, "tag": "ntm-fm-s0", "recipe": module.T2I_RECIPE}, 240.0)
+    assert old["variant"] == "t2i-recipe"  # unnamed, under the recipe of its time
+    longer = module.run_variant(
+        {**base, "tag": "ntm-fm-long-s0", "budget_seconds": 1200.0, "recipe": module.RECIPE}, 240.0
+    )
+    assert longer["variant"] == "long"  # the same recipe at another budget is a variant, named from its tag
+    with pytest.raises(ValueError, match="neither recipe"):
+        module.run_variant({**base, "tag": "ntm-fm-s1", "variant": None, "recipe": {**module.RECIPE, "lr": 1.0}}, 240.0)
 
 
 def test_learning_curves_likelihood_and_mean_rows(results):
