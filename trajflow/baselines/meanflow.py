@@ -25,14 +25,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..checkpoint import Pretrained, dataclass_from_dict
-from ..checks import check_count, check_event_shape, check_finite, check_flat_times
-from ..conditioning import Condition, check_cond
-from ..losses import guidance_dropout
+from ..checks import check_flat_times
+from ..conditioning import Condition
 from ..nn.patches import check_images, unpatchify
 from ..numerics import upcast
 from ..predictors.transformer import TransformerBackbone, TransformerPredictorConfig
-from ..process import time_grid
 from ..velocity import TransformerVelocity
+from .flow_matching import check_batch, descending_times, interpolate, noise_and_drop
 
 __all__ = ["MeanFlowVelocity", "MeanFlowLoss", "meanflow_jvp", "meanflow_sample"]
 
@@ -203,24 +202,19 @@ class MeanFlowLoss:
     def __call__(
         self, model: nn.Module, x0: Tensor, cond: Condition | None = None, *, generator: torch.Generator | None = None
     ) -> Tensor:
-        check_event_shape("x0", x0, model.event_shape)
-        # values (class ranges) only where the model validates its inputs: they cost a GPU synchronisation
-        check_cond(model, cond, x0.shape[:1], validate=getattr(model, "validate_args", True))
+        check_batch(model, x0, cond)
         n, device = x0.shape[0], x0.device
         # Drawn in FlowMatchingLoss's order (t, eps, drop) so that r = t reproduces its draws exactly.
         t = self._times(n, device, generator)  # (N,)
-        eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
-        drop = guidance_dropout(n, self.cond_drop if cond is not None else 0.0, device, generator)
+        eps, drop = noise_and_drop(x0, cond, self.cond_drop, generator)
         r = t
         if self.ratio_r_neq_t > 0:
             other = self._times(n, device, generator)
             neq = torch.rand(n, device=device, generator=generator) < self.ratio_r_neq_t
             t, r = torch.where(neq, torch.maximum(t, other), t), torch.where(neq, torch.minimum(t, other), t)
-        tb = t.reshape(n, *([1] * (x0.dim() - 1)))  # (N, 1, ...)
-        z = (1 - tb) * x0 + tb * eps
         v = eps - x0
-        u, dudt = meanflow_jvp(model, z, r, t, v, cond, drop)
-        h = (t - r).reshape(tb.shape).to(dudt.dtype)
+        u, dudt = meanflow_jvp(model, interpolate(x0, eps, t), r, t, v, cond, drop)
+        h = (t - r).reshape(-1, *([1] * (x0.dim() - 1))).to(dudt.dtype)  # (N, 1, ...)
         target = (upcast(v) - h * upcast(dudt)).detach()  # stop-gradient
         sq = (upcast(u) - target).square()  # (N, *event)
         if self.adaptive_p == 0:
@@ -249,11 +243,7 @@ def meanflow_sample(
         >>> meanflow_sample(MeanFlowVelocity(cfg), torch.randn(2, 1, 4, 4), 1).shape
         torch.Size([2, 1, 4, 4])
     """
-    check_event_shape("noise", noise, model.event_shape)
-    check_finite("noise", noise)
-    check_count("steps", steps)
-    check_cond(model, cond, noise.shape[:1])
-    ts = time_grid(steps, 0.0, shift, device=noise.device).flip(0)  # (steps + 1,), 1 -> 0
+    ts = descending_times(model, noise, steps, cond, shift)  # (steps + 1,), 1 -> 0
     z, n = noise, noise.shape[0]
     for t, r in zip(ts[:-1], ts[1:]):
         z = z - (t - r) * model(z, r.expand(n), t.expand(n), cond)

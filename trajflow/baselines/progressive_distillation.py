@@ -22,18 +22,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_event_shape, check_tensor
-from ..conditioning import Condition, check_cond
-from ..losses import guidance_dropout
+from ..checks import check_count, check_event_shape, check_tensor
+from ..conditioning import Condition
 from ..numerics import upcast
 from ..process import time_grid
 from ..velocity import VelocityModel
+from .flow_matching import check_batch, interpolate, noise_and_drop
 
 __all__ = ["ProgressiveDistillationLoss", "distillation_rounds"]
-
-
-def _is_power_of_two(k: int) -> bool:
-    return k >= 1 and k & (k - 1) == 0
 
 
 def distillation_rounds(start_steps: int = 64, end_steps: int = 4) -> list[int]:
@@ -45,18 +41,13 @@ def distillation_rounds(start_steps: int = 64, end_steps: int = 4) -> list[int]:
         >>> distillation_rounds(64, 4)
         [64, 32, 16, 8]
     """
-    for name, value in (("start_steps", start_steps), ("end_steps", end_steps)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    if start_steps % end_steps or not _is_power_of_two(start_steps // end_steps) or start_steps == end_steps:
+    ratio = check_count("start_steps", start_steps) // check_count("end_steps", end_steps)
+    if start_steps != end_steps * ratio or ratio < 2 or ratio & (ratio - 1):
         raise ValueError(
             f"(start_steps, end_steps): expected start_steps = end_steps * 2^k with k >= 1, "
             f"got ({start_steps}, {end_steps})"
         )
-    rounds = [start_steps]
-    while rounds[-1] > 2 * end_steps:
-        rounds.append(rounds[-1] // 2)
-    return rounds
+    return [start_steps >> k for k in range(ratio.bit_length() - 1)]
 
 
 @dataclass
@@ -154,16 +145,12 @@ class ProgressiveDistillationLoss:
                 f"student: expected the teacher's event shape {tuple(self.teacher.event_shape)}, "
                 f"got {tuple(student.event_shape)}"
             )
-        check_event_shape("x0", x0, student.event_shape)
         # the teacher's condition, which the student takes too (its targets are the teacher's)
-        check_cond(self.teacher, cond, x0.shape[:1], validate=getattr(self.teacher, "validate_args", True))
-        n, device = x0.shape[0], x0.device
-        index = torch.randint(1, self.student_steps + 1, (n,), device=device, generator=generator)  # (N,)
-        eps = torch.randn(x0.shape, device=device, generator=generator, dtype=x0.dtype)
-        drop = guidance_dropout(n, self.cond_drop if cond is not None else 0.0, device, generator)
-        t = self._times(index, device)[0]
-        tb = t.reshape(n, *([1] * (x0.dim() - 1)))
-        x_t = (1 - tb) * x0 + tb * eps
+        check_batch(student, x0, cond, cond_model=self.teacher)
+        index = torch.randint(1, self.student_steps + 1, x0.shape[:1], device=x0.device, generator=generator)  # (N,)
+        eps, drop = noise_and_drop(x0, cond, self.cond_drop, generator)
+        t = self._times(index, x0.device)[0]
+        x_t = interpolate(x0, eps, t)
         with torch.no_grad():
             target = self._target(x_t, index, cond, drop)  # no value checks: no GPU sync
         v, _ = student(x_t, t, cond, drop)
