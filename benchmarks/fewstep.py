@@ -73,10 +73,10 @@ from trajflow.baselines import (  # noqa: E402
 )
 from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample, heun_sample  # noqa: E402
 from trajflow.checkpoint import atomic_write, load_model_weights, resolve_checkpoint  # noqa: E402
-from trajflow.data.images import ImageDataset, load_mnist  # noqa: E402
+from trajflow.data.images import ImageDataset, load_fashion_mnist, load_mnist  # noqa: E402
 from trajflow.denoise import DistillationLoss, TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
 from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching  # noqa: E402
-from trajflow.likelihood import DequantizedObjective, dequantize, iwae_bits_per_dim  # noqa: E402
+from trajflow.likelihood import dequantize, iwae_bits_per_dim  # noqa: E402
 from trajflow.predictors import TransformerPredictorConfig  # noqa: E402
 from trajflow.process import MarkovInterpolant, time_grid  # noqa: E402
 from trajflow.train import Trainer, TrainerConfig  # noqa: E402
@@ -89,6 +89,10 @@ class FewStepConfig:
     """Everything that defines one benchmark configuration."""
 
     resolution: int = 14
+    dataset: str = "mnist"  # or "fashion-mnist"
+    conditional: bool = False  # class-conditional: the labels are the condition of every model
+    guidance: float = 0.0  # the classifier-free guidance weight of every sampler that has one
+    cond_drop: float = 0.0  # label dropout of the teacher and of every fine-tuning loss (CFG's null class)
     # teacher: TransformerVelocity
     patch_size: int = 2
     width: int = 128
@@ -126,6 +130,16 @@ CONFIGS: dict[str, FewStepConfig] = {
         threads=16,
         reader=ReaderConfig(image_shape=(1, 28, 28)),
     ),
+    # Class-conditional Fashion-MNIST with guidance. MeanFlow is left out: its guidance is trained in, not applied
+    # at sampling (Geng et al. 2025, 4.2), which the library's MeanFlowLoss does not do.
+    "cpu-fashion": FewStepConfig(
+        dataset="fashion-mnist",
+        conditional=True,
+        guidance=1.0,
+        cond_drop=0.1,
+        methods=("fm", "ntm-fm", "progressive-distillation"),
+        reader=ReaderConfig(image_shape=(1, 14, 14)),
+    ),
     "smoke": FewStepConfig(
         resolution=14,
         width=32,
@@ -144,6 +158,15 @@ CONFIGS: dict[str, FewStepConfig] = {
         reader=ReaderConfig(image_shape=(1, 14, 14), width=8, steps=20),
     ),
 }
+CONFIGS["smoke-fashion"] = dataclasses.replace(
+    CONFIGS["smoke"],
+    dataset="fashion-mnist",
+    conditional=True,
+    guidance=1.0,
+    cond_drop=0.1,
+    methods=CONFIGS["cpu-fashion"].methods,
+)
+LOADERS = {"mnist": load_mnist, "fashion-mnist": load_fashion_mnist}
 
 
 # -- data ----------------------------------------------------------------------------------------------------
@@ -155,7 +178,7 @@ def downsample(ds: ImageDataset, resolution: int) -> ImageDataset:
         return ds
     k = ds.images.shape[-1] // resolution
     pooled = F.avg_pool2d(ds.images.float(), k).round().clamp(0, 255).to(torch.uint8)
-    return ImageDataset(pooled, ds.labels, levels=256, num_classes=10, name=f"mnist-{resolution}px", split=ds.split)
+    return ImageDataset(pooled, ds.labels, levels=256, num_classes=10, name=f"{ds.name}-{resolution}px", split=ds.split)
 
 
 def unit(ds: ImageDataset, n: int, generator: torch.Generator) -> Tensor:
@@ -169,7 +192,13 @@ def unit(ds: ImageDataset, n: int, generator: torch.Generator) -> Tensor:
 def teacher_config(cfg: FewStepConfig) -> TransformerPredictorConfig:
     r = cfg.resolution
     return TransformerPredictorConfig(
-        (1, r, r), patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth, heads=cfg.heads, time_features=64
+        (1, r, r),
+        patch_size=cfg.patch_size,
+        width=cfg.width,
+        depth=cfg.depth,
+        heads=cfg.heads,
+        time_features=64,
+        num_classes=10 if cfg.conditional else None,
     )
 
 
@@ -190,7 +219,10 @@ def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Pa
         )
         model = TransformerVelocity(teacher_config(cfg))
         trainer = Trainer(tcfg, folder / "train")
-        objective = DequantizedObjective(FlowMatchingLoss(cond_drop=0.0), train_set.levels, "fm_mse")
+        loss = FlowMatchingLoss(cond_drop=cfg.cond_drop)
+        objective = _Dequantized(
+            lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "fm_mse", cfg.conditional
+        )
         result = trainer.fit(
             model, objective, train_set, run_config={"teacher": dataclasses.asdict(teacher_config(cfg))}, resume=True
         )
@@ -255,18 +287,28 @@ class Row:
 
 @dataclass
 class _Dequantized:
-    """A Trainer objective: ``loss(model, x, step, generator)`` on freshly dequantised images."""
+    """A Trainer objective: ``loss(model, x, y, generator, step, progress)`` on freshly dequantised images ``x``,
+    with the labels ``y`` as the condition of a conditional row (``None`` otherwise)."""
 
     loss: Any
     loss_name: str = "loss"
+    conditional: bool = False
 
-    def __call__(self, model: nn.Module, batch: Any, generator: torch.Generator, step: int) -> Any:
+    def __call__(
+        self, model: nn.Module, batch: Any, generator: torch.Generator, step: int, *, progress: float | None = None
+    ) -> Any:
         x = dequantize(batch[0], 256, generator)
-        return self.loss(model, x, step, generator)
+        y = batch[1].long() if self.conditional else None
+        return self.loss(model, x, y, generator, step, progress)
 
 
 def _noise(n: int, shape: torch.Size, generator: torch.Generator) -> Tensor:
     return torch.randn(n, *shape, generator=generator, device=generator.device)
+
+
+def labels(cfg: FewStepConfig, n: int, device: torch.device) -> Tensor | None:
+    """The condition of ``n`` samples: every class in turn (balanced), or ``None`` for an unconditional row."""
+    return torch.arange(n, device=device) % 10 if cfg.conditional else None
 
 
 def gen(model: nn.Module, seed: int) -> torch.Generator:
@@ -276,15 +318,22 @@ def gen(model: nn.Module, seed: int) -> torch.Generator:
 
 def fm_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
     model = copy.deepcopy(teacher).train().requires_grad_(True)
-    loss = FlowMatchingLoss(cond_drop=0.0)
-    shape = model.event_shape
+    loss = FlowMatchingLoss(cond_drop=cfg.cond_drop)
+    samplers = {f"euler-{k}": (k, euler_sampler(cfg, model.event_shape, k)) for k in (4, 8, 50)}
+    samplers["heun-4"] = (4, euler_sampler(cfg, model.event_shape, 4, heun=True))
+    objective = _Dequantized(lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "fm_mse", cfg.conditional)
+    return Row(model, objective, samplers, "euler-4", 1e-4)
 
-    def euler(steps: int):
-        return steps, lambda m, n, g: euler_sample(m, _noise(n, shape, g), steps)
 
-    samplers = {"euler-4": euler(4), "euler-8": euler(8), "euler-50": euler(50)}
-    samplers["heun-4"] = (4, lambda m, n, g: heun_sample(m, _noise(n, shape, g), 4))
-    return Row(model, _Dequantized(lambda m, x, step, g: loss(m, x, generator=g), "fm_mse"), samplers, "euler-4", 1e-4)
+def euler_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = False) -> Any:
+    """``sample(model, n, generator)``: Euler (or Heun) from fresh noise, guided where the rows are conditional."""
+    solver = heun_sample if heun else euler_sample
+
+    def sample(m: nn.Module, n: int, g: torch.Generator) -> Tensor:
+        noise = _noise(n, shape, g)
+        return solver(m, noise, steps, cond=labels(cfg, n, noise.device), guidance=cfg.guidance)
+
+    return sample
 
 
 def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
@@ -300,28 +349,36 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         steps=4,
         t_min=tuple(recipe["t_min"]),
         mode=recipe["mode"],
-        cond_drop=0.0,
+        cond_drop=cfg.cond_drop,
         factor_weights=recipe["factor_weights"],
     )
     loss = FinetuneLoss(nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_fraction=1.0)
 
     def raw(m, n, g):
-        return m.sample((n,), steps=4, t_min=T_MIN, generator=g)
+        y = labels(cfg, n, m.device)
+        shape = (n,) if y is None else ()  # a conditional sample draws one per label
+        return m.sample(shape, cond=y, steps=4, t_min=T_MIN, guidance=cfg.guidance, generator=g)
 
     def denoised(m, n, g):
-        chunks = [100] * (n // 100) + [n % 100]  # autograd through every level: memory grows with the chunk
-        return torch.cat(
-            [
-                sample_denoised(m.distribution(time_grid(4, T_MIN, device=m.device)), (c,), generator=g)
-                for c in chunks
-                if c
-            ]
-        )
+        grid = time_grid(4, T_MIN, device=m.device)
+        y = labels(cfg, n, m.device)
+        out = []
+        for i in range(0, n, 100):  # autograd through every level: memory grows with the chunk
+            c = min(100, n - i)
+            if y is None:
+                out.append(sample_denoised(m.distribution(grid), (c,), generator=g))
+            else:
+                out.append(sample_denoised(m.distribution(grid, y[i : i + c], guidance=cfg.guidance), generator=g))
+        return torch.cat(out)
 
     samplers = {"raw": (4, raw), "score-denoised": (4, denoised)}
     return Row(
         model,
-        DequantizedObjective(loss, 256, "finetune_loss"),
+        _Dequantized(
+            lambda m, x, y, g, step, progress: loss(m, x if y is None else (x, y), g, step, progress=progress),
+            "finetune_loss",
+            cfg.conditional,
+        ),
         samplers,
         "raw",
         recipe["lr"],
@@ -333,42 +390,58 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
 def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
 
     model = MeanFlowVelocity.from_velocity(teacher).train().requires_grad_(True)
-    loss = MeanFlowLoss(cond_drop=0.0)
+    loss = MeanFlowLoss(cond_drop=cfg.cond_drop)
     shape = model.event_shape
 
     def sampler(steps: int):
-        return steps, lambda m, n, g: meanflow_sample(m, _noise(n, shape, g), steps)
+        def sample(m: nn.Module, n: int, g: torch.Generator) -> Tensor:
+            noise = _noise(n, shape, g)
+            return meanflow_sample(m, noise, steps, cond=labels(cfg, n, noise.device))  # no guidance: see CONFIGS
+
+        return steps, sample
 
     samplers = {f"{k}-step": sampler(k) for k in (1, 2, 4)}
-    return Row(
-        model, _Dequantized(lambda m, x, step, g: loss(m, x, generator=g), "meanflow_mse"), samplers, "4-step", 1e-4
+    objective = _Dequantized(
+        lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "meanflow_mse", cfg.conditional
     )
+    return Row(model, objective, samplers, "4-step", 1e-4)
 
 
 def distillation_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
 
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     shape = model.event_shape
-    samplers = {"euler-4": (4, lambda m, n, g: euler_sample(m, _noise(n, shape, g), 4))}
+    samplers = {"euler-4": (4, euler_sampler(cfg, shape, 4))}
     return Row(model, None, samplers, "euler-4", 1e-4, rounds=distillation_rounds(64, 4))
 
 
-def nll_factors(model: nn.Module, x0: Tensor, generator: torch.Generator) -> list[float]:
+def read(state: dict[str, Any], cfg: FewStepConfig, x: Tensor) -> dict[str, float]:
+    """Every end-point metric of samples ``x`` (``SampleMetrics.all``); for conditional rows also
+    ``class_accuracy``, the share the reader assigns to the class each sample was drawn for (``labels``)."""
+    out = state["metrics"].all(x)
+    if cfg.conditional:
+        with torch.no_grad():
+            pred = torch.cat([state["reader"](c).argmax(-1) for c in x.clamp(-1, 1).split(1000)])
+        out["class_accuracy"] = float((pred == labels(cfg, len(x), pred.device)).float().mean())
+    return out
+
+
+def nll_factors(model: nn.Module, x0: Tensor, y: Tensor | None, generator: torch.Generator) -> list[float]:
     """Per-factor test NLL in nats/dim, ``k = 1..4`` (k = 1: the last step, to ``T_MIN``), on one fixed
-    forward trajectory per image."""
+    forward trajectory per image (given its label ``y`` in a conditional row)."""
 
     grid = time_grid(4, T_MIN, device=x0.device)
     traj = MarkovInterpolant(event_dim=3).sample(x0, grid, generator=generator)
     with torch.no_grad():
-        _, factors = model.distribution(grid).log_prob_factors(traj)
+        _, factors = model.distribution(grid, y).log_prob_factors(traj)
     return [float(v) for v in (-factors.mean(0) / x0[0].numel())]
 
 
 def prepare(cfg: FewStepConfig, work: Path) -> dict[str, Any]:
     """Data, reader and teacher (each cached under ``work``)."""
     torch.set_num_threads(cfg.threads)
-    train = downsample(load_mnist("train"), cfg.resolution)
-    test = downsample(load_mnist("test"), cfg.resolution)
+    train = downsample(LOADERS[cfg.dataset]("train"), cfg.resolution)
+    test = downsample(LOADERS[cfg.dataset]("test"), cfg.resolution)
     g = torch.Generator().manual_seed(1234)
     order = torch.randperm(len(test), generator=g)[: cfg.real_samples]
     test_int, test_y = test.images[order], test.labels[order]
@@ -457,6 +530,7 @@ def finetune(
     metrics: SampleMetrics = state["metrics"]
     device = next(row.model.parameters()).device
     nll_x = state["test_x"][: cfg.nll_samples].to(device)
+    nll_y = state["test_y"][: cfg.nll_samples].long().to(device) if cfg.conditional else None
 
     def read_curve(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
         steps, sample = row.samplers[row.curve]
@@ -465,7 +539,7 @@ def finetune(
             x = sample(model, cfg.curve_samples, g).cpu()
         out = {"frechet_distance": metrics.frechet_distance(x), "curve_steps": steps, "samples": len(x)}
         if row.ntm:
-            out["nll_factors"] = nll_factors(model, nll_x, gen(model, 7))
+            out["nll_factors"] = nll_factors(model, nll_x, nll_y, gen(model, 7))
         return out
 
     run_dir = work / "train" / tag
@@ -474,8 +548,10 @@ def finetune(
     if row.rounds:  # progressive distillation: the budget split evenly over the rounds
         elapsed = 0.0
         for i, teacher_steps in enumerate(row.rounds):
-            loss = ProgressiveDistillationLoss(copy.deepcopy(row.model), teacher_steps, cond_drop=0.0)
-            objective = _Dequantized(lambda m, x, step, g, loss=loss: loss(m, x, generator=g), "pd_mse")
+            loss = ProgressiveDistillationLoss(copy.deepcopy(row.model), teacher_steps, cond_drop=cfg.cond_drop)
+            objective = _Dequantized(
+                lambda m, x, y, g, step, progress, loss=loss: loss(m, x, y, generator=g), "pd_mse", cfg.conditional
+            )
             seconds = cfg.time_budget / len(row.rounds)
             trainer = Trainer(trainer_config(cfg, seed, row.lr, seconds), run_dir / f"round-{teacher_steps}")
             points = max(1, cfg.curve_points // len(row.rounds))
@@ -518,11 +594,11 @@ def finetune(
         t0 = time.perf_counter()
         with torch.no_grad() if not row.ntm else torch.enable_grad():
             x = sample(model, cfg.final_samples, g).cpu()
-        final[name] = {"steps": steps, "sample_seconds": time.perf_counter() - t0, **metrics.all(x)}
+        final[name] = {"steps": steps, "sample_seconds": time.perf_counter() - t0, **read(state, cfg, x)}
         if name == row.curve:
             grid = x[:64]
     if row.ntm:
-        final["nll_factors"] = nll_factors(model, nll_x, gen(model, 7))
+        final["nll_factors"] = nll_factors(model, nll_x, nll_y, gen(model, 7))
         x_int = state["test_int"][: cfg.nll_samples].to(nll_x.device)
         with torch.no_grad():
             bpd = iwae_bits_per_dim(
@@ -531,6 +607,7 @@ def finetune(
                 256,
                 num_trajectories=16,
                 t_min=T_MIN,
+                cond=nll_y,
                 chunk_size=64,
                 generator=gen(model, 8),
             )
@@ -580,12 +657,17 @@ def distill_denoiser(rec: dict[str, Any], cfg: FewStepConfig, state: dict[str, A
     load_model_weights(resolve_checkpoint(work / "train" / tag), row.model, ema=True)
     ntm = row.model.eval().requires_grad_(False)
     denoiser = TransformerDenoiser(teacher_config(cfg)).to(ntm.device)
-    loss = DistillationLoss(ntm, steps=4, t_min=(T_MIN, T_MIN), cond_drop=0.0)
-    objective = _Dequantized(lambda m, x, step, g: loss(m, x, generator=g), "denoiser_mse")
+    loss = DistillationLoss(ntm, steps=4, t_min=(T_MIN, T_MIN), cond_drop=cfg.cond_drop)
+    objective = _Dequantized(
+        lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "denoiser_mse", cfg.conditional
+    )
     metrics: SampleMetrics = state["metrics"]
 
     def sample(model: nn.Module, n: int, noise_seed: int) -> Tensor:
-        return fast_sample(ntm, model, (n,), steps=4, t_min=T_MIN, generator=gen(ntm, noise_seed)).cpu()
+        y = labels(cfg, n, ntm.device)
+        shape = (n,) if y is None else ()
+        g = gen(ntm, noise_seed)
+        return fast_sample(ntm, model, shape, cond=y, steps=4, t_min=T_MIN, guidance=cfg.guidance, generator=g).cpu()
 
     def read_curve(model: nn.Module, point: dict[str, float]) -> dict[str, Any]:
         x = sample(model, cfg.curve_samples, 10_000 + seed)  # the NTM curve's noise
@@ -605,7 +687,7 @@ def distill_denoiser(rec: dict[str, Any], cfg: FewStepConfig, state: dict[str, A
     result.ema.copy_to(denoiser)
     t0 = time.perf_counter()
     x = sample(denoiser.eval(), cfg.final_samples, 20_000 + seed)  # the NTM's end-point noise
-    final = {"steps": 4, "sample_seconds": time.perf_counter() - t0, **metrics.all(x)}
+    final = {"steps": 4, "sample_seconds": time.perf_counter() - t0, **read(state, cfg, x)}
     record = {
         "tag": tag,
         "seed": seed,
@@ -666,7 +748,7 @@ def teacher_rows(cfg: FewStepConfig, state: dict[str, Any], work: Path) -> dict[
         for name, (steps, sample) in row.samplers.items():
             with torch.enable_grad():
                 x = sample(row.model.eval(), cfg.final_samples, gen(row.model, 20_000)).cpu()
-            out["ntm-init"][name] = {"steps": steps, **state["metrics"].all(x)}
+            out["ntm-init"][name] = {"steps": steps, **read(state, cfg, x)}
         if path.exists():
             text = json.dumps(out, indent=1)
             atomic_write(path, lambda fh: fh.write(text.encode()))
@@ -681,7 +763,7 @@ def teacher_rows(cfg: FewStepConfig, state: dict[str, Any], work: Path) -> dict[
     out["real"] = metrics.all(real_train[: cfg.final_samples])
     for name, (steps, sample) in fm_row(teacher, cfg).samplers.items():
         x = sample(teacher, cfg.final_samples, gen(teacher, 20_000)).cpu()
-        out[name] = {"steps": steps, **metrics.all(x)}
+        out[name] = {"steps": steps, **read(state, cfg, x)}
         with torch.no_grad():
             out[name]["confidence"] = float(F.softmax(state["reader"](x), -1).amax(-1).mean())  # digits read as digits
         save_grid(x[:64], work / "grids" / f"teacher-{name}.png")
@@ -729,10 +811,14 @@ ROW_NAMES = {
 FINAL_METRICS = ("frechet_distance", "kid", "precision", "recall", "density", "coverage")
 
 
+def final_metrics(cfg: FewStepConfig) -> tuple[str, ...]:
+    """The end-point metrics of a row: ``FINAL_METRICS``, and ``class_accuracy`` where rows are conditional."""
+    return (*FINAL_METRICS, "class_accuracy") if cfg.conditional else FINAL_METRICS
+
+
 def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows of ``fewstep.json``: teacher and floor rows, each run's end points and curve, and per-row means."""
-    task = "mnist"
-    base = {"task": task, "resolution": cfg.resolution}
+    base = {"task": cfg.dataset, "resolution": cfg.resolution, "conditional": cfg.conditional, "guidance": cfg.guidance}
     rows: list[dict[str, Any]] = []
     for metric in FINAL_METRICS:
         rows.append(
@@ -761,7 +847,7 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
         }
     )
     for variant, res in teacher["ntm-init"].items():
-        for metric in FINAL_METRICS:
+        for metric in final_metrics(cfg):
             rows.append(
                 {
                     **base,
@@ -778,7 +864,7 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
         if name in ("reader", "real", "bits_per_dim", "ntm-init"):
             continue
         method = "fm-heun" if name.startswith("heun") else "fm-euler"
-        for metric in (*FINAL_METRICS, "confidence"):
+        for metric in (*final_metrics(cfg), "confidence"):
             rows.append(
                 {
                     **base,
@@ -817,7 +903,7 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
                 rows += factor_rows(common, rec["method"], res)
                 continue
             method, variant = ROW_NAMES[(rec["method"], name)]
-            for metric in FINAL_METRICS:
+            for metric in final_metrics(cfg):
                 rows.append(
                     {
                         **common,
@@ -860,7 +946,7 @@ def denoiser_rows(common: dict[str, Any], den: dict[str, Any], cfg: FewStepConfi
     res = den["final"]
     rows = [
         {**common, "steps": 4, "metric": m, "value": res[m], "sample_seconds": res["sample_seconds"]}
-        for m in FINAL_METRICS
+        for m in final_metrics(cfg)
     ]
     for point in den["curve"]:
         rows.append(
@@ -931,6 +1017,11 @@ DOCS = ROOT / "docs" / "fewstep"
 TABLE_BEGIN, TABLE_END = "<!-- fewstep table: begin -->", "<!-- fewstep table: end -->"
 
 
+def table_markers(dataset: str) -> tuple[str, str]:
+    """The markers of another data set's table in ``docs/fewstep.md``."""
+    return f"<!-- fewstep {dataset} table: begin -->", f"<!-- fewstep {dataset} table: end -->"
+
+
 def fmt(row: dict[str, Any] | None, digits: int = 1) -> str:
     if row is None:
         return "-"
@@ -948,7 +1039,11 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = payload["rows"]
-    DOCS.mkdir(parents=True, exist_ok=True)
+    dataset, conditional = payload["config"]["dataset"], payload["config"]["conditional"]
+    # MNIST's table and figures keep their places; another data set gets its own table and folder
+    docs = DOCS if dataset == "mnist" else DOCS / dataset
+    begin, end = (TABLE_BEGIN, TABLE_END) if dataset == "mnist" else table_markers(dataset)
+    docs.mkdir(parents=True, exist_ok=True)
 
     def find(**kw: Any) -> dict[str, Any] | None:
         hits = [r for r in rows if all(r.get(k) == v for k, v in kw.items()) and not r.get("curve")]
@@ -958,10 +1053,18 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
         f"Generated by `{payload['command']}` at commit `{payload['commit']}` (dirty: {payload['dirty']}) on "
         f"{payload['device']}. Fine-tuning budget per row: {payload['config']['budget_seconds']:.0f} s; "
         f"FD/KID/precision/recall on {payload['config']['final_samples']} samples against "
-        f"{payload['config']['real_samples']} test images; mean ± std over seeds {list(payload['config']['seeds'])}.",
+        f"{payload['config']['real_samples']} test images; mean ± std over seeds {list(payload['config']['seeds'])}."
+        + (
+            f" Class-conditional, guidance weight {payload['config']['guidance']} in every sampler that has one "
+            "(MeanFlow has none); class acc.: the share of samples the reader assigns to the class they were drawn "
+            "for."
+            if conditional
+            else ""
+        ),
         "",
-        "| method | variant | steps | budget | FD | KID | precision | recall |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | variant | steps | budget | FD | KID | precision | recall |"
+        + (" class acc. |" if conditional else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if conditional else ""),
     ]
     keys = []
     for r in rows:
@@ -982,6 +1085,7 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
         lines.append(
             f"| {method} | {variant or ''} | {steps if steps is not None else ''} | {budget} | {fmt(fd)} | {kid_txt} | "
             f"{fmt(find(metric='precision', **sel), 3)} | {fmt(find(metric='recall', **sel), 3)} |"
+            + (f" {fmt(find(metric='class_accuracy', **sel), 3)} |" if conditional else "")
         )
     # -- recipe variants beside the main rows: mean over the seeds each ran (most ran seed 0 only)
     variants = payload.get("variants", {})
@@ -1029,11 +1133,12 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             )
     table = "\n".join(lines)
     md = ROOT / "docs" / "fewstep.md"
-    text = md.read_text() if md.exists() else f"# Few-step generation\n\n{TABLE_BEGIN}\n{TABLE_END}\n"
-    if TABLE_BEGIN in text:
-        pre, rest = text.split(TABLE_BEGIN, 1)
-        post = rest.split(TABLE_END, 1)[1]
-        md.write_text(f"{pre}{TABLE_BEGIN}\n{table}\n{TABLE_END}{post}")
+    text = md.read_text() if md.exists() else "# Few-step generation\n"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    pre, rest = text.split(begin, 1)
+    post = rest.split(end, 1)[1]
+    md.write_text(f"{pre}{begin}\n{table}\n{end}{post}")
 
     # -- curves: FD of the curve sampler against training seconds, mean over seeds (one line per method)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -1080,7 +1185,7 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     )
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(DOCS / "curves.png", dpi=110)
+    fig.savefig(docs / "curves.png", dpi=110)
     plt.close(fig)
     # -- every NTM recipe variant's curve (mean over the seeds it ran) beside the main rows' NTM curves
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -1111,11 +1216,11 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(DOCS / "variants.png", dpi=110)
+    fig.savefig(docs / "variants.png", dpi=110)
     plt.close(fig)
     for png in sorted((work / "grids").glob("*.png")):
         if "-s0" in png.name or png.name.startswith("teacher"):
-            shutil.copy(png, DOCS / png.name)
+            shutil.copy(png, docs / png.name)
 
 
 def _json_normal(value: Any) -> Any:
@@ -1190,12 +1295,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="--config smoke")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    cfg = CONFIGS["smoke" if args.smoke else args.config]
+    name = "smoke" if args.smoke else args.config
+    smoke = name.startswith("smoke")
+    cfg = CONFIGS[name]
     if args.threads:
         cfg = dataclasses.replace(cfg, threads=args.threads)
     if args.budget:
         cfg = dataclasses.replace(cfg, time_budget=args.budget)
-    work = args.work or ROOT / "runs" / f"fewstep-{'smoke' if args.smoke else args.config}"
+    work = args.work or ROOT / "runs" / f"fewstep-{name}"
     source = source_state()
     state = prepare(cfg, work)
     print("reader:", state["reader_info"])
@@ -1237,9 +1344,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     variants = [r for r in records if r.get("variant")]
     rows = result_rows(cfg, teacher_rows(cfg, state, work), main_runs + variants)
-    out = args.out or (work / "fewstep.json" if args.smoke else RESULTS / "fewstep.json")
+    results = "fewstep.json" if cfg.dataset == "mnist" else f"fewstep-{cfg.dataset}.json"
+    out = args.out or (work / "fewstep.json" if smoke else RESULTS / results)
     extra = {
-        "config_name": "smoke" if args.smoke else args.config,
+        "config_name": name,
         # records keep their key budget_seconds (the tables and old records read it)
         "config": {("budget_seconds" if k == "time_budget" else k): v for k, v in dataclasses.asdict(cfg).items()},
         "recipe": RECIPE,
@@ -1249,7 +1357,7 @@ def main(argv: list[str] | None = None) -> None:
         "reader": state["reader_info"],
     }
     payload = write_results(out, "fewstep", rows, command=command_line(), source=source, extra=extra)
-    if not args.smoke:
+    if not smoke:
         write_docs(payload, work)
     print(f"wrote {out} ({len(rows)} rows)")
 
