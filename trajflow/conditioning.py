@@ -1,16 +1,15 @@
 """Conditions: a tensor (class index, vector) or a tuple of tensors (text features and their mask).
 
 A network says how many trailing dims form one condition (``cond_event_dims``: an int for a tensor, a
-tuple of ints for a tuple), and the leading dims are the condition's batch shape. Where it knows more (the
+tuple of ints for a tuple); the leading dims are the condition's batch shape. Where it knows more (the
 number of classes, the widths), it declares a :class:`CondSpec` as ``cond_spec``, in the way of
 torch.distributions' ``arg_constraints``.
 
 **One check, at the edge.** :func:`check_cond` is the library's one condition validator: the public entry
 points (the constructors of :class:`~trajflow.TrajectoryDistribution` and of the losses' draws, sampling)
 call it once, with the network that will see the condition, and raise a ``ValueError`` naming ``cond``,
-what was expected and what was given. The networks themselves trust their callers and check nothing.
-:func:`check_drop_cond` checks the guidance-dropout mask likewise. The other helpers move conditions around
-without knowing what they mean.
+what was expected and what was given. The networks trust their callers. :func:`check_drop_cond` checks the
+guidance-dropout mask likewise.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ __all__ = [
     "EventDims",
     "CondPart",
     "CondSpec",
+    "ConditionFields",
     "check_cond",
     "check_drop_cond",
     "cond_spec_of",
@@ -38,17 +38,11 @@ __all__ = [
 ]
 
 
-def _pairs(cond: Condition, event_dims: EventDims) -> list[tuple[Tensor, int]]:
-    """``cond``'s tensors with their event dims; ``cond`` was checked at the edge (:func:`check_cond`)."""
-    if isinstance(cond, Tensor):
-        return [(cond, event_dims)]  # type: ignore[list-item]
-    return list(zip(cond, event_dims))  # type: ignore[arg-type]
-
-
 def map_cond(fn: Callable[[Tensor, int], Tensor], cond: Condition, event_dims: EventDims) -> Condition:
-    """Apply ``fn(tensor, event_dims)`` to every part of ``cond``."""
-    out = [fn(c, ed) for c, ed in _pairs(cond, event_dims)]
-    return out[0] if isinstance(cond, Tensor) else tuple(out)
+    """Apply ``fn(tensor, event_dims)`` to every part of ``cond`` (checked at the edge by :func:`check_cond`)."""
+    if isinstance(cond, Tensor):
+        return fn(cond, event_dims)  # type: ignore[arg-type]
+    return tuple(fn(c, ed) for c, ed in zip(cond, event_dims))  # type: ignore[arg-type]
 
 
 def align_cond(cond: Condition, event_dims: EventDims, lead: torch.Size, inner: int = 0) -> Condition:
@@ -131,8 +125,7 @@ class CondSpec:
         cls, *, num_classes: int | None = None, features: int = 0, text_features: int | None = None
     ) -> CondSpec | None:
         """The spec of a class index in ``[0, num_classes)``, a vector of width ``features`` or text
-        ``(features (*batch, L, text_features), mask (*batch, L))``; ``None`` when none is given
-        (unconditional)."""
+        ``(features (*batch, L, text_features), mask (*batch, L))``; ``None`` (unconditional) for none."""
         if num_classes is not None:
             return cls((CondPart("class indices", (), "integer", num_classes),))
         if features:
@@ -146,6 +139,38 @@ class CondSpec:
         """A condition known only by its event dims (e.g. of a user's network)."""
         dims = (event_dims,) if isinstance(event_dims, int) else tuple(event_dims)
         return cls(tuple(CondPart("condition", (None,) * d) for d in dims))
+
+
+class ConditionFields:
+    """Mixin of the transformer configs' ``num_classes`` / ``text_features`` fields: class labels, text, or
+    neither (unconditional); ``text_features=0`` means no text."""
+
+    num_classes: int | None
+    text_features: int | None
+
+    def _check_condition(self) -> None:
+        if self.text_features == 0:
+            self.text_features = None
+        for name in ("num_classes", "text_features"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+        if self.num_classes is not None and self.text_features is not None:
+            raise ValueError(
+                "num_classes, text_features: expected at most one kind of condition, got both "
+                f"num_classes={self.num_classes} and text_features={self.text_features}"
+            )
+
+    @property
+    def cond_spec(self) -> CondSpec | None:
+        """The condition: class indices, text ``(features, mask)`` or ``None`` (unconditional)."""
+        return CondSpec.of(num_classes=self.num_classes, text_features=self.text_features)
+
+    @property
+    def cond_event_dims(self) -> EventDims | None:
+        """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
+        spec = self.cond_spec
+        return None if spec is None else spec.event_dims
 
 
 def cond_spec_of(module: object) -> CondSpec | None:
@@ -162,24 +187,33 @@ def cond_spec_of(module: object) -> CondSpec | None:
 def _tensors(cond: object, spec: CondSpec) -> tuple[Tensor, ...]:
     """``cond``'s tensors, one per part of ``spec``, or a ``ValueError`` when its structure differs."""
     n = len(spec.parts)
-    if n == 1:
-        if not isinstance(cond, Tensor):
-            raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
+    if n == 1 and isinstance(cond, Tensor):
         return (cond,)
-    if isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond):
+    if n > 1 and isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond):
         return cond
+    if n == 1:
+        raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
     got = f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
     raise ValueError(f"cond: expected {spec.describe()}, got {'a single tensor' if isinstance(cond, Tensor) else got}")
 
 
+def _is_real(c: Tensor) -> bool:
+    return c.is_floating_point() or c.is_complex()
+
+
+# part.dtype -> (whether a tensor has it, what the message expects)
+_DTYPES: dict[str, tuple[Callable[[Tensor], bool], str]] = {
+    "float": (Tensor.is_floating_point, "floating-point {what}"),
+    "integer": (lambda c: not _is_real(c) and c.dtype != torch.bool, "integer {what} (torch.long)"),
+    "mask": (lambda c: not _is_real(c), "a bool (or integer 0/1) mask"),
+    "any": (lambda c: True, ""),
+}
+
+
 def _check_dtype(c: Tensor, part: CondPart) -> None:
-    floating = c.is_floating_point() or c.is_complex()
-    if part.dtype == "float" and not c.is_floating_point():
-        raise ValueError(f"cond: expected floating-point {part.what}, got dtype {c.dtype}")
-    if part.dtype == "integer" and (floating or c.dtype == torch.bool):
-        raise ValueError(f"cond: expected integer {part.what} (torch.long), got dtype {c.dtype}")
-    if part.dtype == "mask" and floating:
-        raise ValueError(f"cond: expected a bool (or integer 0/1) mask, got dtype {c.dtype}")
+    ok, expected = _DTYPES[part.dtype]
+    if not ok(c):
+        raise ValueError(f"cond: expected {expected.format(what=part.what)}, got dtype {c.dtype}")
 
 
 def _batch_of(c: Tensor, part: CondPart, lengths: dict[str, tuple[int, str]]) -> torch.Size:
@@ -214,8 +248,6 @@ def check_cond(
 ) -> torch.Size:
     """Raise a ``ValueError`` naming ``cond`` unless it is a condition ``module`` takes; return its batch shape.
 
-    The one condition check of the library, called once where a condition enters (see the module docstring).
-
     Arguments:
         module: The network that will see ``cond``: its ``cond_spec`` (or ``cond_event_dims``) says what it
             takes; neither means unconditional.
@@ -247,11 +279,9 @@ def check_cond(
 
 def _check_presence(name: str, cond: object, spec: CondSpec | None) -> None:
     """``cond=None`` for a network that needs a condition, or a condition for an unconditional one."""
-    if cond is None:
-        if spec is not None and not spec.null:
-            raise ValueError(f"cond: {name} is conditional, expected {spec.describe()}, got None{spec.hint}")
-        return
-    if spec is None:
+    if cond is None and spec is not None and not spec.null:
+        raise ValueError(f"cond: {name} is conditional, expected {spec.describe()}, got None{spec.hint}")
+    if cond is not None and spec is None:
         raise ValueError(f"cond: {name} is unconditional, expected cond=None, got {type(cond).__name__}")
 
 
@@ -276,13 +306,11 @@ def check_drop_cond(drop_cond: object, batch: torch.Size | tuple[int, ...] | Non
     if given): the guidance-dropout mask, True where the null condition replaces ``cond``."""
     if drop_cond is None:
         return None
-    ok = isinstance(drop_cond, Tensor) and drop_cond.dtype == torch.bool
-    if not ok or (batch is not None and drop_cond.shape != torch.Size(batch)):
-        want = "a bool tensor" if batch is None else f"a bool tensor of shape {tuple(batch)}"
-        got = (
-            f"{drop_cond.dtype} of shape {tuple(drop_cond.shape)}"
-            if isinstance(drop_cond, Tensor)
-            else type(drop_cond).__name__
-        )
-        raise ValueError(f"drop_cond: expected {want}, got {got}")
-    return drop_cond
+    if not isinstance(drop_cond, Tensor):
+        got = type(drop_cond).__name__
+    elif drop_cond.dtype != torch.bool or (batch is not None and drop_cond.shape != torch.Size(batch)):
+        got = f"{drop_cond.dtype} of shape {tuple(drop_cond.shape)}"
+    else:
+        return drop_cond
+    want = "a bool tensor" if batch is None else f"a bool tensor of shape {tuple(batch)}"
+    raise ValueError(f"drop_cond: expected {want}, got {got}")

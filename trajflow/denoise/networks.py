@@ -4,26 +4,21 @@ vectors and a non-causal transformer for images, each saved and rebuilt as a pre
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import (
-    Pretrained,
-    dataclass_from_dict,
-)
-from ..checks import check_event_shape
+from ..checks import check_count, check_event_shape
 from ..conditioning import Condition, CondSpec, EventDims
+from ..nn.config import DataclassPretrained
 from ..predictors.transformer import TransformerPredictorConfig
 from ..velocity import MLPVelocity, TransformerVelocity
 
 __all__ = ["LearnedDenoiser", "MLPDenoiserConfig", "MLPDenoiser", "TransformerDenoiser"]
 
 
-class LearnedDenoiser(Pretrained, nn.Module, ABC):
+class LearnedDenoiser(DataclassPretrained, nn.Module, ABC):
     r"""Base class of learned denoisers :math:`g_\phi(u_{t_0}, t_0, y) \to x_0`.
 
     Calls are flat: ``u`` ``(N, *event_shape)`` (the cleanest latent of the predictor chain), ``t0``
@@ -43,20 +38,6 @@ class LearnedDenoiser(Pretrained, nn.Module, ABC):
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
     cond_spec: CondSpec | None = None
-    config: Any
-    #: The dataclass of :attr:`config`.
-    config_class: ClassVar[type]
-
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config`."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> LearnedDenoiser:
-        config_class = getattr(cls, "config_class", None)
-        if config_class is None:
-            raise NotImplementedError(f"{cls.__name__}: set config_class (the dataclass of its config)")
-        return cls(dataclass_from_dict(config_class, config, "config"))  # type: ignore[call-arg]
 
     @abstractmethod
     def forward(
@@ -77,9 +58,7 @@ class MLPDenoiserConfig:
 
     def __post_init__(self) -> None:
         for name in ("features", "width", "depth"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+            check_count(name, getattr(self, name))
 
 
 class MLPDenoiser(LearnedDenoiser):

@@ -24,10 +24,14 @@ Shapes: ``B`` batch, ``L`` tokens, ``nh`` query heads, ``nkv`` key/value heads, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.torch_version import TorchVersion
+
+from ..checks import check_count, check_number, check_time_features
 
 __all__ = [
     "RotaryEmbedding2D",
@@ -39,7 +43,7 @@ __all__ = [
     "Attention",
     "TransformerLayer",
     "Transformer",
-    "check_attention_dims",
+    "check_transformer_config",
 ]
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (L, hd / 2) float32
@@ -49,16 +53,20 @@ Rope = tuple[Tensor, Tensor]  # (cos, sin), each (L, hd / 2) float32
 SDPA_HAS_GQA: bool = TorchVersion(torch.__version__) >= "2.5"
 
 
-def check_attention_dims(width: int, heads: int, kv_heads: int | None, time_features: int) -> None:
-    """Raise unless the widths suit :class:`Attention` with 2-D RoPE and a sinusoidal time embedding."""
+def check_transformer_config(config: object, counts: tuple[str, ...]) -> None:
+    """Raise unless ``config``'s ``counts`` are positive integers, its widths suit :class:`Attention` with 2-D
+    RoPE and a sinusoidal time embedding, and its ``scale_bound`` is positive."""
+    for name in counts:
+        check_count(name, getattr(config, name))
+    width, heads, kv_heads = config.width, config.heads, config.kv_heads  # type: ignore[attr-defined]
     if width % heads or (width // heads) % 4:
         raise ValueError(
             f"heads: expected width / heads to be an integer multiple of 4 (2-D RoPE), got width={width}, heads={heads}"
         )
     if kv_heads is not None and (kv_heads < 1 or heads % kv_heads):
         raise ValueError(f"kv_heads: expected a divisor of heads={heads}, got {kv_heads}")
-    if time_features < 2 or time_features % 2:
-        raise ValueError(f"time_features: expected an even integer >= 2, got {time_features}")
+    check_time_features("time_features", config.time_features)  # type: ignore[attr-defined]
+    check_number("scale_bound", config.scale_bound, positive=True)  # type: ignore[attr-defined]
 
 
 class RotaryEmbedding2D(nn.Module):
@@ -277,7 +285,14 @@ class Attention(nn.Module):
                 raise ValueError("key_mask: not supported with a StaticKVCache (causal decoding only)")
             k, v, mask = cache.write(k, v)  # (B, nkv, max_len, hd), (1, max_len)
             out = grouped_attention(q, k, v, mask)  # (B, nh, 1, hd)
-            return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * hd))
+        else:
+            out = self._attend(q, k, v, causal, key_mask, cache)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * hd))
+
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool, key_mask: Tensor | None, cache: KVCache | None
+    ) -> Tensor:
+        """SDPA of ``q`` ``(B, nh, L, hd)`` over the cached and new keys; ``(B, nh, L, hd)``."""
         offset = 0
         if cache is not None:
             offset = cache.length
@@ -285,9 +300,8 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)  # (B, nh, L_keys, hd)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        mask, is_causal = self._mask(n, k.shape[2], offset, causal, key_mask, x.device)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, L, hd)
-        return self.proj(out.transpose(1, 2).reshape(b, n, self.heads * hd))
+        mask, is_causal = self._mask(q.shape[2], k.shape[2], offset, causal, key_mask, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
     @staticmethod
     def _mask(
@@ -316,17 +330,9 @@ class TransformerLayer(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
 
-    def forward(
-        self,
-        x: Tensor,
-        rope: Rope | None = None,
-        *,
-        causal: bool = False,
-        key_mask: Tensor | None = None,
-        cache: KVCache | StaticKVCache | None = None,
-    ) -> Tensor:
-        """``(B, L, width) -> (B, L, width)``; the arguments are those of :meth:`Attention.forward`."""
-        x = x + self.attn(self.norm1(x), rope, causal=causal, key_mask=key_mask, cache=cache)
+    def forward(self, x: Tensor, rope: Rope | None = None, **attention: Any) -> Tensor:
+        """``(B, L, width) -> (B, L, width)``; the keyword arguments are those of :meth:`Attention.forward`."""
+        x = x + self.attn(self.norm1(x), rope, **attention)
         return x + self.mlp(self.norm2(x))
 
 

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..checkpoint import Pretrained
-from ..checks import check_number, check_time_features, check_times
-from ..nn.condition import ConditionEmbedding
-from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.mlp import ResidualMLP
+from ..checks import check_number, check_times
+from ..nn.mlp import MLPTrunk, zero_linear
 from ..nn.scale import positive_scale
 from .base import Predictor
 
 
-class MLPPredictor(Pretrained, Predictor):
+class MLPPredictor(MLPTrunk, Pretrained, Predictor):
     r"""A residual MLP that predicts the Gaussian of :math:`u_s` given :math:`u_t`, the times and a condition.
 
     The head is zero-initialised, so at initialisation :math:`\mu_P = u_t` and :math:`\sigma_P = 1`.
@@ -29,12 +26,13 @@ class MLPPredictor(Pretrained, Predictor):
         cond_features: Width of a vector condition ``(*batch, cond_features)``, or 0.
         width: Hidden width.
         depth: Number of residual blocks.
-        time_features: Size of each sinusoidal time embedding (of :math:`t` and of :math:`s`).
+        time_features: Size of each sinusoidal time embedding (of :math:`t` and of :math:`s`), even.
         scale_bound: Soft-clip bound of the raw scale; :math:`\sigma \geq \approx e^{-\text{bound}}`.
         validate_args: Check in :meth:`forward` that the times ``t`` and ``s`` are finite and in [0, 1]
             (reads their values: a GPU synchronisation). Not part of the saved config.
 
     Example:
+        >>> import torch
         >>> P = MLPPredictor(features=2, num_classes=3)
         >>> mu, sigma = P(torch.randn(5, 2), torch.full((5,), 0.5), torch.full((5,), 0.25),
         ...               torch.tensor([0, 1, 2, 0, 1]))
@@ -54,53 +52,32 @@ class MLPPredictor(Pretrained, Predictor):
         scale_bound: float = 8.0,
         validate_args: bool = True,
     ) -> None:
-        super().__init__()
-        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
-            raise ValueError(f"features: expected a positive integer, got {features!r}")
-        check_time_features("time_features", time_features)
         check_number("scale_bound", scale_bound, positive=True)
-        self.validate_args = bool(validate_args)
-        self.event_shape = torch.Size((features,))
-        self.time = SinusoidalEmbedding(time_features)
-        self.condition = ConditionEmbedding(time_features, num_classes=num_classes, cond_features=cond_features)
-        self.cond_spec = self.condition.cond_spec
-        self.cond_event_dims = self.condition.cond_event_dims
-        self.backbone = ResidualMLP(features, 3 * time_features, width, depth)
-        self.head = nn.Linear(width, 2 * features)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        super().__init__(
+            features,
+            2,
+            num_classes=num_classes,
+            cond_features=cond_features,
+            width=width,
+            depth=depth,
+            time_features=time_features,
+            validate_args=validate_args,
+        )
+        self.head = zero_linear(width, 2 * features)
         self.scale_bound = scale_bound
-        # The constructor's arguments, to rebuild it (config_dict / from_config).
-        self.num_classes, self.cond_features = num_classes, cond_features
-        self.width, self.depth, self.time_features = width, depth, time_features
 
     def config_dict(self) -> dict[str, Any]:
         """The constructor's arguments (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
-        return {
-            "features": self.event_shape[0],
-            "num_classes": self.num_classes,
-            "cond_features": self.cond_features,
-            "width": self.width,
-            "depth": self.depth,
-            "time_features": self.time_features,
-            "scale_bound": self.scale_bound,
-        }
+        return {**super().config_dict(), "scale_bound": self.scale_bound}
 
     def hidden(
         self, u_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None, drop_cond: Tensor | None = None
     ) -> Tensor:
         """The backbone's hidden state ``(N, width)`` before the head."""
-        n = u_t.shape[0]
-        c = torch.cat([self.time(t), self.time(s), self.condition(cond, drop_cond, n)], dim=-1)
-        return self.backbone(u_t, c.to(u_t.dtype))
+        return self._hidden(u_t, (t, s), cond, drop_cond)
 
     def forward(
-        self,
-        u_t: Tensor,
-        t: Tensor,
-        s: Tensor,
-        cond: Tensor | None = None,
-        drop_cond: Tensor | None = None,
+        self, u_t: Tensor, t: Tensor, s: Tensor, cond: Tensor | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(mu, sigma)`` for ``u_t`` ``(N, features)`` at times ``t``, ``s`` ``(N,)``; with
         ``validate_args``, times outside [0, 1] or NaN are refused with a ``ValueError`` naming them."""

@@ -1,27 +1,22 @@
 r"""The image predictor: a full-attention transformer over the patch tokens of :math:`u_t`.
 
-:class:`TransformerBackbone` is the shared trunk. It patchifies an image-shaped input into ``L`` tokens,
-projects them to the model width, adds sinusoidal -> MLP embeddings of one or more times (``t`` and ``s``
-for the predictor, ``t`` for a velocity model) to every image token, prepends condition tokens and runs
-full (non-causal) attention with 2-D RoPE over the patch grid. It returns the final-normed hidden states of
-the image tokens, ``(N, L, width)``, on which models put their zero-initialised heads:
-
-* :class:`TransformerPredictor`: NTM's deep predictor, a head to ``(delta, raw_sigma)`` per token with
-  :math:`\mu_P = u_t + \delta` and :math:`\sigma_P = ` ``positive_scale(raw_sigma)``, so at init
-  :math:`\mu_P = u_t, \sigma_P = 1`.
-* :class:`~trajflow.velocity.TransformerVelocity`: the flow-matching baseline on the same trunk, a head to the velocity
-  ``v`` (zero at init); it also returns the hidden states, so an NTM predictor can be put on a pretrained
-  velocity model (method.md section 3.4).
+:class:`TransformerBackbone` is the shared trunk: patch tokens projected to the model width, plus
+sinusoidal -> MLP embeddings of one or more times (``(t, s)`` for the predictor, ``t`` for a velocity model),
+after a prefix of condition tokens, through full attention with 2-D RoPE over the patch grid. It returns the
+final-normed hidden states of the image tokens, ``(N, L, width)``, on which models put their
+zero-initialised heads: :class:`TransformerPredictor` (:math:`\mu_P = u_t + \delta`,
+:math:`\sigma_P = ` ``positive_scale(raw)``, so :math:`\mu_P = u_t, \sigma_P = 1` at init) and
+:class:`~trajflow.velocity.TransformerVelocity` (method.md section 3.4).
 
 Conditions (``TransformerPredictorConfig``):
 
 * class labels (``num_classes``): ``cond`` ``(N,)`` long, one prefix token from an embedding table whose
   extra last row is the learned null class;
 * text (``text_features``): ``cond = (features (N, L_text, D_text) float, mask (N, L_text) bool)``, True
-  marking real tokens. The features are projected to the width and prepended after one learned null
-  token. The null token is attended only by dropped examples, whose text tokens are all masked out, so a
-  dropped example sees exactly what ``cond=None`` sees (the null token alone). Padded features are
-  zeroed before the projection so that their values (even NaN) cannot leak;
+  marking real tokens, projected to the width after one learned null token. The null token is attended
+  only by dropped examples, whose text tokens are all masked out, so a dropped example sees exactly what
+  ``cond=None`` sees. Padded features are zeroed before the projection so that their values (even NaN)
+  cannot leak;
 * neither: unconditional, no prefix.
 
 Prefix tokens sit at RoPE position ``(0, 0)`` (no rotation; see :mod:`trajflow.nn.transformer`).
@@ -29,27 +24,26 @@ Prefix tokens sit at RoPE position ``(0, 0)`` (no rotation; see :mod:`trajflow.n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import Pretrained, dataclass_from_dict
 from ..checks import check_flat_times
-from ..conditioning import Condition, CondSpec
+from ..conditioning import Condition, ConditionFields
+from ..nn.config import DataclassPretrained
 from ..nn.embeddings import SinusoidalEmbedding
+from ..nn.mlp import zero_linear
 from ..nn.patches import PatchedImageConfig, check_images, patch_grid, patchify, unpatchify
 from ..nn.scale import positive_scale
-from ..nn.transformer import RotaryEmbedding2D, Transformer, check_attention_dims
+from ..nn.transformer import RotaryEmbedding2D, Transformer, check_transformer_config
 from .base import Predictor
 
 __all__ = ["TransformerPredictorConfig", "TransformerBackbone", "TransformerPredictor"]
 
 
 @dataclass
-class TransformerPredictorConfig(PatchedImageConfig):
+class TransformerPredictorConfig(ConditionFields, PatchedImageConfig):
     r"""Hyper-parameters of :class:`TransformerPredictor` and :class:`~trajflow.velocity.TransformerVelocity`.
 
     Attributes:
@@ -83,36 +77,8 @@ class TransformerPredictorConfig(PatchedImageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("width", "depth", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
+        check_transformer_config(self, ("width", "depth", "heads"))
         self._check_condition()
-        if not self.scale_bound > 0:
-            raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
-
-    def _check_condition(self) -> None:
-        """At most one kind of condition: ``num_classes`` or ``text_features``, each positive."""
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes}")
-        if self.text_features is not None and self.text_features < 1:
-            raise ValueError(f"text_features: expected a positive integer or None, got {self.text_features}")
-        if self.num_classes is not None and self.text_features is not None:
-            raise ValueError(
-                "num_classes, text_features: expected at most one kind of condition, got both "
-                f"num_classes={self.num_classes} and text_features={self.text_features}"
-            )
-
-    @property
-    def cond_spec(self) -> CondSpec | None:
-        """The condition: class indices, text ``(features, mask)`` or ``None`` (unconditional)."""
-        return CondSpec.of(num_classes=self.num_classes, text_features=self.text_features)
-
-    @property
-    def cond_event_dims(self) -> int | tuple[int, int] | None:
-        """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        spec = self.cond_spec
-        return None if spec is None else spec.event_dims  # type: ignore[return-value]
 
 
 class TransformerBackbone(nn.Module):
@@ -156,29 +122,42 @@ class TransformerBackbone(nn.Module):
         self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device
     ) -> tuple[Tensor | None, Tensor | None]:
         """Condition tokens ``(N, P, width)`` and their key mask ``(N, P)`` (``None`` = all attended)."""
-        cfg = self.config
-        if cfg.num_classes is not None:
-            null = torch.full((n,), cfg.num_classes, dtype=torch.long, device=device)
-            idx = null if cond is None else cond.to(device=device, dtype=torch.long)  # type: ignore[union-attr]
-            if drop is not None:
-                idx = torch.where(drop, null, idx)
-            return self.class_embedding(idx)[:, None], None  # (N, 1, width)
-        if cfg.text_features is not None:
-            null = self.null_text.expand(n, 1, -1)  # (N, 1, width)
-            if cond is None:
-                return null, None
-            features, mask = cond  # type: ignore[misc]
-            keep = mask.to(device) != 0  # (N, L_text)
-            dropped = torch.zeros(n, dtype=torch.bool, device=device) if drop is None else drop
-            keep = keep & ~dropped[:, None]
-            # Zero the padding before the projection so that no value of it (not even NaN) can reach the
-            # attention sums or the projection's weight gradient.
-            features = features.to(device)
-            features = torch.where(keep[..., None], features, torch.zeros((), dtype=features.dtype, device=device))
-            text = self.text_proj(features)  # (N, L_text, width)
-            tokens = torch.cat([null.to(text.dtype), text], dim=1)  # (N, 1 + L_text, width)
-            return tokens, torch.cat([dropped[:, None], keep], dim=1)  # (N, 1 + L_text)
+        if self.config.num_classes is not None:
+            return self._class_prefix(cond, drop, n, device), None
+        if self.config.text_features is not None:
+            return self._text_prefix(cond, drop, n, device)
         return None, None
+
+    def _class_prefix(self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device) -> Tensor:
+        null = torch.full((n,), self.config.num_classes, dtype=torch.long, device=device)
+        idx = null if cond is None else cond.to(device=device, dtype=torch.long)  # type: ignore[union-attr]
+        if drop is not None:
+            idx = torch.where(drop, null, idx)
+        return self.class_embedding(idx)[:, None]  # (N, 1, width)
+
+    def _text_prefix(
+        self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device
+    ) -> tuple[Tensor, Tensor | None]:
+        null = self.null_text.expand(n, 1, -1)  # (N, 1, width)
+        if cond is None:
+            return null, None
+        features, mask = cond  # type: ignore[misc]
+        dropped = torch.zeros(n, dtype=torch.bool, device=device) if drop is None else drop
+        keep = (mask.to(device) != 0) & ~dropped[:, None]  # (N, L_text)
+        # Zero the padding before the projection so that no value of it (not even NaN) can reach the
+        # attention sums or the projection's weight gradient.
+        features = features.to(device)
+        features = torch.where(keep[..., None], features, torch.zeros((), dtype=features.dtype, device=device))
+        text = self.text_proj(features)  # (N, L_text, width)
+        tokens = torch.cat([null.to(text.dtype), text], dim=1)  # (N, 1 + L_text, width)
+        return tokens, torch.cat([dropped[:, None], keep], dim=1)  # (N, 1 + L_text)
+
+    def check(self, name: str, x: Tensor, **times: Tensor) -> None:
+        """Raise unless ``x`` is ``(N, C, H, W)`` and every time ``(N,)`` (finite, in [0, 1] with
+        ``validate_args``): the models' checks before :meth:`forward`, which checks nothing."""
+        check_images(name, x, self.config.image_shape, flat=True)
+        for t_name, t in times.items():
+            check_flat_times(t_name, t, x.shape[0], self.config.validate_args)
 
     def forward(
         self,
@@ -188,8 +167,6 @@ class TransformerBackbone(nn.Module):
         drop_cond: Tensor | None = None,
     ) -> Tensor:
         """Hidden states ``(N, L, width)`` of the image tokens (after the final norm).
-
-        No argument checks here: the models check before calling.
 
         Arguments:
             x: Images ``(N, C, H, W)``.
@@ -218,7 +195,7 @@ class TransformerBackbone(nn.Module):
         return self.norm(h[:, h.shape[1] - tokens.shape[1] :])  # image tokens only
 
 
-class TransformerPredictor(Pretrained, Predictor):
+class TransformerPredictor(DataclassPretrained, Predictor):
     r"""NTM's deep predictor :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)` for images.
 
     Calls are flat: ``u_t`` ``(N, C, H, W)``, ``t`` and ``s`` ``(N,)``. Returns ``mu`` and ``sigma`` of
@@ -236,6 +213,8 @@ class TransformerPredictor(Pretrained, Predictor):
         (True, True)
     """
 
+    config_class = TransformerPredictorConfig
+
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
         self.config = config
@@ -243,43 +222,17 @@ class TransformerPredictor(Pretrained, Predictor):
         self.cond_spec = config.cond_spec
         self.cond_event_dims = config.cond_event_dims
         self.backbone = TransformerBackbone(config, num_times=2)
-        self.head = nn.Linear(config.width, 2 * config.token_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TransformerPredictor:
-        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
-
-    def _check(self, u_t: Tensor, t: Tensor, s: Tensor) -> None:
-        check_images("u_t", u_t, self.event_shape, flat=True)
-        n = u_t.shape[0]
-        check_flat_times("t", t, n, self.config.validate_args)
-        check_flat_times("s", s, n, self.config.validate_args)
+        self.head = zero_linear(config.width, 2 * config.token_dim)
 
     def hidden(
-        self,
-        u_t: Tensor,
-        t: Tensor,
-        s: Tensor,
-        cond: Condition | None = None,
-        drop_cond: Tensor | None = None,
+        self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> Tensor:
         """The backbone's final-normed hidden states of the image tokens, ``(N, L, width)``."""
-        self._check(u_t, t, s)
+        self.backbone.check("u_t", u_t, t=t, s=s)
         return self.backbone(u_t, [t, s], cond, drop_cond)
 
     def forward(
-        self,
-        u_t: Tensor,
-        t: Tensor,
-        s: Tensor,
-        cond: Condition | None = None,
-        drop_cond: Tensor | None = None,
+        self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(mu, sigma)`` of :math:`p(u_s | u_t, y)`, each of ``u_t``'s shape."""
         h = self.hidden(u_t, t, s, cond, drop_cond)  # (N, L, width)

@@ -10,16 +10,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Condition, CondSpec
+from ..conditioning import Condition, ConditionFields
+from ..nn.mlp import zero_linear
 from ..nn.patches import PatchedImageConfig
 from ..nn.scale import positive_scale
-from ..nn.transformer import Rope, Transformer, check_attention_dims
+from ..nn.transformer import Rope, Transformer, check_transformer_config
 
 __all__ = ["TransformerTransporterConfig", "TransporterCondition", "AffineFlowBlock"]
 
 
 @dataclass
-class TransformerTransporterConfig(PatchedImageConfig):
+class TransformerTransporterConfig(ConditionFields, PatchedImageConfig):
     r"""Hyper-parameters of :class:`TransformerTransporter`.
 
     Attributes:
@@ -61,38 +62,8 @@ class TransformerTransporterConfig(PatchedImageConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("width", "heads", "layers_per_block", "blocks"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        check_attention_dims(self.width, self.heads, self.kv_heads, self.time_features)
-        if not self.scale_bound > 0:
-            raise ValueError(f"scale_bound: expected a positive bound, got {self.scale_bound}")
-        if self.text_features == 0:
-            self.text_features = None
+        check_transformer_config(self, ("width", "heads", "layers_per_block", "blocks"))
         self._check_condition()
-
-    def _check_condition(self) -> None:
-        """At most one kind of condition: ``num_classes`` or ``text_features``, each a positive integer."""
-        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes < 1):
-            raise ValueError(f"num_classes: expected a positive integer or None, got {self.num_classes!r}")
-        if self.text_features is not None and (not isinstance(self.text_features, int) or self.text_features < 1):
-            raise ValueError(f"text_features: expected a positive integer, 0 or None, got {self.text_features!r}")
-        if self.num_classes is not None and self.text_features is not None:
-            raise ValueError(
-                "num_classes, text_features: expected at most one kind of condition, got both "
-                f"num_classes={self.num_classes} and text_features={self.text_features}"
-            )
-
-    @property
-    def cond_spec(self) -> CondSpec | None:
-        """The condition: class indices, text ``(features, mask)`` or ``None`` (unconditional)."""
-        return CondSpec.of(num_classes=self.num_classes, text_features=self.text_features)
-
-    @property
-    def cond_event_dims(self) -> int | tuple[int, int] | None:
-        """Trailing dims of one condition: 0 (class), ``(2, 1)`` (text features, mask) or ``None``."""
-        spec = self.cond_spec
-        return None if spec is None else spec.event_dims  # type: ignore[return-value]
 
 
 class TransporterCondition(nn.Module):
@@ -110,10 +81,8 @@ class TransporterCondition(nn.Module):
         self.config = config
         if config.num_classes is not None:
             self.class_embedding = nn.Embedding(config.num_classes, config.width)
-        elif config.text_features is not None:
+        else:  # only built for a conditional config
             self.text_proj = nn.Sequential(nn.Linear(config.text_features, config.width), nn.SiLU())
-        else:  # pragma: no cover - only built for a conditional config
-            raise ValueError("config: TransporterCondition needs num_classes or text_features")
 
     def forward(self, cond: Condition | None, drop: Tensor | None, n: int, device: torch.device) -> Tensor:
         """Flat ``cond`` (batch ``(N,)``, or ``None`` = all dropped) and ``drop`` ``(N,)`` -> ``(N, width)``."""
@@ -154,18 +123,18 @@ class AffineFlowBlock(nn.Module):
         self.time_mlp = nn.Sequential(nn.Linear(config.time_features, width), nn.SiLU(), nn.Linear(width, width))
         self.layers = Transformer(width, config.layers_per_block, config.heads, config.kv_heads)
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 2 * d)
         # Zero head: mu = 0 and sigma = positive_scale(0) = 1 for every token, i.e. the identity.
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_linear(width, 2 * d)
         if config.cond_event_dims is not None:
             # Zero and bias-free: the condition adds nothing at init, and the null context (0) adds nothing.
-            self.cond_proj = nn.Linear(width, width, bias=False)
-            nn.init.zeros_(self.cond_proj.weight)
+            self.cond_proj = zero_linear(width, width, bias=False)
 
     def _order(self, z: Tensor) -> Tensor:
         """Apply the block's scan order along dim -2 (a flip is its own inverse)."""
         return z.flip(-2) if self.flip else z
+
+    def _order_rope(self, rope: Rope) -> Rope:
+        return self._order(rope[0]), self._order(rope[1])
 
     def _affine(self, h: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Hidden states ``(N, n, width)`` -> ``(mu, sigma)`` ``(N, n, D)`` of the next tokens."""
@@ -201,7 +170,7 @@ class AffineFlowBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, rope: Rope, ctx: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Tokens ``x`` ``(N, L, D)`` in raster order -> ``(u (N, L, D), ladj (N,))``."""
-        rope = (self._order(rope[0]), self._order(rope[1]))
+        rope = self._order_rope(rope)
         z = self._order(x)
         mu, sigma = self.params(z, self.time_embedding(emb, ctx), rope)
         u = (z.to(mu.dtype) - mu) / sigma
@@ -214,7 +183,7 @@ class AffineFlowBlock(nn.Module):
         With ``naive=False`` each step runs one token through the layers with a KV cache (static without
         grad, growing with grad); with ``naive=True`` each step recomputes the full causal pass.
         """
-        rope = (self._order(rope[0]), self._order(rope[1]))
+        rope = self._order_rope(rope)
         z = self._order(u)
         n, length, _ = z.shape
         temb = self.time_embedding(emb, ctx)
@@ -243,7 +212,7 @@ class AffineFlowBlock(nn.Module):
         tensor advanced in place, so the ``L - 1`` steps launch identical kernels on identical shapes (one
         CUDA graph can hold the whole loop). In-place writes: call it without grad.
         """
-        rope = (self._order(rope[0]), self._order(rope[1]))
+        rope = self._order_rope(rope)
         dtype = torch.promote_types(u.dtype, torch.float32)
         out = self._order(u).to(dtype).clone()  # (N, L, D): token 0 is final, token i > 0 is replaced in turn
         n, length, _ = out.shape

@@ -43,16 +43,12 @@ References: NTM-v2 section 3.2 / App. A.1 (2 blocks, alternating scan, 2-D RoPE)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import Pretrained, dataclass_from_dict
 from ..checks import check_times
 from ..conditioning import Condition, align_cond
+from ..nn.config import DataclassPretrained
 from ..nn.embeddings import SinusoidalEmbedding
 from ..nn.patches import check_images, patch_grid, patchify, unpatchify
 from ..nn.transformer import RotaryEmbedding2D
@@ -66,7 +62,7 @@ __all__ = ["TransformerTransporterConfig", "TransformerTransporter", "Transporte
 INVERSE_METHODS = ("kv-cache", "static", "graph", "naive")
 
 
-class TransformerTransporter(Pretrained, Transporter):
+class TransformerTransporter(DataclassPretrained, Transporter):
     r"""TarFlow-style transporter :math:`u = f_T(x, t)` for images / latents ``(C, H, W)``.
 
     ``forward(x, t)`` takes ``x`` ``(*batch, C, H, W)`` and ``t`` ``batch`` (in [0, 1]) and returns ``u`` of
@@ -100,8 +96,9 @@ class TransformerTransporter(Pretrained, Transporter):
         True
     """
 
-    #: The default method of :meth:`inverse` (one of :data:`INVERSE_METHODS`).
+    #: The default method of :meth:`inverse` (one of :data:`INVERSE_METHODS`); a run-time choice, not saved.
     inverse_method: str = "kv-cache"
+    config_class = TransformerTransporterConfig
 
     def __init__(self, config: TransformerTransporterConfig) -> None:
         super().__init__()
@@ -116,16 +113,6 @@ class TransformerTransporter(Pretrained, Transporter):
         self.cond_event_dims = config.cond_event_dims
         if self.cond_event_dims is not None:
             self.condition = TransporterCondition(config)
-
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (a :class:`TransformerTransporterConfig`); see
-        :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`. ``inverse_method`` is a run-time choice and is
-        not saved."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TransformerTransporter:
-        return cls(dataclass_from_dict(TransformerTransporterConfig, config, "config"))
 
     def _prepare(
         self, name: str, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
@@ -214,13 +201,14 @@ class TransformerTransporter(Pretrained, Transporter):
         method = self.inverse_method if method is None else method
         if method not in INVERSE_METHODS:
             raise ValueError(f"method: expected one of {list(INVERSE_METHODS)} or None, got {method!r}")
-        if method == "kv-cache":
-            return self._invert(u, t, False, cond, drop_cond)
-        if method == "naive":
-            return self._invert(u, t, True, cond, drop_cond)
         if method == "graph":
             return graphed_inverse(self)(u, t, cond, drop_cond)
-        check_no_grad(u, t, method)
+        if method == "static":
+            return self._invert_static(u, t, cond, drop_cond)
+        return self._invert(u, t, method == "naive", cond, drop_cond)
+
+    def _invert_static(self, u: Tensor, t: Tensor, cond: Condition | None, drop_cond: Tensor | None) -> Tensor:
+        check_no_grad(u, t, "static")
         z, emb, ctx, _ = self._prepare("u", u, t, cond, drop_cond)
         with torch.no_grad():
             z = self.decode_static(z, emb, ctx)

@@ -4,24 +4,20 @@ pretrained one (method.md section 3.4)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict
-from typing import Any
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..checkpoint import Pretrained, dataclass_from_dict
-from ..checks import check_flat_times
 from ..conditioning import Condition
-from ..nn.patches import check_images, unpatchify
+from ..nn.config import DataclassPretrained
+from ..nn.mlp import zero_linear
+from ..nn.patches import unpatchify
 from ..predictors.transformer import TransformerBackbone, TransformerPredictorConfig
 from .base import VelocityModel
 
 __all__ = ["TransformerVelocity"]
 
 
-class TransformerVelocity(Pretrained, VelocityModel):
+class TransformerVelocity(DataclassPretrained, VelocityModel):
     r"""Flow-matching velocity model ``v(x_t, t, y)`` for images on :class:`TransformerBackbone`.
 
     A :class:`~trajflow.velocity.VelocityModel`, so it trains with the library's flow-matching loss
@@ -41,6 +37,8 @@ class TransformerVelocity(Pretrained, VelocityModel):
         (torch.Size([3, 1, 4, 4]), torch.Size([3, 4, 16]))
     """
 
+    config_class = TransformerPredictorConfig
+
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
         self.config = config
@@ -48,28 +46,16 @@ class TransformerVelocity(Pretrained, VelocityModel):
         self.cond_spec = config.cond_spec
         self.cond_event_dims = config.cond_event_dims
         self.backbone = TransformerBackbone(config, num_times=1)
-        self.head = nn.Linear(config.width, config.token_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_linear(config.width, config.token_dim)
 
     @property
     def validate_args(self) -> bool:
         """Whether inputs are checked by value (times in [0, 1]; the condition's values at the edges)."""
         return self.config.validate_args
 
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> TransformerVelocity:
-        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
-
     def hidden(self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """The backbone's final-normed hidden states of the image tokens, ``(N, L, width)``."""
-        check_images("x_t", x_t, self.event_shape, flat=True)
-        n = x_t.shape[0]
-        check_flat_times("t", t, n, self.config.validate_args)
+        self.backbone.check("x_t", x_t, t=t)
         return self.backbone(x_t, [t], cond, drop_cond)
 
     def forward(
