@@ -28,6 +28,7 @@ Two readings of the input ``x0``:
 from __future__ import annotations
 
 import math
+from functools import reduce
 
 import torch
 from torch import Tensor
@@ -47,12 +48,16 @@ class LikelihoodBounds:
     def _log_weights(self, x0: Tensor, lead: torch.Size, from_data: bool, generator: torch.Generator | None) -> Tensor:
         """One log importance weight per point of ``x0`` ``(*lead, *data)`` (see the module docstring)."""
         grid = self._times(lead)
-        if not from_data:
-            traj = self.process.sample_from(x0, grid, generator=generator)
-            return self.log_prob(traj) - self.process.log_prob(traj, grid)
-        traj = self.process.sample(x0, grid, generator=generator)  # x_{t_0} ~ q(. | y) first
-        decoder = self.data_shape.numel() * torch.log1p(-grid[..., 0].to(traj.dtype))  # log p(y|x) - log q(x|y)
-        return self.log_prob(traj) - self.process.log_prob(traj, grid) + decoder
+        # from_data draws x_{t_0} ~ q(. | y) first; otherwise x0 is x_{t_0}
+        draw = self.process.sample if from_data else self.process.sample_from
+        traj = draw(x0, grid, generator=generator)
+        log_w = self.log_prob(traj) - self.process.log_prob(traj, grid)
+        if from_data:  # + log p(y | x_{t_0}) - log q(x_{t_0} | y)
+            log_w = log_w + self.data_shape.numel() * torch.log1p(-grid[..., 0].to(traj.dtype))
+        return log_w
+
+    def _check_x0(self, x0: Tensor, num_samples: int) -> tuple[torch.Size, int]:
+        return self._check_value("x0", x0, self.data_shape), check_count("num_samples", num_samples)
 
     def elbo(
         self,
@@ -77,11 +82,9 @@ class LikelihoodBounds:
         Returns:
             The Monte-Carlo ELBO, shape ``lead`` broadcast with the batch, in nats (sum over dims).
 
-        See :meth:`iwae` for the tighter importance-weighted bound, and :meth:`bounds` for both from the
-        same draws.
+        :meth:`iwae` is the tighter importance-weighted bound; :meth:`bounds` gives both from the same draws.
         """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = check_count("num_samples", num_samples)
+        lead, num_samples = self._check_x0(x0, num_samples)
         x0 = x0.expand(*lead, *self.data_shape)
         total = 0.0
         for _ in range(num_samples):
@@ -99,14 +102,13 @@ class LikelihoodBounds:
         r"""Log importance weights :math:`\log w_k = \log p(x_{t_0}, x^{(k)}_{t_{1:T}})
         - \log q(x^{(k)}_{t_{1:T}} | x_{t_0})` of ``num_samples`` forward trajectories drawn in one batch
         (with ``from_data``, each draws its own :math:`x_{t_0}` and carries the decoder's
-        :math:`D \log(1 - t_0)`; see the module docstring).
+        :math:`D \log(1 - t_0)`).
 
         Returns:
             ``(num_samples, *lead)`` with ``lead`` the leading shape of ``x0`` broadcast with the batch.
             Their mean is the ELBO estimate and their log-mean-exp the IWAE estimate.
         """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = check_count("num_samples", num_samples)
+        lead, num_samples = self._check_x0(x0, num_samples)
         x0 = x0.expand(num_samples, *lead, *self.data_shape)
         return self._log_weights(x0, torch.Size((num_samples, *lead)), from_data, generator)
 
@@ -128,14 +130,11 @@ class LikelihoodBounds:
                   \frac{p(x_{t_0}, x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T})}
                   {q(x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T} | x_{t_0})}\Big].
 
-        :math:`\mathcal{L}_1` is the ELBO (:meth:`elbo`); :math:`\mathcal{L}_K` increases with :math:`K` and
-        tends to :math:`\log p(x_{t_0})` as :math:`K \to \infty` when the weights :math:`p / q` are bounded
-        (Burda et al., 2016, Theorem 1). The proposal is NTM's own forward process, so nothing is
-        learned for it: the bound only spends more network evaluations (``K`` trajectories, each one
-        transporter pass over the ``T`` lower levels and ``T`` predictor passes, all batched).
-
-        The estimate is a log-mean-exp, computed as a running ``logsumexp`` over chunks of trajectories
-        accumulated in ``dtype`` (float64 by default), so ``K`` can exceed what fits in memory at once.
+        :math:`\mathcal{L}_1` is the ELBO; :math:`\mathcal{L}_K` increases with :math:`K` and tends to
+        :math:`\log p(x_{t_0})` when the weights :math:`p / q` are bounded (Burda et al., 2016, Theorem 1).
+        The proposal is NTM's own forward process, so nothing is learned for it: the bound only costs ``K``
+        trajectories of network evaluations, all batched. The log-mean-exp is a running ``logsumexp`` over
+        chunks of trajectories accumulated in ``dtype``, so ``K`` can exceed what fits in memory at once.
 
         Arguments:
             x0: The state at :math:`t_0` (the data itself when ``grid[0] = 0``), shape ``(*lead, *data)``
@@ -181,27 +180,20 @@ class LikelihoodBounds:
     ) -> tuple[Tensor, Tensor]:
         r"""The IWAE and the ELBO estimates from the same ``num_samples`` forward trajectories (nats).
 
-        ``(log mean_k w_k, mean_k log w_k)`` with the log importance weights of
-        :meth:`log_importance_weights`: the first is :meth:`iwae`, the second the ELBO averaged over the
-        same :math:`K` draws (:meth:`elbo` with ``num_samples=K``, up to the order of the draws), so a
-        benchmark can report both for one set of network evaluations. Same arguments as :meth:`iwae`.
+        ``(log mean_k w_k, mean_k log w_k)`` of the weights of :meth:`log_importance_weights`: :meth:`iwae`
+        and the ELBO averaged over the same :math:`K` draws (:meth:`elbo` with ``num_samples=K``, up to the
+        order of the draws), both for one set of network evaluations. Same arguments as :meth:`iwae`.
         """
-        lead = self._check_value("x0", x0, self.data_shape)
-        num_samples = check_count("num_samples", num_samples)
+        lead, num_samples = self._check_x0(x0, num_samples)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
         if chunk_size is None:
             chunk_size = max(1, min(num_samples, 4096 // max(1, lead.numel())))
         chunk_size = check_count("chunk_size", chunk_size)
-        lse: Tensor | None = None  # running logsumexp of the weights seen so far
-        total: Tensor | None = None  # running sum of the log weights
-        done = 0
-        while done < num_samples:
+        lses, sums = [], []  # per chunk: the logsumexp and the sum of the log weights, (*lead,)
+        for done in range(0, num_samples, chunk_size):
             c = min(chunk_size, num_samples - done)
             log_w = self.log_importance_weights(x0, c, generator=generator, from_data=from_data).to(dtype)
-            part = torch.logsumexp(log_w, dim=0)
-            lse = part if lse is None else torch.logaddexp(lse, part)
-            total = log_w.sum(0) if total is None else total + log_w.sum(0)
-            done += c
-        assert lse is not None and total is not None
-        return lse - math.log(num_samples), total / num_samples
+            lses.append(torch.logsumexp(log_w, dim=0))
+            sums.append(log_w.sum(0))
+        return reduce(torch.logaddexp, lses) - math.log(num_samples), reduce(torch.add, sums) / num_samples

@@ -76,17 +76,22 @@ def check_discrete(name: str, x: Tensor, levels: int) -> Tensor:
     if x.numel() == 0:
         return x
     if x.is_floating_point():
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name}: expected finite integer values in [0, {levels - 1}], got NaN/inf entries")
-        if not bool((x == torch.round(x)).all()):
-            raise ValueError(
-                f"{name}: expected integer values in [0, {levels - 1}] (raw, not dequantised or rescaled data), "
-                f"got floats with fractional parts"
-            )
+        _check_whole(name, x, levels)
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > levels - 1:
         raise ValueError(f"{name}: expected integer values in [0, {levels - 1}], got values in [{lo:g}, {hi:g}]")
     return x
+
+
+def _check_whole(name: str, x: Tensor, levels: int) -> None:
+    """Raise unless the floats ``x`` are finite and whole."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite integer values in [0, {levels - 1}], got NaN/inf entries")
+    if not bool((x == torch.round(x)).all()):
+        raise ValueError(
+            f"{name}: expected integer values in [0, {levels - 1}] (raw, not dequantised or rescaled data), "
+            f"got floats with fractional parts"
+        )
 
 
 def dequantize(
@@ -163,16 +168,20 @@ def bits_per_dim(
         >>> round(float(bits_per_dim(torch.tensor(-3 * math.log(2.0)), dims=3, levels=256)), 6)
         8.0
     """
+    _check_log_density(log_density_nats)
+    if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
+        raise ValueError(f"dims: expected a positive integer (the dimensions of one data point), got {dims!r}")
+    offset = bits_per_dim_offset(levels, data_range)
+    return -log_density_nats.double() / (dims * math.log(2.0)) + offset
+
+
+def _check_log_density(log_density_nats: Tensor) -> None:
     check_tensor("log_density_nats", log_density_nats)
     if not log_density_nats.is_floating_point():
         raise ValueError(f"log_density_nats: expected a floating-point tensor, got dtype {log_density_nats.dtype}")
     if bool(torch.isnan(log_density_nats).any()) or bool((log_density_nats == math.inf).any()):
         # -inf is a legitimate log-density (infinite bits); NaN or +inf are a broken model.
         raise ValueError("log_density_nats: expected values in [-inf, inf), got NaN or +inf entries")
-    if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
-        raise ValueError(f"dims: expected a positive integer (the dimensions of one data point), got {dims!r}")
-    offset = bits_per_dim_offset(levels, data_range)
-    return -log_density_nats.double() / (dims * math.log(2.0)) + offset
 
 
 @dataclass

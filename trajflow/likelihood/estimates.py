@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..distribution import TrajectoryDistribution
     from ..model import NTM
 
+from ..checks import check_count
 from ..conditioning import Condition
 from ..process import TRAIN_T_MIN, time_grid
 from .bounds import LikelihoodBounds
@@ -34,12 +35,6 @@ def _log_density_fn(flow: Distribution | LogDensity) -> LogDensity:
     if callable(flow):
         return flow
     raise ValueError(f"flow: expected a Distribution or a callable y -> log p(y), got {type(flow).__name__}")
-
-
-def _check_num_samples(num_samples: object, name: str = "num_samples") -> int:
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {num_samples!r} ({type(num_samples).__name__})")
-    return num_samples
 
 
 def flow_bits_per_dim(
@@ -77,11 +72,8 @@ def flow_bits_per_dim(
     log_prob = _log_density_fn(flow)
     levels = check_levels(levels)
     check_discrete("x_int", x_int, levels)
-    num_samples = _check_num_samples(num_samples)
-    if event_dim is None:
-        event_dim = len(flow.event_shape) if isinstance(flow, Distribution) else 3
-    if not isinstance(event_dim, int) or not 0 <= event_dim <= x_int.dim():
-        raise ValueError(f"event_dim: expected an integer in [0, {x_int.dim()}], got {event_dim!r}")
+    num_samples = check_count("num_samples", num_samples)
+    event_dim = _event_dim(flow, event_dim, x_int)
     batch = x_int.shape[: x_int.dim() - event_dim]
     dims = math.prod(x_int.shape[x_int.dim() - event_dim :])
     total = torch.zeros(batch, dtype=torch.float64, device=x_int.device)
@@ -92,6 +84,14 @@ def flow_bits_per_dim(
             raise ValueError(f"flow: expected log-densities of shape {tuple(batch)}, got {tuple(logp.shape)}")
         total = total + bits_per_dim(logp, dims, levels, data_range)
     return total / num_samples
+
+
+def _event_dim(flow: Distribution | LogDensity, event_dim: int | None, x_int: Tensor) -> int:
+    if event_dim is None:
+        event_dim = len(flow.event_shape) if isinstance(flow, Distribution) else 3
+    if not isinstance(event_dim, int) or not 0 <= event_dim <= x_int.dim():
+        raise ValueError(f"event_dim: expected an integer in [0, {x_int.dim()}], got {event_dim!r}")
+    return event_dim
 
 
 def elbo_bits_per_dim(
@@ -126,20 +126,16 @@ def elbo_bits_per_dim(
               + \log_2 \frac{K_\text{levels}}{w},
 
     with fresh dequantisation noise :math:`y_j` per draw :math:`j` and :math:`K` fresh forward trajectories
-    :math:`x^{(jk)} \sim q(\cdot|y_j)` per dequantised image. The expectation of either upper-bounds
-    :math:`-\log_2 P(x) / D`: the bound's gap (the forward process is the proposal) adds to the
-    dequantisation gap of Jensen's inequality. The IWAE gap shrinks as :math:`K` grows (Burda et al.,
-    2016); the ELBO's does not.
+    :math:`x^{(jk)} \sim q(\cdot|y_j)` per dequantised image. Either upper-bounds :math:`-\log_2 P(x) / D` in
+    expectation: the bound's gap adds to the dequantisation gap. The IWAE gap shrinks as :math:`K` grows
+    (Burda et al., 2016); the ELBO's does not.
 
-    The grid starts at :math:`t_0 = t_{\min}`. At :math:`t_{\min} = 0` the trajectories start at the data,
-    :math:`x_{t_0} = y_j`. At :math:`t_{\min} > 0` each trajectory starts at a fresh
-    :math:`x_{t_0} = (1 - t_{\min}) y_j + t_{\min} \epsilon` and the bound is on :math:`\log p(y_j)` through
-    the Gaussian decoder at :math:`t_{\min}` (``from_data=True`` of :meth:`~trajflow.TrajectoryDistribution.bounds`,
-    see :mod:`trajflow.likelihood.bounds`): the weights gain :math:`D \log(1 - t_{\min})` and the number is still about
-    the data, not about noised data, with the decoder's blur in the gap. Take the bound at a level the model
-    was trained on: a model trained with :math:`t_{\min} \sim U[0.02, 0.05]` evaluated at 0 gives thousands
-    of bits/dim. A result whose mean exceeds :math:`\log_2 K_\text{levels}` bits/dim (the uniform model's)
-    is reported with a warning naming ``t_min``.
+    The grid starts at :math:`t_0 = t_{\min}`: at 0 the trajectories start at the data; above 0 at a fresh
+    :math:`x_{t_0} = (1 - t_{\min}) y_j + t_{\min} \epsilon`, with the bound on :math:`\log p(y_j)` through the
+    Gaussian decoder at :math:`t_{\min}` (``from_data=True`` of :meth:`~trajflow.TrajectoryDistribution.bounds`,
+    see :mod:`trajflow.likelihood.bounds`). Take the bound at a level the model was trained on: a model
+    trained with :math:`t_{\min} \sim U[0.02, 0.05]` gives thousands of bits/dim at 0. A mean above
+    :math:`\log_2 K_\text{levels}` bits/dim (the uniform model's) is reported with a warning naming ``t_min``.
 
     Arguments:
         model_or_dist: An :class:`~trajflow.NTM` (the grid is ``time_grid(steps, t_min, shift)``) or a
@@ -178,28 +174,31 @@ def elbo_bits_per_dim(
     """
     levels = check_levels(levels)
     check_discrete("x_int", x_int, levels)
-    num_samples = _check_num_samples(num_samples)
-    num_trajectories = _check_num_samples(num_trajectories, "num_trajectories")
+    num_samples = check_count("num_samples", num_samples)
+    num_trajectories = check_count("num_trajectories", num_trajectories)
     if bound not in (*BOUNDS, "both"):
         raise ValueError(f"bound: expected one of {(*BOUNDS, 'both')}, got {bound!r}")
     dist = _distribution_to_bound(model_or_dist, steps, cond, shift, t_min)
     starts, from_data = _grid_start(dist, t_min)
-    data_shape = dist.data_shape
-    if x_int.dim() < len(data_shape) or x_int.shape[x_int.dim() - len(data_shape) :] != data_shape:
-        raise ValueError(
-            f"x_int: expected trailing shape {tuple(data_shape)} (the model's data shape), got {tuple(x_int.shape)}"
-        )
-    dims = data_shape.numel()
-    device = dist.grid.device
+    dims = _check_data_shape(x_int, dist.data_shape)
     totals = {"iwae": 0.0, "elbo": 0.0}
     for _ in range(num_samples):
-        y = dequantize(x_int.to(device), levels, generator, data_range=data_range)
+        y = dequantize(x_int.to(dist.grid.device), levels, generator, data_range=data_range)
         iwae, elbo = dist.bounds(y, num_trajectories, chunk_size=chunk_size, generator=generator, from_data=from_data)
         totals["iwae"] = totals["iwae"] + bits_per_dim(iwae, dims, levels, data_range)
         totals["elbo"] = totals["elbo"] + bits_per_dim(elbo, dims, levels, data_range)
     out = {k: v / num_samples for k, v in totals.items()}
     _warn_above_uniform(out["iwae" if bound == "both" else bound], bound, levels, starts)
     return out if bound == "both" else out[bound]  # type: ignore[return-value]
+
+
+def _check_data_shape(x_int: Tensor, data_shape: torch.Size) -> int:
+    """The number of dimensions of one data point, once ``x_int``'s trailing shape is checked."""
+    if x_int.dim() < len(data_shape) or x_int.shape[x_int.dim() - len(data_shape) :] != data_shape:
+        raise ValueError(
+            f"x_int: expected trailing shape {tuple(data_shape)} (the model's data shape), got {tuple(x_int.shape)}"
+        )
+    return data_shape.numel()
 
 
 def _distribution_to_bound(
@@ -215,16 +214,22 @@ def _distribution_to_bound(
     :class:`~trajflow.TrajectoryDistribution`) and an NTM by what it is used for here, the module that builds
     one (``model.distribution(grid, cond)``): this module sits below both, so it imports neither.
     """
-    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0):
-        raise ValueError(
-            f"t_min: expected a time in [0, 1) (the cleanest level the model was trained on), got {t_min!r}"
-        )
+    _check_t_min(t_min)
     if isinstance(model_or_dist, LikelihoodBounds):
         return model_or_dist  # type: ignore[return-value]
     if isinstance(model_or_dist, nn.Module) and callable(getattr(model_or_dist, "distribution", None)):
         t_min = TRAIN_T_MIN[0] if t_min is None else float(t_min)
         return model_or_dist.distribution(time_grid(steps, t_min, shift, device=model_or_dist.device), cond)
     raise ValueError(f"model_or_dist: expected an NTM or a TrajectoryDistribution, got {type(model_or_dist).__name__}")
+
+
+def _check_t_min(t_min: object) -> None:
+    if t_min is None:
+        return
+    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
+        raise ValueError(
+            f"t_min: expected a time in [0, 1) (the cleanest level the model was trained on), got {t_min!r}"
+        )
 
 
 def _grid_start(dist: TrajectoryDistribution, t_min: float | None) -> tuple[str, bool]:
