@@ -1,10 +1,10 @@
-"""The base of the adapters of diffusers networks: the time conversion, local loading and saving."""
+"""The base of the adapters of diffusers networks: the time conversion, the call checks, local loading and saving."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -12,6 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ...checkpoint import Pretrained
+from ...checks import check_tensor, check_times
+from ...nn.patches import check_images
 from ...velocity import VelocityModel
 
 __all__ = ["DiffusersVelocity"]
@@ -35,9 +37,38 @@ def _diffusers_class(name: str) -> type[nn.Module]:
     return cls
 
 
-def _json_config(model: nn.Module) -> dict[str, Any]:
-    """A diffusers model's config without diffusers' private keys (``_class_name``, ``_diffusers_version``...)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(model.config).items() if not k.startswith("_")}
+def _local_json(folder: Path, file: str, what: str) -> dict[str, Any]:
+    """``folder/file`` as a JSON object, ``folder`` being a local folder holding ``what``; a ValueError naming
+    the folder or the file otherwise (nothing is ever fetched from a hub)."""
+    if not folder.is_dir():
+        raise ValueError(
+            f"path: expected a local {what}, got {str(folder)!r}, which is not a folder; nothing is downloaded "
+            "from a hub"
+        )
+    path = folder / file
+    if not path.is_file():
+        raise ValueError(f"path: expected a {what} with a {file}, but {str(path)!r} does not exist")
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"path: {str(path)!r} is not a diffusers {file} (a JSON object): {e}") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"path: {str(path)!r} is not a diffusers {file} (a JSON object)")
+    return record
+
+
+def _image_size(name: str, size: object, what: str) -> tuple[int, int]:
+    """``(H, W)`` of a positive int or pair; a ValueError naming ``name`` otherwise (``what`` names the model)."""
+    if size is None:
+        raise ValueError(f"{name}: {what} has no sample size in its config, expected the latent (H, W), got None")
+    pair = (size, size) if isinstance(size, int) else size
+    if not (
+        isinstance(pair, (tuple, list))
+        and len(pair) == 2
+        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair)
+    ):
+        raise ValueError(f"{name}: expected a positive int or (H, W), got {size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 V = TypeVar("V", bound="DiffusersVelocity")
@@ -60,11 +91,11 @@ class DiffusersVelocity(Pretrained, VelocityModel):
 
     diffusers_class: ClassVar[str] = ""
     model_argument: ClassVar[str] = "model"  # the constructor argument's name, for error messages
+    event_shape: torch.Size
 
     def __init__(self, model: nn.Module, *, num_train_timesteps: int = 1000, validate_args: bool = True) -> None:
         super().__init__()
-        expected = _diffusers_class(self.diffusers_class)
-        if not isinstance(model, expected):
+        if not isinstance(model, _diffusers_class(self.diffusers_class)):
             raise ValueError(
                 f"{self.model_argument}: expected a diffusers {self.diffusers_class}, got {type(model).__name__}"
             )
@@ -78,18 +109,49 @@ class DiffusersVelocity(Pretrained, VelocityModel):
         r"""diffusers' timestep of trajflow's time: ``num_train_timesteps * t`` (``timesteps = sigmas * 1000``)."""
         return self.num_train_timesteps * t
 
+    def _check_inputs(self, x_t: Tensor, t: Tensor) -> None:
+        """``x_t`` ``(N, *event_shape)`` and ``t`` one float time per row (in [0, 1] with ``validate_args``)."""
+        check_images("x_t", x_t, self.event_shape, flat=True)
+        check_tensor("t", t)
+        if t.shape != x_t.shape[:1] or not t.is_floating_point():
+            raise ValueError(
+                f"t: expected a float tensor of shape ({x_t.shape[0]},) (one time per row of x_t), got {t.dtype} "
+                f"of shape {tuple(t.shape)}"
+            )
+        if self.validate_args:
+            check_times("t", t)
+
+    @staticmethod
+    def _hooked(layer: nn.Module, call: Callable[[], Tensor]) -> tuple[Tensor, Tensor]:
+        """``call()`` and what ``layer`` read during it (a forward pre-hook that lives for the call only)."""
+        captured: list[Tensor] = []
+        handle = layer.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            out = call()
+        finally:
+            handle.remove()
+        return out, captured[-1]
+
     def settings(self) -> dict[str, Any]:
         """The constructor's keyword arguments other than the network (JSON-serialisable)."""
         return {"num_train_timesteps": self.num_train_timesteps, "validate_args": self.validate_args}
 
     def config_dict(self) -> dict[str, Any]:
         """``{"model": <the network's diffusers config>, **settings}``: an untrained copy is built from it."""
-        return {"model": _json_config(self.model), **self.settings()}
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(self.model.config).items()}
+        # without diffusers' private keys (_class_name, _diffusers_version, ...)
+        return {"model": {k: v for k, v in config.items() if not k.startswith("_")}, **self.settings()}
 
     @classmethod
     def from_config(cls: type[V], config: Mapping[str, Any]) -> V:
-        settings = {k: v for k, v in config.items() if k != "model"}
-        return cls(_diffusers_class(cls.diffusers_class).from_config(dict(config["model"])), **settings)
+        settings = dict(config)
+        model = _diffusers_class(cls.diffusers_class).from_config(dict(settings.pop("model")))
+        return cls(model, **cls._settings_from_config(model, settings))
+
+    @classmethod
+    def _settings_from_config(cls, model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+        """The constructor's keyword arguments of the saved ``settings`` (a subclass may rebuild some)."""
+        return settings
 
     @classmethod
     def from_diffusers(
@@ -112,24 +174,12 @@ class DiffusersVelocity(Pretrained, VelocityModel):
         """
         folder = Path(path).expanduser()
         where = folder / subfolder if subfolder else folder
-        if not where.is_dir():
-            raise ValueError(
-                f"path: expected a local folder holding a diffusers {cls.diffusers_class} (config.json and "
-                f"weights), got {str(where)!r}, which is not a folder; nothing is downloaded from a hub"
-            )
-        config_file = where / "config.json"
-        if not config_file.is_file():
-            raise ValueError(
-                f"path: expected a diffusers {cls.diffusers_class} folder with a config.json, but "
-                f"{str(config_file)!r} does not exist"
-            )
-        try:
-            written_by = json.loads(config_file.read_text()).get("_class_name")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-            raise ValueError(f"path: {str(config_file)!r} is not a diffusers config (JSON object): {e}") from e
+        written_by = _local_json(where, "config.json", f"folder holding a diffusers {cls.diffusers_class}").get(
+            "_class_name"
+        )
         if written_by is not None and written_by != cls.diffusers_class:
             raise ValueError(
-                f"path: {str(config_file)!r} describes a diffusers {written_by}, expected a "
+                f"path: {str(where / 'config.json')!r} describes a diffusers {written_by}, expected a "
                 f"{cls.diffusers_class} (use the adapter of that class)"
             )
         model = _diffusers_class(cls.diffusers_class).from_pretrained(
@@ -143,6 +193,5 @@ class DiffusersVelocity(Pretrained, VelocityModel):
         Only the network is written; the adapter's own settings are not (pass them to :meth:`from_diffusers`).
         Use :meth:`save_pretrained` to keep them.
         """
-        directory = Path(directory)
         self.model.save_pretrained(str(directory))
-        return directory
+        return Path(directory)

@@ -7,48 +7,92 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ...checks import check_number
 from ...conditioning import Condition
 from ...nn.patches import patchify, unpatchify
-from .text import _image_size, _TextTransformerVelocity
+from .base import _image_size
+from .text import _TextTransformerVelocity
 
 __all__ = ["FluxVelocity", "Flux2Velocity"]
 
 
-def _guidance_setting(config: Any, guidance: float | None, default: float, name: str) -> float | None:
-    """The guidance-embedding value of a guidance-distilled FLUX (``None`` for one without the embedding)."""
-    if not config.guidance_embeds:
-        if guidance is not None:
-            raise ValueError(
-                f"guidance: this {name} has no guidance embedding (guidance_embeds=False), expected None, got "
-                f"{guidance!r}"
-            )
-        return None
-    if guidance is None:
-        return default
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance == guidance:
-        raise ValueError(f"guidance: expected a number (the distilled guidance scale), got {guidance!r}")
-    return float(guidance)
-
-
 class _FluxFamily(_TextTransformerVelocity):
-    """What FLUX.1 and FLUX.2 share: a latent ``sample_size`` and an optional distilled guidance embedding."""
+    """What FLUX.1 and FLUX.2 share: a latent ``sample_size``, ``pack x pack`` patches as the transformer's
+    tokens (in raster order, :func:`~trajflow.nn.patches.patchify`), position ids and an optional distilled
+    guidance embedding. A subclass sets ``pack``, ``default_guidance`` and the ids (:meth:`_image_ids`,
+    :meth:`_text_ids`)."""
 
-    sample_size: tuple[int, int]
-    guidance: float | None
+    pack: ClassVar[int]
+    default_guidance: ClassVar[float]
 
-    @property
-    def transformer(self) -> nn.Module:
-        """The wrapped FLUX transformer."""
-        return self.model
+    def __init__(
+        self,
+        transformer: nn.Module,
+        *,
+        sample_size: int | tuple[int, int] | list[int] | None = None,
+        guidance: float | None = None,
+        null_cond: Condition | None = None,
+        num_train_timesteps: int = 1000,
+        validate_args: bool = True,
+    ) -> None:
+        super().__init__(
+            transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
+        )
+        config, p = transformer.config, self.pack
+        if config.patch_size != 1 or config.in_channels % p**2:
+            raise ValueError(
+                f"transformer: expected patch_size=1 and in_channels a multiple of {p**2} ({p}x{p}-packed latents), "
+                f"got patch_size={config.patch_size}, in_channels={config.in_channels}"
+            )
+        height, width = _image_size("sample_size", sample_size, self.diffusers_class)
+        if height % p or width % p:
+            raise ValueError(f"sample_size: expected an even latent (H, W) (2x2 packing), got {(height, width)}")
+        self.sample_size = (height, width)
+        self.event_shape = torch.Size((config.in_channels // p**2, height, width))
+        self.patch_size = p
+        self.guidance = self._guidance_setting(config.guidance_embeds, guidance)
+        self.register_buffer("img_ids", self._image_ids(height // p, width // p), persistent=False)
+
+    def _guidance_setting(self, embeds: bool, guidance: float | None) -> float | None:
+        """The guidance embedding's value (``None`` for a model without one)."""
+        if guidance is None:
+            return self.default_guidance if embeds else None
+        if not embeds:
+            raise ValueError(
+                f"guidance: this {self.diffusers_class} has no guidance embedding (guidance_embeds=False), expected "
+                f"None, got {guidance!r}"
+            )
+        return check_number("guidance", guidance)  # the distilled guidance scale
+
+    @staticmethod
+    def _image_ids(rows: int, cols: int) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _text_ids(length: int) -> Tensor:
+        raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
-        return {"sample_size": list(self.sample_size), "guidance": self.guidance, **super().settings()}
+        return {"guidance": self.guidance, **super().settings()}
 
-    def _guidance(self, n: int, device: torch.device) -> Tensor | None:
-        """The guidance embedding's input, as the pipelines pass it: ``torch.full([1], scale).expand(N)``, float32."""
-        if self.guidance is None:
-            return None
-        return torch.full((n,), self.guidance, device=device, dtype=torch.float32)
+    def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
+        n = x.shape[0]
+        # The pipelines pass guidance = full([1], scale).expand(N) in float32 (None without the embedding)
+        guidance = (
+            None if self.guidance is None else torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+        )
+        out = self.model(
+            hidden_states=patchify(x, self.pack),  # == _pack_latents: (N, C, H, W) -> (N, H W / p^2, p^2 C)
+            encoder_hidden_states=prompt,
+            **({"pooled_projections": pooled} if self.pooled else {}),
+            # __call__: timestep = t.expand(N).to(latents.dtype) passed as timestep / 1000 (forward multiplies it)
+            timestep=self.timestep(t).to(x.dtype) / 1000,
+            img_ids=self.img_ids.to(x.device),
+            txt_ids=self._text_ids(prompt.shape[1]).to(x.device),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return unpatchify(out, self.pack, self.event_shape)  # == _unpack_latents
 
 
 class FluxVelocity(_FluxFamily):
@@ -89,57 +133,20 @@ class FluxVelocity(_FluxFamily):
     """
 
     diffusers_class: ClassVar[str] = "FluxTransformer2DModel"
-    pooled: ClassVar[bool] = True
+    pack: ClassVar[int] = 2
     default_guidance: ClassVar[float] = 3.5  # FluxPipeline.__call__(guidance_scale=3.5)
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        *,
-        sample_size: int | tuple[int, int] | list[int] | None = None,
-        guidance: float | None = None,
-        null_cond: Condition | None = None,
-        num_train_timesteps: int = 1000,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
-        )
-        config = transformer.config
-        if config.patch_size != 1 or config.in_channels % 4:
-            raise ValueError(
-                f"transformer: expected patch_size=1 and in_channels a multiple of 4 (2x2-packed latents, as "
-                f"FluxPipeline._pack_latents), got patch_size={config.patch_size}, in_channels={config.in_channels}"
-            )
-        height, width = _image_size("sample_size", sample_size, self.diffusers_class)
-        if height % 2 or width % 2:
-            raise ValueError(f"sample_size: expected an even latent (H, W) (2x2 packing), got {(height, width)}")
-        self.sample_size = (height, width)
-        self.event_shape = torch.Size((config.in_channels // 4, height, width))
-        self.patch_size = 2
-        self.guidance = _guidance_setting(config, guidance, self.default_guidance, self.diffusers_class)
+    @staticmethod
+    def _image_ids(rows: int, cols: int) -> Tensor:
         # FluxPipeline._prepare_latent_image_ids(N, H / 2, W / 2): id (0, row, col) of each packed token.
-        ids = torch.zeros(height // 2, width // 2, 3)
-        ids[..., 1] = torch.arange(height // 2)[:, None]
-        ids[..., 2] = torch.arange(width // 2)[None, :]
-        self.register_buffer("img_ids", ids.reshape(-1, 3), persistent=False)
+        ids = torch.zeros(rows, cols, 3)
+        ids[..., 1] = torch.arange(rows)[:, None]
+        ids[..., 2] = torch.arange(cols)[None, :]
+        return ids.reshape(-1, 3)
 
-    def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
-        n = x.shape[0]
-        tokens = patchify(x, 2)  # == FluxPipeline._pack_latents: (N, C, H, W) -> (N, H W / 4, 4 C)
-        guidance = self._guidance(n, x.device)
-        out = self.model(
-            hidden_states=tokens,
-            encoder_hidden_states=prompt,
-            pooled_projections=pooled,
-            # FluxPipeline.__call__: timestep = t.expand(N).to(latents.dtype), passed as timestep / 1000
-            timestep=self.timestep(t).to(x.dtype) / 1000,
-            img_ids=self.img_ids.to(x.device),
-            txt_ids=torch.zeros(prompt.shape[1], 3, device=x.device),  # FluxPipeline.encode_prompt: text_ids
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        return unpatchify(out, 2, self.event_shape)  # == FluxPipeline._unpack_latents
+    @staticmethod
+    def _text_ids(length: int) -> Tensor:
+        return torch.zeros(length, 3)  # FluxPipeline.encode_prompt: text_ids
 
 
 class Flux2Velocity(_FluxFamily):
@@ -177,50 +184,16 @@ class Flux2Velocity(_FluxFamily):
 
     diffusers_class: ClassVar[str] = "Flux2Transformer2DModel"
     pooled: ClassVar[bool] = False
+    pack: ClassVar[int] = 1
     default_guidance: ClassVar[float] = 4.0  # Flux2Pipeline.__call__(guidance_scale=4.0)
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        *,
-        sample_size: int | tuple[int, int] | list[int] | None = None,
-        guidance: float | None = None,
-        null_cond: Condition | None = None,
-        num_train_timesteps: int = 1000,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
-        )
-        config = transformer.config
-        if config.patch_size != 1:
-            raise ValueError(
-                f"transformer: expected patch_size=1 (Flux2Pipeline packs 1x1 tokens), got {config.patch_size}"
-            )
-        height, width = _image_size("sample_size", sample_size, self.diffusers_class)
-        self.sample_size = (height, width)
-        self.event_shape = torch.Size((config.in_channels, height, width))
-        self.patch_size = 1
-        self.guidance = _guidance_setting(config, guidance, self.default_guidance, self.diffusers_class)
+    @staticmethod
+    def _image_ids(rows: int, cols: int) -> Tensor:
         # Flux2KleinPipeline._prepare_latent_ids: cartesian_prod(t=[0], h, w, l=[0]) -> (H' W', 4)
-        ids = torch.cartesian_prod(torch.arange(1), torch.arange(height), torch.arange(width), torch.arange(1))
-        self.register_buffer("img_ids", ids, persistent=False)
+        return torch.cartesian_prod(torch.arange(1), torch.arange(rows), torch.arange(cols), torch.arange(1))
 
-    def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
-        n, c, h, w = x.shape
-        tokens = x.reshape(n, c, h * w).permute(0, 2, 1)  # == Flux2KleinPipeline._pack_latents
+    @staticmethod
+    def _text_ids(length: int) -> Tensor:
         # Flux2KleinPipeline._prepare_text_ids: cartesian_prod(t=[0], h=[0], w=[0], l) -> (L, 4)
-        zero = torch.zeros(1, dtype=torch.long)
-        txt_ids = torch.cartesian_prod(zero, zero, zero, torch.arange(prompt.shape[1])).to(x.device)
-        guidance = self._guidance(n, x.device)
-        out = self.model(
-            hidden_states=tokens,
-            encoder_hidden_states=prompt,
-            # Flux2KleinPipeline.__call__: timestep = t.expand(N).to(latents.dtype), passed as timestep / 1000
-            timestep=self.timestep(t).to(x.dtype) / 1000,
-            img_ids=self.img_ids.to(x.device),
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
-        return out.permute(0, 2, 1).reshape(n, c, h, w)  # == _unpack_latents_with_ids for raster ids
+        zero = torch.arange(1)
+        return torch.cartesian_prod(zero, zero, zero, torch.arange(length))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -11,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...checks import check_count
 from ...conditioning import Condition
-from .base import _diffusers_class
+from .base import _diffusers_class, _local_json
 from .flux import Flux2Velocity, FluxVelocity
 from .text import SD3Velocity, _TextTransformerVelocity
 
@@ -37,24 +37,8 @@ PromptEncoder = Callable[[list[str]], Condition]
 def _pipeline_folder(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The local pipeline folder and its ``model_index.json``; a ValueError naming the path or file otherwise."""
     folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(
-            f"path: expected a local diffusers pipeline folder (model_index.json, text encoders, vae, scheduler, "
-            f"transformer), got {str(folder)!r}, which is not a folder; nothing is downloaded from a hub"
-        )
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ValueError(
-            f"path: expected a diffusers pipeline folder with a model_index.json, but {str(index)!r} does not exist "
-            "(a folder holding one model takes the adapters' from_diffusers instead)"
-        )
-    try:
-        record = json.loads(index.read_text())
-        if not isinstance(record, dict):
-            raise ValueError("not a JSON object")
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"path: {str(index)!r} is not a diffusers model index (a JSON object): {e}") from e
-    return folder, record
+    what = "diffusers pipeline folder (model_index.json, text encoders, vae, scheduler, transformer)"
+    return folder, _local_json(folder, "model_index.json", what)
 
 
 def load_diffusers_pipeline(
@@ -121,13 +105,11 @@ class DiffusersPromptEncoder:
                 f"pipe: expected one of the diffusers pipelines {sorted(PIPELINE_ADAPTERS)}, got {name} (pass your own "
                 "encode_prompt callable for another one)"
             )
-        if max_sequence_length is not None and (
-            isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1
-        ):
-            raise ValueError(f"max_sequence_length: expected a positive integer or None, got {max_sequence_length!r}")
         self.pipe = pipe
         self.pipeline = name
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length = (
+            None if max_sequence_length is None else check_count("max_sequence_length", max_sequence_length)
+        )
         self.device = None if device is None else torch.device(device)
 
     @torch.no_grad()
@@ -136,17 +118,31 @@ class DiffusersPromptEncoder:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
         device = self.device or self.pipe._execution_device
-        kwargs: dict[str, Any] = {"device": device}
+        kwargs: dict[str, Any] = {"prompt": prompts, "device": device}
         if self.max_sequence_length is not None:
             kwargs["max_sequence_length"] = self.max_sequence_length
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
-            if self.pipeline == "StableDiffusion3Pipeline":
-                embeds, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, **kwargs
-                )
-                return embeds, pooled
-            if self.pipeline == "FluxPipeline":
-                embeds, pooled, _ = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, **kwargs)
-                return embeds, pooled
-            embeds, _ = self.pipe.encode_prompt(prompt=prompts, **kwargs)  # FLUX.2: no pooled embedding
-            return embeds
+            return _ENCODE[self.pipeline](self.pipe, kwargs)
+
+
+def _encode_sd3(pipe: Any, kwargs: dict[str, Any]) -> Condition:
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, **kwargs)
+    return embeds, pooled
+
+
+def _encode_flux(pipe: Any, kwargs: dict[str, Any]) -> Condition:
+    embeds, pooled, _ = pipe.encode_prompt(prompt_2=None, **kwargs)
+    return embeds, pooled
+
+
+def _encode_flux2(pipe: Any, kwargs: dict[str, Any]) -> Condition:
+    return pipe.encode_prompt(**kwargs)[0]  # FLUX.2: no pooled embedding
+
+
+# Each pipeline's encode_prompt, called as its __call__ does for one image per prompt and no guidance.
+_ENCODE: dict[str, Callable[[Any, dict[str, Any]], Condition]] = {
+    "StableDiffusion3Pipeline": _encode_sd3,
+    "FluxPipeline": _encode_flux,
+    "Flux2KleinPipeline": _encode_flux2,
+    "Flux2Pipeline": _encode_flux2,
+}

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ...checks import check_count
 from ...conditioning import Condition
 from ...denoise import sample_denoised
 from ...model import NTM
 from ...process import SAMPLE_T_MIN, time_grid
 from .loading import PIPELINE_ADAPTERS, DiffusersPromptEncoder, PromptEncoder, _pipeline_folder, load_diffusers_pipeline
-from .scheduler import _cond_rows, _repeat_cond, scheduler_sample
+from .scheduler import scheduler_sample
 from .vae import PipelineVAE
 
 __all__ = ["NTMDiffusersPipeline"]
@@ -28,22 +29,64 @@ def _backbone_dtype(module: nn.Module | None) -> torch.dtype | None:
     return None
 
 
-def _check_arguments(
-    model: object, velocity: object, encode_prompt: object, pipeline: object, autocast_dtype: object
-) -> None:
-    """The checks of :class:`NTMDiffusersPipeline`'s arguments that need nothing built."""
-    if model is None and velocity is None:
+def _placed(cond: Condition, device: torch.device, k: int) -> Condition:
+    """``cond`` on ``device``, each row repeated ``k`` times (adjacent, as diffusers' ``num_images_per_prompt``)."""
+    parts = [c.to(device).repeat_interleave(k, dim=0) for c in (cond if isinstance(cond, tuple) else (cond,))]
+    return tuple(parts) if isinstance(cond, tuple) else parts[0]
+
+
+def _rows(cond: Condition) -> int:
+    return int((cond[0] if isinstance(cond, tuple) else cond).shape[0])
+
+
+# The checks of NTMDiffusersPipeline's arguments that need nothing built: (argument, is it wrong, expected).
+_ARGUMENT_CHECKS = (
+    ("model", lambda v: v is not None and not hasattr(v, "sample"), "a trajflow NTM"),
+    ("encode_prompt", lambda v: v is not None and not callable(v), "a callable prompts -> condition"),
+    ("pipeline", lambda v: v not in (None, *PIPELINE_ADAPTERS), f"None or one of {sorted(PIPELINE_ADAPTERS)}"),
+    (
+        "autocast_dtype",
+        lambda v: v not in ("auto", None, torch.bfloat16, torch.float16),
+        "'auto', None, torch.bfloat16 or torch.float16",
+    ),
+)
+
+
+def _check_arguments(**arguments: Any) -> None:
+    if arguments["model"] is None and arguments["velocity"] is None:
         raise ValueError("model, velocity: expected an NTM, a flow-matching velocity model or both, got neither")
-    if model is not None and not hasattr(model, "sample"):
-        raise ValueError(f"model: expected a trajflow NTM, got {type(model).__name__}")
-    if encode_prompt is not None and not callable(encode_prompt):
-        raise ValueError(f"encode_prompt: expected a callable prompts -> condition, got {type(encode_prompt).__name__}")
-    if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
-        raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
-    if autocast_dtype not in ("auto", None, torch.bfloat16, torch.float16):
+    for name, wrong, expected in _ARGUMENT_CHECKS:
+        value = arguments[name]
+        if wrong(value):
+            got = repr(value) if isinstance(value, (str, torch.dtype)) else type(value).__name__
+            raise ValueError(f"{name}: expected {expected}, got {got}")
+
+
+def _latent_shape(model: nn.Module | None, velocity: nn.Module | None, vae: PipelineVAE) -> torch.Size:
+    """The one latent shape of the NTM and the FM baseline, checked against the VAE's latents."""
+    shapes = {tuple(m.event_shape) for m in (model, velocity) if m is not None}
+    if len(shapes) != 1:
+        raise ValueError(f"model, velocity: expected one latent shape, got {sorted(shapes)}")
+    shape = torch.Size(shapes.pop())
+    if len(shape) != 3 or shape[0] != vae.channels:
         raise ValueError(
-            f"autocast_dtype: expected 'auto', None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+            f"vae: the model's latents {tuple(shape)} do not fit the VAE's {vae.channels} latent channels "
+            f"({vae.layout} layout)"
         )
+    return shape
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
+
+
+def _load_ntm(path: str | os.PathLike, torch_dtype: torch.dtype | None) -> nn.Module:
+    """The NTM saved in ``path``, its diffusers network cast to ``torch_dtype`` (its own parts stay float32)."""
+    model = NTM.from_pretrained(path).eval()  # on the CPU: cast before it reaches the device
+    backbone = getattr(getattr(model.predictor, "velocity", None), "model", None)
+    if torch_dtype is not None and backbone is not None and _backbone_dtype(backbone) != torch_dtype:
+        backbone.to(torch_dtype)
+    return model
 
 
 class NTMDiffusersPipeline:
@@ -104,7 +147,13 @@ class NTMDiffusersPipeline:
         negative_prompt: str = "",
         autocast_dtype: torch.dtype | str | None = "auto",
     ) -> None:
-        _check_arguments(model, velocity, encode_prompt, pipeline, autocast_dtype)
+        _check_arguments(
+            model=model,
+            velocity=velocity,
+            encode_prompt=encode_prompt,
+            pipeline=pipeline,
+            autocast_dtype=autocast_dtype,
+        )
         self.model = model
         self.velocity = velocity
         self.vae = vae if isinstance(vae, PipelineVAE) else PipelineVAE(vae)
@@ -113,15 +162,7 @@ class NTMDiffusersPipeline:
         self.pipeline = pipeline
         self.negative_prompt = negative_prompt
         self.autocast_dtype = autocast_dtype
-        shapes = {tuple(m.event_shape) for m in (model, velocity) if m is not None}
-        if len(shapes) != 1:
-            raise ValueError(f"model, velocity: expected one latent shape, got {sorted(shapes)}")
-        self.event_shape = torch.Size(shapes.pop())
-        if len(self.event_shape) != 3 or self.event_shape[0] != self.vae.channels:
-            raise ValueError(
-                f"vae: the model's latents {tuple(self.event_shape)} do not fit the VAE's {self.vae.channels} latent "
-                f"channels ({self.vae.layout} layout)"
-            )
+        self.event_shape = _latent_shape(model, velocity, self.vae)
 
     # -- loading -------------------------------------------------------------------------------------------------
 
@@ -161,20 +202,16 @@ class NTMDiffusersPipeline:
         encoder = DiffusersPromptEncoder(pipe, max_sequence_length=max_sequence_length, device=device)
         vae = PipelineVAE(pipe.vae).to(device)
         if isinstance(model, (str, os.PathLike)):
-            model = NTM.from_pretrained(model).eval()  # on the CPU: cast before it reaches the device
-            backbone = getattr(getattr(model.predictor, "velocity", None), "model", None)
-            if torch_dtype is not None and backbone is not None and _backbone_dtype(backbone) != torch_dtype:
-                backbone.to(torch_dtype)  # the diffusers network; the transporter and the head stay float32
-            model = model.to(device)
+            model = _load_ntm(model, torch_dtype).to(device)
         velocity = None
         if teacher if teacher is not None else model is None:
-            size = None
-            if resolution is not None:
-                h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
-                size = list(vae.latent_shape(h, w)[1:])
-            null = encoder([negative_prompt])
+            size = None if resolution is None else list(vae.latent_shape(*_pair(resolution))[1:])
             velocity = PIPELINE_ADAPTERS[name].from_diffusers(
-                folder, subfolder="transformer", torch_dtype=torch_dtype, sample_size=size, null_cond=null
+                folder,
+                subfolder="transformer",
+                torch_dtype=torch_dtype,
+                sample_size=size,
+                null_cond=encoder([negative_prompt]),
             )
             velocity = velocity.to(device).eval()
         return cls(
@@ -206,25 +243,20 @@ class NTMDiffusersPipeline:
         if self.encode_prompt is None:
             raise ValueError("prompts: this pipeline has no encode_prompt; pass cond=... (the embeddings) instead")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        cond = self.encode_prompt(prompts)
-        return _repeat_cond(_to(cond, self.device), num_images_per_prompt)
+        return _placed(self.encode_prompt(prompts), self.device, num_images_per_prompt)
 
     def _condition(
-        self, prompts: str | Sequence[str] | None, cond: Condition | None, num_images_per_prompt: int
-    ) -> tuple[Condition | None, int | None]:
-        if (
-            not isinstance(num_images_per_prompt, int)
-            or isinstance(num_images_per_prompt, bool)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"num_images_per_prompt: expected a positive integer, got {num_images_per_prompt!r}")
+        self, prompts: str | Sequence[str] | None, cond: Condition | None, num_images_per_prompt: int, output_type: str
+    ) -> Condition:
+        """The condition of a call (of ``prompts`` or ``cond``, repeated), after checking the call's options."""
+        if output_type not in ("pt", "pil", "latent"):
+            raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
+        check_count("num_images_per_prompt", num_images_per_prompt)
         if (prompts is None) == (cond is None):
             raise ValueError("prompts, cond: expected exactly one of them (prompt strings or their embeddings)")
         if prompts is not None:
-            cond = self.encode(prompts, num_images_per_prompt)
-        else:
-            cond = _repeat_cond(_to(cond, self.device), num_images_per_prompt)
-        return cond, _cond_rows(cond)
+            return self.encode(prompts, num_images_per_prompt)
+        return _placed(cond, self.device, num_images_per_prompt)
 
     def _output(self, latents: Tensor, output_type: str) -> Any:
         if output_type == "latent":
@@ -277,9 +309,7 @@ class NTMDiffusersPipeline:
         """
         if self.model is None:
             raise ValueError("model: this pipeline holds no NTM (use flow_matching, or pass model=...)")
-        if output_type not in ("pt", "pil", "latent"):
-            raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
-        cond, _ = self._condition(prompts, cond, num_images_per_prompt)
+        cond = self._condition(prompts, cond, num_images_per_prompt, output_type)
         grid = time_grid(steps, SAMPLE_T_MIN if t_min is None else t_min, shift, device=self.device)
         with self._autocast():
             if denoise:
@@ -323,16 +353,14 @@ class NTMDiffusersPipeline:
             raise ValueError(
                 "velocity: this pipeline holds no flow-matching model (pass velocity=..., or teacher=True)"
             )
-        if output_type not in ("pt", "pil", "latent"):
-            raise ValueError(f"output_type: expected 'pt', 'pil' or 'latent', got {output_type!r}")
         use_negative = prompts is not None and guidance_scale > 1 and self.encode_prompt is not None
-        cond, n = self._condition(prompts, cond, num_images_per_prompt)
-        if use_negative:
-            negative_cond = self.encode([self.negative_prompt] * n)
+        cond = self._condition(prompts, cond, num_images_per_prompt, output_type)
+        if use_negative:  # diffusers' negative_prompt, encoded
+            negative_cond = self.encode([self.negative_prompt] * _rows(cond))
         elif negative_cond is not None:
-            negative_cond = _repeat_cond(_to(negative_cond, self.device), num_images_per_prompt)
+            negative_cond = _placed(negative_cond, self.device, num_images_per_prompt)
         if latents is None:
-            latents = self.prepare_latents(n, generator)
+            latents = self.prepare_latents(_rows(cond), generator)
         x = scheduler_sample(
             self.velocity,
             latents.to(self.device),
@@ -345,7 +373,3 @@ class NTMDiffusersPipeline:
             sigmas=sigmas,
         )
         return self._output(x, output_type)
-
-
-def _to(cond: Condition, device: torch.device) -> Condition:
-    return tuple(c.to(device) for c in cond) if isinstance(cond, tuple) else cond.to(device)

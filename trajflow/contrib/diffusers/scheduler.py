@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ...conditioning import Condition
+from ...conditioning import Condition, cat_cond
 from ...nn.patches import check_images
 from .base import _diffusers_class
 from .loading import PIPELINE_ADAPTERS
@@ -44,19 +44,17 @@ def set_pipeline_timesteps(
         raise ValueError(f"steps: expected a positive number of steps, got {steps}")
     if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
         raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
-    if getattr(scheduler.config, "invert_sigmas", False):
+    config = scheduler.config
+    if getattr(config, "invert_sigmas", False):
         raise ValueError(
             "scheduler: invert_sigmas schedulers (Mochi) are not flow-matching samplers of this convention"
         )
-    config = scheduler.config
-    flux = pipeline is not None and pipeline.startswith("Flux")
+    flux = (pipeline or "").startswith("Flux")
     if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
         sigmas = np.linspace(1.0, 1 / steps, steps)
-    kwargs = _shift_mu(config, pipeline, image_seq_len, steps)
-    if sigmas is not None:  # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
-        scheduler.set_timesteps(sigmas=list(sigmas), device=device, **kwargs)
-    else:
-        scheduler.set_timesteps(steps, device=device, **kwargs)
+    # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
+    spacing = {"num_inference_steps": steps} if sigmas is None else {"sigmas": list(sigmas)}
+    scheduler.set_timesteps(device=device, **spacing, **_shift_mu(config, pipeline, image_seq_len, steps))
     return scheduler.timesteps
 
 
@@ -81,37 +79,11 @@ def _shift_mu(config: Any, pipeline: str | None, image_seq_len: int, steps: int)
     return {}
 
 
-def _cat_cond(a: Condition, b: Condition) -> Condition:
-    return tuple(torch.cat([x, y]) for x, y in zip(a, b)) if isinstance(a, tuple) else torch.cat([a, b])
-
-
-def _repeat_cond(cond: Condition, k: int) -> Condition:
-    if k == 1:
-        return cond
-    if isinstance(cond, tuple):
-        return tuple(c.repeat_interleave(k, dim=0) for c in cond)
-    return cond.repeat_interleave(k, dim=0)
-
-
 def _image_tokens(velocity: nn.Module) -> int:
     """The number of image tokens the network sees (its ``image_seq_len``): patches of an image, else the length."""
     event_shape = torch.Size(velocity.event_shape)
     patch = int(getattr(velocity, "patch_size", 1) or 1)
     return event_shape[-2] * event_shape[-1] // patch**2 if len(event_shape) == 3 else event_shape[0]
-
-
-def _guidance_batch(
-    cond: Condition, negative_cond: Condition | None, n: int, device: torch.device
-) -> tuple[Condition, Tensor | None]:
-    """The condition of one batched guided call on ``[negative, positive]`` and its ``drop_cond``: without a
-    ``negative_cond``, the negative half is ``cond`` dropped to the adapter's null condition."""
-    if negative_cond is None:
-        return _cat_cond(cond, cond), torch.arange(2 * n, device=device) < n
-    return _cat_cond(negative_cond, cond), None
-
-
-def _cond_rows(cond: Condition) -> int:
-    return int((cond[0] if isinstance(cond, tuple) else cond).shape[0])
 
 
 @torch.no_grad()
@@ -155,12 +127,10 @@ def scheduler_sample(
     Returns:
         The latents :math:`x_0` ``(N, *event_shape)``.
     """
-    if scheduler is None:
-        scheduler = _diffusers_class("FlowMatchEulerDiscreteScheduler")()
-    else:
-        scheduler = copy.deepcopy(scheduler)
-    event_shape = torch.Size(velocity.event_shape)
-    check_images("noise", noise, event_shape, flat=True)
+    scheduler = (
+        copy.deepcopy(scheduler) if scheduler is not None else _diffusers_class("FlowMatchEulerDiscreteScheduler")()
+    )
+    check_images("noise", noise, torch.Size(velocity.event_shape), flat=True)
     if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
         raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
     n = noise.shape[0]
@@ -169,17 +139,30 @@ def scheduler_sample(
     )
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
-    cfg = guidance_scale > 1 and cond is not None  # diffusers' do_classifier_free_guidance
-    if cfg:
-        both, drop = _guidance_batch(cond, negative_cond, n, noise.device)
+    if guidance_scale > 1 and cond is not None:  # diffusers' do_classifier_free_guidance
+        v_of = _guided(velocity, cond, negative_cond, guidance_scale, noise)
+    else:
+        v_of = lambda x, t: velocity(x, t, cond)[0]  # noqa: E731
     x = noise.float()
     for i, timestep in enumerate(timesteps):
         t = scheduler.sigmas[i].to(noise.device, torch.float32).expand(n)
-        if cfg:
-            v = velocity(torch.cat([x, x]), torch.cat([t, t]), both, drop)[0]
-            v_u, v_c = v.chunk(2)
-            v = v_u + guidance_scale * (v_c - v_u)
-        else:
-            v = velocity(x, t, cond)[0]
-        x = scheduler.step(v, timestep, x, return_dict=False)[0]
+        x = scheduler.step(v_of(x, t), timestep, x, return_dict=False)[0]
     return x
+
+
+def _guided(
+    velocity: nn.Module, cond: Condition, negative_cond: Condition | None, scale: float, noise: Tensor
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """diffusers' guided velocity ``v_u + scale (v_c - v_u)``, from one call on ``[negative, positive]``: without a
+    ``negative_cond``, the negative half is ``cond`` dropped to the adapter's null condition."""
+    if negative_cond is None:
+        n = noise.shape[0]
+        both, drop = cat_cond(cond, cond), torch.arange(2 * n, device=noise.device) < n
+    else:
+        both, drop = cat_cond(negative_cond, cond), None
+
+    def v_of(x: Tensor, t: Tensor) -> Tensor:
+        v_u, v_c = velocity(torch.cat([x, x]), torch.cat([t, t]), both, drop)[0].chunk(2)
+        return v_u + scale * (v_c - v_u)
+
+    return v_of

@@ -2,36 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ...checks import check_tensor, check_times
 from ...conditioning import Condition, CondPart, CondSpec
-from ...nn.patches import check_images
-from .base import DiffusersVelocity, _diffusers_class
+from .base import DiffusersVelocity, _image_size
 
 __all__ = ["SD3Velocity"]
 
 
-def _image_size(name: str, size: object, what: str) -> tuple[int, int]:
-    """``(H, W)`` of an int or a pair; a ValueError naming ``name`` otherwise."""
-    if size is None:
-        raise ValueError(f"{name}: {what} has no sample size in its config, expected the latent (H, W), got None")
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (
-        not isinstance(size, (tuple, list))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)
-    ):
-        raise ValueError(f"{name}: expected a positive int or (H, W), got {size!r}")
-    return int(size[0]), int(size[1])
+def _null_part(given: Tensor, dims: int, features: int | None, what: str) -> Tensor:
+    """A part of the null condition, a batch of 1 dropped, checked (``dims`` dims, the last ``features``), copied."""
+    part = given.detach()
+    if part.dim() == dims + 1 and part.shape[0] == 1:
+        part = part[0]
+    if part.dim() != dims or part.shape[-1] != features or not part.is_floating_point():
+        raise ValueError(f"null_cond: expected {what}, got {part.dtype} of shape {tuple(given.shape)}")
+    return part.clone()
 
 
-T = TypeVar("T", bound="_TextTransformerVelocity")
+def _where(drop: Tensor, null: Tensor | None, c: Tensor | None) -> Tensor | None:
+    """``c`` ``(n, ...)`` with its rows where ``drop`` is True replaced by ``null`` (None: no such part)."""
+    return None if c is None else torch.where(drop.reshape(-1, *[1] * (c.dim() - 1)), null, c)
 
 
 class _TextTransformerVelocity(DiffusersVelocity):
@@ -44,6 +38,7 @@ class _TextTransformerVelocity(DiffusersVelocity):
 
     pooled: ClassVar[bool] = True
     model_argument: ClassVar[str] = "transformer"
+    sample_size: tuple[int, int]
 
     def __init__(
         self,
@@ -55,8 +50,7 @@ class _TextTransformerVelocity(DiffusersVelocity):
     ) -> None:
         super().__init__(transformer, num_train_timesteps=num_train_timesteps, validate_args=validate_args)
         config = transformer.config
-        out_channels = config.out_channels or config.in_channels
-        if out_channels != config.in_channels:
+        if (config.out_channels or config.in_channels) != config.in_channels:
             raise ValueError(
                 f"transformer: expected as many output as input channels (a velocity has the latent's shape), got "
                 f"in_channels={config.in_channels}, out_channels={config.out_channels}"
@@ -70,6 +64,11 @@ class _TextTransformerVelocity(DiffusersVelocity):
         self.register_buffer("null_prompt_embeds", prompt)
         self.register_buffer("null_pooled_embeds", pooled)
 
+    @property
+    def transformer(self) -> nn.Module:
+        """The wrapped transformer."""
+        return self.model
+
     # -- the text condition ------------------------------------------------------------------------------------
 
     def _parse_null(self, null_cond: Condition | None) -> tuple[Tensor | None, Tensor | None]:
@@ -77,40 +76,15 @@ class _TextTransformerVelocity(DiffusersVelocity):
         if null_cond is None:
             return None, None
         parts = null_cond if isinstance(null_cond, tuple) else (null_cond,)
-        want = 2 if self.pooled else 1
-        form = "(prompt_embeds (L, D), pooled_embeds (P,))" if self.pooled else "a tensor prompt_embeds (L, D)"
-        if len(parts) != want or not all(isinstance(p, Tensor) for p in parts):
+        if len(parts) != 1 + self.pooled or not all(isinstance(p, Tensor) for p in parts):
+            form = "(prompt_embeds (L, D), pooled_embeds (P,))" if self.pooled else "a tensor prompt_embeds (L, D)"
             raise ValueError(
                 f"null_cond: expected {form} (one condition, no batch dim), got {type(null_cond).__name__}"
             )
-        prompt = self._null_prompt(parts[0])
-        if not self.pooled:
-            return prompt, None
-        return prompt, self._null_pooled(parts[1])
-
-    def _null_prompt(self, given: Tensor) -> Tensor:
-        """The null prompt embeddings ``(L, D)`` (a batch of 1 dropped), checked and copied."""
-        prompt = given.detach()
-        if prompt.dim() == 3 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.dim() != 2 or prompt.shape[-1] != self.text_features or not prompt.is_floating_point():
-            raise ValueError(
-                f"null_cond: expected prompt embeddings (L, {self.text_features}) (the network's joint_attention_dim), "
-                f"got {prompt.dtype} of shape {tuple(given.shape)}"
-            )
-        return prompt.clone()
-
-    def _null_pooled(self, given: Tensor) -> Tensor:
-        """The null pooled embeddings ``(P,)`` (a batch of 1 dropped), checked and copied."""
-        pooled = given.detach()
-        if pooled.dim() == 2 and pooled.shape[0] == 1:
-            pooled = pooled[0]
-        if pooled.shape != (self.pooled_features,) or not pooled.is_floating_point():
-            raise ValueError(
-                f"null_cond: expected pooled embeddings ({self.pooled_features},) (the network's "
-                f"pooled_projection_dim), got {pooled.dtype} of shape {tuple(given.shape)}"
-            )
-        return pooled.clone()
+        what = f"prompt embeddings (L, {self.text_features}) (the network's joint_attention_dim)"
+        prompt = _null_part(parts[0], 2, self.text_features, what)
+        what = f"pooled embeddings ({self.pooled_features},) (the network's pooled_projection_dim)"
+        return prompt, _null_part(parts[1], 1, self.pooled_features, what) if self.pooled else None
 
     @property
     def null_cond(self) -> Condition | None:
@@ -131,47 +105,43 @@ class _TextTransformerVelocity(DiffusersVelocity):
 
     def _text(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
         """The network's ``(prompt_embeds (n, L, D), pooled (n, P) or None)``, null rows where dropped."""
-        if cond is None:  # the null condition everywhere (the edge made sure there is one)
-            prompt = self.null_prompt_embeds.expand(n, -1, -1)
-            pooled = None if self.null_pooled_embeds is None else self.null_pooled_embeds.expand(n, -1)
-            return prompt, pooled
+        if cond is None:  # the null condition everywhere (check_cond made sure there is one)
+            pooled = self.null_pooled_embeds
+            return self.null_prompt_embeds.expand(n, -1, -1), None if pooled is None else pooled.expand(n, -1)
         prompt, pooled = cond if isinstance(cond, tuple) else (cond, None)
         if drop_cond is None:
             return prompt, pooled
+        null_prompt, null_pooled = self._nulls(prompt, pooled)
         drop = drop_cond.to(prompt.device)
-        if self.null_prompt_embeds is None:  # zeros
-            null_prompt = prompt.new_zeros(())
-            null_pooled = None if pooled is None else pooled.new_zeros(())
-        else:
-            null_prompt = self.null_prompt_embeds.to(prompt)
-            if null_prompt.shape[0] != prompt.shape[1]:
-                raise ValueError(
-                    f"null_cond: its {null_prompt.shape[0]} text tokens cannot replace dropped rows of a condition "
-                    f"with {prompt.shape[1]} tokens; encode the null prompt padded to the same length"
-                )
-            null_pooled = None if pooled is None else self.null_pooled_embeds.to(pooled)
-        prompt = torch.where(drop[:, None, None], null_prompt, prompt)
-        if pooled is not None:
-            pooled = torch.where(drop[:, None], null_pooled, pooled)
-        return prompt, pooled
+        return _where(drop, null_prompt, prompt), _where(drop, null_pooled, pooled)
+
+    def _nulls(self, prompt: Tensor, pooled: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """What the dropped rows of ``(prompt, pooled)`` take: the null condition, else zeros."""
+        null, null_pooled = self.null_prompt_embeds, self.null_pooled_embeds
+        if null is None:
+            return prompt.new_zeros(()), prompt.new_zeros(())
+        if null.shape[0] != prompt.shape[1]:
+            raise ValueError(
+                f"null_cond: its {null.shape[0]} text tokens cannot replace dropped rows of a condition with "
+                f"{prompt.shape[1]} tokens; encode the null prompt padded to the same length"
+            )
+        return null.to(prompt), None if pooled is None else null_pooled.to(pooled)
 
     # -- saving ------------------------------------------------------------------------------------------------
 
     def settings(self) -> dict[str, Any]:
         length = None if self.null_prompt_embeds is None else int(self.null_prompt_embeds.shape[0])
-        return {"null_text_length": length, **super().settings()}
+        return {"sample_size": list(self.sample_size), "null_text_length": length, **super().settings()}
 
     @classmethod
-    def from_config(cls: type[T], config: Mapping[str, Any]) -> T:
-        """An untrained copy; a null condition of ``null_text_length`` tokens is zeros until the weights load."""
-        settings = {k: v for k, v in config.items() if k not in ("model", "null_text_length")}
-        length = config.get("null_text_length")
-        model = _diffusers_class(cls.diffusers_class).from_config(dict(config["model"]))
-        null: Condition | None = None
+    def _settings_from_config(cls, model: nn.Module, settings: dict[str, Any]) -> dict[str, Any]:
+        """A null condition of ``null_text_length`` tokens is zeros until the weights load."""
+        length = settings.pop("null_text_length", None)
         if length is not None:
             prompt = torch.zeros(length, model.config.joint_attention_dim)
-            null = (prompt, torch.zeros(model.config.pooled_projection_dim)) if cls.pooled else prompt
-        return cls(model, null_cond=null, **settings)
+            pooled = torch.zeros(model.config.pooled_projection_dim) if cls.pooled else None
+            settings["null_cond"] = (prompt, pooled) if cls.pooled else prompt
+        return settings
 
     # -- the call ----------------------------------------------------------------------------------------------
 
@@ -182,28 +152,14 @@ class _TextTransformerVelocity(DiffusersVelocity):
         self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(v, hidden)``: ``v`` of ``x_t``'s shape ``(N, C, H, W)`` and ``hidden`` ``(N, L_img, width)``."""
-        check_images("x_t", x_t, self.event_shape, flat=True)
-        n = x_t.shape[0]
-        check_tensor("t", t)
-        if t.shape != (n,) or not t.is_floating_point():
-            raise ValueError(
-                f"t: expected a float tensor of shape ({n},) (one time per latent), got {t.dtype} "
-                f"of shape {tuple(t.shape)}"
-            )
-        if self.validate_args:
-            check_times("t", t)
-        prompt, pooled = self._text(cond, drop_cond, n)
+        self._check_inputs(x_t, t)
+        prompt, pooled = self._text(cond, drop_cond, x_t.shape[0])
         dtype = self.model.dtype
         prompt = prompt.to(device=x_t.device, dtype=dtype)
         pooled = None if pooled is None else pooled.to(device=x_t.device, dtype=dtype)
-        captured: list[Tensor] = []
-        # The image tokens the output projection reads (after the final AdaLN norm_out), (N, L_img, width).
-        handle = self.model.proj_out.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        try:
-            v = self._velocity(x_t.to(dtype), t, prompt, pooled)
-        finally:
-            handle.remove()
-        return v.to(torch.promote_types(x_t.dtype, torch.float32)), captured[-1]
+        # hidden: the image tokens the output projection reads (after the final AdaLN norm_out), (N, L_img, width)
+        v, hidden = self._hooked(self.model.proj_out, lambda: self._velocity(x_t.to(dtype), t, prompt, pooled))
+        return v.to(torch.promote_types(x_t.dtype, torch.float32)), hidden
 
 
 class SD3Velocity(_TextTransformerVelocity):
@@ -257,7 +213,6 @@ class SD3Velocity(_TextTransformerVelocity):
     """
 
     diffusers_class: ClassVar[str] = "SD3Transformer2DModel"
-    pooled: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -272,11 +227,9 @@ class SD3Velocity(_TextTransformerVelocity):
             transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
         )
         config = transformer.config
-        p = int(config.patch_size)
-        height, width = _image_size(
-            "sample_size", config.sample_size if sample_size is None else sample_size, self.diffusers_class
-        )
-        limit = config.pos_embed_max_size
+        p, limit = int(config.patch_size), config.pos_embed_max_size
+        size = config.sample_size if sample_size is None else sample_size
+        height, width = _image_size("sample_size", size, self.diffusers_class)
         if height % p or width % p or (limit is not None and max(height, width) > limit * p):
             bound = "" if limit is None else f", at most pos_embed_max_size * patch_size = {limit * p}"
             raise ValueError(
@@ -286,14 +239,6 @@ class SD3Velocity(_TextTransformerVelocity):
         self.sample_size = (height, width)
         self.event_shape = torch.Size((config.in_channels, height, width))
         self.patch_size = p
-
-    @property
-    def transformer(self) -> nn.Module:
-        """The wrapped ``SD3Transformer2DModel``."""
-        return self.model
-
-    def settings(self) -> dict[str, Any]:
-        return {"sample_size": list(self.sample_size), **super().settings()}
 
     def _velocity(self, x: Tensor, t: Tensor, prompt: Tensor, pooled: Tensor | None) -> Tensor:
         # StableDiffusion3Pipeline.__call__: timestep = t.expand(N), t in scheduler.timesteps = 1000 sigma; the

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from ...checks import check_tensor, check_times
 from ...conditioning import Condition, CondPart, CondSpec
-from ...nn.patches import check_images, patchify
-from .base import DiffusersVelocity
+from ...nn.patches import patchify
+from .base import DiffusersVelocity, _image_size
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -18,32 +17,35 @@ if TYPE_CHECKING:
 __all__ = ["UNet2DVelocity"]
 
 
-def _check_unet_config(config: Any, num_train_timesteps: int) -> None:
-    """A UNet usable as a velocity: as many output as input channels, positional time, no class_embed_type."""
-    if config.in_channels != config.out_channels:
-        raise ValueError(
-            f"unet: expected as many output as input channels (a velocity has the image's shape), got "
-            f"in_channels={config.in_channels}, out_channels={config.out_channels}"
-        )
-    if config.time_embedding_type != "positional":
-        raise ValueError(
-            f"unet: expected time_embedding_type='positional' (a flow-matching UNet called at "
-            f"{num_train_timesteps} t), got {config.time_embedding_type!r}"
-        )
-    if config.class_embed_type is not None:
-        raise ValueError(
-            f"unet: expected class_embed_type=None (labels through num_class_embeds), got {config.class_embed_type!r}"
-        )
+# What a UNet needs to be a velocity model: (what is wrong, its message with the config as {c}).
+_UNET_CONFIG_CHECKS = (
+    (
+        lambda c: c.in_channels != c.out_channels,
+        "expected as many output as input channels (a velocity has the image's shape), got "
+        "in_channels={c.in_channels}, out_channels={c.out_channels}",
+    ),
+    (
+        lambda c: c.time_embedding_type != "positional",
+        "expected time_embedding_type='positional' (a flow-matching UNet called at num_train_timesteps * t), "
+        "got {c.time_embedding_type!r}",
+    ),
+    (
+        lambda c: c.class_embed_type is not None,
+        "expected class_embed_type=None (labels through num_class_embeds), got {c.class_embed_type!r}",
+    ),
+    (
+        lambda c: c.num_class_embeds is not None and c.num_class_embeds < 2,
+        "a class-conditional UNet needs num_class_embeds >= 2 (the last is the null class), got {c.num_class_embeds}",
+    ),
+)
 
 
 def _sample_size(config: Any, sample_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int]:
     """``(H, W)``: ``sample_size`` or the config's, divisible by the UNet's downsampling factor."""
     size = config.sample_size if sample_size is None else sample_size
-    if size is None:
-        raise ValueError("sample_size: the UNet's config has no sample_size, expected an int or (H, W), got None")
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    height, width = _image_size("sample_size", size, "the UNet")
     factor = 2 ** (len(config.block_out_channels) - 1)
-    if min(height, width) < 1 or height % factor or width % factor:
+    if height % factor or width % factor:
         raise ValueError(
             f"sample_size: expected a positive (H, W) divisible by the UNet's downsampling factor {factor}, "
             f"got {size!r}"
@@ -107,21 +109,16 @@ class UNet2DVelocity(DiffusersVelocity):
     ) -> None:
         super().__init__(unet, num_train_timesteps=num_train_timesteps, validate_args=validate_args)
         config = unet.config
-        _check_unet_config(config, num_train_timesteps)
+        for wrong, message in _UNET_CONFIG_CHECKS:
+            if wrong(config):
+                raise ValueError("unet: " + message.format(c=config))
         height, width = _sample_size(config, sample_size)
-        self.sample_size = (int(height), int(width))
+        self.sample_size = (height, width)
         self.event_shape = torch.Size((config.in_channels, height, width))
         self.hidden_features = int(config.block_out_channels[0])
         self.hidden_layout = "tokens"
         self.patch_size = 1
-        self._set_classes(config.num_class_embeds)
-
-    def _set_classes(self, embeds: int | None) -> None:
-        """The classes of a class-conditional UNet (its last class embedding is the null class), or none."""
-        if embeds is not None and embeds < 2:
-            raise ValueError(
-                f"unet: a class-conditional UNet needs num_class_embeds >= 2 (the last is the null class), got {embeds}"
-            )
+        embeds = config.num_class_embeds
         self.num_classes: int | None = None if embeds is None else embeds - 1
         self.null_class: int | None = self.num_classes  # the last class index
         self.cond_event_dims = None if embeds is None else 0
@@ -154,22 +151,10 @@ class UNet2DVelocity(DiffusersVelocity):
         self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(v, hidden)``: ``v`` of ``x_t``'s shape ``(N, C, H, W)`` and ``hidden`` ``(N, H W, C')``."""
-        check_images("x_t", x_t, self.event_shape, flat=True)
-        n = x_t.shape[0]
-        check_tensor("t", t)
-        if t.shape != (n,) or not t.is_floating_point():
-            raise ValueError(
-                f"t: expected a float tensor of shape ({n},) (one time per image), got {t.dtype} "
-                f"of shape {tuple(t.shape)}"
-            )
-        if self.validate_args:
-            check_times("t", t)
-        labels = self._labels(cond, drop_cond, n, x_t.device)
-        captured: list[Tensor] = []
-        handle = self.model.conv_out.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-        try:
-            v = self.model(x_t.to(self.model.dtype), self.timestep(t), class_labels=labels).sample
-        finally:
-            handle.remove()
-        hidden = patchify(captured[-1], 1)  # (N, C', H, W) -> (N, H W, C'), raster order
-        return v.to(torch.promote_types(x_t.dtype, torch.float32)), hidden
+        self._check_inputs(x_t, t)
+        labels = self._labels(cond, drop_cond, x_t.shape[0], x_t.device)
+        v, hidden = self._hooked(
+            self.model.conv_out, lambda: self.model(x_t.to(self.model.dtype), self.timestep(t), class_labels=labels)
+        )
+        # hidden: (N, C', H, W) -> (N, H W, C'), raster order
+        return v.sample.to(torch.promote_types(x_t.dtype, torch.float32)), patchify(hidden, 1)
