@@ -1,28 +1,21 @@
-r"""Lower bounds on the data likelihood :math:`\log p(x_{t_0})` of a trajectory distribution: ELBO and IWAE.
-
-NTM gives the exact likelihood of a whole trajectory; the likelihood of the data alone, the marginal of its
-cleanest level, is bounded with the forward process :math:`q(x_{t_{1:T}} | x_{t_0})` as the proposal. These
-methods are part of :class:`~trajflow.TrajectoryDistribution` (through the :class:`LikelihoodBounds` base);
-they only need its ``log_prob``, its ``process`` and its grid.
+r"""Lower bounds on the data likelihood :math:`\log p(x_{t_0})` of a trajectory distribution: ELBO and IWAE,
+with the forward process :math:`q(x_{t_{1:T}} | x_{t_0})` as the proposal (methods of
+:class:`~trajflow.TrajectoryDistribution`, through the :class:`LikelihoodBounds` base).
 
 Two readings of the input ``x0``:
 
-* ``from_data=False`` (the default): ``x0`` *is* the state :math:`x_{t_0}` and the bound is on
-  :math:`\log p(x_{t_0})`, the density of the cleanest level. With :math:`t_0 > 0` that is a density of
-  noised data, not of the data.
-* ``from_data=True``: ``x0`` is clean data :math:`y` and :math:`x_{t_0} \sim q(x_{t_0} | y) =
-  \mathcal{N}((1 - t_0) y, t_0^2 I)` is drawn with each trajectory. The model is closed by the Gaussian
-  decoder :math:`p(y | x_{t_0}) = \mathcal{N}(y; x_{t_0} / (1 - t_0), (t_0 / (1 - t_0))^2 I)`, the forward
-  step read backwards, so that :math:`p(y) = \int p(x_{t_0}) p(y | x_{t_0}) dx_{t_0}` is a proper density of
-  the data and
+* ``from_data=False`` (the default): ``x0`` *is* :math:`x_{t_0}`, and the bound is on the density of the
+  cleanest level (of noised data when :math:`t_0 > 0`).
+* ``from_data=True``: ``x0`` is clean data :math:`y`; each trajectory draws
+  :math:`x_{t_0} \sim \mathcal{N}((1 - t_0) y, t_0^2 I)`, and the Gaussian decoder
+  :math:`p(y | x_{t_0}) = \mathcal{N}(y; x_{t_0} / (1 - t_0), (t_0 / (1 - t_0))^2 I)` (the forward step read
+  backwards) closes the model, so that
 
   .. math:: \log p(y) \geq \mathbb{E}_{q(x_{t_{0:T}} | y)}\big[\log p(x_{t_0}, \dots, x_{t_T})
-            - \log q(x_{t_{1:T}} | x_{t_0})\big] + D \log(1 - t_0),
+            - \log q(x_{t_{1:T}} | x_{t_0})\big] + D \log(1 - t_0).
 
-  since :math:`\log p(y | x_{t_0}) - \log q(x_{t_0} | y) = D \log(1 - t_0)` exactly. At :math:`t_0 = 0`
-  both readings agree. The decoder blurs the data at the scale :math:`t_0 / (1 - t_0)`, which is part of the
-  bound's gap: small against the bins of coarse data (17-level digits, bin 0.12 on [-1, 1)), a few
-  bits/dim for 8-bit images (bin 0.008 against 0.02 at :math:`t_0 = 0.02`).
+  Both readings agree at :math:`t_0 = 0`. The decoder's blur (scale :math:`t_0 / (1 - t_0)`) is part of the
+  gap: small against the bins of 17-level digits, a few bits/dim for 8-bit images at :math:`t_0 = 0.02`.
 """
 
 from __future__ import annotations

@@ -35,9 +35,7 @@ def check_levels(levels: object) -> int:
 def check_data_range(data_range: object, levels: int) -> tuple[float, float]:
     """Raise unless ``data_range`` is one of ``(-1, 1)``, ``(0, 1)`` or ``(0, levels)``; return it as floats.
 
-    Other ranges are refused on purpose: a benchmark that scaled its data some other way has almost
-    certainly got the offset wrong, and should say so rather than get a silently shifted number.
-    """
+    Other ranges are refused: data scaled some other way has almost certainly got the offset wrong."""
     allowed = ((-1.0, 1.0), (0.0, 1.0), (0.0, float(levels)))
     try:
         lo, hi = (float(v) for v in data_range)  # type: ignore[union-attr]
@@ -49,10 +47,8 @@ def check_data_range(data_range: object, levels: int) -> tuple[float, float]:
 
 
 def bits_per_dim_offset(levels: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> float:
-    r"""The offset :math:`\log_2(K / w)` added to :math:`-\log p_Y / (D \ln 2)`, for a range of width :math:`w`.
-
-    The box of one integer has side :math:`w / K` in the scaled space, so its log-volume per dimension is
-    :math:`\log_2(w / K)` bits, which the continuous density's bits must be corrected by.
+    r"""The offset :math:`\log_2(K / w)` added to :math:`-\log p_Y / (D \ln 2)` for a range of width :math:`w`
+    (the log-volume per dimension of one integer's box, of side :math:`w / K`).
 
     Example:
         >>> bits_per_dim_offset(256), bits_per_dim_offset(256, (0, 1)), bits_per_dim_offset(256, (0, 256))
@@ -66,8 +62,7 @@ def bits_per_dim_offset(levels: int, data_range: tuple[float, float] = (-1.0, 1.
 def check_discrete(name: str, x: Tensor, levels: int) -> Tensor:
     """Raise unless ``x`` holds integer values in ``[0, levels - 1]`` (an integer or a whole-valued float tensor).
 
-    Continuous or rescaled data passed where integers are expected would make every bits/dim offset wrong
-    without any visible failure, so the values themselves are checked (one device synchronisation).
+    Rescaled data would make every bits/dim offset silently wrong, so the values are checked (one device sync).
     """
     check_tensor(name, x)
     levels = check_levels(levels)
@@ -104,14 +99,9 @@ def dequantize(
 ) -> Tensor:
     r"""Uniform dequantisation :math:`y = a + w (x + u) / K`, :math:`u \sim U[0, 1)^D`.
 
-    For the default range :math:`[-1, 1)` this is :math:`y = 2 (x + u) / K - 1`, so :math:`y` covers the
-    box of :math:`x` uniformly and never reaches 1. The arithmetic is done in float64 and the result is
-    kept strictly below the box's upper edge in ``dtype``: in float32, :math:`255 + u` rounds up to 256 for
-    :math:`u > 1 - 2^{-17}`, which would put a point on the next box's edge.
-
-    This is trajflow's one dequantisation: ``trajflow.likelihood.dequantize``, ``trajflow.data.dequantize`` and
-    ``trajflow.data.images.dequantize`` are this function, and :meth:`~trajflow.data.ImageDataset.dequantize`
-    calls it with the dataset's ``levels``.
+    :math:`y` covers the box of :math:`x` uniformly: computed in float64, then kept strictly below the box's
+    upper edge in ``dtype`` (in float32, :math:`255 + u` rounds up to 256 for :math:`u > 1 - 2^{-17}`).
+    ``trajflow.data.dequantize`` and ``trajflow.data.images.dequantize`` are this function.
 
     Arguments:
         x_int: Integer data in ``[0, levels - 1]``, any shape (e.g. uint8 images ``(N, C, H, W)``).
@@ -148,9 +138,8 @@ def bits_per_dim(
 
     .. math:: \text{bpd} = -\frac{\log p_Y(y)}{D \ln 2} + \log_2 \frac{K}{w}
 
-    with :math:`w` the width of ``data_range``. Pass a log-density averaged over dequantisation draws
-    (or an ELBO) to get the bound of the module docstring; it is exact for densities that are constant on
-    every integer's box.
+    with :math:`w` the width of ``data_range``: with a log-density averaged over dequantisation draws (or an
+    ELBO), the bound of :mod:`trajflow.likelihood`.
 
     Arguments:
         log_density_nats: :math:`\log p_Y(y)` (or a lower bound on it) in nats, summed over the :math:`D`
@@ -160,8 +149,8 @@ def bits_per_dim(
         data_range: The range the data was scaled to: ``(-1, 1)``, ``(0, 1)`` or ``(0, levels)``.
 
     Returns:
-        Bits per dimension, same shape as ``log_density_nats``, in float64 (so that the offset of a few bits
-        does not eat float32's precision on the small differences benchmarks compare).
+        Bits per dimension, same shape as ``log_density_nats``, in float64 (float32 would lose the small
+        differences benchmarks compare to the offset's few bits).
 
     Example:
         >>> # the uniform density 2^-D on [-1, 1)^D: every one of the 256 values has probability 1/256
@@ -188,13 +177,11 @@ def _check_log_density(log_density_nats: Tensor) -> None:
 class DequantizedObjective:
     """A :class:`~trajflow.train.Trainer` objective for discrete images: the loss on a fresh dequantisation.
 
-    Each batch ``(images, labels)`` of integer images ``(N, C, H, W)`` in ``0..levels-1`` is dequantised
-    uniformly into [-1, 1) (:func:`dequantize`, with the trainer's generator), then ``loss(model, y,
-    generator=generator)`` is returned, with ``step=step`` and ``progress=progress`` added for a loss whose
-    signature takes them (a schedule, e.g. :class:`~trajflow.finetune.FinetuneLoss`'s lambda; see
-    :class:`~trajflow.train.Objective`). With a negative log-likelihood in nats/dim (``TrajectoryNLL``,
-    ``SingleFlowNLL``) this trains the continuous density whose ELBO/IWAE bounds the discrete one
-    (:func:`elbo_bits_per_dim`, :func:`iwae_bits_per_dim`).
+    Each batch ``(images, labels)`` of integer images ``(N, C, H, W)`` in ``0..levels-1`` is dequantised into
+    [-1, 1) (:func:`dequantize`, with the trainer's generator), then ``loss(model, y, generator=generator)``
+    is returned, with ``step`` and ``progress`` added for a loss whose signature takes them (see
+    :class:`~trajflow.train.Objective`). With an NLL in nats/dim (``TrajectoryNLL``, ``SingleFlowNLL``) this
+    trains the density that :func:`elbo_bits_per_dim` and :func:`iwae_bits_per_dim` evaluate.
 
     Arguments:
         loss: ``(model, y, *, generator) -> scalar`` (or ``(scalar, logs)``): :class:`~trajflow.TrajectoryNLL`,

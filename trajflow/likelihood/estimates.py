@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ..distribution import TrajectoryDistribution
     from ..model import NTM
 
-from ..checks import check_count
+from ..checks import check_count, check_event_shape
 from ..conditioning import Condition
 from ..process import TRAIN_T_MIN, time_grid
 from .bounds import LikelihoodBounds
@@ -52,8 +52,7 @@ def flow_bits_per_dim(
     .. math:: \text{bpd}(x) = \frac{1}{S} \sum_{j=1}^{S} \Big[-\frac{\log p_Y(y_j)}{D \ln 2}\Big]
               + \log_2 \frac{K}{w}, \qquad y_j = \text{dequantize}(x, u_j),
 
-    an unbiased estimate of the dequantised bits/dim, which upper-bounds the discrete NLL in expectation
-    over :math:`u` (Jensen; see the module docstring). There is no ELBO gap: :math:`\log p_Y` is exact.
+    an unbiased estimate of the dequantised bits/dim (an upper bound on the discrete NLL), with no ELBO gap.
 
     Arguments:
         flow: A ``Distribution`` (its ``log_prob`` is used) or a callable ``y -> log p(y)`` returning one
@@ -112,30 +111,19 @@ def elbo_bits_per_dim(
 ) -> Tensor | dict[str, Tensor]:
     r"""Bits/dim of an NTM from a lower bound on the density of the dequantised data, taken at :math:`t_0 = t_{\min}`.
 
-    With ``bound="elbo"`` (the default):
+    .. math:: \text{bpd}(x) = -\frac{1}{S} \sum_{j=1}^{S} \frac{\mathcal{L}(y_j)}{D \ln 2}
+              + \log_2 \frac{K_\text{levels}}{w}, \qquad y_j = \text{dequantize}(x, u_j),
 
-    .. math:: \text{bpd}(x) = -\frac{1}{S} \sum_{j=1}^{S} \frac{1}{K} \sum_{k=1}^{K}
-              \frac{\log p(y_j, x^{(jk)}_{t_{1:T}}) - \log q(x^{(jk)}_{t_{1:T}} | y_j)}{D \ln 2}
-              + \log_2 \frac{K_\text{levels}}{w};
+    where :math:`\mathcal{L}` is the mean of the log weights :math:`\log p(y_j, x^{(k)}_{t_{1:T}}) -
+    \log q(x^{(k)}_{t_{1:T}} | y_j)` of :math:`K` fresh forward trajectories (``bound="elbo"``) or their
+    log-mean-exp (``bound="iwae"``, :meth:`~trajflow.TrajectoryDistribution.iwae`). Either upper-bounds
+    :math:`-\log_2 P(x) / D` in expectation; the IWAE gap shrinks as :math:`K` grows, the ELBO's does not.
 
-    with ``bound="iwae"`` the inner average over the :math:`K` trajectories moves inside a log-mean-exp
-    (:meth:`~trajflow.TrajectoryDistribution.iwae`):
-
-    .. math:: \text{bpd}(x) = -\frac{1}{S} \sum_{j=1}^{S}
-              \frac{\log \frac{1}{K} \sum_{k} p(y_j, x^{(jk)}_{t_{1:T}}) / q(x^{(jk)}_{t_{1:T}} | y_j)}{D \ln 2}
-              + \log_2 \frac{K_\text{levels}}{w},
-
-    with fresh dequantisation noise :math:`y_j` per draw :math:`j` and :math:`K` fresh forward trajectories
-    :math:`x^{(jk)} \sim q(\cdot|y_j)` per dequantised image. Either upper-bounds :math:`-\log_2 P(x) / D` in
-    expectation: the bound's gap adds to the dequantisation gap. The IWAE gap shrinks as :math:`K` grows
-    (Burda et al., 2016); the ELBO's does not.
-
-    The grid starts at :math:`t_0 = t_{\min}`: at 0 the trajectories start at the data; above 0 at a fresh
-    :math:`x_{t_0} = (1 - t_{\min}) y_j + t_{\min} \epsilon`, with the bound on :math:`\log p(y_j)` through the
-    Gaussian decoder at :math:`t_{\min}` (``from_data=True`` of :meth:`~trajflow.TrajectoryDistribution.bounds`,
-    see :mod:`trajflow.likelihood.bounds`). Take the bound at a level the model was trained on: a model
-    trained with :math:`t_{\min} \sim U[0.02, 0.05]` gives thousands of bits/dim at 0. A mean above
-    :math:`\log_2 K_\text{levels}` bits/dim (the uniform model's) is reported with a warning naming ``t_min``.
+    At :math:`t_{\min} > 0` each trajectory starts at a fresh :math:`x_{t_0} = (1 - t_{\min}) y_j + t_{\min}
+    \epsilon` and the bound is on :math:`\log p(y_j)` through the Gaussian decoder (``from_data=True``, see
+    :mod:`trajflow.likelihood.bounds`). Take it at a level the model was trained on (one trained with
+    :math:`t_{\min} \sim U[0.02, 0.05]` gives thousands of bits/dim at 0): a mean above
+    :math:`\log_2 K_\text{levels}` (the uniform model's) comes with a warning naming ``t_min``.
 
     Arguments:
         model_or_dist: An :class:`~trajflow.NTM` (the grid is ``time_grid(steps, t_min, shift)``) or a
@@ -155,10 +143,8 @@ def elbo_bits_per_dim(
         shift: The grid's shift for an ``NTM`` (see :func:`trajflow.time_grid`).
         generator: The random generator of the dequantisation noise and of the forward trajectories.
         data_range: The range the model was trained on (trajflow's image models use ``(-1, 1)``).
-        t_min: :math:`t_0` of the grid for an ``NTM``: the low end of the range the model was trained on.
-            ``None``: ``TRAIN_T_MIN[0]`` = 0, the cleanest level of the default training range
-            (:data:`~trajflow.process.TRAIN_T_MIN`); a model trained with ``t_min=(0.02, 0.05)`` needs
-            ``t_min=0.02``.
+        t_min: :math:`t_0` of the grid for an ``NTM``: the low end of the range the model was trained on
+            (``None``: ``TRAIN_T_MIN[0]`` = 0; a model trained with ``t_min=(0.02, 0.05)`` needs 0.02).
 
     Returns:
         Bits/dim per data point, ``x_int``'s batch shape broadcast with the distribution's, float64 (a dict
@@ -180,7 +166,8 @@ def elbo_bits_per_dim(
         raise ValueError(f"bound: expected one of {(*BOUNDS, 'both')}, got {bound!r}")
     dist = _distribution_to_bound(model_or_dist, steps, cond, shift, t_min)
     starts, from_data = _grid_start(dist, t_min)
-    dims = _check_data_shape(x_int, dist.data_shape)
+    check_event_shape("x_int", x_int, dist.data_shape, "the model's data shape")
+    dims = dist.data_shape.numel()
     totals = {"iwae": 0.0, "elbo": 0.0}
     for _ in range(num_samples):
         y = dequantize(x_int.to(dist.grid.device), levels, generator, data_range=data_range)
@@ -190,15 +177,6 @@ def elbo_bits_per_dim(
     out = {k: v / num_samples for k, v in totals.items()}
     _warn_above_uniform(out["iwae" if bound == "both" else bound], bound, levels, starts)
     return out if bound == "both" else out[bound]  # type: ignore[return-value]
-
-
-def _check_data_shape(x_int: Tensor, data_shape: torch.Size) -> int:
-    """The number of dimensions of one data point, once ``x_int``'s trailing shape is checked."""
-    if x_int.dim() < len(data_shape) or x_int.shape[x_int.dim() - len(data_shape) :] != data_shape:
-        raise ValueError(
-            f"x_int: expected trailing shape {tuple(data_shape)} (the model's data shape), got {tuple(x_int.shape)}"
-        )
-    return data_shape.numel()
 
 
 def _distribution_to_bound(
@@ -224,9 +202,7 @@ def _distribution_to_bound(
 
 
 def _check_t_min(t_min: object) -> None:
-    if t_min is None:
-        return
-    if isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0:
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, (int, float)) or not 0.0 <= t_min < 1.0):
         raise ValueError(
             f"t_min: expected a time in [0, 1) (the cleanest level the model was trained on), got {t_min!r}"
         )
@@ -267,10 +243,9 @@ def iwae_bits_per_dim(
 ) -> Tensor:
     r"""Bits/dim of an NTM from its importance-weighted bound with ``num_trajectories`` :math:`K`.
 
-    Shorthand for :func:`elbo_bits_per_dim` with ``bound="iwae"``; the other keyword arguments
-    (``num_samples``, ``chunk_size``, ``cond``, ``shift``, ``generator``, ``data_range``, ``t_min``) are the
-    same.
-    With ``K = 1`` it is the ELBO's bits/dim.
+    Shorthand for :func:`elbo_bits_per_dim` with ``bound="iwae"`` and the same other keyword arguments
+    (``num_samples``, ``chunk_size``, ``cond``, ``shift``, ``generator``, ``data_range``, ``t_min``). With
+    ``K = 1`` it is the ELBO's bits/dim.
 
     References:
         | Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
