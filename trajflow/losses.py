@@ -6,7 +6,6 @@ of trajectories drawn from the Markov forward process, reported per dimension.
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,28 +70,18 @@ def _fixed_weights(factor_weights: object, steps: tuple[int, ...], given_steps: 
     ``"velocity"`` (computed per grid); a ``ValueError`` naming ``factor_weights`` otherwise."""
     if factor_weights is None or (isinstance(factor_weights, str) and factor_weights == "velocity"):
         return None
-    w = _weight_list(factor_weights)
-    _check_weight_count(w, steps, given_steps)
-    if not all(math.isfinite(v) and v >= 0 for v in w) or sum(w) <= 0:
-        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {list(w)}")
-    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
-
-
-def _check_weight_count(w: tuple[float, ...], steps: tuple[int, ...], given_steps: object) -> None:
-    """One weight per step factor of a single ``T``."""
+    if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
+        raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
+    w = [check_number("factor_weights", v) for v in factor_weights]
     if len(steps) != 1 or len(w) != steps[0]:
         want = steps[0] if len(steps) == 1 else "a single T"
         raise ValueError(
             f"factor_weights: expected one weight per step factor ({want} with steps={given_steps!r}), "
             f"got {len(w)} weights"
         )
-
-
-def _weight_list(factor_weights: object) -> tuple[float, ...]:
-    """``factor_weights`` as a tuple of real numbers, or a ``ValueError`` naming it."""
-    if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
-        raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
-    return tuple(check_number("factor_weights", v) for v in factor_weights)
+    if min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {w}")
+    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
 
 
 def _checked_x0(model, x0: Tensor, validate: bool) -> Tensor:
@@ -136,50 +125,32 @@ class TrajectoryGroup:
 class TrajectoryNLL:
     r"""The exact trajectory NLL of an NTM in nats per dimension.
 
-    For each example: draw :math:`t_{\min} \sim U[\text{t\_min}]` (and :math:`T` from ``steps`` when it
-    is a set: multi-T training; the batch is split into equal groups, one per :math:`T`, over a random
-    permutation, so each example's :math:`T` is uniform and the group sizes need no read from the device),
-    build the grid, draw the forward trajectory, and evaluate
+    For each example of a non-empty batch ``x0`` ``(B, *data)`` (any real dtype, cast to the model's): draw
+    :math:`t_{\min} \sim U[\text{t\_min}]` (and :math:`T` from ``steps`` when it is a set: the batch is split
+    into equal groups over a random permutation, so each example's :math:`T` is uniform and no size is read
+    from the device), build the grid, draw the forward trajectory and evaluate
     :math:`-\log p(x_{t_0}, \dots, x_{t_T})`.
 
     Arguments:
         steps: The number of steps :math:`T`, or a set of them to draw per example (e.g. ``(4, 8, 16)``).
-        t_min: The range ``(low, high)`` of the per-example :math:`t_{\min}`, with
-            ``0 <= low <= high < 1``; default :data:`~trajflow.process.TRAIN_T_MIN`, (0, 0.05) as in NTM. A
-            single number is a fixed :math:`t_{\min}` (stored as the range ``(t_min, t_min)``).
+        t_min: The range ``(low, high)`` of the per-example :math:`t_{\min}`, ``0 <= low <= high < 1``
+            (default :data:`~trajflow.process.TRAIN_T_MIN`); a single number is a fixed :math:`t_{\min}`.
         shift: The grid's shift factor (see :func:`trajflow.time_grid`).
-        mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D` (end-to-end);
-            ``"pair"``: one random factor per example, divided by :math:`D` (pair-wise). Both are unbiased
-            estimates of the same objective up to a constant factor (:math:`k` is uniform), so both maximise
-            the ELBO of :meth:`TrajectoryDistribution.elbo`. A pair step runs the transporter on two levels and
-            the predictor once instead of :math:`T` times, about 3x cheaper per iteration at :math:`T = 4`;
-            at equal wall-clock time it gave clearly better likelihood bounds on 8x8 digits (``docs/bpd.md``).
+        mode: ``"trajectory"``: all :math:`T` factors, divided by :math:`(T + 1) D`; ``"pair"``: one random
+            factor per example, divided by :math:`D`. Both are unbiased estimates of the same objective up to a
+            constant (both maximise :meth:`TrajectoryDistribution.elbo`); a pair step runs the predictor once
+            instead of :math:`T` times, and at equal wall-clock time gave better bounds (``docs/bpd.md``).
         cond_drop: Probability of training an example with the null condition (guidance dropout).
         factor_weights: Weights of the step factors :math:`-\log p(x_{t_{k-1}} | x_{t_k})`, ``k = 1..T``:
             ``None`` (the exact NLL), a list :math:`w_1, \dots, w_T` (one fixed ``steps`` only; :math:`w_T`
-            weights the first generation step, from noise), or ``"velocity"``. Each example's weights are
-            normalised to mean 1 over its factors, so the loss keeps its scale. Every factor stays an exact
-            flow likelihood and, with enough capacity, has the same optimum; the weights decide where a
-            finite model spends its capacity. Both modes multiply the factors by their weights (pair mode
-            still draws ``k`` uniformly), so the two modes have the same expected loss.
-
-            Why: the NLL gives the high-noise steps, where a prompt's layout and colours are decided,
-            almost no weight. A mean error :math:`\delta` of the clean image costs
-            :math:`B^2 \delta^2 / (2 C^2)` per dimension in factor ``k`` (:math:`A, B, C` of
-            :meth:`MarkovInterpolant.posterior` for :math:`(t_k, t_{k-1})`): about 0.04 for the step from
-            :math:`t = 1` on a 4-step grid and thousands for the last step to :math:`t_{\min} = 0.02`, while
-            flow matching's velocity loss costs :math:`\delta^2 / t^2`. ``"velocity"`` sets
-            :math:`w_k \propto C^2 / (B^2 t_k^2)`, so that the predictor's mean is trained with flow
-            matching's emphasis across levels and the step factors keep their exact flow form.
-        validate_args: Check the values of the inputs (``x0`` finite) and of the grids. These checks read
-            tensor values, a host-device synchronisation each on a GPU; with ``False`` the loss (draws,
-            forward and backward) makes none, given networks built with ``validate_args=False`` too.
-            Shapes are always checked. The flag changes the checks, never the draws: the loss is the same,
-            bit for bit, with it on or off.
-
-    Inputs: ``x0`` is a non-empty batch ``(B, *data)`` of any real dtype, cast to the model's parameter dtype
-    (e.g. float64 data for a float32 model); an empty batch has no mean loss and is refused with a
-    ``ValueError`` naming ``x0``.
+            weights the step from noise), or ``"velocity"``: :math:`w_k \propto C^2 / (B^2 t_k^2)`
+            (:meth:`MarkovInterpolant.posterior` of :math:`(t_k, t_{k-1})`), flow matching's emphasis
+            across levels, since a mean error :math:`\delta` costs :math:`B^2 \delta^2 / (2 C^2)` in factor
+            ``k`` but :math:`\delta^2 / t^2` in the velocity loss. Weights are normalised to mean 1 per
+            example; every factor stays an exact flow likelihood, and both modes have the same expectation.
+        validate_args: Check the values of ``x0`` (finite) and of the grids, a GPU synchronisation each;
+            with ``False`` the loss makes none (given networks built with ``validate_args=False``). Shapes
+            are always checked, and the draws, hence the loss, are the same bit for bit either way.
 
     Example:
         >>> import trajflow
@@ -231,13 +202,9 @@ class TrajectoryNLL:
         generator: torch.Generator | None = None,
         validate: bool | None = None,
     ) -> list[TrajectoryGroup]:
-        r"""Draw the training trajectories of a flat batch ``x0`` ``(B, *data)``, grouped by their ``T``.
-
-        Each example gets its own :math:`t_{\min}` (and :math:`T` when ``steps`` is a set), guidance
-        dropout and forward trajectory. Other losses on the same draws (e.g.
-        :class:`trajflow.finetune.FinetuneLoss`) start from here. ``validate`` overrides
-        :attr:`validate_args` for this call.
-        """
+        r"""The training trajectories of a flat batch ``x0`` ``(B, *data)``, grouped by their ``T`` (where other
+        losses on the same draws, e.g. :class:`trajflow.finetune.FinetuneLoss`, start). ``validate`` overrides
+        :attr:`validate_args` for this call."""
         validate = self.validate_args if validate is None else validate
         x0 = _checked_x0(model, x0, validate)
         check_cond(model, cond, x0.shape[:1], validate=validate)
@@ -281,13 +248,8 @@ class TrajectoryNLL:
     def _groups(
         self, n: int, device: torch.device, generator: torch.Generator | None
     ) -> list[tuple[int, Tensor | None]]:
-        """``(T, index)`` per group of examples; ``index`` ``None`` means every example (one ``T``).
-
-        With a set of ``steps``, the batch is split into equal groups (sizes differing by at most one) over a
-        random permutation: the group sizes never depend on the draws, so nothing is read back from the
-        device, and each example's :math:`T` is uniform over ``steps``. The same draws whether validation is
-        on or off (validation changes the checks, never the algorithm).
-        """
+        """``(T, index)`` per group of examples (``index`` ``None``: every example, one ``T``): equal groups over a
+        random permutation, whose sizes never depend on the draws."""
         if len(self._steps) == 1:
             return [(self._steps[0], None)]
         perm = torch.randperm(n, device=device, generator=generator)

@@ -1,15 +1,9 @@
-r"""The Normalizing Trajectory Model: a shared transporter plus a deep predictor.
-
-``NTM`` owns the two networks and builds a :class:`~trajflow.distribution.TrajectoryDistribution` for a
-time grid and a condition. Training losses live in :mod:`trajflow.losses`. A trained model is saved and
-rebuilt with :meth:`NTM.save_pretrained` / :meth:`NTM.from_pretrained` (:mod:`trajflow.checkpoint`).
-"""
+r"""The Normalizing Trajectory Model: a shared transporter plus a deep predictor, which builds a
+:class:`~trajflow.distribution.TrajectoryDistribution` for a time grid and a condition."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,15 +29,23 @@ class NTM(Pretrained, nn.Module):
     A model whose parts are library classes built from their configs (every transporter except
     :class:`~trajflow.transporters.NflowsTransporter` and a :class:`~trajflow.transporters.ZukoTransporter` of
     a user flow; every predictor except a :class:`~trajflow.predictors.FlowMatchingPredictor` of a
-    :class:`~trajflow.velocity.CallableVelocity`) is saved with :meth:`save_pretrained` and rebuilt with
-    :meth:`from_pretrained`.
+    :class:`~trajflow.velocity.CallableVelocity`) is saved with :meth:`save_pretrained` (``config.json`` and
+    ``model.safetensors``; a part that cannot be saved raises a ``TypeError`` naming it) and rebuilt with
+    :meth:`from_pretrained` (nothing is unpickled, no code from the folder runs).
 
     Example:
-        >>> import trajflow
-        >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2),
-        ...                      trajflow.predictors.MLPPredictor(features=2))
+        >>> import tempfile, trajflow
+        >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2, hidden_features=(8,)),
+        ...                      trajflow.predictors.MLPPredictor(features=2, width=8, depth=1))
         >>> model.sample((16,), steps=4).shape
         torch.Size([16, 2])
+        >>> folder = model.save_pretrained(tempfile.mkdtemp())
+        >>> sorted(p.name for p in folder.iterdir())
+        ['config.json', 'model.safetensors']
+        >>> again = trajflow.NTM.from_pretrained(folder)
+        >>> x, grid = torch.randn(3, 3, 2), trajflow.time_grid(2, 0.05)
+        >>> torch.equal(again.distribution(grid).log_prob(x), model.distribution(grid).log_prob(x))
+        True
     """
 
     def __init__(self, transporter: Transporter, predictor: Predictor) -> None:
@@ -63,72 +65,13 @@ class NTM(Pretrained, nn.Module):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> NTM:
-        """An untrained NTM from :meth:`config_dict`'s output.
-
-        Raises:
-            ValueError: A part is missing, a field other than ``transporter`` and ``predictor`` is present
-                (named), or a part's record does not build (the part named, see
-                :func:`~trajflow.checkpoint.build_part`).
-        """
+        """An untrained NTM from :meth:`config_dict`'s output; a ``ValueError`` names a missing or unknown
+        field, or a part whose record does not build (:func:`~trajflow.checkpoint.build_part`)."""
         check_config_keys(cls, config, known=("transporter", "predictor"))
         for key in ("transporter", "predictor"):
             if key not in config:
                 raise ValueError(f"config: expected a {key!r} part, got fields {sorted(config)}")
         return cls(build_part(config["transporter"], "transporter"), build_part(config["predictor"], "predictor"))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write the model into ``directory``: ``config.json`` (both parts' classes and configs) and
-        ``model.safetensors`` (parameters and persistent buffers); returns the folder.
-
-        Raises:
-            TypeError: A part cannot be rebuilt from a config (the message names it), e.g. a
-                :class:`~trajflow.velocity.CallableVelocity` inside the predictor.
-
-        Example:
-            >>> import tempfile, trajflow
-            >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2, hidden_features=(8,)),
-            ...                      trajflow.predictors.MLPPredictor(features=2, width=8, depth=1))
-            >>> folder = model.save_pretrained(tempfile.mkdtemp())
-            >>> sorted(p.name for p in folder.iterdir())
-            ['config.json', 'model.safetensors']
-        """
-        return super().save_pretrained(directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        config: Mapping[str, Any] | None = None,
-        device: str | torch.device = "cpu",
-    ) -> NTM:
-        """Rebuild an NTM saved by :meth:`save_pretrained` and load its weights (safetensors: nothing is
-        unpickled, no code from the folder runs).
-
-        Arguments:
-            directory: The folder.
-            config: If given, the config the caller expects (as :meth:`config_dict` gives it); a folder
-                with another config is refused, the differing fields named (``predictor.config.width``).
-            device: Where the model goes.
-
-        Raises:
-            FileNotFoundError: ``directory`` is not a pretrained folder.
-            ValueError: It holds another class (e.g. a velocity model) or another config, or it is damaged;
-                the message names the file: invalid JSON or an unknown field (at any level) in
-                ``config.json``, weights that do not match its sha256, a truncated safetensors file, weights
-                that do not fit (the first mismatch named) or that hold NaN/inf.
-
-        Example:
-            >>> import tempfile, trajflow
-            >>> model = trajflow.NTM(trajflow.transporters.ZukoTransporter(features=2, hidden_features=(8,)),
-            ...                      trajflow.predictors.MLPPredictor(features=2, width=8, depth=1))
-            >>> folder = model.save_pretrained(tempfile.mkdtemp())
-            >>> again = trajflow.NTM.from_pretrained(folder)
-            >>> x, grid = torch.randn(3, 3, 2), trajflow.time_grid(2, 0.05)
-            >>> torch.equal(again.distribution(grid).log_prob(x), model.distribution(grid).log_prob(x))
-            True
-        """
-        return super().from_pretrained(directory, config=config, device=device)
 
     @property
     def cond_spec(self) -> CondSpec | None:

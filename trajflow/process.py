@@ -26,17 +26,13 @@ from .checks import check_event_shape, check_finite, check_grid, check_tensor, c
 
 __all__ = ["MarkovInterpolant", "time_grid", "sequence_shift", "sample_t_min", "TRAIN_T_MIN", "SAMPLE_T_MIN"]
 
-#: The range of the per-example cleanest time :math:`t_{\min} \sim U[0, 0.05]` drawn in training (NTM Table 5,
-#: method.md §3.5): the default of :class:`~trajflow.TrajectoryNLL` and of the text-to-image recipe's
-#: ``model.t_min``. The trajectory's cleanest level is then itself slightly noised data.
+#: The range of the per-example cleanest time :math:`t_{\min} \sim U[0, 0.05]` drawn in training (NTM Table 5):
+#: the default of :class:`~trajflow.TrajectoryNLL`.
 TRAIN_T_MIN: tuple[float, float] = (0.0, 0.05)
 
-#: The cleanest time at which a trained model is used: sampling (:meth:`~trajflow.NTM.sample`, the denoising
-#: paths of :mod:`trajflow.denoise`, the text-to-image recipe) and the likelihood bounds of
-#: :mod:`trajflow.likelihood`. NTM samples with :math:`s = 0.02` at the last step (NTM Table 3; method.md §5.1
-#: and §8.5); it lies inside :data:`TRAIN_T_MIN` and inside the U[0.02, 0.05] that ``benchmarks/t2i.py`` trains
-#: with. At :math:`t_{\min} = 0` trajectory score denoising changes nothing (row 0 of the noise covariance
-#: vanishes) and a :class:`~trajflow.predictors.FlowMatchingPredictor`'s last step has no scale but its floor.
+#: The cleanest time at which a trained model is used (sampling, denoising, likelihood bounds): NTM samples
+#: with :math:`s = 0.02` at the last step (NTM Table 3). At :math:`t_{\min} = 0` trajectory score denoising
+#: changes nothing and a :class:`~trajflow.predictors.FlowMatchingPredictor`'s last step has only its floor.
 SAMPLE_T_MIN: float = 0.02
 
 
@@ -172,14 +168,12 @@ class MarkovInterpolant:
 
     @staticmethod
     def transition(s: Tensor, t: Tensor, *, validate: bool = True) -> tuple[Tensor, Tensor]:
-        r"""Coefficients :math:`(\alpha_{s,t}, \sigma_{s,t})` of :math:`x_t = \alpha x_s + \sigma \epsilon`.
+        r"""Coefficients :math:`(\alpha_{s,t}, \sigma_{s,t})` of :math:`x_t = \alpha x_s + \sigma \epsilon`, with
+        :math:`\sigma^2 = (t - s)(t + s - 2ts) / (1 - s)^2` (no cancellation for ``s -> t``).
 
-        :math:`\sigma^2 = (t - s)(t + s - 2ts) / (1 - s)^2`, a form without cancellation for ``s -> t``.
-
-        Defined for :math:`0 \leq s < t \leq 1` (``s = t < 1`` gives the identity step). ``validate`` checks
-        that both times are finite and in [0, 1] and that ``s <= t`` and ``s < 1`` elementwise, with a
-        ``ValueError`` naming the argument; ``False`` skips these checks, which read the values (a device
-        synchronisation on a GPU), for callers whose times come from a checked grid.
+        Defined for :math:`0 \leq s \leq t \leq 1`, ``s < 1``. ``validate`` checks this (and finite times)
+        with a ``ValueError`` naming the argument; ``False`` skips the checks, which read the values (a device
+        synchronisation on a GPU), for times from a checked grid.
         """
         s, t = torch.as_tensor(s), torch.as_tensor(t)
         if validate:
@@ -202,12 +196,10 @@ class MarkovInterpolant:
                   B = \frac{(t - s)(t + s - 2ts)}{t^2 (1 - s)}, \quad
                   C^2 = \frac{s^2 (t - s)(t + s - 2ts)}{t^2 (1 - s)^2}
 
-        for :math:`0 \leq s < t \leq 1` (NTM Prop. 2). At :math:`t = 1`, :math:`A = 0` and the posterior
-        is the marginal at :math:`s`. ``validate=False`` skips the range checks, which read the values (a
-        device synchronisation on a GPU), for callers whose times come from a checked grid.
+        for :math:`0 \leq s < t \leq 1` (NTM Prop. 2); at :math:`t = 1` the posterior is the marginal at
+        :math:`s`. ``validate=False`` skips the range checks (as in :meth:`transition`).
         """
-        t, s = torch.as_tensor(t), torch.as_tensor(s)
-        t, s = torch.broadcast_tensors(t, s)
+        t, s = torch.broadcast_tensors(torch.as_tensor(t), torch.as_tensor(s))
         if validate:
             check_times("t", t)
             check_times("s", s)
@@ -249,10 +241,8 @@ class MarkovInterpolant:
         generator: torch.Generator | None = None,
         validate: bool = True,
     ) -> Tensor:
-        r"""Draw a trajectory :math:`(x_{t_0}, \dots, x_{t_T})` from clean data ``x0``.
-
-        :math:`x_{t_0} = (1 - t_0) x_0 + t_0 \epsilon_0`, then :math:`x_{t_{k+1}} = \alpha x_{t_k} +
-        \sigma \epsilon_{k+1}` with fresh noise at every step.
+        r"""Draw a trajectory: :math:`x_{t_0} = (1 - t_0) x_0 + t_0 \epsilon_0`, then :math:`x_{t_{k+1}} =
+        \alpha x_{t_k} + \sigma \epsilon_{k+1}` with fresh noise at every step.
 
         Arguments:
             x0: Clean data, shape ``(*batch, *event)``.

@@ -10,15 +10,11 @@ transporter skipped at :math:`t = 1`. So
 .. math:: \log p(x_s | x_t) = \log \mathcal{N}(z; 0, I) - \sum \log \sigma_P
           + \log |\det \partial f_T(x_s, s) / \partial x_s|.
 
-A conditional transporter (:attr:`~trajflow.transporters.Transporter.is_conditional`) is
-:math:`f_T(x, t, y)`: it gets the distribution's condition and ``drop_cond`` (broadcast over sample and
-level dims as the predictor's are), with ``cond=None`` meaning the null context everywhere. Under guidance
-it gets the **conditional** context (only the predictor's Gaussian is guided).
+A conditional transporter (:attr:`~trajflow.transporters.Transporter.is_conditional`) gets the condition
+and ``drop_cond`` as the predictor does, but never guided: only the predictor's Gaussian is.
 
-Shapes: ``event_shape = (T + 1, *data_shape)``; ``batch_shape`` is the broadcast of the condition's
-batch shape, the grid's batch shape and ``drop_cond``'s shape; ``sample(sample_shape)`` returns
-``(*sample_shape, *batch_shape, T + 1, *data_shape)``, ordered from the cleanest level (index 0) to
-noise (index T).
+Shapes: ``event_shape = (T + 1, *data_shape)``, ordered from the cleanest level (index 0) to noise
+(index T); ``batch_shape`` is the broadcast of the condition's, the grid's and ``drop_cond``'s batch shapes.
 
 References:
     | Normalizing Trajectory Models (Gu et al., 2026). https://arxiv.org/abs/2605.08078
@@ -32,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.distributions import Distribution, constraints
 
-from ..checks import check_event_shape, check_finite, check_grid, check_tensor
+from ..checks import check_event_shape, check_finite, check_grid, check_number, check_tensor
 from ..conditioning import Condition, align_cond, cat_cond, check_cond, check_drop_cond, map_cond
 from ..guidance import guided_gaussian
 from ..likelihood.bounds import LikelihoodBounds
@@ -48,12 +44,9 @@ __all__ = ["TrajectoryDistribution"]
 
 def _check_guidance(guidance: object, predictor: Predictor, cond: Condition | None) -> None:
     """A finite weight >= 0; a positive one needs a conditional predictor and a condition."""
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance: expected a finite number >= 0, got {guidance!r}")
-    if guidance > 0 and predictor.cond_event_dims is None:
-        raise ValueError("guidance: classifier-free guidance needs a conditional predictor")
-    if guidance > 0 and cond is None:
-        raise ValueError("guidance: classifier-free guidance needs a condition, got cond=None")
+    if check_number("guidance", guidance, low=0) > 0 and (predictor.cond_event_dims is None or cond is None):
+        got = "an unconditional predictor" if predictor.cond_event_dims is None else "cond=None"
+        raise ValueError(f"guidance: classifier-free guidance needs a condition and a conditional predictor, got {got}")
 
 
 def _batch_shape(grid: Tensor, cond_batch: torch.Size, drop_cond: Tensor | None) -> torch.Size:
@@ -81,23 +74,16 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
             transporter space, so the guided trajectory keeps an exact density.
         drop_cond: Optional bool mask (broadcast to the batch) of examples whose condition is replaced by
             the predictor's learned null condition (guidance dropout during training).
-        validate_args: Check the values of the grid and of the inputs of :meth:`log_prob`, :meth:`step`,
-            :meth:`pair_log_prob` and :meth:`elbo` (finiteness, ranges), and that a log-density computed
-            from finite inputs is not NaN (see below). Shapes and dtypes are always checked.
-            Defaults to ``True`` whatever torch's global flag (which importing zuko turns off); pass
-            ``False`` in hot loops whose inputs are known to be good: these checks read values, a GPU
-            synchronisation each.
+        validate_args: Check the values of the grid and of the inputs of the densities (finiteness,
+            ranges), and that a log-density computed from finite inputs is not NaN. Shapes and dtypes are
+            always checked. Defaults to ``True`` whatever torch's global flag (which importing zuko turns
+            off); pass ``False`` in hot loops: these checks read values, a GPU synchronisation each.
 
-    Inputs of :meth:`log_prob`, :meth:`log_prob_factors`, :meth:`pair_log_prob` and :meth:`step` may be of
-    any real dtype: they are cast to the dtype of the networks' parameters (e.g. float64 data for a float32
-    model); bool and complex tensors are refused. An empty batch (a zero in the leading shape) gives an
-    empty result without calling the networks.
-
-    Huge finite inputs: a term of :meth:`log_prob` that overflows to :math:`-\infty` (e.g. a level of
-    magnitude 1e30, whose squared standardised value exceeds the float range) makes the log-density
-    :math:`-\infty`, its correctly rounded value, since every other term is bounded above; NaNs that the
-    networks give for such inputs elsewhere in the sum do not change that. A NaN that remains (nothing
-    overflowed to :math:`-\infty`) is refused under ``validate_args`` with a ``ValueError`` naming ``traj``.
+    Inputs of the densities may be of any real dtype, cast to the networks' (bool and complex are refused);
+    an empty batch gives an empty result without calling the networks. A term of :meth:`log_prob` that
+    overflows to :math:`-\infty` (e.g. a level of magnitude 1e30) makes the log-density :math:`-\infty`,
+    its correctly rounded value, since every other term is bounded above, whatever NaN the networks give
+    elsewhere; a NaN that remains is refused under ``validate_args`` with a ``ValueError`` naming ``traj``.
 
     Example:
         >>> import trajflow
@@ -196,31 +182,26 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         """The grid broadcast to ``(*lead, T + 1)``; ``lead`` ends with the batch shape."""
         return self.grid.expand(*lead, self.steps + 1)
 
+    def _drop(self, lead: torch.Size, inner: int, device: torch.device, shape: int | torch.Size) -> Tensor | None:
+        """``drop_cond`` broadcast over ``lead = (*sample, *batch, *inner dims)`` and reshaped to ``shape``."""
+        if self.drop_cond is None:
+            return None
+        d = self.drop_cond.to(device)
+        return d.reshape(*d.shape, *([1] * inner)).expand(lead).reshape(shape)
+
     def _transporter_args(
         self, lead: torch.Size, inner: int, device: torch.device, flat: bool = True
     ) -> tuple[Condition | None, Tensor | None]:
-        """The transporter's condition arguments ``(cond, drop_cond)`` for inputs of leading shape ``lead``.
-
-        ``lead = (*sample, *batch, *inner dims)`` as in :meth:`_predict`. Flattened to ``lead.numel()``
-        (``flat``) or of batch shape ``lead``. ``(None, None)`` for an unconditional transporter, and
-        ``cond=None`` (the null context) when the distribution has no condition. Never guided.
-        """
-        if not self.transporter.is_conditional:
+        """The transporter's ``(cond, drop_cond)`` for inputs of leading shape ``lead`` (as in :meth:`_predict`),
+        flattened to ``lead.numel()`` (``flat``) or of batch shape ``lead``. ``(None, None)`` for an
+        unconditional transporter or no condition (the null context). Never guided."""
+        if not self.transporter.is_conditional or self.cond is None:
             return None, None
-        n = lead.numel()
-        shape = torch.Size((n,)) if flat else lead
-        if self.cond is None:
-            return None, None
-        cond = align_cond(self.cond, self.transporter.cond_event_dims, lead, inner)  # type: ignore[arg-type]
+        event_dims = self.transporter.cond_event_dims
+        cond = align_cond(self.cond, event_dims, lead, inner)  # type: ignore[arg-type]
         if not flat:
-            cond = map_cond(
-                lambda c, ed: c.reshape(*lead, *c.shape[c.dim() - ed :]), cond, self.transporter.cond_event_dims
-            )
-        drop = None
-        if self.drop_cond is not None:
-            d = self.drop_cond.to(device)
-            drop = d.reshape(*d.shape, *([1] * inner)).expand(lead).reshape(shape)
-        return cond, drop
+            cond = map_cond(lambda c, ed: c.reshape(*lead, *c.shape[c.dim() - ed :]), cond, event_dims)
+        return cond, self._drop(lead, inner, device, lead.numel() if flat else lead)
 
     def _transport(self, x: Tensor, t: Tensor, inner: int = 0) -> tuple[Tensor, Tensor]:
         """``f_T`` on ``x`` of shape ``(*L, *data)`` at times ``t`` of shape ``L``.
@@ -243,27 +224,23 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         lead = t.shape
         n = lead.numel()
         flat_u, flat_t, flat_s = u_t.reshape(n, *self.data_shape), t.reshape(n), s.reshape(n)
-        cond = drop = None
-        if self.cond is not None:
-            cond = align_cond(self.cond, self.predictor.cond_event_dims, lead, inner)
-        if self.drop_cond is not None:
-            d = self.drop_cond.to(flat_u.device)
-            drop = d.reshape(*d.shape, *([1] * inner)).expand(lead).reshape(n)
+        cond = None if self.cond is None else align_cond(self.cond, self.predictor.cond_event_dims, lead, inner)
+        drop = self._drop(lead, inner, flat_u.device, n)
         if self.guidance > 0:
-            # One batched pass: the first half is conditional, the second uses the null condition.
-            keep = drop if drop is not None else torch.zeros(n, dtype=torch.bool, device=flat_u.device)
-            mu, sigma = self.predictor(
-                torch.cat([flat_u, flat_u]),
-                torch.cat([flat_t, flat_t]),
-                torch.cat([flat_s, flat_s]),
-                cat_cond(cond, cond),
-                torch.cat([keep, torch.ones_like(keep)]),
-            )
-            (mu_c, mu_u), (sigma_c, sigma_u) = mu.chunk(2), sigma.chunk(2)
-            mu, sigma = guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, self.guidance)
+            mu, sigma = self._guided(flat_u, flat_t, flat_s, cond, drop)
         else:
             mu, sigma = self.predictor(flat_u, flat_t, flat_s, cond, drop)
         return mu.reshape(u_t.shape), sigma.reshape(u_t.shape)
+
+    def _guided(
+        self, u: Tensor, t: Tensor, s: Tensor, cond: Condition | None, drop: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The guided Gaussian in one batched pass: the first half conditional, the second null."""
+        keep = drop if drop is not None else torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+        both = torch.cat([keep, torch.ones_like(keep)])
+        mu, sigma = self.predictor(torch.cat([u, u]), torch.cat([t, t]), torch.cat([s, s]), cat_cond(cond, cond), both)
+        (mu_c, mu_u), (sigma_c, sigma_u) = mu.chunk(2), sigma.chunk(2)
+        return guided_gaussian(mu_c, sigma_c, mu_u, sigma_u, self.guidance)
 
     # -- validation -------------------------------------------------------------------------------------------
 
@@ -376,18 +353,10 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         """
         lead = self._check_value("traj", value, self.event_shape)
         value = self._as_input("traj", value)
-        T, dd = self.steps, self._data_dim
-        k = check_tensor("k", k).to(device=value.device)
-        if k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
-            raise ValueError(f"k: expected integer step indices in 1..{T}, got dtype {k.dtype}")
-        if self._validate_args and (bool((k < 1).any()) or bool((k > T).any())):
-            raise ValueError(f"k: expected integer step indices in 1..{T}, got {k.tolist()}")
-        try:
-            k = k.long().expand(lead)
-        except RuntimeError as e:
-            raise ValueError(f"k: expected a shape that broadcasts to {tuple(lead)}, got {tuple(k.shape)}") from e
+        k = self._step_indices(k, lead, value.device)
         if lead.numel() == 0:
             return value.new_zeros(lead, dtype=torch.promote_types(value.dtype, torch.float32))
+        dd = self._data_dim
         x = value.expand(*lead, *self.event_shape)
         times = self._times(lead)
         idx = k.reshape(*lead, 1, *([1] * dd)).expand(*lead, 1, *self.data_shape)
@@ -403,3 +372,16 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         z = (upcast(u_s) - upcast(mu)) / sigma
         result = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
         return self._check_computed("traj", result, value) if self._validate_args else result
+
+    def _step_indices(self, k: Tensor, lead: torch.Size, device: torch.device) -> Tensor:
+        """``k`` checked (integers in ``1..T``, the range with ``validate_args``) and broadcast to ``lead``."""
+        T = self.steps
+        k = check_tensor("k", k).to(device=device)
+        if k.is_floating_point() or k.dtype == torch.bool or k.is_complex():
+            raise ValueError(f"k: expected integer step indices in 1..{T}, got dtype {k.dtype}")
+        if self._validate_args and (bool((k < 1).any()) or bool((k > T).any())):
+            raise ValueError(f"k: expected integer step indices in 1..{T}, got {k.tolist()}")
+        try:
+            return k.long().expand(lead)
+        except RuntimeError as e:
+            raise ValueError(f"k: expected a shape that broadcasts to {tuple(lead)}, got {tuple(k.shape)}") from e

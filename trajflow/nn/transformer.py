@@ -1,25 +1,16 @@
 r"""Transformer layers shared by the image transporter, predictor and velocity model.
 
-* :class:`RotaryEmbedding2D`: rotary positional encoding (RoPE) over the ``(row, col)`` of a token grid.
-  Half of each head's channel pairs rotate with the row, the other half with the column, so the score
-  :math:`q_i \cdot k_j` depends on positions only through :math:`p_i - p_j`. Tokens that are not on the
-  grid (class or text prefix tokens) are given position ``(0, 0)`` by the models in trajflow: their
-  queries and keys are not rotated. Text features from a frozen encoder already carry their own order,
-  and position 0 makes the result independent of how much padding a caption has.
-* :class:`Attention`: multi-head (optionally grouped-query) attention through
-  :func:`torch.nn.functional.scaled_dot_product_attention`, which picks flash / memory-efficient kernels
-  on GPU. Causal or full, with an optional key padding mask, and two cache paths for token-by-token
-  causal decoding: :class:`KVCache` (keys appended, shapes grow with the position) and
-  :class:`StaticKVCache` (keys written in place at a position held in a device tensor, attention over the
-  whole preallocated cache under a mask, so every decoding step has the same shapes and a whole decode
-  can be captured in one CUDA graph).
-* :class:`TransformerLayer`: pre-LayerNorm attention + GELU MLP (4x) with residuals.
-* :class:`Transformer`: a stack of layers.
+:class:`RotaryEmbedding2D` rotates half of each head's channel pairs with a token's grid row and half with
+its column, so :math:`q_i \cdot k_j` depends on positions only through :math:`p_i - p_j`. Tokens off the
+grid (class or text prefix tokens) sit at ``(0, 0)``, unrotated: text features already carry their order,
+and position 0 makes the result independent of a caption's padding. :class:`Attention` runs
+:func:`~torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU), causal
+or full, with a key padding mask and two caches for token-by-token decoding: :class:`KVCache` (growing
+shapes) and :class:`StaticKVCache` (fixed shapes, one CUDA graph can hold a whole decode).
 
-Everything is safe under bf16 autocast: LayerNorm runs in float32, the rotation is applied in float32 and
-cast back, and caches take the dtype of the keys they receive.
-
-Shapes: ``B`` batch, ``L`` tokens, ``nh`` query heads, ``nkv`` key/value heads, ``hd`` head dim.
+Safe under bf16 autocast: LayerNorm runs in float32, the rotation in float32 cast back, and caches take
+the dtype of the keys they receive. Shapes: ``B`` batch, ``L`` tokens, ``nh`` query heads, ``nkv``
+key/value heads, ``hd`` head dim.
 """
 
 from __future__ import annotations
@@ -117,10 +108,9 @@ def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
 class KVCache:
     """Keys and values of one attention layer during causal decoding.
 
-    Static (``max_len`` given): buffers ``(B, nkv, max_len, hd)`` are allocated on the first
-    :meth:`append` and filled in place, so decoding does not reallocate (better on GPU). In-place writes
-    into tensors that autograd saved would break backward, so use a static cache only without grad.
-    Growing (``max_len=None``): keys are concatenated at each step, which is autograd-safe.
+    With ``max_len``, buffers ``(B, nkv, max_len, hd)`` allocated on the first :meth:`append` are filled in
+    place (no reallocation; without grad only, as in-place writes break backward); without, keys are
+    concatenated at each step (autograd-safe).
 
     Example:
         >>> cache = KVCache(max_len=4)
@@ -159,15 +149,11 @@ class KVCache:
 class StaticKVCache:
     """Preallocated keys and values of one attention layer, written one token at a time at a device position.
 
-    The buffers ``(B, nkv, max_len, hd)`` are allocated (zeroed) on the first :meth:`write`, in the dtype
-    of the keys written. ``position`` is a ``(1,)`` long tensor on the cache's device, usually shared by
-    all the layers of a stack: :meth:`write` puts the new key/value at slot ``position`` (``index_copy_``)
-    and returns the *whole* buffers with the mask ``slot <= position``. Nothing depends on a Python
-    integer, so every decoding step runs the same kernels on the same shapes: the loop can be captured in
-    one CUDA graph or compiled once. The caller advances ``position`` in place (``position.add_(1)``)
-    after each token.
-
-    Writes are in place, so use it without grad (sampling only).
+    The zeroed buffers ``(B, nkv, max_len, hd)`` are allocated on the first :meth:`write`, in the keys'
+    dtype. :meth:`write` puts the new key/value at slot ``position`` (a ``(1,)`` device tensor, usually
+    shared by a stack's layers, that the caller advances in place) and returns the *whole* buffers with the
+    mask ``slot <= position``: no Python integer, so every step runs the same kernels on the same shapes
+    (one CUDA graph, or one compile). In-place writes: without grad only (sampling).
 
     Arguments:
         max_len: Slots in the cache (the number of tokens that will be decoded).
@@ -195,12 +181,8 @@ class StaticKVCache:
         self.v: Tensor | None = None
 
     def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Store one token's ``k, v`` ``(B, nkv, 1, hd)`` at ``position``.
-
-        Returns:
-            The full buffers ``(B, nkv, max_len, hd)`` and the key mask ``(1, max_len)`` bool (True for the
-            slots ``<= position``, i.e. the tokens decoded so far and this one).
-        """
+        """Store one token's ``k, v`` ``(B, nkv, 1, hd)`` at ``position``; return the full buffers
+        ``(B, nkv, max_len, hd)`` and the key mask ``(1, max_len)``, True for the slots ``<= position``."""
         if k.shape[2] != 1 or v.shape != k.shape:
             raise ValueError(
                 f"k, v: a static cache takes one token at a time, shape (B, nkv, 1, hd); got {tuple(k.shape)} "
@@ -217,12 +199,9 @@ class StaticKVCache:
 
 
 def grouped_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """SDPA of ``q`` ``(B, nh, L, hd)`` over ``k, v`` ``(B, nkv, L_keys, hd)`` with ``nkv`` dividing ``nh``.
-
-    Uses ``enable_gqa=True`` where torch supports it (:data:`SDPA_HAS_GQA`), so grouped keys and values are
-    not copied; repeats them on older torch. ``mask`` is a bool mask broadcastable to
-    ``(B, nh, L, L_keys)`` (True = attend). Returns ``(B, nh, L, hd)``.
-    """
+    """SDPA of ``q`` ``(B, nh, L, hd)`` over ``k, v`` ``(B, nkv, L_keys, hd)`` (``nkv`` divides ``nh``) under
+    a bool ``mask`` broadcastable to ``(B, nh, L, L_keys)`` (True = attend); ``(B, nh, L, hd)``. Grouped keys
+    are not copied where torch has ``enable_gqa`` (:data:`SDPA_HAS_GQA`)."""
     nh, nkv = q.shape[1], k.shape[1]
     if nh == nkv:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -261,10 +240,9 @@ class Attention(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | StaticKVCache | None = None,
     ) -> Tensor:
-        """``x`` ``(B, L, width)`` -> ``(B, L, width)``.
+        """The new tokens ``x`` ``(B, L, width)`` -> ``(B, L, width)``.
 
         Arguments:
-            x: The new tokens.
             rope: ``(cos, sin)`` of the new tokens' positions, each ``(L, hd / 2)``.
             causal: Token ``i`` attends to tokens ``<= i`` (counting the cached ones before it).
             key_mask: ``(B, L_keys)`` bool, True for keys that may be attended (padding is False).

@@ -37,15 +37,12 @@ class TransformerTransporterConfig(ConditionFields, PatchedImageConfig):
             gives about ``(0.0043, 6.5)``, so one block can resolve finer than the 2/256 bin (0.0078) of
             8-bit data in [-1, 1] while a bad step cannot blow the log-determinant up.
         rope_base: Base of the RoPE frequencies.
-        num_classes: Condition the transporter on class labels (``cond`` ``batch`` long) with this many
-            classes; ``None``: not on classes.
-        text_features: Condition the transporter on text features of this width (``cond`` is
-            ``(features (*batch, L, text_features), mask (*batch, L))``); ``None`` or 0: not on text. At
-            most one of ``num_classes`` and ``text_features`` may be set; with neither the transporter is
-            unconditional (no condition parameters at all).
-        validate_args: Check shapes and that ``t`` is finite and in [0, 1] (the time check synchronises
-            a GPU; switch it off in a tuned training loop). Also checks class indices' range and that
-            ``drop_cond`` is all True when ``cond`` is None.
+        num_classes: Condition on class labels (``cond`` ``batch`` long) with this many classes.
+        text_features: Condition on text features of this width (``cond`` is ``(features (*batch, L,
+            text_features), mask (*batch, L))``); 0 means ``None``. At most one of the two; with neither the
+            transporter is unconditional (no condition parameters at all).
+        validate_args: Check that ``t`` is finite and in [0, 1] (a GPU synchronisation; switch it off in a
+            tuned training loop). Shapes are always checked.
     """
 
     width: int = 256
@@ -67,13 +64,12 @@ class TransformerTransporterConfig(ConditionFields, PatchedImageConfig):
 
 
 class TransporterCondition(nn.Module):
-    """The shared part of the transporter's condition path: ``cond`` -> context ``(N, width)``.
+    """The transporter's condition -> context ``(N, width)``, shared by the blocks (each maps it with its own
+    zero-initialised ``cond_proj``).
 
-    Class labels: a row of an embedding table. Text: the mean of the features over valid (unmasked) tokens,
-    then ``Linear -> SiLU``; an example with no valid token pools to the zero vector. Dropped examples get
-    the null context, exactly zero (their features are zeroed before pooling so no value of theirs, not
-    even NaN, reaches the result or the gradients). The blocks' zero-initialised ``cond_proj`` maps the
-    context to what is added to their time embeddings.
+    Class labels: a row of an embedding table. Text: the mean of the features over valid (unmasked) tokens
+    (zero for none), then ``Linear -> SiLU``. Dropped examples get exactly zero, their features zeroed
+    before pooling so that no value of theirs (not even NaN) reaches the result or the gradients.
     """
 
     def __init__(self, config: TransformerTransporterConfig) -> None:
@@ -107,12 +103,9 @@ class TransporterCondition(nn.Module):
 
 
 class AffineFlowBlock(nn.Module):
-    """One causal affine autoregressive block over a token sequence (see the module docstring).
-
-    Works on patch tokens ``(N, L, D)`` with a precomputed time embedding ``(N, time_features)``, an
-    optional condition context ``ctx`` ``(N, width)`` (conditional configs only) and the RoPE tables
-    ``(cos, sin)`` of the grid in raster order; the block permutes tokens and tables itself.
-    """
+    """One causal affine autoregressive block (see :mod:`trajflow.transporters.transformer`) over patch tokens
+    ``(N, L, D)``, given time features ``(N, time_features)``, an optional context ``ctx`` ``(N, width)`` and
+    the RoPE tables of the grid in raster order; the block permutes tokens and tables itself."""
 
     def __init__(self, config: TransformerTransporterConfig, flip: bool) -> None:
         super().__init__()
@@ -205,13 +198,9 @@ class AffineFlowBlock(nn.Module):
         return self._order(torch.stack(xs, dim=1))
 
     def inverse_static(self, u: Tensor, emb: Tensor, rope: Rope, ctx: Tensor | None = None) -> Tensor:
-        """The same as :meth:`inverse` with a :class:`~trajflow.nn.transformer.StaticKVCache`; fixed shapes.
-
-        Tokens ``u`` ``(N, L, D)`` -> ``x`` ``(N, L, D)`` (float32 at least). The decoded tokens are written
-        in place into one ``(N, L, D)`` buffer at ``position + 1``, where ``position`` is a ``(1,)`` device
-        tensor advanced in place, so the ``L - 1`` steps launch identical kernels on identical shapes (one
-        CUDA graph can hold the whole loop). In-place writes: call it without grad.
-        """
+        """:meth:`inverse` with a :class:`~trajflow.nn.transformer.StaticKVCache`: tokens ``u`` ``(N, L, D)``
+        -> ``x`` (float32 at least), decoded in place into one buffer at ``position + 1`` (a ``(1,)`` device
+        tensor), so the ``L - 1`` steps run identical kernels on identical shapes. Without grad only."""
         rope = self._order_rope(rope)
         dtype = torch.promote_types(u.dtype, torch.float32)
         out = self._order(u).to(dtype).clone()  # (N, L, D): token 0 is final, token i > 0 is replaced in turn

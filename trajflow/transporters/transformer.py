@@ -8,34 +8,26 @@ block :math:`\ell` first permutes the tokens (identity for even blocks, a flip f
     u_i = (x_i - \mu_i(x_{<i}, t)) / \sigma_i(x_{<i}, t), \qquad
     \log |\det \partial u / \partial x| = -\sum_{i, d} \log \sigma_{i, d},
 
-where :math:`(\mu_i, \sigma_i)` come from a causal transformer run over tokens :math:`0..i-1` (token 0
-passes through unchanged). Inside a block: ``proj_in`` to the model width, plus an embedding of the
-level's time :math:`t` (sinusoidal -> MLP) added to every token, causal layers with 2-D RoPE over the
-patch grid (a token keeps its grid position when the order is flipped), a final LayerNorm and a
-**zero-initialised** head to ``2 D`` channels, so every block, and the transporter, starts as the identity.
+where :math:`(\mu_i, \sigma_i)` come from a causal transformer over tokens :math:`0..i-1` (token 0 passes
+unchanged; the output at token ``i`` parameterises token ``i + 1``, TarFlow's "shift right by one"). Inside
+a block: ``proj_in`` to the width plus an embedding of the level's time :math:`t` on every token, causal
+layers with 2-D RoPE over the patch grid (a token keeps its position when the order flips), a LayerNorm and
+a **zero-initialised** head to ``2 D`` channels, so every block, and the transporter, starts as the identity.
 
-**Conditioning (optional).** With ``num_classes`` or ``text_features`` set, the transporter is
-:math:`f_T(x, t, y)`: a context vector of the condition :math:`y` is added to the time embedding of every
-block. Class labels come from an embedding table; text ``(features (N, L, D), mask (N, L))`` is mean-pooled
-over its valid tokens and mapped by ``Linear -> SiLU``. Each block maps the context to its width with its
-own **zero-initialised** bias-free ``cond_proj``, so the transporter still starts as the identity. A dropped
-condition (``drop_cond`` True, classifier-free guidance dropout) has the null context, the zero vector, so
-a dropped example sees exactly the unconditional map. :math:`y` only changes the :math:`(\mu_i, \sigma_i)`
-of the affine maps, not the map's form: the log-determinants stay exact. Off (the default), no parameter
-is added and the transporter is exactly the unconditional one.
+**Conditioning (optional).** With ``num_classes`` or ``text_features``, the transporter is
+:math:`f_T(x, t, y)`: a context vector of :math:`y` (a class embedding, or text mean-pooled over its valid
+tokens then ``Linear -> SiLU``) goes through each block's **zero-initialised** bias-free ``cond_proj`` into
+its time embedding. A dropped condition (``drop_cond``) has the null context 0, i.e. the unconditional map.
+:math:`y` changes only :math:`(\mu_i, \sigma_i)`, so log-determinants stay exact.
 
-The head's output at token ``i`` parameterises token ``i + 1`` (the "shift right by one" of TarFlow), so
-a forward pass needs one parallel causal pass per block, and the inverse decodes token by token with a
-KV cache (:meth:`TransformerTransporter.inverse`), blocks in reverse order. The inverse has four methods:
+A forward pass is one parallel causal pass per block; the inverse decodes token by token, blocks in reverse:
 
-* ``"kv-cache"`` (default): a growing (with grad) or preallocated (without) cache, sliced by Python
-  position; autograd-safe, the reference path on CPU.
-* ``"static"``: a :class:`~trajflow.nn.transformer.StaticKVCache` written at a position held in a device
-  tensor, attention over the whole preallocated cache under a mask. Every token step has the same shapes
-  and kernels. No gradient flows through it (sampling only).
-* ``"graph"``: the static decode of every block captured once per batch size in a CUDA graph and
-  replayed (:class:`~trajflow.transporters.static_inverse.StaticCacheInverse`); CUDA only.
-* ``"naive"``: recompute the full causal pass at every token (a slow reference).
+* ``"kv-cache"`` (default): a growing (with grad) or preallocated (without) cache; the reference path.
+* ``"static"``: a :class:`~trajflow.nn.transformer.StaticKVCache` at a device-tensor position, the same
+  shapes and kernels at every token; no gradient (sampling only).
+* ``"graph"``: the static decode captured once per batch size in a CUDA graph and replayed
+  (:class:`~trajflow.transporters.static_inverse.StaticCacheInverse`); CUDA only.
+* ``"naive"``: the full causal pass recomputed at every token (a slow reference).
 
 References: NTM-v2 section 3.2 / App. A.1 (2 blocks, alternating scan, 2-D RoPE); TarFlow (Zhai et al.,
 2025); STARFlow's soft-clipped softplus scale (Gu et al., 2025).
@@ -63,23 +55,18 @@ INVERSE_METHODS = ("kv-cache", "static", "graph", "naive")
 
 
 class TransformerTransporter(DataclassPretrained, Transporter):
-    r"""TarFlow-style transporter :math:`u = f_T(x, t)` for images / latents ``(C, H, W)``.
+    r"""TarFlow-style transporter :math:`u = f_T(x, t[, y])` for images / latents ``(C, H, W)``.
 
-    ``forward(x, t)`` takes ``x`` ``(*batch, C, H, W)`` and ``t`` ``batch`` (in [0, 1]) and returns ``u`` of
-    ``x``'s shape and the exact log-determinant ``(*batch,)`` (float32, or float64 for float64 inputs),
-    summed over every dimension of the sample. Each block is the identity at initialisation.
+    ``forward(x, t, cond=None, drop_cond=None)`` takes ``x`` ``(*batch, C, H, W)`` and ``t`` ``batch`` (in
+    [0, 1]) and returns ``u`` of ``x``'s shape and the exact log-determinant ``(*batch,)`` (float32, or
+    float64 for float64 inputs). ``inverse(u, t, cond=None, drop_cond=None, method=None)`` decodes token by
+    token; ``method`` defaults to :attr:`inverse_method` (set it to ``"graph"`` or ``"static"`` to make every
+    caller, e.g. :meth:`~trajflow.TrajectoryDistribution.decode`, use that path).
 
-    ``inverse(u, t, method=None)`` decodes token by token; ``method`` is one of :data:`INVERSE_METHODS`
-    (see the module docstring) and defaults to the attribute :attr:`inverse_method`, ``"kv-cache"``. Set
-    ``transporter.inverse_method = "graph"`` (CUDA) or ``"static"`` to make every caller (e.g.
-    :meth:`~trajflow.TrajectoryDistribution.decode`) use that path.
-
-    With a conditional config (``num_classes`` or ``text_features``), ``forward(x, t, cond, drop_cond)`` and
-    ``inverse(u, t, cond, drop_cond)`` take the condition: class indices ``batch`` (long), or text
-    ``(features (*batch, L, text_features), mask (*batch, L))`` (mask True on real tokens), and optionally
-    ``drop_cond`` ``batch`` (bool, True = null context); ``cond=None`` is the null context everywhere. Every
-    inverse method uses the context. Unconditional configs ignore both. The condition is checked where it
-    enters (:class:`~trajflow.TrajectoryDistribution`, against :attr:`cond_spec`), not here.
+    A conditional config takes class indices ``batch`` (long) or text ``(features (*batch, L, text_features),
+    mask (*batch, L))`` and ``drop_cond`` ``batch`` (bool, True = null context); ``cond=None`` is the null
+    context everywhere. Unconditional configs ignore both. The condition is checked where it enters
+    (:class:`~trajflow.TrajectoryDistribution`, against :attr:`cond_spec`), not here.
 
     Arguments:
         config: A :class:`TransformerTransporterConfig`.
@@ -136,11 +123,7 @@ class TransformerTransporter(DataclassPretrained, Transporter):
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(u, ladj)`` with ``u = f_T(x, t[, y])`` of ``x.shape`` and ``ladj`` of shape ``batch``.
-
-        ``cond``/``drop_cond``: the condition (batch shape ``batch``) and dropout mask, for a conditional
-        config (see the class docstring).
-        """
+        """``(u, ladj)`` with ``u = f_T(x, t[, y])`` of ``x.shape`` and ``ladj`` of shape ``batch``."""
         z, emb, ctx, batch = self._prepare("x", x, t, cond, drop_cond)
         rope = self.rope(self.positions)
         ladj = z.new_zeros(z.shape[0], dtype=torch.promote_types(z.dtype, torch.float32))
@@ -180,23 +163,15 @@ class TransformerTransporter(DataclassPretrained, Transporter):
         *,
         method: str | None = None,
     ) -> Tensor:
-        """``x = f_T^{-1}(u, t[, y])``: token-by-token decoding, blocks in reverse order.
-
-        Costs ``L - 1`` one-token passes per block.
+        """``x = f_T^{-1}(u, t[, y])`` of ``u``'s shape (float32, or float64 for float64 inputs): ``L - 1``
+        one-token passes per block, blocks in reverse order.
 
         Arguments:
-            u: ``(*batch, C, H, W)``.
-            t: ``batch``, in [0, 1].
-            cond, drop_cond: The condition and its dropout mask, as in :meth:`forward` (every method uses
-                the same context).
             method: ``"kv-cache"`` (autograd-safe; under :func:`torch.no_grad` the cache is preallocated),
                 ``"static"`` (fixed-shape static cache, any device), ``"graph"`` (the static decode replayed
                 from a CUDA graph captured per batch size and dtype; CUDA only) or ``"naive"``; ``None``
                 uses :attr:`inverse_method`. ``"static"`` and ``"graph"`` run without grad: they raise if
                 ``u`` or ``t`` requires grad while grad mode is on, and give no gradient to the parameters.
-
-        Returns:
-            ``x`` of ``u``'s shape (float32, or float64 for float64 inputs).
         """
         method = self.inverse_method if method is None else method
         if method not in INVERSE_METHODS:
