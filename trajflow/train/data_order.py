@@ -74,7 +74,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and any(isinstance(v, Tensor) for v in batch):
+    if isinstance(batch, (list, tuple)) and any(isinstance(v, Tensor) for v in batch):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
 
@@ -92,26 +92,28 @@ def endless_batches(
         ValueError: A process would get fewer than ``batch_size`` examples per epoch, or a whole epoch yields
             no complete batch.
     """
-    iterable = isinstance(dataset, IterableDataset)
+    synced = isinstance(dataset, IterableDataset) and accelerator.num_processes > 1
     while True:
-        epoch, skip = position["epoch"], position["batch_in_epoch"]
-        it = _epoch_batches(dataset, collate_fn, epoch, skip, config, accelerator)
-        while True:
-            batch = next(it, None)
-            if iterable and accelerator.num_processes > 1:
-                # Streams may give ranks different numbers of batches; every rank moves to the next epoch
-                # as soon as one runs dry, or the others would wait forever in the gradient all-reduce.
-                have = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
-                if float(accelerator.gather(have).min()) == 0.0:
-                    batch = None
-            if batch is None:
-                break
+        skip = position["batch_in_epoch"]
+        batches = _epoch_batches(dataset, collate_fn, position["epoch"], skip, config, accelerator)
+        for batch in _while_every_rank_has_one(batches, accelerator) if synced else batches:
             position["batch_in_epoch"] += 1
             yield batch
-        if position["batch_in_epoch"] == skip and skip == 0:
+        if position["batch_in_epoch"] == skip == 0:
             raise ValueError("dataset: yielded no complete batch in a whole epoch (is it empty or too small?)")
         position["epoch"] += 1
         position["batch_in_epoch"] = 0
+
+
+def _while_every_rank_has_one(batches: Iterator[Any], accelerator: Any) -> Iterator[Any]:
+    """The batches of a stream until one rank runs dry: streams may give ranks different numbers of batches,
+    and the others would wait forever in the gradient all-reduce."""
+    while True:
+        batch = next(batches, None)
+        have = torch.tensor([0.0 if batch is None else 1.0], device=accelerator.device)
+        if float(accelerator.gather(have).min()) == 0.0:  # a collective: every rank asks
+            return
+        yield batch
 
 
 def _epoch_batches(
@@ -138,11 +140,10 @@ def _epoch_batches(
             next(it, None)
         return it
     sampler = ResumableSampler(len(dataset), seed=config.seed, shuffle=config.shuffle, rank=rank, world_size=world_size)
-    per_rank = len(sampler)
-    if per_rank < config.batch_size:
+    if len(sampler) < config.batch_size:
         raise ValueError(
             f"dataset: expected at least batch_size={config.batch_size} examples per process, got "
-            f"{per_rank} (dataset of {len(dataset)} over {world_size} processes)"
+            f"{len(sampler)} (dataset of {len(dataset)} over {world_size} processes)"
         )
     sampler.set_position(epoch, skip * config.batch_size)
     return iter(DataLoader(dataset, sampler=sampler, **common))

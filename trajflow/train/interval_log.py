@@ -61,35 +61,35 @@ class IntervalLog:
         self.seconds += seconds
 
     def flush(self, step: int, epoch: int, lr: float, grad_norm: Tensor | None, last_ckpt: Path | None) -> dict:
-        acc = self.accelerator
-        self.last_loss = float(acc.reduce(self.loss, "mean")) / self.steps
+        """The interval's record (means over its steps and the processes), appended to the log; then a new
+        interval. Raises ``FloatingPointError`` when the loss is not finite."""
+        self.last_loss = self._mean(self.loss)
         if not math.isfinite(self.last_loss):
             raise FloatingPointError(
                 f"loss: became {self.last_loss} by step {step}; lower train.lr, keep train.grad_clip on, or "
                 f"check the data (last checkpoint: {last_ckpt})"
             )
-        record = {
-            "step": step,
-            "epoch": epoch,
-            self.loss_name: self.last_loss,
-            "lr": lr,
-            "images_per_s": self.global_batch * self.steps / max(self.seconds, 1e-9),
-        }
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        for k, v in self.logs.items():
-            record[k] = float(acc.reduce(v, "mean")) / self.steps
+        record = {"step": step, "epoch": epoch, self.loss_name: self.last_loss, "lr": lr}
+        record["images_per_s"] = self.global_batch * self.steps / max(self.seconds, 1e-9)
+        record.update({"grad_norm": float(grad_norm)} if grad_norm is not None else {})
+        record.update({k: self._mean(v) for k, v in self.logs.items()})
         self.history.append(record)
         if self.is_main:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                for k, v in record.items():
-                    if k != "step":
-                        self.writer.add_scalar(f"train/{k}", v, step)
+            self._write(record)
         self.loss.zero_()
         self.logs, self.steps, self.seconds = {}, 0, 0.0
         return record
+
+    def _mean(self, total: Tensor) -> float:
+        """A sum over the interval's steps as a mean over steps and processes (a collective)."""
+        return float(self.accelerator.reduce(total, "mean")) / self.steps
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if self.writer is not None and k != "step":
+                self.writer.add_scalar(f"train/{k}", v, record["step"])
 
     def close(self) -> None:
         if self.writer is not None:

@@ -72,10 +72,9 @@ class Trainer:
         out_dir: Where ``config.json``, ``log.jsonl``, ``checkpoints/`` (and ``tb/``) go.
         accelerator: An ``accelerate.Accelerator`` to use instead of building one from ``config``.
 
-    The accelerator (and with it ``torch.distributed``) is set up here, so build datasets that read the
-    process rank (e.g. the t2i lab's ``TarShards``) after creating the trainer. Global seeds
-    are set here too (from ``config.seed``, the same on every process so that every rank initialises the same
-    model).
+    The accelerator (and ``torch.distributed``) is set up here, so build datasets that read the process rank
+    afterwards. The global seeds are set here too, from ``config.seed`` on every process (every rank
+    initialises the same model).
     """
 
     def __init__(self, config: TrainerConfig, out_dir: str | Path, *, accelerator: Any = None) -> None:
@@ -89,15 +88,13 @@ class Trainer:
         self.out_dir = Path(out_dir)
         if accelerator is None:
             kwargs = [DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)]
-            # Without CUDA, accelerate only joins the processes of a torchrun / ``accelerate launch`` job into one
-            # (gloo) group when told it runs on the CPU.
+            # without CUDA, accelerate joins a torchrun job's processes into one (gloo) group only when told cpu
             cpu = config.cpu or not torch.cuda.is_available()
             accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu, kwargs_handlers=kwargs)
         self.accelerator = accelerator
         self.seed_everything(config.seed)
         self.checkpoints = CheckpointDir(self.out_dir / "checkpoints", keep=config.keep_checkpoints)
 
-    # ------------------------------------------------------------------------------------------ helpers
     @staticmethod
     def seed_everything(seed: int) -> None:
         """Seed python, numpy and torch (CPU and CUDA)."""
@@ -130,13 +127,11 @@ class Trainer:
         if self.is_main:
             tqdm.write(" ".join(str(a) for a in args))
 
-    # ------------------------------------------------------------------------------------------ checkpoints
     def _save(self, run: FitState) -> Path:
         """Write checkpoint ``run.step`` (every rank calls this: FSDP gathers shards collectively)."""
         acc, step, wrapped, ema = self.accelerator, run.step, run.wrapped, run.ema
-        staging = self.checkpoints.root / f".{CheckpointDir.name(step)}.tmp"
-        if self.is_main:
-            staging = self.checkpoints.staging(step)
+        name = CheckpointDir.name(step)
+        staging = self.checkpoints.staging(step) if self.is_main else self.checkpoints.root / f".{name}.tmp"
         acc.wait_for_everyone()
         save_state(staging / f"rng-rank{self.rank}.safetensors", capture_rng_state(run.generator))
         model_state = acc.get_state_dict(wrapped)  # full tensors on the main process (FSDP: gathered)
@@ -145,9 +140,7 @@ class Trainer:
         if self.is_main:
             self._write_step_files(staging, run, model_state, ema_state, opt_state)
         acc.wait_for_everyone()
-        final = self.checkpoints.root / CheckpointDir.name(step)
-        if self.is_main:
-            final = self.checkpoints.commit(staging, step)
+        final = self.checkpoints.commit(staging, step) if self.is_main else self.checkpoints.root / name
         acc.wait_for_everyone()
         return final
 
@@ -203,7 +196,6 @@ class Trainer:
 
         return bool(broadcast(torch.tensor([float(due)], device=self.device), from_process=0).item())
 
-    # ------------------------------------------------------------------------------------------ fit
     def fit(
         self,
         model: nn.Module,
@@ -219,11 +211,8 @@ class Trainer:
         evaluate_points: int = 10,
     ) -> TrainResult:
         """Train ``model`` for ``config.max_steps`` optimizer steps (or until ``stop_at``, or until the time budget is
-        spent), checkpointing as it goes.
-
-        When it returns, ``model`` holds the raw weights of the last optimizer step, **not** the EMA of them
-        that the checkpoints' ``ema.safetensors`` hold: ``result.ema.copy_to(model)`` puts the averages in
-        (see :class:`TrainResult`).
+        spent), checkpointing as it goes. ``model`` ends with the raw weights of the last step, **not** their EMA
+        (``result.ema.copy_to(model)`` puts the averages in; see :class:`TrainResult`).
 
         Arguments:
             model: The model to train (a plain module; it is wrapped for DDP/FSDP here).
@@ -236,18 +225,16 @@ class Trainer:
                 trainer's own :data:`~trajflow.train.RESUME_IGNORED_FIELDS`.
             collate_fn: The DataLoader's collate function.
             resume: ``True``: continue from the newest intact checkpoint in ``out_dir`` (or start afresh if
-                there is none); a path: continue from that step folder, or the newest intact one of that run;
-                ``False``: start afresh, which an ``out_dir`` that already holds a run refuses. Checkpoints are
-                verified against their manifest first; a damaged one is skipped for the next older one with a
-                warning naming it. ``log.jsonl`` is cut back to the step resumed from.
+                there is none); a path: from that step folder, or the newest intact one of that run; ``False``:
+                start afresh, which an ``out_dir`` that already holds a run refuses. A damaged checkpoint is
+                skipped for the next older one with a warning; ``log.jsonl`` is cut back to the step resumed from.
             stop_at: Stop after this step (checkpointed) without changing the schedule, as an interruption
                 would; used by tests of resumption.
             evaluate: Called as ``evaluate(model, point)`` at the start of a fresh run and each time the run
-                passes another ``1 / evaluate_points`` of its length (of ``time_budget`` when timed, else of
-                ``max_steps``): a learning curve. ``model`` holds the EMA weights (the raw ones when there is no
-                EMA) and is in eval mode; ``point`` has ``step``, ``train_seconds`` and ``progress`` in [0, 1].
-                Its time is not training time. What it returns is added to ``point``, and the points are
-                :attr:`TrainResult.evaluations`. Points passed before a resumption are not repeated.
+                passes another ``1 / evaluate_points`` of its length (a learning curve, outside training time),
+                with the EMA weights (else the raw ones) in eval mode; ``point`` has ``step``, ``train_seconds``
+                and ``progress`` in [0, 1], and what it returns is added to it (:attr:`TrainResult.evaluations`).
+                Points passed before a resumption are not repeated.
             evaluate_points: How many evaluations after the start (10: every 10% of the run).
 
         Returns:
@@ -264,32 +251,35 @@ class Trainer:
         run_config = json.loads(json.dumps(run_config))  # JSON-normal form: tuples become lists
         self.check_out_dir(resume)
         ckpt, info = self._resume_point(model, run_config, resume, tuple(resume_ignore))
-        run = self._start(
-            model, objective, dataset, collate_fn, run_config, ckpt, info, stop_at, evaluate, evaluate_points
+        run = FitState(
+            **self._optimization(model, objective, ckpt),
+            **self._bookkeeping(objective, dataset, collate_fn, info, stop_at, evaluate, evaluate_points),
+            run_config=run_config,
+            last_save=_wall_clock(),
+            resumed_from=ckpt,
         )
-        if evaluate is not None and run.train_time == 0.0 and run.step == 0:
+        self._train(run)
+        return run.result()
+
+    def _train(self, run: FitState) -> None:
+        """The loop: steps, logs, checkpoints and the learning curve, from a fresh run's first point on."""
+        if run.curve.evaluate is not None and run.train_time == 0.0 and run.step == 0:
             self._evaluate(run)
         run.wrapped.train()
         while run.step < run.end:
             grad_norm = self._step(run)
             self._log(run, grad_norm)
             self._checkpoint_if_due(run)
-            # the learning curve: evaluate each time another share of the run has passed
             if run.curve.due(self._progress(run), final=run.step == run.end):
                 self._evaluate(run)
         run.bar.close()
         run.log.close()
-        return run.result()
 
     def _resume_point(
         self, model: nn.Module, run_config: dict[str, Any], resume: bool | str | Path, ignore: tuple[str, ...]
     ) -> tuple[Path | None, dict[str, Any]]:
-        """The checkpoint to resume from (or ``None``) and its ``trainer.json``; loads its weights into ``model``
-        and writes the run's ``config.json``.
-
-        The weights go into the plain model before it is wrapped, so that DDP broadcasts them and FSDP shards
-        them.
-        """
+        """The checkpoint to resume from (or ``None``) and its ``trainer.json``; loads its weights into the plain
+        ``model`` (before wrapping, so that DDP broadcasts them and FSDP shards them) and writes ``config.json``."""
         ckpt = checkpoint_to_resume(self.checkpoints, resume, self.print)
         info: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         if ckpt is not None:
@@ -302,26 +292,10 @@ class Trainer:
             save_json(self.out_dir / CONFIG_FILE, run_config)
         return ckpt, info
 
-    def _start(
-        self,
-        model: nn.Module,
-        objective: Objective,
-        dataset: Dataset,
-        collate_fn: Callable | None,
-        run_config: dict[str, Any],
-        ckpt: Path | None,
-        info: dict[str, Any],
-        stop_at: int | None,
-        evaluate: Evaluate | None,
-        evaluate_points: int,
-    ) -> FitState:
-        """The optimizer, schedule, EMA and the objective's noise generator (one stream per process), restored
-        from ``ckpt`` when there is one, and the loop's bookkeeping: data position, step, time, logs, the
-        learning curve.
-
-        The scheduler is not prepared: accelerate would step it once per process, and this loop counts
-        optimizer steps.
-        """
+    def _optimization(self, model: nn.Module, objective: Objective, ckpt: Path | None) -> dict[str, Any]:
+        """The wrapped model, optimizer, schedule, EMA and the objective's noise generator (one stream per
+        process), restored from ``ckpt`` when there is one. The scheduler is not prepared: accelerate would step
+        it once per process, and this loop counts optimizer steps."""
         cfg, acc = self.config, self.accelerator
         groups = _param_groups(model, cfg.weight_decay, cfg.lr, cfg.lr_scales)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
@@ -332,31 +306,39 @@ class Trainer:
         generator = torch.Generator(device=self.device).manual_seed(mix_seed(cfg.seed, self.rank, 3))
         if ckpt is not None:
             restore_states(ckpt, wrapped, optimizer, scheduler, ema, generator, rank=self.rank, fsdp=self._is_fsdp)
+        return dict(
+            wrapped=wrapped, inner=inner, optimizer=optimizer, scheduler=scheduler, ema=ema, generator=generator
+        )
+
+    def _bookkeeping(
+        self,
+        objective: Objective,
+        dataset: Dataset,
+        collate_fn: Callable | None,
+        info: dict[str, Any],
+        stop_at: int | None,
+        evaluate: Evaluate | None,
+        evaluate_points: int,
+    ) -> dict[str, Any]:
+        """The loop's state from ``info`` (``trainer.json``, or step 0): data position, step, last step, training
+        time, log, progress bar, learning curve and, with a time budget, its schedule."""
+        cfg = self.config
         position = {"epoch": int(info["epoch"]), "batch_in_epoch": int(info["batch_in_epoch"])}
         step, train_time = int(info["step"]), float(info.get("train_seconds", 0.0))
         writer = tensorboard_writer(self.out_dir / "tb", self.print) if cfg.tensorboard and self.is_main else None
         loss_name = getattr(objective, "loss_name", "loss")
         log = IntervalLog(self.accelerator, self.out_dir / LOG_FILE, loss_name, cfg.batch_size * cfg.grad_accum, writer)
         log.last_loss = float(info.get("loss", float("nan")))  # what a resumed, already finished run returns
-        return FitState(
-            wrapped=wrapped,
-            inner=inner,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            ema=ema,
-            generator=generator,
-            batches=endless_batches(dataset, collate_fn, position, cfg, acc),
+        return dict(
+            batches=endless_batches(dataset, collate_fn, position, cfg, self.accelerator),
             position=position,
             log=log,
             bar=progress_bar(cfg, step, train_time, show=cfg.progress and self.is_main),
             curve=LearningCurve(evaluate, evaluate_points, cfg.run_progress(step, train_time)),
-            run_config=run_config,
             step=step,
-            end=cfg.max_steps if stop_at is None else min(cfg.max_steps, stop_at),
+            end=min(cfg.max_steps, stop_at or cfg.max_steps),
             train_time=train_time,
             timed_lr=CosineWarmup(cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio) if cfg.time_budget else None,
-            last_save=_wall_clock(),
-            resumed_from=ckpt,
         )
 
     def _progress(self, run: FitState) -> float:
