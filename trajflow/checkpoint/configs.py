@@ -19,7 +19,6 @@ __all__ = [
     "check_config_keys",
     "check_renamed_fields",
     "dataclass_from_dict",
-    "json_checked",
 ]
 
 D = TypeVar("D")

@@ -26,14 +26,12 @@ __all__ = [
     "MODEL_FILE",
     "EMA_FILE",
     "atomic_write",
-    "fsync_dir",
     "save_json",
     "load_json",
     "save_torch",
     "load_torch",
     "save_safetensors",
     "load_safetensors",
-    "safetensors_metadata",
     "file_sha256",
 ]
 

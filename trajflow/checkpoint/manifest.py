@@ -16,7 +16,7 @@ from typing import Any
 
 from .files import MODEL_FILE, file_sha256, load_json, safetensors_metadata, save_json
 
-__all__ = ["MANIFEST_FILE", "TRAINER_FILE", "DamagedCheckpointError", "step_of", "write_manifest", "verify_checkpoint"]
+__all__ = ["MANIFEST_FILE", "TRAINER_FILE", "DamagedCheckpointError", "write_manifest", "verify_checkpoint"]
 
 MANIFEST_FILE = "manifest.json"
 TRAINER_FILE = "trainer.json"

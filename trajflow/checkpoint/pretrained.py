@@ -6,21 +6,11 @@ A pretrained folder holds two files, each written atomically (:func:`~trajflow.c
     DIR/config.json          {"format": "trajflow-pretrained/1", "class": "<class name>", "config": {...},
                               "weights_sha256": "<sha256 of model.safetensors>"}
 
-``config`` is everything the class needs to build an untrained copy of the model (:meth:`Pretrained.config_dict`
-and :meth:`Pretrained.from_config`); the weights then load into it. Safetensors holds raw tensors only, so
-loading has ``weights_only`` semantics: nothing is unpickled and no code from the folder runs.
-
-Loading checks the folder before trusting it, and every refusal is a ``ValueError`` that names the file:
-``config.json`` must be valid JSON with known fields only (an unknown field is named, at every level: the
-record, a composite model's config, a part's config); ``model.safetensors`` must match the sha256 that
-``config.json`` records (a flipped byte or a swapped file is caught before anything is parsed), be a readable
-safetensors file, fit the model the config builds (the first mismatching tensor is named) and hold finite
-values only. A folder written by another class, or, when the caller says what config to expect, by another
-config, is refused with the class or every differing field named. (Folders written before the checksum was
-recorded load without it.)
-
-A model that is built from parts (an :class:`~trajflow.NTM` from a transporter and a predictor) stores each
-part's ``{"class": ..., "config": ...}`` inside its own config (:func:`part_config`, :func:`build_part`).
+``config`` builds an untrained copy (:meth:`Pretrained.config_dict`, :meth:`Pretrained.from_config`) into
+which the weights load. Nothing is unpickled and no code from the folder runs, and loading checks the folder
+before trusting it (:meth:`Pretrained.from_pretrained` lists every refusal, each naming the file). A model
+built from parts (an :class:`~trajflow.NTM`) stores each part's ``{"class": ..., "config": ...}`` in its own
+config (:func:`part_config`, :func:`build_part`).
 
 Example:
     >>> import tempfile
@@ -78,10 +68,9 @@ class Pretrained:
     """Mixin for ``nn.Module`` classes that can be saved to and rebuilt from a pretrained folder.
 
     Subclasses implement :meth:`config_dict` (JSON-serialisable constructor arguments) and, where those are
-    not simply the constructor's keyword arguments, :meth:`from_config`; they get :meth:`save_pretrained` and
-    :meth:`from_pretrained`.
-    Class names must be unique among subclasses: the folder records the name, and
-    ``Base.from_pretrained(dir)`` on a base class rebuilds whichever registered subclass wrote ``dir``.
+    not the constructor's keyword arguments, :meth:`from_config`. Class names must be unique among
+    subclasses: the folder records the name, and ``Base.from_pretrained(dir)`` rebuilds whichever registered
+    subclass wrote ``dir``.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -157,18 +146,21 @@ class Pretrained:
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config: expected a mapping (the expected config) or None, got {type(config).__name__}")
         saved = read_pretrained_config(directory)
-        where = str(Path(directory) / CONFIG_FILE)
         target = _REGISTRY.get(saved["class"])
         if target is None or not issubclass(target, cls):
             raise ValueError(f"directory: {str(directory)!r} holds a pretrained {saved['class']}, not a {cls.__name__}")
         if config is not None:
             check_config(dict(config), saved["config"], source=f"the pretrained folder {str(directory)!r}")
-        try:
-            model = target.from_config(saved["config"])
-        except Exception as e:  # the config comes from a file: any failure to build from it is a bad file
-            raise ValueError(f"directory: the config in {where!r} does not build a {saved['class']}: {e}") from e
+        model = _build(target, saved["config"], str(Path(directory) / CONFIG_FILE))
         load_pretrained_weights(directory, model, sha256=saved.get("weights_sha256"))
         return model.to(device)
+
+
+def _build(cls: type[P], config: dict[str, Any], where: str) -> P:
+    try:
+        return cls.from_config(config)
+    except Exception as e:  # the config comes from a file: any failure to build from it is a bad file
+        raise ValueError(f"directory: the config in {where!r} does not build a {cls.__name__}: {e}") from e
 
 
 def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, sha256: str | None = None) -> None:
@@ -185,8 +177,11 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
             first such mismatch is named, with both shapes) or holds NaN/inf values.
     """
     path = Path(directory) / MODEL_FILE
-    if sha256 is not None:
-        _check_sha256(path, sha256)
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise ValueError(
+            f"directory: {str(path)!r} does not match the sha256 that {CONFIG_FILE} records (expected "
+            f"{sha256}, got {file_sha256(path)}): the file is damaged or was replaced"
+        )
     try:
         state, _ = load_safetensors(path)
     except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
@@ -199,24 +194,14 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
     model.load_state_dict(state)
 
 
-def _check_sha256(path: Path, sha256: str) -> None:
-    found = file_sha256(path)
-    if found != sha256:
-        raise ValueError(
-            f"directory: {str(path)!r} does not match the sha256 that {CONFIG_FILE} records (expected "
-            f"{sha256}, got {found}): the file is damaged or was replaced"
-        )
-
-
 def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     """Raise unless the weights in ``path`` (``state``) have exactly ``model``'s tensor names and shapes."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
     builds = f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} builds"
-    if missing or unexpected:
+    if set(state) != set(expected):
+        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
         raise ValueError(f"{builds}: missing {_first_names(missing)}, unexpected {_first_names(unexpected)}")
-    mismatched = [k for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
+    mismatched = [k for k, v in expected.items() if state[k].shape != v.shape]
     if mismatched:
         first = mismatched[0]
         raise ValueError(

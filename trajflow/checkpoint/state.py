@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +18,51 @@ __all__ = ["save_state", "load_state"]
 _STATE_KEY = "trajflow.state"
 
 
+def _encode_tensor(obj: Tensor, tensors: dict[str, Tensor], where: str) -> Any:
+    key = str(len(tensors))
+    tensors[key] = obj
+    return {"$tensor": key}
+
+
+# How each kind of value is written as JSON, its tensors moved into ``tensors`` (see :func:`save_state`).
+_ENCODERS: tuple[tuple[type | tuple[type, ...], Callable[[Any, dict[str, Tensor], str], Any]], ...] = (
+    (Tensor, _encode_tensor),
+    ((bool, int, float, str, type(None)), lambda obj, tensors, where: obj),
+    (
+        Mapping,
+        lambda obj, tensors, where: {
+            "$dict": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]
+        },
+    ),
+    (tuple, lambda obj, tensors, where: {"$tuple": _encode(list(obj), tensors, where)}),
+    (list, lambda obj, tensors, where: [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]),
+)
+
+# How each tagged JSON object is read back: {"$tensor": key}, {"$tuple": [...]}, {"$dict": [[key, value], ...]}.
+_DECODERS: dict[str, Callable[[Any, Mapping[str, Tensor]], Any]] = {
+    "$tensor": lambda key, tensors: tensors[key],
+    "$tuple": lambda items, tensors: tuple(_decode(items, tensors)),
+    "$dict": lambda pairs, tensors: {_decode(k, tensors): _decode(v, tensors) for k, v in pairs},
+}
+
+
 def _encode(obj: Any, tensors: dict[str, Tensor], where: str) -> Any:
-    """``obj`` as JSON, its tensors moved into ``tensors`` (see :func:`save_state`)."""
-    if isinstance(obj, Tensor):
-        key = str(len(tensors))
-        tensors[key] = obj
-        return {"$tensor": key}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if isinstance(obj, Mapping):
-        return {"$dict": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"$tuple": [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, tensors, f"{where}[{i}]") for i, v in enumerate(obj)]
-    raise TypeError(
-        f"state: expected tensors, numbers, strings, None and dicts, lists or tuples of them, got "
-        f"{type(obj).__name__} at {where}"
-    )
+    encode = next((fn for kind, fn in _ENCODERS if isinstance(obj, kind)), None)
+    if encode is None:
+        raise TypeError(
+            f"state: expected tensors, numbers, strings, None and dicts, lists or tuples of them, got "
+            f"{type(obj).__name__} at {where}"
+        )
+    return encode(obj, tensors, where)
 
 
 def _decode(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(obj, list):
         return [_decode(v, tensors) for v in obj]
-    if isinstance(obj, dict):
-        if "$tensor" in obj:
-            return tensors[obj["$tensor"]]
-        if "$tuple" in obj:
-            return tuple(_decode(v, tensors) for v in obj["$tuple"])
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["$dict"]}
-    return obj
+    if not isinstance(obj, dict):
+        return obj
+    ((tag, value),) = obj.items()  # one tag per object; anything else is not a state file (a ValueError)
+    return _DECODERS[tag](value, tensors)
 
 
 def save_state(path: str | os.PathLike, state: Any) -> Path:

@@ -13,16 +13,10 @@ Layout written by :class:`~trajflow.train.Trainer` (one folder per saved step)::
         manifest.json        the step, and every other file's size and sha256 (written last)
     OUT/checkpoints/latest   the name of the newest complete step folder
 
-Atomicity, in two layers:
-
-* every file is written with :func:`~trajflow.checkpoint.atomic_write`, so a reader never sees half a file;
-* a step folder is assembled under a hidden staging name (``.step-0000500.tmp``) and renamed to
-  ``step-0000500`` only when every file is in it (:meth:`CheckpointDir.commit`). A crash at any point
-  leaves the previous step folder, and the ``latest`` pointer to it, untouched; staging folders are
-  ignored by readers and removed by the next save.
-
-Each folder's ``manifest.json`` (:mod:`trajflow.checkpoint.manifest`) is checked before a run resumes from it;
-:meth:`CheckpointDir.newest_intact` falls back to the newest checkpoint that passes.
+Every file is written atomically (:func:`~trajflow.checkpoint.atomic_write`), and a step folder is assembled
+under a hidden staging name (``.step-0000500.tmp``) and renamed into place only when complete
+(:meth:`CheckpointDir.commit`): a crash leaves the previous step folder and ``latest`` untouched. Its
+``manifest.json`` is checked before a run resumes from it (:meth:`CheckpointDir.newest_intact`).
 """
 
 from __future__ import annotations
@@ -84,9 +78,7 @@ class CheckpointDir:
 
     def steps(self) -> list[tuple[int, Path]]:
         """Complete checkpoints as ``(step, folder)``, oldest first (staging folders are not listed)."""
-        if not self.root.is_dir():
-            return []
-        found = [(step_of(p.name), p) for p in self.root.iterdir()]
+        found = [(step_of(p.name), p) for p in (self.root.iterdir() if self.root.is_dir() else ())]
         return sorted((step, p) for step, p in found if step is not None and p.is_dir())
 
     def latest(self) -> Path | None:
@@ -158,10 +150,7 @@ class CheckpointDir:
         checkpoint just written)."""
         if self.keep is None:
             return
-        keep = {Path(p).resolve() for p in protect}
-        pointed = self.pointed()
-        if pointed is not None:
-            keep.add(pointed.resolve())
+        keep = {Path(p).resolve() for p in (*protect, *filter(None, [self.pointed()]))}
         others = [path for _, path in self.steps() if path.resolve() not in keep]
         for path in others[: max(len(others) - max(self.keep - len(keep), 0), 0)]:
             shutil.rmtree(path, ignore_errors=True)
@@ -179,14 +168,13 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"checkpoint: {str(p)!r} does not exist")
     if (p / CONFIG_FILE).is_file() and ((p / MODEL_FILE).is_file() or (p / EMA_FILE).is_file()):
         return p
-    for root in (p, p / "checkpoints"):
-        latest = CheckpointDir(root, keep=None).latest()
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(
-        f"checkpoint: expected a step folder (config.json + model.safetensors), a checkpoints folder or a run "
-        f"folder with checkpoints/, got {str(p)!r} with none of these"
-    )
+    latest = CheckpointDir(p, keep=None).latest() or CheckpointDir(p / "checkpoints", keep=None).latest()
+    if latest is None:
+        raise FileNotFoundError(
+            f"checkpoint: expected a step folder (config.json + model.safetensors), a checkpoints folder or a run "
+            f"folder with checkpoints/, got {str(p)!r} with none of these"
+        )
+    return latest
 
 
 def save_model(
@@ -226,9 +214,9 @@ def load_model_weights(
     ``ValueError`` naming it.
     """
     directory = Path(directory)
-    if (directory / MANIFEST_FILE).is_file():
-        read = [MODEL_FILE, *([CONFIG_FILE] if expected_config is not None else []), *([EMA_FILE] if ema else [])]
-        verify_checkpoint(directory, [n for n in read if (directory / n).is_file()])
+    if (directory / MANIFEST_FILE).is_file():  # check the files read here against it
+        read = [MODEL_FILE] + [CONFIG_FILE] * (expected_config is not None) + [EMA_FILE] * ema
+        verify_checkpoint(directory, filter(lambda name: (directory / name).is_file(), read))
     if expected_config is not None:
         found = load_json(directory / CONFIG_FILE)
         check_config(expected_config, found, ignore=ignore, source=f"the checkpoint {str(directory)!r}")

@@ -1,24 +1,19 @@
 r"""Pyro interop: a trained NTM as a prior in a Pyro model, for SVI and MCMC.
 
-Pyro's sample sites expect its :class:`~pyro.distributions.torch_distribution.TorchDistributionMixin`
-(``to_event``, ``mask``, ``expand_by``, calling the distribution to sample). :func:`to_pyro` returns a
-shallow copy of a trajflow distribution whose class also carries the mixin; densities, shapes and
-sampling are unchanged. A trajectory site declares the whole trajectory ``(T + 1, *data)`` as its event,
-so inside a ``pyro.plate`` over examples an autoguide or NUTS sees one latent trajectory per example, and
-:meth:`~trajflow.TrajectoryDistribution.log_prob` is differentiable in the trajectory (the transporter's
-forward pass and the predictor), which is all that SVI and Hamiltonian Monte Carlo need.
-
-With an observation of the data :math:`y \sim p(y | x_{t_0})`, the posterior over the trajectory is
+:func:`to_pyro` returns a shallow copy of a trajflow distribution whose class also carries Pyro's
+:class:`~pyro.distributions.torch_distribution.TorchDistributionMixin` (``to_event``, ``mask``, ``expand_by``,
+calling it to sample); densities, shapes and sampling are unchanged. A trajectory site's event is the whole
+trajectory ``(T + 1, *data)``, and :meth:`~trajflow.TrajectoryDistribution.log_prob` is differentiable in it,
+which is all that SVI and Hamiltonian Monte Carlo need. With an observation :math:`y \sim p(y | x_{t_0})`,
 
 .. math:: p(x_{t_0}, \dots, x_{t_T} | y) \propto p_\theta(x_{t_0}, \dots, x_{t_T}) \, p(y | x_{t_0}).
 
-The trajectory's density is sharp where the model's last steps are (the data's fine structure), which
-makes a hard geometry for a sampler. :class:`TrajectoryNoiseReparam` moves the site to the standard
-normal noise that generates it: the trajectory is an invertible, differentiable function
-(:func:`trajectory_from_noise`) of the noise :math:`\varepsilon = (x_{t_T}, z_1, \dots, z_T)` with
-:math:`x_{t_{k-1}} = F_k^{-1}(z_k; x_{t_k})`, :math:`F_k` the step flow's transform (data to base), so the
-prior becomes :math:`\mathcal{N}(0, I)` and only the likelihood shapes the posterior (the NeuTra idea,
-with the model's own flow as the transport).
+The trajectory's density is sharp where the model's last steps are, a hard geometry for a sampler.
+:class:`TrajectoryNoiseReparam` moves the site to the standard normal noise
+:math:`\varepsilon = (x_{t_T}, z_1, \dots, z_T)` that generates it through the invertible map
+:math:`x_{t_{k-1}} = F_k^{-1}(z_k; x_{t_k})` (:func:`trajectory_from_noise`, :math:`F_k` the step flow's
+transform), so the prior becomes :math:`\mathcal{N}(0, I)` and only the likelihood shapes the posterior (the
+NeuTra idea, with the model's own flow as the transport).
 
 Example:
     >>> import pyro, trajflow
@@ -94,12 +89,11 @@ def _check_trajectory_distribution(dist: object) -> TrajectoryDistribution:
 def trajectory_from_noise(dist: TrajectoryDistribution, noise: Tensor) -> Tensor:
     r"""The trajectory that standard normal ``noise`` generates under ``dist``, differentiably.
 
-    ``noise[..., T, :]`` is :math:`x_{t_T}` itself and ``noise[..., k - 1, :]`` is the base draw
-    :math:`z_k` of step ``k`` (the convention of :meth:`~trajflow.TrajectoryDistribution.rsample_latents`),
-    so for the same draws this is :meth:`~trajflow.TrajectoryDistribution.rsample`. Each level is
-    :math:`x_{t_{k-1}} = F_k^{-1}(z_k; x_{t_k})` with :math:`F_k` the transform of
-    :meth:`~trajflow.TrajectoryDistribution.step` ``(k, x_{t_k})``, so the map is invertible
-    (:func:`noise_from_trajectory`) and gradients reach the noise through every step.
+    ``noise[..., T, :]`` is :math:`x_{t_T}` itself and ``noise[..., k - 1, :]`` the base draw :math:`z_k` of
+    step ``k`` (as :meth:`~trajflow.TrajectoryDistribution.rsample_latents`), so for the same draws this is
+    :meth:`~trajflow.TrajectoryDistribution.rsample`. Each level is :math:`x_{t_{k-1}} = F_k^{-1}(z_k; x_{t_k})`
+    with :math:`F_k` the transform of :meth:`~trajflow.TrajectoryDistribution.step` ``(k, x_{t_k})``: the map is
+    invertible (:func:`noise_from_trajectory`) and gradients reach the noise through every step.
 
     Arguments:
         dist: The trajectory distribution.
@@ -150,16 +144,13 @@ class TrajectoryNoiseReparam(Reparam):
     r"""Sample a trajectory site through the standard normal noise that generates it.
 
     A site ``name`` whose distribution is a :class:`~trajflow.TrajectoryDistribution` wrapped by
-    :func:`to_pyro` or by Pyro's ``pyro.contrib.zuko.ZukoToPyro`` (possibly plate-expanded or
-    ``to_event``-ed) becomes an auxiliary site ``f"{name}_noise"`` with a standard normal distribution of the
-    same shape, and the trajectory :func:`trajectory_from_noise` is recorded at ``name`` as a deterministic
-    site (no density of its own). The map is invertible and its Jacobian is the trajectory density's change
-    of variables, so the posterior over the trajectory is the same; what changes is the geometry that SVI
-    and MCMC see: the prior term is :math:`\mathcal{N}(0, I)`. For latent sites only, as Pyro's own
-    reparameterisers (an observed site raises a :class:`ValueError`); an initial value at the site is
-    mapped back to its noise with :func:`noise_from_trajectory`.
-
-    Use it with ``pyro.poutine.reparam(model, config={"traj": TrajectoryNoiseReparam()})``.
+    :func:`to_pyro` or by ``pyro.contrib.zuko.ZukoToPyro`` (possibly plate-expanded or ``to_event``-ed) becomes
+    an auxiliary standard normal site ``f"{name}_noise"`` of the same shape, and the trajectory
+    :func:`trajectory_from_noise` is recorded at ``name`` as a deterministic site. The map's Jacobian is the
+    trajectory density's change of variables, so the posterior is the same; only the geometry that SVI and
+    MCMC see changes. For latent sites only (an observed site raises a :class:`ValueError`); an initial value
+    at the site is mapped back to its noise with :func:`noise_from_trajectory`. Use it with
+    ``pyro.poutine.reparam(model, config={"traj": TrajectoryNoiseReparam()})``.
 
     Example:
         >>> import pyro, trajflow
@@ -176,32 +167,36 @@ class TrajectoryNoiseReparam(Reparam):
     """
 
     def apply(self, msg: dict) -> dict:
-        name, value, is_observed = msg["name"], msg["value"], msg["is_observed"]
+        name, value = msg["name"], msg["value"]
         fn, event_dim = self._unwrap(msg["fn"])
-        if not isinstance(fn, TrajectoryDistribution) and isinstance(getattr(fn, "dist", None), TrajectoryDistribution):
-            fn = fn.dist  # Pyro's own wrapper, pyro.contrib.zuko.ZukoToPyro, keeps the distribution as `.dist`
-        if not isinstance(fn, TrajectoryDistribution):
-            raise ValueError(
-                f"TrajectoryNoiseReparam at site {name!r}: expected a trajflow TrajectoryDistribution "
-                f"(to_pyro(model.distribution(...)), optionally .expand or .to_event), got {type(fn).__name__}"
-            )
-        if is_observed:
-            # The noise site's density differs from the trajectory's by the Jacobian of the map, which is right
-            # for a latent site (the same posterior) but would change an observed site's likelihood.
-            raise ValueError(
-                f"TrajectoryNoiseReparam at site {name!r}: the site is observed; this reparameterisation is for "
-                "latent trajectories only (score an observed trajectory with the distribution itself)"
-            )
+        fn = _trajectory_of(fn, name, msg["is_observed"])
         # The noise has the trajectory's batch and event shapes: (*batch, T + 1, *data).
         zeros = torch.zeros(fn.batch_shape + fn.event_shape, device=fn.grid.device, dtype=fn.grid.dtype)
         base = pdist.Normal(zeros, torch.ones_like(zeros)).to_event(event_dim)
         noise = None if value is None else noise_from_trajectory(fn, value)
         noise = pyro.sample(f"{name}_noise", base, obs=noise, infer={"is_observed": False})
-        if value is None:
-            value = trajectory_from_noise(fn, noise)
+        value = trajectory_from_noise(fn, noise) if value is None else value
         # A pyro.deterministic site: the density is carried by the noise site.
-        new_fn = pdist.Delta(value, event_dim=event_dim).mask(False)
-        return {"fn": new_fn, "value": value, "is_observed": True}
+        return {"fn": pdist.Delta(value, event_dim=event_dim).mask(False), "value": value, "is_observed": True}
+
+
+def _trajectory_of(fn: object, name: str, is_observed: bool) -> TrajectoryDistribution:
+    """The trajectory distribution of a latent site (Pyro's ``ZukoToPyro`` keeps it as ``.dist``), checked."""
+    if isinstance(getattr(fn, "dist", None), TrajectoryDistribution):
+        fn = fn.dist
+    if not isinstance(fn, TrajectoryDistribution):
+        raise ValueError(
+            f"TrajectoryNoiseReparam at site {name!r}: expected a trajflow TrajectoryDistribution "
+            f"(to_pyro(model.distribution(...)), optionally .expand or .to_event), got {type(fn).__name__}"
+        )
+    if is_observed:
+        # The noise site's density differs from the trajectory's by the map's Jacobian: right for a latent
+        # site (the same posterior), wrong for an observed site's likelihood.
+        raise ValueError(
+            f"TrajectoryNoiseReparam at site {name!r}: the site is observed; this reparameterisation is for "
+            "latent trajectories only (score an observed trajectory with the distribution itself)"
+        )
+    return fn
 
 
 def importance_resample(
@@ -215,11 +210,10 @@ def importance_resample(
 ) -> tuple[Tensor, float]:
     r"""Posterior trajectories by sampling-importance-resampling from the prior: the reference in low dimension.
 
-    Draws ``num_draws`` trajectories from ``dist`` (the prior, batch shape ``()``), weighs each by the
-    likelihood :math:`w_i = p(y | x^{(i)})` and resamples ``num_samples`` of them with replacement in
-    proportion to the weights. As ``num_draws`` grows the result tends to exact draws of
-    :math:`p(x_{t_0}, \dots, x_{t_T} | y)`; it is only reliable while the effective sample size
-    :math:`(\sum w)^2 / \sum w^2` stays large, which in practice means a data space of a few dimensions.
+    Draws ``num_draws`` trajectories from ``dist``, weighs each by the likelihood :math:`w_i = p(y | x^{(i)})`
+    and resamples ``num_samples`` of them with replacement in proportion to the weights: exact draws of
+    :math:`p(x_{t_0}, \dots, x_{t_T} | y)` as ``num_draws`` grows, reliable only while the effective sample
+    size :math:`(\sum w)^2 / \sum w^2` stays large (a data space of a few dimensions).
 
     Arguments:
         dist: The prior, a trajectory distribution with ``batch_shape == ()``.

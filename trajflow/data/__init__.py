@@ -4,36 +4,8 @@ Nothing here downloads at run time; each image loader says in its error message 
 provides its data (see :mod:`trajflow.data.images`).
 """
 
-from .images import (
-    IMAGE_DATASETS,
-    ImageDataset,
-    dequantize,
-    from_unit_range,
-    load_cifar10,
-    load_digits,
-    load_fashion_mnist,
-    load_image_array,
-    load_image_dataset,
-    load_image_folder,
-    load_mnist,
-    to_unit_range,
-)
-from .toy import TOY_DENSITIES, ToyDensity, toy_density
+from . import images, toy
+from .images import *  # noqa: F403
+from .toy import *  # noqa: F403
 
-__all__ = [
-    "IMAGE_DATASETS",
-    "ImageDataset",
-    "TOY_DENSITIES",
-    "ToyDensity",
-    "dequantize",
-    "from_unit_range",
-    "load_cifar10",
-    "load_digits",
-    "load_fashion_mnist",
-    "load_image_array",
-    "load_image_dataset",
-    "load_image_folder",
-    "load_mnist",
-    "to_unit_range",
-    "toy_density",
-]
+__all__ = [*images.__all__, *toy.__all__]

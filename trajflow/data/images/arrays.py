@@ -113,14 +113,7 @@ def load_image_array(
         file_labels = _checked_labels(np.asarray(file_labels), array.shape[0])
     if num_classes is None:
         num_classes = int(file_labels.max()) + 1 if file_labels is not None and file_labels.size else 0
-    return _dataset_from_numpy(
-        array,
-        file_labels,
-        levels=levels,
-        num_classes=num_classes,
-        name=name or path.stem,
-        split="",
-    )
+    return _dataset_from_numpy(array, file_labels, name or path.stem, "", None, levels=levels, num_classes=num_classes)
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -18,18 +18,7 @@ CIFAR10_HINT = (
     "https://www.cs.toronto.edu/~kriz/cifar.html), extract it and pass the folder that holds "
     "data_batch_1..5 and test_batch (cifar-10-batches-py)"
 )
-CIFAR10_CLASSES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -77,15 +66,7 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
     parts = [_cifar_batch(root / n) for n in names]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return _dataset_from_numpy(
-        images,
-        labels,
-        levels=256,
-        num_classes=10,
-        name="cifar10",
-        split=split,
-        class_names=_class_names(root / "batches.meta"),
-    )
+    return _dataset_from_numpy(images, labels, "cifar10", split, _class_names(root / "batches.meta"))
 
 
 def _class_names(meta: Path) -> Sequence[str]:

@@ -20,27 +20,20 @@ __all__ = ["ImageDataset"]
 _SPLITS = ("train", "test")
 
 
+def _described(x: object) -> str:
+    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+
+
 def _check_images(images: object) -> None:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
-        got = (
-            f"{images.dtype} tensor of shape {tuple(images.shape)}"
-            if isinstance(images, Tensor)
-            else type(images).__name__
-        )
-        raise ValueError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {got}")
+        raise ValueError(f"images: expected a uint8 tensor of shape (N, C, H, W), got {_described(images)}")
 
 
 def _checked_labels(labels: object, n: int) -> Tensor:
     """``labels`` as int64 ``(n,)`` (zeros for ``None``), or a ``ValueError`` naming ``labels``."""
-    if labels is None:
-        labels = torch.zeros(n, dtype=torch.int64)
+    labels = torch.zeros(n, dtype=torch.int64) if labels is None else labels
     if not isinstance(labels, Tensor) or labels.shape != (n,) or labels.is_floating_point():
-        got = (
-            f"shape {tuple(labels.shape)}, dtype {labels.dtype}"
-            if isinstance(labels, Tensor)
-            else type(labels).__name__
-        )
-        raise ValueError(f"labels: expected an integer tensor of shape ({n},), got {got}")
+        raise ValueError(f"labels: expected an integer tensor of shape ({n},), got {_described(labels)}")
     return labels.to(torch.int64)
 
 
@@ -221,13 +214,14 @@ def _check_split(split: str, allowed: Sequence[str] = _SPLITS) -> str:
 def _dataset_from_numpy(
     images: np.ndarray,
     labels: np.ndarray | None,
-    *,
-    levels: int,
-    num_classes: int,
     name: str,
     split: str,
-    class_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None,
+    *,
+    levels: int = 256,
+    num_classes: int = 10,
 ) -> ImageDataset:
+    """An :class:`ImageDataset` owning copies of the loader's arrays (8-bit and 10 classes by default)."""
     images = np.ascontiguousarray(images, dtype=np.uint8)
     if not images.flags.writeable:  # cached or np.frombuffer arrays: torch needs its own writable memory
         images = images.copy()

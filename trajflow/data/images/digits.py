@@ -35,15 +35,7 @@ def load_digits(split: str = "train") -> ImageDataset:
         rank[members] = np.arange(len(members))
     is_test = rank % 5 == 4
     keep = is_test if split == "test" else ~is_test
-    return _dataset_from_numpy(
-        images[keep][:, None],
-        target[keep],
-        levels=17,
-        num_classes=10,
-        name="digits",
-        split=split,
-        class_names=DIGIT_CLASSES,
-    )
+    return _dataset_from_numpy(images[keep][:, None], target[keep], "digits", split, DIGIT_CLASSES, levels=17)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,18 +16,7 @@ __all__ = ["load_fashion_mnist", "FASHION_MNIST_INSTALL", "FASHION_MNIST_ROOT", 
 FASHION_MNIST_INSTALL = "apt-get install dataset-fashion-mnist"
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
-FASHION_MNIST_CLASSES = (
-    "t-shirt/top",
-    "trouser",
-    "pullover",
-    "dress",
-    "coat",
-    "sandal",
-    "shirt",
-    "sneaker",
-    "bag",
-    "ankle boot",
-)
+FASHION_MNIST_CLASSES = tuple("t-shirt/top,trouser,pullover,dress,coat,sandal,shirt,sneaker,bag,ankle boot".split(","))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -70,12 +59,4 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] = FASH
     images, labels = (_read_idx(p) for p in paths)
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
-    return _dataset_from_numpy(
-        images[:, None],
-        labels,
-        levels=256,
-        num_classes=10,
-        name="fashion-mnist",
-        split=split,
-        class_names=FASHION_MNIST_CLASSES,
-    )
+    return _dataset_from_numpy(images[:, None], labels, "fashion-mnist", split, FASHION_MNIST_CLASSES)

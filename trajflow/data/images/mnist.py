@@ -76,12 +76,4 @@ def load_mnist(split: str = "train") -> ImageDataset:
     """
     _check_split(split)
     images, labels = _mnist_arrays()[split]
-    return _dataset_from_numpy(
-        images[:, None],
-        labels,
-        levels=256,
-        num_classes=10,
-        name="mnist",
-        split=split,
-        class_names=DIGIT_CLASSES,
-    )
+    return _dataset_from_numpy(images[:, None], labels, "mnist", split, DIGIT_CLASSES)
