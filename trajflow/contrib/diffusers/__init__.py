@@ -1,42 +1,25 @@
 r"""Velocity models from diffusers: flow-matching ``UNet2DModel`` s and SD3 / FLUX transformers.
 
 diffusers' flow-matching convention is trajflow's, with time measured in training timesteps. Its
-``FlowMatchEulerDiscreteScheduler`` (diffusers 0.42, ``scheduling_flow_match_euler_discrete.py``) noises
-with :math:`\sigma` as
-
-* ``scale_noise``: ``sample = sigma * noise + (1.0 - sigma) * sample``, i.e.
-  :math:`x_\sigma = (1 - \sigma) x_0 + \sigma \epsilon`;
-* ``set_timesteps``: ``timesteps = sigmas * num_train_timesteps`` (the network sees :math:`1000 \sigma`);
-* ``step``: ``prev_sample = sample + (sigma_next - sigma) * model_output``, an Euler step of
-  :math:`dx / d\sigma = v`, and its stochastic branch ``x0 = sample - sigma * model_output``, so the network
-  predicts :math:`v = \epsilon - x_0`.
-
-So :math:`\sigma = t` and an adapter calls the network at ``timestep = num_train_timesteps * t`` and returns
-its output as :math:`v` unchanged; diffusers' ``shift`` (``shift * s / (1 + (shift - 1) s)``) is also
-:func:`trajflow.time_grid`'s. The wrapped network must have been trained in this convention (a DDPM
+``FlowMatchEulerDiscreteScheduler`` (diffusers 0.42) noises as ``sample = sigma * noise + (1.0 - sigma) * sample``
+(:math:`x_\sigma = (1 - \sigma) x_0 + \sigma \epsilon`), calls the network at ``timesteps = sigmas *
+num_train_timesteps`` and steps ``prev_sample = sample + (sigma_next - sigma) * model_output`` (its stochastic
+branch: ``x0 = sample - sigma * model_output``), so the network predicts :math:`v = \epsilon - x_0`. An adapter
+therefore calls it at ``timestep = num_train_timesteps * t`` (:math:`\sigma = t`; FLUX's transformers take
+``timestep / 1000``) and returns its output as :math:`v` unchanged; diffusers' ``shift`` is
+:func:`trajflow.time_grid`'s. The network must have been trained in this convention (a DDPM
 :math:`\epsilon`-prediction UNet is not a velocity model).
 
-FLUX's transformers take :math:`\sigma` itself and multiply it by 1000 inside (their pipelines pass
-``timestep / 1000``), so their adapters pass ``num_train_timesteps * t / 1000``.
-
-The adapters: :class:`UNet2DVelocity` (``UNet2DModel``, class labels) and the text-conditional
-:class:`SD3Velocity` (``SD3Transformer2DModel``), :class:`FluxVelocity` (``FluxTransformer2DModel``) and
-:class:`Flux2Velocity` (``Flux2Transformer2DModel``); each docstring gives its conversion, checked against its
-diffusers pipeline. Each is a :class:`DiffusersVelocity`: it loads a diffusers folder from disk only
-(:meth:`~DiffusersVelocity.from_diffusers`, ``local_files_only=True``, nothing is fetched from a hub; a
-folder of another class or without ``config.json`` is refused naming the file), writes one back
-(:meth:`~DiffusersVelocity.save_diffusers`), and saves with trajflow's own
-:meth:`~trajflow.checkpoint.Pretrained.save_pretrained` (the network's diffusers config in ``config.json``),
-also as a part of an NTM built on it by :func:`trajflow.finetune.init_from_flow_matching` (import this module
-before ``NTM.from_pretrained`` reads such a folder: it registers the adapters' names).
-
-The sampler pipeline :class:`NTMDiffusersPipeline` goes from prompts to images with the pipeline's own pieces:
-its text encoders (:class:`DiffusersPromptEncoder`), an NTM's steps in latent space with the clipped Gaussian
-guidance, and its VAE in float32 (:class:`PipelineVAE`); beside it the FM baseline, the flow-matching model
-sampled by diffusers' ``FlowMatchEulerDiscreteScheduler`` as its pipeline does (:func:`scheduler_sample`).
-``examples/finetune_diffusers/`` fine-tunes such an NTM from a local checkpoint.
-
-diffusers is imported only when an adapter is built (``pip install diffusers``).
+The adapters, each a :class:`DiffusersVelocity` whose docstring gives its conversion: :class:`UNet2DVelocity`
+(class labels), :class:`SD3Velocity`, :class:`FluxVelocity` and :class:`Flux2Velocity` (text). Each loads a
+local diffusers folder only (:meth:`~DiffusersVelocity.from_diffusers`, ``local_files_only=True``), writes one
+back (:meth:`~DiffusersVelocity.save_diffusers`) and saves with
+:meth:`~trajflow.checkpoint.Pretrained.save_pretrained`, also as a part of an NTM built by
+:func:`trajflow.finetune.init_from_flow_matching` (import this module before ``NTM.from_pretrained`` reads
+such a folder: it registers the adapters' names). :class:`NTMDiffusersPipeline` goes from prompts to images
+with the pipeline's own text encoders (:class:`DiffusersPromptEncoder`), NTM steps in latent space and its
+VAE in float32 (:class:`PipelineVAE`), beside the FM baseline sampled by diffusers' scheduler
+(:func:`scheduler_sample`). diffusers is imported only when an adapter is built (``pip install diffusers``).
 
 Example:
     >>> from diffusers import UNet2DModel  # doctest: +SKIP
@@ -54,10 +37,6 @@ References:
     | https://arxiv.org/abs/2403.03206
     | Normalizing Trajectory Models (Gu et al., 2026), §3.3. https://arxiv.org/abs/2605.08078
     | diffusers. https://github.com/huggingface/diffusers
-
-The package: :mod:`~.base` (:class:`DiffusersVelocity`), :mod:`~.unet`, :mod:`~.text` (SD3 and what the
-text-conditional transformers share), :mod:`~.flux`, :mod:`~.loading` (pipeline folders and the prompt
-encoder), :mod:`~.vae`, :mod:`~.scheduler` (the FM baseline) and :mod:`~.pipeline`.
 """
 
 from .base import DiffusersVelocity

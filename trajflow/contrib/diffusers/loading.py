@@ -48,11 +48,9 @@ def load_diffusers_pipeline(
     torch_dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> Any:
-    """A diffusers pipeline read from the **local** folder ``path`` (``local_files_only=True``).
-
-    Its transformer is not loaded unless one is passed (``transformer=``): the NTM or the adapter holds the
-    network, and the pipeline object is wanted for its text encoders, tokenizers, VAE and scheduler (a
-    pipeline whose ``encode_prompt`` reads the transformer's config, SD3 without T5, needs it passed).
+    """A diffusers pipeline read from the **local** folder ``path`` (``local_files_only=True``), for its text
+    encoders, tokenizers, VAE and scheduler: its transformer is not loaded unless passed (``transformer=``; SD3
+    without T5 needs it, its ``encode_prompt`` reads the transformer's config).
 
     Arguments:
         path: A folder written by a diffusers pipeline's ``save_pretrained`` (``model_index.json`` and one
@@ -77,12 +75,10 @@ def load_diffusers_pipeline(
 class DiffusersPromptEncoder:
     r"""Prompts -> the adapter's condition through the diffusers pipeline's own ``encode_prompt``.
 
-    Calls ``pipe.encode_prompt`` as the pipeline's ``__call__`` does for one image per prompt and no guidance
-    (the null condition is encoded as its own prompt, ``""`` by default), so the embeddings are a diffusers
-    user's: ``StableDiffusion3Pipeline`` (CLIP-L, CLIP-G and T5, or zeros without T5) and ``FluxPipeline``
-    (CLIP and T5) give ``(prompt_embeds, pooled_prompt_embeds)``; ``Flux2KleinPipeline`` / ``Flux2Pipeline``
-    (Qwen3 / Mistral) give ``prompt_embeds``. The text encoders run in their own dtype with autocast off; the
-    embeddings come back in that dtype, without gradients.
+    Called as the pipeline's ``__call__`` does for one image per prompt and no guidance (the null condition is
+    encoded as its own prompt): SD3 (CLIP-L, CLIP-G and T5) and FLUX.1 (CLIP and T5) give ``(prompt_embeds,
+    pooled_prompt_embeds)``, FLUX.2 (Qwen3 / Mistral) ``prompt_embeds``. The text encoders run in their own
+    dtype with autocast off; the embeddings come back in that dtype, without gradients.
 
     Arguments:
         pipe: A diffusers pipeline of one of the classes of :data:`PIPELINE_ADAPTERS` (see

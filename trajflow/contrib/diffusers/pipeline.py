@@ -39,7 +39,7 @@ def _rows(cond: Condition) -> int:
     return int((cond[0] if isinstance(cond, tuple) else cond).shape[0])
 
 
-# The checks of NTMDiffusersPipeline's arguments that need nothing built: (argument, is it wrong, expected).
+# (argument, is it wrong, what is expected) of model, encode_prompt, pipeline and autocast_dtype.
 _ARGUMENT_CHECKS = (
     ("model", lambda v: v is not None and not hasattr(v, "sample"), "a trajflow NTM"),
     ("encode_prompt", lambda v: v is not None and not callable(v), "a callable prompts -> condition"),
@@ -52,11 +52,11 @@ _ARGUMENT_CHECKS = (
 )
 
 
-def _check_arguments(**arguments: Any) -> None:
-    if arguments["model"] is None and arguments["velocity"] is None:
+def _check_arguments(model: object, velocity: object, *options: object) -> None:
+    """The checks of :class:`NTMDiffusersPipeline`'s arguments that need nothing built."""
+    if model is None and velocity is None:
         raise ValueError("model, velocity: expected an NTM, a flow-matching velocity model or both, got neither")
-    for name, wrong, expected in _ARGUMENT_CHECKS:
-        value = arguments[name]
+    for (name, wrong, expected), value in zip(_ARGUMENT_CHECKS, (model, *options), strict=True):
         if wrong(value):
             got = repr(value) if isinstance(value, (str, torch.dtype)) else type(value).__name__
             raise ValueError(f"{name}: expected {expected}, got {got}")
@@ -92,24 +92,16 @@ def _load_ntm(path: str | os.PathLike, torch_dtype: torch.dtype | None) -> nn.Mo
 class NTMDiffusersPipeline:
     r"""Text to image with an NTM in a diffusers model's latent space, and the FM baseline as diffusers runs it.
 
-    ``pipe(prompts)``: prompts -> the pipeline's own text encoders (``encode_prompt``) -> ``steps`` NTM steps in
-    latent space with the clipped Gaussian classifier-free guidance (:func:`trajflow.guidance.guided_gaussian`,
-    weight ``guidance``; the null condition is the adapter's, fixed when the NTM was built) -> the VAE decoder
-    in float32 (:class:`PipelineVAE`). ``pipe.flow_matching(prompts, steps=N)``: the same prompts through the
-    flow-matching model ``velocity`` sampled by diffusers' ``FlowMatchEulerDiscreteScheduler`` as the diffusers
-    pipeline does (:func:`scheduler_sample`: its timesteps, its shift, its CFG with the ``negative_prompt``),
-    decoded by the same VAE.
+    ``pipe(prompts)``: prompts -> the pipeline's own text encoders -> ``steps`` NTM steps in latent space with
+    the clipped Gaussian guidance (:func:`trajflow.guidance.guided_gaussian`, weight ``guidance``, the adapter's
+    null condition) -> the VAE decoder in float32 (:class:`PipelineVAE`). ``pipe.flow_matching(prompts,
+    steps=N)``: the flow-matching model ``velocity`` sampled by diffusers' ``FlowMatchEulerDiscreteScheduler``
+    as its pipeline does (:func:`scheduler_sample`: its timesteps, shift and CFG with the ``negative_prompt``).
 
-    Noise. Both draw their initial latents :math:`x_1` first from ``generator`` as
-    :meth:`prepare_latents` does (``randn((N, *event_shape))``, float32, on the pipeline's device), so the NTM
-    and the FM baseline given generators of one seed start from the same latents; the NTM then draws one more
-    Gaussian per step from the same generator. The same seed gives the same images.
-
-    Precision. With ``autocast_dtype="auto"`` the NTM samples under autocast in the backbone's dtype when that is
-    bfloat16 or float16 (load the transformer with ``torch_dtype=torch.bfloat16``; the NTM's own small parts
-    may stay float32), else without autocast; the latents and the VAE are float32 throughout, and the images
-    come back float32. The FM baseline runs without autocast, as diffusers does (the adapter casts the latents
-    to the network's dtype and returns float32).
+    Both draw their initial latents :math:`x_1` first from ``generator`` (:meth:`prepare_latents`), so one seed
+    gives both the same start; the NTM then draws one Gaussian per step from it. With ``autocast_dtype="auto"``
+    the NTM samples under autocast in the backbone's dtype when that is bfloat16 or float16; the latents, the
+    VAE and the images are float32 throughout, and the FM baseline runs without autocast, as diffusers does.
 
     Arguments:
         model: The NTM (:func:`trajflow.finetune.init_from_flow_matching` on an adapter, or one saved by
@@ -147,13 +139,7 @@ class NTMDiffusersPipeline:
         negative_prompt: str = "",
         autocast_dtype: torch.dtype | str | None = "auto",
     ) -> None:
-        _check_arguments(
-            model=model,
-            velocity=velocity,
-            encode_prompt=encode_prompt,
-            pipeline=pipeline,
-            autocast_dtype=autocast_dtype,
-        )
+        _check_arguments(model, velocity, encode_prompt, pipeline, autocast_dtype)
         self.model = model
         self.velocity = velocity
         self.vae = vae if isinstance(vae, PipelineVAE) else PipelineVAE(vae)
@@ -182,13 +168,12 @@ class NTMDiffusersPipeline:
     ) -> NTMDiffusersPipeline:
         """The pipeline of the **local** diffusers pipeline folder ``path`` (nothing is downloaded).
 
-        Reads the pipeline's text encoders, tokenizers, VAE and scheduler (:func:`load_diffusers_pipeline`;
-        ``model_index.json`` names the pipeline class, one of :data:`PIPELINE_ADAPTERS`), and the NTM ``model``
-        (an NTM, or a folder written by its ``save_pretrained``, whose diffusers network is then cast to
-        ``torch_dtype``: the NTM's own parts and the VAE stay float32). With ``teacher`` (default: when there is no
-        ``model``) it also loads the pipeline's transformer through its adapter as the FM baseline's
-        ``velocity``, with the encoded ``negative_prompt`` as its null condition and the latent size of
-        ``resolution`` px (default: the transformer config's ``sample_size``, SD3 only).
+        Reads its text encoders, VAE and scheduler (:func:`load_diffusers_pipeline`; ``model_index.json`` names
+        one of :data:`PIPELINE_ADAPTERS`) and the NTM ``model`` (or a folder written by its ``save_pretrained``,
+        whose diffusers network is then cast to ``torch_dtype``; its own parts and the VAE stay float32). With
+        ``teacher`` (default: without ``model``) it also loads the transformer through its adapter as the FM
+        baseline's ``velocity``, with the encoded ``negative_prompt`` as its null condition and the latents of
+        ``resolution`` px (default: the config's ``sample_size``, SD3 only).
         """
         folder, record = _pipeline_folder(path)
         name = record.get("_class_name")

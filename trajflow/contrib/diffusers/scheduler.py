@@ -31,13 +31,12 @@ def set_pipeline_timesteps(
 ) -> Tensor:
     r"""Set ``scheduler``'s timesteps as the diffusers pipeline ``pipeline`` sets them; returns them.
 
-    ``StableDiffusion3Pipeline`` (and ``pipeline=None``): the scheduler's own spacing (``set_timesteps(steps)``),
-    with ``calculate_shift(image_seq_len, ...)`` as ``mu`` when its config has ``use_dynamic_shifting``.
-    ``FluxPipeline``: sigmas ``linspace(1, 1 / steps, steps)`` (none with ``use_flow_sigmas``) and
-    ``mu = calculate_shift(image_seq_len, ...)``. ``Flux2KleinPipeline`` / ``Flux2Pipeline``: the same sigmas
-    and ``mu = compute_empirical_mu(image_seq_len, steps)``. The shift functions are diffusers' own. ``sigmas``
-    overrides the spacing (as the pipelines' ``sigmas=`` argument); ``image_seq_len`` is the number of image
-    tokens the transformer sees (SD3: ``(H / p) (W / p)``; FLUX.1: packed ``H W / 4``; FLUX.2: ``H' W'``).
+    ``StableDiffusion3Pipeline`` (and ``None``): the scheduler's own spacing, with ``mu = calculate_shift(
+    image_seq_len, ...)`` when its config has ``use_dynamic_shifting``. ``FluxPipeline``: sigmas ``linspace(1,
+    1 / steps, steps)`` (none with ``use_flow_sigmas``) and ``mu = calculate_shift(...)``; ``Flux2KleinPipeline``
+    / ``Flux2Pipeline``: the same sigmas and ``mu = compute_empirical_mu(image_seq_len, steps)`` (diffusers' own
+    functions). ``sigmas`` overrides the spacing, as the pipelines' ``sigmas=``; ``image_seq_len`` is the number
+    of image tokens the transformer sees (SD3: ``(H / p) (W / p)``; FLUX.1: ``H W / 4``; FLUX.2: ``H' W'``).
     """
     steps = int(steps)
     if steps < 1:
@@ -101,16 +100,12 @@ def scheduler_sample(
 ) -> Tensor:
     r"""Flow-matching sampling through diffusers' ``FlowMatchEulerDiscreteScheduler``: "FM at ``steps`` steps".
 
-    The loop of the diffusers pipeline ``pipeline`` (timesteps from :func:`set_pipeline_timesteps`), with the
-    network called through its adapter at :math:`t = \sigma` (the adapter's ``timestep = 1000 t`` is then the
-    scheduler's ``timesteps = sigmas * 1000``, the same float32 product) and the output handed to
-    ``scheduler.step`` unchanged. Classifier-free guidance is diffusers': with ``guidance_scale > 1``,
-    ``v = v_u + guidance_scale (v_c - v_u)`` from one batched call on ``[negative, positive]`` as
-    ``StableDiffusion3Pipeline`` does, where ``v_u`` reads ``negative_cond`` (the pipeline encodes its
-    ``negative_prompt``, ``""`` by default) or, without one, the adapter's null condition. trajflow's weight
-    ``w`` (:func:`~trajflow.baselines.flow_matching.euler_sample`) is ``guidance_scale - 1``. The latents stay
-    float32 (the adapters return float32 velocities); a diffusers pipeline holds them in the text encoder's
-    dtype, which is the same loop in float32.
+    The loop of the diffusers pipeline ``pipeline`` (:func:`set_pipeline_timesteps`), calling the network
+    through its adapter at :math:`t = \sigma` (the adapter's ``1000 t`` is the scheduler's ``sigmas * 1000``,
+    the same float32 product) and handing its output to ``scheduler.step`` unchanged, in float32. Guidance is
+    diffusers': with ``guidance_scale > 1``, ``v = v_u + guidance_scale (v_c - v_u)`` from one batched call on
+    ``[negative, positive]``, ``v_u`` reading ``negative_cond`` or else the adapter's null condition (trajflow's
+    weight ``w`` of :func:`~trajflow.baselines.flow_matching.euler_sample` is ``guidance_scale - 1``).
 
     Arguments:
         velocity: The adapter (:class:`SD3Velocity`, ...), or any trajflow velocity model.

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...checks import check_tensor
+from ...checks import check_count, check_tensor
 
 __all__ = ["PipelineVAE"]
 
 
 def _checked_layout(vae: object, layout: str | None) -> str:
     """The latent layout of ``vae`` (``layout``, else read from its class), checked against what it is."""
-    if not isinstance(vae, nn.Module) or not hasattr(vae, "config") or not hasattr(vae, "decode"):
+    if not (isinstance(vae, nn.Module) and hasattr(vae, "config") and hasattr(vae, "decode")):
         raise ValueError(f"vae: expected a diffusers autoencoder (AutoencoderKL, ...), got {type(vae).__name__}")
     layout = layout or ("flux2" if type(vae).__name__ == "AutoencoderKLFlux2" else "scaled")
     if layout not in ("scaled", "flux2"):
@@ -25,21 +25,18 @@ def _checked_layout(vae: object, layout: str | None) -> str:
 class PipelineVAE(nn.Module):
     r"""A diffusers pipeline's VAE as its pipeline maps latents to images and back, in **float32**.
 
-    The VAE is cast to float32 and frozen here, and runs with autocast off whatever the model's precision: an
-    fp16 VAE decode gives NaNs or black images. Two layouts:
+    The VAE is cast to float32, frozen and run with autocast off whatever the model's precision (an fp16 VAE
+    decode gives NaNs or black images). Two latent layouts:
 
-    * ``"scaled"`` (``AutoencoderKL``: SD3, FLUX.1 and most others): the latent is
-      ``(z - shift_factor) * scaling_factor`` with ``z`` the VAE's latent; ``decode`` applies
-      ``z = latent / scaling_factor + shift_factor`` (``StableDiffusion3Pipeline`` / ``FluxPipeline``, after
-      unpacking) before ``vae.decode``.
-    * ``"flux2"`` (``AutoencoderKLFlux2``): the latent is the VAE's latent 2x2-patchified (``(4 C, H / 2, W / 2)``,
+    * ``"scaled"`` (``AutoencoderKL``: SD3, FLUX.1 and most others): ``(z - shift_factor) * scaling_factor``
+      with ``z`` the VAE's latent (``StableDiffusion3Pipeline`` / ``FluxPipeline``, after unpacking).
+    * ``"flux2"`` (``AutoencoderKLFlux2``): the VAE's latent 2x2-patchified (``(4 C, H / 2, W / 2)``,
       ``Flux2Pipeline._patchify_latents``) and normalised by the VAE's batch-norm statistics,
-      ``(z - running_mean) / sqrt(running_var + batch_norm_eps)``; ``decode`` inverts both
-      (``Flux2KleinPipeline.__call__``).
+      ``(z - running_mean) / sqrt(running_var + batch_norm_eps)`` (``Flux2KleinPipeline.__call__``).
 
-    ``encode`` takes images in ``[-1, 1]`` and returns the latents of the posterior mean (deterministic), or of
-    a posterior sample with ``generator``. ``decode`` returns images in ``[-1, 1]`` (not clipped);
-    :meth:`to_unit` maps them to ``[0, 1]`` as ``VaeImageProcessor.postprocess`` does.
+    ``encode`` takes images in ``[-1, 1]`` to the latents of the posterior mean (or of a posterior sample with
+    ``generator``); ``decode`` returns images in ``[-1, 1]``, unclipped (:meth:`to_unit` maps them to
+    ``[0, 1]`` as ``VaeImageProcessor.postprocess`` does).
 
     Arguments:
         vae: The pipeline's ``AutoencoderKL`` or ``AutoencoderKLFlux2``.
@@ -48,18 +45,15 @@ class PipelineVAE(nn.Module):
 
     def __init__(self, vae: nn.Module, *, layout: str | None = None) -> None:
         super().__init__()
-        layout = _checked_layout(vae, layout)
-        if any(p.dtype != torch.float32 for p in vae.parameters()):
-            vae = vae.to(torch.float32)
-        self.vae = vae.eval().requires_grad_(False)
+        self.layout = _checked_layout(vae, layout)
+        self.vae = vae.to(torch.float32).eval().requires_grad_(False)
         config = vae.config
-        self.layout = layout
         self.vae_scale_factor = 2 ** (len(config.block_out_channels) - 1)  # pixels per VAE latent, as the pipelines
-        channels = int(config.latent_channels)
         self.scaling_factor = float(getattr(config, "scaling_factor", None) or 1.0)
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
-        self.channels = channels if layout == "scaled" else 4 * channels
-        self.factor = self.vae_scale_factor if layout == "scaled" else 2 * self.vae_scale_factor  # pixels per latent
+        flux2 = self.layout == "flux2"  # 2x2 patches of the VAE's latent
+        self.channels = int(config.latent_channels) * (4 if flux2 else 1)
+        self.factor = self.vae_scale_factor * (2 if flux2 else 1)  # pixels per latent
 
     def train(self, mode: bool = True) -> PipelineVAE:
         """The VAE stays in eval mode (its batch-norm statistics are the latent normalisation)."""
@@ -71,7 +65,8 @@ class PipelineVAE(nn.Module):
         """``(C, H / f, W / f)`` of the latents of ``height x width`` px images (``f``: :attr:`factor`)."""
         width = height if width is None else width
         for name, side in (("height", height), ("width", width)):
-            if isinstance(side, bool) or not isinstance(side, int) or side < 1 or side % self.factor:
+            check_count(name, side)
+            if side % self.factor:
                 raise ValueError(
                     f"{name}: expected a positive multiple of {self.factor} (the pipeline's pixels per latent), "
                     f"got {side!r}"
