@@ -1,18 +1,11 @@
 """Sample-based distances between distributions, for toy densities and learned image features.
 
-The first three compare two samples given as ``(n, d)`` arrays (rows are points) and return a Python
-``float``. They compute in float64 whatever the input dtype, accept tensors on any device (and numpy arrays),
-and raise a ValueError naming the argument when an input is not 2-D, is empty, holds NaN/inf, or when the
-two feature widths differ.
-
-- :func:`energy_distance`: in the units of the data (a distance, not squared).
-- :func:`sliced_wasserstein`: squared units by default (the mean of squared 1-D Wasserstein-2 distances).
-- :func:`frechet_distance`: squared units of the features (FID-style, but on any feature extractor).
-
-:func:`histogram_distance` compares a 2-D sample with a *known* distribution instead: the total variation
-between the sample's histogram and the distribution's bin masses (for the toy densities:
-:meth:`trajflow.data.ToyDensity.bin_masses`). The distances above weigh large-scale mass and barely see a
-blur finer than the data's spread; on a fine grid this one does. :func:`histogram_2d` is the histogram.
+:func:`energy_distance` (data units), :func:`sliced_wasserstein` (squared units) and :func:`frechet_distance`
+(squared feature units) compare two ``(n, d)`` samples (tensors on any device, or numpy arrays) in float64 and
+return a ``float``; a ValueError names an input that is not 2-D, is empty, holds NaN/inf, or whose width
+differs. :func:`histogram_distance` compares a 2-D sample with a *known* distribution's bin masses (e.g.
+:meth:`trajflow.data.ToyDensity.bin_masses`): on a fine grid it sees a blur finer than the data's spread,
+which the others barely do. :func:`histogram_2d` is the histogram.
 
 Example:
     >>> import torch
@@ -44,8 +37,7 @@ __all__ = [
     "frechet_distance_from_stats",
 ]
 
-# Pairwise-distance blocks hold at most this many float64 entries (~128 MB), so 10k x 10k (or larger) samples
-# are processed in row chunks instead of one 800 MB matrix.
+# Pairwise-distance blocks hold at most this many float64 entries (~128 MB): large samples go in row chunks.
 _BLOCK_ELEMENTS = 1 << 24
 
 
@@ -83,19 +75,10 @@ def _mean_pairwise_distance(a: Tensor, b: Tensor) -> Tensor:
 def energy_distance(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` between two samples (Euclidean norm).
 
-    Unit: the data's own unit (it is a difference of mean distances). It is zero exactly when the two
-    distributions are equal and grows linearly with a pure shift ``m`` once ``|m|`` exceeds the spread.
-
-    Estimators:
-
-    - ``unbiased=False`` (default): the **V-statistic**, i.e. the energy distance between the two
-      empirical distributions; the within-sample means include the zero ``i = j`` terms (divide by
-      ``n^2``). Always ``>= 0`` and exactly ``0`` for identical samples, but biased upward by ``O(1/n)``.
-    - ``unbiased=True``: the **U-statistic**; within-sample means skip ``i = j`` (divide by ``n (n - 1)``).
-      Unbiased for the population value but may come out slightly negative; needs 2+ rows per sample.
-
-    Memory is bounded: distances are summed in row blocks of at most 2^24 entries, so 10k x 10k samples
-    need about 128 MB. Cost is ``O(n m d)``.
+    In the data's unit; zero exactly when the distributions are equal, linear in a shift larger than the
+    spread. ``unbiased=False`` gives the V-statistic (the distance between the empirical distributions:
+    ``>= 0``, biased up by ``O(1/n)``), ``unbiased=True`` the U-statistic (within-sample means skip ``i = j``:
+    unbiased, possibly slightly negative, 2+ rows per sample). Cost ``O(n m d)``, memory about 128 MB at most.
 
     Arguments:
         x: Sample ``(n, d)``.
@@ -127,9 +110,8 @@ def energy_distance(x: Tensor, y: Tensor, *, unbiased: bool = False) -> float:
 def _w2_squared_1d(px: Tensor, py: Tensor) -> Tensor:
     """Exact squared W2 between the empirical distributions of the columns of ``px`` (n, P) and ``py`` (m, P).
 
-    In 1-D, W2^2 = int_0^1 (Qx(q) - Qy(q))^2 dq with Qx, Qy the empirical quantile functions (step functions
-    of the sorted values). With equal sizes this is the mean squared difference of sorted values; otherwise
-    the integral is evaluated exactly on the merged breakpoints ``i / n`` and ``j / m``.
+    W2^2 = int_0^1 (Qx(q) - Qy(q))^2 dq of the empirical quantile functions: with equal sizes the mean squared
+    difference of sorted values, otherwise integrated exactly over the merged breakpoints ``i / n``, ``j / m``.
     """
     sx, sy = px.sort(dim=0).values, py.sort(dim=0).values
     n, m = sx.shape[0], sy.shape[0]
@@ -164,18 +146,11 @@ def sliced_wasserstein(
 ) -> float:
     """Sliced Wasserstein-2 distance: squared 1-D W2 averaged over random directions.
 
-    Definition: ``SW_2^2(X, Y) = E_theta[ W_2^2(<theta, X>, <theta, Y>) ]`` with ``theta`` uniform on the unit
-    sphere, estimated with ``projections`` random directions. Each 1-D W2 is **exact** for the two empirical
-    distributions: with equal sample sizes it is the mean squared difference of the sorted projections, and
-    with unequal sizes the squared difference of the two empirical quantile functions integrated over their
-    merged breakpoints (no interpolation error).
-
-    Unit: squared data units by default; ``squared=False`` returns ``sqrt(SW_2^2)`` in data units. For a
-    pure shift ``m`` in ``d`` dimensions the population value is ``|m|^2 / d`` (``m^2`` in 1-D).
-
-    Directions are drawn from ``generator``; when it is None a fresh generator seeded with 0 is used, so
-    the metric is deterministic by default and two models compared in one script see the same directions
-    (common random numbers lower the noise of the comparison). Pass your own generator to vary them.
+    ``SW_2^2(X, Y) = E_theta[ W_2^2(<theta, X>, <theta, Y>) ]`` over ``projections`` random unit directions,
+    each 1-D W2 exact for the two empirical distributions (any sample sizes). Squared data units
+    (``squared=False``: data units); a shift ``m`` in ``d`` dimensions gives ``|m|^2 / d``. Without a
+    ``generator`` the directions come from a fresh one seeded with 0, so that models compared in one script
+    see the same directions.
 
     Arguments:
         x: Sample ``(n, d)``.
@@ -195,10 +170,9 @@ def sliced_wasserstein(
     _same_width(x, y, ("x", "y"))
     if isinstance(projections, bool) or not isinstance(projections, int) or projections < 1:
         raise ValueError(f"projections: expected a positive integer, got {projections!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
+    generator = torch.Generator().manual_seed(0) if generator is None else generator
+    if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
     y = y.to(x.device)
     theta = torch.randn(x.shape[1], projections, generator=generator, device=generator.device, dtype=torch.float64)
     theta = (theta / theta.norm(dim=0, keepdim=True)).to(x.device)
@@ -239,19 +213,7 @@ def frechet_distance_from_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Te
         >>> frechet_distance_from_stats(torch.zeros(2), torch.eye(2), torch.ones(2), 4 * torch.eye(2))
         4.0
     """
-    args = {"mu1": mu1, "cov1": cov1, "mu2": mu2, "cov2": cov2}
-    for name, value in args.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-        check_finite(name, value.to(torch.float64))
-    if mu1.dim() != 1:
-        raise ValueError(f"mu1: expected a 1-D mean vector, got shape {tuple(mu1.shape)}")
-    d = mu1.shape[0]
-    if mu2.shape != (d,):
-        raise ValueError(f"mu2: expected shape ({d},) like mu1, got {tuple(mu2.shape)}")
-    for name in ("cov1", "cov2"):
-        if args[name].shape != (d, d):
-            raise ValueError(f"{name}: expected shape ({d}, {d}), got {tuple(args[name].shape)}")
+    _check_stats(mu1, cov1, mu2, cov2)
     mu1 = mu1.to(torch.float64)
     mu2, cov1, cov2 = (t.to(mu1) for t in (mu2, cov1, cov2))
     # tr((S1 S2)^(1/2)) = tr((S1^(1/2) S2 S1^(1/2))^(1/2)): the right side is symmetric PSD, so a symmetric
@@ -264,17 +226,27 @@ def frechet_distance_from_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Te
     return max(float(value), 0.0)
 
 
+def _check_stats(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> None:
+    args = {"mu1": mu1, "cov1": cov1, "mu2": mu2, "cov2": cov2}
+    for name, value in args.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+        check_finite(name, value.to(torch.float64))
+    if mu1.dim() != 1:
+        raise ValueError(f"mu1: expected a 1-D mean vector, got shape {tuple(mu1.shape)}")
+    d = mu1.shape[0]
+    for name, shape, like in (("mu2", (d,), " like mu1"), ("cov1", (d, d), ""), ("cov2", (d, d), "")):
+        if args[name].shape != shape:
+            raise ValueError(f"{name}: expected shape {shape}{like}, got {tuple(args[name].shape)}")
+
+
 def frechet_distance(feats_x: Tensor, feats_y: Tensor) -> float:
     """Fréchet (2-Wasserstein) distance between Gaussians fitted to two feature samples.
 
-    Definition: ``|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2))`` with means and unbiased covariances
-    of ``feats_x (n, d)`` and ``feats_y (m, d)``; the matrix square root comes from symmetric
-    eigendecompositions in float64 (no scipy). This is the formula behind FID; with the features of a
-    network trained in trajflow (no packaged Inception exists offline) values are comparable only between
-    runs that use the same feature extractor.
-
-    Unit: squared feature units. Each sample needs at least 2 rows (more than ``d`` for a full-rank
-    covariance; fewer still gives a well-defined but noisy value).
+    ``|mu_x - mu_y|^2 + tr(S_x + S_y - 2 (S_x S_y)^(1/2))`` with the means and unbiased covariances of
+    ``feats_x (n, d)`` and ``feats_y (m, d)`` (float64 symmetric eigendecompositions, no scipy): FID's formula,
+    comparable only between runs with the same feature extractor. Squared feature units; 2+ rows per sample
+    (more than ``d`` for a full-rank covariance).
 
     Example:
         >>> import torch
@@ -295,8 +267,8 @@ def histogram_2d(samples: Tensor, edges: Tensor) -> Tensor:
     """The share of ``samples`` ``(n, 2)`` in each cell of the square grid ``edges x edges``: ``(B, B)`` float64
     on the CPU, ``[i, j]`` for ``x`` in bin ``i`` and ``y`` in bin ``j`` (``B = len(edges) - 1``).
 
-    Bins are half-open, ``[e_i, e_{i+1})``: a sample on an inner edge counts in the bin above it, and one on
-    or beyond the last edge, or below the first, in no bin (so the result sums to the share inside the grid).
+    Bins are half-open, ``[e_i, e_{i+1})``; samples outside ``[e_0, e_B)`` are in no bin (the result sums to
+    the share inside the grid).
 
     Example:
         >>> import torch
@@ -304,11 +276,15 @@ def histogram_2d(samples: Tensor, edges: Tensor) -> Tensor:
         >>> histogram_2d(x, torch.tensor([0.0, 0.5, 1.0])).tolist()
         [[0.25, 0.25], [0.25, 0.0]]
     """
+    x, edges = _points_2d(samples), check_edges("edges", edges)
+    return _shares(x.cpu(), edges)
+
+
+def _points_2d(samples: object) -> Tensor:
     x = _as_samples("samples", samples)
     if x.shape[1] != 2:
         raise ValueError(f"samples: expected 2 columns (a 2-D sample), got shape {tuple(x.shape)}")
-    edges = check_edges("edges", edges)
-    return _shares(x.cpu(), edges)
+    return x
 
 
 def _shares(x: Tensor, edges: Tensor) -> Tensor:
@@ -324,20 +300,11 @@ def _shares(x: Tensor, edges: Tensor) -> Tensor:
 def histogram_distance(samples: Tensor, bin_probs: Tensor, edges: Tensor) -> float:
     """Total variation between the histogram of a 2-D sample and a known distribution's bin masses.
 
-    Definition: the cells are the ``B x B`` bins of the grid ``edges x edges`` (as in :func:`histogram_2d`)
-    plus one cell for everything outside the grid, whose true mass is ``1 - bin_probs.sum()``. With ``q`` the
-    share of ``samples`` in each cell and ``p`` the true mass, the value is ``TV = sum |q - p| / 2``, between
-    0 and 1: the share of the mass that sits in the wrong cell. It is the total variation between the two
-    distributions seen through the grid, so a lower bound on their true total variation; a finer grid sees
-    finer structure (a blur, a bridge between modes, mass piled at the centre of a mode).
-
-    Sampling floor: even a perfect sampler scores above 0, about ``sum_k sqrt(p_k / (2 pi n))`` for ``n``
-    samples when every occupied cell holds many (it grows like ``sqrt(cells / n)``): compare a model with a
-    sample of the true distribution of the same size, scored the same way, not with 0.
-
-    KL divergences are not offered: ``KL(p || q)`` is infinite as soon as one cell with mass holds no
-    sample, ``KL(q || p)`` as soon as one sample lands where the density is 0, and the smoothing that would
-    make them finite would set their value.
+    ``TV = sum |q - p| / 2`` over the ``B x B`` bins of :func:`histogram_2d` plus one cell outside the grid
+    (true mass ``1 - bin_probs.sum()``), ``q`` the sample's shares and ``p`` the true masses: the share of mass
+    in the wrong cell, a lower bound on the true total variation (finer grids see finer structure). Even a
+    perfect sampler scores about ``sum_k sqrt(p_k / (2 pi n))`` for ``n`` samples: compare with a true sample
+    of the same size, not with 0. (No KL: one empty cell or one sample off the support makes it infinite.)
 
     Arguments:
         samples: ``(n, 2)`` sample (any real dtype, any device, or a numpy array), finite.
@@ -353,11 +320,15 @@ def histogram_distance(samples: Tensor, bin_probs: Tensor, edges: Tensor) -> flo
         >>> histogram_distance(x[:2], uniform, edges)  # the bottom row only: half of the mass misplaced
         0.5
     """
-    x = _as_samples("samples", samples)
-    if x.shape[1] != 2:
-        raise ValueError(f"samples: expected 2 columns (a 2-D sample), got shape {tuple(x.shape)}")
-    edges = check_edges("edges", edges)
-    bins = edges.shape[0] - 1
+    x, edges = _points_2d(samples), check_edges("edges", edges)
+    p = _check_bin_probs(bin_probs, edges.shape[0] - 1)
+    q = _shares(x.cpu(), edges)
+    outside = abs((1.0 - float(q.sum())) - max(1.0 - float(p.sum()), 0.0))
+    return 0.5 * (float((q - p).abs().sum()) + outside)
+
+
+def _check_bin_probs(bin_probs: object, bins: int) -> Tensor:
+    """``bin_probs`` as float64 on the CPU, checked: ``(bins, bins)``, finite, non-negative, summing to at most 1."""
     if isinstance(bin_probs, np.ndarray):
         bin_probs = torch.from_numpy(bin_probs)
     if not isinstance(bin_probs, Tensor):
@@ -375,6 +346,4 @@ def histogram_distance(samples: Tensor, bin_probs: Tensor, edges: Tensor) -> flo
             f"bin_probs: expected non-negative probabilities summing to at most 1, got minimum "
             f"{float(p.min()):.3g} and sum {total:.9g}"
         )
-    q = _shares(x.cpu(), edges)
-    outside = abs((1.0 - float(q.sum())) - max(1.0 - total, 0.0))
-    return 0.5 * (float((q - p).abs().sum()) + outside)
+    return p

@@ -17,9 +17,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TrainerConfig", "Objective", "TrainResult", "RESUME_IGNORED_FIELDS"]
 
-#: The trainer's own config fields that may change between a checkpoint and its resumption: they change how
-#: often things are logged or saved and where, never what is computed. Everything else must match (see
-#: :func:`check_config`); a caller names its own such fields of ``run_config`` with ``Trainer.fit(resume_ignore=...)``.
+#: The trainer's config fields that may change between a checkpoint and its resumption (how often things are
+#: logged or saved and where, never what is computed); ``Trainer.fit(resume_ignore=...)`` names a run's own.
 RESUME_IGNORED_FIELDS: tuple[str, ...] = (
     "train.log_every",
     "train.checkpoint_every",
@@ -38,9 +37,8 @@ class TrainerConfig:
     """Hyper-parameters of :class:`Trainer`.
 
     Attributes:
-        max_steps: Optimizer steps in the whole run (the cosine schedule ends there). With ``time_budget``, the
-            most steps the run may take, and the scale of ``warmup_steps`` (see there). (Before 0.3.0:
-            ``steps``, which in trajflow now means only the trajectory length :math:`T`.)
+        max_steps: Optimizer steps in the whole run (the cosine schedule ends there); with ``time_budget``, the
+            most steps the run may take and the scale of ``warmup_steps``. (``steps`` before 0.3.0.)
         batch_size: Examples per process per micro-batch; the global batch is
             ``batch_size * grad_accum * num_processes``.
         grad_accum: Micro-batches accumulated per optimizer step.
@@ -57,9 +55,7 @@ class TrainerConfig:
         checkpoint_every: Steps between checkpoints (the last step is always saved).
         checkpoint_minutes: Minutes of wall-clock time after which a checkpoint is written even if
             ``checkpoint_every`` steps have not passed (``None``: steps only), so that a killed run loses at most
-            that much work however slow its steps are. Checked every step on one process, every ``log_every``
-            steps on several (the main process decides, so that all save together). Checkpoints change nothing
-            that is computed: a run resumed from any of them continues exactly.
+            that much work. Checked every step on one process, every ``log_every`` steps on several.
         keep_checkpoints: How many checkpoints to keep.
         num_workers: DataLoader worker processes per training process.
         shuffle: Shuffle the data each epoch.
@@ -67,17 +63,13 @@ class TrainerConfig:
         progress: Show a tqdm progress bar (main process only).
         cpu: Train on the CPU even where a GPU is visible.
         find_unused_parameters: DDP's flag, for models that leave some parameters out of some steps.
-        time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``: data,
-            forward, backward and update; not checkpoints or start-up) instead of a number of steps: the
-            cosine schedule follows the elapsed share of the budget (warmup over ``warmup_steps / max_steps``
-            of it) and the run stops at the first step past the budget (or at ``max_steps``), with a checkpoint.
-            For comparisons at equal wall-clock time on a machine whose load changes; such a run is not
-            bit-reproducible, and a resumed one continues from the seconds recorded in its checkpoint.
-            Objectives whose terms follow a schedule read the same share through ``progress`` (see
-            :meth:`run_progress` and :class:`Objective`).
-        lr_scales: Learning-rate multipliers by parameter-name prefix, e.g. ``{"transporter.": 10.0}`` trains
-            an NTM's transporter at 10x ``lr`` (the longest matching prefix wins; others get 1). The schedule
-            scales every group alike.
+        time_budget: Train for this many seconds of optimizer steps (``TrainResult.train_seconds``; not
+            checkpoints or start-up) instead of a number of steps: the cosine schedule follows the elapsed share
+            of the budget (warmup over ``warmup_steps / max_steps`` of it) and the run stops at the first step
+            past it (or at ``max_steps``), with a checkpoint. Not bit-reproducible; a resumed run continues from
+            the seconds in its checkpoint. Objectives read the same share as ``progress`` (:meth:`run_progress`).
+        lr_scales: Learning-rate multipliers by parameter-name prefix, e.g. ``{"transporter.": 10.0}`` (the
+            longest matching prefix wins; others get 1); the schedule scales every group alike.
     """
 
     max_steps: int = 10_000
@@ -105,8 +97,7 @@ class TrainerConfig:
     time_budget: float | None = None
     lr_scales: dict[str, float] = field(default_factory=dict)
 
-    #: Keys of configs written before 0.3.0, refused with their new names (see
-    #: :func:`~trajflow.checkpoint.check_renamed_fields`): ``steps`` is the trajectory length T in trajflow.
+    #: Keys of configs before 0.3.0, refused with their new names (:func:`~trajflow.checkpoint.check_renamed_fields`).
     renamed_fields: ClassVar[dict[str, str]] = {"steps": "max_steps"}
 
     def __post_init__(self) -> None:
@@ -121,10 +112,7 @@ class TrainerConfig:
         """How much of the run is done after ``step`` optimizer steps and ``train_seconds`` of training, in [0, 1].
 
         ``max(step / max_steps, train_seconds / time_budget)`` (the second term only with a ``time_budget``),
-        capped at 1: the share of whichever limit ends the run first. The :class:`Trainer` hands it to
-        objectives that take a ``progress`` keyword (see :class:`Objective`) and, with a time budget, runs its
-        learning-rate schedule on it. Both counts are restored on resume, so a resumed run continues from the
-        same progress.
+        capped at 1: what objectives that take ``progress`` get, and what a timed schedule follows.
 
         Example:
             >>> timed = TrainerConfig(max_steps=1_000_000, warmup_steps=0, time_budget=60.0)
@@ -194,21 +182,16 @@ class Objective(Protocol):
     ``objective(model, batch, generator, step, progress=...)`` when it takes a ``progress`` keyword.
 
     Returns a scalar float32 loss, or ``(loss, logs)`` with extra scalars to log. ``batch`` is what the
-    DataLoader yields, already moved to the device; ``generator`` is the process's ``torch.Generator`` on
-    that device, which the objective should use for every random draw (it is saved in checkpoints);
-    ``step`` is the optimizer step being computed (0 for the first; the same for every micro-batch of a
-    step, and restored on resume), for objectives whose terms follow a schedule.
+    DataLoader yields, on the device; ``generator`` is the process's ``torch.Generator`` there, for every
+    random draw (it is saved in checkpoints); ``step`` is the optimizer step being computed (0 first; the same
+    for every micro-batch of a step).
 
-    ``progress`` is passed only to objectives whose signature has a ``progress`` parameter (or ``**kwargs``):
-    the share of the run done before this step, :meth:`TrainerConfig.run_progress` =
-    ``max(step / max_steps, train_seconds / time_budget)`` in [0, 1], the same for every micro-batch of a step and
-    restored on resume. A schedule that follows it decays over the run whether the run is counted in steps
-    or in seconds (a time-budgeted run sets ``max_steps`` far beyond what it reaches, so ``step / max_steps`` alone
-    stays near 0). Each process measures its own seconds, so under a time budget the processes' values may
-    differ slightly. :class:`~trajflow.finetune.FinetuneLoss` (``decay_fraction``) and
-    :class:`~trajflow.likelihood.DequantizedObjective` take it.
-
-    An optional attribute ``loss_name`` (e.g. ``"nll_per_dim"``) names the loss in logs.
+    ``progress`` goes only to objectives whose signature has a ``progress`` parameter (or ``**kwargs``): the
+    share of the run done before this step, :meth:`TrainerConfig.run_progress` in [0, 1], so that a schedule
+    decays over the run whether it is counted in steps or in seconds (under a time budget each process
+    measures its own seconds). :class:`~trajflow.finetune.FinetuneLoss` and
+    :class:`~trajflow.likelihood.DequantizedObjective` take it. An optional attribute ``loss_name`` (e.g.
+    ``"nll_per_dim"``) names the loss in logs.
     """
 
     def __call__(
@@ -220,9 +203,9 @@ class Objective(Protocol):
 class TrainResult:
     """What :meth:`Trainer.fit` returns (on every process).
 
-    The trained model itself holds the **raw** weights of the last optimizer step, not their EMA: put the
-    averages in with ``result.ema.copy_to(model)`` (or sample inside ``with result.ema.average_parameters(model):``),
-    or load a checkpoint's with :func:`trajflow.checkpoint.load_model_weights` ``(..., ema=True)``.
+    The trained model holds the **raw** weights of the last step, not their EMA: ``result.ema.copy_to(model)``
+    (or ``with result.ema.average_parameters(model):``) puts the averages in, as does
+    :func:`trajflow.checkpoint.load_model_weights` ``(..., ema=True)`` from a checkpoint.
     """
 
     step: int

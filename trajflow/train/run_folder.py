@@ -1,15 +1,7 @@
-"""A :class:`~trajflow.train.Trainer`'s output folder across sessions: which checkpoint a run resumes from, what
-a fresh run may not overwrite, the log cut back to the resumed step, and the states read back without pickle.
-
-* A fresh run (``resume=False``) refuses a folder that already holds a run (:func:`check_fresh_start`).
-* A resumed run verifies the newest checkpoint against its manifest and falls back to the newest intact one,
-  with a warning naming each damaged one (:func:`checkpoint_to_resume`).
-* ``log.jsonl`` keeps only the records up to the step the run resumes from (:func:`cut_log`), so that the
-  steps done again after a resumption are logged once.
-* The optimizer, scheduler and random states are safetensors + JSON (:func:`~trajflow.checkpoint.save_state`,
-  :func:`read_state`; the pickled ``.pt`` states of checkpoints before 0.3.0 are not read);
-  :func:`restore_states` puts them all back into a run about to resume.
-"""
+"""A :class:`~trajflow.train.Trainer`'s output folder across sessions: the checkpoint a run resumes from (the
+newest intact one, :func:`checkpoint_to_resume`), the run a fresh start may not overwrite
+(:func:`check_fresh_start`), ``log.jsonl`` cut back to the resumed step (:func:`cut_log`), and the states read
+back without pickle (:func:`restore_states`)."""
 
 from __future__ import annotations
 
@@ -58,11 +50,8 @@ LOG_FILE = "log.jsonl"
 
 
 def check_fresh_start(out_dir: Path, checkpoints: CheckpointDir, resume: bool | str | os.PathLike | None) -> None:
-    """Refuse to start a fresh run (``resume`` false) in ``out_dir`` when it already holds one.
-
-    A folder holds a run when it has a step checkpoint or a non-empty ``log.jsonl``; starting afresh there
-    would replace its ``config.json``, append a second history to its log and mix its checkpoints with the
-    new ones.
+    """Refuse to start a fresh run (``resume`` false) in ``out_dir`` when it already holds one (a step checkpoint
+    or a non-empty ``log.jsonl``, which a fresh run would mix with its own).
 
     Raises:
         FileExistsError: naming ``out_dir``, what it holds and ``resume``.
@@ -87,9 +76,8 @@ def checkpoint_to_resume(
     """The checkpoint a run continues from: ``resume=True``: the newest intact one in ``checkpoints``; a path:
     that step folder, or the newest intact one of a run or checkpoints folder; false: ``None``.
 
-    Each checkpoint is checked with :func:`~trajflow.checkpoint.verify_checkpoint` first. A damaged one is
-    skipped for the next older one with a warning that names it and what is wrong; a step folder named
-    explicitly is not replaced by another.
+    Each is verified first (:func:`~trajflow.checkpoint.verify_checkpoint`); a damaged one is skipped for the
+    next older one with a warning naming it, but a step folder named explicitly is not replaced.
 
     Raises:
         DamagedCheckpointError: a ``ValueError``: the named step folder is damaged, or every checkpoint is.
@@ -120,10 +108,8 @@ def _named_checkpoint(path: Path) -> tuple[Path | None, CheckpointDir]:
 def _newest_intact(folder: CheckpointDir, say: Callable[[str], None]) -> Path | None:
     """The newest intact checkpoint of ``folder``, warning about each newer damaged one (``None``: none at all)."""
     ckpt, damaged = folder.newest_intact()
-    for _, what in damaged:
-        message = f"resume: skipping a damaged checkpoint: {what}"
-        # stacklevel: past this module and the Trainer's fit, to the code that called fit
-        warnings.warn(message, RuntimeWarning, stacklevel=5)
+    for message in (f"resume: skipping a damaged checkpoint: {what}" for _, what in damaged):
+        warnings.warn(message, RuntimeWarning, stacklevel=5)  # past this module and Trainer.fit, to fit's caller
         say(message)
     if ckpt is None and damaged:
         raise DamagedCheckpointError(
@@ -148,10 +134,9 @@ def check_resume(
     """Check that ``ckpt`` may continue this run and return its ``trainer.json``.
 
     Raises:
-        ValueError: the checkpoint's config has a ``train`` key renamed in 0.3.0 (naming the old and the new
-            key), or it differs outside :data:`RESUME_IGNORED_FIELDS` and the caller's
-            ``ignore`` (naming every field), or it was written by another number of processes (the data order
-            depends on it).
+        ValueError: the checkpoint's config has a ``train`` key renamed in 0.3.0, or differs outside
+            :data:`RESUME_IGNORED_FIELDS` and ``ignore`` (naming every field), or was written by another number
+            of processes (the data order depends on it).
 
     Warns (``RuntimeWarning``) when its torch thread count differs on the CPU (:func:`check_threads`).
     """
@@ -175,28 +160,27 @@ def cut_log(path: Path, step: int) -> int:
     were dropped. Unreadable lines (one cut short by a kill) are dropped too. Rewritten atomically."""
     if not path.is_file():
         return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-            ok = isinstance(record, dict) and float(record.get("step", math.inf)) <= step
-        except (ValueError, TypeError):
-            ok = False
-        if ok:
-            kept.append(line + "\n")
-        else:
-            dropped += 1
-    if dropped:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [line + "\n" for line in lines if _up_to(line, step)]
+    if len(kept) < len(lines):
         atomic_write(path, lambda fh: fh.write("".join(kept).encode("utf-8")))
-    return dropped
+    return len(lines) - len(kept)
+
+
+def _up_to(line: str, step: int) -> bool:
+    """Whether ``line`` is a record of a step up to ``step``."""
+    try:
+        record = json.loads(line)
+        return isinstance(record, dict) and float(record.get("step", math.inf)) <= step
+    except (ValueError, TypeError):
+        return False
 
 
 def read_state(ckpt: Path, stem: str) -> Any:
-    """The state ``stem`` (``optimizer``, ``scheduler``, ``rng-rank0``) of a checkpoint: ``stem.safetensors``
-    (:func:`~trajflow.checkpoint.save_state`).
+    """The state ``stem`` (``optimizer``, ``scheduler``, ``rng-rank0``) of a checkpoint, ``stem.safetensors``.
 
     Raises:
-        ValueError: naming the file, when it is missing (checkpoints written before trajflow 0.3.0 hold pickled
+        ValueError: naming the file, when it is missing (checkpoints before trajflow 0.3.0 hold pickled
             ``stem.pt`` states, which are not read) or is not a state file.
     """
     path = ckpt / f"{stem}.safetensors"
@@ -233,9 +217,9 @@ def restore_states(
 ) -> None:
     """Load the optimizer, scheduler, EMA and random states of ``ckpt`` (the weights are already in).
 
-    ``wrapped`` and ``optimizer`` are as accelerate prepared them; with ``fsdp`` the full optimizer state is
-    loaded into the sharded one. The random states (of process ``rank``) come last, so that nothing between
-    here and the first step consumes a random number.
+    ``wrapped`` and ``optimizer`` are as accelerate prepared them (``fsdp``: the full optimizer state goes into
+    the sharded one). The random states of process ``rank`` come last, so that nothing consumes one before the
+    first step.
     """
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
