@@ -13,13 +13,9 @@ model and sampler settings works across all of them and a standard normal prior 
 - ``class_mixture``: ``eight_gaussians`` with the component index (``0..7``, counter-clockwise from
   angle 0) as the class label; ``num_classes = 8``. The only conditional one.
 
-All means are 0 up to sampling noise.
-
-All samplers are vectorised (100k samples take about 20 ms on one CPU core) and deterministic given a
-:class:`torch.Generator`: every random draw goes through the generator, in a fixed order.
-
-Every density also knows its exact mass in each bin of a grid (:meth:`ToyDensity.bin_masses`), which
-:func:`trajflow.metrics.histogram_distance` compares with a sample's histogram; ``checkerboard``, the only one
+All means are 0. The samplers are vectorised (100k samples in about 20 ms on one CPU core) and deterministic
+given a :class:`torch.Generator`. Every density knows its exact mass in each bin of a grid
+(:meth:`ToyDensity.bin_masses`, for :func:`trajflow.metrics.histogram_distance`); ``checkerboard``, the only one
 with a bounded support, says which points lie in it (:meth:`ToyDensity.in_support`).
 
 Example:
@@ -41,7 +37,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ...checks import check_edges, check_tensor
+from ...checks import check_count, check_edges, check_tensor
 from ...metrics import histogram_2d
 from .masses import _checkerboard_cdf, _gaussians_on_circle_cdf, _pinwheel_cdf, _rings_cdf, _spirals_cdf, _two_moons_cdf
 from .samplers import (
@@ -66,8 +62,7 @@ def _checkerboard_support(x: Tensor) -> Tensor:
 
 
 class ToyDensity:
-    """A named 2-D density that can be sampled, optionally with integer class labels, and whose mass in the
-    bins of a grid is known (:meth:`bin_masses`), for :func:`trajflow.metrics.histogram_distance`.
+    """A named 2-D density that can be sampled, optionally with integer class labels, with known bin masses.
 
     Arguments:
         name: Registry name.
@@ -109,15 +104,17 @@ class ToyDensity:
         return self.num_classes > 0
 
     def _draw(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer number of samples, got {n!r}")
+        check_count("n", n, low=0)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-        # Draw on the generator's device so that a CUDA generator works too; compute in float64 so that the
-        # result does not depend on float32 rounding of intermediate trigonometry.
-        device = generator.device if generator is not None else torch.device("cpu")
-        x, labels = self._sampler(n, generator, device)
+        # Drawn on the generator's device (a CUDA generator works too), in float64 so that the result does not
+        # depend on float32 rounding of intermediate trigonometry.
+        x, labels = self._sampler(n, generator, generator.device if generator is not None else torch.device("cpu"))
         return x.to(torch.float32), labels
+
+    def _refuse(self, what: str, having: str, has: Callable[[ToyDensity], bool]) -> ValueError:
+        others = sorted(k for k, d in TOY_DENSITIES.items() if has(d))
+        return ValueError(f"toy density {self.name!r} {what}; {having}: {others}")
 
     def sample(self, n: int, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples, a float32 tensor of shape ``(n, 2)`` (on the generator's device, else CPU)."""
@@ -129,10 +126,8 @@ class ToyDensity:
         Raises ValueError for an unconditional density (``num_classes == 0``).
         """
         if not self.conditional:
-            labeled = sorted(k for k, d in TOY_DENSITIES.items() if d.conditional)
-            raise ValueError(
-                f"toy density {self.name!r} is unconditional (num_classes=0) and has no labels; "
-                f"labeled densities: {labeled}"
+            raise self._refuse(
+                "is unconditional (num_classes=0) and has no labels", "labeled densities", lambda d: d.conditional
             )
         return self._draw(n, generator)
 
@@ -146,11 +141,10 @@ class ToyDensity:
         ``[i, j]`` for ``x`` in bin ``i`` and ``y`` in bin ``j``, as :func:`trajflow.metrics.histogram_2d`
         counts samples. The mass outside the grid is ``1 - sum``.
 
-        Every density of :data:`TOY_DENSITIES` has an exact CDF: the masses are closed-form for
-        ``checkerboard``, ``eight_gaussians`` and ``class_mixture``, and a 1-D quadrature of closed-form
-        Gaussian CDFs along the curve for the others (error below 5e-5 in total variation on a 0.25-wide
-        grid; about 1 s for rings and pinwheel). A density built without ``cdf`` gets them from a histogram
-        of 2^22 of its samples (fixed seed 0) instead: a Monte-Carlo estimate, whose own total-variation
+        Every density of :data:`TOY_DENSITIES` has an exact CDF: closed-form masses for ``checkerboard``,
+        ``eight_gaussians`` and ``class_mixture``, a 1-D quadrature of Gaussian CDFs along the curve for the others
+        (error below 5e-5 in total variation on a 0.25-wide grid; about 1 s for rings and pinwheel). A density
+        built without ``cdf`` estimates them from a histogram of 2^22 samples (seed 0), whose own total-variation
         error is about ``sum_k sqrt(p_k / (2 pi 2^22))`` (0.004 for 400 equally occupied bins).
 
         Arguments:
@@ -183,10 +177,8 @@ class ToyDensity:
         return self._support is not None
 
     def in_support(self, x: Tensor) -> Tensor:
-        """Whether each point of ``x`` ``(n, 2)`` lies in the (closed) support: ``(n,)`` bool.
-
-        Raises ValueError for a density without a bounded support (:attr:`bounded_support` is False): with
-        Gaussian noise, every point is in the support.
+        """Whether each point of ``x`` ``(n, 2)`` lies in the (closed) support: ``(n,)`` bool; a ValueError for a
+        density without a bounded support (:attr:`bounded_support`), whose every point is in it.
 
         Example:
             >>> import torch
@@ -194,10 +186,10 @@ class ToyDensity:
             [True, False]
         """
         if self._support is None:
-            bounded = sorted(k for k, d in TOY_DENSITIES.items() if d.bounded_support)
-            raise ValueError(
-                f"toy density {self.name!r} has no bounded support (every point has positive density); "
-                f"densities with one: {bounded}"
+            raise self._refuse(
+                "has no bounded support (every point has positive density)",
+                "densities with one",
+                lambda d: d.bounded_support,
             )
         check_tensor("x", x)
         if x.dim() != 2 or x.shape[1] != 2:
