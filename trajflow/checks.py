@@ -1,12 +1,9 @@
 """Argument checks shared by trajflow's public entry points.
 
-Every check raises a :class:`ValueError` that names the argument, what was expected and what was given,
-so that a wrong shape or a NaN is reported where it enters the library, not three modules later.
-
-Finiteness and range checks read a tensor's values, which costs a device synchronisation on a GPU. As in
-torch.distributions, they run only where ``validate_args`` (or ``validate``) is on, the default, so that a
-training loop can switch them off once its inputs are known to be good; shape and type checks, which read
-no values, always run.
+Every check raises a :class:`ValueError` naming the argument, what was expected and what was given, where
+the value enters the library. Finiteness and range checks read values (a GPU synchronisation), so, as in
+torch.distributions, they run only where ``validate_args`` (or ``validate``) is on, the default; shape and
+type checks always run.
 """
 
 from __future__ import annotations
@@ -110,13 +107,22 @@ def check_grid(grid: Tensor, name: str = "grid", *, validate: bool = True) -> Te
     return grid
 
 
+def _int_of(value: object) -> object:
+    """A one-element integer (not bool) tensor as its ``int``; anything else as it is."""
+    integer = isinstance(value, Tensor) and not (value.is_floating_point() or value.dtype == torch.bool)
+    return int(value) if integer and value.numel() == 1 else value  # type: ignore[union-attr, arg-type]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_step_index(k: object, steps: int) -> int:
     """Raise unless ``k`` is an integer in ``1..steps``."""
-    if isinstance(k, Tensor) and k.numel() == 1 and not k.is_floating_point():
-        k = int(k)
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= steps:
+    k = _int_of(k)
+    if not _is_int(k) or not 1 <= k <= steps:  # type: ignore[operator]
         raise ValueError(f"k: expected an integer step index in 1..{steps}, got {k!r}")
-    return k
+    return k  # type: ignore[return-value]
 
 
 def check_edges(name: str, value: object) -> Tensor:
@@ -159,11 +165,10 @@ def check_count(name: str, value: object, low: int = 1) -> int:
         ...
         ValueError: num_samples: expected an integer >= 1, got 0 (int)
     """
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and value.dtype != torch.bool:
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+    value = _int_of(value)
+    if not _is_int(value) or value < low:  # type: ignore[operator]
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r} ({type(value).__name__})")
-    return value
+    return value  # type: ignore[return-value]
 
 
 def check_number(name: str, value: object, *, low: float | None = None, positive: bool = False) -> float:
@@ -178,30 +183,28 @@ def check_number(name: str, value: object, *, low: float | None = None, positive
         ...
         ValueError: scale_bound: expected a finite number > 0, got -1.0 (float)
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and positive:
-        ok = value > 0
-    if ok and low is not None:
-        ok = value >= low
-    if not ok:
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (real and _in_range(value, low, positive)):
         bound = " > 0" if positive else (f" >= {low}" if low is not None else "")
         raise ValueError(f"{name}: expected a finite number{bound}, got {value!r} ({type(value).__name__})")
     return float(value)  # type: ignore[arg-type]
 
 
+def _in_range(value: object, low: float | None, positive: bool) -> bool:
+    return (not positive or value > 0) and (low is None or value >= low)  # type: ignore[operator]
+
+
 def check_time_features(name: str, value: object) -> int:
     """Raise unless ``value`` is an even integer ``>= 2`` (the size of a sinusoidal time embedding)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value % 2:
+    if not _is_int(value) or value < 2 or value % 2:  # type: ignore[operator]
         raise ValueError(f"{name}: expected an even integer >= 2, got {value!r} ({type(value).__name__})")
     return value
 
 
 def accepts_keyword(fn: Callable, name: str) -> bool:
-    """Whether ``fn`` can be called with the keyword argument ``name`` (a parameter of that name, or ``**kwargs``).
-
-    How the :class:`~trajflow.train.Trainer` and :class:`~trajflow.likelihood.DequantizedObjective` hand the
-    optional ``step``/``progress`` of a schedule only to the objectives and losses that take them. A callable
-    whose signature cannot be read (some builtins) is taken not to accept it.
+    """Whether ``fn`` can be called with the keyword argument ``name`` (a parameter of that name, or ``**kwargs``;
+    ``False`` where the signature cannot be read): how the Trainer hands ``step``/``progress`` only to the
+    objectives that take them.
 
     Example:
         >>> accepts_keyword(lambda model, batch, generator, step, *, progress: 0, "progress")

@@ -141,6 +141,11 @@ class CondSpec:
         return cls(tuple(CondPart("condition", (None,) * d) for d in dims))
 
 
+def _check_count_or_none(name: str, value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+
+
 class ConditionFields:
     """Mixin of the transformer configs' ``num_classes`` / ``text_features`` fields: class labels, text, or
     neither (unconditional); ``text_features=0`` means no text."""
@@ -152,9 +157,7 @@ class ConditionFields:
         if self.text_features == 0:
             self.text_features = None
         for name in ("num_classes", "text_features"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}: expected a positive integer or None, got {value!r}")
+            _check_count_or_none(name, getattr(self, name))
         if self.num_classes is not None and self.text_features is not None:
             raise ValueError(
                 "num_classes, text_features: expected at most one kind of condition, got both "
@@ -189,12 +192,17 @@ def _tensors(cond: object, spec: CondSpec) -> tuple[Tensor, ...]:
     n = len(spec.parts)
     if n == 1 and isinstance(cond, Tensor):
         return (cond,)
-    if n > 1 and isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond):
-        return cond
     if n == 1:
         raise ValueError(f"cond: expected a tensor of {spec.describe()}, got {type(cond).__name__}")
-    got = f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
-    raise ValueError(f"cond: expected {spec.describe()}, got {'a single tensor' if isinstance(cond, Tensor) else got}")
+    if isinstance(cond, tuple) and len(cond) == n and all(isinstance(c, Tensor) for c in cond):
+        return cond
+    raise ValueError(f"cond: expected {spec.describe()}, got {_structure(cond)}")
+
+
+def _structure(cond: object) -> str:
+    if isinstance(cond, Tensor):
+        return "a single tensor"
+    return f"a tuple of {len(cond)} item(s)" if isinstance(cond, tuple) else type(cond).__name__
 
 
 def _is_real(c: Tensor) -> bool:

@@ -73,15 +73,20 @@ def _fixed_weights(factor_weights: object, steps: tuple[int, ...], given_steps: 
     if isinstance(factor_weights, (str, bytes)) or not isinstance(factor_weights, Sequence):
         raise ValueError(f"factor_weights: expected None, a list of weights or 'velocity', got {factor_weights!r}")
     w = [check_number("factor_weights", v) for v in factor_weights]
+    _check_weight_count(w, steps, given_steps)
+    if min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {w}")
+    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
+
+
+def _check_weight_count(w: list[float], steps: tuple[int, ...], given_steps: object) -> None:
+    """One weight per step factor of a single ``T``."""
     if len(steps) != 1 or len(w) != steps[0]:
         want = steps[0] if len(steps) == 1 else "a single T"
         raise ValueError(
             f"factor_weights: expected one weight per step factor ({want} with steps={given_steps!r}), "
             f"got {len(w)} weights"
         )
-    if min(w) < 0 or sum(w) <= 0:
-        raise ValueError(f"factor_weights: expected finite weights >= 0, not all zero, got {w}")
-    return torch.tensor(w, dtype=torch.float64) * (len(w) / sum(w))  # mean 1
 
 
 def _checked_x0(model, x0: Tensor, validate: bool) -> Tensor:

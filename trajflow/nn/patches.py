@@ -26,6 +26,7 @@ __all__ = [
     "default_layout",
     "token_dim",
     "num_tokens",
+    "hidden_shape",
     "to_tokens",
     "from_tokens",
 ]
@@ -154,6 +155,11 @@ def num_tokens(event_shape: torch.Size, patch_size: int) -> int:
     if len(event_shape) == 3:
         return event_shape[1] * event_shape[2] // patch_size**2
     return event_shape[0]
+
+
+def hidden_shape(layout: str, n: int, event_shape: torch.Size, patch_size: int, features: int) -> tuple[int, ...]:
+    """The shape of ``n`` hidden states of width ``features``: ``(n, F)`` (``"flat"``) or ``(n, L, F)``."""
+    return (n, features) if layout == "flat" else (n, num_tokens(event_shape, patch_size), features)
 
 
 def to_tokens(x: Tensor, event_shape: torch.Size, patch_size: int) -> Tensor:

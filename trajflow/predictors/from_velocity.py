@@ -15,14 +15,8 @@ with :math:`(A, B, C)` from :meth:`trajflow.MarkovInterpolant.posterior` and :ma
 backbone never sees :math:`s`). At initialisation :math:`\sigma_P = C`, so an NTM whose transporter is the
 identity *is* the velocity model's Gaussian posterior sampler (see :mod:`trajflow.finetune`).
 
-``s = 0`` (the cleanest level with :math:`t_{\min} = 0`) gives :math:`C = 0`, a point mass whose
-log-density is undefined. The scale is therefore floored at ``c_min`` (default ``1e-3``): the model stays a
-proper flow for every grid, and for :math:`C \geq c_{\min}` (any :math:`s \gtrsim c_{\min}`) it is exactly
-the posterior above. ``c_min=0`` switches the floor off; then ``s = 0`` raises a :class:`ValueError`
-(train with ``TrajectoryNLL(t_min=(low > 0, high))`` in that case).
-
-:class:`~trajflow.velocity.CallableVelocity` adapts an external velocity model (any callable
-``fn(x_t, t, cond)``) to the :class:`~trajflow.velocity.VelocityModel` calling convention.
+``s = 0`` gives :math:`C = 0`, a point mass without a density, so the scale is floored at ``c_min``: the
+model is a proper flow for every grid, and exactly the posterior wherever :math:`C \geq c_{\min}`.
 
 References:
     | Normalizing Trajectory Models (Gu et al., 2026), §3.3, Eqs. 3.6-3.8, App. A.3.
@@ -31,7 +25,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,7 +35,8 @@ from ..checkpoint import Pretrained, build_part, check_config_keys, part_config
 from ..checks import check_number, check_time_features, check_times
 from ..conditioning import Condition, CondSpec, cond_spec_of
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import default_layout, from_tokens, num_tokens, token_dim
+from ..nn.mlp import zero_linear
+from ..nn.patches import default_layout, from_tokens, hidden_shape, token_dim
 from ..nn.scale import soft_clip
 from ..numerics import upcast
 from ..process import MarkovInterpolant
@@ -53,13 +47,9 @@ __all__ = ["FlowMatchingPredictor"]
 
 def _attr_chain(module: nn.Module, *names: str) -> object | None:
     """The first of ``module.name`` or ``module.config.name`` that exists and is not None."""
-    config = getattr(module, "config", None)
-    for name in names:
-        for owner in (module, config):
-            value = getattr(owner, name, None) if owner is not None else None
-            if value is not None:
-                return value
-    return None
+    owners = (module, getattr(module, "config", None))
+    values = (getattr(owner, name, None) for name in names for owner in owners)
+    return next((v for v in values if v is not None), None)
 
 
 def _check_settings(velocity: object, c_min: object, delta_bound: object, time_features: object) -> None:
@@ -69,43 +59,33 @@ def _check_settings(velocity: object, c_min: object, delta_bound: object, time_f
             f"velocity: expected a velocity nn.Module with an event_shape (wrap other callables in "
             f"CallableVelocity), got {type(velocity).__name__}"
         )
-    if not (isinstance(c_min, (int, float)) and math.isfinite(c_min) and c_min >= 0):
-        raise ValueError(f"c_min: expected a finite number >= 0, got {c_min!r}")
+    check_number("c_min", c_min, low=0)
     check_number("delta_bound", delta_bound, positive=True)
-    if not isinstance(time_features, int) or isinstance(time_features, bool) or time_features < 0:
-        raise ValueError(f"time_features: expected 0 or an even integer >= 2, got {time_features!r}")
-    if time_features:
+    if time_features != 0 or isinstance(time_features, bool):  # 0: no time features
         check_time_features("time_features", time_features)
 
 
 def _hidden_form(
-    velocity: nn.Module,
-    event_shape: torch.Size,
-    hidden_features: int | None,
-    hidden_layout: str | None,
-    patch_size: int | None,
+    velocity: nn.Module, hidden_features: int | None, hidden_layout: str | None, patch_size: int | None
 ) -> tuple[int, str, int]:
     """``(hidden_features, hidden_layout, patch_size)`` of the velocity model's ``hidden``: as given, else read
     from the model, else the defaults (flat for vectors, patch size 1)."""
-    if hidden_features is None:
-        hidden_features = _attr_chain(velocity, "hidden_features", "width")  # type: ignore[assignment]
-    if not isinstance(hidden_features, int) or hidden_features < 1:
+    features = _attr_chain(velocity, "hidden_features", "width") if hidden_features is None else hidden_features
+    if not isinstance(features, int) or features < 1:
         raise ValueError(
             f"hidden_features: could not read a positive width from {type(velocity).__name__} "
-            f"(hidden_features / width / config.width); pass hidden_features=..., got {hidden_features!r}"
+            f"(hidden_features / width / config.width); pass hidden_features=..., got {features!r}"
         )
-    layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or default_layout(event_shape)
+    layout = hidden_layout or _attr_chain(velocity, "hidden_layout") or default_layout(velocity.event_shape)
     if layout not in ("flat", "tokens"):
         raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {layout!r}")
-    patch = int(patch_size or _attr_chain(velocity, "patch_size") or 1)  # type: ignore[arg-type]
-    return hidden_features, layout, patch
+    return features, layout, int(patch_size or _attr_chain(velocity, "patch_size") or 1)  # type: ignore[arg-type]
 
 
 class FlowMatchingPredictor(Pretrained, Predictor):
     r"""The NTM predictor :math:`(\mu_P, \sigma_P)` of a flow-matching velocity model (NTM Eqs. 3.6-3.8).
 
-    See the module docstring for the equations. At initialisation :math:`\mu_P = A u_t + B (u_t - t v)`
-    and :math:`\sigma_P = \max(C, c_{\min})` exactly.
+    At initialisation :math:`\mu_P = A u_t + B (u_t - t v)` and :math:`\sigma_P = \max(C, c_{\min})` exactly.
 
     Arguments:
         velocity: A velocity model ``(x_t, t, cond, drop_cond) -> (v, hidden)`` with ``event_shape`` and
@@ -114,12 +94,12 @@ class FlowMatchingPredictor(Pretrained, Predictor):
             It is used (and trained) as is; make a frozen copy first if you need one.
         hidden_features: Width of ``hidden``; read from the velocity model (``hidden_features``, ``width``
             or ``config.width``) when omitted.
-        hidden_layout: ``"flat"`` (``(N, F)``) or ``"tokens"`` (``(N, L, F)``, mapped back to the image with
-            the patch size, as :func:`trajflow.nn.patches.unpatchify` does); read from the model or
-            defaulted (flat for vectors).
+        hidden_layout: ``"flat"`` (``(N, F)``) or ``"tokens"`` (``(N, L, F)``, unpatchified); read from the
+            model, else flat for vectors.
         patch_size: Patch side of the token layout; read from the model (``patch_size`` or
             ``config.patch_size``), else 1.
-        c_min: Floor of the posterior scale :math:`C`; ``0`` disables it (then ``s = 0`` raises).
+        c_min: Floor of the posterior scale :math:`C`; ``0`` disables it (then ``s = 0`` raises: train with
+            ``TrajectoryNLL(t_min=(low > 0, high))``).
         delta_mean: Also learn a zero-initialised residual on the mean, :math:`\mu_P = \mu_{post} + \delta_\mu`
             (the paper's ``no_delta_mean = 1`` corresponds to the default ``False``).
         time_features: Size of the sinusoidal embeddings of ``t`` and ``s`` fed to the head (0: the head
@@ -159,7 +139,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         self.event_shape = torch.Size(velocity.event_shape)
         self.cond_event_dims = getattr(velocity, "cond_event_dims", None)
         self.hidden_features, self.hidden_layout, self.patch_size = _hidden_form(
-            velocity, self.event_shape, hidden_features, hidden_layout, patch_size
+            velocity, hidden_features, hidden_layout, patch_size
         )
         self.c_min = float(c_min)
         self.delta_mean = bool(delta_mean)
@@ -167,21 +147,14 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         self.time_features = int(time_features)
         if self.time_features:
             self.time = SinusoidalEmbedding(self.time_features)
-        if self.hidden_layout == "flat":
-            out = self.event_shape.numel()
-        else:
-            out = token_dim(self.event_shape, self.patch_size)
+        flat = self.hidden_layout == "flat"
+        out = self.event_shape.numel() if flat else token_dim(self.event_shape, self.patch_size)
         self.num_outputs = 2 if self.delta_mean else 1
-        self.head = nn.Linear(self.hidden_features + 2 * self.time_features, self.num_outputs * out)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = zero_linear(self.hidden_features + 2 * self.time_features, self.num_outputs * out)
 
     def config_dict(self) -> dict[str, Any]:
-        """The velocity model as a part (:func:`~trajflow.checkpoint.part_config`) and the resolved settings.
-
-        A velocity model that cannot be rebuilt from a config (a :class:`CallableVelocity` wraps arbitrary
-        code) gives a ``TypeError`` naming ``velocity``.
-        """
+        """The velocity model as a part (:func:`~trajflow.checkpoint.part_config`; a ``TypeError`` naming
+        ``velocity`` for a :class:`CallableVelocity`) and the resolved settings."""
         return {
             "velocity": part_config(self.velocity, "velocity"),
             "hidden_features": self.hidden_features,
@@ -222,19 +195,11 @@ class FlowMatchingPredictor(Pretrained, Predictor):
 
     def _check_hidden(self, hidden: Tensor, n: int) -> None:
         """Raise unless the velocity model's ``hidden`` has the layout, batch, width and tokens expected."""
-        layout = self.hidden_layout
-        want = 2 if layout == "flat" else 3
-        if hidden.dim() != want or hidden.shape[0] != n or hidden.shape[-1] != self.hidden_features:
-            shape = "(N, F)" if layout == "flat" else "(N, L, F)"
+        want = hidden_shape(self.hidden_layout, n, self.event_shape, self.patch_size, self.hidden_features)
+        if tuple(hidden.shape) != want:
             raise ValueError(
-                f"velocity model hidden: expected {shape} with N={n}, F={self.hidden_features} "
-                f"({layout} layout), got {tuple(hidden.shape)}"
-            )
-        if layout == "tokens" and hidden.shape[1] != num_tokens(self.event_shape, self.patch_size):
-            raise ValueError(
-                f"velocity model hidden: expected {num_tokens(self.event_shape, self.patch_size)} tokens for "
-                f"event shape {tuple(self.event_shape)} with patch_size={self.patch_size}, got "
-                f"{hidden.shape[1]} (shape {tuple(hidden.shape)})"
+                f"velocity model hidden: expected shape {want} ({self.hidden_layout} layout, hidden_features="
+                f"{self.hidden_features}, patch_size={self.patch_size}), got {tuple(hidden.shape)}"
             )
 
     def _delta(self, hidden: Tensor, t: Tensor, s: Tensor, n: int) -> Tensor:
@@ -261,10 +226,8 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         cond: Condition | None = None,
         drop_cond: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        r"""``(mu, sigma)`` of :math:`p(u_s | u_t, y)`, each of ``u_t``'s shape (float32 or wider).
-
-        With ``validate_args``, times ``t`` or ``s`` outside [0, 1] or NaN are refused with a ``ValueError``
-        naming them."""
+        r"""``(mu, sigma)`` of :math:`p(u_s | u_t, y)`, each of ``u_t``'s shape (float32 or wider); with
+        ``validate_args``, times outside [0, 1] or NaN are refused with a ``ValueError`` naming them."""
         if self.validate_args:
             check_times("t", t)
             check_times("s", s)

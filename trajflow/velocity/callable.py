@@ -8,29 +8,33 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_tensor
+from ..checks import check_count, check_tensor
 from ..conditioning import Condition, EventDims, map_cond
 from ..nn.embeddings import SinusoidalEmbedding
-from ..nn.patches import default_layout, num_tokens, to_tokens, token_dim
+from ..nn.patches import check_image_config, default_layout, hidden_shape, to_tokens, token_dim
 from .base import VelocityModel
 
 __all__ = ["CallableVelocity"]
 
 
-def _checked_event_shape(event_shape: int | Sequence[int]) -> torch.Size:
-    if isinstance(event_shape, int):
-        event_shape = (event_shape,)
-    shape = torch.Size(event_shape)
+def _checked_event_shape(event_shape: int | Sequence[int], patch_size: int) -> torch.Size:
+    shape = torch.Size((event_shape,) if isinstance(event_shape, int) else event_shape)
     if len(shape) == 0 or min(shape) < 1:
-        raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+        raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(shape)}")
+    if len(shape) == 3:
+        check_image_config(shape, patch_size)
     return shape
 
 
-def _check_patch_size(event_shape: torch.Size, patch_size: int) -> None:
-    if len(event_shape) == 3:
-        _, h, w = event_shape
-        if patch_size < 1 or h % patch_size or w % patch_size:
-            raise ValueError(f"patch_size: expected a positive divisor of H={h} and W={w}, got {patch_size}")
+def _cond_without_null(cond: Condition | None, drop_cond: Tensor | None) -> Condition | None:
+    if drop_cond is None or not bool(drop_cond.any()):
+        return cond
+    if bool(drop_cond.all()):
+        return None
+    raise ValueError(
+        "drop_cond: this CallableVelocity has no null_cond, so it cannot drop the condition "
+        "of some examples only; pass null_cond=... (one condition without batch dims)"
+    )
 
 
 class CallableVelocity(VelocityModel):
@@ -97,20 +101,17 @@ class CallableVelocity(VelocityModel):
         super().__init__()
         if not callable(fn):
             raise ValueError(f"fn: expected a callable velocity model, got {type(fn).__name__}")
-        self.event_shape = _checked_event_shape(event_shape)
+        self.event_shape = _checked_event_shape(event_shape, patch_size)
         self.hidden_layout = hidden_layout or default_layout(self.event_shape)
         if self.hidden_layout not in ("flat", "tokens"):
             raise ValueError(f"hidden_layout: expected 'flat' or 'tokens', got {self.hidden_layout!r}")
-        _check_patch_size(self.event_shape, patch_size)
         self.patch_size = patch_size
         self.cond_event_dims = cond_event_dims
         self.null_cond = null_cond
         self._set_fn(fn)
         self.returns_hidden = hidden_features is not None
-        if hidden_features is not None:
-            if not isinstance(hidden_features, int) or hidden_features < 1:
-                raise ValueError(f"hidden_features: expected a positive integer or None, got {hidden_features!r}")
-            self.hidden_features = hidden_features
+        if self.returns_hidden:
+            self.hidden_features = check_count("hidden_features", hidden_features)
         else:
             self._add_features(time_features, feature_width)
 
@@ -135,56 +136,44 @@ class CallableVelocity(VelocityModel):
         self.hidden_features = feature_width
 
     def _cond_for_fn(self, cond: Condition | None, drop_cond: Tensor | None, n: int) -> Condition | None:
-        """Replace dropped rows by ``null_cond`` (or pass ``None`` for an all-null batch)."""
+        """Replace dropped rows by ``null_cond`` (without one: ``None`` for an all-null batch)."""
         if self.null_cond is None:
-            if drop_cond is not None and bool(drop_cond.any()):
-                if bool(drop_cond.all()):
-                    return None
-                raise ValueError(
-                    "drop_cond: this CallableVelocity has no null_cond, so it cannot drop the condition "
-                    "of some examples only; pass null_cond=... (one condition without batch dims)"
-                )
-            return cond
+            return _cond_without_null(cond, drop_cond)
         ced = self.cond_event_dims if self.cond_event_dims is not None else 0
         null = map_cond(lambda c, ed: c.expand(n, *c.shape), self.null_cond, ced)
-        if cond is None:
-            return null
-        if drop_cond is None:
-            return cond
+        if cond is None or drop_cond is None:
+            return null if cond is None else cond
+        single = isinstance(cond, Tensor)
+        parts = [(cond, null, ced)] if single else zip(cond, null, ced)  # type: ignore[arg-type]
+        out = [torch.where(drop_cond.reshape(n, *([1] * ed)).to(c.device), z.to(c), c) for c, z, ed in parts]
+        return out[0] if single else tuple(out)
 
-        def pick(pair: tuple[Tensor, Tensor], ed: int) -> Tensor:
-            c, z = pair
-            return torch.where(drop_cond.reshape(n, *([1] * ed)).to(c.device), z.to(c), c)
-
-        if isinstance(cond, Tensor):
-            return pick((cond, null), ced)  # type: ignore[arg-type]
-        return tuple(pick((c, z), ed) for c, z, ed in zip(cond, null, ced))  # type: ignore[arg-type]
+    def _split_output(self, out: object) -> tuple[Tensor, Tensor | None]:
+        """``fn``'s output as ``(v, hidden)``, ``hidden`` ``None`` for a ``fn`` that returns ``v`` only."""
+        pair = isinstance(out, (tuple, list)) and len(out) == 2
+        if not pair and not isinstance(out, Tensor):
+            raise ValueError(
+                f"velocity model output: expected a tensor v or a pair (v, hidden), got {type(out).__name__}"
+            )
+        if pair and not self.returns_hidden:
+            raise ValueError(
+                "velocity model output: expected v only since hidden_features=None, got a pair; pass "
+                "hidden_features=<width of hidden> to use the model's own hidden states"
+            )
+        if not pair and self.returns_hidden:
+            raise ValueError(
+                f"velocity model output: expected (v, hidden) since hidden_features={self.hidden_features}, "
+                f"got a single tensor of shape {tuple(out.shape)}; pass hidden_features=None for a "  # type: ignore[union-attr]
+                "model that returns v only"
+            )
+        return tuple(out) if pair else (out, None)  # type: ignore[return-value]
 
     def forward(
         self, x_t: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """``(v, hidden)``: ``v`` of ``x_t``'s shape and ``hidden`` ``(N, F)`` or ``(N, L, F)``."""
         n = x_t.shape[0]
-        out = self.fn(x_t, t, self._cond_for_fn(cond, drop_cond, n))
-        if isinstance(out, Tensor):
-            if self.returns_hidden:
-                raise ValueError(
-                    f"velocity model output: expected (v, hidden) since hidden_features={self.hidden_features}, "
-                    f"got a single tensor of shape {tuple(out.shape)}; pass hidden_features=None for a "
-                    "model that returns v only"
-                )
-            v, hidden = out, None
-        elif isinstance(out, (tuple, list)) and len(out) == 2:
-            if not self.returns_hidden:
-                raise ValueError(
-                    "velocity model output: expected v only since hidden_features=None, got a pair; pass "
-                    "hidden_features=<width of hidden> to use the model's own hidden states"
-                )
-            v, hidden = out
-        else:
-            raise ValueError(
-                f"velocity model output: expected a tensor v or a pair (v, hidden), got {type(out).__name__}"
-            )
+        v, hidden = self._split_output(self.fn(x_t, t, self._cond_for_fn(cond, drop_cond, n)))
         check_tensor("velocity model output", v)
         if v.shape != x_t.shape:
             raise ValueError(
@@ -194,10 +183,7 @@ class CallableVelocity(VelocityModel):
         if hidden is None:
             return v, self._own_hidden(x_t, t)
         check_tensor("velocity model hidden", hidden)
-        if self.hidden_layout == "flat":
-            want: tuple[int, ...] = (n, self.hidden_features)
-        else:
-            want = (n, num_tokens(self.event_shape, self.patch_size), self.hidden_features)
+        want = hidden_shape(self.hidden_layout, n, self.event_shape, self.patch_size, self.hidden_features)
         if tuple(hidden.shape) != want:
             raise ValueError(
                 f"velocity model hidden: expected shape {want} ({self.hidden_layout} layout, "
