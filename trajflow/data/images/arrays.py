@@ -21,16 +21,13 @@ _CHANNEL_COUNTS = (1, 3, 4)
 def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
     if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"layout: expected one of {list(_LAYOUTS)} or None, got {layout!r}")
-    if array.ndim == 3:
-        if layout not in (None, "NHW"):
-            raise ValueError(f"{what}: layout {layout!r} needs a 4-D array, got shape {array.shape}")
-        return array[:, None]
-    if array.ndim != 4:
+    if array.ndim not in (3, 4):
         raise ValueError(f"{what}: expected a 3-D (NHW) or 4-D (NHWC / NCHW) image array, got shape {array.shape}")
-    if layout is None:
-        layout = _guess_layout(array, what)
+    layout = layout or ("NHW" if array.ndim == 3 else _guess_layout(array, what))
+    if len(layout) != array.ndim:
+        raise ValueError(f"{what}: layout {layout!r} needs a {len(layout)}-D array, got shape {array.shape}")
     if layout == "NHW":
-        raise ValueError(f"{what}: layout 'NHW' needs a 3-D array, got shape {array.shape}")
+        return array[:, None]
     return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
 
 
@@ -43,21 +40,16 @@ def _guess_layout(array: np.ndarray, what: str) -> str:
 
 
 def _check_8bit(array: np.ndarray, what: str, levels: int) -> np.ndarray:
-    if array.dtype == np.uint8:
-        pass
-    elif np.issubdtype(array.dtype, np.integer):
-        # Wider integer types are fine as long as every value fits the levels.
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(
-                f"{what}: expected 8-bit pixels in 0..255, got {array.dtype} values in "
-                f"[{array.min()}, {array.max()}]; rescale to uint8 before loading"
-            )
-    else:
+    if not np.issubdtype(array.dtype, np.integer):
         raise ValueError(
-            f"{what}: expected integer pixels (uint8), got dtype {array.dtype}; trajflow keeps images as "
-            "integers for exact bits/dim, so convert floats yourself, "
-            "e.g. np.round(x * 255).astype(np.uint8) "
-            "for floats in [0, 1]"
+            f"{what}: expected integer pixels (uint8), got dtype {array.dtype}; trajflow keeps images as integers "
+            "for exact bits/dim, so convert floats yourself, e.g. np.round(x * 255).astype(np.uint8) for floats "
+            "in [0, 1]"
+        )
+    if array.size and (array.min() < 0 or array.max() > 255):  # wider integer types are fine if the values fit
+        raise ValueError(
+            f"{what}: expected 8-bit pixels in 0..255, got {array.dtype} values in [{array.min()}, {array.max()}]; "
+            "rescale to uint8 before loading"
         )
     if array.size and array.max() >= levels:
         raise ValueError(f"{what}: values must be < levels={levels}, got a maximum of {array.max()}")
@@ -105,15 +97,11 @@ def load_image_array(
     path = Path(path)
     array, file_labels = _read_arrays(path)
     what = f"images in {path.name}"
-    array = _check_8bit(np.asarray(array), what, levels)
-    array = _to_nchw(array, layout, what)
-    if labels is not None:
-        file_labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    if file_labels is not None:
-        file_labels = _checked_labels(np.asarray(file_labels), array.shape[0])
+    array = _to_nchw(_check_8bit(np.asarray(array), what, levels), layout, what)
+    labels = _checked_labels(file_labels if labels is None else labels, array.shape[0])
     if num_classes is None:
-        num_classes = int(file_labels.max()) + 1 if file_labels is not None and file_labels.size else 0
-    return _dataset_from_numpy(array, file_labels, name or path.stem, "", None, levels=levels, num_classes=num_classes)
+        num_classes = int(labels.max()) + 1 if labels is not None and labels.size else 0
+    return _dataset_from_numpy(array, labels, name or path.stem, "", None, levels=levels, num_classes=num_classes)
 
 
 def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -137,7 +125,10 @@ def _npz_keys(path: Path, keys: list[str]) -> tuple[str, str | None]:
     return image_key, next((k for k in ("labels", "y", "targets") if k in keys), None)
 
 
-def _checked_labels(labels: np.ndarray, n: int) -> np.ndarray:
+def _checked_labels(labels: np.ndarray | Tensor | Sequence[int] | None, n: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
         raise ValueError(f"labels: expected {n} integer labels, got {labels.dtype} of shape {labels.shape}")
     return labels

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ...checks import check_count
 from ...likelihood import bits_per_dim, dequantize
 from .pixels import _check_levels, from_unit_range, to_unit_range
 
@@ -101,8 +102,6 @@ class ImageDataset(Dataset):
         self.class_names = tuple(class_names) if class_names is not None else None
         self.transform = transform
 
-    # --- Dataset protocol -----------------------------------------------------------------------------------
-
     def __len__(self) -> int:
         return self.images.shape[0]
 
@@ -111,8 +110,6 @@ class ImageDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[index]
-
-    # --- shape facts ----------------------------------------------------------------------------------------
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -129,8 +126,6 @@ class ImageDataset(Dataset):
     def bin_width(self) -> float:
         """Width of one pixel bin on the ``[-1, 1]`` scale: ``2 / levels``."""
         return 2.0 / self.levels
-
-    # --- conversions ----------------------------------------------------------------------------------------
 
     def to_unit_range(self, images: Tensor | None = None) -> Tensor:
         """Float32 bin centres in ``[-1, 1]`` of ``images`` (default: all), see :func:`to_unit_range`."""
@@ -158,8 +153,6 @@ class ImageDataset(Dataset):
         levels = self.levels
         return self._with(self.images, self.labels, transform=functools.partial(to_unit_range, levels=levels))
 
-    # --- smaller views --------------------------------------------------------------------------------------
-
     def select(self, indices: Tensor | Sequence[int] | slice) -> ImageDataset:
         """A new dataset holding the rows ``indices`` (a slice, an index list or a boolean mask)."""
         if isinstance(indices, slice):
@@ -175,24 +168,14 @@ class ImageDataset(Dataset):
         ``n`` larger than the dataset is capped at its length, so small CPU configs can ask for e.g. 2000
         images of any dataset.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n: expected a non-negative integer, got {n!r}")
-        n = min(n, len(self))
+        n = min(check_count("n", n, low=0), len(self))
         if generator is None:
             return self.select(slice(0, n))
         return self.select(torch.randperm(len(self), generator=generator)[:n].sort().values)
 
     def _with(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Any] | None = None) -> ImageDataset:
-        return ImageDataset(
-            images,
-            labels,
-            levels=self.levels,
-            num_classes=self.num_classes,
-            name=self.name,
-            split=self.split,
-            class_names=self.class_names,
-            transform=transform if transform is not None else self.transform,
-        )
+        kept = {k: getattr(self, k) for k in ("levels", "num_classes", "name", "split", "class_names")}
+        return ImageDataset(images, labels, transform=transform or self.transform, **kept)
 
     def class_counts(self) -> Tensor:
         """Number of images per class, int64 ``(num_classes,)`` (``(1,)`` for unlabelled data)."""
