@@ -22,17 +22,13 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = _load_pickle(f, encoding="bytes")
-    if not isinstance(batch, dict):
-        raise ValueError(f"{path}: expected a pickled dict with 'data' and 'labels', got {type(batch).__name__}")
+    batch = _read_pickle(path)
     # The official files use bytes keys (pickled by Python 2); accept str keys from re-pickled copies.
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()} if isinstance(batch, dict) else {}
     if "data" not in batch or "labels" not in batch:
-        raise ValueError(f"{path}: expected keys 'data' and 'labels', got {sorted(batch)}")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
+        raise ValueError(f"{path}: expected a pickled dict with keys 'data' and 'labels', got {sorted(batch)}")
+    data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.shape[1:] != (3072,) or labels.shape != data.shape[:1]:
         raise ValueError(
             f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {data.shape} and {labels.shape}"
         )
@@ -40,15 +36,19 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def _read_pickle(path: Path) -> object:
+    with open(path, "rb") as f:
+        return _load_pickle(f, encoding="bytes")
+
+
 def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDataset:
     """CIFAR-10, 32x32 RGB, 256 levels, 10 classes, from the standard python pickle batches.
 
-    ``path`` is the extracted ``cifar-10-batches-py`` folder (or its parent) of the "CIFAR-10 python
-    version" (https://www.cs.toronto.edu/~kriz/cifar.html); no package ships the data, so trajflow never
-    fetches it. ``train`` reads ``data_batch_1`` .. ``data_batch_5`` (50000 images), ``test`` reads
-    ``test_batch`` (10000). Each batch is a pickled dict with ``b"data"``, a uint8 array ``(N, 3072)``
-    whose rows hold the red, green and blue planes of a 32x32 image in turn, and ``b"labels"``, a list of
-    ``N`` ints in 0..9. The pickles are read with an unpickler that only rebuilds numpy arrays.
+    ``path`` is the extracted ``cifar-10-batches-py`` folder (or its parent) of the "CIFAR-10 python version"
+    (https://www.cs.toronto.edu/~kriz/cifar.html); no package ships it. ``train`` reads ``data_batch_1`` ..
+    ``data_batch_5`` (50000 images), ``test`` reads ``test_batch`` (10000): pickled dicts of ``b"data"``, uint8
+    ``(N, 3072)`` rows holding the red, green and blue planes of a 32x32 image, and ``b"labels"``, ``N`` ints in
+    0..9, read with an unpickler that only rebuilds numpy arrays.
 
     Example:
         >>> ds = load_cifar10("~/data/cifar-10-batches-py", "test")   # doctest: +SKIP
@@ -57,24 +57,21 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
     """
     _check_split(split)
     root = Path(path).expanduser()
-    if (root / "cifar-10-batches-py").is_dir():
-        root = root / "cifar-10-batches-py"
+    root = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{root}: missing CIFAR-10 batch file(s) {missing}; {CIFAR10_HINT}")
-    parts = [_cifar_batch(root / n) for n in names]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    return _dataset_from_numpy(images, labels, "cifar10", split, _class_names(root / "batches.meta"))
+    images, labels = zip(*(_cifar_batch(root / n) for n in names))
+    return _dataset_from_numpy(
+        np.concatenate(images), np.concatenate(labels), "cifar10", split, _class_names(root / "batches.meta")
+    )
 
 
 def _class_names(meta: Path) -> Sequence[str]:
     """The class names in ``batches.meta`` when it holds ten, else the standard ones."""
-    if meta.is_file():
-        with open(meta, "rb") as f:
-            info = _load_pickle(f, encoding="bytes")
-        names_in_file = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
-        if names_in_file is not None and len(names_in_file) == 10:
-            return [n.decode() if isinstance(n, bytes) else str(n) for n in names_in_file]
+    info = _read_pickle(meta) if meta.is_file() else None
+    names = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
+    if names is not None and len(names) == 10:
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return CIFAR10_CLASSES

@@ -15,12 +15,13 @@ __all__ = ["load_image_folder"]
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
+
+
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not any(part.startswith(".") for part in p.parts)
-    )
+    """The visible image files in and below ``folder`` (none in hidden folders), sorted."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and not any(part.startswith(".") for part in p.parts))
 
 
 def load_image_folder(
@@ -83,31 +84,19 @@ def _class_dirs(root: Path) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
 
 
-def _loose_images(root: Path) -> list[Path]:
-    """The visible image files directly in ``root``."""
-    return [
-        p for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".")
-    ]
-
-
 def _labelled_files(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...] | None]:
     """``[(file, label)]`` in reading order and the class names (``None``: an unlabelled folder)."""
     class_dirs = _class_dirs(root)
-    loose = _loose_images(root)
+    loose = list(filter(_is_image, root.iterdir()))
     if class_dirs and loose:
         raise ValueError(
             f"{root}: has both class subfolders ({[d.name for d in class_dirs]}) and loose images "
             f"({loose[0].name}, ...); move the loose images into a class folder or remove them"
         )
-    if class_dirs:
-        files = [(f, label) for label, d in enumerate(class_dirs) for f in _image_files(d)]
-        class_names: tuple[str, ...] | None = tuple(d.name for d in class_dirs)
-    else:
-        files = [(f, 0) for f in _image_files(root)]
-        class_names = None
+    files = [(f, label) for label, d in enumerate(class_dirs or [root]) for f in _image_files(d)]
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
-    return files, class_names
+    return files, tuple(d.name for d in class_dirs) or None
 
 
 def _open_8bit(files: list[tuple[Path, int]]) -> list[Image.Image]:
