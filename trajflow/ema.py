@@ -5,14 +5,9 @@ After every optimizer step, :meth:`EMA.update` moves each shadow tensor towards 
 .. math:: \bar\theta \leftarrow \beta \bar\theta + (1 - \beta) \theta,
           \qquad \beta_n = \min\Big(\beta, \frac{1 + n}{10 + n}\Big) \text{ with warmup}
 
-where ``n`` counts the updates so far. The warmup (as in the TensorFlow/timm EMA) lets the average follow the
-fast early changes of a freshly initialised model instead of being dominated by its random start.
-
-Shadows live on the parameters' device in float32 whatever the parameters' dtype, so that many small
-updates of size ``(1 - beta)`` are not rounded away in bf16. Buffers (e.g. normalisation statistics) are
-not averaged; :meth:`EMA.copy_to` leaves them as they are.
-
-Under FSDP the parameters are shards (DTensors); the shadows are then shards too, and :meth:`state_dict`
+where ``n`` counts the updates so far (the TensorFlow/timm warmup: early averages follow a fresh model's fast
+changes). Shadows are float32 on the parameters' device, so that updates of size ``1 - beta`` are not rounded
+away in bf16; buffers are not averaged. Under FSDP the shadows are shards too, and :meth:`EMA.state_dict`
 gathers full tensors (a collective: call it on every rank).
 
 Example:
@@ -76,12 +71,9 @@ class EMA:
         params = dict(model.named_parameters())
         missing = [n for n in self.shadow if n not in params]
         if missing:
-            raise ValueError(
-                f"model: expected the parameters this EMA was built on, missing {missing[:5]}"
-                + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            )
-        for name, avg in self.shadow.items():
-            yield name, avg, params[name]
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise ValueError(f"model: expected the parameters this EMA was built on, missing {missing[:5]}{more}")
+        return ((name, avg, params[name]) for name, avg in self.shadow.items())
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -111,10 +103,7 @@ class EMA:
                     p.copy_(backup[name])
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The averages as full float32 tensors, keyed by parameter name (safetensors-ready).
-
-        The update count and decay are metadata: see :meth:`metadata`.
-        """
+        """The averages as full float32 tensors, keyed by parameter name (the update count: :meth:`metadata`)."""
         return {name: _full(avg).detach().contiguous() for name, avg in self.shadow.items()}
 
     def metadata(self) -> dict[str, str]:
@@ -123,10 +112,8 @@ class EMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-        """Load averages saved by :meth:`state_dict` (and the update count from :meth:`metadata`).
-
-        Raises a ``ValueError`` naming the keys or shapes that do not match.
-        """
+        """Load averages saved by :meth:`state_dict` (and the update count from :meth:`metadata`); a ``ValueError``
+        names the keys or shapes that do not match."""
         missing = sorted(set(self.shadow) - set(state))
         unexpected = sorted(set(state) - set(self.shadow))
         if missing or unexpected:
@@ -134,13 +121,17 @@ class EMA:
                 f"state: expected the EMA keys of this model; missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, avg in self.shadow.items():
-            value = state[name]
-            if hasattr(avg, "full_tensor"):  # an FSDP shard: keep only this rank's part of the full tensor
-                from torch.distributed.tensor import distribute_tensor
-
-                value = distribute_tensor(value.to(avg.device), avg.device_mesh, avg.placements)
-            elif tuple(value.shape) != tuple(avg.shape):
-                raise ValueError(f"state: expected {name} of shape {tuple(avg.shape)}, got {tuple(value.shape)}")
-            avg.copy_(value.to(device=avg.device, dtype=avg.dtype))
+            avg.copy_(_placed(name, state[name], avg))
         if metadata is not None and "num_updates" in metadata:
             self.num_updates = int(metadata["num_updates"])
+
+
+def _placed(name: str, value: Tensor, avg: Tensor) -> Tensor:
+    """``value`` on ``avg``'s device and dtype; for an FSDP shard ``avg``, only this rank's part of it."""
+    if hasattr(avg, "full_tensor"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(avg.device), avg.device_mesh, avg.placements)
+    elif tuple(value.shape) != tuple(avg.shape):
+        raise ValueError(f"state: expected {name} of shape {tuple(avg.shape)}, got {tuple(value.shape)}")
+    return value.to(device=avg.device, dtype=avg.dtype)

@@ -1,8 +1,7 @@
 r"""Learning-rate schedules: linear warmup followed by a cosine decay (NTM Table 5: "cosine with warmup").
 
-The schedule is a small picklable callable, so a :class:`torch.optim.lr_scheduler.LambdaLR` built on it
-saves and restores its state with ``state_dict()`` (a plain function would not be saved, and a lambda
-cannot be pickled at all).
+The schedule is a picklable callable, so that a :class:`torch.optim.lr_scheduler.LambdaLR` on it saves and
+restores it with ``state_dict()`` (a lambda could not be pickled).
 
 Example:
     >>> import torch

@@ -1,16 +1,13 @@
 r"""A transporter used alone as a density model: one normalizing flow at a fixed time (the TarFlow baseline).
 
-Every transporter :math:`f(x, t)` of an NTM is a normalizing flow at each time :math:`t`. Frozen at one
-time ``t`` and put over a standard normal base it is a plain flow,
+An NTM's transporter :math:`f(x, t)`, frozen at one time ``t`` over a standard normal base, is a plain flow
 
-.. math:: \log p(y) = \log \mathcal{N}(f(y, t); 0, I) + \log \Big|\det \frac{\partial f(y, t)}{\partial y}\Big|,
+.. math:: \log p(y) = \log \mathcal{N}(f(y, t); 0, I) + \log \Big|\det \frac{\partial f(y, t)}{\partial y}\Big|:
 
-the single-flow baseline NTM is measured against: with a
-:class:`~trajflow.transporters.transformer.TransformerTransporter` it is TarFlow (Zhai et al., 2025) with a
-constant time embedding. Its density is exact, so its bits/dim has only the dequantisation gap
-(:meth:`SingleFlow.bits_per_dim`; :func:`trajflow.likelihood.flow_bits_per_dim`). :func:`matched_single_flow`
-chooses the depth of such a stack whose parameter count matches another model's, for comparisons at equal
-size; :class:`SingleFlowNLL` is its maximum-likelihood loss.
+with a :class:`~trajflow.transporters.transformer.TransformerTransporter`, TarFlow (Zhai et al., 2025) with a
+constant time embedding. Its bits/dim is exact up to dequantisation (:meth:`SingleFlow.bits_per_dim`);
+:class:`SingleFlowNLL` is its loss, and :func:`matched_single_flow` sizes a stack to another model's
+parameter count.
 
 References:
     | Normalizing Flows are Capable Generative Models (TarFlow; Zhai et al., 2025).
@@ -138,9 +135,8 @@ class SingleFlow(nn.Module):
 class SingleFlowNLL:
     r"""Maximum-likelihood loss of a :class:`SingleFlow`: :math:`-\log p(y) / D` averaged over the batch.
 
-    ``y`` is continuous data ``(N, *event)`` (for images, dequantised: :func:`trajflow.likelihood.dequantize`).
-    The loss is deterministic; ``generator`` is accepted so that it is called like
-    :class:`~trajflow.TrajectoryNLL` and :class:`~trajflow.baselines.flow_matching.FlowMatchingLoss`.
+    ``y`` is continuous data ``(N, *event)`` (images dequantised: :func:`trajflow.likelihood.dequantize`).
+    ``generator`` is accepted (and unused) so that it is called like :class:`~trajflow.TrajectoryNLL`.
 
     Example:
         >>> from trajflow.transporters import ZukoTransporter
@@ -166,9 +162,8 @@ def matched_single_flow(
 ) -> TransformerTransporterConfig:
     """The ``config`` with the ``(blocks, layers_per_block)`` whose parameter count is closest to ``target``.
 
-    The width, heads, patching and everything else stay those of ``config``; ties go to more blocks (TarFlow
-    prefers many shallow blocks). Candidates are built on the meta device, so counting costs no memory even
-    for large sizes.
+    Everything else stays ``config``'s; ties go to more blocks (TarFlow prefers many shallow blocks).
+    Candidates are counted on the meta device (no memory).
 
     Arguments:
         config: The stack to deepen or shorten.
@@ -209,15 +204,13 @@ def _closest_depth(
 ) -> tuple[float, int, TransformerTransporterConfig, int]:
     """``(relative miss, -blocks, candidate, parameters)`` of the candidate closest to ``target`` (ties: more
     blocks), counted on the meta device."""
-    best: tuple[float, int, TransformerTransporterConfig, int] | None = None
+    rows = []
     for b in blocks:
         for layers in layers_per_block:
             candidate = dataclasses.replace(config, blocks=b, layers_per_block=layers)
             with torch.device("meta"):
                 n = count_parameters(TransformerTransporter(candidate))
-            key = (abs(n - target) / target, -b)
-            if best is None or key < best[:2]:
-                best = (*key, candidate, n)
-    if best is None:
+            rows.append((abs(n - target) / target, -b, candidate, n))
+    if not rows:
         raise ValueError("blocks, layers_per_block: expected at least one candidate depth each")
-    return best
+    return min(rows, key=lambda row: row[:2])

@@ -108,9 +108,7 @@ def _named_checkpoint(path: Path) -> tuple[Path | None, CheckpointDir]:
 def _newest_intact(folder: CheckpointDir, say: Callable[[str], None]) -> Path | None:
     """The newest intact checkpoint of ``folder``, warning about each newer damaged one (``None``: none at all)."""
     ckpt, damaged = folder.newest_intact()
-    for message in (f"resume: skipping a damaged checkpoint: {what}" for _, what in damaged):
-        warnings.warn(message, RuntimeWarning, stacklevel=5)  # past this module and Trainer.fit, to fit's caller
-        say(message)
+    _warn_damaged(damaged, say)
     if ckpt is None and damaged:
         raise DamagedCheckpointError(
             f"resume: no intact checkpoint in {str(folder.root)!r}: "
@@ -122,6 +120,13 @@ def _newest_intact(folder: CheckpointDir, say: Callable[[str], None]) -> Path | 
     elif damaged:
         say(f"resume: falling back to {ckpt.name}, the newest intact checkpoint")
     return ckpt
+
+
+def _warn_damaged(damaged: list[tuple[Path, str]], say: Callable[[str], None]) -> None:
+    for _, what in damaged:
+        message = f"resume: skipping a damaged checkpoint: {what}"
+        warnings.warn(message, RuntimeWarning, stacklevel=6)  # past this module and Trainer.fit, to fit's caller
+        say(message)
 
 
 def check_resume(
