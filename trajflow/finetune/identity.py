@@ -26,22 +26,23 @@ def zero_init_zuko_(transporter: ZukoTransporter) -> ZukoTransporter:
     """
     if not isinstance(transporter, ZukoTransporter):
         raise ValueError(f"transporter: expected a ZukoTransporter, got {type(transporter).__name__}")
-    found = 0
-    for module in transporter.flow.modules():
-        hyper = getattr(module, "hyper", None)
-        if isinstance(hyper, nn.Module):
-            linears = [m for m in hyper.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                nn.init.zeros_(linears[-1].weight)
-                if linears[-1].bias is not None:
-                    nn.init.zeros_(linears[-1].bias)
-                found += 1
+    found = sum(_zero_last_linear(getattr(m, "hyper", None)) for m in transporter.flow.modules())
     if not found:
         raise ValueError(
             "transporter: found no zuko hyper-network to zero (expected MaskedAutoregressiveTransform "
             "steps, e.g. ZukoTransporter(preset='maf'))"
         )
     return transporter
+
+
+def _zero_last_linear(hyper: object) -> bool:
+    """Zero the last :class:`~torch.nn.Linear` of a hyper-network; whether there was one."""
+    linears = [m for m in hyper.modules() if isinstance(m, nn.Linear)] if isinstance(hyper, nn.Module) else []
+    if linears:
+        nn.init.zeros_(linears[-1].weight)
+        if linears[-1].bias is not None:
+            nn.init.zeros_(linears[-1].bias)
+    return bool(linears)
 
 
 def identity_transporter(event_shape: int | Sequence[int], **kwargs: Any) -> Transporter:

@@ -65,20 +65,28 @@ def init_from_flow_matching(
     """
     reference = frozen_copy(velocity)
     predictor = FlowMatchingPredictor(velocity, **predictor_kwargs)
-    if transporter is None:
-        transporter = identity_transporter(predictor.event_shape, **(transporter_kwargs or {}))
-    elif transporter_kwargs:
-        raise ValueError("transporter_kwargs: only used when transporter is None")
-    elif not isinstance(transporter, Transporter):
-        raise ValueError(f"transporter: expected a trajflow Transporter or None, got {type(transporter).__name__}")
-    elif torch.Size(transporter.event_shape) != torch.Size(predictor.event_shape):
-        # Checked before check_identity, whose random probe would otherwise fail on the shape with a less clear error.
-        raise ValueError(
-            f"transporter: expected the velocity model's event_shape {tuple(predictor.event_shape)}, got a "
-            f"transporter on event_shape {tuple(transporter.event_shape)}"
-        )
+    transporter = _transporter(transporter, transporter_kwargs, predictor.event_shape)
     check_identity(transporter, atol=atol)
     device = next((p.device for p in velocity.parameters()), None)
     if device is not None:
         transporter = transporter.to(device)
     return FlowMatchingInit(NTM(transporter, predictor), reference)
+
+
+def _transporter(
+    transporter: Transporter | None, kwargs: dict[str, Any] | None, event_shape: torch.Size
+) -> Transporter:
+    """The given transporter, checked, or a new :func:`identity_transporter`."""
+    if transporter is None:
+        return identity_transporter(event_shape, **(kwargs or {}))
+    if kwargs:
+        raise ValueError("transporter_kwargs: only used when transporter is None")
+    if not isinstance(transporter, Transporter):
+        raise ValueError(f"transporter: expected a trajflow Transporter or None, got {type(transporter).__name__}")
+    if torch.Size(transporter.event_shape) != event_shape:
+        # Checked before check_identity, whose random probe would fail on the shape with a less clear error.
+        raise ValueError(
+            f"transporter: expected the velocity model's event_shape {tuple(event_shape)}, got a "
+            f"transporter on event_shape {tuple(transporter.event_shape)}"
+        )
+    return transporter

@@ -48,10 +48,9 @@ def _predictor_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Condit
 class MeanAlignmentLoss:
     r"""Mean alignment :math:`\|\mu_P - \mu_{FM}\|^2` against a frozen flow-matching model (NTM §3.3).
 
-    :math:`\mu_{FM} = A(t, s) x_t + B(t, s) (x_t - t v_{ref}(x_t, t, y))` reads **data space**
-    :math:`x_t`, while the NTM's :math:`\mu_P` lives in transporter space; the loss keeps the latter close
-    to the pretrained model's space. Reported as a mean over dimensions (the "MSE variant"), so it is on
-    the per-dimension scale of :class:`~trajflow.TrajectoryNLL`.
+    :math:`\mu_{FM} = A(t, s) x_t + B(t, s) (x_t - t v_{ref}(x_t, t, y))` reads **data space** :math:`x_t`,
+    so the loss keeps the NTM's transporter space close to the pretrained model's. A mean over dimensions
+    (the "MSE variant"), on the per-dimension scale of :class:`~trajflow.TrajectoryNLL`.
 
     Arguments:
         reference: The frozen velocity model ``(x_t, t, cond, drop_cond) -> (v, hidden)`` (see
@@ -111,6 +110,10 @@ def _share_or_none(v: object) -> bool:
     return v is None or (numeric and math.isfinite(v) and 0 < v <= 1)  # type: ignore[operator]
 
 
+def _progress_or_none(v: object) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0)
+
+
 # (field, check, what is expected, whether a failure shows the value's type rather than the value), checked in
 # order by FinetuneLoss.__post_init__.
 _FIELD_CHECKS: tuple[tuple[str, Callable[[Any], bool], str, bool], ...] = (
@@ -133,19 +136,15 @@ class FinetuneLoss:
     \text{aux\_weight} \cdot \tfrac12 (1 + \cos(\pi \min(r, 1)))`, with :math:`r` either
 
     * ``step / decay_steps``: a number of optimizer steps; or
-    * ``progress / decay_fraction``: a share of the run, with ``progress`` in [0, 1] as the
-      :class:`~trajflow.train.Trainer` hands it to objectives (:meth:`~trajflow.train.TrainerConfig.run_progress`:
-      the share of ``train.max_steps`` or of ``train.time_budget`` done, whichever is larger). Use this for a
-      time-budgeted run, whose ``max_steps`` is only a cap it never reaches.
+    * ``progress / decay_fraction``: a share of the run, ``progress`` in [0, 1] as the
+      :class:`~trajflow.train.Trainer` hands it (:meth:`~trajflow.train.TrainerConfig.run_progress`), for a
+      time-budgeted run whose ``max_steps`` is only a cap.
 
     Give at most one of the two; with neither (``decay_steps=None``), :math:`\lambda` stays ``aux_weight``.
 
-    Called as a :class:`~trajflow.train.Objective`: ``loss(model, batch, generator, step, progress=...)`` with
-    ``batch`` a tensor ``x0`` ``(B, *data)`` or a pair ``(x0, cond)`` (what a DataLoader over a
-    ``TensorDataset(x0)`` or ``TensorDataset(x0, labels)`` yields), so it goes to
-    :meth:`Trainer.fit <trajflow.train.Trainer.fit>` as it stands (or inside
-    :class:`~trajflow.likelihood.DequantizedObjective`). Returns ``(total, parts)`` with ``parts`` holding the
-    detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"``, which the Trainer logs.
+    A :class:`~trajflow.train.Objective`: ``loss(model, batch, generator, step, progress=...)`` with ``batch``
+    ``x0`` ``(B, *data)`` or ``(x0, cond)`` (what a DataLoader yields), returning ``(total, parts)`` with the
+    detached ``"nll"`` (nats/dim), ``"aux"`` and ``"lambda"`` that the Trainer logs.
 
     Arguments:
         nll: The trajectory NLL.
@@ -193,25 +192,24 @@ class FinetuneLoss:
             )
 
     def lambda_at(self, step: int = 0, progress: float | None = None) -> float:
-        """The auxiliary weight at optimizer step ``step`` and run progress ``progress`` (a cosine to 0).
-
-        ``step`` is read with ``decay_steps``, ``progress`` (in [0, 1], required) with ``decay_fraction``.
-        """
-        if progress is not None and (
-            isinstance(progress, bool) or not isinstance(progress, (int, float)) or not 0.0 <= progress <= 1.0
-        ):
+        """The auxiliary weight at optimizer step ``step`` (read with ``decay_steps``) and run progress
+        ``progress`` in [0, 1] (required with ``decay_fraction``): a cosine to 0."""
+        if not _progress_or_none(progress):
             raise ValueError(f"progress: expected the share of the run done, a number in [0, 1], got {progress!r}")
         if self.decay_fraction is not None:
-            if progress is None:
-                raise ValueError(
-                    f"progress: FinetuneLoss(decay_fraction={self.decay_fraction}) follows the run's progress in "
-                    "[0, 1], got None; the Trainer passes it (see trajflow.train.Objective), or pass progress="
-                )
-            share = min(progress / self.decay_fraction, 1.0)
-            return float(self.aux_weight * 0.5 * (1.0 + math.cos(math.pi * share)))
+            return self._lambda_by_share(progress)
         if self.decay_steps is None:
             return float(self.aux_weight)
         return float(self.aux_weight * CosineWarmup(0, self.decay_steps)(max(int(step), 0)))
+
+    def _lambda_by_share(self, progress: float | None) -> float:
+        if progress is None:
+            raise ValueError(
+                f"progress: FinetuneLoss(decay_fraction={self.decay_fraction}) follows the run's progress in "
+                "[0, 1], got None; the Trainer passes it (see trajflow.train.Objective), or pass progress="
+            )
+        share = min(progress / self.decay_fraction, 1.0)  # type: ignore[operator]
+        return float(self.aux_weight * 0.5 * (1.0 + math.cos(math.pi * share)))
 
     def per_example(
         self,

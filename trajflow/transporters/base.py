@@ -1,22 +1,15 @@
 r"""The transporter protocol: an invertible, time-conditioned map :math:`u = f_T(x, t)`.
 
-A transporter is shared across the levels of a trajectory and is told the level's time :math:`t`. It is
-an :class:`torch.nn.Module` (it owns parameters) that *builds* a :class:`torch.distributions.Transform`
-for a given time, as zuko's lazy transforms do. Transforms map data to the transporter's space (the
-direction of the density), and the inverse is the sampling direction.
+A transporter is shared across the levels of a trajectory and told the level's time :math:`t`. It is an
+:class:`torch.nn.Module` that *builds* a :class:`torch.distributions.Transform` for a given time, as zuko's
+lazy transforms do, mapping data to the transporter's space (the inverse is the sampling direction).
+``x`` has shape ``(*batch, *event_shape)`` and ``t`` shape ``batch`` (one time per data point).
 
-Implementations provide :meth:`Transporter.forward` and :meth:`Transporter.inverse`; :meth:`transform`
-has a generic default. ``x`` always has shape ``(*batch, *event_shape)`` and ``t`` has shape ``batch``
-(already broadcast; one time per data point).
-
-**Conditions.** Every method takes an optional condition ``cond`` (batch shape ``batch``, e.g. class
-indices ``batch`` or text ``(features (*batch, L, D), mask (*batch, L))``; ``None`` is the null context
-everywhere) and ``drop_cond`` (bool, ``batch``; True where the null context replaces ``cond``,
-classifier-free guidance dropout), and is always called with both. Only a transporter whose
-:attr:`Transporter.is_conditional` is True uses them, as :math:`f_T(x, t, y)`; ``y`` is a constant of the
-flow on ``x``, so log-determinants stay exact. The others ignore them. The condition is checked where it
-enters the library (:class:`~trajflow.TrajectoryDistribution`, with
-:func:`~trajflow.conditioning.check_cond` and :attr:`Transporter.cond_spec`), not here.
+Every method takes a condition ``cond`` (batch shape ``batch``; ``None`` is the null context) and
+``drop_cond`` (bool ``batch``, True where the null context replaces ``cond``). Only a transporter whose
+:attr:`Transporter.is_conditional` is True uses them, as :math:`f_T(x, t, y)` (``y`` is a constant of the
+flow on ``x``, so log-determinants stay exact); they are checked where they enter the library
+(:class:`~trajflow.TrajectoryDistribution`, against :attr:`Transporter.cond_spec`), not here.
 """
 
 from __future__ import annotations
@@ -41,11 +34,9 @@ class Transporter(nn.Module, ABC):
     """
 
     event_shape: torch.Size
-    #: Trailing dims of one condition (0: class index, ``(2, 1)``: text features and mask), or ``None``
-    #: for a transporter that does not see the condition.
+    #: Trailing dims of one condition (0: class index, ``(2, 1)``: text features and mask); ``None``: unconditional.
     cond_event_dims: EventDims | None = None
-    #: What the condition is, for a conditional transporter that knows it (checked at the edges by
-    #: :func:`trajflow.conditioning.check_cond`; the transporter itself trusts its callers).
+    #: What the condition is (checked at the edges by :func:`trajflow.conditioning.check_cond`).
     cond_spec: CondSpec | None = None
 
     @property

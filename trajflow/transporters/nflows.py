@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_count
 from ..conditioning import Condition
 from ..nn.embeddings import SinusoidalEmbedding
 from ..numerics import upcast
@@ -32,6 +33,8 @@ def _preset(name: str, features: int, context: int, transforms: int, hidden: int
         MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
     )
 
+    if name not in ("maf", "rqs"):
+        raise ValueError(f"preset: expected 'maf' or 'rqs', got {name!r}")
     layers: list[nn.Module] = []
     for i in range(transforms):
         if i:
@@ -111,11 +114,8 @@ class NflowsTransporter(Transporter):
             from nflows.transforms.normalization import BatchNorm
         except ImportError as e:  # pragma: no cover - exercised only without the extra
             raise ImportError("NflowsTransporter needs nflows: pip install 'trajflow[nflows]'") from e
-        if not isinstance(features, int) or features < 1:
-            raise ValueError(f"features: expected a positive integer, got {features!r}")
+        check_count("features", features)
         if transform is None:
-            if preset not in ("maf", "rqs"):
-                raise ValueError(f"preset: expected 'maf' or 'rqs', got {preset!r}")
             transform = _preset(preset, features, time_features, transforms, hidden_features, bins)
         if not isinstance(transform, NflowsTransform):
             raise ValueError(f"transform: expected an nflows Transform, got {type(transform).__name__}")
@@ -124,15 +124,17 @@ class NflowsTransporter(Transporter):
         self.time = SinusoidalEmbedding(time_features)
         self.nflows_transform = transform
 
+    def _flat(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``x`` as ``(N, features)`` and the time context ``(N, time_features)`` (nflows wants both flat)."""
+        return x.reshape(-1, x.shape[-1]), self.time(t.reshape(-1)).to(x.dtype)
+
     def forward(
         self, x: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        batch = x.shape[:-1]
-        flat, ctx = x.reshape(-1, x.shape[-1]), self.time(t.reshape(-1)).to(x.dtype)
+        flat, ctx = self._flat(x, t)
         u, ladj = self.nflows_transform(flat, context=ctx)
-        return u.reshape(x.shape), upcast(ladj).reshape(batch)
+        return u.reshape(x.shape), upcast(ladj).reshape(x.shape[:-1])
 
     def inverse(self, u: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
-        flat, ctx = u.reshape(-1, u.shape[-1]), self.time(t.reshape(-1)).to(u.dtype)
-        x, _ = self.nflows_transform.inverse(flat, context=ctx)
-        return x.reshape(u.shape)
+        flat, ctx = self._flat(u, t)
+        return self.nflows_transform.inverse(flat, context=ctx)[0].reshape(u.shape)

@@ -1,26 +1,17 @@
 r"""The transformer transporter's inverse captured in CUDA graphs: :class:`StaticCacheInverse`.
 
-The token-by-token inverse of :class:`~trajflow.transporters.transformer.TransformerTransporter` runs
-``blocks x (L - 1) x layers_per_block`` small kernels per call; eagerly it is bound by kernel launches, not
-by the GPU (about 1.2 ms per token step whatever the batch, see ``docs/performance.md``). Its static-cache
+Eagerly, the token-by-token inverse is bound by kernel launches (``blocks x (L - 1) x layers_per_block``
+small kernels, about 1.2 ms per token step whatever the batch; ``docs/performance.md``). Its static-cache
 form (:meth:`~trajflow.transporters.transformer.TransformerTransporter.decode_static`) has fixed shapes and
-no host synchronisation, so the whole decode, every block and every token, is captured **once per batch
-size** in one :class:`torch.cuda.CUDAGraph` and then replayed: one launch per call.
+no host synchronisation, so the whole decode is captured **once per batch size** in one
+:class:`torch.cuda.CUDAGraph` and replayed: one launch per call.
 
-How a call goes:
-
-1. Outside the graph: argument checks, patchify, the sinusoidal time features and, for a conditional
-   transporter, the condition context ``(N, width)`` (these may synchronise).
-2. On the first call for a key ``(N, dtypes, device, autocast state)``: static input buffers are
-   allocated, the decode is run twice on a side stream (warm-up: allocator and kernel choice, as
-   :func:`torch.cuda.graph` requires), then captured. Autocast is re-entered inside the capture with
-   ``cache_enabled=False`` (autocast's weight cache must not live across a capture).
-3. Each call copies its tokens, time features (and context) into the static inputs, replays the graph, and clones the
-   static output (the next replay overwrites it).
-
-The graph reads the parameters' memory directly. If a parameter or buffer is *replaced* (``.to(dtype)``,
-``.to(device)``, re-assigning ``.data``) the key's graph is captured again; in-place updates (an optimizer
-step, ``load_state_dict``) are seen by the next replay, as they should be.
+Argument checks, patchify, time features and the condition context run outside the graph. The first call
+for a key ``(N, dtypes, device, autocast state)`` allocates static inputs, warms up on a side stream (as
+:func:`torch.cuda.graph` requires) and captures, with autocast re-entered with ``cache_enabled=False``;
+each call then copies its inputs in, replays and clones the output. The graph reads the parameters'
+memory: a parameter *replaced* (``.to(dtype)``, new ``.data``) triggers a new capture, while in-place
+updates (an optimizer step, ``load_state_dict``) are seen by the next replay.
 
 Example (CUDA only)::
 
@@ -46,9 +37,8 @@ __all__ = ["StaticCacheInverse", "graphed_inverse", "check_no_grad"]
 
 
 class StaticDecoder(Protocol):
-    """What the graphed inverse needs of a transporter (a
-    :class:`~trajflow.transporters.transformer.TransformerTransporter`): its argument preparation and its
-    fixed-shape decode, without importing the transporter's module (which imports this one)."""
+    """What the graphed inverse needs of a :class:`~trajflow.transporters.transformer.TransformerTransporter`
+    (whose module imports this one)."""
 
     config: Any
     event_shape: torch.Size
@@ -89,11 +79,9 @@ def _addresses(module: torch.nn.Module) -> tuple[int, ...]:
 class StaticCacheInverse:
     r"""Inverse of a :class:`~trajflow.transporters.transformer.TransformerTransporter` from CUDA graphs.
 
-    Call it as ``inverse(u, t, cond=None, drop_cond=None)`` with ``u`` ``(*batch, C, H, W)``, ``t``
-    ``batch`` and, for a conditional transporter, the condition and its dropout mask; it returns ``x`` of
-    ``u``'s shape, equal to ``transporter.inverse(u, t, cond, drop_cond)`` up to float rounding. One graph
-    is captured per ``(batch size, dtypes, device, autocast state)`` on first use and kept (its memory pool too) until
-    :meth:`reset` or until this object is dropped.
+    ``inverse(u, t, cond=None, drop_cond=None)`` returns ``transporter.inverse(u, t, cond, drop_cond)`` up
+    to float rounding. One graph per ``(batch size, dtypes, device, autocast state)`` is kept (its memory
+    pool too) until :meth:`reset` or until this object is dropped.
 
     Arguments:
         transporter: The transporter, on a CUDA device.

@@ -74,6 +74,14 @@ def _preset_flow(
         ) from e
 
 
+def _lazy_transform(flow: object) -> LazyTransform:
+    """A zuko ``Flow``'s transform, or a ``LazyTransform`` as it is; a ``ValueError`` naming ``flow`` otherwise."""
+    flow = flow.transform if isinstance(flow, Flow) else flow
+    if not isinstance(flow, LazyTransform):
+        raise ValueError(f"flow: expected a zuko Flow or LazyTransform, got {type(flow).__name__}")
+    return flow
+
+
 class ZukoTransporter(Pretrained, Transporter):
     r"""A transporter :math:`f_T(x, t)` made of a zuko flow whose context is an embedding of :math:`t`.
 
@@ -121,8 +129,7 @@ class ZukoTransporter(Pretrained, Transporter):
         **kwargs,
     ) -> None:
         super().__init__()
-        if not isinstance(features, int) or isinstance(features, bool) or features < 1:
-            raise ValueError(f"features: expected a positive integer, got {features!r}")
+        check_count("features", features)
         check_time_features("time_features", time_features)
         self.event_shape = torch.Size((features,))
         self.time = SinusoidalEmbedding(time_features)
@@ -131,23 +138,19 @@ class ZukoTransporter(Pretrained, Transporter):
         self.preset_config: dict[str, Any] | None = None
         if flow is None:
             flow = _preset_flow(features, preset, transforms, hidden_features, time_features, kwargs)
-            self.preset_config = {
-                "features": features,
-                "preset": preset,
-                "transforms": transforms,
-                "hidden_features": list(hidden_features),
-                "time_features": time_features,
+            self.preset_config = dict(
+                features=features,
+                preset=preset,
+                transforms=transforms,
+                hidden_features=list(hidden_features),
+                time_features=time_features,
                 **kwargs,
-            }
+            )
         elif kwargs:
             raise ValueError(
                 f"kwargs: ZukoTransporter with a user flow takes no preset arguments, got {sorted(kwargs)}"
             )
-        if isinstance(flow, Flow):
-            flow = flow.transform
-        if not isinstance(flow, LazyTransform):
-            raise ValueError(f"flow: expected a zuko Flow or LazyTransform, got {type(flow).__name__}")
-        self.flow = flow
+        self.flow = _lazy_transform(flow)
 
     def config_dict(self) -> dict[str, Any]:
         """The preset's arguments; a ``TypeError`` for a transporter built from a user ``flow``."""
