@@ -1,9 +1,6 @@
-"""Configs read back from folders: comparing them field by field, and refusing fields a class does not have.
-
-:func:`check_config` compares a saved ``config.json`` with the config that is about to use it and raises a
-``ValueError`` naming every field that differs, so that a checkpoint is never silently loaded into a
-differently-shaped (or differently-trained) model.
-"""
+"""Configs read back from folders: compared field by field (:func:`check_config`, so a checkpoint is never
+silently loaded into a differently-shaped or differently-trained model), and fields a class does not have
+refused by name."""
 
 from __future__ import annotations
 
@@ -25,17 +22,11 @@ D = TypeVar("D")
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        if not obj and prefix:
-            out[prefix[:-1]] = {}
-        return out
-    # Lists and tuples compare as JSON lists (a config read back from JSON has lists where it had tuples).
-    if isinstance(obj, tuple):
-        obj = list(obj)
-    return {prefix[:-1]: obj}
+    """``{dotted field: value}`` of a nested config, an empty dict kept as a value."""
+    if not isinstance(obj, Mapping) or (not obj and prefix):
+        # Lists and tuples compare as JSON lists (a config read back from JSON has lists where it had tuples).
+        return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+    return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 def config_differences(
@@ -105,23 +96,28 @@ def check_config_keys(cls: type, config: Mapping[str, Any], *, known: Sequence[s
     """
     if not isinstance(config, Mapping):
         raise ValueError(f"config: expected a mapping of {cls.__name__}'s fields, got {type(config).__name__}")
-    if known is None:
-        params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            return
-        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        known = [p.name for p in params if p.kind in kinds]
+    known = _keyword_names(cls) if known is None else known
+    if known is not None:
+        _refuse_unknown(cls, config, sorted(known), "config")
+
+
+def _keyword_names(cls: type) -> list[str] | None:
+    """The keyword arguments of ``cls``'s constructor, or None when it takes ``**kwargs``."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    no_check = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return None if no_check else [p.name for p in params if p.kind in kinds]
+
+
+def _refuse_unknown(cls: type, config: Mapping[str, Any], known: list[str], name: str) -> None:
     unknown = sorted(str(k) for k in set(config) - set(known))
     if unknown:
-        raise ValueError(f"config: {cls.__name__} has no field(s) {unknown} (known: {sorted(known)})")
+        raise ValueError(f"{name}: {cls.__name__} has no field(s) {unknown} (known: {known})")
 
 
 def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: str) -> D:
-    """``config_class(**config)`` for a config dataclass, refusing fields it does not have by name.
-
-    Fields missing from ``config`` take their defaults (a folder written before a field was added still
-    loads); unknown ones are an error rather than silently dropped, and a field the class has renamed is
-    refused with its new name (:func:`check_renamed_fields`).
+    """``config_class(**config)`` for a config dataclass; missing fields take their defaults (older folders
+    load), unknown ones are refused by name and renamed ones with their new name (:func:`check_renamed_fields`).
 
     Example:
         >>> @dataclasses.dataclass
@@ -135,10 +131,7 @@ def dataclass_from_dict(config_class: type[D], config: Mapping[str, Any], name: 
         ValueError: config: Size has no field(s) ['depth'] (known: ['width'])
     """
     check_renamed_fields(config_class, config, name)
-    known = [f.name for f in dataclasses.fields(config_class)]  # type: ignore[arg-type]
-    unknown = sorted(set(config) - set(known))
-    if unknown:
-        raise ValueError(f"{name}: {config_class.__name__} has no field(s) {unknown} (known: {known})")
+    _refuse_unknown(config_class, config, [f.name for f in dataclasses.fields(config_class)], name)  # type: ignore[arg-type]
     return config_class(**config)
 
 
@@ -154,10 +147,8 @@ def json_checked(config: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 def check_renamed_fields(config_class: type, config: Mapping[str, Any], name: str, source: str = "") -> None:
     """Raise a ``ValueError`` naming the old and the new key of every field of ``config`` that ``config_class``
-    has renamed (its ``renamed_fields`` class attribute, ``{old: new}``), so that an old key is neither
-    ignored nor refused without saying what it is called now.
-
-    ``name`` is the dotted place of ``config`` (``"config.train"``); ``source`` says where it was read from.
+    has renamed (its ``renamed_fields``, ``{old: new}``); ``name`` is the dotted place of ``config``
+    (``"config.train"``) and ``source`` where it was read from.
 
     Example:
         >>> from trajflow.train import TrainerConfig

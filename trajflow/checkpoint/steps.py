@@ -82,11 +82,8 @@ class CheckpointDir:
         return sorted((step, p) for step, p in found if step is not None and p.is_dir())
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or ``None``.
-
-        The ``latest`` pointer is only a convenience for people and scripts: the newest complete step folder
-        is what counts, so a pointer left behind by a crash between the rename and its update is harmless.
-        """
+        """The newest complete checkpoint, or ``None`` (what counts, not the ``latest`` pointer: a pointer left
+        behind by a crash between the rename and its update is harmless)."""
         steps = self.steps()
         return steps[-1][1] if steps else None
 
@@ -109,12 +106,8 @@ class CheckpointDir:
         return path if step_of(name) is not None and path.is_dir() else None
 
     def newest_intact(self) -> tuple[Path | None, list[tuple[Path, str]]]:
-        """The newest checkpoint that passes :func:`verify_checkpoint`, and the newer ones that do not.
-
-        Returns:
-            ``(folder or None, [(damaged folder, what is wrong), ...])``, the damaged ones newest first. ``None``
-            with an empty list: there is no checkpoint at all.
-        """
+        """``(the newest checkpoint that passes verify_checkpoint or None, [(newer damaged folder, what is wrong),
+        ...] newest first)``; ``(None, [])``: there is no checkpoint at all."""
         damaged = []
         for _, path in reversed(self.steps()):
             try:
@@ -126,13 +119,8 @@ class CheckpointDir:
         return None, damaged
 
     def commit(self, staging: Path, step: int) -> Path:
-        """Record the manifest of a complete staging folder, move it into place as ``step-XXXXXXX``, update
-        ``latest``, prune.
-
-        Files in ``staging`` were fsync-ed as they were written (:func:`atomic_write`); the manifest
-        (:func:`write_manifest`) is written last, and the folder's entries are flushed before the rename so
-        that the renamed folder is complete after a power loss too.
-        """
+        """Write the manifest of a complete staging folder (its files were fsync-ed as written), flush its
+        entries, rename it to ``step-XXXXXXX`` (complete after a power loss too), update ``latest`` and prune."""
         write_manifest(staging, step)
         fsync_dir(staging)
         final = self.root / self.name(step)
@@ -185,8 +173,8 @@ def save_model(
     ema_state: Mapping[str, Tensor] | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` (and ``ema.safetensors``) into ``directory`` atomically
-    (each file); for a whole-folder guarantee use :class:`CheckpointDir`."""
+    """Write ``config.json``, ``model.safetensors`` (and ``ema.safetensors``) into ``directory``, each file
+    atomically; :class:`CheckpointDir` makes the whole folder atomic."""
     directory = Path(directory)
     save_safetensors(directory / MODEL_FILE, model.state_dict(), metadata)
     if ema_state is not None:
@@ -203,15 +191,12 @@ def load_model_weights(
     ignore: Iterable[str] = (),
     ema: bool = False,
 ) -> dict[str, str]:
-    """Load ``model.safetensors`` (or the EMA weights, ``ema=True``) of a checkpoint into ``model``.
+    """Load ``model.safetensors`` (with the EMA's averaged parameters, ``ema=True``) of a checkpoint into ``model``;
+    returns the file's metadata.
 
-    With ``expected_config``, the checkpoint's ``config.json`` is compared first and a ``ValueError`` names
-    every differing field (see :func:`check_config`). EMA files hold only the averaged parameters;
-    buffers come from ``model.safetensors``. Returns the file's metadata.
-
-    A folder with a ``manifest.json`` (a Trainer's step folder) has the files read here checked against it
-    first (:func:`verify_checkpoint`): a corrupt or edited file raises :class:`DamagedCheckpointError`, a
-    ``ValueError`` naming it.
+    With ``expected_config``, the checkpoint's ``config.json`` is compared first (:func:`check_config`, a
+    ``ValueError`` naming every differing field). A folder with a ``manifest.json`` has the files read here
+    checked against it first: a corrupt or edited file raises :class:`DamagedCheckpointError`.
     """
     directory = Path(directory)
     if (directory / MANIFEST_FILE).is_file():  # check the files read here against it
