@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..checks import check_count, check_event_shape, check_finite
 from ..conditioning import Condition, check_cond
-from ..likelihood import bits_per_dim, check_discrete, check_levels, dequantize
+from ..likelihood import flow_bits_per_dim
 from ..losses import guidance_dropout
 from ..numerics import upcast
 from ..process import time_grid
@@ -376,18 +376,18 @@ def flow_matching_bits_per_dim(
         >>> flow_matching_bits_per_dim(model, x, 17, steps=4, generator=torch.Generator().manual_seed(0)).shape
         torch.Size([3])
     """
-    levels = check_levels(levels)
-    check_discrete("x_int", x_int, levels)
     check_event_shape("x_int", x_int, model.event_shape)
-    num_samples = check_count("num_samples", num_samples)
-    # Dequantise into the model's floating dtype (its first floating parameter or buffer; float32 if none).
+    # Dequantised into the model's floating dtype (its first floating parameter or buffer; float32 if none).
     tensors = (*model.parameters(), *model.buffers())
     dtype = next((p.dtype for p in tensors if p.is_floating_point()), torch.float32)
-    dims = math.prod(model.event_shape)
     ode = dict(steps=steps, t_min=t_min, solver=solver, divergence=divergence, probes=probes, cond=cond)
-    total = torch.zeros(x_int.shape[0], dtype=torch.float64, device=x_int.device)
-    for _ in range(num_samples):
-        y = dequantize(x_int, levels, generator, data_range=data_range, dtype=dtype)
-        log_p = flow_matching_log_prob(model, y, generator=generator, **ode)  # type: ignore[arg-type]
-        total += bits_per_dim(log_p, dims, levels, data_range)
-    return total / num_samples
+    return flow_bits_per_dim(
+        lambda y: flow_matching_log_prob(model, y, generator=generator, **ode),  # type: ignore[arg-type]
+        x_int,
+        levels,
+        event_dim=len(model.event_shape),
+        num_samples=num_samples,
+        generator=generator,
+        data_range=data_range,
+        dtype=dtype,
+    )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..checks import accepts_keyword, check_tensor
+from ..checks import accepts_keyword, check_count, check_tensor
 
 __all__ = [
     "check_levels",
@@ -24,12 +24,9 @@ __all__ = [
 
 
 def check_levels(levels: object) -> int:
-    """Raise unless ``levels`` is an integer :math:`K \\geq 2` (the number of discrete values per dimension)."""
-    if isinstance(levels, Tensor) and levels.numel() == 1 and not levels.is_floating_point():
-        levels = int(levels)
-    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 2:
-        raise ValueError(f"levels: expected an integer >= 2 (e.g. 256 for 8-bit data), got {levels!r}")
-    return levels
+    """Raise unless ``levels`` is an integer :math:`K \\geq 2` (the number of discrete values per dimension, e.g. 256
+    for 8-bit data; a one-element integer tensor counts)."""
+    return check_count("levels", levels, low=2)
 
 
 def check_data_range(data_range: object, levels: int) -> tuple[float, float]:
@@ -158,8 +155,7 @@ def bits_per_dim(
         8.0
     """
     _check_log_density(log_density_nats)
-    if not isinstance(dims, int) or isinstance(dims, bool) or dims < 1:
-        raise ValueError(f"dims: expected a positive integer (the dimensions of one data point), got {dims!r}")
+    check_count("dims", dims)
     offset = bits_per_dim_offset(levels, data_range)
     return -log_density_nats.double() / (dims * math.log(2.0)) + offset
 

@@ -46,6 +46,7 @@ def flow_bits_per_dim(
     num_samples: int = 1,
     generator: torch.Generator | None = None,
     data_range: tuple[float, float] = (-1.0, 1.0),
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     r"""Bits/dim of a model with an exact density (a single normalizing flow) on dequantised data.
 
@@ -64,6 +65,7 @@ def flow_bits_per_dim(
         num_samples: Dequantisation draws :math:`S` averaged per data point.
         generator: The random generator of the dequantisation noise.
         data_range: The range ``flow`` was trained on.
+        dtype: The floating dtype of the dequantised data ``flow`` is evaluated on.
 
     Returns:
         Bits/dim per data point, shape ``batch``, float64.
@@ -77,7 +79,7 @@ def flow_bits_per_dim(
     dims = math.prod(x_int.shape[x_int.dim() - event_dim :])
     total = torch.zeros(batch, dtype=torch.float64, device=x_int.device)
     for _ in range(num_samples):
-        y = dequantize(x_int, levels, generator, data_range=data_range)
+        y = dequantize(x_int, levels, generator, data_range=data_range, dtype=dtype)
         logp = log_prob(y)
         if logp.shape != batch:
             raise ValueError(f"flow: expected log-densities of shape {tuple(batch)}, got {tuple(logp.shape)}")
