@@ -67,10 +67,8 @@ def verify_checkpoint(folder: str | os.PathLike, files: Iterable[str] | None = N
     folder = Path(folder)
     files = None if files is None else list(files)
     manifest = _read_manifest(folder)
-    if manifest is not None:
-        listed = manifest["files"]
-        for name in listed if files is None else files:
-            _check_file(folder, name, listed.get(name))
+    for name in _files_to_check(manifest, files):
+        _check_file(folder, name, manifest["files"].get(name))
     steps = _recorded_steps(folder, manifest, files)
     if len(set(map(repr, steps.values()))) > 1:
         shown = ", ".join(f"{k}: {v!r}" for k, v in steps.items())
@@ -98,6 +96,13 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
     if not isinstance(listed, dict) or not isinstance(manifest.get("step"), int):
         raise _damaged(folder, f"{MANIFEST_FILE} is not a manifest (expected step and files)")
     return manifest
+
+
+def _files_to_check(manifest: dict[str, Any] | None, files: list[str] | None) -> Iterable[str]:
+    """``files``, by default every file the manifest lists (none without a manifest)."""
+    if manifest is None:
+        return ()
+    return manifest["files"] if files is None else files
 
 
 def _check_file(folder: Path, name: str, entry: dict[str, Any] | None) -> None:
@@ -132,10 +137,14 @@ def _recorded_steps(folder: Path, manifest: dict[str, Any] | None, files: list[s
         info = _read_json(folder, TRAINER_FILE)
         steps[TRAINER_FILE] = info.get("step") if isinstance(info, dict) else None
     if manifest is not None and present(MODEL_FILE):
-        meta = _model_metadata(folder)
-        if "step" in meta:
-            steps[MODEL_FILE] = int(meta["step"]) if meta["step"].isdigit() else meta["step"]
+        steps.update(_weights_step(folder))
     return steps
+
+
+def _weights_step(folder: Path) -> dict[str, Any]:
+    """``{model.safetensors: step}`` from the weights' metadata, or ``{}`` where it records none."""
+    step = _model_metadata(folder).get("step")
+    return {} if step is None else {MODEL_FILE: int(step) if step.isdigit() else step}
 
 
 def _model_metadata(folder: Path) -> dict[str, str]:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ...checkpoint import Pretrained
-from ...checks import check_tensor, check_times
+from ...checks import check_count, check_tensor, check_times
 from ...nn.patches import check_images
 from ...velocity import VelocityModel
 
@@ -62,13 +62,9 @@ def _image_size(name: str, size: object, what: str) -> tuple[int, int]:
     if size is None:
         raise ValueError(f"{name}: {what} has no sample size in its config, expected the latent (H, W), got None")
     pair = (size, size) if isinstance(size, int) else size
-    if not (
-        isinstance(pair, (tuple, list))
-        and len(pair) == 2
-        and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair)
-    ):
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
         raise ValueError(f"{name}: expected a positive int or (H, W), got {size!r}")
-    return int(pair[0]), int(pair[1])
+    return check_count(name, pair[0]), check_count(name, pair[1])
 
 
 V = TypeVar("V", bound="DiffusersVelocity")

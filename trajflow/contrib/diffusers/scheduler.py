@@ -4,7 +4,6 @@ pipeline does."""
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ...checks import check_number
 from ...conditioning import Condition, cat_cond
 from ...nn.patches import check_images
 from .base import _diffusers_class
@@ -38,23 +38,30 @@ def set_pipeline_timesteps(
     functions). ``sigmas`` overrides the spacing, as the pipelines' ``sigmas=``; ``image_seq_len`` is the number
     of image tokens the transformer sees (SD3: ``(H / p) (W / p)``; FLUX.1: ``H W / 4``; FLUX.2: ``H' W'``).
     """
-    steps = int(steps)
+    steps = _checked_schedule(scheduler, int(steps), pipeline)
+    # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
+    mu = _shift_mu(scheduler.config, pipeline, image_seq_len, steps)
+    scheduler.set_timesteps(device=device, **_spacing(scheduler.config, pipeline, steps, sigmas), **mu)
+    return scheduler.timesteps
+
+
+def _checked_schedule(scheduler: Any, steps: int, pipeline: str | None) -> int:
     if steps < 1:
         raise ValueError(f"steps: expected a positive number of steps, got {steps}")
     if pipeline is not None and pipeline not in PIPELINE_ADAPTERS:
         raise ValueError(f"pipeline: expected None or one of {sorted(PIPELINE_ADAPTERS)}, got {pipeline!r}")
-    config = scheduler.config
-    if getattr(config, "invert_sigmas", False):
+    if getattr(scheduler.config, "invert_sigmas", False):
         raise ValueError(
             "scheduler: invert_sigmas schedulers (Mochi) are not flow-matching samplers of this convention"
         )
-    flux = (pipeline or "").startswith("Flux")
-    if flux and sigmas is None and not getattr(config, "use_flow_sigmas", False):
+    return steps
+
+
+def _spacing(config: Any, pipeline: str | None, steps: int, sigmas: Sequence[float] | None) -> dict[str, Any]:
+    """``set_timesteps``' spacing: ``sigmas``, else FLUX's ``linspace(1, 1 / steps, steps)``, else the scheduler's."""
+    if sigmas is None and (pipeline or "").startswith("Flux") and not getattr(config, "use_flow_sigmas", False):
         sigmas = np.linspace(1.0, 1 / steps, steps)
-    # retrieve_timesteps(scheduler, steps, device, sigmas=..., mu=...)
-    spacing = {"num_inference_steps": steps} if sigmas is None else {"sigmas": list(sigmas)}
-    scheduler.set_timesteps(device=device, **spacing, **_shift_mu(config, pipeline, image_seq_len, steps))
-    return scheduler.timesteps
+    return {"num_inference_steps": steps} if sigmas is None else {"sigmas": list(sigmas)}
 
 
 def _shift_mu(config: Any, pipeline: str | None, image_seq_len: int, steps: int) -> dict[str, Any]:
@@ -126,18 +133,14 @@ def scheduler_sample(
         copy.deepcopy(scheduler) if scheduler is not None else _diffusers_class("FlowMatchEulerDiscreteScheduler")()
     )
     check_images("noise", noise, torch.Size(velocity.event_shape), flat=True)
-    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)):
-        raise ValueError(f"guidance_scale: expected a finite number, got {guidance_scale!r}")
+    guidance_scale = check_number("guidance_scale", guidance_scale)
     n = noise.shape[0]
     timesteps = set_pipeline_timesteps(
         scheduler, steps, pipeline=pipeline, image_seq_len=_image_tokens(velocity), sigmas=sigmas, device=noise.device
     )
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(0)
-    if guidance_scale > 1 and cond is not None:  # diffusers' do_classifier_free_guidance
-        v_of = _guided(velocity, cond, negative_cond, guidance_scale, noise)
-    else:
-        v_of = lambda x, t: velocity(x, t, cond)[0]  # noqa: E731
+    v_of = _velocity_fn(velocity, cond, negative_cond, guidance_scale, noise)
     x = noise.float()
     for i, timestep in enumerate(timesteps):
         t = scheduler.sigmas[i].to(noise.device, torch.float32).expand(n)
@@ -145,11 +148,14 @@ def scheduler_sample(
     return x
 
 
-def _guided(
-    velocity: nn.Module, cond: Condition, negative_cond: Condition | None, scale: float, noise: Tensor
+def _velocity_fn(
+    velocity: nn.Module, cond: Condition | None, negative_cond: Condition | None, scale: float, noise: Tensor
 ) -> Callable[[Tensor, Tensor], Tensor]:
-    """diffusers' guided velocity ``v_u + scale (v_c - v_u)``, from one call on ``[negative, positive]``: without a
-    ``negative_cond``, the negative half is ``cond`` dropped to the adapter's null condition."""
+    """``v(x, t)``, diffusers' guided velocity ``v_u + scale (v_c - v_u)`` when it guides (``scale > 1`` and a
+    ``cond``), from one call on ``[negative, positive]``: without a ``negative_cond``, the negative half is
+    ``cond`` dropped to the adapter's null condition."""
+    if scale <= 1 or cond is None:  # diffusers' do_classifier_free_guidance
+        return lambda x, t: velocity(x, t, cond)[0]
     if negative_cond is None:
         n = noise.shape[0]
         both, drop = cat_cond(cond, cond), torch.arange(2 * n, device=noise.device) < n
