@@ -110,15 +110,20 @@ class DiffusersPromptEncoder:
 
     @torch.no_grad()
     def __call__(self, prompts: str | Sequence[str]) -> Condition:
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
+        prompts = _prompt_list(prompts)
         device = self.device or self.pipe._execution_device
         kwargs: dict[str, Any] = {"prompt": prompts, "device": device}
         if self.max_sequence_length is not None:
             kwargs["max_sequence_length"] = self.max_sequence_length
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
             return _ENCODE[self.pipeline](self.pipe, kwargs)
+
+
+def _prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
+    return prompts
 
 
 def _encode_sd3(pipe: Any, kwargs: dict[str, Any]) -> Condition:

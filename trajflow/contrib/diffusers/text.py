@@ -23,6 +23,15 @@ def _null_part(given: Tensor, dims: int, features: int | None, what: str) -> Ten
     return part.clone()
 
 
+def _null_parts(null_cond: Condition, pooled: bool) -> tuple[Tensor, ...]:
+    """The tensors of a null condition, ``(prompt, pooled)`` or ``(prompt,)``, or a ValueError saying the form."""
+    parts = null_cond if isinstance(null_cond, tuple) else (null_cond,)
+    if len(parts) != 1 + pooled or not all(isinstance(p, Tensor) for p in parts):
+        form = "(prompt_embeds (L, D), pooled_embeds (P,))" if pooled else "a tensor prompt_embeds (L, D)"
+        raise ValueError(f"null_cond: expected {form} (one condition, no batch dim), got {type(null_cond).__name__}")
+    return parts
+
+
 def _where(drop: Tensor, null: Tensor | None, c: Tensor | None) -> Tensor | None:
     """``c`` ``(n, ...)`` with its rows where ``drop`` is True replaced by ``null`` (None: no such part)."""
     return None if c is None else torch.where(drop.reshape(-1, *[1] * (c.dim() - 1)), null, c)
@@ -75,12 +84,7 @@ class _TextTransformerVelocity(DiffusersVelocity):
         """``null_cond`` without batch dims (or with a batch of 1), checked: ``(prompt (L, D), pooled (P,))``."""
         if null_cond is None:
             return None, None
-        parts = null_cond if isinstance(null_cond, tuple) else (null_cond,)
-        if len(parts) != 1 + self.pooled or not all(isinstance(p, Tensor) for p in parts):
-            form = "(prompt_embeds (L, D), pooled_embeds (P,))" if self.pooled else "a tensor prompt_embeds (L, D)"
-            raise ValueError(
-                f"null_cond: expected {form} (one condition, no batch dim), got {type(null_cond).__name__}"
-            )
+        parts = _null_parts(null_cond, self.pooled)
         what = f"prompt embeddings (L, {self.text_features}) (the network's joint_attention_dim)"
         prompt = _null_part(parts[0], 2, self.text_features, what)
         what = f"pooled embeddings ({self.pooled_features},) (the network's pooled_projection_dim)"
@@ -162,6 +166,18 @@ class _TextTransformerVelocity(DiffusersVelocity):
         return v.to(torch.promote_types(x_t.dtype, torch.float32)), hidden
 
 
+def _sd3_size(size: object, p: int, limit: int | None, what: str) -> tuple[int, int]:
+    """The latent ``(H, W)`` of ``size``: a multiple of the patch size ``p``, at most ``limit`` patches a side."""
+    height, width = _image_size("sample_size", size, what)
+    if height % p or width % p or (limit is not None and max(height, width) > limit * p):
+        bound = "" if limit is None else f", at most pos_embed_max_size * patch_size = {limit * p}"
+        raise ValueError(
+            f"sample_size: expected a latent (H, W) divisible by the patch size {p}{bound}, got {size!r} "
+            f"-> {(height, width)}"
+        )
+    return height, width
+
+
 class SD3Velocity(_TextTransformerVelocity):
     r"""A diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5) as a text-conditional velocity model.
 
@@ -227,15 +243,9 @@ class SD3Velocity(_TextTransformerVelocity):
             transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
         )
         config = transformer.config
-        p, limit = int(config.patch_size), config.pos_embed_max_size
+        p = int(config.patch_size)
         size = config.sample_size if sample_size is None else sample_size
-        height, width = _image_size("sample_size", size, self.diffusers_class)
-        if height % p or width % p or (limit is not None and max(height, width) > limit * p):
-            bound = "" if limit is None else f", at most pos_embed_max_size * patch_size = {limit * p}"
-            raise ValueError(
-                f"sample_size: expected a latent (H, W) divisible by the patch size {p}{bound}, got {sample_size!r} "
-                f"-> {(height, width)}"
-            )
+        height, width = _sd3_size(size, p, config.pos_embed_max_size, self.diffusers_class)
         self.sample_size = (height, width)
         self.event_shape = torch.Size((config.in_channels, height, width))
         self.patch_size = p
