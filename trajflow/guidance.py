@@ -7,9 +7,9 @@ clipped so that guidance can only sharpen:
 
 .. math:: r = \mathrm{clip}(\sigma_c^2 / \sigma_u^2, 0, 1), \quad
           \sigma = \frac{\sigma_c}{\sqrt{1 + w - w r}}, \quad
-          \mu = \frac{(1 + w) \mu_c - w r \mu_u}{1 + w - w r}.
+          \mu = \frac{(1 + w) \mu_c - w r \mu_u}{1 + w - w r},
 
-When :math:`\sigma_c = \sigma_u` this is ordinary classifier-free guidance on the mean.
+ordinary classifier-free guidance on the mean when :math:`\sigma_c = \sigma_u`.
 
 References:
     | STARFlow: Scaling Latent Normalizing Flows for High-resolution Image Synthesis (Gu et al., 2025),
@@ -19,9 +19,9 @@ References:
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
+
+from .checks import check_number
 
 __all__ = ["guided_gaussian"]
 
@@ -42,8 +42,7 @@ def guided_gaussian(
         >>> mu, sigma
         (tensor([3., 3.]), tensor([1., 1.]))
     """
-    if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
-        raise ValueError(f"weight: expected a finite number >= 0, got {weight!r}")
+    check_number("weight", weight, low=0)
     ratio = (sigma_c / sigma_u).square().clamp(0.0, 1.0)
     denom = 1 + weight - weight * ratio  # >= 1, so the guided precision is at least 1 / sigma_c^2
     mu = ((1 + weight) * mu_c - weight * ratio * mu_u) / denom

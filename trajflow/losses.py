@@ -51,7 +51,14 @@ def _steps_set(steps: object) -> tuple[int, ...]:
     return tuple(values)  # type: ignore[arg-type]
 
 
-def _t_min_range(t_min: object) -> tuple[float, float]:
+def check_probability(name: str, p: object) -> float:
+    """Raise unless ``p`` is a probability in [0, 1) (of dropping a condition)."""
+    if check_number(name, p, low=0.0) >= 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {p}")
+    return float(p)  # type: ignore[arg-type]
+
+
+def t_min_range(t_min: object) -> tuple[float, float]:
     """``t_min`` (a number or a range) as ``(low, high)`` with ``0 <= low <= high < 1``."""
     if isinstance(t_min, numbers.Real) and not isinstance(t_min, bool):
         t_min_range: object = (t_min, t_min)  # a fixed t_min
@@ -178,12 +185,11 @@ class TrajectoryNLL:
         if self.mode not in ("trajectory", "pair"):
             raise ValueError(f"mode: expected 'trajectory' or 'pair', got {self.mode!r}")
         check_number("shift", self.shift, positive=True)
-        if check_number("cond_drop", self.cond_drop, low=0.0) >= 1.0:
-            raise ValueError(f"cond_drop: expected a probability in [0, 1), got {self.cond_drop}")
+        check_probability("cond_drop", self.cond_drop)
         if not isinstance(self.validate_args, bool):
             raise ValueError(f"validate_args: expected a bool, got {self.validate_args!r}")
         self._steps = _steps_set(self.steps)
-        self.t_min = _t_min_range(self.t_min)
+        self.t_min = t_min_range(self.t_min)
         self._weights = _fixed_weights(self.factor_weights, self._steps, self.steps)
 
     def weights(self, grid: Tensor) -> Tensor | None:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..checks import check_event_shape, check_finite
+from ..checks import check_count, check_event_shape, check_finite
 from ..conditioning import Condition, check_cond
-from ..losses import guidance_dropout
+from ..losses import check_probability, guidance_dropout, t_min_range
 from ..model import NTM
 from ..process import SAMPLE_T_MIN, MarkovInterpolant, sample_t_min, time_grid
 from .networks import LearnedDenoiser
@@ -22,21 +22,17 @@ __all__ = ["DistillationLoss"]
 class DistillationLoss:
     r"""Self-distillation of a learned denoiser from the frozen NTM's trajectory score (NTM §3.4).
 
-    For real data :math:`x_0` (method.md 5.2): draw :math:`t_{\min}` and the grid, the forward trajectory
-    :math:`x_{t_0..t_T}`, :math:`u_{t_0} = f_T(x_{t_0}, t_0)`, and the target
-    :math:`\hat x_0^{den}` = :func:`trajectory_score_denoise` of that trajectory under the teacher; the
-    loss is :math:`\| g_\phi(u_{t_0}, t_0, y) - \hat x_0^{den} \|^2` averaged over dimensions.
+    For real data :math:`x_0` (method.md 5.2): draw :math:`t_{\min}`, the grid and the forward trajectory,
+    :math:`u_{t_0} = f_T(x_{t_0}, t_0)` and the target :math:`\hat x_0^{den}` =
+    :func:`trajectory_score_denoise` under the teacher; the loss is
+    :math:`\| g_\phi(u_{t_0}, t_0, y) - \hat x_0^{den} \|^2` averaged over dimensions.
 
     Arguments:
-        teacher: The trained NTM. It is not updated; freeze it (``requires_grad_(False)``) so that it
-            gets no gradients at all.
+        teacher: The trained NTM, not updated (freeze it with ``requires_grad_(False)``).
         steps: :math:`T` of the grids (train at the :math:`T` used for sampling).
-        t_min: Range of :math:`t_0`; the default is the sampling value
-            :data:`~trajflow.process.SAMPLE_T_MIN` = 0.02 (at :math:`t_0 = 0` the target is :math:`x_0` itself
-            and the score plays no part).
+        t_min: Range of :math:`t_0`; default the sampling value :data:`~trajflow.process.SAMPLE_T_MIN`.
         shift: The grid's shift (see :func:`trajflow.time_grid`).
-        cond_drop: Probability of the null condition per example (teacher and student alike), so the
-            denoiser also serves unconditional sampling.
+        cond_drop: Probability of the null condition per example (teacher and student alike).
         clip_percentile: Gradient clipping of :func:`trajectory_score_denoise`.
     """
 
@@ -50,13 +46,9 @@ class DistillationLoss:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, NTM):
             raise ValueError(f"teacher: expected an NTM, got {type(self.teacher).__name__}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps: expected a positive integer, got {self.steps!r}")
-        lo, hi = self.t_min
-        if not 0.0 <= lo <= hi < 1.0:
-            raise ValueError(f"t_min: expected a range 0 <= low <= high < 1, got {self.t_min}")
-        if not 0.0 <= self.cond_drop < 1.0:
-            raise ValueError(f"cond_drop: expected a probability in [0, 1), got {self.cond_drop}")
+        check_count("steps", self.steps)
+        self.t_min = t_min_range(self.t_min)
+        check_probability("cond_drop", self.cond_drop)
 
     def targets(
         self, x0: Tensor, cond: Condition | None = None, *, generator: torch.Generator | None = None

@@ -4,7 +4,7 @@ vectors and a non-causal transformer for images, each saved and rebuilt as a pre
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,13 @@ class LearnedDenoiser(DataclassPretrained, nn.Module, ABC):
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
     cond_spec: CondSpec | None = None
+
+    def _set_net(self, net: nn.Module) -> None:
+        """The network of the residual :math:`g - u`, whose shapes and condition the denoiser takes."""
+        self.net = net
+        self.event_shape = net.event_shape
+        self.cond_spec = net.cond_spec
+        self.cond_event_dims = net.cond_event_dims
 
     @abstractmethod
     def forward(
@@ -77,19 +84,9 @@ class MLPDenoiser(LearnedDenoiser):
         self.config = config
         # The same network as the flow-matching baseline, read as a residual x0 - u; zero-initialised so
         # that g starts as the identity.
-        self.net = MLPVelocity(
-            config.features,
-            num_classes=config.num_classes,
-            cond_features=config.cond_features,
-            width=config.width,
-            depth=config.depth,
-            time_features=config.time_features,
-        )
+        self._set_net(MLPVelocity(**asdict(config)))
         nn.init.zeros_(self.net.head.weight)
         nn.init.zeros_(self.net.head.bias)
-        self.event_shape = self.net.event_shape
-        self.cond_spec = self.net.cond_spec
-        self.cond_event_dims = self.net.cond_event_dims
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, features)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, features)``."""
@@ -120,10 +117,7 @@ class TransformerDenoiser(LearnedDenoiser):
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
         self.config = config
-        self.net = TransformerVelocity(config)  # zero-initialised head: g starts as the identity
-        self.event_shape = self.net.event_shape
-        self.cond_spec = self.net.cond_spec
-        self.cond_event_dims = self.net.cond_event_dims
+        self._set_net(TransformerVelocity(config))  # zero-initialised head: g starts as the identity
 
     def forward(self, u: Tensor, t0: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None) -> Tensor:
         """``u`` ``(N, C, H, W)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, C, H, W)``."""

@@ -1,10 +1,5 @@
-r"""Trajectory score denoising (NTM Eq. 3.5, Algorithm 3): the covariance-weighted Tweedie step.
-
-A generated trajectory :math:`\hat x = (\hat x_{t_0}, \dots, \hat x_{t_T})` is a noisy Markov sequence whose
-noise given :math:`x_0` is Gaussian with covariance :math:`S \otimes I`; an NTM gives the exact score of the
-whole trajectory by autograd through its NLL, and :func:`trajectory_score_denoise` turns it into
-:math:`\mathbb{E}[x_0 | \hat x]` (see :mod:`trajflow.denoise`).
-"""
+r"""Trajectory score denoising (NTM Eq. 3.5, Algorithm 3): the covariance-weighted Tweedie step (see
+:mod:`trajflow.denoise`)."""
 
 from __future__ import annotations
 
@@ -54,9 +49,8 @@ def trajectory_score_denoise(
     3. :math:`\hat x^{den}_i = (\hat x_i - \sum_j S_{ij} g_j) / (1 - t_i)` per level :math:`i < T`, with
        :math:`S` = :meth:`~trajflow.MarkovInterpolant.covariance` of the grid (mixing levels, per element).
 
-    With guidance (``dist.guidance > 0``) the score is the conditional model's, not the guided one's.
-    The model's parameters are not updated and get no ``.grad``. Needs :math:`t_0 > 0` to change anything:
-    row 0 of :math:`S` vanishes at :math:`t_0 = 0`.
+    With guidance the score is the conditional model's. The parameters get no ``.grad``. At :math:`t_0 = 0`
+    nothing changes (row 0 of :math:`S` vanishes).
 
     Arguments:
         dist: The NTM's trajectory distribution (grid, condition).

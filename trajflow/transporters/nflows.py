@@ -1,15 +1,7 @@
-r"""Transporters built from nflows transforms, behind an adapter.
-
-nflows (0.14, the last release) transforms are :class:`torch.nn.Module`\ s with
-``forward(inputs, context) -> (outputs, logabsdet)`` in the data-to-noise direction, not torch
-``Transform``\ s; :meth:`NflowsTransporter.transform` wraps one as a torch
-:class:`~torch.distributions.Transform` (:class:`~trajflow.transporters.base.TransporterTransform`).
-
-Pitfalls of nflows 0.14 on current torch, checked at construction:
-
-* ``NaiveLinear.inverse`` calls the removed ``torch.solve`` and fails: rejected.
-* ``BatchNorm`` inverts only in eval mode, and its statistics make the map depend on the batch: rejected.
-* Contexts must have the same leading dim as the inputs: the adapter flattens both to ``(N, ...)``.
+r"""Transporters built from nflows (0.14) transforms: :class:`torch.nn.Module`\ s with ``forward(inputs,
+context) -> (outputs, logabsdet)`` in the data-to-noise direction, whose contexts must have the inputs' leading
+dim (the adapter flattens both). ``NaiveLinear`` (its inverse calls the removed ``torch.solve``) and
+``BatchNorm`` (batch-dependent, inverts only in eval mode) are refused at construction.
 """
 
 from __future__ import annotations

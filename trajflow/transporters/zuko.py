@@ -85,10 +85,10 @@ def _lazy_transform(flow: object) -> LazyTransform:
 class ZukoTransporter(Pretrained, Transporter):
     r"""A transporter :math:`f_T(x, t)` made of a zuko flow whose context is an embedding of :math:`t`.
 
-    :meth:`transform` returns zuko's own :class:`~torch.distributions.Transform` (data to base, with a
-    fused ``call_and_ladj``), so a step of the trajectory is a genuine zuko flow.
-
-    It is unconditional: ``cond`` and ``drop_cond`` are ignored.
+    :meth:`transform` returns zuko's own :class:`~torch.distributions.Transform` (data to base, with a fused
+    ``call_and_ladj``), so a step of the trajectory is a genuine zuko flow. ``cond`` and ``drop_cond`` are
+    ignored. Built from a preset it can be saved with :meth:`save_pretrained` (``kwargs`` must be JSON
+    values); from a user ``flow`` it cannot.
 
     Arguments:
         features: Dimension of the data vectors.
@@ -99,14 +99,10 @@ class ZukoTransporter(Pretrained, Transporter):
         transforms: Number of autoregressive transforms of the preset.
         hidden_features: Hidden sizes of the preset's masked MLPs.
         time_features: Size of the sinusoidal time embedding (zuko's context), even.
-        validate_args: Check in :meth:`transform`, :meth:`forward` and :meth:`inverse` that the times ``t``
-            are finite and in [0, 1] (reads their values: a GPU synchronisation). Not part of the saved
-            config; a loaded transporter validates.
+        validate_args: Check that the times ``t`` are finite and in [0, 1] (a GPU synchronisation). Not part
+            of the saved config.
         **kwargs: More keyword arguments for the preset (e.g. ``bins`` for NSF, ``activation`` for its
-            masked MLPs); an argument the preset does not take is refused with a ``ValueError`` naming it.
-
-    A transporter built from a preset can be saved with :meth:`save_pretrained` (its ``kwargs`` must then be
-    JSON values); one built from a user ``flow`` cannot, since no config describes an arbitrary flow.
+            masked MLPs); one the preset does not take is refused with a ``ValueError`` naming it.
 
     Example:
         >>> f = ZukoTransporter(features=2)

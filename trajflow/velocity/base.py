@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from ..conditioning import Condition, CondSpec, EventDims
+from ..conditioning import Condition, CondSpec, EventDims, cat_cond
 
 __all__ = ["VelocityModel", "guided_velocity"]
 
@@ -35,11 +35,7 @@ def guided_velocity(model: VelocityModel, x: Tensor, t: Tensor, cond: Condition 
     if guidance <= 0 or cond is None:
         return model(x, t, cond)[0]
     n = x.shape[0]
-    if isinstance(cond, Tensor):
-        cond2 = torch.cat([cond, cond])
-    else:
-        cond2 = tuple(torch.cat([c, c]) for c in cond)
     drop = torch.arange(2 * n, device=x.device) >= n  # the second half takes the null condition
-    v, _ = model(torch.cat([x, x]), torch.cat([t, t]), cond2, drop)
+    v, _ = model(torch.cat([x, x]), torch.cat([t, t]), cat_cond(cond, cond), drop)
     v_c, v_u = v.chunk(2)
     return (1 + guidance) * v_c - guidance * v_u

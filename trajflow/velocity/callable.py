@@ -40,28 +40,20 @@ def _cond_without_null(cond: Condition | None, drop_cond: Tensor | None) -> Cond
 class CallableVelocity(VelocityModel):
     r"""Adapter: an external velocity model ``fn(x_t, t, cond)`` as a trajflow velocity model.
 
-    ``fn`` must follow trajflow's convention: :math:`x_t = (1 - t) x_0 + t \epsilon` with
-    :math:`t \in [0, 1]` (1 is noise) and :math:`v = \epsilon - x_0`. Wrap models with another time
-    scale or sign inside ``fn``. Calls are flat: ``x_t`` ``(N, *event_shape)``, ``t`` ``(N,)``.
-
-    * ``hidden_features`` given: ``fn`` returns ``(v, hidden)`` with ``hidden`` ``(N, hidden_features)``
-      (``hidden_layout="flat"``) or ``(N, L, hidden_features)`` per token (``"tokens"``; ``L`` patch tokens
-      of size ``patch_size`` for images, in the raster order of :func:`trajflow.nn.patches.patchify`).
-    * ``hidden_features=None``: ``fn`` returns ``v`` only. The adapter then makes its own hidden states,
-      a small learnable layer ``SiLU(W [x_t, emb(t)])`` of width ``feature_width`` (per token for images),
-      on which the predictor puts its zero-initialised head.
-
-    Pass an :class:`torch.nn.Module` as ``fn`` to fine-tune it: its parameters are registered here (and
-    copied by :func:`copy.deepcopy`, which makes the frozen reference of the mean-alignment loss). A plain
-    function keeps whatever it closes over frozen and shared (a warning says so).
-
-    It cannot be saved with ``save_pretrained`` (no config describes arbitrary code): saving a model that
-    holds one raises a ``TypeError`` naming the part; save the state dict and rebuild ``fn`` in code.
+    ``fn`` follows trajflow's convention, :math:`x_t = (1 - t) x_0 + t \epsilon` with :math:`t \in [0, 1]`
+    (1 is noise) and :math:`v = \epsilon - x_0` (wrap other conventions inside ``fn``); calls are flat,
+    ``x_t`` ``(N, *event_shape)``, ``t`` ``(N,)``. An :class:`torch.nn.Module` ``fn`` is registered (so
+    fine-tuned, and deep-copied into the mean-alignment reference); a plain function keeps what it closes
+    over frozen and shared (a warning says so). It cannot be saved with ``save_pretrained`` (a
+    ``TypeError`` names the part): save the state dict and rebuild ``fn`` in code.
 
     Arguments:
         fn: The velocity model.
         event_shape: Shape of one data point.
-        hidden_features: Width of the hidden states ``fn`` returns, or ``None`` if it returns ``v`` only.
+        hidden_features: Width of the hidden states ``fn`` returns with ``v``, ``(N, F)`` (``"flat"``) or
+            ``(N, L, F)`` per patch token (``"tokens"``, the raster order of :func:`trajflow.nn.patchify`);
+            ``None``: ``fn`` returns ``v`` only, and the adapter makes its own hidden states
+            ``SiLU(W [x_t, emb(t)])`` of width ``feature_width`` (per token for images).
         cond_event_dims: Trailing dims of one condition (0 class index, 1 vector, a tuple for tuples), or
             ``None`` for an unconditional model.
         hidden_layout: ``"flat"`` or ``"tokens"``; defaults to flat for vectors, tokens otherwise.
