@@ -137,12 +137,7 @@ def _w2_squared_1d(px: Tensor, py: Tensor) -> Tensor:
 
 
 def sliced_wasserstein(
-    x: Tensor,
-    y: Tensor,
-    projections: int = 128,
-    generator: torch.Generator | None = None,
-    *,
-    squared: bool = True,
+    x: Tensor, y: Tensor, projections: int = 128, generator: torch.Generator | None = None, *, squared: bool = True
 ) -> float:
     """Sliced Wasserstein-2 distance: squared 1-D W2 averaged over random directions.
 

@@ -1,13 +1,9 @@
 r"""Flow matching on the same backbones: the baseline of every benchmark (training loss and ODE samplers).
 
-A velocity model :math:`v_\theta(x_t, t, y)` is trained to regress :math:`\epsilon - x_0` on
-:math:`x_t = (1 - t) x_0 + t \epsilon` (rectified flow / conditional flow matching), then sampled by
-integrating :math:`dx/dt = v` from :math:`t = 1` (noise) to :math:`t = 0` (data).
-
-The same ODE, integrated the other way with the divergence of :math:`v`, gives the model's exact
-log-density (the probability-flow / continuous-normalizing-flow likelihood):
-:func:`flow_matching_log_prob` in nats and :func:`flow_matching_bits_per_dim` for dequantised images, the
-numbers a teacher is compared on beside the NTM's trajectory likelihood.
+A velocity model :math:`v_\theta(x_t, t, y)` regresses :math:`\epsilon - x_0` on :math:`x_t = (1 - t) x_0 + t
+\epsilon` (rectified flow), and samples by integrating :math:`dx/dt = v` from :math:`t = 1` (noise) to 0 (data).
+Integrated the other way with the divergence of :math:`v`, the same ODE gives the model's exact log-density
+(:func:`flow_matching_log_prob`, :func:`flow_matching_bits_per_dim`).
 
 References:
     | Flow Matching for Generative Modeling (Lipman et al., 2023). https://arxiv.org/abs/2210.02747

@@ -53,12 +53,7 @@ class LikelihoodBounds:
         return self._check_value("x0", x0, self.data_shape), check_count("num_samples", num_samples)
 
     def elbo(
-        self,
-        x0: Tensor,
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | None = None,
-        from_data: bool = False,
+        self, x0: Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None, from_data: bool = False
     ) -> Tensor:
         r"""A lower bound on :math:`\log p(x_{t_0})` with the forward process as the proposal (nats).
 
@@ -85,12 +80,7 @@ class LikelihoodBounds:
         return total / num_samples
 
     def log_importance_weights(
-        self,
-        x0: Tensor,
-        num_samples: int = 1,
-        *,
-        generator: torch.Generator | None = None,
-        from_data: bool = False,
+        self, x0: Tensor, num_samples: int = 1, *, generator: torch.Generator | None = None, from_data: bool = False
     ) -> Tensor:
         r"""Log importance weights :math:`\log w_k = \log p(x_{t_0}, x^{(k)}_{t_{1:T}})
         - \log q(x^{(k)}_{t_{1:T}} | x_{t_0})` of ``num_samples`` forward trajectories drawn in one batch

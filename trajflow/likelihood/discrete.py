@@ -126,10 +126,7 @@ def dequantize(
 
 
 def bits_per_dim(
-    log_density_nats: Tensor,
-    dims: int,
-    levels: int,
-    data_range: tuple[float, float] = (-1.0, 1.0),
+    log_density_nats: Tensor, dims: int, levels: int, data_range: tuple[float, float] = (-1.0, 1.0)
 ) -> Tensor:
     r"""Discrete bits/dim from a continuous log-density of dequantised data (an upper bound on the NLL).
 

@@ -182,11 +182,7 @@ def elbo_bits_per_dim(
 
 
 def _distribution_to_bound(
-    model_or_dist: NTM | TrajectoryDistribution,
-    steps: int,
-    cond: Condition | None,
-    shift: float,
-    t_min: float | None,
+    model_or_dist: NTM | TrajectoryDistribution, steps: int, cond: Condition | None, shift: float, t_min: float | None
 ) -> TrajectoryDistribution:
     """``model_or_dist`` itself, or an NTM's distribution on ``time_grid(steps, t_min, shift)`` with ``cond``.
 

@@ -130,11 +130,7 @@ def _warn_damaged(damaged: list[tuple[Path, str]], say: Callable[[str], None]) -
 
 
 def check_resume(
-    ckpt: Path,
-    run_config: Mapping[str, Any],
-    world_size: int,
-    device: torch.device,
-    ignore: Sequence[str] = (),
+    ckpt: Path, run_config: Mapping[str, Any], world_size: int, device: torch.device, ignore: Sequence[str] = ()
 ) -> dict[str, Any]:
     """Check that ``ckpt`` may continue this run and return its ``trainer.json``.
 

@@ -151,9 +151,7 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(
-            run.wrapped,
-            run.optimizer.optimizer,
-            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+            run.wrapped, run.optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
     def _write_step_files(
