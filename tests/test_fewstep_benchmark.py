@@ -128,3 +128,20 @@ def test_recipe_overrides_are_checked(results):
     )
     with pytest.raises(ValueError, match="unknown key"):
         module.parse_overrides(["learning_rate=1"])
+
+
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
+)
+def test_the_conditional_config_guides_every_row_and_reads_the_class(results, tmp_path):
+    module, _, _ = results
+    module.main(["--config", "smoke-fashion", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out.json")])
+    payload = json.loads((tmp_path / "out.json").read_text())
+    assert payload["config"]["conditional"] and payload["config"]["guidance"] == 1.0
+    rows = [r for r in payload["rows"] if r["budget"] == "equal-time" and not r.get("curve") and r["seed"] == 0]
+    assert {r["method"] for r in rows} >= {"ntm-fm", "fm-euler", "progressive-distillation"}
+    accuracy = [r for r in rows if r["metric"] == "class_accuracy"]
+    assert {r["method"] for r in accuracy} >= {"ntm-fm", "fm-euler"}
+    assert all(0.0 <= r["value"] <= 1.0 and r["task"] == "fashion-mnist" for r in accuracy)
+    assert all(r["guidance"] == 1.0 for r in rows)
