@@ -21,6 +21,12 @@ FASHION_MNIST_CLASSES = tuple("t-shirt/top,trouser,pullover,dress,coat,sandal,sh
 
 def _read_idx(path: Path) -> np.ndarray:
     """Read a gzip-compressed IDX file of unsigned bytes (magic ``00 00 08 ndim``, big-endian sizes)."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: Fashion-MNIST comes from the Debian package dataset-fashion-mnist "
+            f"({FASHION_MNIST_INSTALL}, files in {FASHION_MNIST_ROOT}), or pass root= a folder with the "
+            f"official IDX .gz files"
+        )
     with gzip.open(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
@@ -48,15 +54,7 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] = FASH
     _check_split(split)
     root = Path(root)
     prefix = "train" if split == "train" else "t10k"
-    paths = [root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} not found: Fashion-MNIST comes from the Debian package dataset-fashion-mnist "
-                f"({FASHION_MNIST_INSTALL}, files in {FASHION_MNIST_ROOT}), or pass root= a folder with the "
-                f"official IDX .gz files"
-            )
-    images, labels = (_read_idx(p) for p in paths)
+    images, labels = (_read_idx(root / f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1"))
     if images.ndim != 3 or labels.shape != (images.shape[0],):
         raise ValueError(f"{root}: images {images.shape} and labels {labels.shape} do not match")
     return _dataset_from_numpy(images[:, None], labels, "fashion-mnist", split, FASHION_MNIST_CLASSES)

@@ -111,21 +111,24 @@ def _open_8bit(files: list[tuple[Path, int]]) -> list[Image.Image]:
     return opened
 
 
+def _converted(im: Image.Image, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """One image as uint8 ``(H, W)`` or ``(H, W, 3)``, resized to ``size`` with a Lanczos filter."""
+    im = im.convert("L" if channels == 1 else "RGB")
+    if size is not None and im.size != (size[1], size[0]):
+        im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
+    return np.asarray(im, dtype=np.uint8)
+
+
 def _pixels(
     files: list[tuple[Path, int]], opened: list[Image.Image], channels: int, size: tuple[int, int] | None
 ) -> np.ndarray:
     """The images as one uint8 array ``(N, C, H, W)``, converted to ``channels`` and resized to ``size``."""
-    arrays = []
-    for (file, _), im in zip(files, opened, strict=True):
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size[1], size[0]):
-            im = im.resize((size[1], size[0]), Image.Resampling.LANCZOS)
-        a = np.asarray(im, dtype=np.uint8)
-        if arrays and a.shape != arrays[0].shape:
+    arrays = [_converted(im, channels, size) for im in opened]
+    for (file, _), a in zip(files, arrays, strict=True):
+        if a.shape != arrays[0].shape:
             raise ValueError(
                 f"{file}: size {a.shape[:2]} differs from {arrays[0].shape[:2]} of {files[0][0].name}; "
                 "pass size= to resize"
             )
-        arrays.append(a)
     images = np.stack(arrays)
     return images[:, None] if channels == 1 else images.transpose(0, 3, 1, 2)

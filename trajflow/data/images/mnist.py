@@ -38,25 +38,32 @@ def _mnist_file() -> Path:
 def _mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     with open(_mnist_file(), "rb") as fh, gzip.open(fh) as f:
         parts = _load_pickle(f, encoding="latin1")
-    out = {}
-    for key, (x, y) in zip(("train", "valid", "test"), parts, strict=True):
-        x = np.asarray(x)
-        # Multiplying by a power of two is exact in floating point, so x * 256 in the file's own float32
-        # equals the original byte exactly when the file stores uint8 / 256, as the deeplearning.net pickle
-        # does; anything else would make bits/dim wrong, so check it rather than trust it.
-        scaled = x * x.dtype.type(256)
-        pixels = np.rint(scaled)
-        if x.ndim != 2 or x.shape[1] != 784 or not np.array_equal(scaled, pixels) or pixels.max() > 255:
-            raise ValueError(f"MNIST {key}: expected exact uint8/256 pixels of shape (N, 784), the file differs")
-        out[key] = (pixels.astype(np.uint8).reshape(-1, 28, 28), np.asarray(y, dtype=np.int64))
-    train = (
-        np.concatenate([out["train"][0], out["valid"][0]]),
-        np.concatenate([out["train"][1], out["valid"][1]]),
-    )
-    for arrays in (train, out["test"]):
-        for a in arrays:
-            a.flags.writeable = False  # cached for the process; datasets get their own copies
-    return {"train": train, "test": out["test"]}
+    out = {
+        key: (_exact_bytes(key, x), np.asarray(y, dtype=np.int64))
+        for key, (x, y) in zip(_PICKLE_SPLITS, parts, strict=True)
+    }
+    out["train"] = tuple(np.concatenate([a, b]) for a, b in zip(out["train"], out.pop("valid")))
+    for a in (*out["train"], *out["test"]):
+        a.flags.writeable = False  # cached for the process; datasets get their own copies
+    return out
+
+
+_PICKLE_SPLITS = ("train", "valid", "test")  # of the pickle; train + valid is the standard 60k training split
+
+
+def _exact_bytes(key: str, x: object) -> np.ndarray:
+    """The uint8 images ``(N, 28, 28)`` of the floats ``uint8 / 256`` ``(N, 784)`` of the file, checked exact.
+
+    Multiplying by a power of two is exact in floating point, so ``x * 256`` in the file's own float32 equals
+    the original byte exactly when the file stores ``uint8 / 256``, as the deeplearning.net pickle does;
+    anything else would make bits/dim wrong, so it is checked rather than trusted.
+    """
+    x = np.asarray(x)
+    scaled = x * x.dtype.type(256)
+    pixels = np.rint(scaled)
+    if x.ndim != 2 or x.shape[1] != 784 or not np.array_equal(scaled, pixels) or pixels.max() > 255:
+        raise ValueError(f"MNIST {key}: expected exact uint8/256 pixels of shape (N, 784), the file differs")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28)
 
 
 def load_mnist(split: str = "train") -> ImageDataset:
