@@ -187,11 +187,15 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
     except Exception as e:  # safetensors raises its own error types for truncated or garbled headers
         raise ValueError(f"directory: {str(path)!r} is not a readable safetensors file: {e}") from e
     _check_fit(path, state, model)
+    _check_finite(path, state)
+    model.load_state_dict(state)
+
+
+def _check_finite(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     for k, v in state.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
             raise ValueError(f"directory: {str(path)!r} holds {bad} NaN/inf value(s) in {k}; expected finite weights")
-    model.load_state_dict(state)
 
 
 def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
@@ -199,7 +203,7 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) 
     expected = model.state_dict()
     builds = f"directory: the weights in {str(path)!r} do not fit the {type(model).__name__} its {CONFIG_FILE} builds"
     if set(state) != set(expected):
-        missing, unexpected = [k for k in expected if k not in state], [k for k in state if k not in expected]
+        missing, unexpected = _absent(expected, state), _absent(state, expected)
         raise ValueError(f"{builds}: missing {_first_names(missing)}, unexpected {_first_names(unexpected)}")
     mismatched = [k for k, v in expected.items() if state[k].shape != v.shape]
     if mismatched:
@@ -208,6 +212,10 @@ def _check_fit(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) 
             f"{builds}: {first} has shape {tuple(state[first].shape)} in the file, the model expects "
             f"{tuple(expected[first].shape)} (the first of {len(mismatched)} mismatched tensor(s))"
         )
+
+
+def _absent(names: Mapping[str, Any], among: Mapping[str, Any]) -> list[str]:
+    return [k for k in names if k not in among]
 
 
 def _first_names(names: list[str]) -> str:

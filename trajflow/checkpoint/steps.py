@@ -154,7 +154,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint: {str(p)!r} does not exist")
-    if (p / CONFIG_FILE).is_file() and ((p / MODEL_FILE).is_file() or (p / EMA_FILE).is_file()):
+    if (p / CONFIG_FILE).is_file() and any((p / name).is_file() for name in (MODEL_FILE, EMA_FILE)):
         return p
     latest = CheckpointDir(p, keep=None).latest() or CheckpointDir(p / "checkpoints", keep=None).latest()
     if latest is None:

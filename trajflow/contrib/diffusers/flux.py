@@ -100,27 +100,20 @@ class FluxVelocity(_FluxFamily):
 
     The conversion (diffusers 0.42, ``pipeline_flux.py``, ``FluxPipeline``):
 
-    * latents: ``prepare_latents`` draws ``(N, C, H, W)`` noise and ``_pack_latents`` packs 2x2 patches,
-      ``view(N, C, H/2, 2, W/2, 2).permute(0, 2, 4, 1, 3, 5)`` -> ``(N, H W / 4, 4 C)``: raster order, channels
-      ``(c, dy, dx)``, which is :func:`trajflow.nn.patches.patchify` ``(x, 2)``. trajflow's latent is the unpacked
-      ``(C, H, W)`` with ``C = in_channels / 4`` (``_unpack_latents`` is the inverse, :func:`unpatchify`);
-      the scheduler acts per element, so the packing commutes with it.
-    * ids: ``_prepare_latent_image_ids`` gives the token of patch row ``i``, column ``j`` the id ``(0, i, j)``;
-      ``encode_prompt`` gives text ids zeros ``(L, 3)``.
-    * time: ``__call__`` passes ``timestep = t.expand(N).to(latents.dtype) / 1000`` (``t`` in
-      ``scheduler.timesteps``, :math:`1000 \sigma`) and ``FluxTransformer2DModel.forward`` multiplies by 1000
-      again: the adapter passes ``num_train_timesteps * t / 1000``, i.e. :math:`\sigma = t` itself.
-    * guidance: a guidance-distilled model (``guidance_embeds=True``, FLUX.1-dev) gets
-      ``guidance = full((N,), guidance_scale)`` (``forward`` multiplies it by 1000 too); ``guidance`` here,
-      the pipeline's default 3.5. trajflow's own classifier-free ``guidance`` is applied on top of it.
+    * latents: ``_pack_latents`` packs 2x2 patches of the ``(N, C, H, W)`` noise,
+      ``view(N, C, H/2, 2, W/2, 2).permute(0, 2, 4, 1, 3, 5)`` -> ``(N, H W / 4, 4 C)``, which is
+      :func:`trajflow.nn.patches.patchify` ``(x, 2)``; trajflow's latent is the unpacked ``(C, H, W)``,
+      ``C = in_channels / 4`` (the scheduler acts per element, so the packing commutes with it).
+    * ids: ``_prepare_latent_image_ids`` gives patch ``(i, j)`` the id ``(0, i, j)``; text ids are zeros ``(L, 3)``.
+    * time: ``__call__`` passes ``timestep = t / 1000`` (``t`` in ``scheduler.timesteps``, :math:`1000 \sigma`)
+      and ``forward`` multiplies by 1000: the adapter passes ``num_train_timesteps * t / 1000``.
+    * guidance: a guidance-distilled model (``guidance_embeds=True``, FLUX.1-dev) gets ``guidance =
+      full((N,), guidance_scale)`` (default 3.5); trajflow's own classifier-free ``guidance`` is applied on top.
     * the output goes to ``scheduler.step`` unchanged: :math:`v = \epsilon - x_0` (packed), unpacked here.
 
-    ``forward(x_t, t, cond, drop_cond)`` returns ``(v, hidden)``, ``v`` ``(N, C, H, W)`` float32 (or wider) and
-    ``hidden`` the image tokens ``proj_out`` reads, ``(N, H W / 4, width)``; ``patch_size = 2`` (the packing).
-    The condition is SD3's (:class:`SD3Velocity`): ``(prompt_embeds (N, L, joint_attention_dim),
-    pooled_embeds (N, pooled_projection_dim))`` (T5 and CLIP), ``cond_event_dims = (2, 1)``, a null condition
-    ``null_cond`` or zeros. FLUX.1 was not trained with a null prompt; the null matters once an NTM is
-    fine-tuned with guidance dropout.
+    ``forward`` returns ``(v, hidden)`` as :class:`SD3Velocity`'s, ``hidden`` ``(N, H W / 4, width)``;
+    ``patch_size = 2`` (the packing). The condition and its null are SD3's (T5 and CLIP embeddings); FLUX.1 was
+    not trained with a null prompt, which matters once an NTM is fine-tuned with guidance dropout.
 
     Arguments:
         transformer: A diffusers ``FluxTransformer2DModel`` with ``patch_size = 1`` and ``in_channels`` a
@@ -152,26 +145,20 @@ class FluxVelocity(_FluxFamily):
 class Flux2Velocity(_FluxFamily):
     r"""A diffusers ``Flux2Transformer2DModel`` (FLUX.2 dev / klein) as a text-conditional velocity model.
 
-    The conversion (diffusers 0.42, ``pipeline_flux2_klein.py``, ``Flux2KleinPipeline``; ``Flux2Pipeline`` is
-    the same):
+    The conversion (diffusers 0.42, ``Flux2KleinPipeline``; ``Flux2Pipeline`` is the same):
 
-    * latents: ``prepare_latents`` draws its noise already 2x2-patchified, ``(N, 4 C, H / 2, W / 2)``
-      (``_patchify_latents`` maps the VAE latent there, and the VAE's batch-norm statistics normalise it in
-      that space), and ``_pack_latents`` flattens it to tokens ``reshape(N, C', H' W').permute(0, 2, 1)``.
-      trajflow's latent is that patchified ``(C', H', W')`` with ``C' = in_channels``: the flow runs there, the
-      tokens are its raster order and ``patch_size = 1``.
-    * ids: ``_prepare_latent_ids`` gives token ``(i, j)`` the id ``(0, i, j, 0)``, ``_prepare_text_ids`` gives
-      text token ``l`` the id ``(0, 0, 0, l)``.
-    * time: as FLUX.1, ``timestep = t / 1000`` with ``t`` in ``scheduler.timesteps`` and ``forward``
-      multiplies by 1000: the adapter passes ``num_train_timesteps * t / 1000``.
-    * guidance: ``Flux2Pipeline`` passes ``guidance = full((N,), guidance_scale)`` (default 4.0) to models
-      with ``guidance_embeds``; ``Flux2KleinPipeline`` passes None (klein has no guidance embedding).
+    * latents: ``prepare_latents`` draws its noise already 2x2-patchified, ``(N, 4 C, H / 2, W / 2)`` (where
+      the VAE's batch-norm statistics normalise it), and ``_pack_latents`` flattens it to tokens in raster
+      order. trajflow's latent is that ``(C', H', W')``, ``C' = in_channels``, with ``patch_size = 1``.
+    * ids: token ``(i, j)`` has the id ``(0, i, j, 0)``, text token ``l`` the id ``(0, 0, 0, l)``.
+    * time: as FLUX.1, the adapter passes ``num_train_timesteps * t / 1000``.
+    * guidance: ``Flux2Pipeline`` passes ``guidance = full((N,), guidance_scale)`` (default 4.0) to models with
+      ``guidance_embeds``; klein has no guidance embedding.
     * the output goes to ``scheduler.step`` unchanged: :math:`v = \epsilon - x_0`.
 
-    The condition is ``prompt_embeds`` ``(N, L, joint_attention_dim)`` alone (FLUX.2 has no pooled
-    embedding), ``cond_event_dims = 2``; the null condition is ``null_cond`` (``(L, D)``; the klein
-    pipeline's negative prompt is ``""``) or zeros. ``hidden`` is ``(N, H' W', width)``, what ``proj_out``
-    reads.
+    The condition is ``prompt_embeds`` ``(N, L, joint_attention_dim)`` alone (no pooled embedding,
+    ``cond_event_dims = 2``), its null ``null_cond`` ``(L, D)`` (klein's negative prompt is ``""``) or zeros;
+    ``hidden`` is ``(N, H' W', width)``.
 
     Arguments:
         transformer: A diffusers ``Flux2Transformer2DModel`` with ``patch_size = 1``.

@@ -181,32 +181,25 @@ def _sd3_size(size: object, p: int, limit: int | None, what: str) -> tuple[int, 
 class SD3Velocity(_TextTransformerVelocity):
     r"""A diffusers ``SD3Transformer2DModel`` (Stable Diffusion 3 / 3.5) as a text-conditional velocity model.
 
-    The conversion (diffusers 0.42): ``StableDiffusion3Pipeline.__call__`` calls
-    ``transformer(hidden_states=latents, timestep=t.expand(N), encoder_hidden_states=prompt_embeds,
-    pooled_projections=pooled_prompt_embeds)`` with ``t`` from ``FlowMatchEulerDiscreteScheduler.timesteps``
-    (``sigmas * num_train_timesteps``) and hands the output to ``scheduler.step`` unchanged (the module
-    docstring: an Euler step of :math:`dx/d\sigma = v`). So
+    The conversion (diffusers 0.42): ``StableDiffusion3Pipeline.__call__`` calls ``transformer(hidden_states=
+    latents, timestep=t.expand(N), encoder_hidden_states=prompt_embeds, pooled_projections=pooled_prompt_embeds)``
+    with ``t`` in ``scheduler.timesteps`` (``sigmas * num_train_timesteps``) and hands the output to
+    ``scheduler.step`` unchanged, so ``v = transformer(x_t, timestep=num_train_timesteps * t, ...).sample`` on
+    the latents as the pipeline holds them (``(z - shift_factor) * scaling_factor``).
 
-    ``v = transformer(x_t, timestep=num_train_timesteps * t, encoder_hidden_states=prompt_embeds,
-    pooled_projections=pooled_embeds).sample``
-
-    on latents ``x_t`` ``(N, C, H, W)`` as the pipeline holds them (the VAE's latents after
-    ``(z - shift_factor) * scaling_factor``). ``forward(x_t, t, cond, drop_cond)`` returns ``(v, hidden)``:
-    ``v`` float32 (or ``x_t``'s dtype if wider); ``hidden`` the image tokens that ``proj_out`` reads (after the
-    final AdaLN ``norm_out``), ``(N, H W / p^2, width)`` with ``p = config.patch_size`` and
-    ``width = num_attention_heads * attention_head_dim``, in the raster order of ``PatchEmbed``'s strided
-    convolution, which is :func:`trajflow.nn.patches.patchify`'s. ``hidden_features``, ``hidden_layout =
-    "tokens"`` and ``patch_size = p`` are what :class:`~trajflow.predictors.FlowMatchingPredictor` reads, so
+    ``forward(x_t, t, cond, drop_cond)`` returns ``(v, hidden)``: ``v`` float32 (or ``x_t``'s dtype if wider);
+    ``hidden`` the image tokens ``proj_out`` reads (after the final AdaLN ``norm_out``), ``(N, H W / p^2,
+    width)`` with ``p = config.patch_size``, ``width = num_attention_heads * attention_head_dim``, in
+    :func:`trajflow.nn.patches.patchify`'s raster order. ``hidden_features``, ``hidden_layout = "tokens"`` and
+    ``patch_size`` are what :class:`~trajflow.predictors.FlowMatchingPredictor` reads, so
     :func:`trajflow.finetune.init_from_flow_matching` takes the adapter as it is.
 
-    The condition. ``cond = (prompt_embeds, pooled_embeds)``: ``(N, L, joint_attention_dim)`` and
-    ``(N, pooled_projection_dim)``, what the pipeline's ``encode_prompt`` returns (CLIP and T5 features
-    concatenated); ``cond_event_dims = (2, 1)``. It is not trajflow's ``(features, mask)``: the network takes no
-    mask, padded tokens are attended to as in the pipeline. Rows where ``drop_cond`` is True take the **null
-    condition**: ``null_cond`` given at construction (one ``(prompt_embeds (L, D), pooled_embeds (P,))``,
-    no batch dim or a batch of 1; the pipeline's choice is the empty prompt's ``encode_prompt("")``, its
-    default negative prompt), or **zeros** of the condition's shape without one. ``cond=None`` means the null
-    condition everywhere and needs ``null_cond``. The null is a buffer (saved, not trained).
+    The condition is ``(prompt_embeds (N, L, joint_attention_dim), pooled_embeds (N, pooled_projection_dim))``
+    as the pipeline's ``encode_prompt`` returns them (no mask: padded tokens are attended to, as in the
+    pipeline), ``cond_event_dims = (2, 1)``. Rows where ``drop_cond`` is True take the **null condition**:
+    ``null_cond`` (one ``(prompt_embeds (L, D), pooled_embeds (P,))``, no batch dim or a batch of 1; the
+    pipeline's is the empty prompt's ``encode_prompt("")``), or **zeros** without one. ``cond=None`` means the
+    null condition everywhere and needs ``null_cond``. The null is a buffer (saved, not trained).
 
     Arguments:
         transformer: A diffusers ``SD3Transformer2DModel`` (as many output as input channels).

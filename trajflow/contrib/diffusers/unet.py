@@ -56,25 +56,18 @@ def _sample_size(config: Any, sample_size: int | tuple[int, int] | list[int] | N
 class UNet2DVelocity(DiffusersVelocity):
     r"""A flow-matching diffusers ``UNet2DModel`` as a velocity model, hidden states included.
 
-    ``forward(x_t, t, cond=None, drop_cond=None)`` returns ``(v, hidden)`` with
-    ``v = unet(x_t, timestep=num_train_timesteps * t, class_labels=...).sample`` (float32, or ``x_t``'s dtype
-    if wider) and ``hidden`` the feature map the UNet's output convolution ``conv_out`` reads (after its
-    ``conv_norm_out`` and activation: the final-normed states, as
-    :class:`~trajflow.velocity.TransformerVelocity` returns), ``(N, C', H, W)`` at full
-    resolution with ``C' = block_out_channels[0]``, as tokens ``(N, H W, C')`` in raster order (patch size 1,
-    :func:`trajflow.nn.patches.patchify`) in the UNet's dtype (``x_t`` is cast to it). The attributes
-    ``hidden_features = C'``, ``hidden_layout = "tokens"`` and ``patch_size = 1`` are what
-    :class:`~trajflow.predictors.FlowMatchingPredictor` reads, so
-    :func:`trajflow.finetune.init_from_flow_matching` takes the adapter as it is. ``hidden`` is captured by a
-    forward pre-hook on ``conv_out`` that lives only for the call.
+    ``forward(x_t, t, cond=None, drop_cond=None)`` returns ``(v, hidden)``: ``v = unet(x_t, timestep=
+    num_train_timesteps * t, class_labels=...).sample`` (float32, or ``x_t``'s dtype if wider) and ``hidden`` the
+    final-normed feature map that ``conv_out`` reads, ``(N, C', H, W)`` with ``C' = block_out_channels[0]``, as
+    tokens ``(N, H W, C')`` in raster order in the UNet's dtype. ``hidden_features = C'``, ``hidden_layout =
+    "tokens"`` and ``patch_size = 1`` are what :class:`~trajflow.predictors.FlowMatchingPredictor` reads, so
+    :func:`trajflow.finetune.init_from_flow_matching` takes the adapter as it is.
 
-    Conditions. A UNet with ``num_class_embeds = K`` (and no ``class_embed_type``) is class-conditional:
-    ``cond`` is a LongTensor of labels ``(N,)`` in ``0..K-2``, and **the last class index** ``K - 1`` **is
-    reserved as the null class** of classifier-free guidance: rows where ``drop_cond`` is True, and every row
-    when ``cond`` is None, get label ``K - 1``. So ``cond_event_dims = 0`` and ``num_classes = K - 1``; train
-    (or fine-tune) the UNet with guidance dropout to label ``K - 1`` for guidance to mean anything. An
-    unconditional UNet refuses a ``cond``. Other ``class_embed_type`` s (``"timestep"``, ``"identity"``) and
-    non-positional time embeddings are refused.
+    A UNet with ``num_class_embeds = K`` is class-conditional: ``cond`` is a LongTensor of labels ``(N,)`` in
+    ``0..K-2``, and **the last class index** ``K - 1`` **is the null class** of classifier-free guidance (rows
+    where ``drop_cond`` is True, and every row when ``cond`` is None); so ``cond_event_dims = 0`` and
+    ``num_classes = K - 1``, and the UNet must be trained with guidance dropout to label ``K - 1``. An
+    unconditional UNet refuses a ``cond``; ``class_embed_type`` s and non-positional time embeddings are refused.
 
     Arguments:
         unet: A diffusers ``UNet2DModel`` trained as a flow-matching velocity model (see the module
