@@ -22,9 +22,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _read_pickle(path)
-    # The official files use bytes keys (pickled by Python 2); accept str keys from re-pickled copies.
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()} if isinstance(batch, dict) else {}
+    batch = _str_keys(_read_pickle(path))
     if "data" not in batch or "labels" not in batch:
         raise ValueError(f"{path}: expected a pickled dict with keys 'data' and 'labels', got {sorted(batch)}")
     data, labels = np.asarray(batch["data"]), np.asarray(batch["labels"], dtype=np.int64)
@@ -34,6 +32,13 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         )
     # Each row is the 1024 red, then green, then blue values of a 32x32 image in row-major order.
     return data.reshape(-1, 3, 32, 32), labels
+
+
+def _str_keys(batch: object) -> dict:
+    """A batch's dict with str keys (the official files' are bytes, pickled by Python 2), ``{}`` for another object."""
+    if not isinstance(batch, dict):
+        return {}
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
 def _read_pickle(path: Path) -> object:
@@ -56,8 +61,7 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
         ((3, 32, 32), 10000)
     """
     _check_split(split)
-    root = Path(path).expanduser()
-    root = root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
+    root = _batches_folder(Path(path).expanduser())
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
@@ -66,6 +70,11 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
     return _dataset_from_numpy(
         np.concatenate(images), np.concatenate(labels), "cifar10", split, _class_names(root / "batches.meta")
     )
+
+
+def _batches_folder(root: Path) -> Path:
+    """``root/cifar-10-batches-py`` when there is one, else ``root``."""
+    return root / "cifar-10-batches-py" if (root / "cifar-10-batches-py").is_dir() else root
 
 
 def _class_names(meta: Path) -> Sequence[str]:

@@ -40,11 +40,14 @@ def _checked_labels(labels: object, n: int) -> Tensor:
 
 def _check_values(images: Tensor, labels: Tensor, levels: int, num_classes: int) -> None:
     """Pixels below ``levels`` and labels in ``0..num_classes - 1`` (one read of their ranges each)."""
-    n = images.shape[0]
-    if n and int(images.max()) >= levels:
+    if images.numel() and int(images.max()) >= levels:
         raise ValueError(f"images: values must be < levels={levels}, got a maximum of {int(images.max())}")
-    if num_classes < 0 or (n and num_classes and (int(labels.min()) < 0 or int(labels.max()) >= num_classes)):
+    if num_classes < 0 or (num_classes and not _in_range(labels, num_classes)):
         raise ValueError(f"labels: expected values in 0..{num_classes - 1} (num_classes={num_classes})")
+
+
+def _in_range(labels: Tensor, num_classes: int) -> bool:
+    return not labels.numel() or (int(labels.min()) >= 0 and int(labels.max()) < num_classes)
 
 
 class ImageDataset(Dataset):

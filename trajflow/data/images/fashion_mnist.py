@@ -29,7 +29,7 @@ def _read_idx(path: Path) -> np.ndarray:
         )
     with gzip.open(path, "rb") as f:
         data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+    if data[:3] != b"\x00\x00\x08" or len(data) < 4:
         raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]

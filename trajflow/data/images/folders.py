@@ -72,27 +72,31 @@ def _check_arguments(root: Path, size: int | tuple[int, int] | None, channels: i
         raise FileNotFoundError(f"{root}: no such folder (expected a folder of PNG/JPEG images)")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels: expected 1, 3 or None, got {channels!r}")
-    if isinstance(size, int):
-        size = (size, size)
-    if size is not None and (len(size) != 2 or min(size) < 1):
+    return None if size is None else _checked_size(size)
+
+
+def _checked_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    size = (size, size) if isinstance(size, int) else size
+    if len(size) != 2 or min(size) < 1:
         raise ValueError(f"size: expected a positive int or (H, W), got {size!r}")
     return size
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    """The visible subfolders of ``root`` that hold images, sorted by name."""
-    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
-
-
-def _labelled_files(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...] | None]:
-    """``[(file, label)]`` in reading order and the class names (``None``: an unlabelled folder)."""
-    class_dirs = _class_dirs(root)
+    """The visible subfolders of ``root`` that hold images, sorted by name; an error if images lie beside them."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and _image_files(d))
     loose = list(filter(_is_image, root.iterdir()))
     if class_dirs and loose:
         raise ValueError(
             f"{root}: has both class subfolders ({[d.name for d in class_dirs]}) and loose images "
             f"({loose[0].name}, ...); move the loose images into a class folder or remove them"
         )
+    return class_dirs
+
+
+def _labelled_files(root: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...] | None]:
+    """``[(file, label)]`` in reading order and the class names (``None``: an unlabelled folder)."""
+    class_dirs = _class_dirs(root)
     files = [(f, label) for label, d in enumerate(class_dirs or [root]) for f in _image_files(d)]
     if not files:
         raise FileNotFoundError(f"{root}: no image files ({', '.join(_IMAGE_SUFFIXES)}) found")
