@@ -154,7 +154,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint: {str(p)!r} does not exist")
-    if (p / CONFIG_FILE).is_file() and any((p / name).is_file() for name in (MODEL_FILE, EMA_FILE)):
+    if _is_model_folder(p):
         return p
     latest = CheckpointDir(p, keep=None).latest() or CheckpointDir(p / "checkpoints", keep=None).latest()
     if latest is None:
@@ -163,6 +163,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             f"folder with checkpoints/, got {str(p)!r} with none of these"
         )
     return latest
+
+
+def _is_model_folder(p: Path) -> bool:
+    """Whether ``p`` holds a model export: ``config.json`` and ``model.safetensors`` or ``ema.safetensors``."""
+    return (p / CONFIG_FILE).is_file() and ((p / MODEL_FILE).is_file() or (p / EMA_FILE).is_file())
 
 
 def save_model(

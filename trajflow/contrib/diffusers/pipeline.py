@@ -243,6 +243,13 @@ class NTMDiffusersPipeline:
             return self.encode(prompts, num_images_per_prompt)
         return _placed(cond, self.device, num_images_per_prompt)
 
+    def _negative(self, from_prompt: bool, cond: Condition | None, n: int, k: int) -> Condition | None:
+        """The FM baseline's negative condition: ``n`` rows of the encoded ``negative_prompt`` (diffusers' with
+        prompts and guidance), else ``cond``'s rows repeated ``k`` times."""
+        if from_prompt:
+            return self.encode([self.negative_prompt] * n)
+        return None if cond is None else _placed(cond, self.device, k)
+
     def _output(self, latents: Tensor, output_type: str) -> Any:
         if output_type == "latent":
             return latents
@@ -340,10 +347,7 @@ class NTMDiffusersPipeline:
             )
         use_negative = prompts is not None and guidance_scale > 1 and self.encode_prompt is not None
         cond = self._condition(prompts, cond, num_images_per_prompt, output_type)
-        if use_negative:  # diffusers' negative_prompt, encoded
-            negative_cond = self.encode([self.negative_prompt] * _rows(cond))
-        elif negative_cond is not None:
-            negative_cond = _placed(negative_cond, self.device, num_images_per_prompt)
+        negative_cond = self._negative(use_negative, negative_cond, _rows(cond), num_images_per_prompt)
         if latents is None:
             latents = self.prepare_latents(_rows(cond), generator)
         x = scheduler_sample(

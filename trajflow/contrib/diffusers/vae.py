@@ -10,9 +10,13 @@ from ...checks import check_count, check_tensor
 __all__ = ["PipelineVAE"]
 
 
+def _is_autoencoder(vae: object) -> bool:
+    return isinstance(vae, nn.Module) and hasattr(vae, "config") and hasattr(vae, "decode")
+
+
 def _checked_layout(vae: object, layout: str | None) -> str:
     """The latent layout of ``vae`` (``layout``, else read from its class), checked against what it is."""
-    if not (isinstance(vae, nn.Module) and hasattr(vae, "config") and hasattr(vae, "decode")):
+    if not _is_autoencoder(vae):
         raise ValueError(f"vae: expected a diffusers autoencoder (AutoencoderKL, ...), got {type(vae).__name__}")
     layout = layout or ("flux2" if type(vae).__name__ == "AutoencoderKLFlux2" else "scaled")
     if layout not in ("scaled", "flux2"):

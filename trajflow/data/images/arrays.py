@@ -19,6 +19,14 @@ _CHANNEL_COUNTS = (1, 3, 4)
 
 
 def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
+    layout = _layout(array, layout, what)
+    if layout == "NHW":
+        return array[:, None]
+    return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
+
+
+def _layout(array: np.ndarray, layout: str | None, what: str) -> str:
+    """``layout``, or the layout of ``array`` (3-D: ``NHW``; 4-D: :func:`_guess_layout`), checked against it."""
     if layout is not None and layout not in _LAYOUTS:
         raise ValueError(f"layout: expected one of {list(_LAYOUTS)} or None, got {layout!r}")
     if array.ndim not in (3, 4):
@@ -26,9 +34,7 @@ def _to_nchw(array: np.ndarray, layout: str | None, what: str) -> np.ndarray:
     layout = layout or ("NHW" if array.ndim == 3 else _guess_layout(array, what))
     if len(layout) != array.ndim:
         raise ValueError(f"{what}: layout {layout!r} needs a {len(layout)}-D array, got shape {array.shape}")
-    if layout == "NHW":
-        return array[:, None]
-    return array.transpose(0, 3, 1, 2) if layout == "NHWC" else array
+    return layout
 
 
 def _guess_layout(array: np.ndarray, what: str) -> str:

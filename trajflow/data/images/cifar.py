@@ -79,8 +79,7 @@ def _batches_folder(root: Path) -> Path:
 
 def _class_names(meta: Path) -> Sequence[str]:
     """The class names in ``batches.meta`` when it holds ten, else the standard ones."""
-    info = _read_pickle(meta) if meta.is_file() else None
-    names = info.get(b"label_names", info.get("label_names")) if isinstance(info, dict) else None
+    names = _str_keys(_read_pickle(meta) if meta.is_file() else None).get("label_names")
     if names is not None and len(names) == 10:
         return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return CIFAR10_CLASSES

@@ -22,6 +22,12 @@ IMAGE_DATASETS: dict[str, Callable[..., ImageDataset]] = {
 """Loaders by name; ``cifar10`` needs ``path=`` (no package ships it)."""
 
 
+def _key(name: object) -> object:
+    """The registry key of a dataset name: lower case, ``-`` for ``_``, ``cifar10`` for ``cifar-10``."""
+    key = name.lower().replace("_", "-") if isinstance(name, str) else name
+    return "cifar10" if key == "cifar-10" else key
+
+
 def load_image_dataset(name: str, split: str = "train", **kwargs: Any) -> ImageDataset:
     """Load a named dataset: ``digits``, ``mnist``, ``fashion-mnist`` (``fashion_mnist`` also accepted), or
     ``cifar10`` with ``path=``. Extra keyword arguments go to the loader (e.g. ``root=`` for Fashion-MNIST).
@@ -30,9 +36,7 @@ def load_image_dataset(name: str, split: str = "train", **kwargs: Any) -> ImageD
         >>> load_image_dataset("digits", "test").name
         'digits'
     """
-    key = name.lower().replace("_", "-") if isinstance(name, str) else name
-    if key == "cifar-10":
-        key = "cifar10"
+    key = _key(name)
     if key not in IMAGE_DATASETS:
         raise ValueError(f"unknown image dataset {name!r}; valid names: {sorted(IMAGE_DATASETS)}")
     if key == "cifar10":
