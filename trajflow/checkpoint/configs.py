@@ -22,10 +22,9 @@ D = TypeVar("D")
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{dotted field: value}`` of a nested config, an empty dict kept as a value."""
+    """``{dotted field: value}`` of a nested JSON config, an empty dict kept as a value."""
     if not isinstance(obj, Mapping) or (not obj and prefix):
-        # Lists and tuples compare as JSON lists (a config read back from JSON has lists where it had tuples).
-        return {prefix[:-1]: list(obj) if isinstance(obj, tuple) else obj}
+        return {prefix[:-1]: obj}
     return {k: v for key, value in obj.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
@@ -41,6 +40,7 @@ def config_differences(
         >>> config_differences({"model": {"width": 64, "depth": 2}}, {"model": {"width": 32, "depth": 2}})
         [('model.width', 32, 64)]
     """
+    # Through JSON, as a config read back from a file: tuples compare as the lists they become there.
     a, b = _flatten(json.loads(json.dumps(expected))), _flatten(json.loads(json.dumps(found)))
     skip = tuple(ignore)
 

@@ -271,8 +271,12 @@ def _check_record_fields(record: dict[str, Any], where: str) -> None:
             f"{type(record.get('class')).__name__} and {type(record.get('config')).__name__}"
         )
     sha = record.get("weights_sha256")
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+    if not _is_sha256_or_none(sha):
         raise ValueError(f"directory: {where!r} expected 'weights_sha256' to be 64 hex digits, got {sha!r}")
+
+
+def _is_sha256_or_none(sha: object) -> bool:
+    return sha is None or (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None)
 
 
 def part_config(module: nn.Module, name: str) -> dict[str, Any]:
@@ -305,7 +309,7 @@ def build_part(record: Mapping[str, Any], name: str) -> nn.Module:
     unknown = sorted(set(record) - {"class", "config"})
     if unknown:
         raise ValueError(f"{name}: unknown field(s) {unknown} in a part record (known: ['class', 'config'])")
-    cls = _REGISTRY.get(record.get("class")) if isinstance(record.get("class"), str) else None
+    cls = _REGISTRY.get(record["class"]) if isinstance(record.get("class"), str) else None
     if cls is None:
         raise ValueError(f"{name}: unknown pretrained class {record.get('class')!r} (known: {sorted(_REGISTRY)})")
     if not isinstance(record.get("config"), Mapping):

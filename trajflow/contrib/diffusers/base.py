@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ...checkpoint import Pretrained
+from ...checkpoint.configs import json_checked
 from ...checks import check_count, check_tensor, check_times
 from ...nn.patches import check_images
 from ...velocity import VelocityModel
@@ -134,9 +135,9 @@ class DiffusersVelocity(Pretrained, VelocityModel):
 
     def config_dict(self) -> dict[str, Any]:
         """``{"model": <the network's diffusers config>, **settings}``: an untrained copy is built from it."""
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(self.model.config).items()}
         # without diffusers' private keys (_class_name, _diffusers_version, ...)
-        return {"model": {k: v for k, v in config.items() if not k.startswith("_")}, **self.settings()}
+        config = {k: v for k, v in dict(self.model.config).items() if not k.startswith("_")}
+        return {"model": json_checked(config, self.diffusers_class), **self.settings()}
 
     @classmethod
     def from_config(cls: type[V], config: Mapping[str, Any]) -> V:

@@ -52,12 +52,14 @@ def _check_8bit(array: np.ndarray, what: str, levels: int) -> np.ndarray:
             "for exact bits/dim, so convert floats yourself, e.g. np.round(x * 255).astype(np.uint8) for floats "
             "in [0, 1]"
         )
-    if array.size and (array.min() < 0 or array.max() > 255):  # wider integer types are fine if the values fit
+    if not array.size:
+        return array.astype(np.uint8)
+    if array.min() < 0 or array.max() > 255:  # wider integer types are fine if the values fit
         raise ValueError(
             f"{what}: expected 8-bit pixels in 0..255, got {array.dtype} values in [{array.min()}, {array.max()}]; "
             "rescale to uint8 before loading"
         )
-    if array.size and array.max() >= levels:
+    if array.max() >= levels:
         raise ValueError(f"{what}: values must be < levels={levels}, got a maximum of {array.max()}")
     return array.astype(np.uint8, copy=False)
 
@@ -125,10 +127,14 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _npz_keys(path: Path, keys: list[str]) -> tuple[str, str | None]:
     """The keys of the images (``images``, ``x``, ``data`` or the only array) and of the labels, if any."""
-    image_key = next((k for k in ("images", "x", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+    image_key = next((k for k in ("images", "x", "data") if k in keys), None) or _only(keys)
     if image_key is None:
         raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
     return image_key, next((k for k in ("labels", "y", "targets") if k in keys), None)
+
+
+def _only(keys: list[str]) -> str | None:
+    return keys[0] if len(keys) == 1 else None
 
 
 def _checked_labels(labels: np.ndarray | Tensor | Sequence[int] | None, n: int) -> np.ndarray | None:
