@@ -127,10 +127,14 @@ def _read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def _npz_keys(path: Path, keys: list[str]) -> tuple[str, str | None]:
     """The keys of the images (``images``, ``x``, ``data`` or the only array) and of the labels, if any."""
-    image_key = next((k for k in ("images", "x", "data") if k in keys), None) or _only(keys)
+    image_key = _first_of(("images", "x", "data"), keys) or _only(keys)
     if image_key is None:
         raise ValueError(f"{path}: cannot tell which array holds the images among {keys}; name it 'images'")
-    return image_key, next((k for k in ("labels", "y", "targets") if k in keys), None)
+    return image_key, _first_of(("labels", "y", "targets"), keys)
+
+
+def _first_of(names: tuple[str, ...], keys: list[str]) -> str | None:
+    return next((k for k in names if k in keys), None)
 
 
 def _only(keys: list[str]) -> str | None:

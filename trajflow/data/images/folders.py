@@ -62,7 +62,7 @@ def load_image_folder(
         channels = 1 if all(im.mode in ("L", "1") for im in opened) else 3
     images = _pixels(files, opened, channels, size)
     labels = np.array([label for _, label in files], dtype=np.int64)
-    num_classes = len(class_names) if class_names else 0
+    num_classes = len(class_names or ())
     return _dataset_from_numpy(images, labels, name or root.name, "", class_names, num_classes=num_classes)
 
 
