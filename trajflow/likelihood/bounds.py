@@ -113,20 +113,17 @@ class LikelihoodBounds:
                   \frac{p(x_{t_0}, x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T})}
                   {q(x^{(k)}_{t_1}, \dots, x^{(k)}_{t_T} | x_{t_0})}\Big].
 
-        :math:`\mathcal{L}_1` is the ELBO; :math:`\mathcal{L}_K` increases with :math:`K` and tends to
-        :math:`\log p(x_{t_0})` when the weights :math:`p / q` are bounded (Burda et al., 2016, Theorem 1).
-        The proposal is NTM's own forward process, so nothing is learned for it: the bound only costs ``K``
-        trajectories of network evaluations, all batched. The log-mean-exp is a running ``logsumexp`` over
-        chunks of trajectories accumulated in ``dtype``, so ``K`` can exceed what fits in memory at once.
+        :math:`\mathcal{L}_1` is the ELBO; :math:`\mathcal{L}_K` increases with :math:`K` towards
+        :math:`\log p(x_{t_0})` for bounded weights (Burda et al., 2016, Theorem 1), at the cost of ``K``
+        batched trajectories. The log-mean-exp is a running ``logsumexp`` over chunks, so ``K`` may exceed memory.
 
         Arguments:
             x0: The state at :math:`t_0` (the data itself when ``grid[0] = 0``), shape ``(*lead, *data)``
                 broadcastable with the batch shape (the condition's and the grid's).
             num_samples: :math:`K \geq 1`, the forward trajectories per data point.
-            chunk_size: Trajectories per data point sent through the networks at once (default: all
-                ``K`` when ``K * lead.numel() <= 4096``, fewer otherwise). Memory scales with
-                ``chunk_size * lead.numel() * (T + 1) * D``. With ``chunk_size=1`` and ``K=1`` the draws are
-                those of :meth:`elbo` for the same ``generator`` state.
+            chunk_size: Trajectories per data point sent through the networks at once (default: all ``K`` when
+                ``K * lead.numel() <= 4096``; memory scales with ``chunk_size * lead.numel() * (T + 1) * D``).
+                With ``chunk_size=1`` and ``K=1`` the draws are :meth:`elbo`'s for the same ``generator`` state.
             generator: The random generator of the forward trajectories.
             dtype: The floating dtype of the accumulation and of the result (float32 or float64).
             from_data: Bound :math:`\log p(y)` of clean data ``x0 = y`` instead, through the Gaussian
