@@ -17,13 +17,8 @@ __all__ = ["ReverseChain"]
 
 
 class ReverseChain:
-    """The per-step flows and the samplers of :class:`~trajflow.TrajectoryDistribution` (a base class, not used
-    alone).
-
-    It relies on the distribution's grid and shapes (``grid``, ``steps``, ``batch_shape``, ``data_shape``,
-    ``event_shape``), its networks (``transporter``, ``_transport``, ``_inverse``, ``_predict``) and its input
-    handling (``_check_value``, ``_as_input``, ``_times``, ``_transporter_args``).
-    """
+    """The per-step flows and the samplers of :class:`~trajflow.TrajectoryDistribution`, a base class that uses
+    the distribution's grid, shapes, networks (``_transport``, ``_inverse``, ``_predict``) and input checks."""
 
     def step(self, k: int, x_tk: Tensor) -> NormalizingFlow:
         r"""The conditional flow :math:`p(x_{t_{k-1}} | x_{t_k})` for ``k = 1..T`` as a torch ``Distribution``.
@@ -58,8 +53,7 @@ class ReverseChain:
         self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
-        ``sum log sigma`` per factor ``(*lead, T)``. All noise comes from ``generator`` (torch's global
-        generator when ``None``)."""
+        ``sum log sigma`` per factor ``(*lead, T)``."""
         lead = _check_sample_shape(sample_shape) + self.batch_shape
         times = self._times(lead)
         u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
@@ -81,11 +75,8 @@ class ReverseChain:
     def rsample_latents(
         self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        r"""Run the predictor chain in transporter space (NTM Algorithm 2, steps 1-2).
-
-        ``generator`` (a :class:`torch.Generator` on the model's device) draws all the noise, so the same
-        seed gives the same latents and torch's global generator is left untouched; ``None`` uses the
-        global generator, as torch's distributions do.
+        r"""Run the predictor chain in transporter space (NTM Algorithm 2, steps 1-2); all the noise comes from
+        ``generator`` (a :class:`torch.Generator` on the model's device; ``None``: torch's global one).
 
         Returns:
             ``(u, z)``: the latents :math:`(u_{t_0}, \dots, u_{t_T})` of shape
@@ -128,11 +119,8 @@ class ReverseChain:
     def rsample_and_log_prob(
         self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it).
-
-        The density reuses the chain's draws and scales; only one parallel transporter pass is added for
-        the log-determinants. ``generator``: as in :meth:`rsample_latents`.
-        """
+        """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it): the
+        chain's draws and scales plus one parallel transporter pass for the log-determinants."""
         latents, z, log_sigma = self._chain(sample_shape, generator)
         traj = self.decode(latents)
         level = traj.dim() - self._data_dim - 1

@@ -1,13 +1,10 @@
-r"""The predictor protocol: :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)`.
+r"""The predictor protocol, NTM's deep network: :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)`, the Gaussian
+:math:`p(u_s | u_t, y) = \mathcal{N}(\mu_P, \mathrm{diag}\, \sigma_P^2)` of the transporter-space state at
+:math:`s < t`.
 
-The predictor is NTM's deep network. Given the transporter-space state :math:`u_t` at time :math:`t`, the
-target time :math:`s < t` and an optional condition :math:`y`, it returns the mean and scale of the
-Gaussian :math:`p(u_s | u_t, y) = \mathcal{N}(\mu_P, \mathrm{diag}\, \sigma_P^2)`.
-
-Calls are flat: ``u_t`` is ``(N, *event_shape)``, ``t`` and ``s`` are ``(N,)``, ``cond`` is ``None`` or
-``(N, *cond_event)`` (a tuple of such for multi-part conditions) and ``drop_cond`` is ``None`` or a
-``(N,)`` bool mask of examples whose condition is replaced by the learned null condition (guidance
-dropout, and the unconditional branch of classifier-free guidance). ``cond=None`` means all-null.
+Calls are flat: ``u_t`` ``(N, *event_shape)``, ``t`` and ``s`` ``(N,)``, ``cond`` ``None`` (all-null) or
+``(N, *cond_event)`` (a tuple of such for multi-part conditions), ``drop_cond`` ``None`` or a ``(N,)`` bool
+mask of examples given the learned null condition (guidance dropout, the unconditional branch of guidance).
 """
 
 from __future__ import annotations

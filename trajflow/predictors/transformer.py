@@ -152,6 +152,17 @@ class TransformerBackbone(nn.Module):
         tokens = torch.cat([null.to(text.dtype), text], dim=1)  # (N, 1 + L_text, width)
         return tokens, torch.cat([dropped[:, None], keep], dim=1)  # (N, 1 + L_text)
 
+    @staticmethod
+    def attach(model: nn.Module, config: TransformerPredictorConfig, num_times: int, outputs: int) -> None:
+        """Give ``model`` its ``config``, shapes and condition, a ``backbone`` and a zero-initialised ``head``
+        from the width to ``outputs`` channels per token."""
+        model.config = config
+        model.event_shape = torch.Size(config.image_shape)
+        model.cond_spec = config.cond_spec
+        model.cond_event_dims = config.cond_event_dims
+        model.backbone = TransformerBackbone(config, num_times)
+        model.head = zero_linear(config.width, outputs)
+
     def check(self, name: str, x: Tensor, **times: Tensor) -> None:
         """Raise unless ``x`` is ``(N, C, H, W)`` and every time ``(N,)`` (finite, in [0, 1] with
         ``validate_args``): the models' checks before :meth:`forward`, which checks nothing."""
@@ -217,12 +228,7 @@ class TransformerPredictor(DataclassPretrained, Predictor):
 
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
-        self.config = config
-        self.event_shape = torch.Size(config.image_shape)
-        self.cond_spec = config.cond_spec
-        self.cond_event_dims = config.cond_event_dims
-        self.backbone = TransformerBackbone(config, num_times=2)
-        self.head = zero_linear(config.width, 2 * config.token_dim)
+        TransformerBackbone.attach(self, config, num_times=2, outputs=2 * config.token_dim)
 
     def hidden(
         self, u_t: Tensor, t: Tensor, s: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None

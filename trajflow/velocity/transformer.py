@@ -9,7 +9,6 @@ from torch import Tensor
 
 from ..conditioning import Condition
 from ..nn.config import DataclassPretrained
-from ..nn.mlp import zero_linear
 from ..nn.patches import unpatchify
 from ..predictors.transformer import TransformerBackbone, TransformerPredictorConfig
 from .base import VelocityModel
@@ -41,12 +40,7 @@ class TransformerVelocity(DataclassPretrained, VelocityModel):
 
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
-        self.config = config
-        self.event_shape = torch.Size(config.image_shape)
-        self.cond_spec = config.cond_spec
-        self.cond_event_dims = config.cond_event_dims
-        self.backbone = TransformerBackbone(config, num_times=1)
-        self.head = zero_linear(config.width, config.token_dim)
+        TransformerBackbone.attach(self, config, num_times=1, outputs=config.token_dim)
 
     @property
     def validate_args(self) -> bool:
