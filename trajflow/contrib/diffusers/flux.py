@@ -36,9 +36,18 @@ class _FluxFamily(_TextTransformerVelocity):
         validate_args: bool = True,
     ) -> None:
         super().__init__(
-            transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
+            transformer,
+            sample_size=sample_size,
+            null_cond=null_cond,
+            num_train_timesteps=num_train_timesteps,
+            validate_args=validate_args,
         )
-        config, p = transformer.config, self.pack
+        self.guidance = self._guidance_setting(transformer.config.guidance_embeds, guidance)
+        rows, cols = (side // self.pack for side in self.sample_size)
+        self.register_buffer("img_ids", self._image_ids(rows, cols), persistent=False)
+
+    def _set_latent(self, config: Any, sample_size: int | tuple[int, int] | list[int] | None) -> None:
+        p = self.pack
         if config.patch_size != 1 or config.in_channels % p**2:
             raise ValueError(
                 f"transformer: expected patch_size=1 and in_channels a multiple of {p**2} ({p}x{p}-packed latents), "
@@ -50,8 +59,6 @@ class _FluxFamily(_TextTransformerVelocity):
         self.sample_size = (height, width)
         self.event_shape = torch.Size((config.in_channels // p**2, height, width))
         self.patch_size = p
-        self.guidance = self._guidance_setting(config.guidance_embeds, guidance)
-        self.register_buffer("img_ids", self._image_ids(height // p, width // p), persistent=False)
 
     def _guidance_setting(self, embeds: bool, guidance: float | None) -> float | None:
         """The guidance embedding's value (``None`` for a model without one)."""

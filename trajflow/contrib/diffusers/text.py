@@ -40,8 +40,8 @@ def _where(drop: Tensor, null: Tensor | None, c: Tensor | None) -> Tensor | None
 class _TextTransformerVelocity(DiffusersVelocity):
     r"""The part the SD3 / FLUX adapters share: the text condition, its null, the hidden-state hook, ``forward``.
 
-    A subclass sets ``pooled`` (whether the network takes pooled embeddings), builds ``event_shape``,
-    ``patch_size`` and ``sample_size``, and implements :meth:`_velocity` (the network call in trajflow's
+    A subclass sets ``pooled`` (whether the network takes pooled embeddings), ``event_shape``, ``patch_size``
+    and ``sample_size`` (:meth:`_set_latent`), and implements :meth:`_velocity` (the network call in trajflow's
     layout: latents ``(N, C, H, W)`` in, :math:`v` of the same shape out).
     """
 
@@ -53,6 +53,7 @@ class _TextTransformerVelocity(DiffusersVelocity):
         self,
         transformer: nn.Module,
         *,
+        sample_size: int | tuple[int, int] | list[int] | None = None,
         null_cond: Condition | None = None,
         num_train_timesteps: int = 1000,
         validate_args: bool = True,
@@ -72,6 +73,11 @@ class _TextTransformerVelocity(DiffusersVelocity):
         prompt, pooled = self._parse_null(null_cond)
         self.register_buffer("null_prompt_embeds", prompt)
         self.register_buffer("null_pooled_embeds", pooled)
+        self._set_latent(config, sample_size)
+
+    def _set_latent(self, config: Any, sample_size: int | tuple[int, int] | list[int] | None) -> None:
+        """Set ``sample_size``, ``event_shape`` and ``patch_size`` from the network's config."""
+        raise NotImplementedError
 
     @property
     def transformer(self) -> nn.Module:
@@ -223,19 +229,7 @@ class SD3Velocity(_TextTransformerVelocity):
 
     diffusers_class: ClassVar[str] = "SD3Transformer2DModel"
 
-    def __init__(
-        self,
-        transformer: nn.Module,
-        *,
-        sample_size: int | tuple[int, int] | list[int] | None = None,
-        null_cond: Condition | None = None,
-        num_train_timesteps: int = 1000,
-        validate_args: bool = True,
-    ) -> None:
-        super().__init__(
-            transformer, null_cond=null_cond, num_train_timesteps=num_train_timesteps, validate_args=validate_args
-        )
-        config = transformer.config
+    def _set_latent(self, config: Any, sample_size: int | tuple[int, int] | list[int] | None) -> None:
         p = int(config.patch_size)
         size = config.sample_size if sample_size is None else sample_size
         height, width = _sd3_size(size, p, config.pos_embed_max_size, self.diffusers_class)
