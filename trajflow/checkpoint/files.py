@@ -1,10 +1,5 @@
-"""Files that survive crashes, and the formats both folder layouts use (safetensors and JSON, no pickles).
-
-Every writer here goes through :func:`atomic_write`: the file is written to a temporary name in its
-destination folder, flushed, ``fsync``-ed and moved into place with :func:`os.replace`, so a reader never
-sees half a file. :func:`file_sha256` is the checksum that the training manifests
-(:func:`~trajflow.checkpoint.write_manifest`) and pretrained folders (``weights_sha256``) record.
-"""
+"""Files that survive crashes (every writer goes through :func:`atomic_write`), in the formats both folder
+layouts use: safetensors and JSON, no pickles; :func:`file_sha256` is the checksum both record."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Integrity of a training step folder: ``manifest.json`` records each file's size and sha256.
-
-:meth:`~trajflow.checkpoint.CheckpointDir.commit` writes the manifest (:func:`write_manifest`) before the
-folder is renamed into place, and :func:`verify_checkpoint` checks it (and that the step in the folder's name,
-the manifest, ``trainer.json`` and the weights' metadata agree) before a run resumes from it. A truncated,
-corrupt or edited file is reported by name.
-"""
+"""Integrity of a training step folder: ``manifest.json`` records each file's size and sha256
+(:func:`write_manifest`, at :meth:`~trajflow.checkpoint.CheckpointDir.commit`), checked with every other
+record of the step before a run resumes from it (:func:`verify_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -36,11 +32,7 @@ def step_of(name: str) -> int | None:
 
 
 def write_manifest(folder: str | os.PathLike, step: int) -> Path:
-    """Write ``folder/manifest.json``: ``step`` and the size and sha256 of every other file in ``folder``.
-
-    :meth:`~trajflow.checkpoint.CheckpointDir.commit` calls it when every file is in place, just before the
-    folder is renamed.
-    """
+    """Write ``folder/manifest.json``: ``step`` and the size and sha256 of every other file in ``folder``."""
     folder = Path(folder)
     files = {
         p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}

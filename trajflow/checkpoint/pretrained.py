@@ -137,11 +137,10 @@ class Pretrained:
         Raises:
             FileNotFoundError: ``directory`` is not a pretrained folder (a file is missing).
             TypeError: ``directory`` is not a path, or ``config`` not a mapping.
-            ValueError: The folder is damaged or does not describe a ``cls``, each naming the file: invalid
-                JSON or an unknown field in ``config.json``; another class than ``cls`` (or a subclass);
-                another ``config`` than the expected one; a config that does not build a model; weights
-                that do not match the recorded sha256, are not a readable safetensors file, do not fit the
-                model (the first mismatch named) or hold NaN/inf.
+            ValueError: The folder is damaged or does not describe a ``cls``, naming the file: a bad
+                ``config.json`` (:func:`read_pretrained_config`); another class than ``cls`` (or a subclass);
+                another ``config`` than the expected one or one that does not build a model; bad weights
+                (:func:`load_pretrained_weights`).
         """
         if config is not None and not isinstance(config, Mapping):
             raise TypeError(f"config: expected a mapping (the expected config) or None, got {type(config).__name__}")
