@@ -35,12 +35,12 @@ def check_data_range(data_range: object, levels: int) -> tuple[float, float]:
     Other ranges are refused: data scaled some other way has almost certainly got the offset wrong."""
     allowed = ((-1.0, 1.0), (0.0, 1.0), (0.0, float(levels)))
     try:
-        lo, hi = (float(v) for v in data_range)  # type: ignore[union-attr]
+        pair = tuple(float(v) for v in data_range)  # type: ignore[union-attr]
     except (TypeError, ValueError):
-        raise ValueError(f"data_range: expected one of (-1, 1), (0, 1) or (0, {levels}), got {data_range!r}") from None
-    if (lo, hi) not in allowed:
+        pair = None
+    if pair not in allowed:
         raise ValueError(f"data_range: expected one of (-1, 1), (0, 1) or (0, {levels}), got {data_range!r}")
-    return lo, hi
+    return pair  # type: ignore[return-value]
 
 
 def bits_per_dim_offset(levels: int, data_range: tuple[float, float] = (-1.0, 1.0)) -> float:
