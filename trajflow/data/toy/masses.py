@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -87,30 +88,35 @@ def _line_gaussian_cdf(points: Tensor, directions: Tensor, weights: Tensor, std:
     return out
 
 
+def _uniform(n: int) -> Tensor:
+    """Equal mixture weights ``(n,)``, float64."""
+    return torch.full((n,), 1 / n, dtype=torch.float64)
+
+
 def _checkerboard_cdf(edges: Tensor) -> Tensor:
     corner = _dark_squares()
     cdf = ((edges[None, :, None] - corner[:, None, :]) / _CELL).clamp(0.0, 1.0)  # (8, B + 1, 2)
-    return _product_cdf(cdf[..., 0], cdf[..., 1], torch.full((8,), 1 / 8, dtype=torch.float64))
+    return _product_cdf(cdf[..., 0], cdf[..., 1], _uniform(8))
 
 
 def _gaussians_on_circle_cdf(edges: Tensor) -> Tensor:
-    comp = torch.arange(_CIRCLE_K)
-    weights = torch.full((_CIRCLE_K,), 1 / _CIRCLE_K, dtype=torch.float64)
-    return _gaussian_mixture_cdf(_circle_centres(comp), weights, _CIRCLE_STD, edges)
+    return _gaussian_mixture_cdf(_circle_centres(torch.arange(_CIRCLE_K)), _uniform(_CIRCLE_K), _CIRCLE_STD, edges)
+
+
+def _two_curves_cdf(centres: Callable[[Tensor, Tensor], Tensor], span: float, std: float, edges: Tensor) -> Tensor:
+    """``F`` of two equally weighted curves ``centres(curve, u)`` (``u`` uniform on ``[0, span]``) blurred by
+    isotropic Gaussians of ``std``: the midpoint rule on ``_NODES`` nodes per curve."""
+    curve = torch.arange(2).repeat_interleave(_NODES)
+    u = span * _midpoints(_NODES).repeat(2)
+    return _gaussian_mixture_cdf(centres(curve, u), _uniform(2 * _NODES), std, edges)
 
 
 def _two_moons_cdf(edges: Tensor) -> Tensor:
-    moon = torch.arange(2).repeat_interleave(_NODES)
-    t = math.pi * _midpoints(_NODES).repeat(2)
-    weights = torch.full((2 * _NODES,), 1 / (2 * _NODES), dtype=torch.float64)
-    return _gaussian_mixture_cdf(_moon_centres(moon, t), weights, _MOON_STD, edges)
+    return _two_curves_cdf(_moon_centres, math.pi, _MOON_STD, edges)
 
 
 def _spirals_cdf(edges: Tensor) -> Tensor:
-    arm = torch.arange(2).repeat_interleave(_NODES)
-    u = _midpoints(_NODES).repeat(2)
-    weights = torch.full((2 * _NODES,), 1 / (2 * _NODES), dtype=torch.float64)
-    return _gaussian_mixture_cdf(_spiral_centres(arm, u), weights, _SPIRAL_STD, edges)
+    return _two_curves_cdf(_spiral_centres, 1.0, _SPIRAL_STD, edges)
 
 
 def _rings_cdf(edges: Tensor) -> Tensor:
@@ -118,8 +124,7 @@ def _rings_cdf(edges: Tensor) -> Tensor:
     radius = _RING_STEP * (torch.arange(_RINGS, dtype=torch.float64) + 1.0).repeat_interleave(_NODES)
     phi = 2 * math.pi * _midpoints(_NODES).repeat(_RINGS)
     ray = torch.stack([torch.cos(phi), torch.sin(phi)], dim=1)
-    weights = torch.full((_RINGS * _NODES,), 1 / (_RINGS * _NODES), dtype=torch.float64)
-    return _line_gaussian_cdf(radius[:, None] * ray, ray, weights, _RING_STD, edges)
+    return _line_gaussian_cdf(radius[:, None] * ray, ray, _uniform(_RINGS * _NODES), _RING_STD, edges)
 
 
 def _pinwheel_cdf(edges: Tensor) -> Tensor:
