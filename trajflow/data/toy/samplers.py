@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -57,10 +58,21 @@ def _moon_centres(moon: Tensor, t: Tensor) -> Tensor:
     return 2.0 * (x - x.new_tensor([0.5, 0.25]))
 
 
-def _two_moons(n: int, g: torch.Generator | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    moon = _randint(2, n, g, device)
-    x = _moon_centres(moon, math.pi * _rand(n, g, device))
-    return x + _MOON_STD * _randn(n, g, device, 2), moon
+def _blurred_curves(
+    centres: Callable[[Tensor, Tensor], Tensor],
+    span: float,
+    std: float,
+    n: int,
+    g: torch.Generator | None,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Two equally likely curves ``centres(curve, u)``, ``u`` uniform on ``[0, span]``, with Gaussian noise."""
+    curve = _randint(2, n, g, device)
+    x = centres(curve, span * _rand(n, g, device))
+    return x + std * _randn(n, g, device, 2), curve
+
+
+_two_moons: Sampler = functools.partial(_blurred_curves, _moon_centres, math.pi, _MOON_STD)
 
 
 # The checkerboard: a 4x4 board of cells _CELL wide from _LOW on, of which the 8 cells whose (column + row)
@@ -95,10 +107,7 @@ def _spiral_centres(arm: Tensor, u: Tensor) -> Tensor:
     return torch.where(arm[:, None] == 0, x, -x)
 
 
-def _spirals(n: int, g: torch.Generator | None, device: torch.device) -> tuple[Tensor, Tensor]:
-    arm = _randint(2, n, g, device)
-    x = _spiral_centres(arm, _rand(n, g, device))
-    return x + _SPIRAL_STD * _randn(n, g, device, 2), arm
+_spirals: Sampler = functools.partial(_blurred_curves, _spiral_centres, 1.0, _SPIRAL_STD)
 
 
 # pinwheel: arm k is z = (1 + _RADIAL_STD a, _TANGENTIAL_STD b) (a, b standard normal) rotated by
