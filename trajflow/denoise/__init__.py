@@ -22,8 +22,7 @@ References:
 """
 
 from .loss import DistillationLoss
-from .networks import LearnedDenoiser, MLPDenoiser, MLPDenoiserConfig, TransformerDenoiser
-from .persistence import load_denoiser, save_denoiser
+from .networks import LearnedDenoiser, MLPDenoiser, MLPDenoiserConfig, TransformerDenoiser, load_denoiser, save_denoiser
 from .sampling import fast_sample, sample_denoised
 from .score import trajectory_score_denoise
 

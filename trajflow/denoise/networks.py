@@ -1,21 +1,36 @@
 r"""Learned denoisers :math:`g_\phi(u_{t_0}, t_0, y) \to x_0` (NTM §3.4): the base class, a residual MLP for
-vectors and a non-causal transformer for images, each saved and rebuilt as a pretrained folder."""
+vectors and a non-causal transformer for images, each saved and rebuilt as a pretrained folder
+(:func:`save_denoiser`, :func:`load_denoiser`)."""
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import (
+    check_config,
+    load_model_weights,
+    read_pretrained_config,
+)
 from ..checks import check_count, check_event_shape
 from ..conditioning import Condition, CondSpec, EventDims
 from ..nn.config import DataclassPretrained
 from ..predictors.transformer import TransformerPredictorConfig
 from ..velocity import MLPVelocity, TransformerVelocity
 
-__all__ = ["LearnedDenoiser", "MLPDenoiserConfig", "MLPDenoiser", "TransformerDenoiser"]
+__all__ = [
+    "LearnedDenoiser",
+    "MLPDenoiserConfig",
+    "MLPDenoiser",
+    "TransformerDenoiser",
+    "save_denoiser",
+    "load_denoiser",
+]
 
 
 class LearnedDenoiser(DataclassPretrained, nn.Module, ABC):
@@ -123,3 +138,30 @@ class TransformerDenoiser(LearnedDenoiser):
         """``u`` ``(N, C, H, W)``, ``t0`` ``(N,)`` -> :math:`\\hat x_0` ``(N, C, H, W)``."""
         delta, _ = self.net(u, t0, cond, drop_cond)  # checks shapes, times and the condition
         return u + delta.to(u.dtype)
+
+
+def save_denoiser(denoiser: LearnedDenoiser, directory: str | os.PathLike) -> Path:
+    """``denoiser.save_pretrained(directory)``: ``config.json`` and ``model.safetensors`` (kept for callers)."""
+    if not isinstance(denoiser, LearnedDenoiser):
+        raise ValueError(f"denoiser: expected a LearnedDenoiser, got {type(denoiser).__name__}")
+    return denoiser.save_pretrained(directory)
+
+
+def load_denoiser(directory: str | os.PathLike, *, into: LearnedDenoiser | None = None) -> LearnedDenoiser:
+    """Load a denoiser saved by :meth:`~trajflow.checkpoint.Pretrained.save_pretrained` (or :func:`save_denoiser`).
+
+    Arguments:
+        directory: The folder.
+        into: An existing denoiser to load the weights into (it keeps its device). Its class and config must
+            match the folder's; otherwise a :class:`ValueError` names the classes or every differing field.
+            ``None`` builds a new denoiser of the saved class (``LearnedDenoiser.from_pretrained``).
+    """
+    if into is None:
+        return LearnedDenoiser.from_pretrained(directory)
+    path = Path(directory)
+    record = read_pretrained_config(path)
+    if record["class"] != type(into).__name__:
+        raise ValueError(f"into: {str(path)!r} holds a pretrained {record['class']}, not a {type(into).__name__}")
+    check_config(into.config_dict(), record["config"], source=f"the pretrained folder {str(path)!r}")
+    load_model_weights(path, into)  # safetensors: raw tensors only, nothing unpickled
+    return into

@@ -36,8 +36,7 @@ from ..numerics import upcast
 from ..predictors.base import Predictor
 from ..process import MarkovInterpolant
 from ..transporters.base import Transporter
-from .chain import ReverseChain
-from .common import _module_device, _module_dtype, _std_normal_log_prob, _sum_event, check_compatible
+from .chain import ReverseChain, _module_device, _module_dtype, _std_normal_log_prob, _sum_event, check_compatible
 
 __all__ = ["TrajectoryDistribution"]
 

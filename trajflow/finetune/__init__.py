@@ -20,8 +20,14 @@ References:
     | https://arxiv.org/abs/2605.08078
 """
 
-from .identity import check_identity, identity_transporter, zero_init_zuko_
-from .initialise import FlowMatchingInit, frozen_copy, init_from_flow_matching
+from .initialise import (
+    FlowMatchingInit,
+    check_identity,
+    frozen_copy,
+    identity_transporter,
+    init_from_flow_matching,
+    zero_init_zuko_,
+)
 from .objective import DEFAULT_DECAY_STEPS, FinetuneLoss, MeanAlignmentLoss
 
 __all__ = [
