@@ -16,18 +16,17 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checkpoint import Pretrained, dataclass_from_dict
-from ..checks import check_flat_times
 from ..conditioning import Condition
-from ..nn.patches import check_images, unpatchify
+from ..nn.config import DataclassPretrained
+from ..nn.patches import unpatchify
 from ..numerics import upcast
 from ..predictors.transformer import TransformerBackbone, TransformerPredictorConfig
 from ..velocity import TransformerVelocity
@@ -36,7 +35,7 @@ from .flow_matching import check_batch, descending_times, interpolate, noise_and
 __all__ = ["MeanFlowVelocity", "MeanFlowLoss", "meanflow_jvp", "meanflow_sample"]
 
 
-class MeanFlowVelocity(Pretrained, nn.Module):
+class MeanFlowVelocity(DataclassPretrained, nn.Module):
     r"""The average velocity :math:`u(z_t, r, t, y)` on :class:`TransformerBackbone` with two times.
 
     The backbone embeds :math:`t` (first time MLP) and the interval :math:`t - r` (second time MLP, last
@@ -57,32 +56,19 @@ class MeanFlowVelocity(Pretrained, nn.Module):
         True
     """
 
+    config_class = TransformerPredictorConfig
+
     def __init__(self, config: TransformerPredictorConfig) -> None:
         super().__init__()
-        self.config = config
-        self.event_shape = torch.Size(config.image_shape)
-        self.cond_spec = config.cond_spec
-        self.cond_event_dims = config.cond_event_dims
-        self.backbone = TransformerBackbone(config, num_times=2)  # times [t, t - r]
+        TransformerBackbone.attach(self, config, num_times=2, outputs=config.token_dim)  # times [t, t - r]
         interval_out = self.backbone.time_mlps[1][-1]
         nn.init.zeros_(interval_out.weight)  # the interval adds exactly 0 at init: u = v
         nn.init.zeros_(interval_out.bias)
-        self.head = nn.Linear(config.width, config.token_dim)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
 
     @property
     def validate_args(self) -> bool:
         """Whether inputs are checked by value (times in [0, 1]; the condition's values at the edges)."""
         return self.config.validate_args
-
-    def config_dict(self) -> dict[str, Any]:
-        """The fields of :attr:`config` (see :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`)."""
-        return asdict(self.config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> MeanFlowVelocity:
-        return cls(dataclass_from_dict(TransformerPredictorConfig, config, "config"))
 
     @classmethod
     def from_velocity(cls, velocity: TransformerVelocity) -> MeanFlowVelocity:
@@ -99,10 +85,7 @@ class MeanFlowVelocity(Pretrained, nn.Module):
     def _forward(
         self, z: Tensor, r: Tensor, t: Tensor, cond: Condition | None, drop_cond: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        check_images("z", z, self.event_shape, flat=True)
-        n = z.shape[0]
-        check_flat_times("r", r, n, self.config.validate_args)
-        check_flat_times("t", t, n, self.config.validate_args)
+        self.backbone.check("z", z, r=r, t=t)
         if self.config.validate_args and bool((r > t).any()):
             raise ValueError(f"r: expected r <= t, got r - t up to {float((r - t).max()):.6g}")
         h = self.backbone(z, [t, t - r], cond, drop_cond)  # (N, L, width)
