@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checks import check_count, check_time_features
-from .condition import ConditionEmbedding
-from .embeddings import SinusoidalEmbedding
+from .embeddings import ConditionEmbedding, SinusoidalEmbedding
 
 
 class ResidualBlock(nn.Module):
