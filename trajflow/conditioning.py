@@ -233,11 +233,15 @@ def _batch_of(c: Tensor, part: CondPart, lengths: dict[str, tuple[int, str]]) ->
         raise ValueError(f"cond: expected {part.describe()}, got shape {tuple(c.shape)}")
     for w, g in zip(part.shape, event):
         if isinstance(w, str) and lengths.setdefault(w, (g, part.what))[0] != g:
-            want = (*lead, *(lengths[v][0] if isinstance(v, str) else e for v, e in zip(part.shape, event)))
-            raise ValueError(
-                f"cond: expected {part.what} of shape {want} matching the {lengths[w][1]}, got {tuple(c.shape)}"
-            )
+            _length_mismatch(c, part, lead, event, lengths[w][1], lengths)
     return lead
+
+
+def _length_mismatch(
+    c: Tensor, part: CondPart, lead: torch.Size, event: torch.Size, other: str, lengths: dict[str, tuple[int, str]]
+) -> None:
+    want = (*lead, *(lengths[v][0] if isinstance(v, str) else e for v, e in zip(part.shape, event)))
+    raise ValueError(f"cond: expected {part.what} of shape {want} matching the {other}, got {tuple(c.shape)}")
 
 
 def _check_values(c: Tensor, part: CondPart, hint: str) -> None:
