@@ -38,9 +38,9 @@ def _diffusers_class(name: str) -> type[nn.Module]:
     return cls
 
 
-def _local_json(folder: Path, file: str, what: str) -> dict[str, Any]:
+def _local_json(folder: Path, file: str, what: str, hint: str = "") -> dict[str, Any]:
     """``folder/file`` as a JSON object, ``folder`` being a local folder holding ``what``; a ValueError naming
-    the folder or the file otherwise (nothing is ever fetched from a hub)."""
+    the folder or the file otherwise (``hint`` added where the file is missing; nothing is fetched from a hub)."""
     if not folder.is_dir():
         raise ValueError(
             f"path: expected a local {what}, got {str(folder)!r}, which is not a folder; nothing is downloaded "
@@ -48,7 +48,7 @@ def _local_json(folder: Path, file: str, what: str) -> dict[str, Any]:
         )
     path = folder / file
     if not path.is_file():
-        raise ValueError(f"path: expected a {what} with a {file}, but {str(path)!r} does not exist")
+        raise ValueError(f"path: expected a {what} with a {file}, but {str(path)!r} does not exist{hint}")
     try:
         record = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

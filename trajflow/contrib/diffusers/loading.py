@@ -38,7 +38,8 @@ def _pipeline_folder(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The local pipeline folder and its ``model_index.json``; a ValueError naming the path or file otherwise."""
     folder = Path(path).expanduser()
     what = "diffusers pipeline folder (model_index.json, text encoders, vae, scheduler, transformer)"
-    return folder, _local_json(folder, "model_index.json", what)
+    hint = " (a folder holding one model takes the adapters' from_diffusers instead)"
+    return folder, _local_json(folder, "model_index.json", what, hint)
 
 
 def load_diffusers_pipeline(
