@@ -86,6 +86,13 @@ def _check_trajectory_distribution(dist: object) -> TrajectoryDistribution:
     return dist
 
 
+def _level_dim(dist: object, name: str, x: Tensor) -> int:
+    """The level dim of trajectories (or noise) ``x`` ``(*lead, T + 1, *data)`` of ``dist``, both checked."""
+    dist = _check_trajectory_distribution(dist)
+    check_event_shape(name, x, dist.event_shape, "(T + 1, *data) of the trajectory distribution")
+    return x.dim() - len(dist.event_shape)
+
+
 def trajectory_from_noise(dist: TrajectoryDistribution, noise: Tensor) -> Tensor:
     r"""The trajectory that standard normal ``noise`` generates under ``dist``, differentiably.
 
@@ -112,9 +119,7 @@ def trajectory_from_noise(dist: TrajectoryDistribution, noise: Tensor) -> Tensor
         >>> traj.shape, torch.allclose(noise_from_trajectory(dist, traj), noise, atol=1e-4)
         (torch.Size([3, 5, 2]), True)
     """
-    dist = _check_trajectory_distribution(dist)
-    check_event_shape("noise", noise, dist.event_shape, "(T + 1, *data) of the trajectory distribution")
-    level = noise.dim() - len(dist.event_shape)
+    level = _level_dim(dist, "noise", noise)
     T = dist.steps
     x = noise.select(level, T)  # x_{t_T} ~ N(0, I) is its own noise
     levels = [x]
@@ -130,9 +135,7 @@ def noise_from_trajectory(dist: TrajectoryDistribution, traj: Tensor) -> Tensor:
     Level ``k - 1`` of the result is :math:`z_k = F_k(x_{t_{k-1}}; x_{t_k})` and level ``T`` is
     :math:`x_{t_T}`; shape ``(*lead, T + 1, *data)`` as ``traj``'s (``lead`` broadcast with the batch).
     """
-    dist = _check_trajectory_distribution(dist)
-    check_event_shape("traj", traj, dist.event_shape, "(T + 1, *data) of the trajectory distribution")
-    level = traj.dim() - len(dist.event_shape)
+    level = _level_dim(dist, "traj", traj)
     T = dist.steps
     top = traj.select(level, T)
     noises = [dist.step(k, traj.select(level, k)).transform(traj.select(level, k - 1)) for k in range(1, T + 1)]

@@ -19,18 +19,8 @@ back (:meth:`~DiffusersVelocity.save_diffusers`) and saves with
 such a folder: it registers the adapters' names). :class:`NTMDiffusersPipeline` goes from prompts to images
 with the pipeline's own text encoders (:class:`DiffusersPromptEncoder`), NTM steps in latent space and its
 VAE in float32 (:class:`PipelineVAE`), beside the FM baseline sampled by diffusers' scheduler
-(:func:`scheduler_sample`). diffusers is imported only when an adapter is built (``pip install diffusers``).
-
-Example:
-    >>> from diffusers import UNet2DModel  # doctest: +SKIP
-    >>> from trajflow.contrib.diffusers import UNet2DVelocity  # doctest: +SKIP
-    >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-    ...                    layers_per_block=1, norm_num_groups=4,
-    ...                    down_block_types=("DownBlock2D", "DownBlock2D"),
-    ...                    up_block_types=("UpBlock2D", "UpBlock2D"))  # doctest: +SKIP
-    >>> v, hidden = UNet2DVelocity(unet)(torch.randn(3, 1, 8, 8), torch.rand(3))  # doctest: +SKIP
-    >>> v.shape, hidden.shape  # doctest: +SKIP
-    (torch.Size([3, 1, 8, 8]), torch.Size([3, 64, 8]))
+(:func:`scheduler_sample`). diffusers is imported only when an adapter is built (``pip install diffusers``);
+:class:`UNet2DVelocity` and :class:`SD3Velocity` show examples.
 
 References:
     | Scaling Rectified Flow Transformers for High-Resolution Image Synthesis (Esser et al., 2024).
