@@ -111,7 +111,10 @@ class UNet2DVelocity(DiffusersVelocity):
         self.hidden_features = int(config.block_out_channels[0])
         self.hidden_layout = "tokens"
         self.patch_size = 1
-        embeds = config.num_class_embeds
+        self._set_classes(config.num_class_embeds)
+
+    def _set_classes(self, embeds: int | None) -> None:
+        """The classes of a class-conditional UNet (its last class embedding is the null class), or none."""
         self.num_classes: int | None = None if embeds is None else embeds - 1
         self.null_class: int | None = self.num_classes  # the last class index
         self.cond_event_dims = None if embeds is None else 0

@@ -21,6 +21,9 @@ CIFAR10_HINT = (
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
+_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
 def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = _str_keys(_read_pickle(path))
     if "data" not in batch or "labels" not in batch:
@@ -62,7 +65,7 @@ def load_cifar10(path: str | os.PathLike[str], split: str = "train") -> ImageDat
     """
     _check_split(split)
     root = _batches_folder(Path(path).expanduser())
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    names = _BATCHES[split]
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
         raise FileNotFoundError(f"{root}: missing CIFAR-10 batch file(s) {missing}; {CIFAR10_HINT}")
