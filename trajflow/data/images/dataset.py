@@ -117,8 +117,7 @@ class ImageDataset(Dataset):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)``."""
-        c, h, w = self.images.shape[1:]
-        return (c, h, w)
+        return tuple(self.images.shape[1:])
 
     @property
     def dim(self) -> int:
@@ -144,17 +143,13 @@ class ImageDataset(Dataset):
         return dequantize(self.images if images is None else images, self.levels, generator=generator)
 
     def bits_per_dim(self, nll: Tensor | float) -> Tensor:
-        """Bits/dim from a negative log-density in nats per image on the ``[-1, 1]`` scale.
-
-        See :func:`trajflow.likelihood.bits_per_dim`; with uniform dequantisation this upper-bounds the
-        bits/dim of the discrete data.
-        """
+        """Bits/dim from a negative log-density in nats per image on the ``[-1, 1]`` scale
+        (:func:`trajflow.likelihood.bits_per_dim`; with uniform dequantisation, a bound on the discrete data's)."""
         return bits_per_dim(-torch.as_tensor(nll, dtype=torch.float64), self.dim, self.levels)
 
     def unit_range(self) -> ImageDataset:
         """The same data (shared storage) whose items are float32 images in ``[-1, 1]`` (bin centres)."""
-        levels = self.levels
-        return self._with(self.images, self.labels, transform=functools.partial(to_unit_range, levels=levels))
+        return self._with(self.images, self.labels, transform=functools.partial(to_unit_range, levels=self.levels))
 
     def select(self, indices: Tensor | Sequence[int] | slice) -> ImageDataset:
         """A new dataset holding the rows ``indices`` (a slice, an index list or a boolean mask)."""
@@ -166,11 +161,8 @@ class ImageDataset(Dataset):
         return self._with(self.images[idx], self.labels[idx])
 
     def subset(self, n: int, *, generator: torch.Generator | None = None) -> ImageDataset:
-        """The first ``n`` images, or ``n`` random ones (without replacement) if a ``generator`` is given.
-
-        ``n`` larger than the dataset is capped at its length, so small CPU configs can ask for e.g. 2000
-        images of any dataset.
-        """
+        """The first ``n`` images, or ``n`` random ones (without replacement) if a ``generator`` is given; ``n``
+        is capped at the dataset's length (small CPU configs can ask for e.g. 2000 images of any dataset)."""
         n = min(check_count("n", n, low=0), len(self))
         if generator is None:
             return self.select(slice(0, n))
