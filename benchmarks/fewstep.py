@@ -1124,8 +1124,9 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
         fd = find(metric="frechet_distance", **sel)
         kid = find(metric="kid", **sel)
         kid_txt = fmt(kid, 2)
+        shown = f"{budget} + denoiser" if variant == "learned-denoiser" else budget  # trained past the budget
         lines.append(
-            f"| {method} | {variant or ''} | {steps if steps is not None else ''} | {budget} | {fmt(fd)} | {kid_txt} | "
+            f"| {method} | {variant or ''} | {steps if steps is not None else ''} | {shown} | {fmt(fd)} | {kid_txt} | "
             f"{fmt(find(metric='precision', **sel), 3)} | {fmt(find(metric='recall', **sel), 3)} |"
             + (f" {fmt(find(metric='class_accuracy', **sel), 3)} |" if conditional else "")
         )
