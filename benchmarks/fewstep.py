@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, ROOT, command_line, source_state, write_results  # noqa: E402
-from fewstep_reader import ReaderConfig, SampleMetrics, load_or_train_reader  # noqa: E402
+from fewstep_reader import ReaderConfig, SampleMetrics, accuracy, load_or_train_reader  # noqa: E402
 
 from trajflow import TrajectoryNLL  # noqa: E402
 from trajflow.baselines import (  # noqa: E402
@@ -321,13 +321,13 @@ def gen(model: nn.Module, seed: int) -> torch.Generator:
 def fm_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     loss = FlowMatchingLoss(cond_drop=cfg.cond_drop)
-    samplers = {f"euler-{k}": (k, euler_sampler(cfg, model.event_shape, k)) for k in (4, 8, 50)}
-    samplers["heun-4"] = (4, euler_sampler(cfg, model.event_shape, 4, heun=True))
+    samplers = {f"euler-{k}": (k, ode_sampler(cfg, model.event_shape, k)) for k in (4, 8, 50)}
+    samplers["heun-4"] = (4, ode_sampler(cfg, model.event_shape, 4, heun=True))
     objective = _Dequantized(lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "fm_mse", cfg.conditional)
     return Row(model, objective, samplers, "euler-4", 1e-4)
 
 
-def euler_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = False) -> Any:
+def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = False) -> Any:
     """``sample(model, n, generator)``: Euler (or Heun) from fresh noise, guided where the rows are conditional."""
     solver = heun_sample if heun else euler_sample
 
@@ -413,7 +413,7 @@ def distillation_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
 
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     shape = model.event_shape
-    samplers = {"euler-4": (4, euler_sampler(cfg, shape, 4))}
+    samplers = {"euler-4": (4, ode_sampler(cfg, shape, 4))}
     return Row(model, None, samplers, "euler-4", 1e-4, rounds=distillation_rounds(64, 4))
 
 
@@ -423,8 +423,7 @@ def read(state: dict[str, Any], cfg: FewStepConfig, x: Tensor) -> dict[str, floa
     out = state["metrics"].all(x)
     if cfg.conditional:
         with torch.no_grad():
-            pred = torch.cat([state["reader"](c).argmax(-1) for c in x.clamp(-1, 1).split(1000)])
-        out["class_accuracy"] = float((pred == labels(cfg, len(x), pred.device)).float().mean())
+            out["class_accuracy"] = accuracy(state["reader"], x.clamp(-1, 1), labels(cfg, len(x), x.device))
     return out
 
 

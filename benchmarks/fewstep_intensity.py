@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             if png.stem.startswith("teacher") or png.stem.endswith("-s0") or png.stem.endswith("-s0-learned-denoiser"):
                 samples[png.stem] = grid_tiles(png)
         for name, images in samples.items():
-            for metric, value in stats(images).items():
+            figures = stats(images)
+            for metric, value in figures.items():
                 rows.append(
                     {
                         "task": dataset,
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                         "images": len(images),
                     }
                 )
-            print(dataset, name.ljust(60), {k: round(v, 3) for k, v in stats(images).items()})
+            print(dataset, name.ljust(60), {k: round(v, 3) for k, v in figures.items()})
     write_results(args.out, "fewstep_intensity", rows, command=command_line(), source=source, device="cpu")
     print(f"wrote {args.out} ({len(rows)} rows)")
 

@@ -144,4 +144,3 @@ def test_the_conditional_config_guides_every_row_and_reads_the_class(results, tm
     accuracy = [r for r in rows if r["metric"] == "class_accuracy"]
     assert {r["method"] for r in accuracy} >= {"ntm-fm", "fm-euler"}
     assert all(0.0 <= r["value"] <= 1.0 and r["task"] == "fashion-mnist" for r in accuracy)
-    assert all(r["guidance"] == 1.0 for r in rows)
