@@ -27,9 +27,9 @@ def sample_denoised(
 ) -> Tensor:
     r"""The full sampling path (NTM Algorithm 2 with step 4 = Algorithm 3).
 
-    1-2. Run the predictor :math:`T` times in transporter space (``dist.rsample_latents``).
-    3. Invert the transporter at **every** level below :math:`T`, batched across levels (``dist.decode``;
-       the KV-cached token-by-token inverse for the transformer transporter).
+    1-3. Run the predictor :math:`T` times and invert the transporter at **every** level below :math:`T`
+       (``dist.rsample``: batched across levels after the chain, or level by level for a predictor that
+       reads data space; the KV-cached token-by-token inverse for the transformer transporter).
     4. Denoise with the trajectory's score (:func:`trajectory_score_denoise`).
 
     ``generator`` (a :class:`torch.Generator` on the model's device) draws all the noise; ``None`` uses
@@ -38,8 +38,7 @@ def sample_denoised(
     Returns:
         :math:`\hat x_0`, shape ``(*sample_shape, *batch_shape, *data)``.
     """
-    latents, _ = dist.rsample_latents(sample_shape, generator=generator)
-    traj = dist.decode(latents)
+    traj = dist.rsample(sample_shape, generator=generator)
     return trajectory_score_denoise(dist, traj, clip_percentile=clip_percentile)
 
 

@@ -98,8 +98,8 @@ class ReverseChain:
         x = x_tk.expand(*lead, *self.data_shape)
         times = self._times(lead)
         t, s = times[..., k], times[..., k - 1]
-        u_t = x if k == self.steps else self._transport(x, t)[0]
-        mu, sigma = self._predict(u_t, t, s, inner=0)
+        reads = x if k == self.steps or self._reads_data else self._transport(x, t)[0]
+        mu, sigma = self._predict(reads, t, s, inner=0)
         cond, drop = self._transporter_args(lead, 0, x.device, flat=False)
         transform = ComposedTransform(
             self.transporter.transform(s, cond, drop),
@@ -113,25 +113,28 @@ class ReverseChain:
 
     def _chain(
         self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)`` and
-        ``sum log sigma`` per factor ``(*lead, T)``."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)``, ``sum log
+        sigma`` per factor ``(*lead, T)``, and the trajectory in data space where the chain made it (a predictor
+        reading data space: each level is inverted before the next step), else ``None``."""
         lead = _check_sample_shape(sample_shape) + self.batch_shape
         times = self._times(lead)
         u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
-        latents, noises, log_sigmas = [u], [], []
+        latents, noises, log_sigmas, levels = [u], [], [], [u]
         for k in range(self.steps, 0, -1):
-            mu, sigma = self._predict(u, times[..., k], times[..., k - 1], inner=0)
+            mu, sigma = self._predict(levels[-1], times[..., k], times[..., k - 1], inner=0)
             z = torch.randn(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
             u = upcast(mu) + sigma * z
             latents.append(u)
             noises.append(z)
             log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))
+            levels.append(self._inverse(u, times[..., k - 1]) if self._reads_data else u)
         level = len(lead)
         return (
             torch.stack(latents[::-1], dim=level),
             torch.stack(noises[::-1], dim=level),
             torch.stack(log_sigmas[::-1], dim=-1),
+            torch.stack(levels[::-1], dim=level) if self._reads_data else None,
         )
 
     def rsample_latents(
@@ -146,7 +149,7 @@ class ReverseChain:
             standard normal draws ``(*sample_shape, *batch_shape, T, *data)`` that made them
             (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter.
         """
-        latents, z, _ = self._chain(sample_shape, generator)
+        latents, z, _, _ = self._chain(sample_shape, generator)
         return latents, z
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -168,8 +171,8 @@ class ReverseChain:
 
         ``generator``: the :class:`torch.Generator` that draws the noise (see :meth:`rsample_latents`).
         """
-        latents, _ = self.rsample_latents(sample_shape, generator=generator)
-        return self.decode(latents)
+        latents, _, _, traj = self._chain(sample_shape, generator)
+        return self.decode(latents) if traj is None else traj
 
     def sample(
         self, sample_shape: torch.Size | tuple[int, ...] = (), *, generator: torch.Generator | None = None
@@ -183,8 +186,8 @@ class ReverseChain:
     ) -> tuple[Tensor, Tensor]:
         """Samples and their exact log-densities in one pass (zuko's name; Pyro's ``ZukoToPyro`` uses it): the
         chain's draws and scales plus one parallel transporter pass for the log-determinants."""
-        latents, z, log_sigma = self._chain(sample_shape, generator)
-        traj = self.decode(latents)
+        latents, z, log_sigma, traj = self._chain(sample_shape, generator)
+        traj = self.decode(latents) if traj is None else traj
         level = traj.dim() - self._data_dim - 1
         lead, T, dd = traj.shape[:level], self.steps, self._data_dim
         _, ladj = self._transport(traj.narrow(level, 0, T), self._times(lead)[..., :T], inner=1)

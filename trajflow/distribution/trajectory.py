@@ -5,7 +5,8 @@ r"""The trajectory distribution of a Normalizing Trajectory Model, as a torch ``
 Each factor is a conditional normalizing flow (NTM Eq. 3.1-3.3): the shared transporter
 :math:`u_s = f_T(x_s, s)` followed by the standardisation :math:`z = (u_s - \mu_P) / \sigma_P` by the
 predictor's Gaussian :math:`(\mu_P, \sigma_P) = P(u_t, t, s, y)`, with :math:`u_t = f_T(x_t, t)` and the
-transporter skipped at :math:`t = 1`. So
+transporter skipped at :math:`t = 1` (or :math:`P(x_t, t, s, y)` for a predictor whose ``input_space`` is
+``"data"``). So
 
 .. math:: \log p(x_s | x_t) = \log \mathcal{N}(z; 0, I) - \sum \log \sigma_P
           + \log |\det \partial f_T(x_s, s) / \partial x_s|.
@@ -174,6 +175,11 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     # -- the two networks, on flattened batches -------------------------------------------------------------
 
     @property
+    def _reads_data(self) -> bool:
+        """Whether the predictor reads :math:`x_t` rather than :math:`u_t` (its ``input_space``)."""
+        return getattr(self.predictor, "input_space", "transported") == "data"
+
+    @property
     def _data_dim(self) -> int:
         return len(self.data_shape)
 
@@ -314,8 +320,11 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         x_lo, x_T = x.narrow(level, 0, T), x.narrow(level, T, 1)
         # All levels below T go through the transporter in one batch; level T (t = 1) is skipped.
         u_lo, ladj = self._transport(x_lo, times[..., :T], inner=1)  # (*lead, T, *data), (*lead, T)
-        u_hi = torch.cat([u_lo.narrow(level, 1, T - 1), x_T], dim=level)  # u_{t_1..t_T}
-        mu, sigma = self._predict(u_hi, times[..., 1:], times[..., :T], inner=1)
+        if self._reads_data:
+            reads = x.narrow(level, 1, T)  # x_{t_1..t_T}
+        else:
+            reads = torch.cat([u_lo.narrow(level, 1, T - 1), x_T], dim=level)  # u_{t_1..t_T}
+        mu, sigma = self._predict(reads, times[..., 1:], times[..., :T], inner=1)
         z = (upcast(u_lo) - upcast(mu)) / sigma
         factors = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj
         prior = _std_normal_log_prob(x_T.squeeze(level), dd)
@@ -363,11 +372,14 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         x_s = x.gather(len(lead), idx - 1).squeeze(len(lead))
         t = times.gather(-1, k[..., None]).squeeze(-1)
         s = times.gather(-1, k[..., None] - 1).squeeze(-1)
-        both, ladj = self._transport(torch.stack([x_s, x_t]), torch.stack([s, t]))
-        u_s, ladj_s = both[0], ladj[0]
-        top = (t == 1.0).reshape(*lead, *([1] * dd))
-        u_t = torch.where(top, x_t, both[1])  # the transporter is skipped at t = 1
-        mu, sigma = self._predict(u_t, t, s, inner=0)
+        if self._reads_data:
+            (u_s, ladj_s), reads = self._transport(x_s, s), x_t
+        else:
+            both, ladj = self._transport(torch.stack([x_s, x_t]), torch.stack([s, t]))
+            u_s, ladj_s = both[0], ladj[0]
+            top = (t == 1.0).reshape(*lead, *([1] * dd))
+            reads = torch.where(top, x_t, both[1])  # the transporter is skipped at t = 1
+        mu, sigma = self._predict(reads, t, s, inner=0)
         z = (upcast(u_s) - upcast(mu)) / sigma
         result = _std_normal_log_prob(z, dd) - _sum_event(torch.log(sigma), dd) + ladj_s
         return self._check_computed("traj", result, value) if self._validate_args else result

@@ -20,7 +20,7 @@ __all__ = ["Predictor"]
 
 
 class Predictor(nn.Module, ABC):
-    """Base class of predictors.
+    r"""Base class of predictors.
 
     Attributes:
         event_shape: Shape of one data point (of :math:`u`).
@@ -29,11 +29,19 @@ class Predictor(nn.Module, ABC):
         cond_spec: What the condition is (kinds, widths, number of classes), where the predictor knows it;
             the edges check conditions against it (:func:`~trajflow.conditioning.check_cond`), so that
             :meth:`forward` need not.
+        input_space: What the predictor reads of the level it conditions on: ``"transported"``
+            (:math:`u_t = f_T(x_t, t)`, the paper's) or ``"data"`` (:math:`x_t` itself). Both give exact
+            densities, since :math:`u_t` is an invertible function of :math:`x_t`; they differ in sampling:
+            with ``"transported"`` the chain runs in transporter space and the transporter is inverted once,
+            at the end, so a predictor that never learns (a frozen backbone) makes the transporter act on the
+            samples only through :math:`f_T^{-1}(\cdot, t_0)`; with ``"data"`` every level is inverted before
+            the next step reads it, and the transporter shapes every step.
     """
 
     event_shape: torch.Size
     cond_event_dims: EventDims | None = None
     cond_spec: CondSpec | None = None
+    input_space: str = "transported"
 
     @abstractmethod
     def forward(

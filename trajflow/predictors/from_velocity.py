@@ -52,8 +52,15 @@ def _attr_chain(module: nn.Module, *names: str) -> object | None:
     return next((v for v in values if v is not None), None)
 
 
-def _check_settings(velocity: object, c_min: object, delta_bound: object, time_features: object) -> None:
+INPUT_SPACES = ("transported", "data")
+
+
+def _check_settings(
+    velocity: object, c_min: object, delta_bound: object, time_features: object, input_space: object
+) -> None:
     """The checks of :class:`FlowMatchingPredictor`'s arguments that need nothing read from the model."""
+    if input_space not in INPUT_SPACES:
+        raise ValueError(f"input_space: expected one of {INPUT_SPACES}, got {input_space!r}")
     if not isinstance(velocity, nn.Module) or not hasattr(velocity, "event_shape"):
         raise ValueError(
             f"velocity: expected a velocity nn.Module with an event_shape (wrap other callables in "
@@ -105,6 +112,9 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         time_features: Size of the sinusoidal embeddings of ``t`` and ``s`` fed to the head (0: the head
             sees ``hidden`` only, as in the paper).
         delta_bound: Soft-clip bound of :math:`\delta_\sigma` (so :math:`e^{-a} \leq \sigma_P / C \leq e^a`).
+        input_space: ``"transported"`` (the paper's: the backbone reads :math:`u_t` as if it were
+            :math:`x_t`) or ``"data"`` (it reads :math:`x_t`, the input it was trained on; the mean is still
+            used in transporter space). See :attr:`~trajflow.predictors.Predictor.input_space`.
         validate_args: Check in :meth:`forward` that the times ``t`` and ``s`` are finite and in [0, 1] (reads
             their values: a GPU synchronisation); the velocity model checks its own input. Not part of the
             saved config.
@@ -130,10 +140,12 @@ class FlowMatchingPredictor(Pretrained, Predictor):
         delta_mean: bool = False,
         time_features: int = 16,
         delta_bound: float = 6.0,
+        input_space: str = "transported",
         validate_args: bool = True,
     ) -> None:
         super().__init__()
-        _check_settings(velocity, c_min, delta_bound, time_features)
+        _check_settings(velocity, c_min, delta_bound, time_features, input_space)
+        self.input_space = input_space
         self.validate_args = bool(validate_args)
         self.velocity = velocity
         self.event_shape = torch.Size(velocity.event_shape)
@@ -164,6 +176,7 @@ class FlowMatchingPredictor(Pretrained, Predictor):
             "delta_mean": self.delta_mean,
             "time_features": self.time_features,
             "delta_bound": self.delta_bound,
+            "input_space": self.input_space,
         }
 
     @classmethod
