@@ -1195,9 +1195,10 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
             curves.setdefault(key, {}).setdefault(
                 round(r["at_seconds"] / payload["config"]["budget_seconds"], 1), []
             ).append(r["value"])
-    for (method, _variant), pts in sorted(curves.items(), key=lambda kv: str(kv[0])):
+    for (method, variant), pts in sorted(curves.items(), key=lambda kv: str(kv[0])):
         xs = sorted(pts)
-        axes[0].plot([x * 100 for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=method)
+        label = f"{method} {variant}" if variant else method
+        axes[0].plot([x * 100 for x in xs], [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=label)
     for ref in ("euler-4", "euler-50"):
         r = find(method="fm-euler", steps=int(ref.split("-")[1]), budget="teacher", metric="frechet_distance")
         if r:
@@ -1239,7 +1240,8 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     for r in rows:
         ntm = r["method"].startswith("ntm-fm")
         fm4 = r["method"] == "fm-euler" and not r.get("run_variant")  # the reference: FM continued, Euler 4
-        if r.get("curve") and r["metric"] == "frechet_distance" and (ntm or fm4):
+        raw = r.get("variant") != "learned-denoiser"  # its curve follows the NTM's, in the main curves' figure
+        if r.get("curve") and r["metric"] == "frechet_distance" and (ntm or fm4) and raw:
             key = (r["method"], r.get("run_variant") or "(main rows)")
             at = round(r["at_seconds"] / payload["config"]["budget_seconds"], 1) * payload["config"]["budget_seconds"]
             vcurves.setdefault(key, {}).setdefault(at, []).append(r["value"])
