@@ -112,11 +112,12 @@ class ReverseChain:
     # -- sampling ---------------------------------------------------------------------------------------------
 
     def _chain(
-        self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None
+        self, sample_shape: torch.Size | tuple[int, ...], generator: torch.Generator | None = None, decode: bool = True
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """The predictor chain: latents ``(*lead, T+1, *data)``, draws ``(*lead, T, *data)``, ``sum log
         sigma`` per factor ``(*lead, T)``, and the trajectory in data space where the chain made it (a predictor
-        reading data space: each level is inverted before the next step), else ``None``."""
+        reading data space: each level is inverted before the next step reads it, and the last one with
+        ``decode``), else ``None``."""
         lead = _check_sample_shape(sample_shape) + self.batch_shape
         times = self._times(lead)
         u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
@@ -128,13 +129,14 @@ class ReverseChain:
             latents.append(u)
             noises.append(z)
             log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))
-            levels.append(self._inverse(u, times[..., k - 1]) if self._reads_data else u)
+            read_next = self._reads_data and (k > 1 or decode)
+            levels.append(self._inverse(u, times[..., k - 1]) if read_next else u)
         level = len(lead)
         return (
             torch.stack(latents[::-1], dim=level),
             torch.stack(noises[::-1], dim=level),
             torch.stack(log_sigmas[::-1], dim=-1),
-            torch.stack(levels[::-1], dim=level) if self._reads_data else None,
+            torch.stack(levels[::-1], dim=level) if self._reads_data and decode else None,
         )
 
     def rsample_latents(
@@ -147,9 +149,10 @@ class ReverseChain:
             ``(u, z)``: the latents :math:`(u_{t_0}, \dots, u_{t_T})` of shape
             ``(*sample_shape, *batch_shape, T + 1, *data)`` (with :math:`u_{t_T} = x_{t_T}`) and the
             standard normal draws ``(*sample_shape, *batch_shape, T, *data)`` that made them
-            (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter.
+            (``z[..., k - 1, :]`` drew level ``k - 1``), without inverting the transporter at the last level (a
+            predictor that reads data space needs the levels above it inverted, and they are).
         """
-        latents, z, _, _ = self._chain(sample_shape, generator)
+        latents, z, _, _ = self._chain(sample_shape, generator, decode=False)
         return latents, z
 
     def decode(self, latents: Tensor) -> Tensor:
