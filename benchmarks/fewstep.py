@@ -271,6 +271,13 @@ RECIPE: dict[str, Any] = {
     "predictor": {"delta_bound": 0.05, "input_space": "data"},
 }
 
+#: The recipes that were ``RECIPE`` before, by the variant name their unnamed (then main) runs get.
+FORMER_RECIPES: dict[str, dict[str, Any]] = {
+    "t2i-recipe": T2I_RECIPE,
+    # the backbone read u_t, the paper's wiring; MNIST's runs of it were already named so
+    "frozen-transporter-only-last-down": {**RECIPE, "predictor": {"delta_bound": 0.05}},
+}
+
 #: Each NTM method's default recipe (``--recipe`` overrides apply to it).
 DEFAULT_RECIPES: dict[str, dict[str, Any]] = {"ntm-fm": RECIPE, "ntm-fm-gaussian": T2I_RECIPE}
 
@@ -1289,8 +1296,8 @@ def run_variant(record: dict[str, Any], budget_seconds: float) -> dict[str, Any]
 
     A run of an NTM method belongs to the main rows when it trained for ``budget_seconds`` under its method's
     current default recipe (``DEFAULT_RECIPES``), whatever name it ran under (``ran_as`` keeps that name); a run
-    under another recipe or budget is a variant, and one that ran unnamed as the default of its time is named
-    ``t2i-recipe`` (it ran under ``T2I_RECIPE``). Records older than the ``variant`` key read it from their tag
+    under another recipe or budget is a variant, and one that ran unnamed as the default of its time gets that
+    recipe's name in ``FORMER_RECIPES``. Records older than the ``variant`` key read it from their tag
     ``<method>-<variant>-s<seed>``; records older than ``budget_seconds`` give their training seconds (the
     Trainer stops within one step of the budget, so within 5% of it here).
     """
@@ -1306,9 +1313,12 @@ def run_variant(record: dict[str, Any], budget_seconds: float) -> dict[str, Any]
         if _json_normal(record["recipe"]) == _json_normal(default):
             record["ran_as"], record["variant"] = record["variant"], None
         elif record["variant"] is None:
-            if _json_normal(record["recipe"]) != _json_normal(T2I_RECIPE):
-                raise ValueError(f"run {record['tag']}: an unnamed run under neither recipe: {record['recipe']}")
-            record["variant"] = "t2i-recipe"
+            former = [n for n, r in FORMER_RECIPES.items() if _json_normal(record["recipe"]) == _json_normal(r)]
+            if not former:
+                raise ValueError(
+                    f"run {record['tag']}: an unnamed run under neither recipe nor a former one: {record['recipe']}"
+                )
+            record["variant"] = former[0]
     return record
 
 

@@ -82,11 +82,14 @@ def test_runs_are_classified_by_recipe_and_budget(results):
     assert main["variant"] is None and main["ran_as"] == "x"  # the default recipe at the budget: a main row
     old = module.run_variant({**base, "tag": "ntm-fm-s0", "recipe": module.T2I_RECIPE}, 240.0)
     assert old["variant"] == "t2i-recipe"  # unnamed, under the recipe of its time
+    transported = {**module.RECIPE, "predictor": {"delta_bound": 0.05}}  # the default before input_space="data"
+    older = module.run_variant({**base, "tag": "ntm-fm-s2", "recipe": transported}, 240.0)
+    assert older["variant"] == "frozen-transporter-only-last-down"
     longer = module.run_variant(
         {**base, "tag": "ntm-fm-long-s0", "budget_seconds": 1200.0, "recipe": module.RECIPE}, 240.0
     )
     assert longer["variant"] == "long"  # the same recipe at another budget is a variant, named from its tag
-    with pytest.raises(ValueError, match="neither recipe"):
+    with pytest.raises(ValueError, match="neither recipe nor a former one"):
         module.run_variant({**base, "tag": "ntm-fm-s1", "variant": None, "recipe": {**module.RECIPE, "lr": 1.0}}, 240.0)
 
 
