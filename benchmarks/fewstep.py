@@ -248,6 +248,7 @@ T2I_RECIPE: dict[str, Any] = {
     "mode": "pair",
     "lr": 3e-4,
     "aux_weight": 2.5,
+    "aux_decay_fraction": 1.0,  # the share of the budget over which the alignment decays to 0; None: held on
     "freeze_backbone": False,
     "factor_weights": None,
     "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
@@ -363,7 +364,10 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         cond_drop=cfg.cond_drop,
         factor_weights=recipe["factor_weights"],
     )
-    loss = FinetuneLoss(nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_fraction=1.0)
+    decay = recipe["aux_decay_fraction"]
+    loss = FinetuneLoss(
+        nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_steps=None, decay_fraction=decay
+    )
 
     def raw(m, n, g):
         y = labels(cfg, n, m.device)
