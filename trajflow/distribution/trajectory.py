@@ -177,7 +177,7 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     @property
     def _reads_data(self) -> bool:
         """Whether the predictor reads :math:`x_t` rather than :math:`u_t` (its ``input_space``)."""
-        return getattr(self.predictor, "input_space", "transported") == "data"
+        return self.predictor.input_space == "data"
 
     @property
     def _data_dim(self) -> int:
