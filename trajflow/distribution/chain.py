@@ -14,7 +14,7 @@ from zuko.transforms import ComposedTransform
 
 from ..checks import check_event_shape, check_step_index
 from ..numerics import upcast
-from ..predictors.base import Predictor
+from ..predictors.base import INPUT_SPACES, Predictor
 from ..transporters.base import Transporter
 
 __all__ = ["ReverseChain", "check_compatible"]
@@ -39,6 +39,8 @@ def check_compatible(transporter: Transporter, predictor: Predictor) -> None:
         raise ValueError(f"transporter: expected a trajflow Transporter, got {type(transporter).__name__}")
     if not isinstance(predictor, Predictor):
         raise ValueError(f"predictor: expected a trajflow Predictor, got {type(predictor).__name__}")
+    if predictor.input_space not in INPUT_SPACES:
+        raise ValueError(f"predictor.input_space: expected one of {INPUT_SPACES}, got {predictor.input_space!r}")
     if torch.Size(transporter.event_shape) != torch.Size(predictor.event_shape):
         raise ValueError(
             f"transporter/predictor: their event shapes disagree: the transporter maps "
@@ -121,22 +123,26 @@ class ReverseChain:
         lead = _check_sample_shape(sample_shape) + self.batch_shape
         times = self._times(lead)
         u = torch.randn((*lead, *self.data_shape), generator=generator, device=self.grid.device, dtype=self.grid.dtype)
-        latents, noises, log_sigmas, levels = [u], [], [], [u]
+        decode = decode and self._reads_data
+        latents, noises, log_sigmas, xs = [u], [], [], [u]  # xs: data-space levels, where the chain makes them
+        read = u  # what the predictor reads of the current level: u, or its inverse x for a data-space predictor
         for k in range(self.steps, 0, -1):
-            mu, sigma = self._predict(levels[-1], times[..., k], times[..., k - 1], inner=0)
+            mu, sigma = self._predict(read, times[..., k], times[..., k - 1], inner=0)
             z = torch.randn(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype)
             u = upcast(mu) + sigma * z
             latents.append(u)
             noises.append(z)
             log_sigmas.append(_sum_event(torch.log(sigma), self._data_dim))
-            read_next = self._reads_data and (k > 1 or decode)
-            levels.append(self._inverse(u, times[..., k - 1]) if read_next else u)
+            read = u
+            if self._reads_data and (k > 1 or decode):  # the last level is read by no step
+                read = self._inverse(u, times[..., k - 1])
+                xs.append(read)
         level = len(lead)
         return (
             torch.stack(latents[::-1], dim=level),
             torch.stack(noises[::-1], dim=level),
             torch.stack(log_sigmas[::-1], dim=-1),
-            torch.stack(levels[::-1], dim=level) if self._reads_data and decode else None,
+            torch.stack(xs[::-1], dim=level) if decode else None,
         )
 
     def rsample_latents(

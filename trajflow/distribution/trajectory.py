@@ -176,7 +176,8 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
 
     @property
     def _reads_data(self) -> bool:
-        """Whether the predictor reads :math:`x_t` rather than :math:`u_t` (its ``input_space``)."""
+        """Whether the predictor reads :math:`x_t` rather than :math:`u_t` (its ``input_space``, checked by
+        :func:`check_compatible`)."""
         return self.predictor.input_space == "data"
 
     @property

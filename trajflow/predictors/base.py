@@ -16,7 +16,10 @@ from torch import Tensor, nn
 
 from ..conditioning import Condition, CondSpec, EventDims
 
-__all__ = ["Predictor"]
+__all__ = ["INPUT_SPACES", "Predictor"]
+
+#: What a predictor may read of the level it conditions on (:attr:`Predictor.input_space`).
+INPUT_SPACES = ("transported", "data")
 
 
 class Predictor(nn.Module, ABC):

@@ -40,7 +40,7 @@ from ..nn.patches import default_layout, from_tokens, hidden_shape, token_dim
 from ..nn.scale import soft_clip
 from ..numerics import upcast
 from ..process import MarkovInterpolant
-from .base import Predictor
+from .base import INPUT_SPACES, Predictor
 
 __all__ = ["FlowMatchingPredictor"]
 
@@ -50,9 +50,6 @@ def _attr_chain(module: nn.Module, *names: str) -> object | None:
     owners = (module, getattr(module, "config", None))
     values = (getattr(owner, name, None) for name in names for owner in owners)
     return next((v for v in values if v is not None), None)
-
-
-INPUT_SPACES = ("transported", "data")
 
 
 def _check_settings(
