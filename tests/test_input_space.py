@@ -95,12 +95,12 @@ def test_transported_input_leaves_the_chain_to_the_predictor():
 def test_input_space_is_checked_and_saved(tmp_path):
     with pytest.raises(ValueError, match=r"input_space: expected one of \('transported', 'data'\), got 'x'"):
         FlowMatchingPredictor(MLPVelocity(features=2, width=8), input_space="x")
-    model = _model("data").float()  # from_pretrained builds float32 modules: compare like with like
-    bad = _model("data").float()
+    model = _model("data")  # float64: from_pretrained brings it back in its saved dtype
+    bad = _model("data")
     bad.predictor.input_space = "x"  # a predictor of the user's own with a wrong attribute: refused at the edge
     with pytest.raises(ValueError, match=r"predictor.input_space: expected one of .*, got 'x'"):
-        bad.distribution(GRID.float())
+        bad.distribution(GRID)
     again = NTM.from_pretrained(model.save_pretrained(tmp_path / "m"))
     assert again.predictor.input_space == "data"
-    traj, grid = torch.randn(3, 4, 2), GRID.float()
-    assert torch.equal(again.distribution(grid).log_prob(traj), model.distribution(grid).log_prob(traj))
+    traj = torch.randn(3, 4, 2, dtype=torch.float64)
+    assert torch.equal(again.distribution(GRID).log_prob(traj), model.distribution(GRID).log_prob(traj))

@@ -48,6 +48,16 @@ def test_round_trip_restores_weights_and_buffers(tmp_path):
     assert read_pretrained_config(tmp_path)["class"] == "PretrainedBase"
 
 
+def test_a_model_comes_back_in_the_dtype_it_was_saved_in(tmp_path):
+    model = PretrainedBase(3).double()
+    with torch.no_grad():
+        model.net[0].weight.add_(1e-12)  # below float32's resolution: rounding to float32 would lose it
+    model.save_pretrained(tmp_path)
+    again = PretrainedBase.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert b.dtype == torch.float64 and torch.equal(a, b), k
+
+
 def test_a_base_class_rebuilds_the_subclass_that_wrote_the_folder(tmp_path):
     PretrainedChild(2).save_pretrained(tmp_path)
     assert type(PretrainedBase.from_pretrained(tmp_path)) is PretrainedChild

@@ -132,7 +132,7 @@ class Pretrained:
             directory: A pretrained folder.
             config: If given, the config the caller expects; a folder whose config differs is refused with
                 the differing fields named.
-            device: Where the model goes.
+            device: Where the model goes. Its dtype is the saved weights' (see :func:`load_pretrained_weights`).
 
         Raises:
             FileNotFoundError: ``directory`` is not a pretrained folder (a file is missing).
@@ -167,7 +167,9 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
 
     Arguments:
         directory: The pretrained folder.
-        model: The model its config builds; loaded in place (values are copied into its tensors).
+        model: The model its config builds; loaded in place (values are copied into its tensors). When the
+            file's floating tensors share one dtype, the model is first moved to it (a float64 model comes
+            back float64); otherwise each tensor is cast to the dtype the model was built with.
         sha256: The checksum ``config.json`` records, or ``None`` to skip that check (older folders).
 
     Raises:
@@ -187,6 +189,9 @@ def load_pretrained_weights(directory: str | os.PathLike, model: nn.Module, *, s
         raise ValueError(f"directory: {str(path)!r} is not a readable safetensors file: {e}") from e
     _check_fit(path, state, model)
     _check_finite(path, state)
+    saved_dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    if len(saved_dtypes) == 1:  # a model saved in one dtype comes back in it, not rounded to the built one
+        model.to(saved_dtypes.pop())
     model.load_state_dict(state)
 
 
