@@ -253,6 +253,8 @@ T2I_RECIPE: dict[str, Any] = {
     "factor_weights": None,
     "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
     "predictor": {},  # FlowMatchingPredictor keywords, e.g. {"delta_bound": 0.05}: sigma_P pinned near C
+    # > 0: the backbone keeps training by flow matching (this weight), the NLL's gradient kept off it (below)
+    "backbone_fm_weight": 0.0,
 }
 
 #: The NTM fine-tuning recipe. The teacher's backbone is frozen and reads the data-space level x_t, the input it
@@ -350,6 +352,13 @@ def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = 
 
 def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
 
+    if recipe["backbone_fm_weight"] > 0 and (
+        recipe["freeze_backbone"] or recipe["predictor"].get("input_space") != "data"
+    ):
+        raise ValueError(
+            "recipe: backbone_fm_weight > 0 trains the backbone by flow matching on x_t; expected "
+            f"freeze_backbone false and predictor input_space 'data', got {recipe!r}"
+        )
     velocity = copy.deepcopy(teacher).train().requires_grad_(not recipe["freeze_backbone"])
     if gaussian:
         transporter = IdentityTransporter(velocity.event_shape)
@@ -368,6 +377,16 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
     loss = FinetuneLoss(
         nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_steps=None, decay_fraction=decay
     )
+
+    objective = _Dequantized(
+        lambda m, x, y, g, step, progress: loss(m, x if y is None else (x, y), g, step, progress=progress),
+        "finetune_loss",
+        cfg.conditional,
+    )
+    if recipe["backbone_fm_weight"] > 0:
+        objective = _Dequantized(
+            _CoTrained(loss, recipe["backbone_fm_weight"], cfg.cond_drop), "finetune_loss", cfg.conditional
+        )
 
     def raw(m, n, g):
         y = labels(cfg, n, m.device)
@@ -389,17 +408,36 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
     samplers = {"raw": (4, raw), "score-denoised": (4, denoised)}
     return Row(
         model,
-        _Dequantized(
-            lambda m, x, y, g, step, progress: loss(m, x if y is None else (x, y), g, step, progress=progress),
-            "finetune_loss",
-            cfg.conditional,
-        ),
+        objective,
         samplers,
         "raw",
         recipe["lr"],
         ntm=True,
         lr_scales=dict(recipe["lr_scales"]),
     )
+
+
+@dataclass
+class _CoTrained:
+    """The NTM fine-tuning loss with the backbone trained by flow matching instead of by the NLL:
+    ``loss + fm_weight * FM(backbone)``. The NLL (and the alignment) are taken with the backbone's parameters out
+    of the graph, so they train the transporter and sigma_P only; the FM loss on the same images trains the
+    backbone, as in the continued flow-matching row. For a backbone that reads ``x_t`` (``input_space="data"``)."""
+
+    loss: FinetuneLoss
+    fm_weight: float
+    cond_drop: float
+
+    def __call__(self, m, x, y, g, step, progress):
+        backbone = m.predictor.velocity
+        backbone.requires_grad_(False)  # autograd records this per operation: the NLL's graph skips the backbone
+        try:
+            total, parts = self.loss(m, x if y is None else (x, y), g, step, progress=progress)
+        finally:
+            backbone.requires_grad_(True)
+        fm = FlowMatchingLoss(cond_drop=self.cond_drop)(backbone, x, y, generator=g)
+        parts = {**parts, "fm": fm.detach()}
+        return total + self.fm_weight * fm, parts
 
 
 def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:

@@ -147,3 +147,36 @@ def test_the_conditional_config_guides_every_row_and_reads_the_class(results, tm
     accuracy = [r for r in rows if r["metric"] == "class_accuracy"]
     assert {r["method"] for r in accuracy} >= {"ntm-fm", "fm-euler"}
     assert all(0.0 <= r["value"] <= 1.0 and r["task"] == "fashion-mnist" for r in accuracy)
+
+
+def test_a_co_trained_backbone_learns_by_flow_matching_only(results):
+    import torch
+
+    module, _, _ = results
+    cfg = module.CONFIGS["smoke"]
+    teacher = module.TransformerVelocity(module.teacher_config(cfg))
+    images = torch.randint(0, 256, (4, 1, 14, 14), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+
+    def grads(fm_weight: float, factor_weights: list[float]) -> dict[str, torch.Tensor]:
+        change = {"backbone_fm_weight": fm_weight, "freeze_backbone": False, "aux_weight": 0.0}
+        row = module.ntm_row(teacher, cfg, {**module.RECIPE, **change, "factor_weights": factor_weights})
+        total, parts = row.objective(row.model, (images, None), torch.Generator().manual_seed(2), 0, progress=0.5)
+        total.backward()
+        assert ("fm" in parts) == (fm_weight > 0)
+        return {k: p.grad for k, p in row.model.named_parameters()}
+
+    def split(g: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = lambda prefix: torch.cat([v.flatten() for k, v in g.items() if k.startswith(prefix)])  # noqa: E731
+        return flat("predictor.velocity."), flat("transporter.")
+
+    # Another weighting of the NLL, the same images and draws: co-trained, the backbone's gradient (flow matching
+    # only) is the same and the transporter's is not; trained by the NLL, the backbone's changes too.
+    backbone_a, transporter_a = split(grads(2.0, [0.1, 1.0, 1.0, 1.0]))
+    backbone_b, transporter_b = split(grads(2.0, [0.1, 3.0, 1.0, 1.0]))
+    assert backbone_a.abs().sum() > 0 and torch.equal(backbone_a, backbone_b)
+    assert not torch.allclose(transporter_a, transporter_b)
+    plain_a, _ = split(grads(0.0, [0.1, 1.0, 1.0, 1.0]))
+    plain_b, _ = split(grads(0.0, [0.1, 3.0, 1.0, 1.0]))
+    assert not torch.allclose(plain_a, plain_b)
+    with pytest.raises(ValueError, match="backbone_fm_weight > 0"):
+        module.ntm_row(teacher, cfg, {**module.RECIPE, "backbone_fm_weight": 1.0})  # a frozen backbone
