@@ -352,6 +352,7 @@ def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = 
 
 def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
 
+    recipe = {**T2I_RECIPE, **recipe}  # a record's recipe from before a key existed: that key's first value
     if recipe["backbone_fm_weight"] > 0 and (
         recipe["freeze_backbone"] or recipe["predictor"].get("input_space") != "data"
     ):
@@ -1369,9 +1370,12 @@ def all_records(work: Path, cfg: FewStepConfig) -> list[dict[str, Any]]:
     return [run_variant(json.loads(p.read_text()), cfg.time_budget) for p in sorted((work / "runs").glob("*.json"))]
 
 
-def main_records(work: Path, cfg: FewStepConfig, methods: tuple[str, ...], seeds: tuple[int, ...]) -> list[dict]:
-    """The finished main-row runs of ``methods`` and ``seeds``."""
-    return [r for r in all_records(work, cfg) if not r["variant"] and r["method"] in methods and r["seed"] in seeds]
+def main_records(
+    work: Path, cfg: FewStepConfig, methods: tuple[str, ...], seeds: tuple[int, ...], variant: str | None = None
+) -> list[dict]:
+    """The finished runs of ``methods`` and ``seeds``: the main rows, or those of the recipe variant ``variant``."""
+    records = all_records(work, cfg)
+    return [r for r in records if r["variant"] == variant and r["method"] in methods and r["seed"] in seeds]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1384,7 +1388,7 @@ def main(argv: list[str] | None = None) -> None:
         "--stage",
         default="all",
         choices=["prepare", "runs", "denoisers", "all"],
-        help="denoisers: distil the learned denoiser of every finished main ntm-fm run of --seeds",
+        help="denoisers: distil the learned denoiser of every finished main ntm-fm run of --seeds (of --variant's)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's)")
     ap.add_argument("--seeds", type=int, nargs="*", default=None)
@@ -1410,7 +1414,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(teacher_rows(cfg, state, work), indent=1))
         return
     if args.stage == "denoisers":
-        for rec in main_records(work, cfg, methods=("ntm-fm",), seeds=args.seeds or cfg.seeds):
+        for rec in main_records(work, cfg, methods=("ntm-fm",), seeds=args.seeds or cfg.seeds, variant=args.variant):
             den = distill_denoiser(rec, cfg, state, work)
             print(rec["tag"], "learned denoiser:", den["final"]["frechet_distance"])
         return
