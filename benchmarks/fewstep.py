@@ -253,7 +253,8 @@ T2I_RECIPE: dict[str, Any] = {
     "factor_weights": None,
     "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
     "predictor": {},  # FlowMatchingPredictor keywords, e.g. {"delta_bound": 0.05}: sigma_P pinned near C
-    # > 0: the backbone keeps training by flow matching (this weight), the NLL's gradient kept off it (below)
+    # > 0: the backbone keeps training by flow matching at this weight, the NLL's gradient kept off it
+    # (FinetuneLoss's flow_matching_weight); needs freeze_backbone false and a predictor reading x_t
     "backbone_fm_weight": 0.0,
 }
 
@@ -353,13 +354,9 @@ def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = 
 def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
 
     recipe = {**T2I_RECIPE, **recipe}  # a record's recipe from before a key existed: that key's first value
-    if recipe["backbone_fm_weight"] > 0 and (
-        recipe["freeze_backbone"] or recipe["predictor"].get("input_space") != "data"
-    ):
-        raise ValueError(
-            "recipe: backbone_fm_weight > 0 trains the backbone by flow matching on x_t; expected "
-            f"freeze_backbone false and predictor input_space 'data', got {recipe!r}"
-        )
+    if recipe["backbone_fm_weight"] > 0 and recipe["freeze_backbone"]:
+        raise ValueError("recipe: backbone_fm_weight > 0 trains the backbone by flow matching; expected "
+                         "freeze_backbone false, got true")  # fmt: skip
     velocity = copy.deepcopy(teacher).train().requires_grad_(not recipe["freeze_backbone"])
     if gaussian:
         transporter = IdentityTransporter(velocity.event_shape)
@@ -376,7 +373,12 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
     )
     decay = recipe["aux_decay_fraction"]
     loss = FinetuneLoss(
-        nll, MeanAlignmentLoss(reference), aux_weight=recipe["aux_weight"], decay_steps=None, decay_fraction=decay
+        nll,
+        MeanAlignmentLoss(reference),
+        aux_weight=recipe["aux_weight"],
+        decay_steps=None,
+        decay_fraction=decay,
+        flow_matching_weight=recipe["backbone_fm_weight"],
     )
 
     objective = _Dequantized(
@@ -384,10 +386,6 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         "finetune_loss",
         cfg.conditional,
     )
-    if recipe["backbone_fm_weight"] > 0:
-        objective = _Dequantized(
-            _CoTrained(loss, recipe["backbone_fm_weight"], cfg.cond_drop), "finetune_loss", cfg.conditional
-        )
 
     def raw(m, n, g):
         y = labels(cfg, n, m.device)
@@ -416,29 +414,6 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         ntm=True,
         lr_scales=dict(recipe["lr_scales"]),
     )
-
-
-@dataclass
-class _CoTrained:
-    """The NTM fine-tuning loss with the backbone trained by flow matching instead of by the NLL:
-    ``loss + fm_weight * FM(backbone)``. The NLL (and the alignment) are taken with the backbone's parameters out
-    of the graph, so they train the transporter and sigma_P only; the FM loss on the same images trains the
-    backbone, as in the continued flow-matching row. For a backbone that reads ``x_t`` (``input_space="data"``)."""
-
-    loss: FinetuneLoss
-    fm_weight: float
-    cond_drop: float
-
-    def __call__(self, m, x, y, g, step, progress):
-        backbone = m.predictor.velocity
-        backbone.requires_grad_(False)  # autograd records this per operation: the NLL's graph skips the backbone
-        try:
-            total, parts = self.loss(m, x if y is None else (x, y), g, step, progress=progress)
-        finally:
-            backbone.requires_grad_(True)
-        fm = FlowMatchingLoss(cond_drop=self.cond_drop)(backbone, x, y, generator=g)
-        parts = {**parts, "fm": fm.detach()}
-        return total + self.fm_weight * fm, parts
 
 
 def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:

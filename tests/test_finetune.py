@@ -159,6 +159,42 @@ def test_aux_loss_zero_at_init_and_lambda_schedule():
     assert reference.head.bias.data_ptr() != velocity.head.bias.data_ptr()
 
 
+def test_a_flow_matching_weight_trains_the_velocity_model_by_flow_matching_only():
+    torch.manual_seed(2)
+    velocity = _randomise_(MLPVelocity(features=2, num_classes=3, width=16, depth=1))
+    model, reference = init_from_flow_matching(velocity, input_space="data")
+    with torch.no_grad():  # a transporter off the identity, so that the NLL reaches it
+        for p in model.transporter.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0, cond = torch.randn(16, 2), torch.randint(3, (16,))
+
+    def grads(weights: list[float], fm: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        nll = TrajectoryNLL(steps=3, mode="pair", factor_weights=weights)
+        loss = FinetuneLoss(nll, MeanAlignmentLoss(reference), aux_weight=0.0, flow_matching_weight=fm)
+        model.zero_grad(set_to_none=True)
+        total, parts = loss(model, (x0, cond), torch.Generator().manual_seed(4))
+        total.backward()
+        flat = lambda ps: torch.cat([p.grad.flatten() for p in ps])  # noqa: E731
+        return flat(velocity.parameters()), flat(model.transporter.parameters()), parts
+
+    # the same draws, the NLL weighted otherwise: the velocity model's gradient (flow matching only) is the same,
+    # the transporter's is not; with w = 0 the NLL trains the velocity model too
+    v_a, f_a, parts = grads([1.0, 1.0, 1.0], 0.5)
+    v_b, f_b, _ = grads([1.0, 3.0, 1.0], 0.5)
+    assert float(parts["fm"]) > 0 and v_a.abs().sum() > 0 and torch.equal(v_a, v_b)
+    assert not torch.allclose(f_a, f_b)
+    assert all(p.requires_grad for p in velocity.parameters())  # restored after the NLL
+    plain_a, _, parts = grads([1.0, 1.0, 1.0], 0.0)
+    plain_b, _, _ = grads([1.0, 3.0, 1.0], 0.0)
+    assert "fm" not in parts and not torch.allclose(plain_a, plain_b)
+    with pytest.raises(ValueError, match=r"flow_matching_weight: expected a finite number >= 0, got -1"):
+        FinetuneLoss(TrajectoryNLL(steps=3), MeanAlignmentLoss(reference), flow_matching_weight=-1)
+    transported, _ = init_from_flow_matching(velocity)  # reads u_t: its velocity model never sees x_t
+    loss = FinetuneLoss(TrajectoryNLL(steps=3), MeanAlignmentLoss(reference), flow_matching_weight=1.0)
+    with pytest.raises(ValueError, match=r"model.predictor: .* input_space='data', got FlowMatchingPredictor"):
+        loss(transported, (x0, cond))
+
+
 def test_finetune_loss_modes_and_conditions():
     velocity = MLPVelocity(features=2, num_classes=3, width=16, depth=1)
     model, reference = init_from_flow_matching(velocity)
