@@ -163,8 +163,7 @@ class FinetuneLoss:
     model (``model.predictor.velocity``) on the same images, and the NLL and the alignment taken with the
     velocity model's parameters out of the graph, so they train the transporter and :math:`\sigma_P` only.
     For a predictor that reads data space (``input_space="data"``), where the velocity model sees the
-    ``x_t`` it was trained on; on MNIST it lowered the 4-step FD of a frozen backbone's recipe
-    (``docs/fewstep.md``).
+    ``x_t`` it was trained on (``docs/fewstep.md`` measures it).
 
     A :class:`~trajflow.train.Objective`: ``loss(model, batch, generator, step, progress=...)`` with ``batch``
     ``x0`` ``(B, *data)`` or ``(x0, cond)`` (what a DataLoader yields), returning ``(total, parts)`` with the
