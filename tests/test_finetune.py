@@ -3,6 +3,7 @@ FM-initialised predictor's edge cases and the external-model adapter."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -189,6 +190,10 @@ def test_a_flow_matching_weight_trains_the_velocity_model_by_flow_matching_only(
     assert "fm" not in parts and not torch.allclose(plain_a, plain_b)
     with pytest.raises(ValueError, match=r"flow_matching_weight: expected a finite number >= 0, got -1"):
         FinetuneLoss(TrajectoryNLL(steps=3), MeanAlignmentLoss(reference), flow_matching_weight=-1)
+    frozen, _ = init_from_flow_matching(copy.deepcopy(velocity).requires_grad_(False), input_space="data")
+    loss = FinetuneLoss(TrajectoryNLL(steps=3), MeanAlignmentLoss(reference), flow_matching_weight=1.0)
+    with pytest.raises(ValueError, match=r"model.predictor.velocity: .* expected trainable parameters"):
+        loss(frozen, (x0, cond))
     transported, _ = init_from_flow_matching(velocity)  # reads u_t: its velocity model never sees x_t
     loss = FinetuneLoss(TrajectoryNLL(steps=3), MeanAlignmentLoss(reference), flow_matching_weight=1.0)
     with pytest.raises(ValueError, match=r"model.predictor: .* input_space='data', got FlowMatchingPredictor"):

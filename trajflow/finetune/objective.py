@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -285,16 +285,13 @@ class FinetuneLoss:
             )
         x0, cond = _unpack_batch(batch)
         lam = self.lambda_at(step, progress)
-        if self.flow_matching_weight == 0:
+        velocity = self._velocity_of(model) if self.flow_matching_weight > 0 else None
+        with _without_parameter_grads(velocity) if velocity is not None else nullcontext():
             nll, aux = self.per_example(model, x0, cond, generator=generator)
-        else:
-            velocity = self._velocity_of(model)
-            with _without_parameter_grads(velocity):
-                nll, aux = self.per_example(model, x0, cond, generator=generator)
         nll, aux = nll.mean(), aux.mean()
         total = nll + lam * aux
         parts = {"nll": nll.detach(), "aux": aux.detach(), "lambda": torch.tensor(lam, device=x0.device)}
-        if self.flow_matching_weight > 0:
+        if velocity is not None:
             fm = FlowMatchingLoss(cond_drop=self.nll.cond_drop)(velocity, x0, cond, generator=generator)
             total = total + self.flow_matching_weight * fm
             parts["fm"] = fm.detach()
@@ -302,13 +299,17 @@ class FinetuneLoss:
 
     @staticmethod
     def _velocity_of(model: NTM) -> nn.Module:
-        """The velocity model a positive ``flow_matching_weight`` trains: a data-space predictor's."""
-        velocity = getattr(model.predictor, "velocity", None)
-        space = getattr(model.predictor, "input_space", None)
+        """The velocity model a positive ``flow_matching_weight`` trains: a data-space predictor's, trainable."""
+        velocity, space = getattr(model.predictor, "velocity", None), model.predictor.input_space
         if not isinstance(velocity, nn.Module) or space != "data":
             raise ValueError(
                 "model.predictor: flow_matching_weight > 0 trains the predictor's velocity model on x_t; expected a "
                 f"FlowMatchingPredictor with input_space='data', got {type(model.predictor).__name__} with "
                 f"input_space={space!r}"
+            )
+        if not any(p.requires_grad for p in velocity.parameters()):
+            raise ValueError(
+                "model.predictor.velocity: flow_matching_weight > 0 trains it; expected trainable parameters, got "
+                "none with requires_grad (a frozen backbone: unfreeze it, or set flow_matching_weight=0)"
             )
         return velocity
