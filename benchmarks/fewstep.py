@@ -254,7 +254,7 @@ T2I_RECIPE: dict[str, Any] = {
     "lr_scales": {},  # e.g. {"transporter.": 10.0}: the transporter's own learning rate
     "predictor": {},  # FlowMatchingPredictor keywords, e.g. {"delta_bound": 0.05}: sigma_P pinned near C
     # > 0: the backbone keeps training by flow matching at this weight, the NLL's gradient kept off it
-    # (FinetuneLoss's flow_matching_weight); needs freeze_backbone false and a predictor reading x_t
+    # (FinetuneLoss's flow_matching_weight, which refuses a frozen backbone or one reading u_t)
     "backbone_fm_weight": 0.0,
 }
 
@@ -369,9 +369,6 @@ def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = 
 def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
 
     recipe = {**T2I_RECIPE, **recipe}  # a record's recipe from before a key existed: that key's first value
-    if recipe["backbone_fm_weight"] > 0 and recipe["freeze_backbone"]:
-        raise ValueError("recipe: backbone_fm_weight > 0 trains the backbone by flow matching; expected "
-                         "freeze_backbone false, got true")  # fmt: skip
     velocity = copy.deepcopy(teacher).train().requires_grad_(not recipe["freeze_backbone"])
     if gaussian:
         transporter = IdentityTransporter(velocity.event_shape)
@@ -386,16 +383,14 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
         cond_drop=cfg.cond_drop,
         factor_weights=recipe["factor_weights"],
     )
-    decay = recipe["aux_decay_fraction"]
     loss = FinetuneLoss(
         nll,
         MeanAlignmentLoss(reference),
         aux_weight=recipe["aux_weight"],
         decay_steps=None,
-        decay_fraction=decay,
+        decay_fraction=recipe["aux_decay_fraction"],
         flow_matching_weight=recipe["backbone_fm_weight"],
     )
-
     objective = _Dequantized(
         lambda m, x, y, g, step, progress: loss(m, x if y is None else (x, y), g, step, progress=progress),
         "finetune_loss",
@@ -1361,7 +1356,7 @@ def all_records(work: Path, cfg: FewStepConfig) -> list[dict[str, Any]]:
     return [run_variant(json.loads(p.read_text()), cfg.time_budget) for p in sorted((work / "runs").glob("*.json"))]
 
 
-def main_records(
+def finished_runs(
     work: Path, cfg: FewStepConfig, methods: tuple[str, ...], seeds: tuple[int, ...], variant: str | None = None
 ) -> list[dict]:
     """The finished runs of ``methods`` and ``seeds``: the main rows, or those of the recipe variant ``variant``."""
@@ -1405,7 +1400,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(teacher_rows(cfg, state, work), indent=1))
         return
     if args.stage == "denoisers":
-        for rec in main_records(work, cfg, methods=("ntm-fm",), seeds=args.seeds or cfg.seeds, variant=args.variant):
+        for rec in finished_runs(work, cfg, methods=("ntm-fm",), seeds=args.seeds or cfg.seeds, variant=args.variant):
             den = distill_denoiser(rec, cfg, state, work)
             print(rec["tag"], "learned denoiser:", den["final"]["frechet_distance"])
         return

@@ -165,5 +165,18 @@ def test_the_recipe_trains_the_backbone_by_flow_matching(results):
         backbone = [p.grad for k, p in row.model.named_parameters() if k.startswith("predictor.velocity.")]
         assert ("fm" in parts) == co_trained  # FinetuneLoss(flow_matching_weight=1): tested in test_finetune.py
         assert any(g is not None and g.abs().sum() > 0 for g in backbone) == co_trained
-    with pytest.raises(ValueError, match="backbone_fm_weight > 0"):
-        module.ntm_row(teacher, cfg, {**module.RECIPE, "freeze_backbone": True})
+    frozen = module.ntm_row(teacher, cfg, {**module.RECIPE, "freeze_backbone": True})
+    with pytest.raises(ValueError, match="expected trainable parameters"):
+        frozen.objective(frozen.model, (images, None), torch.Generator().manual_seed(2), 0, progress=0.5)
+
+
+def test_the_grid_shift_probe_scores_both_samplers_on_every_shift(results, tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_grid_shift", ROOT / "benchmarks" / "fewstep_grid_shift.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out = tmp_path / "shift.json"
+    probe.main(["--config", "smoke", "--work", str(tmp_path / "work"), "--samples", "16", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    got = {(r["method"], r["shift"]) for r in payload["rows"] if r["metric"] == "frechet_distance"}
+    assert got == {(m, s) for m in ("ntm-init", "fm-euler") for s in probe.SHIFTS}
+    assert payload["t_min"] == 0.02 and all(r["steps"] == 4 and r["samples"] == 16 for r in payload["rows"])
