@@ -953,6 +953,7 @@ def result_rows(cfg: FewStepConfig, teacher: dict[str, Any], records: list[dict[
             "seed": rec["seed"],
             "budget": "equal-time",
             "train_seconds": rec["train_seconds"],
+            "budget_seconds": rec["budget_seconds"],
             "run_variant": rec.get("variant"),
         }
         for name, res in rec["final"].items():
@@ -1213,6 +1214,9 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
                 f"{fmt(raw)} | {fmt(den)} | {fmt(learned)} | "
                 f"{' / '.join(f'{v:.3f}' for _, v in nll)} |"
             )
+    for budget_seconds, group in longer_budget_groups(payload).items():
+        lines += ["", *longer_budget_table(payload, budget_seconds, group)]
+        longer_budget_curves(payload, budget_seconds, group, docs / f"curves-{budget_seconds:.0f}s.png")
     table = "\n".join(lines)
     md = ROOT / "docs" / "fewstep.md"
     text = md.read_text() if md.exists() else "# Few-step generation\n"
@@ -1305,6 +1309,96 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     for png in sorted((work / "grids").glob("*.png")):
         if "-s0" in png.name or png.name.startswith("teacher"):
             shutil.copy(png, docs / png.name)
+
+
+#: The order of the methods in a table.
+METHOD_ORDER = ("fm-euler", "fm-heun", "ntm-fm", "ntm-fm-gaussian", "progressive-distillation", "meanflow")
+
+
+def longer_budget_groups(payload: dict[str, Any]) -> dict[float, list[dict[str, Any]]]:
+    """The rows of runs that trained longer than the config's budget as the main rows do, by budget.
+
+    A run belongs here when it trained for a budget more than 5% above the config's and, for an NTM method, under
+    that method's default recipe (``default_recipes``); a baseline run has no recipe. Other variants at a longer
+    budget stay in the variants table only. Keys: the budget in seconds; values: end-point and curve rows.
+    """
+    budget = payload["config"]["budget_seconds"]
+    recipes = payload.get("variants", {})
+    defaults = payload.get("default_recipes", {})
+    groups: dict[float, list[dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        name, seconds = r.get("run_variant"), r.get("budget_seconds")
+        if name is None or seconds is None or seconds <= 1.05 * budget:
+            continue
+        if name in recipes:
+            method, recipe = recipes[name]
+            if _json_normal(recipe) != _json_normal(defaults.get(method)):
+                continue
+        groups.setdefault(seconds, []).append(r)
+    return groups
+
+
+def longer_budget_table(payload: dict[str, Any], budget_seconds: float, rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown lines of one longer budget's table: every row's FD, KID, precision, recall, mean ± std."""
+    budget = payload["config"]["budget_seconds"]
+    means = [r for r in rows if r["seed"] == "mean" and not r.get("curve")]
+
+    def find(**kw: Any) -> dict[str, Any] | None:
+        hits = [r for r in means if all(r.get(k) == v for k, v in kw.items())]
+        return hits[0] if hits else None
+
+    keys = sorted(
+        {(r["method"], r.get("variant"), r["steps"]) for r in means if r["metric"] == "frechet_distance"},
+        key=lambda k: (METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else len(METHOD_ORDER), str(k[1]), k[2]),
+    )
+    lines = [
+        f"At {budget_seconds:.0f} s of fine-tuning ({budget_seconds / budget:.0f}x the budget above), each row from "
+        "the same teacher, the NTM under its default recipe; mean ± std over the seeds each ran:",
+        "",
+        "| method | variant | steps | seeds | train s | FD | KID | precision | recall |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, variant, steps in keys:
+        sel = {"method": method, "variant": variant, "steps": steps}
+        fd = find(metric="frechet_distance", **sel)
+        lines.append(
+            f"| {method} | {variant or ''} | {steps} | {len(fd['seeds'])} | {fd['train_seconds']:.0f} | {fmt(fd)} | "
+            f"{fmt(find(metric='kid', **sel), 2)} | {fmt(find(metric='precision', **sel), 3)} | "
+            f"{fmt(find(metric='recall', **sel), 3)} |"
+        )
+    return lines
+
+
+def longer_budget_curves(
+    payload: dict[str, Any], budget_seconds: float, rows: list[dict[str, Any]], path: Path
+) -> None:
+    """One longer budget's learning curves (FD of each row's curve sampler, mean over seeds) as ``path``."""
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple, dict[float, list[float]]] = {}
+    for r in rows:
+        if r.get("curve") and r["metric"] == "frechet_distance":
+            at = round(r["at_seconds"] / budget_seconds, 1) * budget_seconds  # the 10% points of every seed
+            curves.setdefault((r["method"], r.get("variant")), {}).setdefault(at, []).append(r["value"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for (method, variant), pts in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        xs = sorted(pts)
+        seeds = len(pts[xs[-1]])
+        label = f"{method} {variant or ''} ({seeds} seed{'s' if seeds > 1 else ''})"
+        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=label)
+    for r in payload["rows"]:
+        if r["budget"] == "teacher" and r["method"] == "fm-euler" and r["metric"] == "frechet_distance":
+            ax.axhline(r["value"], ls=":", color="grey")
+            ax.annotate(f"teacher FM Euler {r['steps']}", (0, r["value"]), fontsize=8, va="bottom")
+    ax.set(
+        xlabel="fine-tuning seconds",
+        ylabel=f"FD ({payload['config']['curve_samples']} samples, 4 steps)",
+        title=f"learning curves at {budget_seconds:.0f} s (mean over seeds)",
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _json_normal(value: Any) -> Any:
@@ -1444,7 +1538,8 @@ def main(argv: list[str] | None = None) -> None:
         "default_recipes": DEFAULT_RECIPES,
         "t2i_recipe": T2I_RECIPE,
         "frozen_backbone_recipe": FROZEN_BACKBONE_RECIPE,
-        "variants": {r["variant"]: (r["method"], r["recipe"]) for r in variants},
+        # the NTM recipe variants (a baseline run at another budget has no recipe: it is no variant of one)
+        "variants": {r["variant"]: (r["method"], r["recipe"]) for r in variants if r["recipe"] is not None},
         "reader": state["reader_info"],
     }
     payload = write_results(out, "fewstep", rows, command=command_line(), source=source, extra=extra)

@@ -35,6 +35,10 @@ def results(tmp_path_factory: pytest.TempPathFactory):
         tmp = tmp_path_factory.mktemp("fewstep")
         module.main(["--smoke", "--work", str(tmp / "work"), "--stage", "runs"])
         module.main(["--smoke", "--work", str(tmp / "work"), "--stage", "denoisers"])
+        # a baseline at twice the budget: the longer-budget table's row (its run is tagged, not a main row)
+        budget = str(2 * module.CONFIGS["smoke"].time_budget)
+        longer = ["--stage", "runs", "--methods", "fm", "--seeds", "0", "--variant", "longer", "--budget", budget]
+        module.main(["--smoke", "--work", str(tmp / "work"), *longer])
         module.main(["--smoke", "--work", str(tmp / "work"), "--out", str(tmp / "fewstep.json")])
         first = json.loads((tmp / "fewstep.json").read_text())
         # a second call finds every run cached and rewrites the same rows (a killed benchmark resumes)
@@ -180,3 +184,47 @@ def test_the_grid_shift_probe_scores_both_samplers_on_every_shift(results, tmp_p
     got = {(r["method"], r["shift"]) for r in payload["rows"] if r["metric"] == "frechet_distance"}
     assert got == {(m, s) for m in ("ntm-init", "fm-euler") for s in probe.SHIFTS}
     assert payload["t_min"] == 0.02 and all(r["steps"] == 4 and r["samples"] == 16 for r in payload["rows"])
+
+
+def test_runs_at_a_longer_budget_get_their_own_table(results, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    module, payload, _ = results
+    budget = payload["config"]["budget_seconds"]
+    groups = module.longer_budget_groups(payload)
+    assert list(groups) == [2 * budget]  # the fm run at twice the budget; the main rows are not in it
+    assert {r["run_variant"] for r in groups[2 * budget]} == {"longer"}
+    # a synthetic payload: the NTM under its default recipe joins the baselines, another recipe does not
+    recipe = payload["default_recipes"]["ntm-fm"]
+    base = {"metric": "frechet_distance", "budget": "equal-time", "seed": "mean", "train_seconds": 1200.0}
+    rows = [
+        {**base, "method": "fm-euler", "steps": 4, "run_variant": "1200s", "budget_seconds": 1200.0},
+        {**base, "method": "ntm-fm", "variant": "raw", "steps": 4, "run_variant": "long", "budget_seconds": 1200.0},
+        {**base, "method": "ntm-fm", "variant": "raw", "steps": 4, "run_variant": "other", "budget_seconds": 1200.0},
+        {**base, "method": "ntm-fm", "variant": "raw", "steps": 4, "run_variant": "short", "budget_seconds": 240.0},
+        {**base, "method": "fm-euler", "steps": 4, "run_variant": None, "budget_seconds": 240.0},
+    ]
+    for r, value in zip(rows, (99.0, 90.0, 80.0, 70.0, 60.0), strict=True):
+        r.update(value=value, std=1.5, seeds=[0, 1])
+    curve = {**rows[0], "seed": 0, "curve": True, "at_seconds": 600.0}
+    synthetic = {
+        "config": {"budget_seconds": 240.0, "curve_samples": 8},
+        "rows": [*rows, curve],
+        "default_recipes": payload["default_recipes"],
+        "variants": {
+            "long": ("ntm-fm", recipe),
+            "other": ("ntm-fm", {**recipe, "lr": 1.0}),
+            "short": ("ntm-fm", recipe),
+        },
+    }
+    groups = module.longer_budget_groups(synthetic)
+    assert list(groups) == [1200.0] and {r["run_variant"] for r in groups[1200.0]} == {"1200s", "long"}
+    lines = module.longer_budget_table(synthetic, 1200.0, groups[1200.0])
+    assert lines[0].startswith("At 1200 s of fine-tuning (5x the budget above)")
+    assert lines[-2:] == [
+        "| fm-euler |  | 4 | 2 | 1200 | 99.0 ± 1.5 | - | - | - |",
+        "| ntm-fm | raw | 4 | 2 | 1200 | 90.0 ± 1.5 | - | - | - |",
+    ]
+    module.longer_budget_curves(synthetic, 1200.0, groups[1200.0], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
