@@ -193,6 +193,35 @@ def test_guidance_zero_matches_conditional_and_guided_density_is_exact(model):
     assert torch.allclose(guided.log_prob(traj), expected, atol=1e-4)
 
 
+def test_temperature_scales_every_step_and_keeps_the_density_exact(model):
+    grid, cond, tau = time_grid(4, 0.02), torch.tensor([0, 2]), 0.5
+    plain, cold = model.distribution(grid, cond), model.distribution(grid, cond, temperature=tau)
+    # the same draws: the prior level is untempered, the first step's draw is mu + tau * sigma * z
+    u1, z1 = plain.rsample_latents((3,), generator=torch.Generator().manual_seed(1))
+    u2, z2 = cold.rsample_latents((3,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(z1, z2) and torch.equal(u1[..., 4, :], u2[..., 4, :])
+    t, s = torch.ones(6), torch.full((6,), float(grid[3]))
+    mu, sigma = model.predictor(u1[..., 4, :].reshape(6, 2), t, s, cond.repeat(3))
+    assert torch.allclose(u2[..., 3, :].reshape(6, 2), mu + tau * sigma * z2[..., 3, :].reshape(6, 2), atol=1e-6)
+    # the tempered density: each factor's z divided by tau, each log sigma raised by log tau
+    traj = plain.decode(u1)
+    _, f1 = plain.log_prob_factors(traj)
+    _, f2 = cold.log_prob_factors(traj)
+    expected = f1 - 0.5 * z1.square().sum(-1) * (1 / tau**2 - 1) - 2 * math.log(tau)  # 2 data dims
+    assert torch.allclose(f2, expected, atol=1e-4)
+    traj2, logp = cold.rsample_and_log_prob((4,))
+    assert torch.allclose(logp, cold.log_prob(traj2), atol=1e-4)
+    assert cold.expand((4, 2)).temperature == tau and "temperature=0.5" in repr(cold)
+    # temperature 1 is the untempered distribution; NTM.sample passes it on
+    same = model.distribution(grid, cond, temperature=1.0)
+    assert torch.equal(same.log_prob(traj), plain.log_prob(traj))
+    x = model.sample(cond=cond, temperature=tau, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(x, cold.sample(generator=torch.Generator().manual_seed(5))[..., 0, :])
+    for bad in (0.0, -1.0, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="temperature: expected a finite number > 0"):
+            model.distribution(grid, cond, temperature=bad)
+
+
 def test_guided_gaussian_is_the_tilted_density():
     """(1 + w) log p_c - w log p_u equals the guided Gaussian's log-density up to a constant."""
     g = torch.Generator().manual_seed(3)

@@ -96,6 +96,7 @@ class NTM(Pretrained, nn.Module):
         *,
         guidance: float = 0.0,
         drop_cond: Tensor | None = None,
+        temperature: float = 1.0,
         validate_args: bool | None = None,
     ) -> TrajectoryDistribution:
         """The trajectory distribution on ``grid`` given ``cond``; see :class:`TrajectoryDistribution`."""
@@ -106,6 +107,7 @@ class NTM(Pretrained, nn.Module):
             cond,
             guidance=guidance,
             drop_cond=drop_cond,
+            temperature=temperature,
             validate_args=validate_args,
         )
 
@@ -120,6 +122,7 @@ class NTM(Pretrained, nn.Module):
         shift: float = 1.0,
         grid: Tensor | None = None,
         guidance: float = 0.0,
+        temperature: float = 1.0,
         return_trajectory: bool = False,
         generator: torch.Generator | None = None,
     ) -> Tensor:
@@ -135,13 +138,16 @@ class NTM(Pretrained, nn.Module):
                 :math:`x_0`: the edge of the default training range, and a level a model trained with
                 :math:`t_{\min} > 0` never saw.
             guidance: Classifier-free guidance weight.
+            temperature: Every step's scale times this (> 0; below 1: each step closer to its mean); see
+                :class:`TrajectoryDistribution`.
             return_trajectory: Return ``(*sample, *batch, T + 1, *data)`` instead of the cleanest level.
             generator: The :class:`torch.Generator` (on the model's device) that draws all the noise: the
                 same seed gives the same samples and the global generator is left untouched.
         """
         if grid is None:
             grid = time_grid(steps, t_min, shift, device=self.device)
-        traj = self.distribution(grid, cond, guidance=guidance).sample(sample_shape, generator=generator)
+        dist = self.distribution(grid, cond, guidance=guidance, temperature=temperature)
+        traj = dist.sample(sample_shape, generator=generator)
         if return_trajectory:
             return traj
         return traj.select(traj.dim() - len(self.event_shape) - 1, 0)

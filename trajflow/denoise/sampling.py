@@ -54,6 +54,7 @@ def fast_sample(
     shift: float = 1.0,
     grid: Tensor | None = None,
     guidance: float = 0.0,
+    temperature: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     r"""The fast sampling path (NTM Algorithm 2 with step 4 = the learned denoiser, §3.4).
@@ -67,7 +68,7 @@ def fast_sample(
         model: The NTM.
         denoiser: The learned denoiser (trained at the same ``t_min`` and ``steps``).
         sample_shape: Samples per condition, on the left of the condition's batch shape.
-        cond, steps, t_min, shift, grid, guidance, generator: As in :meth:`trajflow.NTM.sample`.
+        cond, steps, t_min, shift, grid, guidance, temperature, generator: As in :meth:`trajflow.NTM.sample`.
 
     Returns:
         :math:`\hat x_0`, ``(*sample_shape, *batch_shape, *data)``.
@@ -80,7 +81,7 @@ def fast_sample(
     check_cond(denoiser, cond)
     if grid is None:
         grid = time_grid(steps, t_min, shift, device=model.device)
-    dist = model.distribution(grid, cond, guidance=guidance)
+    dist = model.distribution(grid, cond, guidance=guidance, temperature=temperature)
     latents, _ = dist.rsample_latents(sample_shape, generator=generator)  # (*lead, T + 1, *data)
     dd = len(model.event_shape)
     level = latents.dim() - dd - 1

@@ -74,6 +74,11 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
             transporter space, so the guided trajectory keeps an exact density.
         drop_cond: Optional bool mask (broadcast to the batch) of examples whose condition is replaced by
             the predictor's learned null condition (guidance dropout during training).
+        temperature: :math:`\tau > 0` multiplies every step's scale, :math:`\sigma_P \to \tau \sigma_P` (after
+            guidance), in sampling and in the densities alike: the tempered trajectory distribution, exact as
+            the untempered one. :math:`\tau < 1` draws each step closer to its mean, a flow's reduced-temperature
+            sampling (Kingma & Dhariwal, 2018, Glow §5; Parmar et al., 2018) taken per step; the prior
+            :math:`x_{t_T} \sim \mathcal{N}(0, I)` stays untempered.
         validate_args: Check the values of the grid and of the inputs of the densities (finiteness,
             ranges), and that a log-density computed from finite inputs is not NaN. Shapes and dtypes are
             always checked. Defaults to ``True`` whatever torch's global flag (which importing zuko turns
@@ -93,6 +98,9 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         >>> traj = dist.sample((3,))
         >>> traj.shape, dist.log_prob(traj).shape
         (torch.Size([3, 5, 2]), torch.Size([3]))
+        >>> cold = model.distribution(trajflow.time_grid(4), temperature=0.5)  # every step's scale halved
+        >>> bool((cold.log_prob(traj) != dist.log_prob(traj)).all())
+        True
     """
 
     arg_constraints: dict[str, constraints.Constraint] = {}  # modules and a grid checked by check_grid
@@ -107,9 +115,11 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         *,
         guidance: float = 0.0,
         drop_cond: Tensor | None = None,
+        temperature: float = 1.0,
         validate_args: bool | None = None,
     ) -> None:
         check_compatible(transporter, predictor)
+        temperature = check_number("temperature", temperature, positive=True)
         check_grid(grid, validate=validate_args is not False)  # the values only where validation is on
         _check_guidance(guidance, predictor, cond)
         # The one check of the condition, here where it enters (validate_args=False: shapes and types only).
@@ -128,6 +138,7 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         self.cond = cond
         self.drop_cond = drop_cond
         self.guidance = float(guidance)
+        self.temperature = temperature
         self.data_shape = torch.Size(transporter.event_shape)
         self.process = MarkovInterpolant(event_dim=len(self.data_shape))
         super().__init__(
@@ -160,7 +171,8 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
                 self.predictor.cond_event_dims,
             )
         new.drop_cond = None if self.drop_cond is None else self.drop_cond.expand(batch_shape)
-        new.guidance, new.data_shape, new.process = self.guidance, self.data_shape, self.process
+        new.guidance, new.temperature = self.guidance, self.temperature
+        new.data_shape, new.process = self.data_shape, self.process
         new._dtype = self._dtype
         super(TrajectoryDistribution, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
@@ -169,7 +181,7 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
     def __repr__(self) -> str:
         return (
             f"TrajectoryDistribution(steps={self.steps}, data_shape={tuple(self.data_shape)}, "
-            f"batch_shape={tuple(self.batch_shape)}, guidance={self.guidance})"
+            f"batch_shape={tuple(self.batch_shape)}, guidance={self.guidance}, temperature={self.temperature})"
         )
 
     # -- the two networks, on flattened batches -------------------------------------------------------------
@@ -226,7 +238,8 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         return x.reshape(u.shape)
 
     def _predict(self, u_t: Tensor, t: Tensor, s: Tensor, inner: int) -> tuple[Tensor, Tensor]:
-        """``(mu, sigma)`` for ``u_t`` of shape ``(*L, *data)``; ``L = (*sample, *batch, *inner dims)``."""
+        """``(mu, sigma)`` for ``u_t`` of shape ``(*L, *data)``; ``L = (*sample, *batch, *inner dims)``; sigma
+        guided, then tempered: every density and sampler reads the step's Gaussian here."""
         lead = t.shape
         n = lead.numel()
         flat_u, flat_t, flat_s = u_t.reshape(n, *self.data_shape), t.reshape(n), s.reshape(n)
@@ -236,6 +249,8 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
             mu, sigma = self._guided(flat_u, flat_t, flat_s, cond, drop)
         else:
             mu, sigma = self.predictor(flat_u, flat_t, flat_s, cond, drop)
+        if self.temperature != 1.0:
+            sigma = sigma * self.temperature
         return mu.reshape(u_t.shape), sigma.reshape(u_t.shape)
 
     def _guided(
