@@ -228,3 +228,37 @@ def test_runs_at_a_longer_budget_get_their_own_table(results, tmp_path):
     ]
     module.longer_budget_curves(synthetic, 1200.0, groups[1200.0], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_the_temperature_probe_reproduces_the_benchmark_at_tau_1_and_chooses_on_training_images(results, tmp_path):
+    module, _, _ = results
+    spec = importlib.util.spec_from_file_location("bench_temperature", ROOT / "benchmarks" / "fewstep_temperature.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    work = tmp_path / "work"
+    for stage in ("runs", "denoisers"):
+        module.main(["--smoke", "--work", str(work), "--stage", stage, "--methods", "ntm-fm", "--seeds", "0"])
+    out = tmp_path / "temperature.json"
+    argv = ["--config", "smoke", "--work", str(work), "--temperatures", "0.5", "1.0", "--out", str(out), "--no-docs"]
+    probe.main(argv)
+    rows = json.loads(out.read_text())["rows"]
+    fd = [r for r in rows if r["metric"] == "frechet_distance" and not r.get("chosen")]
+    got = {(r["run"], r["variant"], r["temperature"], r["reference"]) for r in fd}
+    runs = {("init", "raw"), ("ntm-fm-s0", "raw"), ("ntm-fm-s0", "learned-denoiser")}
+    assert got == {(run, v, tau, ref) for run, v in runs for tau in (0.5, 1.0) for ref in ("test", "train")}
+    for r in fd:  # at tau = 1 the probe draws the benchmark's own end point
+        if r["temperature"] == 1.0 and r["run"] != "init" and r["reference"] == "test":
+            assert r["value"] == pytest.approx(r["reproduces"], rel=1e-4)
+    assert any(r["value"] != s["value"] for r in fd for s in fd if r["temperature"] != s["temperature"])
+    chosen = [r for r in rows if r.get("chosen") and r["metric"] == "frechet_distance"]
+    assert {(r["run"], r["variant"]) for r in chosen} == {
+        ("init", "raw"),
+        ("trained", "raw"),
+        ("trained", "learned-denoiser"),
+    }
+    for r in chosen:  # the tau of the lowest training-image FD, never the test FD's
+        train = {s["temperature"]: s["value"] for s in fd if s["reference"] == "train" and s["variant"] == r["variant"]
+                 and (s["run"] == "init") == (r["run"] == "init")}  # fmt: skip
+        assert r["temperature"] == min(train, key=train.get)
+    with pytest.raises(ValueError, match="expected 1.0 among them"):
+        probe.main(["--config", "smoke", "--work", str(work), "--temperatures", "0.5", "--no-docs"])
