@@ -43,7 +43,7 @@ from trajflow.checkpoint import load_model_weights, resolve_checkpoint  # noqa: 
 from trajflow.denoise import TransformerDenoiser, fast_sample  # noqa: E402
 from trajflow.likelihood import dequantize  # noqa: E402
 
-TEMPERATURES = (0.5, 0.7, 0.85, 1.0)
+TEMPERATURES = (0.85, 1.0, 1.15, 1.3, 1.5)
 
 
 def training_reference(cfg: fewstep.FewStepConfig, train: Any) -> torch.Tensor:
