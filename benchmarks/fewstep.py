@@ -1375,17 +1375,21 @@ def longer_budget_curves(
     """One longer budget's learning curves (FD of each row's curve sampler, mean over seeds) as ``path``."""
     import matplotlib.pyplot as plt
 
-    curves: dict[tuple, dict[float, list[float]]] = {}
+    # (method, variant) -> seed -> [(seconds, FD)]: the i-th points of the seeds are averaged (a learned
+    # denoiser's curve has its own spacing, after its NTM's budget)
+    curves: dict[tuple, dict[int, list[tuple[float, float]]]] = {}
     for r in rows:
         if r.get("curve") and r["metric"] == "frechet_distance":
-            at = round(r["at_seconds"] / budget_seconds, 1) * budget_seconds  # the 10% points of every seed
-            curves.setdefault((r["method"], r.get("variant")), {}).setdefault(at, []).append(r["value"])
+            key = (r["method"], r.get("variant"))
+            curves.setdefault(key, {}).setdefault(r["seed"], []).append((r["at_seconds"], r["value"]))
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for (method, variant), pts in sorted(curves.items(), key=lambda kv: str(kv[0])):
-        xs = sorted(pts)
-        seeds = len(pts[xs[-1]])
-        label = f"{method} {variant or ''} ({seeds} seed{'s' if seeds > 1 else ''})"
-        ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", label=label)
+    for (method, variant), by_seed in sorted(curves.items(), key=lambda kv: str(kv[0])):
+        points = [sorted(p) for p in by_seed.values()]
+        n = min(map(len, points))
+        xs = [sum(p[i][0] for p in points) / len(points) for i in range(n)]
+        ys = [sum(p[i][1] for p in points) / len(points) for i in range(n)]
+        label = f"{method} {variant or ''} ({len(points)} seed{'s' if len(points) > 1 else ''})"
+        ax.plot(xs, ys, marker="o", label=label)
     for r in payload["rows"]:
         if r["budget"] == "teacher" and r["method"] == "fm-euler" and r["metric"] == "frechet_distance":
             ax.axhline(r["value"], ls=":", color="grey")
