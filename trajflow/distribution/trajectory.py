@@ -77,7 +77,7 @@ class TrajectoryDistribution(LikelihoodBounds, ReverseChain, Distribution):
         temperature: :math:`\tau > 0` multiplies every step's scale, :math:`\sigma_P \to \tau \sigma_P` (after
             guidance), in sampling and in the densities alike: the tempered trajectory distribution, exact as
             the untempered one. :math:`\tau < 1` draws each step closer to its mean, a flow's reduced-temperature
-            sampling (Kingma & Dhariwal, 2018, Glow §5) taken per step; :math:`\tau > 1` widens each step, as
+            sampling (Kingma & Dhariwal, 2018, Glow) taken per step; :math:`\tau > 1` widens each step, as
             DDPM's larger reverse variance does (Ho et al., 2020, §3.2): a posterior sampler's scale leaves out
             the error of its mean. The prior :math:`x_{t_T} \sim \mathcal{N}(0, I)` stays untempered.
         validate_args: Check the values of the grid and of the inputs of the densities (finiteness,
