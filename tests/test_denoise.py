@@ -117,7 +117,7 @@ def test_score_denoise_edge_cases():
     assert all(p.grad is None for p in small.parameters())
 
 
-def test_guided_score_uses_the_conditional_model():
+def test_guided_or_tempered_score_uses_the_untempered_conditional_model():
     model = NTM(identity_transporter(2), MLPPredictor(2, num_classes=3, width=16, depth=1))
     with torch.no_grad():
         model.predictor.head.weight.normal_(0, 0.3)
@@ -126,6 +126,10 @@ def test_guided_score_uses_the_conditional_model():
     guided = trajectory_score_denoise(model.distribution(grid, cond, guidance=2.0), traj)
     plain = trajectory_score_denoise(model.distribution(grid, cond), traj)
     torch.testing.assert_close(guided, plain)
+    for kw in ({"temperature": 0.5}, {"temperature": 1.5, "guidance": 2.0}):  # the score is the model's own
+        torch.testing.assert_close(trajectory_score_denoise(model.distribution(grid, cond, **kw), traj), plain)
+    tempered = model.distribution(grid, cond, temperature=0.5)
+    assert not torch.allclose(tempered.log_prob(traj), model.distribution(grid, cond).log_prob(traj))
 
 
 def test_sample_denoised_shapes():

@@ -16,8 +16,9 @@ __all__ = ["trajectory_score_denoise"]
 
 
 def _conditional(dist: TrajectoryDistribution) -> TrajectoryDistribution:
-    """The same distribution without guidance (the conditional model), for the score."""
-    if dist.guidance == 0:
+    """The same distribution without guidance or temperature (the conditional model, its own scale), for the
+    score: Tweedie's step wants the model of the data, not the tempered or guided one a sampler drew from."""
+    if dist.guidance == 0 and dist.temperature == 1.0:
         return dist
     return TrajectoryDistribution(
         dist.transporter, dist.predictor, dist.grid, dist.cond, drop_cond=dist.drop_cond, validate_args=False
@@ -49,8 +50,8 @@ def trajectory_score_denoise(
     3. :math:`\hat x^{den}_i = (\hat x_i - \sum_j S_{ij} g_j) / (1 - t_i)` per level :math:`i < T`, with
        :math:`S` = :meth:`~trajflow.MarkovInterpolant.covariance` of the grid (mixing levels, per element).
 
-    With guidance the score is the conditional model's. The parameters get no ``.grad``. At :math:`t_0 = 0`
-    nothing changes (row 0 of :math:`S` vanishes).
+    With guidance or a temperature the score is the untempered conditional model's. The parameters get no
+    ``.grad``. At :math:`t_0 = 0` nothing changes (row 0 of :math:`S` vanishes).
 
     Arguments:
         dist: The NTM's trajectory distribution (grid, condition).
