@@ -94,28 +94,33 @@ def recorded_fd(rec: dict[str, Any] | None, work: Path, sampler: str) -> float |
     return json.loads((work / "denoisers" / f"{rec['tag']}.json").read_text())["final"]["frechet_distance"]
 
 
+def seed_stats(
+    rows: list[dict[str, Any]], init: bool, sampler: str, metric: str, reference: str, tau: float
+) -> tuple[float, float, list[int]] | None:
+    """Mean, sample std (0 for one seed) and seeds of the per-seed rows of one (run kind, sampler, metric,
+    reference, tau); ``None`` where there are none."""
+    hits = [
+        r
+        for r in rows
+        if not r.get("chosen")
+        and (r["run"] == "init") == init
+        and (r["variant"], r["metric"], r["reference"], r["temperature"]) == (sampler, metric, reference, tau)
+    ]
+    if not hits:
+        return None
+    t = torch.tensor([r["value"] for r in hits], dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(hits) > 1 else 0.0, sorted(r["seed"] for r in hits)
+
+
 def chosen_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (run kind, sampler): the tau of the lowest mean training-image FD, and the test figures at it."""
     out = []
-    keys = {(r["run"] == "init", r["variant"]) for r in rows}
-    for init, sampler in sorted(keys):
+    for init, sampler in sorted({(r["run"] == "init", r["variant"]) for r in rows}):
         mine = [r for r in rows if (r["run"] == "init") == init and r["variant"] == sampler]
-
-        def mean(metric: str, reference: str, tau: float, mine=mine) -> tuple[float, float, list[int]]:
-            vals = [
-                r["value"]
-                for r in mine
-                if r["metric"] == metric and r["reference"] == reference and r["temperature"] == tau
-            ]
-            t = torch.tensor(vals, dtype=torch.float64)
-            seeds = sorted({r["seed"] for r in mine if r["temperature"] == tau})
-            return float(t.mean()), float(t.std()) if len(vals) > 1 else 0.0, seeds
-
         taus = sorted({r["temperature"] for r in mine})
-        best = min(taus, key=lambda tau: mean("frechet_distance", "train", tau)[0])
+        best = min(taus, key=lambda tau: seed_stats(rows, init, sampler, "frechet_distance", "train", tau)[0])
         for metric in ("frechet_distance", "kid", "precision", "recall"):
-            value, std, seeds = mean(metric, "test", best)
-            one = mean(metric, "test", 1.0)
+            value, std, seeds = seed_stats(rows, init, sampler, metric, "test", best)
             out.append(
                 {
                     **{k: mine[0][k] for k in ("task", "method", "variant", "steps", "run_variant")},
@@ -126,7 +131,7 @@ def chosen_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "chosen": True,
                     "value": value,
                     "std": std,
-                    "at_temperature_1": one[0],
+                    "at_temperature_1": seed_stats(rows, init, sampler, metric, "test", 1.0)[0],
                     "seed": "mean",
                     "seeds": seeds,
                 }
@@ -141,21 +146,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
 
-    def cell(run_init: bool, sampler: str, reference: str, tau: float) -> str:
-        vals = [
-            r["value"]
-            for r in rows
-            if (r["run"] == "init") == run_init
-            and r["variant"] == sampler
-            and r["reference"] == reference
-            and r["metric"] == "frechet_distance"
-            and r["temperature"] == tau
-            and not r.get("chosen")
-        ]
-        if not vals:
+    def cell(init: bool, sampler: str, reference: str, tau: float) -> str:
+        stats = seed_stats(rows, init, sampler, "frechet_distance", reference, tau)
+        if stats is None:
             return "-"
-        t = torch.tensor(vals, dtype=torch.float64)
-        return f"{float(t.mean()):.1f}" + (f" ± {float(t.std()):.1f}" if len(vals) > 1 else "")
+        mean, std, seeds = stats
+        return f"{mean:.1f}" + (f" ± {std:.1f}" if len(seeds) > 1 else "")
 
     for tau in sorted({r["temperature"] for r in rows}):
         lines.append(
