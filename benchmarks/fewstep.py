@@ -13,7 +13,10 @@ Stages, each cached under ``--work`` (a killed run resumes; finished runs are no
    k-NN precision/recall (Kynkaanniemi et al., 2019) in its 128-d penultimate features, through torchmetrics
    and prdc. Generated samples are read against 5,000 fixed test images; a real-vs-real floor row compares
    5,000 training images with them.
-3. **Teacher.** :class:`~trajflow.predictors.transformer.TransformerVelocity` trained with flow matching.
+3. **Teacher.** :class:`~trajflow.velocity.TransformerVelocity` trained with flow matching, or (``teacher:
+   "unet"``, ``--config cpu-unet``) a diffusers ``UNet2DModel`` through
+   :class:`~trajflow.contrib.diffusers.UNet2DVelocity`, MeanFlow then on
+   :class:`~trajflow.contrib.diffusers.UNet2DMeanFlow`.
 4. **Rows**, every one started from the teacher and trained by :class:`~trajflow.train.Trainer` for
    ``time_budget`` seconds (``"budget": "equal-time"``), for each seed:
 
@@ -35,11 +38,13 @@ Usage::
 
     python benchmarks/fewstep.py --config cpu            # MNIST 14x14, see CONFIGS["cpu"] for the budgets
     python benchmarks/fewstep.py --config cpu --seeds 1  # one seed (runs in parallel share the cache)
+    python benchmarks/fewstep.py --config cpu-unet       # the same rows from a diffusers UNet teacher
     python benchmarks/fewstep.py --config gpu            # MNIST 28x28, one GPU
     python benchmarks/fewstep.py --smoke                 # every stage at toy sizes, under runs/fewstep-smoke
 
 Results: ``benchmarks/results/fewstep.json`` (``--out``), a table and curves in ``docs/fewstep.md`` and
-``docs/fewstep/``.
+``docs/fewstep/``; another data set or teacher writes ``fewstep-<key>.json`` and ``docs/fewstep/<key>/``
+(``results_key``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from trajflow.baselines import (  # noqa: E402
 )
 from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample, heun_sample  # noqa: E402
 from trajflow.checkpoint import atomic_write, load_model_weights, resolve_checkpoint  # noqa: E402
+from trajflow.contrib.diffusers import UNet2DMeanFlow, UNet2DVelocity  # noqa: E402
 from trajflow.data.images import ImageDataset, load_fashion_mnist, load_mnist  # noqa: E402
 from trajflow.denoise import DistillationLoss, TransformerDenoiser, fast_sample, sample_denoised  # noqa: E402
 from trajflow.finetune import FinetuneLoss, MeanAlignmentLoss, init_from_flow_matching  # noqa: E402
@@ -81,7 +87,7 @@ from trajflow.predictors import TransformerPredictorConfig  # noqa: E402
 from trajflow.process import MarkovInterpolant, time_grid  # noqa: E402
 from trajflow.train import Trainer, TrainerConfig  # noqa: E402
 from trajflow.transporters import IdentityTransporter  # noqa: E402
-from trajflow.velocity import TransformerVelocity  # noqa: E402
+from trajflow.velocity import TransformerVelocity, VelocityModel  # noqa: E402
 
 
 @dataclass
@@ -93,7 +99,12 @@ class FewStepConfig:
     conditional: bool = False  # class-conditional: the labels are the condition of every model
     guidance: float = 0.0  # the classifier-free guidance weight of every sampler that has one
     cond_drop: float = 0.0  # label dropout of the teacher and of every fine-tuning loss (CFG's null class)
-    # teacher: TransformerVelocity
+    # teacher: "transformer" (TransformerVelocity: patch_size, width, depth, heads) or "unet" (a diffusers
+    # UNet2DModel: unet_channels per level, unet_layers ResNet blocks per level, attention in its middle block)
+    teacher: str = "transformer"
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_layers: int = 2
+    # the transformer teacher's shape; also the learned denoiser's (a TransformerDenoiser) whatever the teacher
     patch_size: int = 2
     width: int = 128
     depth: int = 4
@@ -119,6 +130,8 @@ class FewStepConfig:
 
 CONFIGS: dict[str, FewStepConfig] = {
     "cpu": FewStepConfig(reader=ReaderConfig(image_shape=(1, 14, 14))),
+    # The same rows from a convolutional teacher of the transformer's size (0.92M parameters against 0.82M).
+    "cpu-unet": FewStepConfig(teacher="unet", reader=ReaderConfig(image_shape=(1, 14, 14))),
     "gpu": FewStepConfig(
         resolution=28,
         patch_size=4,
@@ -160,6 +173,7 @@ CONFIGS: dict[str, FewStepConfig] = {
         reader=ReaderConfig(image_shape=(1, 14, 14), width=8, steps=20),
     ),
 }
+CONFIGS["smoke-unet"] = dataclasses.replace(CONFIGS["smoke"], teacher="unet", unet_channels=(8, 16), unet_layers=1)
 CONFIGS["smoke-fashion"] = dataclasses.replace(
     CONFIGS["smoke"],
     dataset="fashion-mnist",
@@ -191,7 +205,14 @@ def unit(ds: ImageDataset, n: int, generator: torch.Generator) -> Tensor:
 # -- the teacher ---------------------------------------------------------------------------------------------
 
 
+def results_key(config: dict[str, Any]) -> str:
+    """Where a configuration's results go (a config as a dict, as the results file has it): ``"mnist"`` for
+    the MNIST transformer teacher (``fewstep.json``, the first table), else the data set and the teacher kind."""
+    return config["dataset"] + ("-unet" if config.get("teacher", "transformer") == "unet" else "")
+
+
 def teacher_config(cfg: FewStepConfig) -> TransformerPredictorConfig:
+    """The transformer teacher's config (the learned denoiser's, whatever the teacher)."""
     r = cfg.resolution
     return TransformerPredictorConfig(
         (1, r, r),
@@ -204,7 +225,28 @@ def teacher_config(cfg: FewStepConfig) -> TransformerPredictorConfig:
     )
 
 
-def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Path) -> TransformerVelocity:
+def new_teacher(cfg: FewStepConfig) -> VelocityModel:
+    """An untrained teacher of the config's kind."""
+    if cfg.teacher == "transformer":
+        return TransformerVelocity(teacher_config(cfg))
+    from diffusers import UNet2DModel
+
+    levels = len(cfg.unet_channels)
+    unet = UNet2DModel(
+        sample_size=cfg.resolution,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers,
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D",) * levels,
+        up_block_types=("UpBlock2D",) * levels,
+        num_class_embeds=11 if cfg.conditional else None,  # 10 classes and the null class (the last)
+    )
+    return UNet2DVelocity(unet)
+
+
+def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Path) -> VelocityModel:
     """The cached flow-matching teacher (EMA weights), trained for ``teacher_seconds`` if absent."""
     folder = cache / "teacher"
     final = folder / "final"
@@ -219,19 +261,18 @@ def load_or_train_teacher(cfg: FewStepConfig, train_set: ImageDataset, cache: Pa
             log_every=200,
             time_budget=cfg.teacher_seconds,
         )
-        model = TransformerVelocity(teacher_config(cfg))
+        model = new_teacher(cfg)
         trainer = Trainer(tcfg, folder / "train")
         loss = FlowMatchingLoss(cond_drop=cfg.cond_drop)
         objective = _Dequantized(
             lambda m, x, y, g, step, progress: loss(m, x, y, generator=g), "fm_mse", cfg.conditional
         )
-        result = trainer.fit(
-            model, objective, train_set, run_config={"teacher": dataclasses.asdict(teacher_config(cfg))}, resume=True
-        )
+        result = trainer.fit(model, objective, train_set, run_config={"teacher": model.config_dict()}, resume=True)
         result.ema.copy_to(model)
         model.save_pretrained(final)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return TransformerVelocity.from_pretrained(final).to(device).eval()
+    kind = TransformerVelocity if cfg.teacher == "transformer" else UNet2DVelocity
+    return kind.from_pretrained(final).to(device).eval()
 
 
 # -- the rows: what each method trains and how it samples -----------------------------------------------------
@@ -346,7 +387,7 @@ def gen(model: nn.Module, seed: int) -> torch.Generator:
     return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
 
-def fm_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
+def fm_row(teacher: VelocityModel, cfg: FewStepConfig) -> Row:
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     loss = FlowMatchingLoss(cond_drop=cfg.cond_drop)
     samplers = {f"euler-{k}": (k, ode_sampler(cfg, model.event_shape, k)) for k in (4, 8, 50)}
@@ -366,7 +407,7 @@ def ode_sampler(cfg: FewStepConfig, shape: torch.Size, steps: int, heun: bool = 
     return sample
 
 
-def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
+def ntm_row(teacher: VelocityModel, cfg: FewStepConfig, recipe: dict[str, Any], gaussian: bool = False) -> Row:
 
     recipe = {**T2I_RECIPE, **recipe}  # a record's recipe from before a key existed: that key's first value
     velocity = copy.deepcopy(teacher).train().requires_grad_(not recipe["freeze_backbone"])
@@ -426,9 +467,10 @@ def ntm_row(teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, 
     )
 
 
-def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
+def meanflow_row(teacher: VelocityModel, cfg: FewStepConfig) -> Row:
 
-    model = MeanFlowVelocity.from_velocity(teacher).train().requires_grad_(True)
+    average = UNet2DMeanFlow if isinstance(teacher, UNet2DVelocity) else MeanFlowVelocity
+    model = average.from_velocity(teacher).train().requires_grad_(True)
     loss = MeanFlowLoss(cond_drop=cfg.cond_drop)
     shape = model.event_shape
 
@@ -446,7 +488,7 @@ def meanflow_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
     return Row(model, objective, samplers, "4-step", 1e-4)
 
 
-def distillation_row(teacher: TransformerVelocity, cfg: FewStepConfig) -> Row:
+def distillation_row(teacher: VelocityModel, cfg: FewStepConfig) -> Row:
 
     model = copy.deepcopy(teacher).train().requires_grad_(True)
     shape = model.event_shape
@@ -499,7 +541,7 @@ def prepare(cfg: FewStepConfig, work: Path) -> dict[str, Any]:
     }
 
 
-def build_row(method: str, teacher: TransformerVelocity, cfg: FewStepConfig, recipe: dict[str, Any]) -> Row:
+def build_row(method: str, teacher: VelocityModel, cfg: FewStepConfig, recipe: dict[str, Any]) -> Row:
     if method == "fm":
         return fm_row(teacher, cfg)
     if method in ("ntm-fm", "ntm-fm-gaussian"):
@@ -1096,9 +1138,9 @@ DOCS = ROOT / "docs" / "fewstep"
 TABLE_BEGIN, TABLE_END = "<!-- fewstep table: begin -->", "<!-- fewstep table: end -->"
 
 
-def table_markers(dataset: str) -> tuple[str, str]:
-    """The markers of another data set's table in ``docs/fewstep.md``."""
-    return f"<!-- fewstep {dataset} table: begin -->", f"<!-- fewstep {dataset} table: end -->"
+def table_markers(key: str) -> tuple[str, str]:
+    """The markers of another data set's (or teacher's: ``results_key``) table in ``docs/fewstep.md``."""
+    return f"<!-- fewstep {key} table: begin -->", f"<!-- fewstep {key} table: end -->"
 
 
 def fmt(row: dict[str, Any] | None, digits: int = 1) -> str:
@@ -1118,10 +1160,10 @@ def write_docs(payload: dict[str, Any], work: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = payload["rows"]
-    dataset, conditional = payload["config"]["dataset"], payload["config"]["conditional"]
-    # MNIST's table and figures keep their places; another data set gets its own table and folder
-    docs = DOCS if dataset == "mnist" else DOCS / dataset
-    begin, end = (TABLE_BEGIN, TABLE_END) if dataset == "mnist" else table_markers(dataset)
+    key, conditional = results_key(payload["config"]), payload["config"]["conditional"]
+    # MNIST's table and figures keep their places; another data set or teacher gets its own table and folder
+    docs = DOCS if key == "mnist" else DOCS / key
+    begin, end = (TABLE_BEGIN, TABLE_END) if key == "mnist" else table_markers(key)
     docs.mkdir(parents=True, exist_ok=True)
 
     def find(**kw: Any) -> dict[str, Any] | None:
@@ -1532,7 +1574,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     variants = [r for r in records if r.get("variant")]
     rows = result_rows(cfg, teacher_rows(cfg, state, work), main_runs + variants)
-    results = "fewstep.json" if cfg.dataset == "mnist" else f"fewstep-{cfg.dataset}.json"
+    key = results_key(dataclasses.asdict(cfg))
+    results = "fewstep.json" if key == "mnist" else f"fewstep-{key}.json"
     out = args.out or (work / "fewstep.json" if smoke else RESULTS / results)
     extra = {
         "config_name": name,

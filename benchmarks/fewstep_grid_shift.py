@@ -20,6 +20,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             rows.append({"task": cfg.dataset, "method": method, "steps": 4, "shift": shift,
                          "metric": "frechet_distance", "value": fd, "seed": 0, "samples": n})  # fmt: skip
             print(f"shift {shift}: {method} FD {fd:.1f}", flush=True)
-    name = "fewstep_grid_shift" + ("" if cfg.dataset == "mnist" else f"-{cfg.dataset}")
+    key = fewstep.results_key(dataclasses.asdict(cfg))  # the data set, and the teacher where not the transformer
+    name = "fewstep_grid_shift" + ("" if key == "mnist" else f"-{key}")
     out = args.out or RESULTS / f"{name}.json"
     extra = {"config_name": args.config, "guidance": cfg.guidance, "t_min": fewstep.T_MIN}
     write_results(out, "fewstep_grid_shift", rows, command=command_line(), source=source, device="cpu", extra=extra)

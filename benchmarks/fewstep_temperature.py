@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -201,20 +202,21 @@ def main(argv: list[str] | None = None) -> None:
                 if seed == 0 and tag != "init":
                     grids[sampler, tau] = x[:16]
     rows += chosen_rows(rows)
-    name = "fewstep_temperature" + ("" if cfg.dataset == "mnist" else f"-{cfg.dataset}")
+    key = fewstep.results_key(dataclasses.asdict(cfg))  # the data set, and the teacher where not the transformer
+    name = "fewstep_temperature" + ("" if key == "mnist" else f"-{key}")
     out = args.out or RESULTS / f"{name}.json"
     extra = {"config_name": args.config, "variant": args.variant, "temperatures": args.temperatures}
     write_results(out, "fewstep_temperature", rows, command=command_line(), source=source, device="cpu", extra=extra)
     print(table(rows))
     if not args.no_docs:
-        docs = fewstep.DOCS if cfg.dataset == "mnist" else fewstep.DOCS / cfg.dataset
+        docs = fewstep.DOCS if key == "mnist" else fewstep.DOCS / key
         for sampler in ("raw", "learned-denoiser"):
             picks = [grids[sampler, tau] for tau in args.temperatures if (sampler, tau) in grids]
             if picks:  # one row of 16 samples per temperature, seed 0, coldest first
                 fewstep.save_grid(torch.cat(picks), docs / f"temperature-{sampler}.png", nrow=16)
         begin, end = (
-            f"<!-- fewstep temperature {cfg.dataset}: begin -->",
-            f"<!-- fewstep temperature {cfg.dataset}: end -->",
+            f"<!-- fewstep temperature {key}: begin -->",
+            f"<!-- fewstep temperature {key}: end -->",
         )
         md = ROOT / "docs" / "fewstep.md"
         text = md.read_text()

@@ -1,5 +1,5 @@
 """The diffusers UNet2DModel adapter: the velocity, diffusers' flow-matching convention, saving and loading
-(local folders only), driving an FM-initialised NTM, and the checks at its edge."""
+(local folders only), driving an FM-initialised NTM, the checks at its edge; MeanFlow on a UNet (UNet2DMeanFlow)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 diffusers = pytest.importorskip("diffusers", minversion="0.30", reason="the UNet adapter's tests need diffusers")
 
 from trajflow import NTM, time_grid  # noqa: E402
+from trajflow.baselines import MeanFlowLoss, meanflow_sample  # noqa: E402
 from trajflow.baselines.flow_matching import FlowMatchingLoss, euler_sample  # noqa: E402
+from trajflow.baselines.meanflow import meanflow_jvp  # noqa: E402
 from trajflow.conditioning import check_cond  # noqa: E402
-from trajflow.contrib.diffusers import UNet2DVelocity  # noqa: E402
+from trajflow.contrib.diffusers import UNet2DMeanFlow, UNet2DVelocity  # noqa: E402
 from trajflow.finetune import init_from_flow_matching  # noqa: E402
 from trajflow.predictors import FlowMatchingPredictor  # noqa: E402
 from trajflow.velocity import guided_velocity  # noqa: E402
@@ -170,3 +172,81 @@ def test_bad_input_is_refused_at_the_edge(unet):
         UNet2DVelocity(unet, sample_size=7)
     with pytest.raises(ValueError, match=r"num_train_timesteps: expected a positive integer, got 0"):
         UNet2DVelocity(unet, num_train_timesteps=0)
+
+
+# -- MeanFlow on a UNet: UNet2DMeanFlow ---------------------------------------------------------------------
+
+
+def _perturbed(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("classes", [None, 4])
+def test_meanflow_at_init_equals_the_teacher_for_every_r(classes):
+    teacher = UNet2DVelocity(_perturbed(_unet(num_class_embeds=classes)))
+    model = UNet2DMeanFlow.from_velocity(teacher)
+    z, t = torch.randn(5, 1, 8, 8), torch.rand(5)
+    cond = None if classes is None else torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        v = teacher(z, t, cond)[0]
+        assert v.abs().mean() > 0.1
+        # equal up to float32 rounding: the contiguous copies before GroupNorm (for the JVP) change its sums
+        torch.testing.assert_close(model(z, t * torch.rand(5), t, cond), v, rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(z, torch.zeros(5), t, cond), v, rtol=0, atol=1e-5)
+        assert not model.interval_embedding(torch.randn(5, 8)).any()  # the interval adds exactly 0
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(model.base.parameters(), teacher.parameters()))
+    assert not teacher.unet.time_embedding._forward_hooks  # the interval's hook lives for the call only
+    assert model.event_shape == teacher.event_shape and model.num_classes == teacher.num_classes
+
+
+def test_meanflow_loss_at_r_equal_t_is_flow_matching_and_trains_the_interval():
+    teacher = UNet2DVelocity(_perturbed(_unet()))
+    model = UNet2DMeanFlow.from_velocity(teacher)
+    x0 = torch.randn(6, 1, 8, 8)
+    plain = MeanFlowLoss(ratio_r_neq_t=0.0, time_dist="uniform", adaptive_p=0.0)
+    want = FlowMatchingLoss()(teacher, x0, generator=torch.Generator().manual_seed(1))
+    got = plain(model, x0, generator=torch.Generator().manual_seed(1))
+    assert float(want) > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)  # the JVP's attention backend may sum in another order
+    loss = MeanFlowLoss(ratio_r_neq_t=1.0)(model, x0, generator=torch.Generator().manual_seed(2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.interval_embedding.linear_2.weight.grad.abs().sum() > 0  # the zero layer gets a gradient
+
+
+def test_meanflow_jvp_through_the_unet_is_the_finite_difference():
+    """du/dt along (v, 0, 1) by forward mode, through both times (the UNet's t and the interval t - r)."""
+    torch.manual_seed(3)
+    model = UNet2DMeanFlow.from_velocity(UNet2DVelocity(_perturbed(_unet()).double()))
+    _perturbed(model.interval_embedding)  # the interval's path no longer adds zero
+    z, v = torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    r, t = torch.tensor([0.1, 0.3], dtype=torch.float64), torch.tensor([0.6, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        u, dudt = meanflow_jvp(model, z, r, t, v)
+        # diffusers' sinusoidal time projection is float32 and has periods of 1/1000 in t: a step of 1e-5 keeps
+        # both its rounding and its curvature near 1e-3 of the derivative
+        h = 1e-5
+        fd = (model(z + h * v, r, t + h) - model(z - h * v, r, t - h)) / (2 * h)
+        torch.testing.assert_close(u, model(z, r, t), rtol=0, atol=1e-12)  # the JVP runs attention on SDPA math
+        shifted = model(z, r, t) - model(z, r + 0.1, t)  # the interval changes u
+    assert dudt.abs().mean() > 1e-2 and shifted.abs().max() > 1e-3
+    torch.testing.assert_close(dudt, fd, rtol=0, atol=5e-3 * float(dudt.abs().max()))
+
+
+def test_meanflow_sample_and_bad_input(unet):
+    model = UNet2DMeanFlow.from_velocity(UNet2DVelocity(unet))
+    noise = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        one_step = meanflow_sample(model, noise, 1)
+        assert torch.equal(one_step, noise - model(noise, torch.zeros(3), torch.ones(3)))
+    with pytest.raises(ValueError, match=r"velocity: expected a UNet2DVelocity, got Linear"):
+        UNet2DMeanFlow.from_velocity(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"r: expected r <= t, got r - t up to 0.5"):
+        model(noise, torch.ones(3), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match=r"r: expected the shape of t, \(3,\), got \(2,\)"):
+        model(noise, torch.zeros(2), torch.ones(3))
+    with pytest.raises(ValueError, match=r"x0: expected"):
+        MeanFlowLoss()(model, torch.randn(2, 1, 4, 4))

@@ -262,3 +262,20 @@ def test_the_temperature_probe_reproduces_the_benchmark_at_tau_1_and_chooses_on_
         assert r["temperature"] == min(train, key=train.get)
     with pytest.raises(ValueError, match="expected 1.0 among them"):
         probe.main(["--config", "smoke", "--work", str(work), "--temperatures", "0.5", "--no-docs"])
+
+
+def test_the_unet_config_runs_every_row_from_a_diffusers_teacher(results, tmp_path):
+    pytest.importorskip("diffusers")
+    module, _, _ = results
+    out = tmp_path / "out.json"
+    module.main(["--config", "smoke-unet", "--work", str(tmp_path / "work"), "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["config"]["teacher"] == "unet" and module.results_key(payload["config"]) == "mnist-unet"
+    assert module.results_key(module.dataclasses.asdict(module.CONFIGS["cpu"])) == "mnist"  # the first table's
+    teacher = json.loads((tmp_path / "work" / "teacher" / "final" / "config.json").read_text())
+    assert "UNet2DVelocity" in json.dumps(teacher)
+    rows = [r for r in payload["rows"] if r["budget"] == "equal-time" and not r.get("curve") and r["seed"] == 0]
+    fd = {r["method"] for r in rows if r["metric"] == "frechet_distance"}
+    assert fd >= set(METHODS)
+    meanflow = [r for r in rows if r["method"] == "meanflow" and r["metric"] == "frechet_distance"]
+    assert {r["steps"] for r in meanflow} == {1, 2, 4}

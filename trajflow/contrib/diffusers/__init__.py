@@ -11,9 +11,10 @@ therefore calls it at ``timestep = num_train_timesteps * t`` (:math:`\sigma = t`
 :math:`\epsilon`-prediction UNet is not a velocity model).
 
 The adapters, each a :class:`DiffusersVelocity` whose docstring gives its conversion: :class:`UNet2DVelocity`
-(class labels), :class:`SD3Velocity`, :class:`FluxVelocity` and :class:`Flux2Velocity` (text). Each loads a
-local diffusers folder only (:meth:`~DiffusersVelocity.from_diffusers`, ``local_files_only=True``), writes one
-back (:meth:`~DiffusersVelocity.save_diffusers`) and saves with
+(class labels), :class:`SD3Velocity`, :class:`FluxVelocity` and :class:`Flux2Velocity` (text);
+:class:`UNet2DMeanFlow` is MeanFlow's average velocity on a :class:`UNet2DVelocity` (the few-step baseline).
+Each adapter loads a local diffusers folder only (:meth:`~DiffusersVelocity.from_diffusers`,
+``local_files_only=True``), writes one back (:meth:`~DiffusersVelocity.save_diffusers`) and saves with
 :meth:`~trajflow.checkpoint.Pretrained.save_pretrained`, also as a part of an NTM built by
 :func:`trajflow.finetune.init_from_flow_matching` (import this module before ``NTM.from_pretrained`` reads
 such a folder: it registers the adapters' names). :class:`NTMDiffusersPipeline` goes from prompts to images
@@ -35,12 +36,13 @@ from .loading import PIPELINE_ADAPTERS, DiffusersPromptEncoder, PromptEncoder, l
 from .pipeline import NTMDiffusersPipeline
 from .scheduler import scheduler_sample, set_pipeline_timesteps
 from .text import SD3Velocity
-from .unet import UNet2DVelocity
+from .unet import UNet2DMeanFlow, UNet2DVelocity
 from .vae import PipelineVAE
 
 __all__ = [
     "DiffusersVelocity",
     "UNet2DVelocity",
+    "UNet2DMeanFlow",
     "SD3Velocity",
     "FluxVelocity",
     "Flux2Velocity",

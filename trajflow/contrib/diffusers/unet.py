@@ -1,12 +1,15 @@
-"""A flow-matching diffusers ``UNet2DModel`` as a velocity model (class labels as the condition)."""
+"""A flow-matching diffusers ``UNet2DModel`` as a velocity model (class labels as the condition), and MeanFlow's
+average velocity on one."""
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ...checks import check_tensor
 from ...conditioning import Condition, CondPart, CondSpec
 from ...nn.patches import patchify
 from .base import DiffusersVelocity, _image_size
@@ -14,7 +17,7 @@ from .base import DiffusersVelocity, _image_size
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
-__all__ = ["UNet2DVelocity"]
+__all__ = ["UNet2DVelocity", "UNet2DMeanFlow"]
 
 
 # What a UNet needs to be a velocity model: (what is wrong, its message with the config as {c}).
@@ -154,3 +157,104 @@ class UNet2DVelocity(DiffusersVelocity):
         )
         # hidden: (N, C', H, W) -> (N, H W, C'), raster order
         return v.sample.to(torch.promote_types(x_t.dtype, torch.float32)), patchify(hidden, 1)
+
+
+class UNet2DMeanFlow(nn.Module):
+    r"""MeanFlow's average velocity :math:`u(z, r, t)` on a flow-matching :class:`UNet2DVelocity`.
+
+    The interval :math:`t - r` enters as a second time: diffusers' sinusoidal projection of
+    ``num_train_timesteps * (t - r)`` (the UNet's own ``time_proj``) through a new MLP of the UNet's time
+    embedding's shape, whose output is added to the UNet's time embedding (where diffusers adds a class
+    embedding, so class labels keep theirs). Its last layer starts at zero, so a model built by
+    :meth:`from_velocity` equals its teacher for every :math:`r`, as
+    :class:`~trajflow.baselines.MeanFlowVelocity` does on the library's transformer. ``forward(z, r, t,
+    cond=None, drop_cond=None)`` returns ``u`` of ``z``'s shape; :class:`~trajflow.baselines.MeanFlowLoss` and
+    :func:`~trajflow.baselines.meanflow_sample` take it as they take ``MeanFlowVelocity``.
+
+    Arguments:
+        velocity: The flow-matching UNet adapter the average velocity starts from (trained with it: pass a copy
+            to keep the teacher; :meth:`from_velocity` copies).
+
+    Example:
+        >>> from diffusers import UNet2DModel  # doctest: +SKIP
+        >>> unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+        ...                    layers_per_block=1, norm_num_groups=4,
+        ...                    down_block_types=("DownBlock2D", "DownBlock2D"),
+        ...                    up_block_types=("UpBlock2D", "UpBlock2D"))  # doctest: +SKIP
+        >>> teacher = UNet2DVelocity(unet)  # doctest: +SKIP
+        >>> model = UNet2DMeanFlow.from_velocity(teacher)  # doctest: +SKIP
+        >>> z, t = torch.randn(3, 1, 8, 8), torch.rand(3)  # doctest: +SKIP
+        >>> torch.allclose(model(z, 0.5 * t, t), teacher(z, t)[0], atol=1e-5)  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, velocity: UNet2DVelocity) -> None:
+        super().__init__()
+        if not isinstance(velocity, UNet2DVelocity):
+            raise ValueError(f"velocity: expected a UNet2DVelocity, got {type(velocity).__name__}")
+        self.base = velocity
+        time_mlp = velocity.unet.time_embedding  # diffusers' TimestepEmbedding: linear_1, act, linear_2
+        self.interval_embedding = type(time_mlp)(
+            time_mlp.linear_1.in_features, time_mlp.linear_2.out_features, act_fn=velocity.unet.config.act_fn
+        )
+        nn.init.zeros_(self.interval_embedding.linear_2.weight)  # the interval adds exactly 0 at init: u = v
+        nn.init.zeros_(self.interval_embedding.linear_2.bias)
+        param = next(velocity.parameters())
+        self.interval_embedding.to(device=param.device, dtype=param.dtype)
+
+    @classmethod
+    def from_velocity(cls, velocity: UNet2DVelocity) -> UNet2DMeanFlow:
+        """A copy of a pretrained flow-matching UNet adapter (same device and dtype) with :math:`u = v`."""
+        if not isinstance(velocity, UNet2DVelocity):
+            raise ValueError(f"velocity: expected a UNet2DVelocity, got {type(velocity).__name__}")
+        return cls(copy.deepcopy(velocity))
+
+    # What MeanFlowLoss and meanflow_sample read of a model: its event shape and condition, as the base's.
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.base.event_shape
+
+    @property
+    def cond_spec(self) -> CondSpec | None:
+        return self.base.cond_spec
+
+    @property
+    def cond_event_dims(self) -> int | None:
+        return self.base.cond_event_dims
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.base.num_classes
+
+    @property
+    def validate_args(self) -> bool:
+        return self.base.validate_args
+
+    def forward(
+        self, z: Tensor, r: Tensor, t: Tensor, cond: Condition | None = None, drop_cond: Tensor | None = None
+    ) -> Tensor:
+        """The average velocity ``u`` from ``t`` down to ``r``, of ``z``'s shape ``(N, C, H, W)``."""
+        check_tensor("r", r)
+        if r.shape != t.shape:
+            raise ValueError(f"r: expected the shape of t, {tuple(t.shape)}, got {tuple(r.shape)}")
+        if self.validate_args and bool((r > t).any()):
+            raise ValueError(f"r: expected r <= t, got r - t up to {float((r - t).max()):.6g}")
+        unet = self.base.unet
+        interval = self.interval_embedding(unet.time_proj(self.base.timestep(t - r)).to(unet.dtype))  # (N, E)
+        # Added to the time embedding's output for this call only; the hook lives inside the call, so the
+        # forward-mode JVP of MeanFlowLoss sees the interval's path too.
+        handles = [unet.time_embedding.register_forward_hook(lambda _module, _args, emb: emb + interval)]
+        # torch's forward-mode derivative of group_norm views its tangent, which fails on the non-contiguous
+        # tangents diffusers' attention blocks hand on (a RuntimeError in MeanFlowLoss's JVP): a contiguous
+        # copy before each GroupNorm, a no-op for contiguous inputs.
+        handles += [
+            m.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
+            for m in unet.modules()
+            if isinstance(m, nn.GroupNorm)
+        ]
+        try:
+            u, _ = self.base(z, t, cond, drop_cond)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return u
