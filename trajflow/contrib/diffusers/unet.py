@@ -205,9 +205,7 @@ class UNet2DMeanFlow(nn.Module):
     @classmethod
     def from_velocity(cls, velocity: UNet2DVelocity) -> UNet2DMeanFlow:
         """A copy of a pretrained flow-matching UNet adapter (same device and dtype) with :math:`u = v`."""
-        if not isinstance(velocity, UNet2DVelocity):
-            raise ValueError(f"velocity: expected a UNet2DVelocity, got {type(velocity).__name__}")
-        return cls(copy.deepcopy(velocity))
+        return cls(copy.deepcopy(velocity))  # the constructor checks the copy's type
 
     # What MeanFlowLoss and meanflow_sample read of a model: its event shape and condition, as the base's.
     @property
