@@ -131,8 +131,8 @@ class FewStepConfig:
 CONFIGS: dict[str, FewStepConfig] = {
     "cpu": FewStepConfig(reader=ReaderConfig(image_shape=(1, 14, 14))),
     # The same rows from a convolutional teacher of the transformer's size (0.92M parameters against 0.82M). The
-    # Gaussian-step row (what the transporter adds) is measured on the transformer teacher only: its evaluation
-    # with this teacher takes a quarter of an hour of CPU per seed.
+    # Gaussian-step row (what the transporter adds) is measured on the transformer teacher only, for CPU time: an
+    # NTM run from this teacher takes ~15 minutes of one core (4 of them training, the rest its evaluation).
     "cpu-unet": FewStepConfig(
         teacher="unet",
         methods=("fm", "ntm-fm", "progressive-distillation", "meanflow"),
