@@ -127,6 +127,10 @@ class FewStepConfig:
     threads: int = 1
     reader: ReaderConfig = field(default_factory=ReaderConfig)
 
+    def __post_init__(self) -> None:
+        if self.teacher not in ("transformer", "unet"):
+            raise ValueError(f"teacher: expected 'transformer' or 'unet', got {self.teacher!r}")
+
 
 CONFIGS: dict[str, FewStepConfig] = {
     "cpu": FewStepConfig(reader=ReaderConfig(image_shape=(1, 14, 14))),

@@ -279,3 +279,5 @@ def test_the_unet_config_runs_every_row_from_a_diffusers_teacher(results, tmp_pa
     assert fd >= set(METHODS)
     meanflow = [r for r in rows if r["method"] == "meanflow" and r["metric"] == "frechet_distance"]
     assert {r["steps"] for r in meanflow} == {1, 2, 4}
+    with pytest.raises(ValueError, match=r"teacher: expected 'transformer' or 'unet', got 'cnn'"):
+        module.dataclasses.replace(module.CONFIGS["smoke"], teacher="cnn")
